@@ -1,0 +1,78 @@
+"""The HTTP sink's sender: one JSON request per delivery, or a JSON array per batch.
+
+Each request carries the delivery id in the idempotency header (stable across
+retries and restarts). A batch carries `batch-` + a hash of its delivery ids
+instead, plus `Ferry-Batch-Size`; the ids themselves are what a receiver should
+de-duplicate on when it needs item-level idempotency.
+
+Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
+retryable (with the server's `Retry-After`); every other status — other 4xx
+and unfollowed 3xx — is permanent and dead-letters the delivery at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import final
+
+from daemon.config import HttpSinkConfig
+from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.http_client import HttpClient, Response, make_client, parse_retry_after
+from daemon.outbox import Due
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+EXCERPT_CHARS = 200
+
+
+def check_status(response: Response) -> int:
+    """Return the status of a 2xx response; raise the delivery error any other status means."""
+    status = response.status
+    if 200 <= status < 300:
+        return status
+    excerpt = response.body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    message = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
+    if status in RETRYABLE_STATUSES or status >= 500:
+        raise RetryableDelivery(message, status=status, retry_after=parse_retry_after(response.header("retry-after")))
+    raise PermanentDelivery(message, status=status)
+
+
+def batch_key(batch: Sequence[Due]) -> str:
+    """The idempotency key of a batch: the same deliveries in the same order give the same key."""
+    digest = hashlib.sha256("\n".join(due.id for due in batch).encode()).hexdigest()
+    return f"batch-{digest[:32]}"
+
+
+@final
+class HttpSender:
+    """Sends deliveries to `config.url`; see the module docstring."""
+
+    def __init__(self, name: str, config: HttpSinkConfig) -> None:
+        self.name = name
+        self._config = config
+        self._batching = config.batch is not None
+        self._client: HttpClient = make_client(config.client, max_connections=config.concurrency)
+        base = [("content-type", "application/json")]
+        base.extend((key.lower(), value) for key, value in config.headers.items())
+        self._headers = base
+        self._key_header = config.idempotency_header
+
+    def __repr__(self) -> str:
+        return f"<HttpSender {self.name} {self._config.method} {self._config.url}>"
+
+    async def send(self, batch: Sequence[Due]) -> int | None:
+        headers = list(self._headers)
+        if self._batching:
+            body = b"[" + b",".join(due.payload for due in batch) + b"]"
+            headers.append((self._key_header, batch_key(batch)))
+            headers.append(("ferry-batch-size", str(len(batch))))
+        else:
+            body = batch[0].payload
+            headers.append((self._key_header, batch[0].id))
+        response = await self._client.request(
+            self._config.method, self._config.url, headers=headers, body=body, timeout=self._config.timeout
+        )
+        return check_status(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,219 @@
+"""The sink: delivers one stage's pending deliveries with retries and a dead-letter queue.
+
+Delivery:
+    At least once. A delivery leaves the store's pending set only when its
+    outcome has committed: `delivered` (2xx), `dead` (a permanent error, or out
+    of attempts or age) or a retry scheduled at `next_attempt_at`. A crash at
+    any point leaves the delivery pending, to be sent again with the same id
+    (its idempotency key), so a receiver can drop the duplicate.
+
+Retries:
+    Retryable failures (408, 425, 429, 5xx, timeouts, transport errors) are
+    rows with a new `next_attempt_at` — exponential backoff with full jitter,
+    never earlier than the server's `Retry-After` — not sleeping tasks. Other
+    4xx, redirects and bad payloads are dead-lettered at once.
+
+Backpressure and memory:
+    One fetcher reads due rows (at most `concurrency` x batch size ahead) into a
+    bounded channel; `concurrency` workers send them. Rows beyond that stay on
+    disk, so a backlog of millions costs no memory.
+
+Shutdown:
+    `stop()` ends fetching; workers finish what they hold and return. A
+    worker cancelled mid-request leaves its delivery pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Protocol, final
+
+import trio
+
+from daemon.backoff import full_jitter
+from daemon.config import BatchConfig, RetryConfig
+from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
+from daemon.store import Store
+
+log = logging.getLogger("ferry.sink")
+
+
+class Sender(Protocol):
+    """Sends a batch of deliveries (one, unless batching) in one attempt.
+
+    Returns the HTTP status (or None) on success; raises `RetryableDelivery` or
+    `PermanentDelivery` on failure. Must bound every call with a timeout.
+    """
+
+    async def send(self, batch: Sequence[Due]) -> int | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def next_attempt_wait(attempt: int, retry: RetryConfig, retry_after: float | None) -> float:
+    """Seconds until the next try after failed attempt number `attempt`."""
+    return full_jitter(attempt, retry.initial_backoff, retry.max_backoff, retry_after=retry_after)
+
+
+def judge(
+    batch: Sequence[Due], error: DeliveryError | None, status: int | None, retry: RetryConfig, now: float
+) -> Outcomes:
+    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O)."""
+    outcomes = Outcomes([], [], [])
+    for due in batch:
+        attempt = due.attempts + 1
+        if error is None:
+            outcomes.delivered.append((due.rowid, status))
+        elif isinstance(error, PermanentDelivery):
+            outcomes.dead.append((due.rowid, error.status, str(error)))
+        elif attempt >= retry.max_attempts:
+            outcomes.dead.append((due.rowid, error.status, f"gave up after {attempt} attempts: {error}"))
+        elif now - due.created_at >= retry.max_age:
+            outcomes.dead.append((due.rowid, error.status, f"gave up after {retry.max_age:g}s: {error}"))
+        else:
+            wait = next_attempt_wait(attempt, retry, error.retry_after)
+            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
+    return outcomes
+
+
+@final
+class Sink:
+    """Delivers the deliveries of stage `name` through a `Sender`; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        sender_factory: Callable[[], Sender],
+        *,
+        retry: RetryConfig,
+        concurrency: int = 1,
+        batch: BatchConfig | None = None,
+    ) -> None:
+        self.name = name
+        self._store = store
+        self._sender_factory = sender_factory
+        self._retry = retry
+        self._concurrency = concurrency
+        self._batch = batch
+        self._batch_items = batch.max_items if batch else 1
+        self._signal = store.signal(name)
+        self._inflight: set[int] = set()
+        self._stopping = trio.Event()
+        self.delivered = 0
+        self.retried = 0
+        self.dead = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Sink {self.name} [in flight: {len(self._inflight)}, delivered: {self.delivered}, "
+            f"retried: {self.retried}, dead: {self.dead}]>"
+        )
+
+    def stop(self) -> None:
+        """Stop fetching; `run` returns once the workers have finished what they hold."""
+        self._stopping.set()
+        self._signal.fire()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sender = self._sender_factory()
+        self._inflight.clear()
+        send_channel, receive_channel = trio.open_memory_channel[Due](self._concurrency * self._batch_items)
+        try:
+            async with trio.open_nursery() as nursery:
+                async with receive_channel:
+                    for _ in range(self._concurrency):
+                        nursery.start_soon(self._worker, sender, receive_channel.clone())
+                task_status.started()
+                async with send_channel:
+                    await self._fetch(send_channel)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await sender.aclose()
+
+    async def _fetch(self, channel: trio.MemorySendChannel[Due]) -> None:
+        store, name = self._store, self.name
+        ahead = self._concurrency * self._batch_items
+        while not self._stopping.is_set():
+            now = time.time()
+            rows = await store.call(
+                partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
+            )
+            fresh = [row for row in rows if row.rowid not in self._inflight]
+            for row in fresh:
+                self._inflight.add(row.rowid)
+                await channel.send(row)
+            if len(fresh) >= ahead:
+                continue
+            wake_at = await store.call(partial(next_due_after, stage=name, now=now))
+            with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
+                await self._signal.wait()
+
+    async def _worker(self, sender: Sender, channel: trio.MemoryReceiveChannel[Due]) -> None:
+        async with channel:
+            async for first in channel:
+                batch = await self._collect(first, channel)
+                error: DeliveryError | None = None
+                status: int | None = None
+                try:
+                    status = await sender.send(batch)
+                except DeliveryError as exc:
+                    error = exc
+                outcomes = judge(batch, error, status, self._retry, time.time())
+                await self._record(batch, outcomes, error)
+
+    async def _collect(self, first: Due, channel: trio.MemoryReceiveChannel[Due]) -> list[Due]:
+        batch = [first]
+        config = self._batch
+        if config is None:
+            return batch
+        size = len(first.payload)
+        with trio.move_on_after(config.max_wait):
+            while len(batch) < config.max_items and size < config.max_bytes:
+                try:
+                    row = channel.receive_nowait()
+                except trio.WouldBlock:
+                    row = await channel.receive()
+                if size + len(row.payload) + 1 > config.max_bytes:
+                    # Too big to join this batch: send it in the next one.
+                    await self._send_alone_later(row)
+                    break
+                batch.append(row)
+                size += len(row.payload) + 1
+        return batch
+
+    async def _send_alone_later(self, row: Due) -> None:
+        self._inflight.discard(row.rowid)
+        self._signal.fire()
+
+    async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
+        try:
+            await self._store.call(
+                partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
+            )
+        finally:
+            self._inflight.difference_update(due.rowid for due in batch)
+        self.delivered += len(outcomes.delivered)
+        self.retried += len(outcomes.retry)
+        self.dead += len(outcomes.dead)
+        if error is not None:
+            level = logging.ERROR if outcomes.dead else logging.WARNING
+            log.log(
+                level,
+                "delivery dead-lettered" if outcomes.dead else "delivery will be retried",
+                extra={
+                    "fields": {
+                        "sink": self.name,
+                        "deliveries": len(batch),
+                        "first_delivery_id": batch[0].id,
+                        "attempt": batch[0].attempts + 1,
+                        "status": error.status,
+                        "error": str(error),
+                    }
+                },
+            )
+

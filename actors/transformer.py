@@ -1,0 +1,124 @@
+"""The transformer: one jq program applied to every event of its inputs.
+
+Delivery:
+    Exactly once per event. The transformer reads committed events after its
+    cursor, and stores their outputs, their deliveries and its new cursor in
+    one transaction. A crash before that commit re-runs the same events and
+    derives the same output ids, so nothing is lost, doubled or re-keyed.
+
+Bad input:
+    A jq error on one event dead-letters that event (stage = this transform,
+    error = jq's message) and the rest of the batch goes on; the actor never
+    stops for it. Events for which `filter` is false, or for which `map`
+    emits nothing, are counted in `dropped`.
+
+Backpressure:
+    Reads at most `batch_size` events at a time and waits for each commit
+    before reading more; an idle transformer sleeps until the store signals a
+    commit on one of its inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import final
+
+import jq
+import msgspec
+import trio
+
+from daemon.config import TransformConfig
+from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
+from daemon.store import Store
+
+log = logging.getLogger("ferry.transformer")
+_split = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def compile_program(config: TransformConfig) -> jq._Program:
+    """Compile `map` (and `filter`) into one jq program that emits a JSON array per input event."""
+    body = config.map if config.filter is None else f"select({config.filter}) | ({config.map})"
+    return jq.compile(f"[{body}]")
+
+
+def apply(program: jq._Program, event: StoredEvent) -> list[bytes]:
+    """The JSON outputs of `program` for one event; raises `ValueError` with jq's message."""
+    text = program.input_text(event.payload.decode()).text()
+    return [bytes(raw) for raw in _split.decode(text)]
+
+
+@final
+class Transformer:
+    """Applies one transform's jq program; see the module docstring for its guarantees."""
+
+    def __init__(
+        self,
+        name: str,
+        config: TransformConfig,
+        store: Store,
+        *,
+        sinks: list[str],
+        transforms: list[str],
+        batch_size: int = 1000,
+    ) -> None:
+        self.name = name
+        self._inputs = list(config.inputs)
+        self._store = store
+        self._sinks = sinks
+        self._wake = [*sinks, *transforms]
+        self._batch_size = batch_size
+        self._program = compile_program(config)
+        self._signal = store.signal(name)
+        self.transformed = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def __repr__(self) -> str:
+        return f"<Transformer {self.name} [in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}]>"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        position = await self._store.call(partial(cursor, name=self.name))
+        task_status.started()
+        while True:
+            events = await self._store.call(
+                partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)
+            )
+            if not events:
+                await self._signal.wait()
+                continue
+            outputs, failures = self._transform(events)
+            position = events[-1].seq
+            await self._store.call(
+                partial(
+                    commit_transform,
+                    name=self.name,
+                    position=position,
+                    outputs=outputs,
+                    failures=failures,
+                    sinks=self._sinks,
+                ),
+                wake=self._wake,
+            )
+
+    def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[tuple[StoredEvent, str]]]:
+        outputs: list[Derived] = []
+        failures: list[tuple[StoredEvent, str]] = []
+        program = self._program
+        for event in events:
+            try:
+                results = apply(program, event)
+            except (ValueError, msgspec.DecodeError) as exc:
+                message = " ".join(str(exc).split())
+                failures.append((event, f"jq: {message}"))
+                log.warning(
+                    "event dead-lettered by transform",
+                    extra={"fields": {"transform": self.name, "event_id": event.id, "error": message}},
+                )
+                continue
+            if not results:
+                self.dropped += 1
+            outputs.extend(Derived(event, index, payload) for index, payload in enumerate(results))
+        self.transformed += len(events)
+        self.failed += len(failures)
+        return outputs, failures

@@ -1,0 +1,170 @@
+"""`serve(config)`: the whole daemon in one nursery tree.
+
+Shutdown is nesting:
+
+    outer nursery        store writer, maintenance, signals, watchdog
+      sinks nursery      one supervised Sink per sink
+        intake nursery   the webhook listener and the transformers
+
+SIGTERM/SIGINT cancel the intake nursery first (no new requests are accepted;
+requests waiting for a commit are dropped unacknowledged), then ask every sink
+to stop fetching and give in-flight deliveries `shutdown_grace` to finish.
+Whatever is left stays pending in the store and resumes on the next start.
+A second signal cuts the grace short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from . import outbox
+from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
+from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
+from .store import Store
+from .supervisor import Supervisor
+from .systemd import Notifier
+
+log = logging.getLogger("ferry.daemon")
+MAINTENANCE_INTERVAL = 60.0
+
+
+@dataclass
+class Running:
+    """What `serve` hands back once every actor has started."""
+
+    addresses: list[tuple[str, int]]
+    store: Store
+    supervisor: Supervisor
+    config: Config
+    stop: trio.Event = field(default_factory=trio.Event)
+    actors: dict[str, Any] = field(default_factory=dict)
+
+
+def _make_ingest(store: Store, config: Config) -> Any:
+    wiring = downstream(config)
+    window = config.store.dedup_window
+
+    async def ingest(source: str, body: bytes, dedup_key: str | None, traceparent: str | None) -> tuple[str, bool]:
+        transforms, sinks = wiring[source]
+        return await store.call(
+            partial(
+                outbox.insert_event,
+                stream=source,
+                payload=body,
+                trace=traceparent,
+                sinks=sinks,
+                dedup_key=dedup_key,
+                dedup_window=window,
+            ),
+            wake=[*transforms, *sinks],
+        )
+
+    return ingest
+
+
+async def _maintain(store: Store, config: Config) -> None:
+    readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
+    while True:
+        await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
+        removed = await store.call(
+            partial(
+                outbox.prune,
+                retention=config.store.retention,
+                dedup_window=config.store.dedup_window,
+                readers=readers,
+            )
+        )
+        if removed:
+            log.info("store pruned", extra={"fields": {"rows": removed}})
+
+
+async def _watch_signals(running: Running, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if running.stop.is_set():
+                log.warning("second signal: stopping now", extra={"fields": {"signal": signum}})
+                cancel.cancel()
+                return
+            log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+            running.stop.set()
+
+
+async def serve(
+    loaded: LoadedConfig,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or `running.stop` is set); see the module docstring.
+
+    Raises `StoreError` if the database cannot be used and `TooManyRestarts`
+    if actors keep crashing.
+    """
+    config = loaded.config
+    started = time.monotonic()
+    store = Store.open(config.store.path, durability=config.store.durability, max_batch=config.store.max_batch)
+    notifier = Notifier()
+    supervisor = Supervisor(config.supervisor)
+    wiring = downstream(config)
+    try:
+        async with trio.open_nursery() as outer:
+            await outer.start(store.run)
+            outer.start_soon(_maintain, store, config)
+            outer.start_soon(notifier.keep_alive)
+            running = Running([], store, supervisor, config)
+            if handle_signals:
+                outer.start_soon(_watch_signals, running, outer.cancel_scope)
+            async with trio.open_nursery() as sinks_nursery:
+                sinks = {name: build_sink(name, sink, store) for name, sink in config.sinks.items()}
+                for name, sink in sinks.items():
+                    await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
+                running.actors.update(sinks)
+                async with trio.open_nursery() as intake:
+                    for name, transform in config.transforms.items():
+                        actor = Transformer(
+                            name, transform, store, transforms=wiring[name][0], sinks=wiring[name][1]
+                        )
+                        running.actors[name] = actor
+                        await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
+                    routes = {
+                        webhook_path(name, source): WebhookRoute(name, source.idempotency_header or None)
+                        for name, source in config.sources.items()
+                        if isinstance(source, WebhookSourceConfig)
+                    }
+                    listener = WebhookListener(
+                        config.listener, routes, _make_ingest(store, config), lambda: supervisor.ready
+                        and store.writable
+                    )
+                    running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
+                    log.info(
+                        "ready",
+                        extra={
+                            "fields": {
+                                "listener": [f"{host}:{port}" for host, port in running.addresses],
+                                "store": str(store.path),
+                                "pid": os.getpid(),
+                                "startup_s": round(time.monotonic() - started, 3),
+                            }
+                        },
+                    )
+                    notifier.notify("READY=1", f"STATUS=serving {len(routes)} webhook source(s)")
+                    task_status.started(running)
+                    await running.stop.wait()
+                    notifier.notify("STOPPING=1")
+                    intake.cancel_scope.cancel()
+                for sink in sinks.values():
+                    sink.stop()
+                sinks_nursery.cancel_scope.deadline = trio.current_time() + config.supervisor.shutdown_grace
+            outer.cancel_scope.cancel()
+    finally:
+        store.close()
+        notifier.close()
+    log.info("stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 3)}})

@@ -1,0 +1,407 @@
+"""The whole configuration as frozen msgspec Structs: decode once, validate, never mutate.
+
+Every struct rejects unknown fields. Each field's description is the config
+reference (`docs/configuration.md` is generated from these types by
+`ferry config-docs`, and a test fails when it is stale).
+
+Error handling: `load()` and `parse()` collect *every* error they find, each
+prefixed with its TOML path (`$.sinks.crm.retry.max_attempts: Expected int,
+got str`), and raise one `ConfigError` holding them all. Nothing is started
+from a file with any error.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import jq
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import ConfigError
+from .units import Duration, Size, dec_hook, schema_hook
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+ComponentName = Annotated[str, Meta(pattern=NAME_RE)]
+
+
+class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config table: frozen, unknown keys rejected."""
+
+
+class StoreConfig(_Section):
+    """The SQLite outbox that sits between every stage."""
+
+    path: Annotated[str, Meta(description="SQLite file; relative paths resolve from the config's folder.")] = (
+        "var/ferry.db"
+    )
+    durability: Annotated[
+        Literal["full", "normal"],
+        Meta(description="`full`: fsync every commit (synchronous=FULL). `normal`: may lose the last "
+             "commits on power loss, never on a process crash."),
+    ] = "full"
+    retention: Annotated[Duration, Meta(description="How long delivered rows are kept before pruning.")] = (
+        Duration(3600)
+    )
+    dedup_window: Annotated[
+        Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
+    ] = Duration(86400)
+    max_batch: Annotated[
+        int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
+    ] = 4096
+
+
+class ListenerConfig(_Section):
+    """The HTTP/1.1 listener serving every webhook source at `POST /hooks/NAME`."""
+
+    address: Annotated[str, Meta(description="`host:port` to listen on; port 0 picks a free port.")] = (
+        "127.0.0.1:8080"
+    )
+    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = Size(1024**2)
+    max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = Size(
+        16 * 1024
+    )
+    max_connections: Annotated[
+        int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
+    ] = 1024
+    header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
+        Duration(10)
+    )
+    body_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's body.")] = (
+        Duration(30)
+    )
+    idle_timeout: Annotated[
+        Duration, Meta(description="How long a keep-alive connection may sit idle between requests.")
+    ] = Duration(60)
+
+
+class ControlConfig(_Section):
+    """The local control socket used by `ferry ctl`."""
+
+    socket: Annotated[str, Meta(description="Unix socket path; relative paths resolve from the config's folder.")] = (
+        "var/ferry.sock"
+    )
+
+
+class SupervisorConfig(_Section):
+    """How crashed actors are restarted, and when the daemon gives up."""
+
+    max_restarts: Annotated[
+        int, Meta(ge=0, description="Restarts allowed (all actors together) within `window` before the "
+                  "daemon stops with a non-zero exit.")
+    ] = 10
+    window: Annotated[Duration, Meta(description="Sliding window for `max_restarts`.")] = Duration(60)
+    initial_backoff: Annotated[Duration, Meta(description="First restart delay; doubles per restart.")] = (
+        Duration(0.1)
+    )
+    max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = Duration(10)
+    shutdown_grace: Annotated[
+        Duration, Meta(description="On SIGTERM, how long in-flight deliveries may take before they are cut off "
+                       "(they stay in the store and resume on the next start).")
+    ] = Duration(10)
+
+
+class WebhookSourceConfig(_Section, tag="webhook", tag_field="type"):
+    """Receives events at `POST /hooks/NAME` (or `path`); answers 202 once the event is committed."""
+
+    path: Annotated[str, Meta(pattern=r"^/[A-Za-z0-9/_.-]*$", description="URL path; default `/hooks/NAME`.")] | None = (
+        None
+    )
+    idempotency_header: Annotated[
+        str | None,
+        Meta(description="Request header whose value de-duplicates deliveries of the same webhook; "
+             "a repeat answers the original event id and stores nothing. Empty to disable."),
+    ] = "Idempotency-Key"
+
+
+SourceConfig = WebhookSourceConfig
+
+
+class TransformConfig(_Section):
+    """A jq program applied to every event from `inputs`; each output is one event downstream."""
+
+    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to read.")]
+    map: Annotated[str, Meta(description="jq program; may emit zero, one or many outputs per event.")] = "."
+    filter: Annotated[
+        str | None, Meta(description="jq predicate; events for which it is false or null are dropped (counted).")
+    ] = None
+
+
+class RetryConfig(_Section):
+    """When a failed delivery is tried again, and when it is dead-lettered instead."""
+
+    max_attempts: Annotated[int, Meta(ge=1, description="Attempts before the delivery is dead-lettered.")] = 8
+    initial_backoff: Annotated[Duration, Meta(description="Backoff ceiling after the first failure.")] = (
+        Duration(0.5)
+    )
+    max_backoff: Annotated[Duration, Meta(description="Largest backoff ceiling (full jitter below it).")] = (
+        Duration(300)
+    )
+    max_age: Annotated[
+        Duration, Meta(description="A delivery older than this is dead-lettered on its next failure.")
+    ] = Duration(86400)
+
+
+class BatchConfig(_Section):
+    """Send many deliveries in one request, as a JSON array."""
+
+    max_items: Annotated[int, Meta(ge=1, le=100_000, description="Most deliveries in one request.")] = 100
+    max_bytes: Annotated[Size, Meta(description="Largest request body.")] = Size(1024**2)
+    max_wait: Annotated[
+        Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
+    ] = Duration(0.05)
+
+
+class HttpSinkConfig(_Section, tag="http", tag_field="type"):
+    """Delivers each event as a JSON request to an HTTP API, with retries and a dead-letter queue."""
+
+    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")]
+    url: Annotated[str, Meta(pattern=r"^https?://", description="Target URL (http or https).")]
+    method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
+    headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
+    timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
+        Duration(10)
+    )
+    concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
+    idempotency_header: Annotated[
+        str, Meta(min_length=1, description="Header carrying the delivery id (stable across retries).")
+    ] = "Idempotency-Key"
+    client: Annotated[
+        Literal["lean", "httpx"],
+        Meta(description="`lean`: ferry's h11 client for plain JSON requests (fastest). `httpx`: full-featured "
+             "client (proxies from the environment)."),
+    ] = "lean"
+    retry: RetryConfig = RetryConfig()
+    batch: Annotated[BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")] = (
+        None
+    )
+
+
+class FileSinkConfig(_Section, tag="file", tag_field="type"):
+    """Appends each event as one JSON line to a file, fsynced before it counts as delivered."""
+
+    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")]
+    path: Annotated[str, Meta(description="File to append to; relative paths resolve from the config's folder.")]
+    retry: RetryConfig = RetryConfig()
+
+
+SinkConfig = HttpSinkConfig | FileSinkConfig
+
+
+class Config(_Section):
+    """A whole ferry configuration file."""
+
+    store: StoreConfig = StoreConfig()
+    listener: ListenerConfig = ListenerConfig()
+    control: ControlConfig = ControlConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    sources: dict[ComponentName, SourceConfig] = {}
+    transforms: dict[ComponentName, TransformConfig] = {}
+    sinks: dict[ComponentName, SinkConfig] = {}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config plus where it came from."""
+
+    config: Config
+    path: Path | None
+    text: str = field(repr=False, default="")
+
+
+_SECTIONS: dict[str, Any] = {
+    "store": StoreConfig,
+    "listener": ListenerConfig,
+    "control": ControlConfig,
+    "supervisor": SupervisorConfig,
+}
+_COLLECTIONS: dict[str, Any] = {
+    "sources": SourceConfig,
+    "transforms": TransformConfig,
+    "sinks": SinkConfig,
+}
+_PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
+
+
+def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
+    """Decode one part of the raw TOML, recording a path-prefixed error instead of raising."""
+    try:
+        return msgspec.convert(value, type_, dec_hook=dec_hook)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH_IN_MESSAGE.search(message)
+        if match:
+            message, path = message[: match.start()], path + match.group(1)
+        errors.append(f"{path}: {message}")
+        return None
+
+
+def parse(text: str, *, base_dir: Path | None = None) -> Config:
+    """Decode and validate config TOML; raise `ConfigError` listing every problem found."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"$: invalid TOML: {exc}"]) from None
+    errors: list[str] = []
+    known = set(_SECTIONS) | set(_COLLECTIONS)
+    errors.extend(f"$.{key}: unknown section" for key in raw if key not in known)
+    parts: dict[str, Any] = {}
+    for key, type_ in _SECTIONS.items():
+        if key in raw:
+            parts[key] = _convert(raw[key], type_, f"$.{key}", errors)
+    for key, type_ in _COLLECTIONS.items():
+        table = raw.get(key, {})
+        if not isinstance(table, dict):
+            errors.append(f"$.{key}: expected a table of named components")
+            continue
+        decoded = {}
+        for name, body in table.items():
+            path = f"$.{key}.{name}"
+            if not re.match(NAME_RE, name):
+                errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
+                continue
+            decoded[name] = _convert(body, type_, path, errors)
+        parts[key] = decoded
+    if errors:
+        raise ConfigError(errors)
+    config = Config(**parts)
+    errors.extend(_semantic_errors(config))
+    if errors:
+        raise ConfigError(errors)
+    return _resolve_paths(config, base_dir) if base_dir is not None else config
+
+
+def load(path: str | Path) -> LoadedConfig:
+    """Read, decode and validate a config file; relative paths in it resolve from its folder."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"$: cannot read {file}: {exc}"]) from None
+    return LoadedConfig(parse(text, base_dir=file.resolve().parent), file.resolve(), text)
+
+
+def webhook_path(name: str, source: WebhookSourceConfig) -> str:
+    """The URL path a webhook source is served at."""
+    return source.path or f"/hooks/{name}"
+
+
+def _semantic_errors(config: Config) -> Iterator[str]:
+    """Cross-component checks: names, wiring, cycles, paths, jq programs."""
+    owners: dict[str, str] = {}
+    for kind in ("sources", "transforms", "sinks"):
+        for name in getattr(config, kind):
+            if name in owners:
+                yield f"$.{kind}.{name}: name already used by $.{owners[name]}.{name}"
+            else:
+                owners[name] = kind
+    producers = set(config.sources) | set(config.transforms)
+    for kind, table in (("transforms", config.transforms), ("sinks", config.sinks)):
+        for name, component in table.items():
+            for index, upstream in enumerate(component.inputs):
+                where = f"$.{kind}.{name}.inputs[{index}]"
+                if upstream == name:
+                    yield f"{where}: a component cannot read its own output"
+                elif upstream in config.sinks:
+                    yield f"{where}: {upstream!r} is a sink; inputs must be sources or transforms"
+                elif upstream not in producers:
+                    yield f"{where}: unknown input {upstream!r}"
+            if len(set(component.inputs)) != len(component.inputs):
+                yield f"$.{kind}.{name}.inputs: lists the same input twice"
+    yield from _cycle_errors(config)
+    seen_paths: dict[str, str] = {}
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig):
+            path = webhook_path(name, source)
+            if path in ("/healthz", "/readyz"):
+                yield f"$.sources.{name}.path: {path} is reserved"
+            elif path in seen_paths:
+                yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
+            seen_paths[path] = name
+    for name, transform in config.transforms.items():
+        for key in ("map", "filter"):
+            program = getattr(transform, key)
+            if program is not None:
+                try:
+                    jq.compile(program)
+                except ValueError as exc:
+                    yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
+    for name, sink in config.sinks.items():
+        if sink.retry.initial_backoff > sink.retry.max_backoff:
+            yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+    if _split_address(config.listener.address) is None:
+        yield f"$.listener.address: expected host:port, got {config.listener.address!r}"
+
+
+def _cycle_errors(config: Config) -> Iterator[str]:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+
+    def visit(name: str, trail: list[str]) -> Iterator[str]:
+        state[name] = 1
+        for upstream in config.transforms[name].inputs:
+            if upstream not in config.transforms or upstream == name:
+                continue
+            if state.get(upstream) == 1:
+                cycle = [*trail[trail.index(upstream) :], upstream] if upstream in trail else [name, upstream]
+                yield f"$.transforms.{name}.inputs: cycle {' -> '.join(cycle)}"
+            elif state.get(upstream) is None:
+                yield from visit(upstream, [*trail, upstream])
+        state[name] = 2
+
+    for name in config.transforms:
+        if name not in state:
+            yield from visit(name, [name])
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def listen_address(config: Config) -> tuple[str, int]:
+    """The listener's (host, port), validated by `parse`."""
+    address = _split_address(config.listener.address)
+    assert address is not None
+    return address
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    def resolve(value: str) -> str:
+        return str(base_dir / value) if not Path(value).is_absolute() else value
+
+    sinks = {
+        name: msgspec.structs.replace(sink, path=resolve(sink.path)) if isinstance(sink, FileSinkConfig) else sink
+        for name, sink in config.sinks.items()
+    }
+    return msgspec.structs.replace(
+        config,
+        store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
+        sinks=sinks,
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file."""
+    return msgspec.json.schema(Config, schema_hook=schema_hook)
+
+
+def downstream(config: Config) -> dict[str, tuple[list[str], list[str]]]:
+    """For each producer (source or transform): the transforms and the sinks that read it."""
+    wiring: dict[str, tuple[list[str], list[str]]] = {
+        name: ([], []) for name in [*config.sources, *config.transforms]
+    }
+    for name, transform in config.transforms.items():
+        for upstream in transform.inputs:
+            wiring[upstream][0].append(name)
+    for name, sink in config.sinks.items():
+        for upstream in sink.inputs:
+            wiring[upstream][1].append(name)
+    return wiring

@@ -1,0 +1,67 @@
+"""Every error ferry raises on purpose, as one tree.
+
+    FerryError
+    ├── ConfigError                 a config file is invalid (holds every problem found)
+    ├── StoreError                  the outbox cannot be used
+    │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
+    │   └── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    ├── SupervisorError
+    │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
+    └── DeliveryError               one delivery attempt failed
+        ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
+        └── PermanentDelivery       other 4xx, redirects, jq errors: dead-lettered at once
+
+Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
+the edge that meets them, so the rest of the code catches by level.
+"""
+
+from __future__ import annotations
+
+
+class FerryError(Exception):
+    """Base of every error ferry raises on purpose."""
+
+
+class ConfigError(FerryError):
+    """A config file is invalid; `problems` lists each one with its TOML path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class StoreError(FerryError):
+    """The outbox cannot be used."""
+
+
+class StoreUnavailable(StoreError):
+    """A write did not commit; nothing it carried was acknowledged."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is not ferry's or is damaged; it is left untouched."""
+
+
+class SupervisorError(FerryError):
+    """The supervisor gave up."""
+
+
+class TooManyRestarts(SupervisorError):
+    """Actors crashed more often than the restart policy allows."""
+
+
+class DeliveryError(FerryError):
+    """One delivery attempt failed. `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RetryableDelivery(DeliveryError):
+    """Worth trying again later (the receiver is overloaded, down or unreachable)."""
+
+
+class PermanentDelivery(DeliveryError):
+    """Trying again cannot help; the delivery goes to the dead-letter queue."""

@@ -1,0 +1,235 @@
+"""What each stage reads from and writes to the store: plain functions of a connection.
+
+They run on the store's writer thread inside a group transaction (see
+`daemon.store`), so each is all-or-nothing with the rest of its request. They
+take `now` from `time.time()` themselves so that timestamps follow commit order.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from .schema import DEAD, DELIVERED, PENDING
+
+Connection = sqlite3.Connection
+
+
+class StoredEvent(NamedTuple):
+    seq: int
+    id: str
+    stream: str
+    payload: bytes
+    trace: str | None
+
+
+class Due(NamedTuple):
+    """A pending delivery that is due, with the payload of its event."""
+
+    rowid: int
+    id: str
+    attempts: int
+    created_at: float
+    payload: bytes
+    trace: str | None
+    event_id: str
+
+
+class Derived(NamedTuple):
+    """One output of a transform: the event it came from, which output it is, and its JSON."""
+
+    parent: StoredEvent
+    index: int
+    payload: bytes
+
+
+def new_event_id(now: float) -> str:
+    """A time-ordered, globally unique event id: 11 hex digits of milliseconds + 16 random."""
+    return f"{int(now * 1000):011x}{os.urandom(8).hex()}"
+
+
+def delivery_id(event_id: str, stage: str) -> str:
+    """The stable id of an event's delivery to one sink; sent as its idempotency key."""
+    return f"{event_id}.{stage}"
+
+
+_INSERT_EVENT = "INSERT INTO events(id, stream, payload, trace, received_at) VALUES (?, ?, ?, ?, ?)"
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def insert_event(
+    conn: Connection,
+    stream: str,
+    payload: bytes,
+    trace: str | None,
+    sinks: Sequence[str],
+    dedup_key: str | None = None,
+    dedup_window: float = 86400.0,
+) -> tuple[str, bool]:
+    """Store one received event and its deliveries; return (event id, duplicate).
+
+    With a `dedup_key` seen for this stream within `dedup_window`, store nothing
+    and return the original event's id.
+    """
+    now = time.time()
+    if dedup_key is not None:
+        row = conn.execute(
+            "SELECT event_id, created_at FROM dedup WHERE source = ? AND key = ?", (stream, dedup_key)
+        ).fetchone()
+        if row is not None and row[1] > now - dedup_window:
+            return row[0], True
+    event_id = new_event_id(now)
+    seq = conn.execute(_INSERT_EVENT, (event_id, stream, payload, trace, now)).lastrowid
+    for sink in sinks:
+        conn.execute(_INSERT_DELIVERY, (f"{event_id}.{sink}", seq, sink, now, now))
+    if dedup_key is not None:
+        conn.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", (stream, dedup_key, event_id, now))
+    return event_id, False
+
+
+def read_events(conn: Connection, streams: Sequence[str], after: int, limit: int) -> list[StoredEvent]:
+    """Events of `streams` with seq > `after`, in seq order."""
+    marks = ",".join("?" * len(streams))
+    rows = conn.execute(
+        f"SELECT seq, id, stream, payload, trace FROM events WHERE stream IN ({marks}) AND seq > ? "
+        "ORDER BY seq LIMIT ?",
+        (*streams, after, limit),
+    ).fetchall()
+    return [StoredEvent._make(row) for row in rows]
+
+
+def cursor(conn: Connection, name: str) -> int:
+    """A transform's position: the last event seq it has fully handled (0 when new)."""
+    row = conn.execute("SELECT position FROM cursors WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def commit_transform(
+    conn: Connection,
+    name: str,
+    position: int,
+    outputs: Iterable[Derived],
+    failures: Iterable[tuple[StoredEvent, str]],
+    sinks: Sequence[str],
+) -> int:
+    """Store a transform's outputs as events of stream `name`, their deliveries, its dead letters,
+    and its new cursor, all in the caller's transaction. Returns how many events were stored.
+
+    Output ids derive from the parent's (`PARENT.NAME[.INDEX]`), so re-running a
+    transform after a crash produces the same ids and the same idempotency keys.
+    """
+    now = time.time()
+    stored = 0
+    for parent, index, payload in outputs:
+        event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
+        seq = conn.execute(_INSERT_EVENT, (event_id, name, payload, parent.trace, now)).lastrowid
+        for sink in sinks:
+            conn.execute(_INSERT_DELIVERY, (f"{event_id}.{sink}", seq, sink, now, now))
+        stored += 1
+    conn.executemany(
+        "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
+        "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
+        [(f"{event.id}.{name}", event.seq, name, now, now, now, error) for event, error in failures],
+    )
+    conn.execute("INSERT OR REPLACE INTO cursors(name, position) VALUES (?, ?)", (name, position))
+    return stored
+
+
+def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list[Due]:
+    """Pending deliveries of `stage` whose time has come, oldest schedule first."""
+    rows = conn.execute(
+        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id "
+        "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+        "WHERE d.stage = ? AND d.state = 0 AND d.next_attempt_at <= ? "
+        "ORDER BY d.next_attempt_at, d.rowid LIMIT ?",
+        (stage, now, limit),
+    ).fetchall()
+    return [Due._make(row) for row in rows]
+
+
+def next_due_after(conn: Connection, stage: str, now: float) -> float | None:
+    """When the next pending delivery of `stage` not yet due at `now` becomes due, or None."""
+    row = conn.execute(
+        "SELECT min(next_attempt_at) FROM deliveries WHERE stage = ? AND state = 0 AND next_attempt_at > ?",
+        (stage, now),
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+class Outcomes(NamedTuple):
+    """What became of a set of attempts."""
+
+    delivered: list[tuple[int, int | None]]  # (rowid, status)
+    retry: list[tuple[int, float, int | None, str]]  # (rowid, next_attempt_at, status, error)
+    dead: list[tuple[int, int | None, str]]  # (rowid, status, error)
+
+
+def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
+    """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt."""
+    now = time.time()
+    conn.executemany(
+        f"UPDATE deliveries SET state = {DELIVERED}, attempts = attempts + 1, finished_at = ?, "
+        "last_status = ?, last_error = NULL WHERE rowid = ?",
+        [(now, status, rowid) for rowid, status in outcomes.delivered],
+    )
+    conn.executemany(
+        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, last_error = ? "
+        "WHERE rowid = ?",
+        [(at, status, error, rowid) for rowid, at, status, error in outcomes.retry],
+    )
+    conn.executemany(
+        f"UPDATE deliveries SET state = {DEAD}, attempts = attempts + 1, finished_at = ?, last_status = ?, "
+        "last_error = ? WHERE rowid = ?",
+        [(now, status, error, rowid) for rowid, status, error in outcomes.dead],
+    )
+
+
+def prune(
+    conn: Connection,
+    retention: float,
+    dedup_window: float,
+    readers: dict[str, list[str]],
+    limit: int = 20_000,
+) -> int:
+    """Delete delivered rows older than `retention`, then events nothing needs any more.
+
+    An event is kept while any delivery (pending or dead) refers to it, while a
+    transform reading its stream has not passed it, or while it is younger than
+    `retention`. `readers` maps each configured stream to the transforms reading it (events of
+    streams no longer configured are kept until an operator purges them).
+    Deletes at most `limit` rows of each kind, so one call never holds the writer long.
+    """
+    now = time.time()
+    cutoff = now - retention
+    removed = conn.execute(
+        f"DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = {DELIVERED} "
+        "AND finished_at < ? LIMIT ?)",
+        (cutoff, limit),
+    ).rowcount
+    positions = dict(conn.execute("SELECT name, position FROM cursors").fetchall())
+    for stream, names in readers.items():
+        upto = min((positions.get(name, 0) for name in names), default=2**62)
+        removed += conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE stream = ? AND seq <= ? "
+            "AND received_at < ? AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq) "
+            "LIMIT ?)",
+            (stream, upto, cutoff, limit),
+        ).rowcount
+    removed += conn.execute("DELETE FROM dedup WHERE created_at < ?", (now - dedup_window,)).rowcount
+    return removed
+
+
+def counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`."""
+    names = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
+    result: dict[str, dict[str, int]] = {}
+    for stage, state, count in conn.execute(
+        "SELECT stage, state, count(*) FROM deliveries GROUP BY stage, state"
+    ).fetchall():
+        result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[names[state]] = count
+    return result

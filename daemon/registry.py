@@ -1,0 +1,33 @@
+"""The one place where the runtime meets concrete actors: config `type` → actor class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from actors.file_sink import FileSender
+from actors.http_sink import HttpSender
+from actors.sink import Sender, Sink
+from actors.transformer import Transformer
+from actors.webhook import WebhookListener, WebhookRoute
+
+from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .store import Store
+from .units import Duration
+
+__all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+
+FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
+
+
+def build_sink(name: str, config: SinkConfig, store: Store) -> Sink:
+    """The delivery actor for one configured sink."""
+    factory: Callable[[], Sender]
+    if isinstance(config, HttpSinkConfig):
+        factory = lambda: HttpSender(name, config)  # noqa: E731
+        return Sink(
+            name, store, factory, retry=config.retry, concurrency=config.concurrency, batch=config.batch
+        )
+    if isinstance(config, FileSinkConfig):
+        factory = lambda: FileSender(name, config)  # noqa: E731
+        return Sink(name, store, factory, retry=config.retry, concurrency=1, batch=FILE_SINK_BATCH)
+    raise TypeError(f"no sink for {type(config).__name__}")

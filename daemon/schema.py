@@ -1,0 +1,66 @@
+"""The outbox schema as numbered migrations (`PRAGMA user_version` = how many have run).
+
+Append new migrations; never edit one that has shipped.
+
+Tables:
+    events      every event a source or transform produced; `seq` orders them (AUTOINCREMENT, so a
+                pruned seq is never reused and transform cursors stay valid)
+    deliveries  one row per (event, stage): a sink's delivery, or a transform's dead letter.
+                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key
+    cursors     each transform's position in the events it reads
+    dedup       webhook idempotency keys seen per source
+    audit       control commands (who, what, outcome)
+"""
+
+from __future__ import annotations
+
+APPLICATION_ID = 0x46455259  # "FERY": marks the file as ferry's
+
+PENDING, DELIVERED, DEAD = 0, 1, 2
+
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL,
+            stream TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            trace TEXT,
+            received_at REAL NOT NULL
+        )""",
+        "CREATE INDEX events_by_stream ON events(stream, seq)",
+        """CREATE TABLE deliveries (
+            rowid INTEGER PRIMARY KEY,
+            id TEXT NOT NULL,
+            event_seq INTEGER NOT NULL,
+            stage TEXT NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            finished_at REAL,
+            last_status INTEGER,
+            last_error TEXT
+        )""",
+        "CREATE INDEX deliveries_due ON deliveries(stage, next_attempt_at) WHERE state = 0",
+        "CREATE INDEX deliveries_done ON deliveries(finished_at) WHERE state = 1",
+        "CREATE INDEX deliveries_by_event ON deliveries(event_seq)",
+        "CREATE TABLE cursors (name TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE dedup (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE audit (
+            rowid INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            uid INTEGER,
+            pid INTEGER,
+            command TEXT NOT NULL,
+            arguments TEXT NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
+    ],
+]

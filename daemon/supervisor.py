@@ -1,0 +1,141 @@
+"""Runs every actor and restarts the ones that crash (Erlang's one_for_one).
+
+Restart policy:
+    An actor whose `run` raises is logged with its traceback, counted, and
+    started again — a fresh incarnation from its factory — after an
+    exponential backoff with jitter (`initial_backoff` doubling to
+    `max_backoff`; the streak resets once an incarnation has run for
+    `max_backoff`). Other actors are not touched: a crashing sink never stops
+    ingest or another sink. More than `max_restarts` restarts (all actors
+    together) within `window` raises `TooManyRestarts`, which ends the daemon
+    with a non-zero exit so that systemd restarts the whole process.
+
+    An actor that returns normally has finished on purpose and is not restarted.
+
+Readiness:
+    `await nursery.start(supervisor.supervise, name, factory)` returns once the
+    first incarnation has called `task_status.started()`; `ready` is true while
+    every supervised actor is running.
+
+Cancellation:
+    `trio.Cancelled` is never caught: cancelling the nursery stops every actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, final
+
+import trio
+
+from .config import SupervisorConfig
+from .errors import TooManyRestarts
+
+log = logging.getLogger("ferry.supervisor")
+
+
+class Actor(Protocol):
+    """What the supervisor runs: one `run` that calls `task_status.started()` once ready."""
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@dataclass
+class ActorState:
+    """What the supervisor knows about one actor (shown by `ferry ctl status`)."""
+
+    name: str
+    state: str = "starting"  # starting | running | backoff | stopped
+    restarts: int = 0
+    last_error: str | None = None
+    started_at: float | None = None
+    incarnation: Any = field(default=None, repr=False)
+
+
+class _StartedRelay:
+    """Passes the first incarnation's `started()` on to the caller of `supervise`."""
+
+    def __init__(self, outer: Any, state: ActorState) -> None:
+        self._outer = outer
+        self._state = state
+
+    def started(self, value: Any = None) -> None:
+        self._state.state = "running"
+        self._state.started_at = trio.current_time()
+        if self._outer is not None:
+            outer, self._outer = self._outer, None
+            outer.started(value)
+
+
+@final
+class Supervisor:
+    """Keeps actors running under one restart budget. See the module docstring for the policy."""
+
+    def __init__(self, config: SupervisorConfig, *, rng: Callable[[], float] = random.random) -> None:
+        self._config = config
+        self._rng = rng
+        self._restarts: deque[float] = deque()
+        self.actors: dict[str, ActorState] = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.actors) and all(a.state in ("running", "stopped") for a in self.actors.values())
+
+    @property
+    def total_restarts(self) -> int:
+        return sum(a.restarts for a in self.actors.values())
+
+    def backoff(self, streak: int) -> float:
+        """Delay before restart number `streak` (1-based) of one actor: half fixed, half jitter."""
+        ceiling = min(self._config.max_backoff, self._config.initial_backoff * 2 ** (streak - 1))
+        return ceiling / 2 + self._rng() * ceiling / 2
+
+    async def supervise(
+        self,
+        name: str,
+        factory: Callable[[], Actor],
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run `factory().run` until it returns, restarting it whenever it raises."""
+        state = self.actors[name] = ActorState(name)
+        relay = _StartedRelay(task_status, state)
+        streak = 0
+        while True:
+            actor = factory()
+            state.incarnation = actor
+            state.state = "starting"
+            began = trio.current_time()
+            try:
+                await actor.run(task_status=relay)
+            except Exception as exc:
+                ran_for = trio.current_time() - began
+                streak = 1 if ran_for >= self._config.max_backoff else streak + 1
+                self._count_restart(name, state, exc)
+                state.state = "backoff"
+                await trio.sleep(self.backoff(streak))
+            else:
+                state.state = "stopped"
+                return
+
+    def _count_restart(self, name: str, state: ActorState, exc: Exception) -> None:
+        state.restarts += 1
+        state.last_error = f"{type(exc).__name__}: {exc}"
+        now = trio.current_time()
+        self._restarts.append(now)
+        while self._restarts and self._restarts[0] < now - self._config.window:
+            self._restarts.popleft()
+        log.error(
+            "actor crashed",
+            exc_info=exc,
+            extra={"fields": {"actor": name, "restarts": state.restarts, "error": state.last_error}},
+        )
+        if len(self._restarts) > self._config.max_restarts:
+            raise TooManyRestarts(
+                f"{len(self._restarts)} actor restarts within {self._config.window:g}s "
+                f"(max_restarts = {self._config.max_restarts}); last: {name}: {state.last_error}"
+            ) from exc
