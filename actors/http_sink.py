@@ -18,7 +18,7 @@ from typing import final
 
 from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
-from daemon.http_client import HttpClient, Response, make_client, parse_retry_after
+from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -51,7 +51,11 @@ class HttpSender:
         self.name = name
         self._config = config
         self._batching = config.batch is not None
-        self._client: HttpClient = make_client(config.client, max_connections=config.concurrency)
+        self._client: HttpClient = (
+            LeanClient(max_idle_per_host=config.concurrency)
+            if config.client == "lean"
+            else HttpxClient(max_connections=config.concurrency)
+        )
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
         self._headers = base

@@ -1,0 +1,224 @@
+"""Real things for tests: a receiving HTTP server that records and fails on cue, and the daemon as a process.
+
+Both run for real on 127.0.0.1; nothing here is a mock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Received:
+    """One request the fake receiver got."""
+
+    at: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Reply = tuple[int, dict[str, str], bytes]
+Responder = Callable[[Received], Reply]
+
+
+def ok(_: Received) -> Reply:
+    return 200, {}, b'{"ok":true}'
+
+
+@dataclass
+class FakeReceiver:
+    """A threaded HTTP/1.1 server recording every request; `responder` decides each answer."""
+
+    responder: Responder = ok
+    requests: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    connections: int = 0
+
+    def start(self, port: int = 0) -> FakeReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver.lock:
+                    receiver.connections += 1
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                request = Received(
+                    time.time(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+                )
+                status, headers, reply = receiver.responder(request)
+                if status < 0:  # hang up without answering
+                    self.close_connection = True
+                    return
+                with receiver.lock:
+                    receiver.requests.append(request)
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_POST = do_PUT = do_PATCH = _handle  # noqa: N815
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 256
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def snapshot(self) -> list[Received]:
+        with self.lock:
+            return list(self.requests)
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 60.0) -> list[Received]:
+        """Wait until `predicate(requests)` holds; fail with what was seen at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.snapshot()
+            if predicate(seen):
+                return seen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s; {len(seen)} request(s) received")
+            time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    """`ferry run` as a real child process, with its JSON log lines captured."""
+
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self._log = self.log_path.open("ab")
+        offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ready = self.wait_log(lambda line: line.get("msg") == "ready", timeout=timeout, offset=offset)
+        self.address = ready["listener"][0]
+        return self
+
+    def logs(self, offset: int = 0) -> list[dict[str, Any]]:
+        lines = []
+        with self.log_path.open("rb") as file:
+            file.seek(offset)
+            for raw in file:
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError:
+                    lines.append({"raw": raw.decode("utf-8", "replace")})
+        return lines
+
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, offset: int = 0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.logs(offset):
+                if predicate(line):
+                    return line
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.logs(offset)[-5:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"log line not seen within {timeout}s: {self.logs(offset)[-5:]}")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def write_config(directory: Path, body: str, *, port: int | None = None) -> Path:
+    """A config file with a listener on 127.0.0.1 and the store under `directory`, plus `body`."""
+    path = directory / "ferry.toml"
+    path.write_text(
+        f"""
+[store]
+path = "state/ferry.db"
+retention = "1h"
+
+[listener]
+address = "127.0.0.1:{port if port is not None else free_port()}"
+
+[supervisor]
+shutdown_grace = "5s"
+{body}
+""",
+        encoding="utf-8",
+    )
+    return path
