@@ -103,6 +103,9 @@ class Sink:
         self._batch_items = batch.max_items if batch else 1
         self._signal = store.signal(name)
         self._inflight: set[int] = set()
+        # Rows whose outcome has committed but which a fetch issued *before* that commit may
+        # still return as pending; they leave `_inflight` only once a later fetch has begun.
+        self._settled: set[int] = set()
         self._stopping = trio.Event()
         self.delivered = 0
         self.retried = 0
@@ -122,6 +125,7 @@ class Sink:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
         self._inflight.clear()
+        self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[Due](self._concurrency * self._batch_items)
         try:
             async with trio.open_nursery() as nursery:
@@ -140,6 +144,8 @@ class Sink:
         ahead = self._concurrency * self._batch_items
         while not self._stopping.is_set():
             now = time.time()
+            settled, self._settled = self._settled, set()
+            self._inflight.difference_update(settled)
             rows = await store.call(
                 partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
             )
@@ -187,7 +193,7 @@ class Sink:
         return batch
 
     async def _send_alone_later(self, row: Due) -> None:
-        self._inflight.discard(row.rowid)
+        self._settled.add(row.rowid)
         self._signal.fire()
 
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
@@ -196,7 +202,7 @@ class Sink:
                 partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
             )
         finally:
-            self._inflight.difference_update(due.rowid for due in batch)
+            self._settled.update(due.rowid for due in batch)
         self.delivered += len(outcomes.delivered)
         self.retried += len(outcomes.retry)
         self.dead += len(outcomes.dead)

@@ -93,6 +93,9 @@ class FakeReceiver:
             allow_reuse_address = True
             request_queue_size = 256
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client hanging up (the daemon killed mid-request) is expected here
+
         self.server = Server(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

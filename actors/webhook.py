@@ -1,0 +1,412 @@
+"""The webhook listener: HTTP/1.1 requests in (h11 on trio streams), events into the store.
+
+A webhook source is served at its path (`POST /hooks/NAME` by default); the listener
+also answers `GET /healthz` (alive) and `GET /readyz` (ready to take events).
+
+Guarantees:
+
+- Acknowledgement: a 2xx is sent only after `ingest` has returned, i.e. after the commit
+  that holds the event (or the lookup that found it a duplicate). A failed commit
+  answers 503 with `Retry-After`, never 2xx, so the sender keeps the event and retries.
+- Backpressure: each connection handles one request at a time and awaits `ingest`
+  before it reads the next, so a slow store slows responses instead of queueing work
+  in memory. Work in flight is bounded by `max_connections`; connections beyond it
+  are answered 503 and closed.
+- Limits: a request head larger than `max_header` gets 431, a body larger than
+  `max_body` gets 413 without being read to its end, a head or body that does not
+  arrive within `header_timeout` / `body_timeout` gets 408; each then closes the
+  connection. An idle keep-alive connection is closed silently after `idle_timeout`.
+- Isolation: an error in one request (malformed HTTP, an exception from `ingest`) is
+  answered (4xx/5xx) and logged on the `ferry.webhook` logger; it never ends another
+  connection or the listener.
+- Cancellation: cancelling `run()` closes every connection at once; a request cut off
+  before `ingest` returned was never acknowledged, so its sender retries it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Final, Protocol, final
+
+import h11
+import msgspec
+import trio
+
+from daemon.config import ListenerConfig
+from daemon.errors import StoreUnavailable
+
+__all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
+
+log = logging.getLogger("ferry.webhook")
+
+IngestResult = tuple[str, bool]
+"""What `Ingest` returns: (event id, whether the request was a duplicate of that event)."""
+
+
+class Ingest(Protocol):
+    """Store one event; return once it is committed (or found to be a duplicate).
+
+    Raises `StoreUnavailable` when the event was not committed.
+    """
+
+    async def __call__(
+        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+    ) -> IngestResult: ...
+
+
+@dataclass(frozen=True)
+class WebhookRoute:
+    """Where a URL path's events go."""
+
+    source: str
+    """The webhook source's name."""
+    idempotency_header: str | None
+    """Header (any case) whose value de-duplicates deliveries of the same webhook, or None."""
+
+
+_Headers = Sequence[tuple[bytes, bytes]]
+
+_CHUNK: Final = 64 * 1024
+_LINGER_SECONDS: Final = 1.0  # after an error, drain the peer briefly so our answer is not lost to a RST
+_LINGER_BYTES: Final = 1024 * 1024
+_REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
+_JSON: Final = (b"content-type", b"application/json")
+_CLOSE: Final = (b"connection", b"close")
+_ALLOW_POST: Final = ((b"allow", b"POST"),)
+_ALLOW_GET: Final = ((b"allow", b"GET"),)
+_RETRY_STORE: Final = ((b"retry-after", b"1"),)
+_RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
+_HEALTH_PATHS: Final = (b"/healthz", b"/readyz")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+def _error(message: str) -> bytes:
+    return _encode({"error": message})
+
+
+_OK: Final = _encode({"status": "ok"})
+_READY: Final = _encode({"status": "ready"})
+_NOT_READY: Final = _encode({"status": "not ready"})
+_TOO_MANY_BODY: Final = _error("too many connections")
+_TOO_MANY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    source: str
+    header: bytes | None  # lower-cased, as h11 reports header names
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """`host:port` (IPv6 hosts in brackets, empty host for all interfaces) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listener address must be host:port, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """`application/json` or `application/*+json`, parameters ignored."""
+    if content_type is None:
+        return False
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _response(conn: h11.Connection, status: int, body: bytes, headers: _Headers = ()) -> bytes:
+    """The bytes of a whole JSON response."""
+    head = [*headers, _JSON, (b"content-length", b"%d" % len(body))]
+    return (
+        conn.send(h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b"")))
+        + conn.send(h11.Data(data=body))
+        + conn.send(h11.EndOfMessage())
+    )
+
+
+@final
+class WebhookListener:
+    """Serves webhook sources over HTTP/1.1 and stores each valid event through `ingest`.
+
+    `routes` maps a URL path to its source. A `POST` with a JSON body (`application/json`
+    or `application/*+json`) is passed to `ingest` with the source's idempotency header
+    value and the W3C `traceparent` header, and answered `202 {"id": ...}` only once
+    `ingest` has returned (`200 {"id": ..., "duplicate": true}` for a repeat). Anything
+    else gets a JSON `{"error": ...}` with a specific status: 400, 404, 405, 408, 413, 415,
+    431, 500, or 503 (`Retry-After: 1` when the store is unavailable, `Retry-After: 5`
+    while `paused(source)` is true). One request at a time per connection, at most
+    `max_connections` connections: a slow store slows the answers, never grows a queue.
+
+    Timeouts: a connection's first request head must arrive within `header_timeout` of the
+    accept; a later one within `header_timeout` of its first byte, after at most
+    `idle_timeout` of silence; a body within `body_timeout` of its head. A request cut
+    short gets 408 and the connection closes; silence alone closes it without an answer.
+
+    Resource handling: `run()` binds `config.address` (or serves the given socket-activated
+    `listeners`), reports the bound `(host, port)` pairs through `task_status.started()`,
+    and serves until cancelled; cancellation closes every connection.
+
+    Error handling: an exception from one request is answered and logged, never raised out
+    of `run()`; `trio.Cancelled` is never caught.
+    """
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        routes: Mapping[str, WebhookRoute],
+        ingest: Ingest,
+        readiness: Callable[[], bool],
+        *,
+        paused: Callable[[str], bool] = lambda source: False,
+        listeners: list[trio.SocketListener] | None = None,
+    ) -> None:
+        self._config = config
+        self._routes = {
+            path.encode(): _Route(
+                r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None
+            )
+            for path, r in routes.items()
+        }
+        self._ingest = ingest
+        self._readiness = readiness
+        self._paused = paused
+        self._listeners = listeners
+        self._connections = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<WebhookListener {self._config.address} [{len(self._routes)} routes, {self._connections} open]>"
+        )
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (refused ones not counted)."""
+        return self._connections
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, report the bound addresses through `task_status.started()`, serve until cancelled."""
+        listeners = self._listeners
+        if listeners is None:
+            host, port = _split_address(self._config.address)
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        names = [listener.socket.getsockname() for listener in listeners]
+        bound = [(str(name[0]), int(name[1])) for name in names]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            log.info("webhook listener serving on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+            task_status.started(bound)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self._config.max_connections:
+            await self._refuse(stream)
+            return
+        self._connections += 1
+        try:
+            await self._serve(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; nothing left to answer
+        except Exception:
+            log.exception("webhook connection failed")
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(_TOO_MANY)
+            await _linger(stream, min(_LINGER_SECONDS, self._config.header_timeout))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        """Answer requests on one connection until it closes, breaks or times out."""
+        config = self._config
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header)
+        deadline, idle = trio.current_time() + config.header_timeout, False
+        try:
+            while True:
+                request = await self._read_head(conn, stream, deadline, idle)
+                if request is None or not await self._exchange(conn, stream, request):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # keep-alive is off (Connection: close, HTTP/1.0)
+                conn.start_next_cycle()
+                deadline, idle = trio.current_time() + config.idle_timeout, True
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == 431:
+                message = f"request head larger than {config.max_header} bytes"
+            else:
+                message = f"malformed HTTP request: {exc}"
+            await self._fail(conn, stream, status, message)
+
+    async def _read_head(
+        self, conn: h11.Connection, stream: trio.SocketStream, deadline: float, idle: bool
+    ) -> h11.Request | None:
+        """The next request's head, or None when the connection should close (EOF, timeout)."""
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Request:
+                return event
+            if event is not h11.NEED_DATA:
+                return None  # ConnectionClosed
+            if idle and conn.trailing_data[0]:  # the next request has begun: its head is now timed
+                idle, deadline = False, trio.current_time() + self._config.header_timeout
+            with trio.move_on_at(deadline) as scope:
+                data = await stream.receive_some(_CHUNK)
+            if scope.cancelled_caught:
+                if conn.trailing_data[0]:
+                    await self._fail(conn, stream, 408, "timed out receiving the request head")
+                return None  # nothing of a request yet: close silently
+            conn.receive_data(data)
+
+    async def _read_body(self, conn: h11.Connection, stream: trio.SocketStream, keep: bool) -> bytes | None:
+        """The request body (b"" if not `keep`), or None once a 413/408 has been sent."""
+        limit = self._config.max_body
+        parts: list[bytes] = []
+        total, deadline = 0, None
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Data:
+                total += len(event.data)
+                if total > limit:
+                    await self._fail(conn, stream, 413, f"request body larger than {limit} bytes")
+                    return None
+                if keep:
+                    parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                return b"".join(parts)
+            elif event is h11.NEED_DATA:
+                if deadline is None:
+                    deadline = trio.current_time() + self._config.body_timeout
+                with trio.move_on_at(deadline) as scope:
+                    data = await stream.receive_some(_CHUNK)
+                if scope.cancelled_caught:
+                    await self._fail(conn, stream, 408, "timed out receiving the request body")
+                    return None
+                conn.receive_data(data)
+            else:
+                return None  # h11 reports a body cut short as RemoteProtocolError; nothing else arrives here
+
+    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> bool:
+        """Read the body and answer one request; False when the connection must close."""
+        target = request.target
+        path = target.partition(b"?")[0] if b"?" in target else target
+        route = self._routes.get(path)
+        dedup_name = route.header if route is not None else None
+        content_type = dedup_key = traceparent = None
+        declared, head_size = 0, len(target)
+        for name, value in request.headers:
+            head_size += len(name) + len(value)
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                declared = int(value)
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+            elif name == dedup_name and value:
+                dedup_key = value.decode("latin-1")
+        config = self._config
+        if head_size > config.max_header:
+            await self._fail(conn, stream, 431, f"request head larger than {config.max_header} bytes")
+            return False
+        if declared > config.max_body:
+            await self._fail(conn, stream, 413, f"request body larger than {config.max_body} bytes")
+            return False
+
+        refusal: tuple[int, bytes, _Headers] | None = None
+        if route is None:
+            refusal = self._other(request.method, path)
+        elif request.method != b"POST":
+            refusal = 405, _error(f"method {request.method.decode('latin-1')} not allowed"), _ALLOW_POST
+        elif self._paused(route.source):
+            refusal = 503, _error(f"source {route.source} is paused"), _RETRY_PAUSED
+        elif not _is_json(content_type):
+            got = content_type.decode("latin-1") if content_type else "none"
+            refusal = 415, _error(f"content type must be application/json, got {got}"), ()
+
+        if conn.they_are_waiting_for_100_continue:
+            if refusal is not None:  # answer now rather than read a body we will drop
+                await self._fail(conn, stream, refusal[0], body=refusal[1], headers=refusal[2])
+                return False
+            await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = await self._read_body(conn, stream, keep=refusal is None)
+        if body is None:
+            return False
+        if refusal is not None:
+            await stream.send_all(_response(conn, *refusal))
+            return True
+        assert route is not None  # every request without a route got a refusal above
+        await stream.send_all(await self._accept(conn, route.source, body, dedup_key, traceparent))
+        return True
+
+    async def _accept(
+        self, conn: h11.Connection, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+    ) -> bytes:
+        """Validate and ingest one event; the response to send."""
+        try:
+            _decode(body)
+        except msgspec.DecodeError as exc:
+            return _response(conn, 400, _error(f"malformed JSON: {exc}"))
+        try:
+            event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+        except StoreUnavailable:
+            return _response(conn, 503, _error("store unavailable, event not accepted; retry"), _RETRY_STORE)
+        except Exception:
+            log.exception("webhook ingest failed for source %s", source)
+            return _response(conn, 500, _error("internal error, event not accepted"))
+        if duplicate:
+            return _response(conn, 200, _encode({"id": event_id, "duplicate": True}))
+        return _response(conn, 202, _encode({"id": event_id}))
+
+    def _other(self, method: bytes, path: bytes) -> tuple[int, bytes, _Headers]:
+        """The answer for a path that is not a webhook route."""
+        if path not in _HEALTH_PATHS:
+            return 404, _error(f"no webhook at {path.decode('latin-1')}"), ()
+        if method != b"GET":
+            return 405, _error(f"method {method.decode('latin-1')} not allowed"), _ALLOW_GET
+        if path == b"/healthz":
+            return 200, _OK, ()
+        return (200, _READY, ()) if self._readiness() else (503, _NOT_READY, ())
+
+    async def _fail(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        status: int,
+        message: str = "",
+        *,
+        body: bytes | None = None,
+        headers: _Headers = (),
+    ) -> None:
+        """Answer an error that ends the connection (if an answer can still be sent), then drain it."""
+        if conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE:
+            payload = body if body is not None else _error(message)
+            await stream.send_all(_response(conn, status, payload, [*headers, _CLOSE]))
+        await _linger(stream, _LINGER_SECONDS)
+
+
+async def _linger(stream: trio.SocketStream, seconds: float) -> None:
+    """Half-close, then discard what the peer still sends (bounded), so it reads our answer.
+
+    Closing a socket with unread input makes the kernel send a RST, which can destroy
+    the response before the client reads it.
+    """
+    with trio.move_on_after(seconds):
+        await stream.send_eof()
+        drained = 0
+        while drained < _LINGER_BYTES:
+            data = await stream.receive_some(_CHUNK)
+            if not data:
+                return
+            drained += len(data)
