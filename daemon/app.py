@@ -27,6 +27,7 @@ import trio
 
 from . import outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
+from .ingest import IngestBatcher
 from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
 from .store import Store
 from .supervisor import Supervisor
@@ -46,28 +47,6 @@ class Running:
     config: Config
     stop: trio.Event = field(default_factory=trio.Event)
     actors: dict[str, Any] = field(default_factory=dict)
-
-
-def _make_ingest(store: Store, config: Config) -> Any:
-    wiring = downstream(config)
-    window = config.store.dedup_window
-
-    async def ingest(source: str, body: bytes, dedup_key: str | None, traceparent: str | None) -> tuple[str, bool]:
-        transforms, sinks = wiring[source]
-        return await store.call(
-            partial(
-                outbox.insert_event,
-                stream=source,
-                payload=body,
-                trace=traceparent,
-                sinks=sinks,
-                dedup_key=dedup_key,
-                dedup_window=window,
-            ),
-            wake=[*transforms, *sinks],
-        )
-
-    return ingest
 
 
 async def _maintain(store: Store, config: Config) -> None:
@@ -139,9 +118,15 @@ async def serve(
                         for name, source in config.sources.items()
                         if isinstance(source, WebhookSourceConfig)
                     }
+                    batcher = IngestBatcher(
+                        store,
+                        sinks={name: sinks for name, (_, sinks) in wiring.items()},
+                        consumers={name: [*transforms, *sinks] for name, (transforms, sinks) in wiring.items()},
+                        dedup_window=config.store.dedup_window,
+                    )
+                    await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(
-                        config.listener, routes, _make_ingest(store, config), lambda: supervisor.ready
-                        and store.writable
+                        config.listener, routes, batcher, lambda: supervisor.ready and store.writable
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

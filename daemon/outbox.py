@@ -56,10 +56,74 @@ def delivery_id(event_id: str, stage: str) -> str:
     return f"{event_id}.{stage}"
 
 
-_INSERT_EVENT = "INSERT INTO events(id, stream, payload, trace, received_at) VALUES (?, ?, ?, ?, ?)"
+_INSERT_EVENT = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)"
 )
+
+
+def last_seq(conn: Connection) -> int:
+    """The highest event seq ever used (AUTOINCREMENT's counter, which pruning never lowers).
+
+    Only the writer thread inserts events, so the caller may number new events
+    `last_seq + 1, + 2, …` itself and insert them with `executemany`.
+    """
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    return int(row[0]) if row else 0
+
+
+class Incoming(NamedTuple):
+    """One event a source received, waiting to be stored."""
+
+    stream: str
+    payload: bytes
+    trace: str | None
+    sinks: Sequence[str]
+    dedup_key: str | None = None
+
+
+def insert_events(
+    conn: Connection, incoming: Sequence[Incoming], dedup_window: float = 86400.0
+) -> list[tuple[str, bool]]:
+    """Store received events and their deliveries; return (event id, duplicate) for each.
+
+    An event whose `dedup_key` was seen for its stream within `dedup_window`
+    (earlier, or earlier in this same call) stores nothing and returns the
+    original event's id.
+    """
+    now = time.time()
+    seq = last_seq(conn)
+    results: list[tuple[str, bool]] = []
+    events: list[tuple[int, str, str, bytes, str | None, float]] = []
+    deliveries: list[tuple[str, int, str, float, float]] = []
+    keys: dict[tuple[str, str], str] = {}
+    for stream, payload, trace, sinks, dedup_key in incoming:
+        if dedup_key is not None:
+            original = keys.get((stream, dedup_key))
+            if original is None:
+                row = conn.execute(
+                    "SELECT event_id, created_at FROM dedup WHERE source = ? AND key = ?", (stream, dedup_key)
+                ).fetchone()
+                if row is not None and row[1] > now - dedup_window:
+                    original = row[0]
+            if original is not None:
+                results.append((original, True))
+                continue
+        seq += 1
+        event_id = new_event_id(now)
+        events.append((seq, event_id, stream, payload, trace, now))
+        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+        if dedup_key is not None:
+            keys[(stream, dedup_key)] = event_id
+        results.append((event_id, False))
+    conn.executemany(_INSERT_EVENT, events)
+    conn.executemany(_INSERT_DELIVERY, deliveries)
+    if keys:
+        conn.executemany(
+            "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
+            [(stream, key, event_id, now) for (stream, key), event_id in keys.items()],
+        )
+    return results
 
 
 def insert_event(
@@ -71,25 +135,8 @@ def insert_event(
     dedup_key: str | None = None,
     dedup_window: float = 86400.0,
 ) -> tuple[str, bool]:
-    """Store one received event and its deliveries; return (event id, duplicate).
-
-    With a `dedup_key` seen for this stream within `dedup_window`, store nothing
-    and return the original event's id.
-    """
-    now = time.time()
-    if dedup_key is not None:
-        row = conn.execute(
-            "SELECT event_id, created_at FROM dedup WHERE source = ? AND key = ?", (stream, dedup_key)
-        ).fetchone()
-        if row is not None and row[1] > now - dedup_window:
-            return row[0], True
-    event_id = new_event_id(now)
-    seq = conn.execute(_INSERT_EVENT, (event_id, stream, payload, trace, now)).lastrowid
-    for sink in sinks:
-        conn.execute(_INSERT_DELIVERY, (f"{event_id}.{sink}", seq, sink, now, now))
-    if dedup_key is not None:
-        conn.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", (stream, dedup_key, event_id, now))
-    return event_id, False
+    """`insert_events` for one event."""
+    return insert_events(conn, [Incoming(stream, payload, trace, sinks, dedup_key)], dedup_window)[0]
 
 
 def read_events(conn: Connection, streams: Sequence[str], after: int, limit: int) -> list[StoredEvent]:
@@ -124,20 +171,23 @@ def commit_transform(
     transform after a crash produces the same ids and the same idempotency keys.
     """
     now = time.time()
-    stored = 0
+    seq = last_seq(conn)
+    events: list[tuple[int, str, str, bytes, str | None, float]] = []
+    deliveries: list[tuple[str, int, str, float, float]] = []
     for parent, index, payload in outputs:
+        seq += 1
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
-        seq = conn.execute(_INSERT_EVENT, (event_id, name, payload, parent.trace, now)).lastrowid
-        for sink in sinks:
-            conn.execute(_INSERT_DELIVERY, (f"{event_id}.{sink}", seq, sink, now, now))
-        stored += 1
+        events.append((seq, event_id, name, payload, parent.trace, now))
+        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+    conn.executemany(_INSERT_EVENT, events)
+    conn.executemany(_INSERT_DELIVERY, deliveries)
     conn.executemany(
         "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
         "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
         [(f"{event.id}.{name}", event.seq, name, now, now, now, error) for event, error in failures],
     )
     conn.execute("INSERT OR REPLACE INTO cursors(name, position) VALUES (?, ?)", (name, position))
-    return stored
+    return len(events)
 
 
 def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list[Due]:
