@@ -32,6 +32,7 @@ from typing import Any, Protocol, final
 
 import trio
 
+from .backoff import ceiling
 from .config import SupervisorConfig
 from .errors import TooManyRestarts
 
@@ -54,6 +55,13 @@ class ActorState:
     last_error: str | None = None
     started_at: float | None = None
     incarnation: Any = field(default=None, repr=False)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` of an error, or of each leaf of an exception group (nurseries wrap errors)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _StartedRelay:
@@ -91,8 +99,8 @@ class Supervisor:
 
     def backoff(self, streak: int) -> float:
         """Delay before restart number `streak` (1-based) of one actor: half fixed, half jitter."""
-        ceiling = min(self._config.max_backoff, self._config.initial_backoff * 2 ** (streak - 1))
-        return ceiling / 2 + self._rng() * ceiling / 2
+        limit = ceiling(streak, self._config.initial_backoff, self._config.max_backoff)
+        return limit / 2 + self._rng() * limit / 2
 
     async def supervise(
         self,
@@ -124,7 +132,7 @@ class Supervisor:
 
     def _count_restart(self, name: str, state: ActorState, exc: Exception) -> None:
         state.restarts += 1
-        state.last_error = f"{type(exc).__name__}: {exc}"
+        state.last_error = describe(exc)
         now = trio.current_time()
         self._restarts.append(now)
         while self._restarts and self._restarts[0] < now - self._config.window:
