@@ -33,7 +33,9 @@ def check_status(response: Response) -> int:
     excerpt = response.body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
     message = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
     if status in RETRYABLE_STATUSES or status >= 500:
-        raise RetryableDelivery(message, status=status, retry_after=parse_retry_after(response.header("retry-after")))
+        raise RetryableDelivery(
+            message, status=status, retry_after=parse_retry_after(response.header("retry-after"))
+        )
     raise PermanentDelivery(message, status=status)
 
 

@@ -75,7 +75,8 @@ class Transformer:
         self.failed = 0
 
     def __repr__(self) -> str:
-        return f"<Transformer {self.name} [in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}]>"
+        counts = f"in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}"
+        return f"<Transformer {self.name} [{counts}]>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         position = await self._store.call(partial(cursor, name=self.name))

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -87,28 +88,57 @@ async def serve_listener(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS
         task_status.started(port)
 
 
+@dataclass(frozen=True)
+class WrkResult:
+    """What one wrk run reported."""
+
+    rps: float
+    requests: int
+    non_2xx: int
+    socket_errors: str | None
+    output: str
+
+
+async def run_wrk(url: str, script: Path, *, threads: int, connections: int, duration: float) -> WrkResult:
+    """Run wrk against `url` with the Lua `script`; bounded to `duration` + 30 s."""
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "-s", str(script), url]
+    with trio.fail_after(duration + 30):
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+    return parse_wrk(result.stdout.decode() + result.stderr.decode())
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """The figures of wrk's summary."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    requests = re.search(r"(\d+) requests in", output)
+    if rps is None or requests is None:
+        raise SystemExit(f"cannot read wrk's output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors:\s*(.*)", output)
+    return WrkResult(
+        float(rps.group(1)),
+        int(requests.group(1)),
+        int(non_2xx.group(1)) if non_2xx else 0,
+        errors.group(1).strip() if errors else None,
+        output,
+    )
+
+
 async def measure(server: Callable[..., Awaitable[None]], script: Path, args: argparse.Namespace) -> float:
     """Requests/s that wrk reached against `server`."""
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server)
-        command = [
-            "wrk",
-            f"-t{args.threads}",
-            f"-c{args.connections}",
-            f"-d{args.duration}s",
-            "-s",
-            str(script),
-        ]
-        with trio.fail_after(args.duration + 30):
-            result = await trio.run_process([*command, f"http://127.0.0.1:{port}{PATH}"], capture_stdout=True)
+        result = await run_wrk(
+            f"http://127.0.0.1:{port}{PATH}",
+            script,
+            threads=args.threads,
+            connections=args.connections,
+            duration=args.duration,
+        )
         nursery.cancel_scope.cancel()
-    output = result.stdout.decode()
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise SystemExit(f"wrk saw errors:\n{output}")
-    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if match is None:
-        raise SystemExit(f"cannot read wrk's output:\n{output}")
-    return float(match.group(1))
+    if result.non_2xx or result.socket_errors:
+        raise SystemExit(f"wrk saw errors:\n{result.output}")
+    return result.rps
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -89,7 +89,9 @@ async def serve(
     """
     config = loaded.config
     started = time.monotonic()
-    store = Store.open(config.store.path, durability=config.store.durability, max_batch=config.store.max_batch)
+    store = Store.open(
+        config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
+    )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
     wiring = downstream(config)
@@ -121,7 +123,9 @@ async def serve(
                     batcher = IngestBatcher(
                         store,
                         sinks={name: sinks for name, (_, sinks) in wiring.items()},
-                        consumers={name: [*transforms, *sinks] for name, (transforms, sinks) in wiring.items()},
+                        consumers={
+                            name: [*transforms, *sinks] for name, (transforms, sinks) in wiring.items()
+                        },
                         dedup_window=config.store.dedup_window,
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)

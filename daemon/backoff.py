@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 
 def ceiling(attempt: int, initial: float, maximum: float) -> float:
-    """The backoff ceiling after failed attempt number `attempt` (1-based): initial * 2^(attempt-1), capped."""
+    """The backoff ceiling after failed attempt `attempt` (1-based): initial * 2^(attempt-1), capped."""
     if attempt < 1:
         return 0.0
     exponent = min(attempt - 1, 62)

@@ -60,7 +60,9 @@ def _run(path: str, level: str) -> int:
         if rest is not None or matched is None:
             raise
         for error in _leaves(matched):
-            log.critical("daemon failed", extra={"fields": {"error": str(error), "kind": type(error).__name__}})
+            log.critical(
+                "daemon failed", extra={"fields": {"error": str(error), "kind": type(error).__name__}}
+            )
         return 1
     except FerryError as error:
         log.critical("daemon failed", extra={"fields": {"error": str(error), "kind": type(error).__name__}})

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import jq
 import msgspec
@@ -26,146 +26,175 @@ from msgspec import Meta, Struct
 from .errors import ConfigError
 from .units import Duration, Size, dec_hook, schema_hook
 
+T = TypeVar("T")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 ComponentName = Annotated[str, Meta(pattern=NAME_RE)]
+
+
+def _default(value: T) -> T:
+    """`value` as a field default, given through a factory.
+
+    msgspec's JSON Schema generator cannot encode a `Duration`, a `Size` or a section holding them
+    as a `"default"`; factory defaults it leaves out (the generated docs still show them).
+    """
+    return msgspec.field(default_factory=lambda: value)
 
 
 class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every config table: frozen, unknown keys rejected."""
 
 
-class StoreConfig(_Section):
+class StoreConfig(_Section, frozen=True):
     """The SQLite outbox that sits between every stage."""
 
-    path: Annotated[str, Meta(description="SQLite file; relative paths resolve from the config's folder.")] = (
-        "var/ferry.db"
-    )
+    path: Annotated[
+        str, Meta(description="SQLite file; relative paths resolve from the config's folder.")
+    ] = "var/ferry.db"
     durability: Annotated[
         Literal["full", "normal"],
-        Meta(description="`full`: fsync every commit (synchronous=FULL). `normal`: may lose the last "
-             "commits on power loss, never on a process crash."),
+        Meta(
+            description="`full`: fsync every commit (synchronous=FULL). `normal`: may lose the last "
+            "commits on power loss, never on a process crash."
+        ),
     ] = "full"
     retention: Annotated[Duration, Meta(description="How long delivered rows are kept before pruning.")] = (
-        Duration(3600)
+        _default(Duration(3600))
     )
     dedup_window: Annotated[
         Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
-    ] = Duration(86400)
+    ] = _default(Duration(86400))
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
 
 
-class ListenerConfig(_Section):
+class ListenerConfig(_Section, frozen=True):
     """The HTTP/1.1 listener serving every webhook source at `POST /hooks/NAME`."""
 
     address: Annotated[str, Meta(description="`host:port` to listen on; port 0 picks a free port.")] = (
         "127.0.0.1:8080"
     )
-    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = Size(1024**2)
-    max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = Size(
-        16 * 1024
+    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = _default(
+        Size(1024**2)
+    )
+    max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = (
+        _default(Size(16 * 1024))
     )
     max_connections: Annotated[
         int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
     ] = 1024
     header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
-        Duration(10)
+        _default(Duration(10))
     )
     body_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's body.")] = (
-        Duration(30)
+        _default(Duration(30))
     )
     idle_timeout: Annotated[
         Duration, Meta(description="How long a keep-alive connection may sit idle between requests.")
-    ] = Duration(60)
+    ] = _default(Duration(60))
 
 
-class ControlConfig(_Section):
+class ControlConfig(_Section, frozen=True):
     """The local control socket used by `ferry ctl`."""
 
-    socket: Annotated[str, Meta(description="Unix socket path; relative paths resolve from the config's folder.")] = (
-        "var/ferry.sock"
-    )
+    socket: Annotated[
+        str, Meta(description="Unix socket path; relative paths resolve from the config's folder.")
+    ] = "var/ferry.sock"
 
 
-class SupervisorConfig(_Section):
+class SupervisorConfig(_Section, frozen=True):
     """How crashed actors are restarted, and when the daemon gives up."""
 
     max_restarts: Annotated[
-        int, Meta(ge=0, description="Restarts allowed (all actors together) within `window` before the "
-                  "daemon stops with a non-zero exit.")
+        int,
+        Meta(
+            ge=0,
+            description="Restarts allowed (all actors together) within `window` before the "
+            "daemon stops with a non-zero exit.",
+        ),
     ] = 10
-    window: Annotated[Duration, Meta(description="Sliding window for `max_restarts`.")] = Duration(60)
-    initial_backoff: Annotated[Duration, Meta(description="First restart delay; doubles per restart.")] = (
-        Duration(0.1)
+    window: Annotated[Duration, Meta(description="Sliding window for `max_restarts`.")] = _default(
+        Duration(60)
     )
-    max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = Duration(10)
+    initial_backoff: Annotated[Duration, Meta(description="First restart delay; doubles per restart.")] = (
+        _default(Duration(0.1))
+    )
+    max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = _default(Duration(10))
     shutdown_grace: Annotated[
-        Duration, Meta(description="On SIGTERM, how long in-flight deliveries may take before they are cut off "
-                       "(they stay in the store and resume on the next start).")
-    ] = Duration(10)
+        Duration,
+        Meta(
+            description="On SIGTERM, how long in-flight deliveries may take before they are cut off "
+            "(they stay in the store and resume on the next start)."
+        ),
+    ] = _default(Duration(10))
 
 
-class WebhookSourceConfig(_Section, tag="webhook", tag_field="type"):
+class WebhookSourceConfig(_Section, frozen=True, tag="webhook", tag_field="type"):
     """Receives events at `POST /hooks/NAME` (or `path`); answers 202 once the event is committed."""
 
-    path: Annotated[str, Meta(pattern=r"^/[A-Za-z0-9/_.-]*$", description="URL path; default `/hooks/NAME`.")] | None = (
-        None
-    )
+    path: (
+        Annotated[str, Meta(pattern=r"^/[A-Za-z0-9/_.-]*$", description="URL path; default `/hooks/NAME`.")]
+        | None
+    ) = None
     idempotency_header: Annotated[
         str | None,
-        Meta(description="Request header whose value de-duplicates deliveries of the same webhook; "
-             "a repeat answers the original event id and stores nothing. Empty to disable."),
+        Meta(
+            description="Request header whose value de-duplicates deliveries of the same webhook; "
+            "a repeat answers the original event id and stores nothing. Empty to disable."
+        ),
     ] = "Idempotency-Key"
 
 
 SourceConfig = WebhookSourceConfig
 
 
-class TransformConfig(_Section):
+class TransformConfig(_Section, frozen=True):
     """A jq program applied to every event from `inputs`; each output is one event downstream."""
 
     inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to read.")]
     map: Annotated[str, Meta(description="jq program; may emit zero, one or many outputs per event.")] = "."
     filter: Annotated[
-        str | None, Meta(description="jq predicate; events for which it is false or null are dropped (counted).")
+        str | None,
+        Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
     ] = None
 
 
-class RetryConfig(_Section):
+class RetryConfig(_Section, frozen=True):
     """When a failed delivery is tried again, and when it is dead-lettered instead."""
 
     max_attempts: Annotated[int, Meta(ge=1, description="Attempts before the delivery is dead-lettered.")] = 8
     initial_backoff: Annotated[Duration, Meta(description="Backoff ceiling after the first failure.")] = (
-        Duration(0.5)
+        _default(Duration(0.5))
     )
     max_backoff: Annotated[Duration, Meta(description="Largest backoff ceiling (full jitter below it).")] = (
-        Duration(300)
+        _default(Duration(300))
     )
     max_age: Annotated[
         Duration, Meta(description="A delivery older than this is dead-lettered on its next failure.")
-    ] = Duration(86400)
+    ] = _default(Duration(86400))
 
 
-class BatchConfig(_Section):
+class BatchConfig(_Section, frozen=True):
     """Send many deliveries in one request, as a JSON array."""
 
     max_items: Annotated[int, Meta(ge=1, le=100_000, description="Most deliveries in one request.")] = 100
-    max_bytes: Annotated[Size, Meta(description="Largest request body.")] = Size(1024**2)
+    max_bytes: Annotated[Size, Meta(description="Largest request body.")] = _default(Size(1024**2))
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
-    ] = Duration(0.05)
+    ] = _default(Duration(0.05))
 
 
-class HttpSinkConfig(_Section, tag="http", tag_field="type"):
+class HttpSinkConfig(_Section, frozen=True, tag="http", tag_field="type"):
     """Delivers each event as a JSON request to an HTTP API, with retries and a dead-letter queue."""
 
-    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")]
+    inputs: Annotated[
+        list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")
+    ]
     url: Annotated[str, Meta(pattern=r"^https?://", description="Target URL (http or https).")]
     method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
     headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
     timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
-        Duration(10)
+        _default(Duration(10))
     )
     concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
     idempotency_header: Annotated[
@@ -173,33 +202,40 @@ class HttpSinkConfig(_Section, tag="http", tag_field="type"):
     ] = "Idempotency-Key"
     client: Annotated[
         Literal["lean", "httpx"],
-        Meta(description="`lean`: ferry's h11 client for plain JSON requests (fastest). `httpx`: full-featured "
-             "client (proxies from the environment)."),
+        Meta(
+            description="`lean`: ferry's h11 client for plain JSON requests (fastest). "
+            "`httpx`: full-featured "
+            "client (proxies from the environment)."
+        ),
     ] = "lean"
-    retry: RetryConfig = RetryConfig()
-    batch: Annotated[BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")] = (
-        None
-    )
+    retry: RetryConfig = _default(RetryConfig())
+    batch: Annotated[
+        BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
 
 
-class FileSinkConfig(_Section, tag="file", tag_field="type"):
+class FileSinkConfig(_Section, frozen=True, tag="file", tag_field="type"):
     """Appends each event as one JSON line to a file, fsynced before it counts as delivered."""
 
-    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")]
-    path: Annotated[str, Meta(description="File to append to; relative paths resolve from the config's folder.")]
-    retry: RetryConfig = RetryConfig()
+    inputs: Annotated[
+        list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")
+    ]
+    path: Annotated[
+        str, Meta(description="File to append to; relative paths resolve from the config's folder.")
+    ]
+    retry: RetryConfig = _default(RetryConfig())
 
 
 SinkConfig = HttpSinkConfig | FileSinkConfig
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     """A whole ferry configuration file."""
 
-    store: StoreConfig = StoreConfig()
-    listener: ListenerConfig = ListenerConfig()
-    control: ControlConfig = ControlConfig()
-    supervisor: SupervisorConfig = SupervisorConfig()
+    store: StoreConfig = _default(StoreConfig())
+    listener: ListenerConfig = _default(ListenerConfig())
+    control: ControlConfig = _default(ControlConfig())
+    supervisor: SupervisorConfig = _default(SupervisorConfig())
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
@@ -226,6 +262,7 @@ _COLLECTIONS: dict[str, Any] = {
     "sinks": SinkConfig,
 }
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
 
 
 def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
@@ -237,6 +274,9 @@ def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
         match = _PATH_IN_MESSAGE.search(message)
         if match:
             message, path = message[: match.start()], path + match.group(1)
+        unknown = _UNKNOWN_FIELD.match(message)
+        if unknown:
+            message, path = "unknown key", f"{path}.{unknown.group(1)}"
         errors.append(f"{path}: {message}")
         return None
 
@@ -377,7 +417,9 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         return str(base_dir / value) if not Path(value).is_absolute() else value
 
     sinks = {
-        name: msgspec.structs.replace(sink, path=resolve(sink.path)) if isinstance(sink, FileSinkConfig) else sink
+        name: msgspec.structs.replace(sink, path=resolve(sink.path))
+        if isinstance(sink, FileSinkConfig)
+        else sink
         for name, sink in config.sinks.items()
     }
     return msgspec.structs.replace(

@@ -62,7 +62,7 @@ def _type_name(annotation: Any) -> str:
 def _default(field: inspect.Field) -> str:
     if field.required:
         return "required"
-    value = field.default if field.default is not inspect.NODEFAULT else field.default_factory()
+    value = field.default if field.default is not msgspec.NODEFAULT else field.default_factory()
     if isinstance(value, msgspec.Struct):
         return "see below"
     if value is None:
@@ -92,7 +92,10 @@ def render() -> str:
         hints = typing.get_type_hints(struct, include_extras=True)
         info = inspect.type_info(struct)
         assert isinstance(info, inspect.StructType)
-        parts.append(f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        parts.append(
+            f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n"
+            "| key | type | default | meaning |\n|---|---|---|---|"
+        )
         for field in info.fields:
             if field.name == "type":
                 continue

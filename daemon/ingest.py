@@ -64,7 +64,9 @@ class IngestBatcher:
         self.events = 0
 
     def __repr__(self) -> str:
-        return f"<IngestBatcher [pending: {len(self._pending)}, writes: {self.writes}, events: {self.events}]>"
+        return (
+            f"<IngestBatcher [pending: {len(self._pending)}, writes: {self.writes}, events: {self.events}]>"
+        )
 
     async def __call__(
         self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None

@@ -42,7 +42,7 @@ class Derived(NamedTuple):
     """One output of a transform: the event it came from, which output it is, and its JSON."""
 
     parent: StoredEvent
-    index: int
+    nth: int
     payload: bytes
 
 

@@ -99,6 +99,7 @@ class Store:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
+        self._stopping = False
         self.commits = 0
         self.requests = 0
         self.writable = False
@@ -126,7 +127,7 @@ class Store:
         Raises `StoreUnavailable` if the transaction did not commit (nothing of
         it is durable), or whatever `fn` raised (its writes are rolled back).
         """
-        if self._token is None:
+        if self._token is None or self._stopping:
             raise StoreUnavailable("the store is not running")
         request = _Request(fn, wake)
         self._queue.put(request)
@@ -140,6 +141,7 @@ class Store:
         if self._conn is None:
             raise StoreUnavailable("Store.open() was not called")
         self._token = trio.lowlevel.current_trio_token()
+        self._stopping = False
         done = trio.Event()
         token = self._token
 
@@ -157,6 +159,8 @@ class Store:
         try:
             await trio.sleep_forever()
         finally:
+            # Refuse new calls from here on: a request queued behind _STOP would never be answered.
+            self._stopping = True
             self._queue.put(_STOP)
             with trio.CancelScope(shield=True):
                 await done.wait()
@@ -202,15 +206,14 @@ class Store:
             for request in batch:
                 request.result = request.fn(conn)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             _rollback(conn)
-            if len(batch) == 1 or not _is_request_error(exc):
+            if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
                 self._fail(batch, exc)
+            elif len(batch) == 1:
+                batch[0].result, batch[0].error = None, exc
             else:
                 self._run_each(conn, batch)
-        except Exception:
-            _rollback(conn)
-            self._run_each(conn, batch)
         else:
             self.writable = True
         self.commits += 1
@@ -223,12 +226,12 @@ class Store:
                 conn.execute("BEGIN IMMEDIATE")
                 request.result = request.fn(conn)
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                self._fail([request], exc)
             except Exception as exc:
                 _rollback(conn)
-                request.error = exc
+                if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
+                    self._fail([request], exc)
+                else:
+                    request.error = exc
 
     def _fail(self, batch: list[_Request[Any]], exc: sqlite3.Error) -> None:
         self.writable = False
@@ -281,7 +284,9 @@ def open_connection(path: Path, durability: str) -> Connection:
     except sqlite3.DatabaseError as exc:
         conn.close()
         if "not a database" in str(exc) or "malformed" in str(exc):
-            raise StoreCorrupt(f"{path}: not a usable SQLite database ({exc}); the file was left untouched") from None
+            raise StoreCorrupt(
+                f"{path}: not a usable SQLite database ({exc}); the file was left untouched"
+            ) from None
         raise StoreUnavailable(f"{path}: {exc}") from None
     except StoreCorrupt:
         conn.close()
@@ -295,7 +300,9 @@ def _identify(conn: Connection, path: Path) -> None:
         return
     tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     if app_id != 0 or tables:
-        raise StoreCorrupt(f"{path}: not a ferry database (application_id={app_id}); the file was left untouched")
+        raise StoreCorrupt(
+            f"{path}: not a ferry database (application_id={app_id}); the file was left untouched"
+        )
 
 
 def _migrate(conn: Connection) -> None:

@@ -5,6 +5,7 @@ Does nothing when `NOTIFY_SOCKET` is unset (not run by systemd with Type=notify)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -29,10 +30,8 @@ class Notifier:
         """Send `KEY=VALUE` lines in one datagram; errors are ignored (systemd may be gone)."""
         if self._sock is None or self._address is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             self._sock.sendto("\n".join(lines).encode(), self._address)
-        except OSError:
-            pass
 
     def watchdog_interval(self) -> float | None:
         """Half the watchdog timeout systemd asked for (`WATCHDOG_USEC`), or None."""

@@ -6,6 +6,7 @@ seconds and bytes; only the config decoder knows they came from strings.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -32,13 +33,19 @@ class Duration(float):
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise TypeError(f"expected a duration like '500ms' or '30s', got {type(value).__name__}")
         if isinstance(value, int | float):
-            if value < 0:
-                raise ValueError("a duration cannot be negative")
-            return cls(value)
-        match = _DURATION_RE.match(value)
-        if match is None:
-            raise ValueError(f"invalid duration {value!r}: use a number and ms, s, m, h or d (e.g. '500ms')")
-        return cls(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+            seconds = float(value) if abs(value) < 1e300 else math.inf
+        else:
+            match = _DURATION_RE.match(value)
+            if match is None:
+                raise ValueError(
+                    f"invalid duration {value!r}: use a number and ms, s, m, h or d (e.g. '500ms')"
+                )
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if not math.isfinite(seconds):
+            raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds")
+        if seconds < 0:
+            raise ValueError("a duration cannot be negative")
+        return cls(seconds)
 
     def __repr__(self) -> str:
         return f"Duration({float(self)!r}s)"

@@ -1,0 +1,355 @@
+"""The sink: `judge` as a table, and the actor against a real store with a fake sender on cue."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from actors.sink import Sink, judge
+from daemon import outbox
+from daemon.config import BatchConfig, RetryConfig
+from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+from daemon.outbox import Due
+from daemon.schema import DEAD, DELIVERED, PENDING
+from daemon.store import Connection, Store
+from daemon.units import Duration
+
+NOW = 1_000_000.0
+RETRY = RetryConfig(
+    max_attempts=5, initial_backoff=Duration(1), max_backoff=Duration(60), max_age=Duration(3600)
+)
+
+
+def due(rowid: int = 1, attempts: int = 0, age: float = 10.0) -> Due:
+    return Due(rowid, f"evt{rowid}.crm", attempts, NOW - age, b"{}", None, f"evt{rowid}")
+
+
+# -- judge --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, None])
+def test_judge_success_delivers_every_row_of_the_batch(status: int | None) -> None:
+    outcomes = judge([due(1), due(2, attempts=3)], None, status, RETRY, NOW)
+    assert outcomes == outbox.Outcomes(delivered=[(1, status), (2, status)], retry=[], dead=[])
+
+
+@pytest.mark.parametrize(
+    ("row", "error", "reason"),
+    [
+        pytest.param(due(), PermanentDelivery("HTTP 400", status=400), "HTTP 400", id="permanent-4xx"),
+        pytest.param(
+            due(),
+            PermanentDelivery("redirect", status=301, retry_after=5),
+            "redirect",
+            id="permanent-ignores-retry-after",
+        ),
+        pytest.param(
+            due(attempts=4),
+            RetryableDelivery("HTTP 503", status=503),
+            "gave up after 5 attempts: HTTP 503",
+            id="out-of-attempts",
+        ),
+        pytest.param(
+            due(attempts=1, age=3600),
+            RetryableDelivery("HTTP 429", status=429, retry_after=1),
+            "gave up after 3600s: HTTP 429",
+            id="too-old",
+        ),
+        pytest.param(
+            due(attempts=9),
+            RetryableDelivery("timed out"),
+            "gave up after 10 attempts: timed out",
+            id="beyond-max",
+        ),
+    ],
+)
+def test_judge_dead_letters_permanent_and_exhausted_failures(
+    row: Due, error: DeliveryError, reason: str
+) -> None:
+    outcomes = judge([row], error, None, RETRY, NOW)
+    assert outcomes == outbox.Outcomes(delivered=[], retry=[], dead=[(row.rowid, error.status, reason)])
+
+
+@pytest.mark.parametrize(
+    ("row", "error", "earliest", "latest"),
+    [
+        pytest.param(
+            due(attempts=0), RetryableDelivery("HTTP 503", status=503), 0.0, 1.0, id="first-failure"
+        ),
+        pytest.param(
+            due(attempts=3), RetryableDelivery("HTTP 502", status=502), 0.0, 8.0, id="fourth-failure"
+        ),
+        pytest.param(
+            due(attempts=0), RetryableDelivery("connection refused"), 0.0, 1.0, id="transport-error"
+        ),
+        pytest.param(
+            due(attempts=0),
+            RetryableDelivery("HTTP 429", status=429, retry_after=30),
+            30.0,
+            30.0,
+            id="retry-after-floor",
+        ),
+        pytest.param(
+            due(attempts=3),
+            RetryableDelivery("HTTP 503", status=503, retry_after=0.5),
+            0.5,
+            8.0,
+            id="retry-after-low",
+        ),
+        pytest.param(
+            due(attempts=3, age=3599),
+            RetryableDelivery("HTTP 500", status=500),
+            0.0,
+            8.0,
+            id="just-young-enough",
+        ),
+    ],
+)
+def test_judge_schedules_retryable_failures(
+    row: Due, error: DeliveryError, earliest: float, latest: float
+) -> None:
+    for _ in range(50):  # the jitter is random: every draw must land in range
+        outcomes = judge([row], error, None, RETRY, NOW)
+        [(rowid, at, status, message)] = outcomes.retry
+        assert (outcomes.delivered, outcomes.dead) == ([], [])
+        assert (rowid, status, message) == (row.rowid, error.status, str(error))
+        assert NOW + earliest <= at <= NOW + latest
+        if earliest < latest:
+            assert at < NOW + latest
+
+
+def test_judge_treats_each_row_of_a_failed_batch_on_its_own() -> None:
+    error = RetryableDelivery("HTTP 503", status=503)
+    outcomes = judge([due(1, attempts=0), due(2, attempts=4)], error, None, RETRY, NOW)
+    assert [rowid for rowid, *_ in outcomes.retry] == [1]
+    assert outcomes.dead == [(2, 503, "gave up after 5 attempts: HTTP 503")]
+
+
+# -- the actor ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeSender:
+    """Records every batch it is given; fails a payload with the errors queued for it, in order."""
+
+    failures: dict[str, list[DeliveryError]] = field(default_factory=dict)
+    batches: list[list[Due]] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    closed: bool = False
+
+    async def send(self, batch: Sequence[Due]) -> int | None:
+        self.batches.append(list(batch))
+        self.sent_at.append(time.time())
+        await trio.lowlevel.checkpoint()
+        for row in batch:
+            queued = self.failures.get(json.loads(row.payload))
+            if queued:
+                raise queued.pop(0)
+        return 200
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def sends_of(self, name: str) -> int:
+        return sum(json.loads(row.payload) == name for batch in self.batches for row in batch)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store.open(tmp_path / "ferry.db", durability="normal")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        yield store
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def ingest(store: Store, *names: str) -> None:
+    for name in names:
+        await store.call(
+            partial(
+                outbox.insert_event,
+                stream="demo",
+                payload=json.dumps(name).encode(),
+                trace=None,
+                sinks=["crm"],
+            ),
+            wake=["crm"],
+        )
+
+
+def rows(conn: Connection) -> dict[str, tuple[Any, ...]]:
+    """Each delivery by its event's payload: (state, attempts, next_attempt_at, last_status, last_error)."""
+    found = conn.execute(
+        "SELECT e.payload, d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error "
+        "FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.stage = 'crm'"
+    ).fetchall()
+    return {json.loads(payload): tuple(rest) for payload, *rest in found}
+
+
+async def until(
+    store: Store, check: Callable[[dict[str, tuple[Any, ...]]], bool]
+) -> dict[str, tuple[Any, ...]]:
+    """Poll the store until `check(rows)` holds; fail after 5 s."""
+    with trio.fail_after(5):
+        while True:
+            found = await store.call(rows)
+            if check(found):
+                return found
+            await trio.sleep(0.005)
+
+
+def settled(*names: str) -> Callable[[dict[str, tuple[Any, ...]]], bool]:
+    return lambda found: all(name in found and found[name][0] != PENDING for name in names)
+
+
+def make(store: Store, sender: FakeSender, retry: RetryConfig = RETRY, **kwargs: Any) -> Sink:
+    return Sink("crm", store, lambda: sender, retry=retry, **kwargs)
+
+
+async def test_delivers_pending_rows_and_new_ones(store: Store) -> None:
+    sender = FakeSender()
+    sink = make(store, sender)
+    await ingest(store, "a", "b", "c")  # waiting in the store before the sink starts
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "d")
+        found = await until(store, settled("a", "b", "c", "d"))
+        nursery.cancel_scope.cancel()
+
+    assert {name: row[0:2] + row[3:] for name, row in found.items()} == dict.fromkeys(
+        "abcd", (DELIVERED, 1, 200, None)
+    )
+    assert sorted(sender.sends_of(name) for name in "abcd") == [1, 1, 1, 1]
+    assert all(len(batch) == 1 for batch in sender.batches)
+    assert sink.delivered == 4
+    assert repr(sink) == "<Sink crm [in flight: 0, delivered: 4, retried: 0, dead: 0]>"
+
+
+async def test_retry_is_a_rescheduled_row_not_resent_before_it_is_due(store: Store) -> None:
+    sender = FakeSender({"flaky": [RetryableDelivery("HTTP 503", status=503, retry_after=30)]})
+    sink = make(store, sender)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "flaky")
+        found = await until(store, lambda found: found.get("flaky", (0, 0))[1] == 1)
+        failed_at = time.time()
+        await ingest(store, "later")  # the sink fetches again; the retry is not due yet
+        found = await until(store, settled("later"))
+        nursery.cancel_scope.cancel()
+
+    state, attempts, next_attempt_at, status, error = found["flaky"]
+    assert (state, attempts, status, error) == (PENDING, 1, 503, "HTTP 503")
+    assert next_attempt_at >= failed_at + 29
+    assert sender.sends_of("flaky") == 1
+    assert sink.retried == 1
+
+
+async def test_retry_is_sent_again_once_due(store: Store) -> None:
+    retry = RetryConfig(max_attempts=3, initial_backoff=Duration(0.01), max_backoff=Duration(0.01))
+    sender = FakeSender({"flaky": [RetryableDelivery("HTTP 429", status=429, retry_after=0.2)]})
+    sink = make(store, sender, retry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "flaky")
+        found = await until(store, settled("flaky"))
+        nursery.cancel_scope.cancel()
+
+    assert found["flaky"][0:2] == (DELIVERED, 2)
+    assert found["flaky"][3:] == (200, None)
+    assert sender.sends_of("flaky") == 2
+    assert sender.sent_at[1] - sender.sent_at[0] >= 0.2
+    assert (sink.retried, sink.delivered) == (1, 1)
+
+
+async def test_permanent_failure_is_dead_lettered_at_once(store: Store) -> None:
+    sender = FakeSender({"bad": [PermanentDelivery("HTTP 422: missing email", status=422)]})
+    sink = make(store, sender)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "bad", "good")
+        found = await until(store, settled("bad", "good"))
+        nursery.cancel_scope.cancel()
+
+    state, attempts, _, status, error = found["bad"]
+    assert (state, attempts, status, error) == (DEAD, 1, 422, "HTTP 422: missing email")
+    assert found["good"][0] == DELIVERED
+    assert sender.sends_of("bad") == 1
+    assert (sink.dead, sink.delivered) == (1, 1)
+
+
+async def test_last_attempt_is_dead_lettered(store: Store) -> None:
+    retry = RetryConfig(max_attempts=1)
+    sender = FakeSender({"flaky": [RetryableDelivery("HTTP 500", status=500)]})
+    sink = make(store, sender, retry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "flaky")
+        found = await until(store, settled("flaky"))
+        nursery.cancel_scope.cancel()
+
+    assert found["flaky"][0:2] == (DEAD, 1)
+    assert found["flaky"][4] == "gave up after 1 attempts: HTTP 500"
+
+
+async def test_batches_group_rows_up_to_max_items(store: Store) -> None:
+    sender = FakeSender()
+    sink = make(store, sender, batch=BatchConfig(max_items=3, max_wait=Duration(5)))
+    names = [f"e{n}" for n in range(6)]
+    await ingest(store, *names)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await until(store, settled(*names))
+        nursery.cancel_scope.cancel()
+
+    assert [[json.loads(row.payload) for row in batch] for batch in sender.batches] == [names[:3], names[3:]]
+    assert sink.delivered == 6
+
+
+async def test_partial_batch_goes_after_max_wait(store: Store) -> None:
+    sender = FakeSender()
+    sink = make(store, sender, batch=BatchConfig(max_items=10, max_wait=Duration(0.1)))
+    await ingest(store, "x", "y")
+    async with trio.open_nursery() as nursery:
+        began = time.time()
+        await nursery.start(sink.run)
+        await until(store, settled("x", "y"))
+        nursery.cancel_scope.cancel()
+
+    assert [len(batch) for batch in sender.batches] == [2]
+    assert sender.sent_at[0] - began >= 0.1
+
+
+async def test_failed_batch_fails_every_row_in_it(store: Store) -> None:
+    sender = FakeSender({"e1": [PermanentDelivery("HTTP 400", status=400)]})
+    sink = make(store, sender, batch=BatchConfig(max_items=3, max_wait=Duration(5)))
+    await ingest(store, "e0", "e1", "e2")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        found = await until(store, settled("e0", "e1", "e2"))
+        nursery.cancel_scope.cancel()
+
+    assert {name: row[0] for name, row in found.items()} == {"e0": DEAD, "e1": DEAD, "e2": DEAD}
+    assert len(sender.batches) == 1
+
+
+async def test_stop_makes_run_return(store: Store) -> None:
+    sender = FakeSender()
+    sink = make(store, sender, concurrency=4)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            await ingest(store, "a")
+            await until(store, settled("a"))
+            sink.stop()
+        # The nursery closed by itself: run() returned without being cancelled.
+        assert not nursery.cancel_scope.cancel_called
+    assert sender.closed

@@ -1,0 +1,27 @@
+"""The configuration reference in docs/ is generated from the config structs and must not go stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon import config
+from daemon.config_docs import render
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_configuration_reference_matches_the_config_structs() -> None:
+    assert DOCS.read_text(encoding="utf-8") == render(), (
+        "docs/configuration.md is stale; regenerate it with "
+        "`.venv/bin/ferry config-docs -o docs/configuration.md`"
+    )
+
+
+def test_configuration_reference_documents_every_key() -> None:
+    text = render()
+    for struct in (config.StoreConfig, config.ListenerConfig, config.RetryConfig, config.HttpSinkConfig):
+        for name in struct.__struct_fields__:
+            if name != "type":
+                assert f"| `{name}` |" in text, f"{struct.__name__}.{name} is missing from the reference"
+    assert '| `retention` | duration | `"3600s"` |' in text
+    assert "| `max_body` | size | `1048576` |" in text
