@@ -68,7 +68,11 @@ class FakeReceiver:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 request = Received(
-                    time.time(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+                    time.time(),
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
                 )
                 status, headers, reply = receiver.responder(request)
                 if status < 0:  # hang up without answering
@@ -83,7 +87,7 @@ class FakeReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
-            do_POST = do_PUT = do_PATCH = _handle  # noqa: N815
+            do_POST = do_PUT = do_PATCH = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -98,7 +102,9 @@ class FakeReceiver:
 
         self.server = Server(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         return self
 

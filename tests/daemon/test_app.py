@@ -94,8 +94,12 @@ async def test_a_crashing_sink_is_restarted_while_ingest_and_other_sinks_go_on(
         assert running.supervisor.actors["listener"].state == "running"
         running.stop.set()
     with sqlite3.connect(running.store.path) as conn:
-        states = conn.execute("SELECT state, count(*) FROM deliveries WHERE stage = 'bad' GROUP BY state").fetchall()
-    assert states == [(0, 30)], "the crashing sink's deliveries must stay pending, not be lost or dead-lettered"
+        states = conn.execute(
+            "SELECT state, count(*) FROM deliveries WHERE stage = 'bad' GROUP BY state"
+        ).fetchall()
+    assert states == [(0, 30)], (
+        "the crashing sink's deliveries must stay pending, not be lost or dead-lettered"
+    )
 
 
 async def test_too_many_restarts_stops_the_daemon_with_a_named_error(
