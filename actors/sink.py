@@ -113,7 +113,7 @@ class Sink:
 
     def __repr__(self) -> str:
         return (
-            f"<Sink {self.name} [in flight: {len(self._inflight)}, delivered: {self.delivered}, "
+            f"<Sink {self.name} [in flight: {len(self._inflight - self._settled)}, delivered: {self.delivered}, "
             f"retried: {self.retried}, dead: {self.dead}]>"
         )
 

@@ -305,6 +305,9 @@ def parse(text: str, *, base_dir: Path | None = None) -> Config:
             if not re.match(NAME_RE, name):
                 errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
                 continue
+            if key != "transforms" and isinstance(body, dict) and "type" not in body:
+                errors.append(f"{path}.type: missing (what kind of {key[:-1]} is this?)")
+                continue
             decoded[name] = _convert(body, type_, path, errors)
         parts[key] = decoded
     if errors:
@@ -374,6 +377,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+    if config.supervisor.initial_backoff > config.supervisor.max_backoff:
+        yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:
         yield f"$.listener.address: expected host:port, got {config.listener.address!r}"
 

@@ -138,7 +138,7 @@ def test_sink_errors_name_their_toml_path(extra: str, expected: str) -> None:
         ),
         pytest.param(
             '[sinks.crm]\ninputs = ["x"]\nurl = "http://x/"\n',
-            "$.sinks.crm: Object missing required field `type`",
+            "$.sinks.crm.type: missing (what kind of sink is this?)",
             id="sink-without-type",
         ),
         pytest.param(
@@ -392,3 +392,16 @@ def test_run_refuses_an_invalid_file_without_creating_the_store(
     assert "$.sinks.crm.bogus: unknown key" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ferry.toml"]
+
+
+def test_a_component_without_a_type_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse('[sources.demo]\nidempotency_header = "X"\n\n[sinks.out]\ninputs = ["demo"]\npath = "x"\n')
+    assert "$.sources.demo.type: missing (what kind of source is this?)" in caught.value.problems
+    assert "$.sinks.out.type: missing (what kind of sink is this?)" in caught.value.problems
+
+
+def test_supervisor_backoff_bounds_are_checked() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse('[supervisor]\ninitial_backoff = "1m"\nmax_backoff = "1s"\n')
+    assert caught.value.problems == ["$.supervisor.initial_backoff: larger than max_backoff"]
