@@ -112,10 +112,9 @@ class Sink:
         self.dead = 0
 
     def __repr__(self) -> str:
-        return (
-            f"<Sink {self.name} [in flight: {len(self._inflight - self._settled)}, delivered: {self.delivered}, "
-            f"retried: {self.retried}, dead: {self.dead}]>"
-        )
+        in_flight = len(self._inflight - self._settled)
+        counts = f"delivered: {self.delivered}, retried: {self.retried}, dead: {self.dead}"
+        return f"<Sink {self.name} [in flight: {in_flight}, {counts}]>"
 
     def stop(self) -> None:
         """Stop fetching; `run` returns once the workers have finished what they hold."""
