@@ -1,0 +1,103 @@
+"""`make bench`: every speed figure of ferry, against baselines measured in the same run.
+
+    .venv/bin/python -m bench [--quick]
+
+Cases (docs/performance.md explains each figure):
+
+1. baseline: a bare trio + h11 server answering 202 with no work, under wrk -t2 -c50;
+2. durable ingest: `ferry run` (durability = "full", jq transform, batching HTTP sink) under
+   the same load, and whether the sink keeps pace;
+3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
+4. a stored backlog drained after a restart, and the restart's time to READY;
+5. webhook → sink latency at a steady 500 events/s;
+6. the daemon's peak RSS in each case.
+
+Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
+The table is printed and written to bench/out/latest.json. Exit status: 0 when every
+target is met, 1 when one is not, 2 when the benchmark could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import trio
+
+from bench.context import Context
+from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
+from bench.harness import ensure_wrk
+from bench.ingest import durable_ingest
+from bench.latency import latency
+from bench.receiver import Receiver
+from bench.report import Row, machine, render, write
+
+LIMIT_S = 600  # the whole run, even if something hangs
+
+
+async def run(ctx: Context) -> None:
+    with trio.fail_after(LIMIT_S):
+        steps = [
+            ("1-2. bare h11 baseline vs durable ingest", durable_ingest),
+            ("3. per-event delivery", _delivery),
+            ("4. backlog drain", backlog_drain),
+            ("5. latency", latency),
+        ]
+        for title, step in steps:
+            print(f"{title} ...", flush=True)
+            started = time.monotonic()
+            try:
+                await step(ctx)
+            except Exception as exc:  # one broken case must not hide the others' figures
+                traceback.print_exc()
+                ctx.anomalies.append(f"{title}: did not complete: {type(exc).__name__}: {exc}")
+                ctx.rows.append(Row(f"{title}: did not complete", None, "", passed=False))
+                for ferry in ctx.running:
+                    ferry.stop()
+            print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+async def _delivery(ctx: Context) -> None:
+    await per_event_delivery(ctx, await client_ceilings(ctx))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
+    args = parser.parse_args(argv)
+    problem = ensure_wrk()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    info = machine()
+    print(f"machine: {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, Python {info['python']}")
+    print(f"date: {info['date']}")
+    if os.getloadavg()[0] > 0.5:
+        print(f"note: load average {os.getloadavg()[0]:.2f} at start; other work here skews every figure")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as folder:
+        receiver = Receiver()
+        ctx = Context(args.quick, Path(folder), receiver)
+        try:
+            trio.run(run, ctx)
+        finally:
+            for ferry in ctx.running:
+                ferry.stop()
+            receiver.close()
+    rows = ctx.rows + ctx.memory
+    print()
+    print(render(rows))
+    for anomaly in ctx.anomalies:
+        print(f"ANOMALY: {anomaly}")
+    out = write(rows, {**ctx.details, "anomalies": ctx.anomalies}, ctx.settings())
+    print(f"\n{time.monotonic() - started:.0f} s in all; written to {out.relative_to(Path.cwd())}")
+    return 0 if all(row.passed is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

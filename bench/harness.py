@@ -1,0 +1,268 @@
+"""What the benchmark cases share: wrk, the daemon as a process, its config, its store, its memory.
+
+The daemon runs as `ferry run -c FILE` in its own process (through `tests.fakes.Daemon`,
+the same harness the end-to-end tests use), on a config written to a temporary folder,
+with its listener on 127.0.0.1 and a free port.
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from bench.listener_bench import PATH, WRK_SCRIPT, WrkResult, parse_wrk, run_wrk
+from daemon.schema import DEAD, DELIVERED, PENDING
+from tests.fakes import Daemon
+
+SOURCE = PATH.rsplit("/", 1)[1]  # the webhook source wrk posts to
+SINK = "out"
+RESHAPE = '{id, name: "\\(.first) \\(.last)", email}'
+
+CONFIG = """
+[store]
+path = "{folder}/ferry.db"
+durability = "full"
+retention = "1h"
+
+[listener]
+address = "127.0.0.1:0"
+
+[control]
+socket = "{folder}/ferry.sock"
+
+[supervisor]
+shutdown_grace = "1s"
+
+[sources.{source}]
+type = "webhook"
+"""
+
+PIPELINE = """
+[transforms.shape]
+inputs = ["{source}"]
+map = '{map}'
+
+[sinks.{sink}]
+type = "http"
+inputs = ["shape"]
+url = "{url}"
+concurrency = {concurrency}
+timeout = "{timeout}"
+{batch}
+"""
+
+COUNT_LIMIT = """
+local count = 0
+function response(status, headers, body)
+  count = count + 1
+  if count == {limit} then
+    local marker = io.open("{marker}", "a")
+    marker:write("done\\n")
+    marker:close()
+    wrk.thread:stop()
+  end
+end
+"""
+
+
+def ensure_wrk() -> str | None:
+    """None if wrk is usable (installing it with apt-get when possible), else why not."""
+    if shutil.which("wrk"):
+        return None
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("wrk is missing: apt-get install -y wrk", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, timeout=300)
+        if shutil.which("wrk"):
+            return None
+    return "wrk is not installed and could not be installed: run `apt-get install -y wrk`, then `make bench`"
+
+
+def wrk_script(folder: Path) -> Path:
+    """The POST script of `listener_bench`."""
+    path = folder / "post.lua"
+    path.write_text(WRK_SCRIPT)
+    return path
+
+
+async def post_load(
+    url: str, script: Path, *, duration: float, threads: int = 2, connections: int = 50
+) -> WrkResult:
+    """wrk's timed load (`listener_bench.run_wrk`) against the daemon's webhook."""
+    return await run_wrk(url + PATH, script, threads=threads, connections=connections, duration=duration)
+
+
+async def post_count(
+    url: str, folder: Path, count: int, *, limit_s: float, threads: int = 2, connections: int = 50
+) -> WrkResult:
+    """About `count` POSTs with wrk: each thread stops after its share of answers, then wrk is stopped.
+
+    (wrk itself always runs for its whole `-d`; a thread that is done writes a marker line, and
+    once every thread has, wrk gets SIGINT and prints its summary.) Requests still in flight
+    when a thread stops may be stored too, so count stored events, not wrk's requests.
+    """
+    marker = folder / f"wrk-{count}.done"
+    marker.unlink(missing_ok=True)
+    script = folder / f"post-{count}.lua"
+    script.write_text(WRK_SCRIPT + COUNT_LIMIT.format(limit=max(1, count // threads), marker=marker))
+    output = folder / f"wrk-{count}.out"
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{int(limit_s) + 1}s",
+        "-s",
+        str(script),
+        url + PATH,
+    ]
+    with output.open("wb") as sink:
+        proc = await trio.lowlevel.open_process(command, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            with trio.move_on_after(limit_s):
+                while proc.poll() is None and (
+                    not marker.exists() or len(marker.read_text().split()) < threads
+                ):
+                    await trio.sleep(0.05)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            with trio.fail_after(10):
+                await proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+    return parse_wrk(output.read_text())
+
+
+def write_config(
+    folder: Path,
+    url: str | None,
+    *,
+    batch: bool = False,
+    concurrency: int = 8,
+    map_: str = RESHAPE,
+    timeout: str = "10s",
+) -> Path:
+    """webhook `SOURCE` -> transform `shape` (jq `map_`) -> http sink `SINK` posting to `url`.
+
+    With `url` None: the webhook source alone (events are stored, nothing reads them).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ferry.toml"
+    text = CONFIG.format(folder=folder, source=SOURCE)
+    if url is not None:
+        text += PIPELINE.format(
+            source=SOURCE,
+            sink=SINK,
+            map=map_,
+            url=url,
+            concurrency=concurrency,
+            timeout=timeout,
+            batch='batch = { max_items = 500, max_wait = "20ms" }' if batch else "",
+        )
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Ferry:
+    """One `ferry run` process: when it was launched, when it logged READY, and how to read its store."""
+
+    folder: Path
+    daemon: Daemon
+    launched: float
+    ready_at: float
+    startup_s: float
+
+    @classmethod
+    def start(cls, folder: Path, config: Path, running: list[Ferry]) -> Ferry:
+        """Start the daemon and wait for READY; it is appended to `running` (for cleanup) at once."""
+        daemon = Daemon(config, folder / f"ferry-{len(running)}.log")
+        ferry = cls(folder, daemon, time.time(), 0.0, 0.0)
+        running.append(ferry)
+        daemon.start(timeout=60)
+        line = daemon.wait_log(lambda entry: entry.get("msg") == "ready")
+        ferry.ready_at = log_time(line["ts"])
+        ferry.startup_s = float(line["startup_s"])
+        return ferry
+
+    @property
+    def url(self) -> str:
+        return self.daemon.url
+
+    @property
+    def address(self) -> str:
+        """The listener's `host:port`."""
+        return self.daemon.address
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon.proc is not None
+        return self.daemon.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float | None:
+        """The process's peak resident set (VmHWM), while it still runs."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+    def query(self, sql: str, *params: object) -> int:
+        """One integer from the store, through a read-only connection of our own."""
+        db = sqlite3.connect(f"file:{self.folder / 'ferry.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            return int(db.execute(sql, params).fetchone()[0] or 0)
+        finally:
+            db.close()
+
+    def accepted(self) -> int:
+        """Events stored by the webhook source (every one of them was, or was about to be, answered 202)."""
+        return self.query("SELECT count(*) FROM events WHERE stream = ?", SOURCE)
+
+    def deliveries(self, state: int | None = None) -> int:
+        """The sink's deliveries in `state` (all when None)."""
+        if state is None:
+            return self.query("SELECT count(*) FROM deliveries WHERE stage = ?", SINK)
+        return self.query("SELECT count(*) FROM deliveries WHERE stage = ? AND state = ?", SINK, state)
+
+    def counts(self) -> dict[str, int]:
+        """The sink's deliveries by state."""
+        return {
+            name: self.deliveries(state)
+            for name, state in (("pending", PENDING), ("delivered", DELIVERED), ("dead", DEAD))
+        }
+
+    def errors_logged(self) -> list[str]:
+        return [
+            str(entry.get("msg"))
+            for entry in self.daemon.logs()
+            if entry.get("level") in ("error", "critical")
+        ]
+
+    def stop(self) -> int | None:
+        self.daemon.stop()
+        return None if self.daemon.proc is None else self.daemon.proc.returncode
+
+
+def log_time(ts: str) -> float:
+    """A log line's `ts` (`2024-05-01T12:00:00.123Z`, UTC) as a Unix time."""
+    whole, _, millis = ts.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis or 0) / 1000
