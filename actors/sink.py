@@ -125,7 +125,7 @@ class Sink:
         sender = self._sender_factory()
         self._inflight.clear()
         self._settled.clear()
-        send_channel, receive_channel = trio.open_memory_channel[Due](self._concurrency * self._batch_items)
+        send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
         try:
             async with trio.open_nursery() as nursery:
                 async with receive_channel:
@@ -138,9 +138,9 @@ class Sink:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await sender.aclose()
 
-    async def _fetch(self, channel: trio.MemorySendChannel[Due]) -> None:
-        store, name = self._store, self.name
-        ahead = self._concurrency * self._batch_items
+    async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
+        store, name, chunk = self._store, self.name, self._batch_items
+        ahead = self._concurrency * chunk
         while not self._stopping.is_set():
             now = time.time()
             settled, self._settled = self._settled, set()
@@ -148,20 +148,30 @@ class Sink:
             rows = await store.call(
                 partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
             )
-            fresh = [row for row in rows if row.rowid not in self._inflight]
-            for row in fresh:
-                self._inflight.add(row.rowid)
-                await channel.send(row)
+            inflight = self._inflight
+            fresh = [row for row in rows if row.rowid not in inflight]
+            inflight.update(row.rowid for row in fresh)
+            # Chunks of one batch each: a channel op per batch, not per row.
+            for start in range(0, len(fresh), chunk):
+                await channel.send(fresh[start : start + chunk])
             if len(fresh) >= ahead:
                 continue
             wake_at = await store.call(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
-    async def _worker(self, sender: Sender, channel: trio.MemoryReceiveChannel[Due]) -> None:
+    async def _worker(self, sender: Sender, channel: trio.MemoryReceiveChannel[list[Due]]) -> None:
+        leftover: list[Due] = []
         async with channel:
-            async for first in channel:
-                batch = await self._collect(first, channel)
+            while True:
+                if leftover:
+                    rows, leftover = leftover, []
+                else:
+                    try:
+                        rows = await channel.receive()
+                    except trio.EndOfChannel:
+                        return
+                batch, leftover = await self._fill(rows, channel)
                 error: DeliveryError | None = None
                 status: int | None = None
                 try:
@@ -171,29 +181,31 @@ class Sink:
                 outcomes = judge(batch, error, status, self._retry, time.time())
                 await self._record(batch, outcomes, error)
 
-    async def _collect(self, first: Due, channel: trio.MemoryReceiveChannel[Due]) -> list[Due]:
-        batch = [first]
+    async def _fill(
+        self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
+    ) -> tuple[list[Due], list[Due]]:
+        """Top `rows` up to a full batch within `max_wait`; return (batch to send now, rows left over)."""
         config = self._batch
         if config is None:
-            return batch
-        size = len(first.payload)
+            return rows[:1], rows[1:]
         with trio.move_on_after(config.max_wait):
-            while len(batch) < config.max_items and size < config.max_bytes:
+            while len(rows) < config.max_items:
                 try:
-                    row = channel.receive_nowait()
+                    rows = rows + channel.receive_nowait()
                 except trio.WouldBlock:
-                    row = await channel.receive()
-                if size + len(row.payload) + 1 > config.max_bytes:
-                    # Too big to join this batch: send it in the next one.
-                    await self._send_alone_later(row)
+                    try:
+                        rows = rows + await channel.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
                     break
-                batch.append(row)
-                size += len(row.payload) + 1
-        return batch
-
-    async def _send_alone_later(self, row: Due) -> None:
-        self._settled.add(row.rowid)
-        self._signal.fire()
+        size, cut = 0, 0
+        for row in rows[: config.max_items]:
+            size += len(row.payload) + 1
+            if cut and size > config.max_bytes:
+                break
+            cut += 1
+        return rows[:cut], rows[cut:]
 
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
