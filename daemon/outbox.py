@@ -11,7 +11,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import msgspec
 
 from .schema import DEAD, DELIVERED, PENDING
 
@@ -46,6 +48,12 @@ class Derived(NamedTuple):
     payload: bytes
 
 
+# Reads come back as one JSON array built inside SQLite (one `sqlite3_step`, see `insert_rows`);
+# payloads travel as JSON strings, byte for byte as stored.
+_rows = msgspec.json.Decoder(list[tuple[int, str, str, str, str | None]]).decode
+_due_rows = msgspec.json.Decoder(list[tuple[int, str, int, float, str, str | None, str]]).decode
+
+
 def new_event_id(now: float) -> str:
     """A time-ordered, globally unique event id: 11 hex digits of milliseconds + 16 random."""
     return f"{int(now * 1000):011x}{os.urandom(8).hex()}"
@@ -56,17 +64,37 @@ def delivery_id(event_id: str, stage: str) -> str:
     return f"{event_id}.{stage}"
 
 
-_INSERT_EVENT = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES (?, ?, ?, ?, ?, ?)"
-_INSERT_DELIVERY = (
-    "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)"
-)
+_INSERT_EVENT = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
+_INSERT_DELIVERY = "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES "
+_ROWS_PER_STATEMENT = 128
+_statements: dict[tuple[str, int, int], str] = {}
+
+
+def insert_rows(conn: Connection, insert: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert `rows` with multi-row `VALUES` statements (`insert` ends with `VALUES `).
+
+    Why not `executemany`: Python's sqlite3 releases and re-takes the GIL around every
+    `sqlite3_step`, i.e. once per row. While the event loop thread is busy that
+    costs a thread handoff per row; one statement per 128 rows costs one.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        key = (insert, width, len(chunk))
+        sql = _statements.get(key)
+        if sql is None:
+            group = "(" + ",".join("?" * width) + ")"
+            sql = _statements[key] = insert + ",".join([group] * len(chunk))
+        conn.execute(sql, [value for row in chunk for value in row])
 
 
 def last_seq(conn: Connection) -> int:
     """The highest event seq ever used (AUTOINCREMENT's counter, which pruning never lowers).
 
     Only the writer thread inserts events, so the caller may number new events
-    `last_seq + 1, + 2, …` itself and insert them with `executemany`.
+    `last_seq + 1, + 2, …` itself and insert them in multi-row statements.
     """
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
     return int(row[0]) if row else 0
@@ -116,8 +144,8 @@ def insert_events(
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
         results.append((event_id, False))
-    conn.executemany(_INSERT_EVENT, events)
-    conn.executemany(_INSERT_DELIVERY, deliveries)
+    insert_rows(conn, _INSERT_EVENT, events)
+    insert_rows(conn, _INSERT_DELIVERY, deliveries)
     if keys:
         conn.executemany(
             "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
@@ -142,12 +170,16 @@ def insert_event(
 def read_events(conn: Connection, streams: Sequence[str], after: int, limit: int) -> list[StoredEvent]:
     """Events of `streams` with seq > `after`, in seq order."""
     marks = ",".join("?" * len(streams))
-    rows = conn.execute(
-        f"SELECT seq, id, stream, payload, trace FROM events WHERE stream IN ({marks}) AND seq > ? "
-        "ORDER BY seq LIMIT ?",
+    (text,) = conn.execute(
+        "SELECT json_group_array(json_array(seq, id, stream, CAST(payload AS TEXT), trace)) FROM "
+        f"(SELECT seq, id, stream, payload, trace FROM events WHERE stream IN ({marks}) AND seq > ? "
+        "ORDER BY seq LIMIT ?)",
         (*streams, after, limit),
-    ).fetchall()
-    return [StoredEvent._make(row) for row in rows]
+    ).fetchone()
+    return [
+        StoredEvent(seq, id_, stream, payload.encode(), trace)
+        for seq, id_, stream, payload, trace in _rows(text)
+    ]
 
 
 def cursor(conn: Connection, name: str) -> int:
@@ -179,8 +211,8 @@ def commit_transform(
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
         events.append((seq, event_id, name, payload, parent.trace, now))
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
-    conn.executemany(_INSERT_EVENT, events)
-    conn.executemany(_INSERT_DELIVERY, deliveries)
+    insert_rows(conn, _INSERT_EVENT, events)
+    insert_rows(conn, _INSERT_DELIVERY, deliveries)
     conn.executemany(
         "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
         "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
@@ -192,14 +224,18 @@ def commit_transform(
 
 def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list[Due]:
     """Pending deliveries of `stage` whose time has come, oldest schedule first."""
-    rows = conn.execute(
-        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id "
-        "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+    (text,) = conn.execute(
+        "SELECT json_group_array(json_array(rowid, id, attempts, created_at, CAST(payload AS TEXT), "
+        "trace, event_id)) FROM (SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, "
+        "e.id AS event_id FROM deliveries d JOIN events e ON e.seq = d.event_seq "
         "WHERE d.stage = ? AND d.state = 0 AND d.next_attempt_at <= ? "
-        "ORDER BY d.next_attempt_at, d.rowid LIMIT ?",
+        "ORDER BY d.next_attempt_at, d.rowid LIMIT ?)",
         (stage, now, limit),
-    ).fetchall()
-    return [Due._make(row) for row in rows]
+    ).fetchone()
+    return [
+        Due(rowid, id_, attempts, created_at, payload.encode(), trace, event_id)
+        for rowid, id_, attempts, created_at, payload, trace, event_id in _due_rows(text)
+    ]
 
 
 def next_due_after(conn: Connection, stage: str, now: float) -> float | None:
@@ -222,11 +258,17 @@ class Outcomes(NamedTuple):
 def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
     """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt."""
     now = time.time()
-    conn.executemany(
-        f"UPDATE deliveries SET state = {DELIVERED}, attempts = attempts + 1, finished_at = ?, "
-        "last_status = ?, last_error = NULL WHERE rowid = ?",
-        [(now, status, rowid) for rowid, status in outcomes.delivered],
-    )
+    by_status: dict[int | None, list[int]] = {}
+    for rowid, status in outcomes.delivered:
+        by_status.setdefault(status, []).append(rowid)
+    for status, rowids in by_status.items():
+        for start in range(0, len(rowids), 500):
+            chunk = rowids[start : start + 500]
+            conn.execute(
+                f"UPDATE deliveries SET state = {DELIVERED}, attempts = attempts + 1, finished_at = ?, "
+                f"last_status = ?, last_error = NULL WHERE rowid IN ({','.join('?' * len(chunk))})",
+                [now, status, *chunk],
+            )
     conn.executemany(
         "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, last_error = ? "
         "WHERE rowid = ?",
