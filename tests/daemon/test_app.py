@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,3 +117,79 @@ async def test_too_many_restarts_stops_the_daemon_with_a_named_error(
                 assert (await client.post("/hooks/demo", json={"n": 1})).status_code == 202
             with trio.fail_after(20):
                 await trio.sleep_forever()
+
+
+PLAIN = """
+[store]
+path = "state/ferry.db"
+retention = "{retention}"
+
+[listener]
+address = "127.0.0.1:0"
+
+[sources.demo]
+type = "webhook"
+
+[sinks.out]
+type = "file"
+inputs = ["demo"]
+path = "out.jsonl"
+"""
+
+
+async def start_plain(nursery: trio.Nursery, tmp_path: Path, retention: str = "1h") -> Running:
+    path = tmp_path / "ferry.toml"
+    path.write_text(PLAIN.format(retention=retention))
+    loaded = load(path)
+    return await nursery.start(
+        lambda task_status: serve(loaded, handle_signals=False, task_status=task_status)
+    )
+
+
+async def test_a_full_disk_answers_503_stores_nothing_and_recovers_by_itself(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_plain(nursery, tmp_path)
+        host, port = running.addresses[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            assert (await client.post("/hooks/demo", json={"n": 0})).status_code == 202
+            pages = await running.store.call(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+            # SQLite's page limit stands in for a full disk: every further write fails with SQLITE_FULL.
+            await running.store.call(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
+            refused = [
+                await client.post("/hooks/demo", json={"n": n, "pad": "x" * 4000}) for n in range(1, 4)
+            ]
+            assert {r.status_code for r in refused} == {503}
+            assert all("store" in r.json()["error"] for r in refused)
+            assert refused[0].headers["retry-after"]
+            assert (await client.get("/readyz")).status_code == 503
+            await running.store.call(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+            assert (await client.post("/hooks/demo", json={"n": 4})).status_code == 202
+            assert (await client.get("/readyz")).status_code == 200
+        out = tmp_path / "out.jsonl"
+        with trio.fail_after(10):
+            while not out.exists() or len(out.read_text().splitlines()) < 2:
+                await trio.sleep(0.01)
+        running.stop.set()
+    assert sorted(json.loads(line)["event"]["n"] for line in out.read_text().splitlines()) == [0, 4]
+
+
+async def test_delivered_rows_are_pruned_after_retention(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_plain(nursery, tmp_path, retention="1s")
+        host, port = running.addresses[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            for n in range(5):
+                assert (await client.post("/hooks/demo", json={"n": n})).status_code == 202
+
+        def rows(conn: sqlite3.Connection) -> tuple[int, int]:
+            events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            deliveries = conn.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+            return events, deliveries
+
+        with trio.fail_after(15):
+            while (await running.store.call(rows))[1] < 5:
+                await trio.sleep(0.01)
+            while await running.store.call(rows) != (0, 0):
+                await trio.sleep(0.05)
+        running.stop.set()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5

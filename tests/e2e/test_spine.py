@@ -321,3 +321,27 @@ async def test_a_batching_sink_sends_json_arrays_and_delivers_everything_once(da
     for request in requests:
         assert request.headers["idempotency-key"].startswith("batch-")
         assert request.headers["ferry-batch-size"] == str(len(request.json()))
+
+
+async def test_bad_requests_get_specific_json_errors_and_store_nothing(
+    daemon_for, receiver, tmp_path
+) -> None:
+    daemon = daemon_for(pipeline(receiver.url))
+    json_type = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=daemon.url) as client:
+        cases = [
+            (await client.post("/hooks/demo", content=b"{nope", headers=json_type), 400),
+            (await client.post("/hooks/demo", content=b"a=1", headers={"content-type": "text/plain"}), 415),
+            (await client.post("/hooks/demo", content=b"x" * (2 * 1024 * 1024), headers=json_type), 413),
+            (await client.post("/hooks/nowhere", content=b"{}", headers=json_type), 404),
+            (await client.get("/hooks/demo"), 405),
+        ]
+        for response, status in cases:
+            assert response.status_code == status, response.text
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.json()["error"]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+    assert db_rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
+    daemon.wait_log(lambda line: line.get("msg") == "ready")
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must survive bad input"
