@@ -344,4 +344,5 @@ async def test_bad_requests_get_specific_json_errors_and_store_nothing(
         assert (await client.get("/readyz")).status_code == 200
     assert db_rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
     daemon.wait_log(lambda line: line.get("msg") == "ready")
-    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must survive bad input"
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "the daemon must survive bad input"
