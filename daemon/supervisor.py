@@ -14,8 +14,10 @@ Restart policy:
 
 Readiness:
     `await nursery.start(supervisor.supervise, name, factory)` returns once the
-    first incarnation has called `task_status.started()`; `ready` is true while
-    every supervised actor is running.
+    first incarnation has called `task_status.started()`; `ready` is true once every
+    supervised actor has started (readiness is about startup: a sink crash-looping
+    later must not turn webhooks away, since ingest is durable without it);
+    `healthy` is true while every actor is running.
 
 Cancellation:
     `trio.Cancelled` is never caught: cancelling the nursery stops every actor.
@@ -91,6 +93,12 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
+        """Every actor has started at least once (a later crash-restart does not stop intake)."""
+        return bool(self.actors) and all(a.started_at is not None for a in self.actors.values())
+
+    @property
+    def healthy(self) -> bool:
+        """Every actor is running (or has finished on purpose) right now."""
         return bool(self.actors) and all(a.state in ("running", "stopped") for a in self.actors.values())
 
     @property

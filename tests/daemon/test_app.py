@@ -119,6 +119,7 @@ async def test_too_many_restarts_stops_the_daemon_with_a_named_error(
                 await trio.sleep_forever()
 
 
+DELIVERED_ROWS = "SELECT count(*) FROM deliveries WHERE state = 1"
 PLAIN = """
 [store]
 path = "state/ferry.db"
@@ -152,6 +153,10 @@ async def test_a_full_disk_answers_503_stores_nothing_and_recovers_by_itself(tmp
         host, port = running.addresses[0]
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
             assert (await client.post("/hooks/demo", json={"n": 0})).status_code == 202
+            out = tmp_path / "out.jsonl"
+            with trio.fail_after(10):  # delivered and recorded before the disk fills
+                while await running.store.call(lambda conn: conn.execute(DELIVERED_ROWS).fetchone()[0]) < 1:
+                    await trio.sleep(0.01)
             pages = await running.store.call(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
             # SQLite's page limit stands in for a full disk: every further write fails with SQLITE_FULL.
             await running.store.call(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
@@ -165,7 +170,6 @@ async def test_a_full_disk_answers_503_stores_nothing_and_recovers_by_itself(tmp
             await running.store.call(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
             assert (await client.post("/hooks/demo", json={"n": 4})).status_code == 202
             assert (await client.get("/readyz")).status_code == 200
-        out = tmp_path / "out.jsonl"
         with trio.fail_after(10):
             while not out.exists() or len(out.read_text().splitlines()) < 2:
                 await trio.sleep(0.01)

@@ -136,7 +136,9 @@ async def test_streak_resets_after_an_incarnation_runs_for_max_backoff(
     assert script.gaps() == [0.5, 1.0, 10.0 + 0.5, 1.0]
 
 
-async def test_ready_only_while_every_actor_runs(autojump_clock: trio.testing.MockClock) -> None:
+async def test_ready_once_every_actor_started_healthy_only_while_all_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     supervisor = Supervisor(policy(initial_backoff=10, max_backoff=10), rng=lambda: 0.0)
     assert not supervisor.ready
     crasher = Script(lambda n: 3.0 if n == 1 else None)
@@ -149,11 +151,12 @@ async def test_ready_only_while_every_actor_runs(autojump_clock: trio.testing.Mo
 
         await trio.sleep_until(started + 4)  # crashed at +3, restarts at +8
         assert supervisor.actors["crasher"].state == "backoff"
-        assert not supervisor.ready
+        assert supervisor.ready
+        assert not supervisor.healthy
 
         await trio.sleep_until(started + 9)
         assert supervisor.actors["crasher"].state == "running"
-        assert supervisor.ready
+        assert supervisor.healthy
         nursery.cancel_scope.cancel()
 
 
