@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,16 +160,6 @@ class FakeSender:
 
     def sends_of(self, name: str) -> int:
         return sum(json.loads(row.payload) == name for batch in self.batches for row in batch)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store.open(tmp_path / "ferry.db", durability="normal")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        yield store
-        nursery.cancel_scope.cancel()
-    store.close()
 
 
 async def ingest(store: Store, *names: str) -> None:

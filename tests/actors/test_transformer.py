@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from actors.transformer import Transformer
@@ -18,16 +16,6 @@ from daemon.schema import DEAD, PENDING
 from daemon.store import Connection, Store
 
 NAME = "shape"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store.open(tmp_path / "ferry.db", durability="normal")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        yield store
-        nursery.cancel_scope.cancel()
-    store.close()
 
 
 async def ingest(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,16 +17,6 @@ from daemon import outbox
 from daemon.errors import StoreCorrupt, StoreUnavailable
 from daemon.schema import APPLICATION_ID, DEAD, DELIVERED, MIGRATIONS, PENDING
 from daemon.store import Connection, Store, open_connection
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store.open(tmp_path / "ferry.db", durability="normal")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        yield store
-        nursery.cancel_scope.cancel()
-    store.close()
 
 
 @pytest.fixture
