@@ -129,6 +129,53 @@ class SupervisorConfig(_Section, frozen=True):
     ] = _default(Duration(10))
 
 
+class TelemetryConfig(_Section, frozen=True):
+    """OpenTelemetry traces and metrics (OTLP http/protobuf), and the log level. Standard `OTEL_*`
+variables are honoured: `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+`..._METRICS_ENDPOINT`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SERVICE_NAME`
+(wins over `service_name`) and `OTEL_SDK_DISABLED=true` (traces and metrics off)."""
+
+    traces: Annotated[bool, Meta(description="Record one trace per event and export it over OTLP.")] = True
+    metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
+    endpoint: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://")] | None,
+        Meta(
+            description="OTLP/HTTP base URL (`/v1/traces`, `/v1/metrics` are appended); unset: "
+            "`OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`."
+        ),
+    ] = None
+    sample_ratio: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=1,
+            description="Share of new traces recorded (parent-based: an incoming `traceparent` "
+            "decides for its own trace).",
+        ),
+    ] = 1.0
+    service_name: Annotated[str, Meta(min_length=1, description="`service.name` of every span and metric.")] = (
+        "ferry"
+    )
+    export_timeout: Annotated[
+        Duration, Meta(description="Longest one export may take; also bounds the flush at shutdown.")
+    ] = _default(Duration(5))
+    max_queue: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000,
+            description="Finished spans waiting for export; beyond it spans are dropped (counted).",
+        ),
+    ] = 8192
+    metrics_interval: Annotated[Duration, Meta(description="How often metrics are exported.")] = _default(
+        Duration(30)
+    )
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        Meta(description="Lowest level logged to stderr (`ferry run --log-level` overrides it)."),
+    ] = "info"
+
+
 class WebhookSourceConfig(_Section, frozen=True, tag="webhook", tag_field="type"):
     """Receives events at `POST /hooks/NAME` (or `path`); answers 202 once the event is committed."""
 
@@ -236,6 +283,7 @@ class Config(_Section, frozen=True):
     listener: ListenerConfig = _default(ListenerConfig())
     control: ControlConfig = _default(ControlConfig())
     supervisor: SupervisorConfig = _default(SupervisorConfig())
+    telemetry: TelemetryConfig = _default(TelemetryConfig())
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
@@ -255,6 +303,7 @@ _SECTIONS: dict[str, Any] = {
     "listener": ListenerConfig,
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
+    "telemetry": TelemetryConfig,
 }
 _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,

@@ -29,6 +29,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[listener]", cfg.ListenerConfig),
     ("[control]", cfg.ControlConfig),
     ("[supervisor]", cfg.SupervisorConfig),
+    ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
     ("[transforms.NAME]", cfg.TransformConfig),
     ('[sinks.NAME] type = "http"', cfg.HttpSinkConfig),

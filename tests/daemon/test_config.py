@@ -374,6 +374,7 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
         "listener",
         "control",
         "supervisor",
+        "telemetry",
         "sources",
         "transforms",
         "sinks",
