@@ -8,6 +8,9 @@ de-duplicate on when it needs item-level idempotency.
 Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
+
+Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
+span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import hashlib
 from collections.abc import Sequence
 from typing import final
 
+from opentelemetry import trace
+
+from daemon import telemetry
 from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
@@ -75,9 +81,18 @@ class HttpSender:
         else:
             body = batch[0].payload
             headers.append((self._key_header, batch[0].id))
+        span = trace.get_current_span()
+        traceparent = telemetry.current_traceparent()
+        if traceparent is not None:
+            headers.append(("traceparent", traceparent))
+        recording = span.is_recording()
+        if recording:
+            span.set_attributes({"http.request.method": self._config.method, "url.full": self._config.url})
         response = await self._client.request(
             self._config.method, self._config.url, headers=headers, body=body, timeout=self._config.timeout
         )
+        if recording:
+            span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
 
     async def aclose(self) -> None:

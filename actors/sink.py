@@ -18,6 +18,13 @@ Backpressure and memory:
     bounded channel; `concurrency` workers send them. Rows beyond that stay on
     disk, so a backlog of millions costs no memory.
 
+Tracing and metrics:
+    Each attempt is a CLIENT span `sink deliver`, child of the event's stored trace
+    context (a batch of many: its own trace, linking every event's context), current
+    while the sender runs so that it can inject `traceparent` into the request. Attempts,
+    outcomes, attempt durations, delivery latency and dead letters are counted on
+    `daemon.metrics`.
+
 Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
@@ -29,15 +36,21 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Protocol, final
+from typing import TYPE_CHECKING, Protocol, final
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
+from daemon import metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
 
@@ -172,14 +185,43 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
-                error: DeliveryError | None = None
-                status: int | None = None
+                tracer = telemetry.tracer()
+                if tracer is None:
+                    await self._attempt(sender, batch, None)
+                    continue
+                parent, links = _batch_trace(batch)
+                span = tracer.start_span(
+                    "sink deliver", parent, SpanKind.CLIENT, _span_attributes(self.name, batch), links
+                )
                 try:
-                    status = await sender.send(batch)
-                except DeliveryError as exc:
-                    error = exc
-                outcomes = judge(batch, error, status, self._retry, time.time())
-                await self._record(batch, outcomes, error)
+                    with trace.use_span(span):
+                        await self._attempt(sender, batch, span)
+                finally:
+                    if span.is_recording():  # cut short before `_attempt` ended it
+                        span.end()
+
+    async def _attempt(self, sender: Sender, batch: list[Due], span: Span | None) -> None:
+        """Send one batch, judge the result, end the attempt's span, record the outcomes."""
+        error: DeliveryError | None = None
+        status: int | None = None
+        began = time.monotonic()
+        try:
+            status = await sender.send(batch)
+        except DeliveryError as exc:
+            error = exc
+        elapsed = time.monotonic() - began
+        outcomes = judge(batch, error, status, self._retry, time.time())
+        outcome = _outcome(outcomes)
+        if span is not None:
+            span.set_attribute("ferry.outcome", outcome)
+            if error is not None:
+                span.set_attribute("error.type", str(error.status) if error.status else type(error).__name__)
+                span.set_status(StatusCode.ERROR, str(error)[:200])
+            span.end()
+        meter = metrics.current()
+        meter.attempts.add(1, {"sink": self.name})
+        meter.delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
+        await self._record(batch, outcomes, error)
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -217,6 +259,7 @@ class Sink:
         self.delivered += len(outcomes.delivered)
         self.retried += len(outcomes.retry)
         self.dead += len(outcomes.dead)
+        _count(self.name, batch, outcomes)
         if error is not None:
             level = logging.ERROR if outcomes.dead else logging.WARNING
             log.log(
@@ -233,3 +276,52 @@ class Sink:
                     }
                 },
             )
+
+def _outcome(outcomes: Outcomes) -> str:
+    """`ferry.outcome` of an attempt: delivered, retry, dead, or mixed (a batch split by its limits)."""
+    kinds = [name for name, size in _sizes(outcomes) if size]
+    return kinds[0] if len(kinds) == 1 else "mixed"
+
+
+def _sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
+    return (
+        ("delivered", len(outcomes.delivered)),
+        ("retry", len(outcomes.retry)),
+        ("dead", len(outcomes.dead)),
+    )
+
+
+def _count(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
+    """Count an attempt's outcomes, the dead letters and each delivered row's latency."""
+    meter = metrics.current()
+    for name, size in _sizes(outcomes):
+        if size:
+            meter.deliveries.add(size, {"sink": sink, "outcome": name})
+    if outcomes.dead:
+        meter.dead_letters.add(len(outcomes.dead), {"stage": sink})
+    if outcomes.delivered:
+        now, attributes = time.time(), {"sink": sink}
+        delivered = {rowid for rowid, _ in outcomes.delivered}
+        for due in batch:
+            if due.rowid in delivered:
+                meter.delivery_latency.record(max(0.0, now - due.created_at), attributes)
+
+
+def _batch_trace(batch: Sequence[Due]) -> tuple[Context | None, list[Link]]:
+    """(parent, links) of an attempt's span: the one event's context, or links to each event's."""
+    if len(batch) == 1:
+        return telemetry.parent_context(batch[0].trace), []
+    links = [telemetry.link_to(due.trace) for due in batch]
+    return None, [link for link in links if link is not None]
+
+
+def _span_attributes(sink: str, batch: Sequence[Due]) -> dict[str, str | int]:
+    first = batch[0]
+    if len(batch) == 1:
+        return {
+            "ferry.sink": sink,
+            "ferry.event_id": first.event_id,
+            "ferry.delivery_id": first.id,
+            "ferry.attempt": first.attempts + 1,
+        }
+    return {"ferry.sink": sink, "ferry.batch.size": len(batch), "ferry.attempt": first.attempts + 1}

@@ -12,6 +12,13 @@ Bad input:
     stops for it. Events for which `filter` is false, or for which `map`
     emits nothing, are counted in `dropped`.
 
+Tracing:
+    One `transformer map` span per batch read. A batch of one event is a child of that
+    event's stored trace context; a larger batch starts its own trace and links every
+    event's context (one span per batch, not per event: the per-event cost stays one
+    link). Outputs keep their parent's stored context, so their deliveries join the
+    parent's trace.
+
 Backpressure:
     Reads at most `batch_size` events at a time and waits for each commit
     before reading more; an idle transformer sleeps until the store signals a
@@ -22,15 +29,21 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import jq
 import msgspec
 import trio
+from opentelemetry import trace
 
+from daemon import metrics, telemetry
 from daemon.config import TransformConfig
 from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
 from daemon.store import Store
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Link
 
 log = logging.getLogger("ferry.transformer")
 _encode = msgspec.json.Encoder().encode
@@ -59,6 +72,14 @@ def apply_all(program: jq._Program, events: list[StoredEvent]) -> list[list[byte
     if len(results) != len(events):
         raise ValueError(f"jq gave {len(results)} results for {len(events)} events")
     return [[_encode(value) for value in outputs] for outputs in results]
+
+
+def batch_trace(events: list[StoredEvent]) -> tuple[Context | None, list[Link]]:
+    """(parent, links) of a batch's span: the one event's context, or links to each event's."""
+    if len(events) == 1:
+        return telemetry.parent_context(events[0].trace), []
+    links = [telemetry.link_to(event.trace) for event in events]
+    return None, [link for link in links if link is not None]
 
 
 @final
@@ -101,18 +122,38 @@ class Transformer:
             if not events:
                 await self._signal.wait()
                 continue
-            outputs, failures = self._transform(events)
             position = events[-1].seq
-            await self._store.call(
-                partial(
-                    commit_transform,
-                    name=self.name,
-                    position=position,
-                    outputs=outputs,
-                    failures=failures,
-                    sinks=self._sinks,
-                ),
-                wake=self._wake,
+            tracer = telemetry.tracer()
+            if tracer is None:
+                await self._map(events, position)
+                continue
+            parent, links = batch_trace(events)
+            span = tracer.start_span(
+                "transformer map", parent, attributes={"ferry.transform": self.name}, links=links
+            )
+            with trace.use_span(span, end_on_exit=True):
+                await self._map(events, position)
+
+    async def _map(self, events: list[StoredEvent], position: int) -> None:
+        """Transform one batch and commit its outputs, deliveries, dead letters and cursor."""
+        outputs, failures = self._transform(events)
+        await self._store.call(
+            partial(
+                commit_transform,
+                name=self.name,
+                position=position,
+                outputs=outputs,
+                failures=failures,
+                sinks=self._sinks,
+            ),
+            wake=self._wake,
+        )
+        if failures:
+            metrics.current().dead_letters.add(len(failures), {"stage": self.name})
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {"ferry.events": len(events), "ferry.outputs": len(outputs), "ferry.failed": len(failures)}
             )
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[tuple[StoredEvent, str]]]:

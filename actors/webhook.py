@@ -34,7 +34,10 @@ from typing import Final, Protocol, final
 import h11
 import msgspec
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
+from daemon import metrics, telemetry
 from daemon.config import ListenerConfig
 from daemon.errors import StoreUnavailable
 
@@ -78,8 +81,17 @@ _CLOSE: Final = (b"connection", b"close")
 _ALLOW_POST: Final = ((b"allow", b"POST"),)
 _ALLOW_GET: Final = ((b"allow", b"GET"),)
 _RETRY_STORE: Final = ((b"retry-after", b"1"),)
+_NO_HEADERS: _Headers = ()
 _RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
 _HEALTH_PATHS: Final = (b"/healthz", b"/readyz")
+_REJECTION_REASONS: Final = {  # `ferry.events.rejected{reason}` by status
+    400: "malformed_json",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    500: "internal_error",
+    503: "store_unavailable",
+}
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
@@ -148,9 +160,10 @@ class WebhookListener:
     `idle_timeout` of silence; a body within `body_timeout` of its head. A request cut
     short gets 408 and the connection closes; silence alone closes it without an answer.
 
-    Resource handling: `run()` binds `config.address` (or serves the given socket-activated
-    `listeners`), reports the bound `(host, port)` pairs through `task_status.started()`,
-    and serves until cancelled; cancellation closes every connection.
+    Resource handling: `run()` binds `config.address` (or serves what `listeners()` returns,
+    for socket activation: called on every run, since a run closes its listeners), reports the
+    bound `(host, port)` pairs through `task_status.started()`, and serves until cancelled;
+    cancellation closes every connection and listener.
 
     Error handling: an exception from one request is answered and logged, never raised out
     of `run()`; `trio.Cancelled` is never caught.
@@ -164,7 +177,7 @@ class WebhookListener:
         readiness: Callable[[], bool],
         *,
         paused: Callable[[str], bool] = lambda source: False,
-        listeners: list[trio.SocketListener] | None = None,
+        listeners: Callable[[], list[trio.SocketListener]] | None = None,
     ) -> None:
         self._config = config
         self._routes = {
@@ -193,7 +206,7 @@ class WebhookListener:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report the bound addresses through `task_status.started()`, serve until cancelled."""
-        listeners = self._listeners
+        listeners = self._listeners() if self._listeners is not None else None
         if listeners is None:
             host, port = _split_address(self._config.address)
             listeners = await trio.open_tcp_listeners(port, host=host)
@@ -344,30 +357,80 @@ class WebhookListener:
         if body is None:
             return False
         if refusal is not None:
+            if route is not None:
+                _rejected(route.source, "paused" if refusal[0] == 503 else _REJECTION_REASONS[refusal[0]])
             await stream.send_all(_response(conn, *refusal))
             return True
         assert route is not None  # every request without a route got a refusal above
-        await stream.send_all(await self._accept(conn, route.source, body, dedup_key, traceparent))
+        await stream.send_all(await self._accept(conn, route.source, path, body, dedup_key, traceparent))
         return True
 
     async def _accept(
-        self, conn: h11.Connection, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        conn: h11.Connection,
+        source: str,
+        path: bytes,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+    ) -> bytes:
+        """Ingest one event inside its `webhook receive` span (when tracing); the response to send.
+
+        The event stores the server span's own context, so every later hop joins this trace.
+        """
+        tracer = telemetry.tracer()
+        if tracer is None:
+            return await self._store(conn, source, body, dedup_key, traceparent, None)
+        span = tracer.start_span(
+            "webhook receive",
+            telemetry.parent_context(traceparent),
+            SpanKind.SERVER,
+            {"http.request.method": "POST", "url.path": path.decode("latin-1"), "ferry.source": source},
+        )
+        with trace.use_span(span, end_on_exit=True):
+            own = telemetry.format_traceparent(span.get_span_context())
+            return await self._store(conn, source, body, dedup_key, own, span)
+
+    async def _store(
+        self,
+        conn: h11.Connection,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        span: Span | None,
     ) -> bytes:
         """Validate and ingest one event; the response to send."""
+        status, answer, headers = 202, b"", _NO_HEADERS
+        event_id = ""
         try:
             _decode(body)
         except msgspec.DecodeError as exc:
-            return _response(conn, 400, _error(f"malformed JSON: {exc}"))
-        try:
-            event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
-        except StoreUnavailable:
-            return _response(conn, 503, _error("store unavailable, event not accepted; retry"), _RETRY_STORE)
-        except Exception:
-            log.exception("webhook ingest failed for source %s", source)
-            return _response(conn, 500, _error("internal error, event not accepted"))
-        if duplicate:
-            return _response(conn, 200, _encode({"id": event_id, "duplicate": True}))
-        return _response(conn, 202, _encode({"id": event_id}))
+            status, answer = 400, _error(f"malformed JSON: {exc}")
+        else:
+            try:
+                event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+            except StoreUnavailable:
+                status, answer = 503, _error("store unavailable, event not accepted; retry")
+                headers = _RETRY_STORE
+            except Exception:
+                log.exception("webhook ingest failed for source %s", source)
+                status, answer = 500, _error("internal error, event not accepted")
+            else:
+                if duplicate:
+                    status, answer = 200, _encode({"id": event_id, "duplicate": True})
+                else:
+                    status, answer = 202, _encode({"id": event_id})
+                    metrics.current().events_received.add(1, {"source": source})
+        if status >= 400:
+            _rejected(source, _REJECTION_REASONS[status])
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            if event_id:
+                span.set_attribute("ferry.event_id", event_id)
+            if status >= 500:
+                span.set_status(StatusCode.ERROR)
+        return _response(conn, status, answer, headers)
 
     def _other(self, method: bytes, path: bytes) -> tuple[int, bytes, _Headers]:
         """The answer for a path that is not a webhook route."""
@@ -394,6 +457,11 @@ class WebhookListener:
             payload = body if body is not None else _error(message)
             await stream.send_all(_response(conn, status, payload, [*headers, _CLOSE]))
         await _linger(stream, _LINGER_SECONDS)
+
+
+def _rejected(source: str, reason: str) -> None:
+    """Count a request for `source` answered with an error."""
+    metrics.current().events_rejected.add(1, {"source": source, "reason": reason})
 
 
 async def _linger(stream: trio.SocketStream, seconds: float) -> None:

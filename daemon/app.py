@@ -25,13 +25,14 @@ from typing import Any
 
 import trio
 
-from . import outbox
+from . import metrics, outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
 from .ingest import IngestBatcher
 from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
 from .store import Store
 from .supervisor import Supervisor
 from .systemd import Notifier
+from .telemetry import Telemetry
 
 log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
@@ -65,6 +66,14 @@ async def _maintain(store: Store, config: Config) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
+async def _sample_queue_depths(store: Store, stages: list[str], interval: float) -> None:
+    """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader."""
+    while True:
+        depths = await store.call(partial(metrics.pending_by_stage, stages=stages))
+        metrics.current().queue_depths.update(depths)
+        await trio.sleep(interval)
+
+
 async def _watch_signals(running: Running, cancel: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -95,9 +104,14 @@ async def serve(
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
     wiring = downstream(config)
+    telemetry = Telemetry.start(config.telemetry)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
+            if config.telemetry.metrics:
+                outer.start_soon(
+                    _sample_queue_depths, store, list(config.sinks), config.telemetry.metrics_interval
+                )
             outer.start_soon(_maintain, store, config)
             outer.start_soon(notifier.keep_alive)
             running = Running([], store, supervisor, config)
@@ -156,4 +170,5 @@ async def serve(
     finally:
         store.close()
         notifier.close()
+        telemetry.shutdown()
     log.info("stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 3)}})

@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="overrides [telemetry] log_level (default: info)",
+    )
     check = commands.add_parser("check", help="validate a config file; exit 0 if valid, 2 if not")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     commands.add_parser("config-schema", help="print the JSON Schema of the config file")
@@ -46,11 +50,11 @@ def _load_or_report(path: str) -> LoadedConfig | None:
         return None
 
 
-def _run(path: str, level: str) -> int:
+def _run(path: str, level: str | None) -> int:
     loaded = _load_or_report(path)
     if loaded is None:
         return 2
-    setup_logging(level)
+    setup_logging(level or loaded.config.telemetry.log_level)
     from .app import serve
 
     try:

@@ -25,7 +25,9 @@ from functools import partial
 from typing import final
 
 import trio
+from opentelemetry.trace import StatusCode
 
+from . import telemetry
 from .errors import StoreUnavailable
 from .outbox import Incoming, insert_events
 from .store import Store
@@ -69,6 +71,27 @@ class IngestBatcher:
         )
 
     async def __call__(
+        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+    ) -> tuple[str, bool]:
+        """Store one event; with tracing, inside a `store commit` span, child of `traceparent`."""
+        tracer = telemetry.tracer()
+        if tracer is None:
+            return await self._commit(source, body, dedup_key, traceparent)
+        span = tracer.start_span(
+            "store commit", telemetry.parent_context(traceparent), attributes={"ferry.source": source}
+        )
+        try:
+            event_id, duplicate = await self._commit(source, body, dedup_key, traceparent)
+            span.set_attribute("ferry.event_id", event_id)
+            span.set_attribute("ferry.duplicate", duplicate)
+        except BaseException as exc:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+        finally:
+            span.end()
+        return event_id, duplicate
+
+    async def _commit(
         self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
     ) -> tuple[str, bool]:
         waiter = _Waiter()

@@ -34,6 +34,7 @@ from typing import Any, Protocol, final
 
 import trio
 
+from . import metrics
 from .backoff import ceiling
 from .config import SupervisorConfig
 from .errors import TooManyRestarts
@@ -141,6 +142,7 @@ class Supervisor:
     def _count_restart(self, name: str, state: ActorState, exc: Exception) -> None:
         state.restarts += 1
         state.last_error = describe(exc)
+        metrics.current().restarts.add(1, {"actor": name})
         now = trio.current_time()
         self._restarts.append(now)
         while self._restarts and self._restarts[0] < now - self._config.window:

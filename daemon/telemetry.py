@@ -1,24 +1,296 @@
-"""Logs: one JSON object per line on stderr (journald-friendly), with structured fields.
+"""Telemetry: OpenTelemetry traces and metrics over OTLP, W3C trace context, JSON logs.
 
-Log calls pass their fields as `extra={"fields": {...}}`; each line carries
-`ts`, `level`, `logger`, `msg`, those fields and, for errors, `traceback`.
+Traces:
+    One trace per event. The webhook listener's server span continues an incoming
+    `traceparent`; that span's context, as a traceparent string, is stored with the event
+    (`events.trace`), and every later hop (transform, each sink attempt, even after a restart
+    hours later) starts its span from the stored string, never from an actor's contextvars.
+    Spans are named `"{actor} {operation}"`. `tracer()` is None while tracing is off, so a
+    hop's cost then is one `is None` test.
+
+Export and memory:
+    Spans and metrics leave through the SDK's own threads (OTLP http/protobuf with
+    `requests`), so an export never blocks trio. Finished spans wait in a queue of at most
+    `max_queue`; when it is full (no collector, a slow one) new spans are dropped and counted
+    (`ferry.telemetry.spans_dropped`), so memory stays bounded. `Telemetry.shutdown()`
+    flushes within `export_timeout` per signal and never waits longer.
+
+Logs:
+    Log calls pass their fields as `extra={"fields": {...}}`; each line carries `ts`,
+    `level`, `logger`, `msg`, those fields, `trace_id`/`span_id` when emitted inside a
+    span, and for errors `traceback`. The SDK's own warnings (a collector that is down) go
+    through the same format, each distinct message at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final, final
 
 import msgspec
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
 
+from . import metrics as _metrics
+from .config import TelemetryConfig
+
+__all__ = [
+    "JsonFormatter",
+    "Telemetry",
+    "current_traceparent",
+    "format_traceparent",
+    "link_to",
+    "parent_context",
+    "parse_traceparent",
+    "setup_logging",
+    "tracer",
+]
+
+log = logging.getLogger("ferry.telemetry")
 _encoder = msgspec.json.Encoder()
+_tracer: Tracer | None = None
+_MAX_LINKS: Final = 1024  # a transform batch (1,000 events) links every event
+_SDK_LOG_EVERY_S: Final = 60.0
+
+
+def tracer() -> Tracer | None:
+    """The daemon's tracer, or None while tracing is off."""
+    return _tracer
+
+
+# -- W3C trace context -------------------------------------------------------------------------
+
+
+def parse_traceparent(value: str | None) -> SpanContext | None:
+    """The remote span context of a W3C `traceparent` (version 00 layout), or None if invalid."""
+    if not value or len(value) < 55:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    version, trace_hex, span_hex, flags_hex = parts[:4]
+    if (
+        len(trace_hex) != 32
+        or len(span_hex) != 16
+        or len(flags_hex) != 2
+        or (version == "00" and len(parts) != 4)
+    ):
+        return None
+    try:
+        trace_id, span_id, flags = int(trace_hex, 16), int(span_hex, 16), int(flags_hex, 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 1))
+
+
+def format_traceparent(context: SpanContext) -> str:
+    """`context` as a W3C `traceparent` header value."""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags) & 1:02x}"
+
+
+def parent_context(traceparent: str | None) -> Context | None:
+    """An OTel context whose parent span is `traceparent` (None: start a new trace)."""
+    span_context = parse_traceparent(traceparent)
+    if span_context is None:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+
+def link_to(traceparent: str | None) -> Link | None:
+    """A span link to the span `traceparent` names, or None if it names none."""
+    span_context = parse_traceparent(traceparent)
+    return None if span_context is None else Link(span_context)
+
+
+def current_traceparent() -> str | None:
+    """The `traceparent` of the span current in this task, or None outside any span."""
+    span_context = trace.get_current_span().get_span_context()
+    return format_traceparent(span_context) if span_context.is_valid else None
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+@final
+class _BoundedSpanProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans it drops instead of logging each one."""
+
+    def __init__(self, exporter: SpanExporter, max_queue: int, export_timeout_s: float) -> None:
+        super().__init__(
+            exporter,
+            max_queue_size=max_queue,
+            max_export_batch_size=min(512, max_queue),
+            export_timeout_millis=export_timeout_s * 1000,
+        )
+        self._max_queue = max_queue
+        # The SDK keeps its queue private; its length is the only way to tell a drop before it is
+        # logged (the SDK logs a warning per dropped span).
+        self._queue: Sequence[object] = getattr(self._batch_processor, "_queue", ())
+        self.dropped = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is None or not span.context.trace_flags.sampled:
+            return
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            return
+        super().on_end(span)
+
+    def shutdown_within(self, timeout_ms: int) -> None:
+        """Export what is queued, giving up after `timeout_ms` (the public `shutdown` waits 30 s)."""
+        inner = getattr(self._batch_processor, "shutdown", None)
+        if inner is None:
+            self.shutdown()  # type: ignore[no-untyped-call]
+        else:
+            inner(timeout_millis=timeout_ms)
+
+
+@final
+class _CountingExporter(SpanExporter):
+    """Counts spans lost to failed exports (collector down or refusing) on top of the OTLP exporter."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self.failed = 0
+        self.reachable = True  # the last export succeeded (or none was tried yet)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._inner.export(spans)
+        self.reachable = result is SpanExportResult.SUCCESS
+        if not self.reachable:
+            self.failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _signal_endpoint(base: str | None, signal: str) -> str | None:
+    """`BASE/v1/SIGNAL`, or None to let the exporter read `OTEL_EXPORTER_OTLP_*` itself."""
+    return None if base is None else f"{base.rstrip('/')}/v1/{signal}"
+
+
+@final
+class Telemetry:
+    """The running trace and metric pipelines; `start()` once per daemon, `shutdown()` at its end."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        tracer_provider: TracerProvider | None,
+        processor: _BoundedSpanProcessor | None,
+        exporter: _CountingExporter | None,
+        meter_provider: MeterProvider | None,
+    ) -> None:
+        self._config = config
+        self._tracer_provider = tracer_provider
+        self._processor = processor
+        self._exporter = exporter
+        self._meter_provider = meter_provider
+
+    def __repr__(self) -> str:
+        traces = "on" if self._processor else "off"
+        metrics = "on" if self._meter_provider else "off"
+        return f"<Telemetry traces {traces}, metrics {metrics} [spans dropped: {self.spans_dropped}]>"
+
+    @property
+    def spans_dropped(self) -> int:
+        """Spans lost so far: queue full, or their export failed."""
+        queued = self._processor.dropped if self._processor else 0
+        return queued + (self._exporter.failed if self._exporter else 0)
+
+    @classmethod
+    def start(cls, config: TelemetryConfig) -> Telemetry:
+        """Build the exporters and make `tracer()` and `metrics.current()` live."""
+        global _tracer
+        disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME") or config.service_name}
+        )
+        tracer_provider = processor = exporter = None
+        if config.traces and not disabled:
+            exporter = _CountingExporter(
+                OTLPSpanExporter(
+                    endpoint=_signal_endpoint(config.endpoint, "traces"), timeout=config.export_timeout
+                )
+            )
+            processor = _BoundedSpanProcessor(exporter, config.max_queue, config.export_timeout)
+            links = int(os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT", _MAX_LINKS))
+            tracer_provider = TracerProvider(
+                sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+                resource=resource,
+                span_limits=SpanLimits(max_links=links),
+            )
+            tracer_provider.add_span_processor(processor)
+            _tracer = tracer_provider.get_tracer("ferry")
+        meter_provider = None
+        telemetry = cls(config, tracer_provider, processor, exporter, None)
+        if config.metrics and not disabled:
+            reader = PeriodicExportingMetricReader(
+                OTLPMetricExporter(
+                    endpoint=_signal_endpoint(config.endpoint, "metrics"), timeout=config.export_timeout
+                ),
+                export_interval_millis=config.metrics_interval * 1000,
+                export_timeout_millis=config.export_timeout * 1000,
+            )
+            meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
+            telemetry._meter_provider = meter_provider
+            _metrics.install(
+                _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)
+            )
+        return telemetry
+
+    def shutdown(self) -> None:
+        """Flush what is queued and stop exporting; returns within about 2 x `export_timeout`.
+
+        The flush runs on a daemon thread that is abandoned at the bound, so a collector that
+        hangs cannot hold the daemon's exit; when the last span export already failed (no
+        collector), the bound is one second: what is queued is lost either way.
+        """
+        global _tracer
+        _tracer = None
+        timeout_ms = int(self._config.export_timeout * 1000)
+
+        def flush() -> None:
+            if self._processor is not None:
+                self._processor.shutdown_within(timeout_ms)
+            if self._meter_provider is not None:
+                self._meter_provider.shutdown(timeout_millis=timeout_ms)
+
+        thread = threading.Thread(target=flush, name="ferry-telemetry-flush", daemon=True)
+        thread.start()
+        down = self._exporter is not None and not self._exporter.reachable
+        thread.join(min(1.0, self._config.export_timeout) if down else 2 * self._config.export_timeout + 0.5)
+        _metrics.install(_metrics.NOOP)
+        if self.spans_dropped:
+            log.warning("spans dropped", extra={"fields": {"spans": self.spans_dropped}})
+
+
+# -- logs --------------------------------------------------------------------------------------
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line."""
+    """Formats a record as one JSON line, with the current span's ids when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -28,6 +300,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            line["trace_id"] = f"{span_context.trace_id:032x}"
+            line["span_id"] = f"{span_context.span_id:016x}"
         fields = getattr(record, "fields", None)
         if fields:
             line.update(fields)
@@ -36,11 +312,35 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(line).decode()
 
 
+class _OncePerInterval(logging.Filter):
+    """Lets each distinct message template through at most once per `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        key = str(record.msg)
+        if now - self._last.get(key, -self._interval) < self._interval:
+            return False
+        self._last[key] = now
+        return True
+
+
 def setup_logging(level: str = "info") -> None:
-    """Send every `ferry.*` log record to stderr as JSON lines."""
+    """Send every `ferry.*` log record (and the OTel SDK's warnings) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("ferry")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    sdk_handler = logging.StreamHandler(sys.stderr)
+    sdk_handler.setFormatter(JsonFormatter())
+    sdk_handler.addFilter(_OncePerInterval(_SDK_LOG_EVERY_S))
+    sdk = logging.getLogger("opentelemetry")
+    sdk.handlers[:] = [sdk_handler]
+    sdk.setLevel(logging.WARNING)
+    sdk.propagate = False

@@ -1,0 +1,112 @@
+"""The daemon's metric instruments (OTel meter), shared by every actor.
+
+`current()` returns the live `Metrics`; until telemetry starts (and after it stops) that is
+`NOOP`, whose instruments do nothing, so actors record unconditionally. Attribute dicts are
+small and built once per actor where the values are fixed (source, sink).
+
+Names (all prefixed `ferry.`):
+
+| instrument | kind | attributes |
+|---|---|---|
+| `events.received` | counter | `source` |
+| `events.rejected` | counter | `source`, `reason` |
+| `deliveries` | counter (deliveries finished or rescheduled) | `sink`, `outcome` = delivered / retry / dead |
+| `delivery.attempts` | counter (requests sent) | `sink` |
+| `delivery.duration` | histogram, s, one per attempt | `sink`, `outcome` |
+| `delivery.latency` | histogram, s, delivery created -> delivered | `sink` |
+| `dead_letters` | counter | `stage` (a sink or a transform) |
+| `queue.depth` | gauge, pending deliveries | `stage` |
+| `actor.restarts` | counter | `actor` |
+| `telemetry.spans_dropped` | counter | - |
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
+
+from .schema import PENDING
+
+__all__ = ["NOOP", "Metrics", "current", "install", "pending_by_stage"]
+
+
+class Metrics:
+    """Every instrument the daemon records, built on one meter."""
+
+    def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
+        self.queue_depths: dict[str, int] = {}
+        self._spans_dropped = spans_dropped
+        self.events_received = meter.create_counter(
+            "ferry.events.received", unit="{event}", description="Events accepted and committed, by source."
+        )
+        self.events_rejected = meter.create_counter(
+            "ferry.events.rejected",
+            unit="{request}",
+            description="Webhook requests answered with an error, by source and reason.",
+        )
+        self.deliveries = meter.create_counter(
+            "ferry.deliveries",
+            unit="{delivery}",
+            description="Delivery attempts' outcomes: delivered, retry (rescheduled) or dead.",
+        )
+        self.attempts = meter.create_counter(
+            "ferry.delivery.attempts", unit="{request}", description="Requests (attempts) a sink sent."
+        )
+        self.delivery_duration = meter.create_histogram(
+            "ferry.delivery.duration", unit="s", description="Time one sink attempt took."
+        )
+        self.delivery_latency = meter.create_histogram(
+            "ferry.delivery.latency", unit="s", description="From a delivery's creation to its success."
+        )
+        self.dead_letters = meter.create_counter(
+            "ferry.dead_letters", unit="{delivery}", description="Deliveries dead-lettered, by stage."
+        )
+        self.restarts = meter.create_counter(
+            "ferry.actor.restarts", unit="{restart}", description="Actor crashes followed by a restart."
+        )
+        meter.create_observable_gauge(
+            "ferry.queue.depth",
+            callbacks=[self._observe_depths],
+            unit="{delivery}",
+            description="Pending deliveries per stage (sampled every metrics interval).",
+        )
+        meter.create_observable_counter(
+            "ferry.telemetry.spans_dropped",
+            callbacks=[self._observe_dropped],
+            unit="{span}",
+            description="Spans lost: export queue full or export failed.",
+        )
+
+    def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(depth, {"stage": stage}) for stage, depth in list(self.queue_depths.items())]
+
+    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._spans_dropped())]
+
+
+NOOP = Metrics(NoOpMeter("ferry"))
+_current = NOOP
+
+
+def current() -> Metrics:
+    """The live instruments (no-ops while telemetry is not running)."""
+    return _current
+
+
+def install(metrics: Metrics) -> None:
+    """Make `metrics` the live instruments (telemetry's start and shutdown call this)."""
+    global _current
+    _current = metrics
+
+
+def pending_by_stage(conn: sqlite3.Connection, stages: Iterable[str]) -> dict[str, int]:
+    """Pending deliveries per stage (0 for a stage with none); reads the `deliveries_due` index."""
+    depths = dict.fromkeys(stages, 0)
+    for stage, count in conn.execute(
+        f"SELECT stage, count(*) FROM deliveries WHERE state = {PENDING} GROUP BY stage"
+    ).fetchall():
+        if stage in depths:
+            depths[stage] = int(count)
+    return depths
