@@ -153,9 +153,9 @@ variables are honoured: `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_EXPORTER_OTLP_T
             "decides for its own trace).",
         ),
     ] = 1.0
-    service_name: Annotated[str, Meta(min_length=1, description="`service.name` of every span and metric.")] = (
-        "ferry"
-    )
+    service_name: Annotated[
+        str, Meta(min_length=1, description="`service.name` of every span and metric.")
+    ] = "ferry"
     export_timeout: Annotated[
         Duration, Meta(description="Longest one export may take; also bounds the flush at shutdown.")
     ] = _default(Duration(5))
