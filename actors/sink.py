@@ -277,6 +277,7 @@ class Sink:
                 },
             )
 
+
 def _outcome(outcomes: Outcomes) -> str:
     """`ferry.outcome` of an attempt: delivered, retry, dead, or mixed (a batch split by its limits)."""
     kinds = [name for name, size in _sizes(outcomes) if size]

@@ -130,10 +130,7 @@ class SupervisorConfig(_Section, frozen=True):
 
 
 class TelemetryConfig(_Section, frozen=True):
-    """OpenTelemetry traces and metrics (OTLP http/protobuf), and the log level. Standard `OTEL_*`
-variables are honoured: `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
-`..._METRICS_ENDPOINT`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SERVICE_NAME`
-(wins over `service_name`) and `OTEL_SDK_DISABLED=true` (traces and metrics off)."""
+    """OpenTelemetry traces and metrics over OTLP, and logs; `OTEL_*` variables apply (docs/observability.md)."""
 
     traces: Annotated[bool, Meta(description="Record one trace per event and export it over OTLP.")] = True
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
