@@ -19,19 +19,21 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from . import metrics, outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
+from .errors import StoreUnavailable
 from .ingest import IngestBatcher
 from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
 from .store import Store
 from .supervisor import Supervisor
-from .systemd import Notifier
+from .systemd import ActivatedSockets, Notifier
 from .telemetry import Telemetry
 
 log = logging.getLogger("ferry.daemon")
@@ -85,6 +87,26 @@ async def _watch_signals(running: Running, cancel: trio.CancelScope) -> None:
             running.stop.set()
 
 
+class _Tally(Protocol):
+    delivered: int
+    dead: int
+
+
+async def _status_line(store: Store, batcher: IngestBatcher, sinks: Iterable[_Tally]) -> str:
+    """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries."""
+    delivered = dead = 0
+    for sink in sinks:
+        delivered, dead = delivered + sink.delivered, dead + sink.dead
+    try:
+        pending = f"{await store.call(outbox.pending_total)} pending"
+    except StoreUnavailable:
+        pending = "store unavailable"
+    return (
+        f"{batcher.events} events received, {delivered} delivered, {dead} dead-lettered since start; "
+        + pending
+    )
+
+
 async def serve(
     loaded: LoadedConfig,
     *,
@@ -98,6 +120,7 @@ async def serve(
     """
     config = loaded.config
     started = time.monotonic()
+    activated = ActivatedSockets.from_environment()
     store = Store.open(
         config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
     )
@@ -144,7 +167,11 @@ async def serve(
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(
-                        config.listener, routes, batcher, lambda: supervisor.ready and store.writable
+                        config.listener,
+                        routes,
+                        batcher,
+                        lambda: supervisor.ready and store.writable,
+                        listeners=activated.listeners if activated else None,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(
@@ -158,10 +185,15 @@ async def serve(
                             }
                         },
                     )
-                    notifier.notify("READY=1", f"STATUS=serving {len(routes)} webhook source(s)")
+                    notifier.ready(f"serving {len(routes)} webhook source(s)")
+                    intake.start_soon(
+                        notifier.report_status, partial(_status_line, store, batcher, sinks.values())
+                    )
                     task_status.started(running)
                     await running.stop.wait()
-                    notifier.notify("STOPPING=1")
+                    notifier.stopping(
+                        f"stopping: finishing deliveries for up to {config.supervisor.shutdown_grace:g}s"
+                    )
                     intake.cancel_scope.cancel()
                 for sink in sinks.values():
                     sink.stop()
@@ -170,5 +202,6 @@ async def serve(
     finally:
         store.close()
         notifier.close()
+        activated.close()
         telemetry.shutdown()
     log.info("stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 3)}})

@@ -130,7 +130,7 @@ class SupervisorConfig(_Section, frozen=True):
 
 
 class TelemetryConfig(_Section, frozen=True):
-    """OpenTelemetry traces and metrics over OTLP, and logs; `OTEL_*` variables apply (docs/observability.md)."""
+    """OpenTelemetry traces and metrics over OTLP, and logs; `OTEL_*` variables apply (observability.md)."""
 
     traces: Annotated[bool, Meta(description="Record one trace per event and export it over OTLP.")] = True
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True

@@ -2,6 +2,7 @@
 
     FerryError
     ├── ConfigError                 a config file is invalid (holds every problem found)
+    ├── ActivationError             the sockets systemd passed (LISTEN_FDS) are described wrongly or unusable
     ├── StoreError                  the outbox cannot be used
     │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
     │   └── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
@@ -28,6 +29,10 @@ class ConfigError(FerryError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class ActivationError(FerryError):
+    """The sockets systemd passed (`LISTEN_FDS`) are described wrongly or cannot be served."""
 
 
 class StoreError(FerryError):

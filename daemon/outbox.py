@@ -316,6 +316,11 @@ def prune(
     return removed
 
 
+def pending_total(conn: Connection) -> int:
+    """Pending deliveries over every stage; counts the `deliveries_due` partial index, not the table."""
+    return int(conn.execute(f"SELECT count(*) FROM deliveries WHERE state = {PENDING}").fetchone()[0])
+
+
 def counts(conn: Connection) -> dict[str, dict[str, int]]:
     """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`."""
     names = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
