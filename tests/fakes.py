@@ -146,16 +146,22 @@ class Daemon:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables (e.g. NOTIFY_SOCKET, WATCHDOG_USEC)."""
+    launcher: list[str] = field(default_factory=list)
+    """A command that execs its arguments, run in front of the daemon (e.g. a socket-activation shim)."""
+    pass_fds: tuple[int, ...] = ()
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self._log = self.log_path.open("ab")
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "-c", str(self.config_path)],
+            [*self.launcher, sys.executable, "-m", "daemon.cli", "run", "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            pass_fds=self.pass_fds,
         )
         ready = self.wait_log(lambda line: line.get("msg") == "ready", timeout=timeout, offset=offset)
         self.address = ready["listener"][0]

@@ -537,7 +537,7 @@ async def test_cancelling_run_closes_open_connections() -> None:
 async def test_socket_activated_listeners_are_served(nursery: trio.Nursery) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     config = ListenerConfig(address="0.0.0.0:1")  # ignored when listeners are given
-    listener = WebhookListener(config, ROUTES, FakeIngest(), lambda: True, listeners=listeners)
+    listener = WebhookListener(config, ROUTES, FakeIngest(), lambda: True, listeners=lambda: listeners)
     [(host, port)] = await nursery.start(listener.run)
     assert (host, port) == listeners[0].socket.getsockname()
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
