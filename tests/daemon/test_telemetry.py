@@ -1,0 +1,101 @@
+"""Trace context helpers, the JSON log format with trace ids, and bounded span export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+from opentelemetry import trace
+
+from daemon import metrics, telemetry
+from daemon.config import TelemetryConfig
+from daemon.telemetry import JsonFormatter, Telemetry, format_traceparent, parse_traceparent
+from daemon.units import Duration
+from tests.fakes import free_port
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # forbidden version
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # v00 has four fields
+        "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",  # not hex
+    ],
+)
+def test_invalid_traceparents_start_a_new_trace(value: str | None) -> None:
+    assert parse_traceparent(value) is None
+    assert telemetry.parent_context(value) is None
+
+
+def test_a_traceparent_round_trips() -> None:
+    context = parse_traceparent(VALID)
+    assert context is not None
+    assert context.is_remote
+    assert context.trace_flags.sampled
+    assert format_traceparent(context) == VALID
+    assert format_traceparent(parse_traceparent(VALID[:-2] + "00")) == VALID[:-2] + "00"  # type: ignore[arg-type]
+
+
+def test_a_later_version_is_read_by_its_version_00_prefix() -> None:
+    context = parse_traceparent("01" + VALID[2:] + "-more")
+    assert context is not None
+    assert format_traceparent(context) == VALID
+
+
+def _line(record_span: bool) -> dict[str, object]:
+    record = logging.LogRecord("ferry.test", logging.INFO, __file__, 1, "hello", None, None)
+    record.fields = {"k": 1}
+    if not record_span:
+        return json.loads(JsonFormatter().format(record))
+    parent = telemetry.parent_context(VALID)
+    with trace.use_span(trace.get_current_span(parent)):
+        return json.loads(JsonFormatter().format(record))
+
+
+def test_log_lines_inside_a_span_carry_its_trace_and_span_ids() -> None:
+    line = _line(record_span=True)
+    assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert line["span_id"] == "00f067aa0ba902b7"
+    assert line["k"] == 1
+    assert line["msg"] == "hello"
+    assert "trace_id" not in _line(record_span=False)
+
+
+def test_with_no_collector_spans_beyond_the_queue_are_dropped_and_counted() -> None:
+    config = TelemetryConfig(
+        endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        max_queue=16,
+        export_timeout=Duration(0.5),
+        metrics=False,
+    )
+    running = Telemetry.start(config)
+    try:
+        tracer = telemetry.tracer()
+        assert tracer is not None
+        for _ in range(2000):
+            tracer.start_span("webhook receive").end()
+        assert running.spans_dropped >= 2000 - 16 - 512  # at most a queue and one export batch kept
+    finally:
+        began = time.monotonic()
+        running.shutdown()
+    assert time.monotonic() - began < 2 * 0.5 + 1
+    assert telemetry.tracer() is None
+    assert metrics.current() is metrics.NOOP
+
+
+def test_with_traces_off_there_is_no_tracer() -> None:
+    running = Telemetry.start(TelemetryConfig(traces=False, metrics=False))
+    try:
+        assert telemetry.tracer() is None
+        assert telemetry.current_traceparent() is None
+    finally:
+        running.shutdown()

@@ -1,0 +1,199 @@
+"""Traces and metrics of the real daemon process, exported over OTLP/HTTP to a real receiver."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
+from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
+
+PIPELINE = """
+[telemetry]
+endpoint = "{otlp}"
+metrics_interval = "200ms"
+export_timeout = "2s"
+
+[sources.demo]
+type = "webhook"
+
+[transforms.shape]
+inputs = ["demo"]
+map = '{{id: .id, name: .name}}'
+
+[sinks.crm]
+type = "http"
+inputs = ["shape"]
+url = "{url}/contacts"
+retry = {{ max_attempts = {attempts}, initial_backoff = "100ms", max_backoff = "200ms" }}
+"""
+INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+def otlp() -> OtlpReceiver:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def receiver() -> FakeReceiver:
+    fake = FakeReceiver().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_span_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # the standard variable; the daemon inherits it
+
+
+def start(
+    tmp_path: Path, otlp_url: str, sink_url: str, *, attempts: int = 20, port: int | None = None
+) -> Daemon:
+    body = PIPELINE.format(otlp=otlp_url, url=sink_url, attempts=attempts)
+    config = write_config(tmp_path, body, port=port)
+    return Daemon(config, tmp_path / "ferry.log").start()
+
+
+def post(daemon: Daemon, n: int, headers: dict[str, str] | None = None) -> str:
+    response = httpx.post(f"{daemon.url}/hooks/demo", json={"id": n, "name": f"n{n}"}, headers=headers or {})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def in_trace(spans: list[Span], trace_id: str) -> dict[str, list[Span]]:
+    by_name: dict[str, list[Span]] = {}
+    for span in spans:
+        if span.trace_id == trace_id:
+            by_name.setdefault(span.name, []).append(span)
+    return by_name
+
+
+def test_a_webhook_transform_sink_run_is_one_trace_continuing_the_incoming_traceparent(
+    tmp_path, otlp, receiver
+) -> None:
+    daemon = start(tmp_path, otlp.url, receiver.url)
+    try:
+        event_id = post(daemon, 1, {"traceparent": INCOMING})
+        request = receiver.wait_for(lambda seen: len(seen) >= 1)[0]
+        trace_id = INCOMING.split("-")[1]
+        spans = otlp.wait_spans(
+            lambda spans: (
+                {"webhook receive", "store commit", "transformer map", "sink deliver"}
+                <= set(in_trace(spans, trace_id))
+            )
+        )
+    finally:
+        daemon.stop()
+    trace = in_trace(spans, trace_id)
+    assert all(len(group) == 1 for group in trace.values()), trace
+    server, commit = trace["webhook receive"][0], trace["store commit"][0]
+    transform, deliver = trace["transformer map"][0], trace["sink deliver"][0]
+    assert server.kind == SERVER
+    assert server.parent_id == INCOMING.split("-")[2]
+    assert server.service == "ferry"
+    assert server.attributes["http.response.status_code"] == 202
+    assert server.attributes["ferry.event_id"] == event_id
+    assert commit.parent_id == server.span_id
+    assert commit.attributes["ferry.event_id"] == event_id
+    assert transform.parent_id == server.span_id
+    assert transform.attributes["ferry.transform"] == "shape"
+    assert deliver.kind == CLIENT
+    assert deliver.parent_id == server.span_id
+    assert deliver.attributes == {
+        "ferry.sink": "crm",
+        "ferry.event_id": f"{event_id}.shape",
+        "ferry.delivery_id": f"{event_id}.shape.crm",
+        "ferry.attempt": 1,
+        "ferry.outcome": "delivered",
+        "http.request.method": "POST",
+        "url.full": f"{receiver.url}/contacts",
+        "http.response.status_code": 200,
+    }
+    assert request.headers["traceparent"] == f"00-{trace_id}-{deliver.span_id}-01"
+
+
+def test_a_delivery_retried_after_kill_9_and_a_restart_joins_the_events_trace(tmp_path, otlp) -> None:
+    failing = True
+
+    def respond(_: Received) -> Reply:
+        return (503, {}, b"down") if failing else ok(_)
+
+    sink = FakeReceiver(responder=respond).start()
+    port = free_port()
+    try:
+        daemon = start(tmp_path, otlp.url, sink.url, port=port, attempts=1000)
+        post(daemon, 7)
+        spans = otlp.wait_spans(lambda spans: any(s.name == "sink deliver" for s in spans))
+        trace_id = next(s.trace_id for s in spans if s.name == "webhook receive")
+        daemon.kill9()
+        failing = False
+        daemon = start(tmp_path, otlp.url, sink.url, port=port)
+        try:
+            delivered = otlp.wait_spans(
+                lambda spans: any(s.attributes.get("ferry.outcome") == "delivered" for s in spans)
+            )
+        finally:
+            daemon.stop()
+    finally:
+        sink.stop()
+    final = next(s for s in delivered if s.attributes.get("ferry.outcome") == "delivered")
+    server = next(s for s in delivered if s.name == "webhook receive")
+    assert final.trace_id == trace_id
+    assert final.parent_id == server.span_id
+    assert final.attributes["ferry.attempt"] >= 2
+    assert sink.snapshot()[-1].headers["traceparent"] == f"00-{trace_id}-{final.span_id}-01"
+
+
+def test_with_no_collector_the_daemon_delivers_normally_and_stops_promptly(tmp_path, receiver) -> None:
+    daemon = start(tmp_path, f"http://127.0.0.1:{free_port()}", receiver.url)
+    try:
+        for n in range(30):
+            post(daemon, n)
+        receiver.wait_for(lambda seen: len(seen) >= 30, timeout=20)
+    finally:
+        began = time.monotonic()
+        daemon.stop()
+    assert daemon.proc is not None
+    assert daemon.proc.returncode == 0
+    assert time.monotonic() - began < 5
+    assert len({r.json()["id"] for r in receiver.snapshot()}) == 30
+
+
+def test_metric_values_match_a_scripted_run(tmp_path, otlp) -> None:
+    received, dead = 6, {2, 5}
+
+    def respond(request: Received) -> Reply:
+        return (400, {}, b"no") if request.json()["id"] in dead else (200, {}, b"ok")
+
+    sink = FakeReceiver(responder=respond).start()
+    daemon = start(tmp_path, otlp.url, sink.url)
+    try:
+        for n in range(received):
+            post(daemon, n)
+        bad = httpx.post(
+            f"{daemon.url}/hooks/demo", content=b"{nope", headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 400
+        delivered = received - len(dead)
+        otlp.wait_metrics(
+            lambda m: (
+                m.metric("ferry.deliveries", sink="crm", outcome="delivered") == delivered
+                and m.metric("ferry.deliveries", sink="crm", outcome="dead") == len(dead)
+            )
+        )
+    finally:
+        daemon.stop()
+        sink.stop()
+    assert otlp.metric("ferry.events.received", source="demo") == received
+    assert otlp.metric("ferry.events.rejected", source="demo", reason="malformed_json") == 1
+    assert otlp.metric("ferry.dead_letters", stage="crm") == len(dead)
+    assert otlp.metric("ferry.delivery.attempts", sink="crm") == received
+    assert otlp.metric("ferry.delivery.latency", sink="crm") == delivered  # histogram count
+    assert otlp.metric("ferry.queue.depth", stage="crm") == 0
+    assert otlp.metric("ferry.actor.restarts", actor="sink.crm") == 0

@@ -1,0 +1,168 @@
+"""A real OTLP/HTTP receiver for tests: decodes the protobuf requests the daemon exports.
+
+Spans (`POST /v1/traces`, `ExportTraceServiceRequest`) are kept as `Span`s; metric points
+(`POST /v1/metrics`, `ExportMetricsServiceRequest`) keep the latest value per name and
+attribute set (the daemon exports cumulative sums).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: _value(pair.value) for pair in pairs}
+
+
+@dataclass(frozen=True)
+class Span:
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    kind: int  # 2 = SERVER, 3 = CLIENT (OTLP's enum)
+    attributes: dict[str, Any]
+    links: list[tuple[str, str]]  # (trace id, span id)
+    service: str
+
+
+SERVER, CLIENT = 2, 3
+MetricKey = tuple[str, frozenset[tuple[str, Any]]]
+
+
+@dataclass
+class OtlpReceiver:
+    """Collects what an OTLP/HTTP exporter sends; `wait_spans` / `wait_metrics` poll with a deadline."""
+
+    spans: list[Span] = field(default_factory=list)
+    metrics: dict[MetricKey, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> OtlpReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path == "/v1/traces":
+                    receiver._traces(ExportTraceServiceRequest.FromString(body))
+                    reply = ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    receiver._metrics(ExportMetricsServiceRequest.FromString(body))
+                    reply = ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _traces(self, request: ExportTraceServiceRequest) -> None:
+        found = []
+        for resource_spans in request.resource_spans:
+            service = _attributes(resource_spans.resource.attributes).get("service.name", "")
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    found.append(
+                        Span(
+                            span.trace_id.hex(),
+                            span.span_id.hex(),
+                            span.parent_span_id.hex(),
+                            span.name,
+                            span.kind,
+                            _attributes(span.attributes),
+                            [(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
+                            service,
+                        )
+                    )
+        with self.lock:
+            self.spans.extend(found)
+
+    def _metrics(self, request: ExportMetricsServiceRequest) -> None:
+        latest: dict[MetricKey, float] = {}
+        for resource_metrics in request.resource_metrics:
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    kind = metric.WhichOneof("data")
+                    for point in getattr(metric, kind).data_points:
+                        key = (metric.name, frozenset(_attributes(point.attributes).items()))
+                        if kind == "histogram":
+                            latest[key] = point.count
+                        else:
+                            latest[key] = point.as_int if point.HasField("as_int") else point.as_double
+        with self.lock:
+            self.metrics.update(latest)
+
+    def wait_spans(self, predicate: Callable[[list[Span]], bool], timeout: float = 30.0) -> list[Span]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                spans = list(self.spans)
+            if predicate(spans):
+                return spans
+            if time.monotonic() > deadline:
+                names = [(s.name, s.trace_id[:8]) for s in spans]
+                raise AssertionError(f"spans never matched within {timeout}s; got {names}")
+            time.sleep(0.02)
+
+    def metric(self, name: str, **attributes: Any) -> float:
+        """The latest value of `name` for exactly these attributes (0 if never exported)."""
+        with self.lock:
+            return self.metrics.get((name, frozenset(attributes.items())), 0)
+
+    def wait_metrics(self, predicate: Callable[[OtlpReceiver], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() > deadline:
+                with self.lock:
+                    seen = {name: value for (name, _), value in self.metrics.items()}
+                raise AssertionError(f"metrics never matched within {timeout}s; latest: {seen}")
+            time.sleep(0.02)
+
+
+__all__ = ["CLIENT", "SERVER", "OtlpReceiver", "Span"]
