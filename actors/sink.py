@@ -28,6 +28,12 @@ Tracing and metrics:
 Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
+
+Pausing:
+    `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
+    have not started sending; requests already on the wire finish. Deliveries stay
+    pending in the store; `resume()` fetches them again. The pause outlives a restart
+    of the actor (the supervisor reuses this object), not of the daemon.
 """
 
 from __future__ import annotations
@@ -120,6 +126,8 @@ class Sink:
         # still return as pending; they leave `_inflight` only once a later fetch has begun.
         self._settled: set[int] = set()
         self._stopping = trio.Event()
+        self._resumed = trio.Event()
+        self._resumed.set()
         self.delivered = 0
         self.retried = 0
         self.dead = 0
@@ -128,6 +136,19 @@ class Sink:
         in_flight = len(self._inflight - self._settled)
         counts = f"delivered: {self.delivered}, retried: {self.retried}, dead: {self.dead}"
         return f"<Sink {self.name} [in flight: {in_flight}, {counts}]>"
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    def pause(self) -> None:
+        """Stop fetching and sending until `resume()`; see "Pausing" in the module docstring."""
+        if self._resumed.is_set():
+            self._resumed = trio.Event()
+            self._signal.fire()
+
+    def resume(self) -> None:
+        self._resumed.set()
 
     def stop(self) -> None:
         """Stop fetching; `run` returns once the workers have finished what they hold."""
@@ -155,6 +176,9 @@ class Sink:
         store, name, chunk = self._store, self.name, self._batch_items
         ahead = self._concurrency * chunk
         while not self._stopping.is_set():
+            if not self._resumed.is_set():
+                await self._wait_resumed()
+                continue
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
@@ -173,6 +197,16 @@ class Sink:
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
+    async def _wait_resumed(self) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, self._resumed)
+            nursery.start_soon(until, self._stopping)
+
     async def _worker(self, sender: Sender, channel: trio.MemoryReceiveChannel[list[Due]]) -> None:
         leftover: list[Due] = []
         async with channel:
@@ -185,6 +219,10 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
+                if not self._resumed.is_set():  # paused: hand the rows back unsent
+                    self._settled.update(due.rowid for due in (*batch, *leftover))
+                    leftover = []
+                    continue
                 tracer = telemetry.tracer()
                 if tracer is None:
                     await self._attempt(sender, batch, None)

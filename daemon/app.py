@@ -2,7 +2,7 @@
 
 Shutdown is nesting:
 
-    outer nursery        store writer, maintenance, signals, watchdog
+    outer nursery        store writer, maintenance, signals, watchdog, control socket
       sinks nursery      one supervised Sink per sink
         intake nursery   the webhook listener and the transformers
 
@@ -27,7 +27,9 @@ from typing import Any, Protocol
 import trio
 
 from . import metrics, outbox
+from .commands import Commands, Pauses
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
+from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
 from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
@@ -50,6 +52,8 @@ class Running:
     config: Config
     stop: trio.Event = field(default_factory=trio.Event)
     actors: dict[str, Any] = field(default_factory=dict)
+    pauses: Pauses = field(default_factory=Pauses)
+    control: ControlServer | None = None
 
 
 async def _maintain(store: Store, config: Config) -> None:
@@ -74,6 +78,16 @@ async def _sample_queue_depths(store: Store, stages: list[str], interval: float)
         depths = await store.call(partial(metrics.pending_by_stage, stages=stages))
         metrics.current().queue_depths.update(depths)
         await trio.sleep(interval)
+
+
+def _control_server(loaded: LoadedConfig, running: Running) -> ControlServer:
+    """The control socket, answering through `Commands` (see `daemon.control`)."""
+    group = loaded.config.control.group
+    gid = group_id(group) if group is not None else None
+    commands = Commands(running, loaded)
+    return ControlServer(
+        socket_path(loaded), commands, access=Access(os.getuid(), gid), refused=commands.refused, group=gid
+    )
 
 
 async def _watch_signals(running: Running, cancel: trio.CancelScope) -> None:
@@ -145,6 +159,8 @@ async def serve(
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
                 running.actors.update(sinks)
+                running.control = _control_server(loaded, running)
+                await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
                     for name, transform in config.transforms.items():
                         actor = Transformer(
@@ -171,6 +187,7 @@ async def serve(
                         routes,
                         batcher,
                         lambda: supervisor.ready and store.writable,
+                        paused=running.pauses.source_paused,
                         listeners=activated.listeners if activated else None,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)

@@ -98,8 +98,19 @@ class ControlConfig(_Section, frozen=True):
     """The local control socket used by `ferry ctl`."""
 
     socket: Annotated[
-        str, Meta(description="Unix socket path; relative paths resolve from the config's folder.")
+        str,
+        Meta(
+            description="Unix socket path (mode 0660); relative paths resolve from the config's folder. "
+            "Left at the default under systemd, it is `$RUNTIME_DIRECTORY/ferry.sock`."
+        ),
     ] = "var/ferry.sock"
+    group: Annotated[
+        str | None,
+        Meta(
+            description="Group (name or gid) whose members may use the socket besides the daemon's "
+            "own user and root; the socket file is given this group."
+        ),
+    ] = None
 
 
 class SupervisorConfig(_Section, frozen=True):

@@ -8,6 +8,7 @@
     │   └── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
+    ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
     └── DeliveryError               one delivery attempt failed
         ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
         └── PermanentDelivery       other 4xx, redirects, jq errors: dead-lettered at once
@@ -53,6 +54,10 @@ class SupervisorError(FerryError):
 
 class TooManyRestarts(SupervisorError):
     """Actors crashed more often than the restart policy allows."""
+
+
+class ControlUnavailable(FerryError):
+    """The control socket cannot be served; the daemon does not start without it."""
 
 
 class DeliveryError(FerryError):

@@ -1,0 +1,421 @@
+"""What each control command does to the running daemon; `ControlServer` hands requests here.
+
+Audit:
+    Every command that changes something (`pause`, `resume`, `dlq retry`, `dlq purge`,
+    `drain`) is recorded in the store's `audit` table once it has run: time, the peer's
+    uid and pid, the command, its arguments as JSON and its outcome (`ok: …` or
+    `error: …`). Reads (`status`, `dlq list/show`, `stats`, `audit`) are not recorded.
+
+Pausing:
+    Paused state lives in memory: a restarted daemon starts with everything resumed
+    (a pause is an operator's temporary hold, not configuration). A paused webhook
+    source answers 503 with `Retry-After`, so its senders keep their events; a paused
+    sink stops fetching and its deliveries wait in the store.
+
+Drain:
+    Every webhook source answers 503 from then on; the transforms and sinks keep
+    working until nothing is left that is due (transform backlog plus due pending
+    deliveries of sinks that are not paused) or the timeout passes. The answer is sent,
+    then the daemon stops as on SIGTERM and exits 0. Retries scheduled for later stay
+    in the store for the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Protocol, final
+
+import msgspec
+import trio
+from msgspec import Struct
+
+from . import ops, outbox
+from .config import LoadedConfig, WebhookSourceConfig
+from .control import (
+    MUTATING,
+    AuditRequest,
+    Call,
+    CommandError,
+    DlqListRequest,
+    DlqPurgeRequest,
+    DlqRetryRequest,
+    DlqShowRequest,
+    DrainRequest,
+    PauseRequest,
+    Peer,
+    ResumeRequest,
+    StatsRequest,
+    StatusRequest,
+)
+from .errors import StoreUnavailable
+from .ops import AuditRow, DeadFilter, DeadLetter
+
+if TYPE_CHECKING:
+    from .app import Running
+
+DRAIN_POLL = 0.2
+
+
+class Pausable(Protocol):
+    """A sink as the control commands see it."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+@dataclass
+class Pauses:
+    """Which webhook sources are paused, and whether the daemon is draining (every source paused)."""
+
+    sources: set[str] = field(default_factory=set)
+    draining: bool = False
+
+    def source_paused(self, source: str) -> bool:
+        return self.draining or source in self.sources
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+class ActorStatus(Struct, frozen=True):
+    name: str
+    state: str
+    restarts: int
+    last_error: str | None
+
+
+class StageStatus(Struct, frozen=True):
+    kind: str  # sink | transform | unconfigured
+    pending: int
+    delivered: int
+    dead: int
+    paused: bool = False
+
+
+class StatusResult(Struct, frozen=True):
+    version: str
+    pid: int
+    uptime_s: float
+    config_path: str | None
+    config_sha256: str
+    draining: bool
+    paused: list[str]
+    actors: list[ActorStatus]
+    stages: dict[str, StageStatus]
+
+
+class PauseResult(Struct, frozen=True):
+    name: str
+    kind: str
+    paused: bool
+    changed: bool
+
+
+class DlqListResult(Struct, frozen=True):
+    total: int
+    items: list[DeadLetter]
+
+
+class DlqShowResult(Struct, frozen=True):
+    state: str
+    delivery: DeadLetter
+
+
+class DlqRetryResult(Struct, frozen=True):
+    retried: int
+    by_sink: dict[str, int]
+    skipped: int  # ids asked for that are not dead letters of a configured sink
+
+
+class DlqPurgeResult(Struct, frozen=True):
+    purged: int
+    dry_run: bool
+
+
+class Failure(Struct, frozen=True):
+    stage: str
+    state: str  # retrying | dead
+    last_status: int | None
+    count: int
+
+
+class SinkCounters(Struct, frozen=True):
+    delivered: int
+    retried: int
+    dead: int
+
+
+class StatsResult(Struct, frozen=True):
+    stages: dict[str, dict[str, int]]
+    failures: list[Failure]
+    since_start: dict[str, SinkCounters]
+
+
+class DrainProgress(Struct, frozen=True):
+    elapsed_s: float
+    outstanding: int
+    by_stage: dict[str, int]
+
+
+class DrainResult(Struct, frozen=True):
+    drained: bool
+    elapsed_s: float
+    outstanding: int
+    by_stage: dict[str, int]
+
+
+class AuditResult(Struct, frozen=True):
+    rows: list[AuditRow]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ferry")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@final
+class Commands:
+    """Answers control requests against one running daemon; see the module docstring."""
+
+    def __init__(self, running: Running, loaded: LoadedConfig) -> None:
+        self._running = running
+        self._loaded = loaded
+        self._config = loaded.config
+        self._started = time.monotonic()
+        self._sha256 = hashlib.sha256(loaded.text.encode()).hexdigest()
+        self._draining = False
+
+    async def __call__(self, request: Any, call: Call) -> Any:
+        tag = type(request).__struct_config__.tag
+        if tag not in MUTATING or getattr(request, "dry_run", False):
+            return await self._dispatch(request, call)
+        try:
+            result = await self._dispatch(request, call)
+        except CommandError as exc:
+            await self._audit(call.peer, tag, request, f"error: {exc}")
+            raise
+        await self._audit(call.peer, tag, request, f"ok: {_summary(result)}")
+        return result
+
+    async def refused(self, peer: Peer, command: str, outcome: str) -> None:
+        """Record a connection the access check turned away."""
+        await self._store_call(
+            partial(
+                ops.record_audit, uid=peer.uid, pid=peer.pid, command=command, arguments="{}", outcome=outcome
+            )
+        )
+
+    async def _dispatch(self, request: Any, call: Call) -> Any:
+        match request:
+            case StatusRequest():
+                return await self.status()
+            case PauseRequest(name=name):
+                return self._pause(name, pause=True)
+            case ResumeRequest(name=name):
+                return self._pause(name, pause=False)
+            case DlqListRequest():
+                total, items = await self._store_call(
+                    partial(ops.list_dead, selection=self._selection(request), limit=request.limit)
+                )
+                return DlqListResult(total, items)
+            case DlqShowRequest(id=delivery_id):
+                found = await self._store_call(partial(ops.show_delivery, delivery_id=delivery_id))
+                if found is None:
+                    raise CommandError(f"no delivery with id {delivery_id!r}")
+                return DlqShowResult(*found)
+            case DlqRetryRequest():
+                return await self._retry(request)
+            case DlqPurgeRequest():
+                if not (request.ids or request.all):
+                    raise CommandError("name the dead letters to purge by id, or pass all (with filters)")
+                purged = await self._store_call(
+                    partial(ops.purge_dead, selection=self._selection(request), dry_run=request.dry_run)
+                )
+                return DlqPurgeResult(purged, request.dry_run)
+            case StatsRequest():
+                return await self._stats()
+            case AuditRequest(limit=limit):
+                return AuditResult(await self._store_call(partial(ops.read_audit, limit=limit)))
+            case DrainRequest(timeout=timeout):
+                return await self._drain(timeout, call)
+        raise CommandError(f"unhandled command {type(request).__name__}")
+
+    async def _store_call(self, fn: Any, wake: list[str] | None = None) -> Any:
+        try:
+            return await self._running.store.call(fn, wake=wake or ())
+        except StoreUnavailable as exc:
+            raise CommandError(str(exc)) from None
+
+    async def _audit(self, peer: Peer, command: str, request: Any, outcome: str) -> None:
+        fields = {k: v for k, v in msgspec.structs.asdict(request).items() if k != "v"}
+        arguments = msgspec.json.encode(fields).decode()
+        await self._store_call(
+            partial(
+                ops.record_audit,
+                uid=peer.uid,
+                pid=peer.pid,
+                command=command,
+                arguments=arguments,
+                outcome=outcome,
+            )
+        )
+
+    # -- status and stats ------------------------------------------------------------------
+
+    def _paused(self) -> list[str]:
+        running = self._running
+        sinks = [name for name in self._config.sinks if self._sink(name).paused]
+        return sorted(running.pauses.sources) + sinks
+
+    def _sink(self, name: str) -> Pausable:
+        sink: Pausable = self._running.actors[name]
+        return sink
+
+    async def status(self) -> StatusResult:
+        config = self._config
+        counts = await self._store_call(outbox.counts)
+        backlog = await self._store_call(
+            partial(ops.transform_backlog, inputs={n: t.inputs for n, t in config.transforms.items()})
+        )
+        empty = {"pending": 0, "delivered": 0, "dead": 0}
+        stages: dict[str, StageStatus] = {}
+        for name in config.sinks:
+            c = counts.get(name, empty)
+            paused = name in self._running.actors and self._sink(name).paused
+            stages[name] = StageStatus("sink", c["pending"], c["delivered"], c["dead"], paused)
+        for name in config.transforms:
+            c = counts.get(name, empty)
+            stages[name] = StageStatus("transform", backlog.get(name, 0), 0, c["dead"])
+        for name, c in counts.items():
+            if name not in stages:
+                stages[name] = StageStatus("unconfigured", c["pending"], c["delivered"], c["dead"])
+        actors = [
+            ActorStatus(a.name, a.state, a.restarts, a.last_error)
+            for a in self._running.supervisor.actors.values()
+        ]
+        return StatusResult(
+            version=_version(),
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self._started, 3),
+            config_path=str(self._loaded.path) if self._loaded.path else None,
+            config_sha256=self._sha256,
+            draining=self._running.pauses.draining,
+            paused=self._paused(),
+            actors=actors,
+            stages=stages,
+        )
+
+    async def _stats(self) -> StatsResult:
+        counts = await self._store_call(outbox.counts)
+        failures = [Failure(*row) for row in await self._store_call(ops.error_counts)]
+        since_start = {}
+        for name in self._config.sinks:
+            sink = self._running.actors.get(name)
+            if sink is not None:
+                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead)
+        return StatsResult(counts, failures, since_start)
+
+    # -- pause / resume ----------------------------------------------------------------------
+
+    def _pause(self, name: str, *, pause: bool) -> PauseResult:
+        config = self._config
+        if name in config.sources:
+            if not isinstance(config.sources[name], WebhookSourceConfig):
+                raise CommandError(f"source {name!r} cannot be paused")
+            sources = self._running.pauses.sources
+            changed = (name not in sources) if pause else (name in sources)
+            if pause:
+                sources.add(name)
+            else:
+                sources.discard(name)
+            return PauseResult(name, "source", pause, changed)
+        if name in config.sinks:
+            sink = self._sink(name)
+            changed = sink.paused != pause
+            if pause:
+                sink.pause()
+            else:
+                sink.resume()
+            return PauseResult(name, "sink", pause, changed)
+        if name in config.transforms:
+            raise CommandError(f"{name!r} is a transform; pause its source or its sinks instead")
+        raise CommandError(f"no source or sink named {name!r}")
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def _selection(self, request: DlqListRequest | DlqRetryRequest | DlqPurgeRequest) -> DeadFilter:
+        ids = getattr(request, "ids", ())
+        return DeadFilter(
+            ids=ids,
+            stages=[request.sink] if request.sink else [],
+            since=request.since,
+            error=request.error,
+        )
+
+    async def _retry(self, request: DlqRetryRequest) -> DlqRetryResult:
+        sinks = list(self._config.sinks)
+        if request.sink is not None and request.sink not in sinks:
+            raise CommandError(f"no sink named {request.sink!r} (only a sink's dead letters can be retried)")
+        if not (request.ids or request.all):
+            raise CommandError("name the dead letters to retry by id, or pass all (with filters)")
+        selection = self._selection(request)._replace(stages=[request.sink] if request.sink else sinks)
+        by_sink = await self._store_call(partial(ops.retry_dead, selection=selection), wake=sinks)
+        retried = sum(by_sink.values())
+        return DlqRetryResult(retried, by_sink, max(0, len(request.ids) - retried))
+
+    # -- drain -------------------------------------------------------------------------------
+
+    async def _outstanding(self) -> dict[str, int]:
+        config = self._config
+        active = [name for name in config.sinks if not self._sink(name).paused]
+        due = await self._store_call(partial(ops.due_counts, stages=active, now=time.time()))
+        backlog = await self._store_call(
+            partial(ops.transform_backlog, inputs={n: t.inputs for n, t in config.transforms.items()})
+        )
+        return {name: count for name, count in {**backlog, **due}.items() if count}
+
+    async def _drain(self, timeout: float, call: Call) -> DrainResult:
+        if self._draining:
+            raise CommandError("already draining")
+        self._draining = True
+        running = self._running
+        running.pauses.draining = True
+        began = time.monotonic()
+        deadline = began + timeout
+        reported: dict[str, int] | None = None
+        while True:
+            by_stage = await self._outstanding()
+            elapsed = round(time.monotonic() - began, 3)
+            if not by_stage or time.monotonic() >= deadline:
+                break
+            if by_stage != reported:
+                await call.progress(DrainProgress(elapsed, sum(by_stage.values()), by_stage))
+                reported = by_stage
+            await trio.sleep(DRAIN_POLL)
+        call.after_answer(running.stop.set)
+        return DrainResult(not by_stage, elapsed, sum(by_stage.values()), by_stage)
+
+
+def _summary(result: Any) -> str:
+    """A short outcome for the audit trail."""
+    match result:
+        case PauseResult(name=name, paused=paused, changed=changed):
+            return f"{name} {'paused' if paused else 'resumed'}{'' if changed else ' (no change)'}"
+        case DlqRetryResult(retried=retried):
+            return f"{retried} retried"
+        case DlqPurgeResult(purged=purged, dry_run=dry_run):
+            return f"{purged} {'would be purged' if dry_run else 'purged'}"
+        case DrainResult(drained=drained, outstanding=outstanding):
+            return "drained" if drained else f"timed out, {outstanding} outstanding"
+    return "done"

@@ -1,0 +1,211 @@
+"""What `ferry ctl` reads from and changes in the store: plain functions of a connection.
+
+Like `daemon.outbox`, each runs on the store's writer thread inside a group
+transaction, so a retry or a purge is all-or-nothing. Filters select dead
+letters (`state = 2`) by stage, by age of their last attempt and by a
+case-insensitive substring of their last error.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from .schema import DEAD, PENDING
+
+Connection = sqlite3.Connection
+
+
+class DeadFilter(NamedTuple):
+    """Which dead letters a command is about; empty fields match everything."""
+
+    ids: Sequence[str] = ()
+    stages: Sequence[str] = ()
+    since: float | None = None  # seconds: dead-lettered at most this long ago
+    error: str | None = None  # substring of last_error, any case
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """One dead delivery as `ferry ctl dlq list/show` reports it."""
+
+    id: str
+    sink: str
+    attempts: int
+    created_at: float
+    finished_at: float | None
+    last_status: int | None
+    last_error: str | None
+    event_id: str | None = None
+    payload: Any = None
+
+
+def _where(selection: DeadFilter, now: float) -> tuple[str, list[Any]]:
+    clauses, params = [f"d.state = {DEAD}"], list[Any]()
+    if selection.ids:
+        clauses.append(f"d.id IN ({','.join('?' * len(selection.ids))})")
+        params.extend(selection.ids)
+    if selection.stages:
+        clauses.append(f"d.stage IN ({','.join('?' * len(selection.stages))})")
+        params.extend(selection.stages)
+    if selection.since is not None:
+        clauses.append("d.finished_at >= ?")
+        params.append(now - selection.since)
+    if selection.error:
+        clauses.append("instr(lower(coalesce(d.last_error, '')), lower(?)) > 0")
+        params.append(selection.error)
+    return " AND ".join(clauses), params
+
+
+def list_dead(conn: Connection, selection: DeadFilter, limit: int) -> tuple[int, list[DeadLetter]]:
+    """How many dead letters match, and the newest `limit` of them (without payloads)."""
+    where, params = _where(selection, time.time())
+    (total,) = conn.execute(f"SELECT count(*) FROM deliveries d WHERE {where}", params).fetchone()
+    rows = conn.execute(
+        "SELECT d.id, d.stage, d.attempts, d.created_at, d.finished_at, d.last_status, d.last_error "
+        f"FROM deliveries d WHERE {where} ORDER BY d.finished_at DESC, d.rowid DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    return int(total), [
+        DeadLetter(
+            id=id_,
+            sink=stage,
+            attempts=attempts,
+            created_at=created,
+            finished_at=finished,
+            last_status=status,
+            last_error=error,
+        )
+        for id_, stage, attempts, created, finished, status, error in rows
+    ]
+
+
+def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] | None:
+    """One delivery (any state) with its event's payload, and its state name; None if unknown."""
+    row = conn.execute(
+        "SELECT d.id, d.stage, d.state, d.attempts, d.created_at, d.finished_at, d.last_status, "
+        "d.last_error, e.id, CAST(e.payload AS TEXT) FROM deliveries d "
+        "LEFT JOIN events e ON e.seq = d.event_seq WHERE d.id = ?",
+        (delivery_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    id_, stage, state, attempts, created, finished, status, error, event_id, payload = row
+    try:
+        decoded = msgspec.json.decode(payload) if payload is not None else None
+    except msgspec.DecodeError:
+        decoded = payload
+    letter = DeadLetter(
+        id=id_,
+        sink=stage,
+        attempts=attempts,
+        created_at=created,
+        finished_at=finished,
+        last_status=status,
+        last_error=error,
+        event_id=event_id,
+        payload=decoded,
+    )
+    return ("pending", "delivered", "dead")[state], letter
+
+
+def retry_dead(conn: Connection, selection: DeadFilter) -> dict[str, int]:
+    """Make matching dead letters pending again, due now, with their attempt count reset.
+
+    They keep their id, so the receiver sees the same idempotency key. Returns
+    how many were revived per stage.
+    """
+    now = time.time()
+    where, params = _where(selection, now)
+    stages = dict(
+        conn.execute(
+            f"SELECT d.stage, count(*) FROM deliveries d WHERE {where} GROUP BY d.stage", params
+        ).fetchall()
+    )
+    conn.execute(
+        f"UPDATE deliveries SET state = {PENDING}, attempts = 0, next_attempt_at = ?, finished_at = NULL "
+        f"WHERE rowid IN (SELECT d.rowid FROM deliveries d WHERE {where})",
+        [now, *params],
+    )
+    return {str(stage): int(count) for stage, count in stages.items()}
+
+
+def purge_dead(conn: Connection, selection: DeadFilter, *, dry_run: bool = False) -> int:
+    """Delete matching dead letters (their events go with the next pruning); return how many."""
+    where, params = _where(selection, time.time())
+    if dry_run:
+        return int(conn.execute(f"SELECT count(*) FROM deliveries d WHERE {where}", params).fetchone()[0])
+    return int(
+        conn.execute(
+            f"DELETE FROM deliveries WHERE rowid IN (SELECT d.rowid FROM deliveries d WHERE {where})", params
+        ).rowcount
+    )
+
+
+def due_counts(conn: Connection, stages: Sequence[str], now: float) -> dict[str, int]:
+    """Pending deliveries of each of `stages` that are due at `now` (uses the `deliveries_due` index)."""
+    result = dict.fromkeys(stages, 0)
+    for stage in stages:
+        (result[stage],) = conn.execute(
+            f"SELECT count(*) FROM deliveries WHERE stage = ? AND state = {PENDING} AND next_attempt_at <= ?",
+            (stage, now),
+        ).fetchone()
+    return result
+
+
+def transform_backlog(conn: Connection, inputs: dict[str, Sequence[str]]) -> dict[str, int]:
+    """Events each transform has not handled yet (`inputs` maps a transform to the streams it reads)."""
+    positions = dict(conn.execute("SELECT name, position FROM cursors").fetchall())
+    result: dict[str, int] = {}
+    for name, streams in inputs.items():
+        marks = ",".join("?" * len(streams))
+        (result[name],) = conn.execute(
+            f"SELECT count(*) FROM events WHERE stream IN ({marks}) AND seq > ?",
+            (*streams, positions.get(name, 0)),
+        ).fetchone()
+    return result
+
+
+def error_counts(conn: Connection) -> list[tuple[str, str, int | None, int]]:
+    """(stage, state, last status, count) of deliveries that failed at least once and are not delivered."""
+    names = {PENDING: "retrying", DEAD: "dead"}
+    rows = conn.execute(
+        "SELECT stage, state, last_status, count(*) FROM deliveries "
+        f"WHERE state IN ({PENDING}, {DEAD}) AND last_error IS NOT NULL "
+        "GROUP BY stage, state, last_status ORDER BY stage, state, last_status"
+    ).fetchall()
+    return [(stage, names[state], status, count) for stage, state, status, count in rows]
+
+
+class AuditRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of the control audit trail."""
+
+    at: float
+    uid: int | None
+    pid: int | None
+    command: str
+    arguments: str
+    outcome: str
+
+
+def record_audit(
+    conn: Connection, *, uid: int | None, pid: int | None, command: str, arguments: str, outcome: str
+) -> None:
+    conn.execute(
+        "INSERT INTO audit(at, uid, pid, command, arguments, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+        (time.time(), uid, pid, command, arguments, outcome),
+    )
+
+
+def read_audit(conn: Connection, limit: int) -> list[AuditRow]:
+    """The newest `limit` audit rows, oldest first."""
+    rows = conn.execute(
+        "SELECT at, uid, pid, command, arguments, outcome FROM audit ORDER BY rowid DESC LIMIT ?", (limit,)
+    ).fetchall()
+    return [
+        AuditRow(at=at, uid=uid, pid=pid, command=command, arguments=arguments, outcome=outcome)
+        for at, uid, pid, command, arguments, outcome in reversed(rows)
+    ]
