@@ -1,7 +1,8 @@
-"""`ferry` command line: `run`, `check`, `config-schema`, `config-docs`.
+"""`ferry` command line: `run`, `check`, `ctl`, `config-schema`, `config-docs`.
 
 Exit codes: 0 success; 1 the daemon failed at run time (store unusable,
-too many actor restarts); 2 a usage or config error.
+too many actor restarts); 2 a usage or config error; `ferry ctl` adds
+3, the daemon is not running (see `daemon/ctl.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file; exit 0 if valid, 2 if not")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     commands.add_parser("config-schema", help="print the JSON Schema of the config file")
+    from .ctl import configure
+
+    configure(commands.add_parser("ctl", help="steer a running daemon over its control socket"))
     docs = commands.add_parser("config-docs", help="print the config reference (Markdown)")
     docs.add_argument("-o", "--output", help="write to this file instead of stdout")
     return parser
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(config.sinks)} sink(s))"
         )
         return 0
+    if args.command == "ctl":
+        from . import ctl
+
+        return ctl.main(args)
     if args.command == "config-schema":
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(json_schema())).decode() + "\n")
         return 0

@@ -1,0 +1,418 @@
+"""`ferry ctl`: steer a running daemon over its control socket (see `daemon.control`).
+
+Output is for people by default and one JSON document per command with `--json`
+(the `result` of the daemon's answer; `drain --json` prints each progress line too).
+
+Exit codes: 0 done; 1 the daemon refused or failed the command (or a drain timed
+out with work left); 2 usage error or invalid config; 3 the daemon is not running
+(no socket, or nobody listening on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from .config import load
+from .control import DEFAULT_SOCKET, VERSION, Answer, socket_path
+from .errors import ConfigError
+from .units import Duration
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+SYSTEMD_SOCKET = Path("/run/ferry/ferry.sock")
+_decode_answer = msgspec.json.Decoder(Answer).decode
+
+
+class NotRunning(Exception):
+    """Nothing answers on the control socket."""
+
+
+class CommandFailed(Exception):
+    """The daemon answered `ok: false`."""
+
+
+class Client:
+    """One connection to the control socket; `request()` sends a command and returns its result."""
+
+    def __init__(self, path: Path, *, timeout: float = 60.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            raise NotRunning(f"ferry is not running (nothing listens on {path}: {exc.strerror})") from None
+        except PermissionError:
+            self._sock.close()
+            raise CommandFailed(f"permission denied connecting to {path}") from None
+        self._file = self._sock.makefile("rb")
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        cmd: str,
+        *,
+        on_progress: Callable[[Any], None] | None = None,
+        wait: float | None = None,
+        **args: Any,
+    ) -> Any:
+        """Send `{"v": 1, "cmd": cmd, **args}`; return the answer's `result` or raise `CommandFailed`.
+
+        `wait` overrides the client's timeout for this answer (a drain takes its own time).
+        """
+        if wait is not None:
+            self._sock.settimeout(wait)
+        message = {"v": VERSION, "cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
+        try:
+            self._sock.sendall(msgspec.json.encode(message) + b"\n")
+            while True:
+                line = self._file.readline()
+                if not line:
+                    raise CommandFailed("the daemon closed the connection without answering")
+                answer = _decode_answer(line)
+                if not answer.ok:
+                    raise CommandFailed(answer.error or "unknown error")
+                if answer.progress is not None and answer.result is None:
+                    if on_progress is not None:
+                        on_progress(answer.progress)
+                    continue
+                return answer.result
+        except TimeoutError:
+            raise CommandFailed(f"no answer from the daemon within {self._sock.gettimeout():g}s") from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise CommandFailed(f"connection to the daemon lost: {exc.strerror}") from None
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(Duration.parse(text))
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sink", help="only this sink's (or transform's) dead letters")
+    parser.add_argument("--since", type=_duration, help="only dead-lettered within this long, e.g. 1h")
+    parser.add_argument("--error", help="only those whose last error contains this text (any case)")
+
+
+def configure(ctl: argparse.ArgumentParser) -> None:
+    """Add `ferry ctl`'s options and commands to its subparser."""
+    ctl.add_argument("-c", "--config", default="config.toml", help="config file naming the socket")
+    ctl.add_argument("--socket", type=Path, help="control socket path (instead of reading the config)")
+    ctl.add_argument("--json", action="store_true", help="print results as JSON")
+    commands = ctl.add_subparsers(dest="ctl_command", required=True)
+    commands.add_parser("status", help="version, uptime, config, actors, queue depths, paused components")
+    for verb in ("pause", "resume"):
+        sub = commands.add_parser(verb, help=f"{verb} a webhook source or a sink")
+        sub.add_argument("name")
+    dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
+        dest="dlq_command", required=True
+    )
+    listing = dlq.add_parser("list", help="dead letters, newest first")
+    _filters(listing)
+    listing.add_argument("--limit", type=int, default=50)
+    dlq.add_parser("show", help="one delivery with its payload").add_argument("id")
+    retry = dlq.add_parser("retry", help="make dead letters pending again (same delivery ids)")
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every dead letter matching the filters")
+    _filters(retry)
+    purge = dlq.add_parser("purge", help="delete dead letters (all matching the filters, or by id)")
+    purge.add_argument("ids", nargs="*", metavar="ID")
+    _filters(purge)
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    commands.add_parser("stats", help="counts by outcome per stage, failures by last status")
+    audit = commands.add_parser("audit", help="the control audit trail")
+    audit.add_argument("--limit", type=int, default=20)
+    drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
+    drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
+
+
+def _resolve_socket(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    loaded = load(args.config)
+    path = socket_path(loaded)
+    default = loaded.path is not None and path == loaded.path.parent / DEFAULT_SOCKET
+    if default and not path.exists() and SYSTEMD_SOCKET.exists():
+        return SYSTEMD_SOCKET  # the daemon runs under systemd, which put it in RuntimeDirectory=ferry
+    return path
+
+
+def main(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run one `ferry ctl` command; see the module docstring for exit codes."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        path = _resolve_socket(args)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration", file=err)
+        for problem in exc.problems:
+            print(f"  {problem}", file=err)
+        return EXIT_USAGE
+    try:
+        with Client(path) as client:
+            return _command(client, args, out, err)
+    except NotRunning as exc:
+        print(str(exc), file=err)
+        return EXIT_NOT_RUNNING
+    except CommandFailed as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+
+
+def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    command = args.ctl_command
+    emit = _emitter(args.json, out)
+    if command == "status":
+        emit(client.request("status"), _show_status)
+    elif command in ("pause", "resume"):
+        emit(client.request(command, name=args.name), _show_pause)
+    elif command == "stats":
+        emit(client.request("stats"), _show_stats)
+    elif command == "audit":
+        emit(client.request("audit", limit=args.limit), _show_audit)
+    elif command == "drain":
+        return _drain(client, args, out)
+    elif command == "dlq":
+        return _dlq(client, args, out, err, emit)
+    return 0
+
+
+def _emitter(as_json: bool, out: TextIO) -> Callable[[Any, Callable[[Any, TextIO], None]], None]:
+    def emit(result: Any, human: Callable[[Any, TextIO], None]) -> None:
+        if as_json:
+            out.write(msgspec.json.encode(result).decode() + "\n")
+        else:
+            human(result, out)
+
+    return emit
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    return {"sink": args.sink, "since": args.since, "error": args.error}
+
+
+def _dlq(
+    client: Client,
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    emit: Callable[[Any, Callable[[Any, TextIO], None]], None],
+) -> int:
+    sub = args.dlq_command
+    if sub == "list":
+        emit(client.request("dlq.list", limit=args.limit, **_selection(args)), _show_dlq_list)
+    elif sub == "show":
+        emit(client.request("dlq.show", id=args.id), _show_dlq_show)
+    elif sub == "retry":
+        if not args.ids and not args.all:
+            print("dlq retry: name delivery ids, or pass --all (with optional filters)", file=err)
+            return EXIT_USAGE
+        emit(client.request("dlq.retry", ids=args.ids, all=not args.ids, **_selection(args)), _show_retry)
+    elif sub == "purge":
+        selection = {"ids": args.ids, "all": not args.ids, **_selection(args)}
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("dlq purge: refusing without --yes when stdin is not a terminal", file=err)
+                return EXIT_USAGE
+            count = client.request("dlq.purge", dry_run=True, **selection)["purged"]
+            answer = input(f"Purge {count} dead letter(s)? This cannot be undone. [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing purged", file=err)
+                return EXIT_FAILED
+        emit(client.request("dlq.purge", **selection), _show_purge)
+    return 0
+
+
+def _drain(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    def progress(value: Any) -> None:
+        if args.json:
+            out.write(msgspec.json.encode({"progress": value}).decode() + "\n")
+        else:
+            stages = ", ".join(f"{name} {count}" for name, count in value["by_stage"].items())
+            out.write(
+                f"draining: {value['outstanding']} outstanding ({stages}) after {value['elapsed_s']:.1f}s\n"
+            )
+        out.flush()
+
+    result = client.request("drain", wait=args.timeout + 60, on_progress=progress, timeout=args.timeout)
+    if args.json:
+        out.write(msgspec.json.encode(result).decode() + "\n")
+    elif result["drained"]:
+        out.write(f"drained in {result['elapsed_s']:.1f}s; the daemon is stopping\n")
+    else:
+        out.write(
+            f"timed out after {result['elapsed_s']:.1f}s with {result['outstanding']} outstanding "
+            f"({', '.join(f'{n} {c}' for n, c in result['by_stage'].items())}); the daemon is stopping\n"
+        )
+    return 0 if result["drained"] else EXIT_FAILED
+
+
+# -- human output ----------------------------------------------------------------------------
+
+
+def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) if c is not None else "" for c in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)] if cells else []
+    if not cells:
+        widths = [len(h) for h in header]
+    for row in [list(header), *cells]:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+
+
+def _ago(at: float | None) -> str:
+    if at is None:
+        return ""
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h{minutes}m"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _show_status(status: Any, out: TextIO) -> None:
+    out.write(f"ferry {status['version']} (pid {status['pid']}), up {_uptime(status['uptime_s'])}\n")
+    out.write(f"config   {status['config_path']}  sha256:{status['config_sha256'][:12]}\n")
+    out.write(f"paused   {', '.join(status['paused']) or '-'}\n")
+    if status["draining"]:
+        out.write("DRAINING: intake stopped, the daemon stops once the backlog is delivered\n")
+    out.write("\n")
+    _table(
+        out,
+        ["ACTOR", "STATE", "RESTARTS", "LAST ERROR"],
+        [(a["name"], a["state"], a["restarts"], a["last_error"]) for a in status["actors"]],
+    )
+    out.write("\n")
+    _table(
+        out,
+        ["STAGE", "KIND", "PENDING", "DELIVERED", "DEAD", ""],
+        [
+            (name, s["kind"], s["pending"], s["delivered"], s["dead"], "paused" if s["paused"] else "")
+            for name, s in status["stages"].items()
+        ],
+    )
+
+
+def _show_pause(result: Any, out: TextIO) -> None:
+    state = "paused" if result["paused"] else "resumed"
+    note = "" if result["changed"] else " (it already was)"
+    out.write(f"{result['kind']} {result['name']} {state}{note}\n")
+
+
+def _show_dlq_list(result: Any, out: TextIO) -> None:
+    items = result["items"]
+    _table(
+        out,
+        ["ID", "SINK", "ATTEMPTS", "STATUS", "DEAD SINCE", "ERROR"],
+        [
+            (
+                d["id"],
+                d["sink"],
+                d["attempts"],
+                d["last_status"],
+                _ago(d["finished_at"]),
+                _short(d["last_error"]),
+            )
+            for d in items
+        ],
+    )
+    out.write(f"{len(items)} of {result['total']} dead letter(s)\n")
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _show_dlq_show(result: Any, out: TextIO) -> None:
+    d = result["delivery"]
+    for label, value in (
+        ("id", d["id"]),
+        ("sink", d["sink"]),
+        ("state", result["state"]),
+        ("event", d["event_id"]),
+        ("attempts", d["attempts"]),
+        ("created", _ago(d["created_at"])),
+        ("finished", _ago(d["finished_at"])),
+        ("last status", d["last_status"]),
+        ("last error", d["last_error"]),
+    ):
+        out.write(f"{label:<12} {value if value is not None else '-'}\n")
+    out.write("payload\n")
+    out.write(msgspec.json.format(msgspec.json.encode(d["payload"]), indent=2).decode() + "\n")
+
+
+def _show_retry(result: Any, out: TextIO) -> None:
+    per_sink = ", ".join(f"{name} {count}" for name, count in result["by_sink"].items())
+    out.write(f"{result['retried']} dead letter(s) pending again{f' ({per_sink})' if per_sink else ''}\n")
+    if result["skipped"]:
+        out.write(f"{result['skipped']} id(s) skipped: not dead letters of a configured sink\n")
+
+
+def _show_purge(result: Any, out: TextIO) -> None:
+    out.write(f"{result['purged']} dead letter(s) purged\n")
+
+
+def _show_stats(result: Any, out: TextIO) -> None:
+    _table(
+        out,
+        ["STAGE", "PENDING", "DELIVERED", "DEAD"],
+        [(name, c["pending"], c["delivered"], c["dead"]) for name, c in result["stages"].items()],
+    )
+    if result["failures"]:
+        out.write("\n")
+        _table(
+            out,
+            ["STAGE", "STATE", "LAST STATUS", "COUNT"],
+            [(f["stage"], f["state"], f["last_status"] or "-", f["count"]) for f in result["failures"]],
+        )
+    if result["since_start"]:
+        out.write("\nsince start:\n")
+        _table(
+            out,
+            ["SINK", "DELIVERED", "RETRIED", "DEAD"],
+            [(name, c["delivered"], c["retried"], c["dead"]) for name, c in result["since_start"].items()],
+        )
+
+
+def _show_audit(result: Any, out: TextIO) -> None:
+    _table(
+        out,
+        ["TIME", "UID", "PID", "COMMAND", "ARGUMENTS", "OUTCOME"],
+        [
+            (_ago(r["at"]), r["uid"], r["pid"], r["command"], _short(r["arguments"], 50), r["outcome"])
+            for r in result["rows"]
+        ],
+    )
