@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint types bench clean
+.PHONY: run test check check-systemd lint types bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-check: lint types test
+# Verifies the systemd units and prints their security exposure; skips without systemd-analyze.
+check-systemd: $(STAMP)
+	VENV=$(VENV) systemd/check.sh
+
+check: lint types test check-systemd
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
