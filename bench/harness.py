@@ -23,6 +23,8 @@ from bench.listener_bench import PATH, WRK_SCRIPT, WrkResult, parse_wrk, run_wrk
 from daemon.schema import DEAD, DELIVERED, PENDING
 from tests.fakes import Daemon
 
+TRACES = os.environ.get("FERRY_BENCH_TRACES", "1") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false
+SAMPLE_RATIO = float(os.environ.get("FERRY_BENCH_SAMPLE_RATIO", "1.0"))
 SOURCE = PATH.rsplit("/", 1)[1]  # the webhook source wrk posts to
 SINK = "out"
 RESHAPE = '{id, name: "\\(.first) \\(.last)", email}'
@@ -41,6 +43,10 @@ socket = "{folder}/ferry.sock"
 
 [supervisor]
 shutdown_grace = "1s"
+
+[telemetry]
+traces = {traces}
+sample_ratio = {sample_ratio}
 
 [sources.{source}]
 type = "webhook"
@@ -158,7 +164,7 @@ def write_config(
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ferry.toml"
-    text = CONFIG.format(folder=folder, source=SOURCE)
+    text = CONFIG.format(folder=folder, source=SOURCE, traces=str(TRACES).lower(), sample_ratio=SAMPLE_RATIO)
     if url is not None:
         text += PIPELINE.format(
             source=SOURCE,
