@@ -258,7 +258,7 @@ class Commands:
             raise CommandError(str(exc)) from None
 
     async def _audit(self, peer: Peer, command: str, request: Any, outcome: str) -> None:
-        fields = {k: v for k, v in msgspec.structs.asdict(request).items() if k != "v"}
+        fields = {k: v for k, v in msgspec.structs.asdict(request).items() if k != "v" and v is not None}
         arguments = msgspec.json.encode(fields).decode()
         await self._store_call(
             partial(

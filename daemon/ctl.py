@@ -333,7 +333,7 @@ def _show_dlq_list(result: Any, out: TextIO) -> None:
     items = result["items"]
     _table(
         out,
-        ["ID", "SINK", "ATTEMPTS", "STATUS", "DEAD SINCE", "ERROR"],
+        ["ID", "SINK", "ATTEMPTS", "STATUS", "DEAD AT", "ERROR"],
         [
             (
                 d["id"],
