@@ -17,11 +17,12 @@ Drain:
     working until nothing is left that is due (transform backlog plus due pending
     deliveries of sinks that are not paused) or the timeout passes. The answer is sent,
     then the daemon stops as on SIGTERM and exits 0. Retries scheduled for later stay
-    in the store for the next start.
+    in the store for the next start. A client that goes away does not cancel a drain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -391,6 +392,7 @@ class Commands:
         self._draining = True
         running = self._running
         running.pauses.draining = True
+        call.after_answer(running.stop.set)
         began = time.monotonic()
         deadline = began + timeout
         reported: dict[str, int] | None = None
@@ -400,10 +402,10 @@ class Commands:
             if not by_stage or time.monotonic() >= deadline:
                 break
             if by_stage != reported:
-                await call.progress(DrainProgress(elapsed, sum(by_stage.values()), by_stage))
                 reported = by_stage
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await call.progress(DrainProgress(elapsed, sum(by_stage.values()), by_stage))
             await trio.sleep(DRAIN_POLL)
-        call.after_answer(running.stop.set)
         return DrainResult(not by_stage, elapsed, sum(by_stage.values()), by_stage)
 
 

@@ -268,7 +268,8 @@ class Call(Protocol):
 
     async def progress(self, value: Any) -> None: ...
 
-    def after_answer(self, fn: Callable[[], None]) -> None: ...
+    def after_answer(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the answer is sent (or could not be: the client went away)."""
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
@@ -425,9 +426,11 @@ class ControlServer:
             if not line.strip():
                 continue
             call = _Call(peer, stream)
-            await stream.send_all(encode_line(await self._answer(line, call)))
-            for hook in call.hooks:
-                hook()
+            try:
+                await stream.send_all(encode_line(await self._answer(line, call)))
+            finally:  # even if the client has gone: a drain must still end in a stop
+                for hook in call.hooks:
+                    hook()
 
     async def _read_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
         """The next line without its newline; None at EOF. Raises `_Oversized` past `max_line`."""

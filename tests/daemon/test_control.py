@@ -322,3 +322,35 @@ async def test_a_member_of_the_control_group_is_allowed(tmp_path: Path, sock_dir
         running.stop.set()
     ((uid, _, command, arguments, outcome),) = audit_rows(tmp_path)
     assert (uid, command, arguments, outcome) == (4321, "pause", '{"name":"demo"}', "ok: demo paused")
+
+
+async def test_clients_beyond_the_limit_are_turned_away_and_idle_ones_closed(sock_dir: Path) -> None:
+    async def echo(request: Any, call: Any) -> str:
+        return "pong"
+
+    async def refused(peer: Peer, command: str, outcome: str) -> None:
+        raise AssertionError
+
+    server = ControlServer(
+        sock_dir / "c.sock",
+        echo,
+        access=Access(os.getuid()),
+        refused=refused,
+        max_clients=1,
+        idle_timeout=0.3,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        first = Conn(await trio.open_unix_socket(str(server.path)))
+        assert await first.ask({"v": 1, "cmd": "stats"}) == {"result": "pong", "v": 1, "ok": True}
+        second = Conn(await trio.open_unix_socket(str(server.path)))
+        assert await second.line() == {
+            "error": "too many control connections; try again",
+            "v": 1,
+            "ok": False,
+        }
+        assert await second.line() is None
+        assert await first.line() is None  # idle past idle_timeout: closed by the server
+        third = Conn(await trio.open_unix_socket(str(server.path)))
+        assert (await third.ask({"v": 1, "cmd": "stats"}))["ok"] is True
+        nursery.cancel_scope.cancel()

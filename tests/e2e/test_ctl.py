@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -287,3 +289,51 @@ def test_drain_stops_intake_delivers_the_backlog_and_the_daemon_exits_0(
     assert daemon.wait(15) == 0
     assert sorted({r.json()["id"] for r in receiver.snapshot()}) == list(range(20))
     assert ctl(config, "status").returncode == 3
+
+
+def test_a_drain_whose_client_goes_away_still_finishes_and_stops_the_daemon(
+    config: Path, daemon: Daemon, receiver: Receiver, sock_dir: Path
+) -> None:
+    receiver.gate.clear()
+    for n in range(5):
+        assert post(daemon, n).status_code == 202
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(sock_dir / "ferry.sock"))
+        client.sendall(b'{"v": 1, "cmd": "drain", "timeout": 30}\n')
+        progress = json.loads(client.makefile().readline())
+        assert progress["ok"] is True
+        assert progress["progress"]["outstanding"] >= 1
+    receiver.gate.set()
+    assert daemon.wait(30) == 0
+    assert sorted({r.json()["id"] for r in receiver.snapshot()}) == list(range(5))
+
+
+def test_purge_on_a_terminal_asks_first(config: Path, daemon: Daemon, receiver: Receiver) -> None:
+    receiver.rejected = {7}
+    post(daemon, 7)
+    wait_status(config, lambda s: s["stages"]["crm"]["dead"] == 1)
+
+    def purge(answer: bytes) -> subprocess.CompletedProcess[bytes]:
+        controller, terminal = pty.openpty()
+        try:
+            os.write(controller, answer)
+            return subprocess.run(
+                [sys.executable, "-m", "daemon.cli", "ctl", "-c", str(config), "dlq", "purge"],
+                cwd=ROOT,
+                stdin=terminal,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(terminal)
+            os.close(controller)
+
+    declined = purge(b"n\n")
+    assert declined.returncode == 1
+    assert b"Purge 1 dead letter(s)? This cannot be undone. [y/N]" in declined.stdout
+    assert ctl_json(config, "dlq", "list")["total"] == 1
+    accepted = purge(b"y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.endswith(b"1 dead letter(s) purged\n")
+    assert ctl_json(config, "dlq", "list")["total"] == 0
