@@ -23,7 +23,7 @@ from bench.listener_bench import PATH, WRK_SCRIPT, WrkResult, parse_wrk, run_wrk
 from daemon.schema import DEAD, DELIVERED, PENDING
 from tests.fakes import Daemon
 
-TRACES = os.environ.get("FERRY_BENCH_TRACES", "1") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false
+TRACES = os.environ.get("FERRY_BENCH_TRACES", "0") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false
 SAMPLE_RATIO = float(os.environ.get("FERRY_BENCH_SAMPLE_RATIO", "1.0"))
 SOURCE = PATH.rsplit("/", 1)[1]  # the webhook source wrk posts to
 SINK = "out"

@@ -72,6 +72,7 @@ def test_log_lines_inside_a_span_carry_its_trace_and_span_ids() -> None:
 
 def test_with_no_collector_spans_beyond_the_queue_are_dropped_and_counted() -> None:
     config = TelemetryConfig(
+        traces=True,
         endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
         max_queue=16,
         export_timeout=Duration(0.5),

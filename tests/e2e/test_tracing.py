@@ -13,6 +13,7 @@ from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
 
 PIPELINE = """
 [telemetry]
+traces = true
 endpoint = "{otlp}"
 metrics_interval = "200ms"
 export_timeout = "2s"
