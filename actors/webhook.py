@@ -421,7 +421,7 @@ class WebhookListener:
                     status, answer = 200, _encode({"id": event_id, "duplicate": True})
                 else:
                     status, answer = 202, _encode({"id": event_id})
-                    metrics.current().events_received.add(1, {"source": source})
+                    metrics.current().received[source] += 1
         if status >= 400:
             _rejected(source, _REJECTION_REASONS[status])
         if span is not None:

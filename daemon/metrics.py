@@ -13,7 +13,7 @@ Names (all prefixed `ferry.`):
 | `deliveries` | counter (deliveries finished or rescheduled) | `sink`, `outcome` = delivered / retry / dead |
 | `delivery.attempts` | counter (requests sent) | `sink` |
 | `delivery.duration` | histogram, s, one per attempt | `sink`, `outcome` |
-| `delivery.latency` | histogram, s, delivery created -> delivered | `sink` |
+| `delivery.latency` | histogram, s, created -> delivered (<= 16 samples per batch request) | `sink` |
 | `dead_letters` | counter | `stage` (a sink or a transform) |
 | `queue.depth` | gauge, pending deliveries | `stage` |
 | `actor.restarts` | counter | `actor` |
@@ -23,6 +23,7 @@ Names (all prefixed `ferry.`):
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
@@ -37,9 +38,15 @@ class Metrics:
 
     def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
         self.queue_depths: dict[str, int] = {}
+        # Per-event counts are plain integers read at export time: an OTel `Counter.add`
+        # costs ~4 us, a tenth of what storing the event costs (measured with make bench).
+        self.received: Counter[str] = Counter()
         self._spans_dropped = spans_dropped
-        self.events_received = meter.create_counter(
-            "ferry.events.received", unit="{event}", description="Events accepted and committed, by source."
+        meter.create_observable_counter(
+            "ferry.events.received",
+            callbacks=[self._observe_received],
+            unit="{event}",
+            description="Events accepted and committed, by source.",
         )
         self.events_rejected = meter.create_counter(
             "ferry.events.rejected",
@@ -78,6 +85,9 @@ class Metrics:
             unit="{span}",
             description="Spans lost: export queue full or export failed.",
         )
+
+    def _observe_received(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"source": source}) for source, count in list(self.received.items())]
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(depth, {"stage": stage}) for stage, depth in list(self.queue_depths.items())]
