@@ -19,6 +19,15 @@ Readiness:
     later must not turn webhooks away, since ingest is durable without it);
     `healthy` is true while every actor is running.
 
+Stopping one actor:
+    Each supervised actor runs in its own cancel scope, so a reload can stop it
+    alone: `await supervisor.stop(name, grace=…)` calls the incarnation's `stop()`
+    (if it has one, e.g. a sink finishing what it holds), cancels it once `grace` has
+    passed, waits until it has ended and forgets it. `supervisor.start(nursery, name,
+    factory)` adds an actor to a nursery that is already running, without waiting for it
+    to start (`await supervisor.started(name, timeout)` does). A name is supervised at
+    most once at a time: stop the old actor before starting its replacement.
+
 Cancellation:
     `trio.Cancelled` is never caught: cancelling the nursery stops every actor.
 """
@@ -58,6 +67,9 @@ class ActorState:
     last_error: str | None = None
     started_at: float | None = None
     incarnation: Any = field(default=None, repr=False)
+    first_start: trio.Event = field(default_factory=trio.Event, repr=False)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
+    ended: trio.Event = field(default_factory=trio.Event, repr=False)
 
 
 def describe(exc: BaseException) -> str:
@@ -77,6 +89,7 @@ class _StartedRelay:
     def started(self, value: Any = None) -> None:
         self._state.state = "running"
         self._state.started_at = trio.current_time()
+        self._state.first_start.set()
         if self._outer is not None:
             outer, self._outer = self._outer, None
             outer.started(value)
@@ -118,26 +131,69 @@ class Supervisor:
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run `factory().run` until it returns, restarting it whenever it raises."""
+        """Run `factory().run` until it returns or `stop(name)`, restarting it whenever it raises."""
+        await self._run(self._register(name), factory, task_status)
+
+    def start(self, nursery: trio.Nursery, name: str, factory: Callable[[], Actor]) -> ActorState:
+        """Supervise `name` in `nursery` (already running) without waiting for it to start."""
+        state = self._register(name)
+        nursery.start_soon(self._run, state, factory, trio.TASK_STATUS_IGNORED)
+        return state
+
+    async def started(self, name: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `name`'s first incarnation to start; whether it has."""
+        with trio.move_on_after(timeout):
+            await self.actors[name].first_start.wait()
+        return self.actors[name].first_start.is_set()
+
+    async def stop(self, name: str, *, grace: float = 0.0) -> None:
+        """Stop `name` for good and forget it; see "Stopping one actor" in the module docstring.
+
+        A running incarnation with a `stop()` method is asked to finish and cancelled after
+        `grace` seconds; any other (starting, in backoff, or without `stop()`) is cancelled now.
+        """
+        state = self.actors[name]
+        finish = getattr(state.incarnation, "stop", None)
+        if grace > 0 and state.state == "running" and callable(finish):
+            finish()
+            state.scope.deadline = min(state.scope.deadline, trio.current_time() + grace)
+        else:
+            state.scope.cancel()
+        await state.ended.wait()
+        if self.actors.get(name) is state:
+            del self.actors[name]
+
+    def _register(self, name: str) -> ActorState:
+        if name in self.actors:
+            raise ValueError(f"{name} is already supervised; stop it first")
         state = self.actors[name] = ActorState(name)
+        return state
+
+    async def _run(self, state: ActorState, factory: Callable[[], Actor], task_status: Any) -> None:
         relay = _StartedRelay(task_status, state)
         streak = 0
-        while True:
-            actor = factory()
-            state.incarnation = actor
-            state.state = "starting"
-            began = trio.current_time()
-            try:
-                await actor.run(task_status=relay)
-            except Exception as exc:
-                ran_for = trio.current_time() - began
-                streak = 1 if ran_for >= self._config.max_backoff else streak + 1
-                self._count_restart(name, state, exc)
-                state.state = "backoff"
-                await trio.sleep(self.backoff(streak))
-            else:
+        try:
+            with state.scope:
+                while True:
+                    actor = factory()
+                    state.incarnation = actor
+                    state.state = "starting"
+                    began = trio.current_time()
+                    try:
+                        await actor.run(task_status=relay)
+                    except Exception as exc:
+                        ran_for = trio.current_time() - began
+                        streak = 1 if ran_for >= self._config.max_backoff else streak + 1
+                        self._count_restart(state.name, state, exc)
+                        state.state = "backoff"
+                        await trio.sleep(self.backoff(streak))
+                    else:
+                        state.state = "stopped"
+                        return
+            if state.scope.cancelled_caught:
                 state.state = "stopped"
-                return
+        finally:
+            state.ended.set()
 
     def _count_restart(self, name: str, state: ActorState, exc: Exception) -> None:
         state.restarts += 1

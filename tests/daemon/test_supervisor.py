@@ -246,3 +246,84 @@ async def test_crash_loop_under_the_restart_budget_keeps_being_restarted(
 
     assert supervisor.actors["looping"].restarts == 1200
     assert set(script.gaps()[-100:]) == {10.0}
+
+
+class Finisher:
+    """An actor with `stop()`: it finishes `finishing` seconds after being asked, like a sink."""
+
+    def __init__(self, finishing: float) -> None:
+        self.finishing = finishing
+        self.asked = trio.Event()
+        self.finished = False
+
+    def stop(self) -> None:
+        self.asked.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.asked.wait()
+        await trio.sleep(self.finishing)
+        self.finished = True
+
+
+async def test_stop_ends_one_actor_and_forgets_it_while_the_others_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    supervisor = Supervisor(policy())
+    steady, doomed = Script(lambda n: None), Script(lambda n: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.supervise, "steady", steady.factory)
+        await nursery.start(supervisor.supervise, "doomed", doomed.factory)
+        began = supervisor.actors["steady"].started_at
+        await supervisor.stop("doomed")
+        assert set(supervisor.actors) == {"steady"}
+        assert supervisor.actors["steady"].state == "running"
+        assert supervisor.actors["steady"].started_at == began
+        # The name is free again: a replacement can be supervised under it.
+        supervisor.start(nursery, "doomed", doomed.factory)
+        assert await supervisor.started("doomed", timeout=1)
+        assert doomed.incarnations == 2
+        assert steady.incarnations == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_gives_an_actor_with_stop_its_grace_then_cancels(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    supervisor = Supervisor(policy())
+    quick, slow = Finisher(finishing=1), Finisher(finishing=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.supervise, "quick", lambda: quick)
+        await nursery.start(supervisor.supervise, "slow", lambda: slow)
+        began = trio.current_time()
+        await supervisor.stop("quick", grace=10)
+        assert quick.finished
+        assert trio.current_time() - began == pytest.approx(1)
+        began = trio.current_time()
+        await supervisor.stop("slow", grace=10)
+        assert slow.asked.is_set()
+        assert not slow.finished
+        assert trio.current_time() - began == pytest.approx(10)
+        assert supervisor.actors == {}
+
+
+async def test_stop_cancels_an_actor_in_backoff_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    supervisor = Supervisor(policy(initial_backoff=100, max_backoff=100), rng=lambda: 1.0)
+    crasher = Script(crash_times(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.supervise, "crasher", crasher.factory)
+        while supervisor.actors["crasher"].state != "backoff":
+            await trio.sleep(0.001)
+        began = trio.current_time()
+        await supervisor.stop("crasher", grace=30)
+        assert trio.current_time() == began
+        assert crasher.incarnations == 1
+
+
+async def test_a_name_is_supervised_once_at_a_time() -> None:
+    supervisor = Supervisor(policy())
+    async with trio.open_nursery() as nursery:
+        supervisor.start(nursery, "one", Script(lambda n: None).factory)
+        with pytest.raises(ValueError, match="already supervised"):
+            supervisor.start(nursery, "one", Script(lambda n: None).factory)
+        nursery.cancel_scope.cancel()
