@@ -116,6 +116,15 @@ class _Route:
     header: bytes | None  # lower-cased, as h11 reports header names
 
 
+def _compile(routes: Mapping[str, WebhookRoute]) -> dict[bytes, _Route]:
+    return {
+        path.encode(): _Route(
+            r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None
+        )
+        for path, r in routes.items()
+    }
+
+
 def _split_address(address: str) -> tuple[str, int]:
     """`host:port` (IPv6 hosts in brackets, empty host for all interfaces) as (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -180,12 +189,7 @@ class WebhookListener:
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
     ) -> None:
         self._config = config
-        self._routes = {
-            path.encode(): _Route(
-                r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None
-            )
-            for path, r in routes.items()
-        }
+        self._routes = _compile(routes)
         self._ingest = ingest
         self._readiness = readiness
         self._paused = paused
@@ -196,6 +200,13 @@ class WebhookListener:
         return (
             f"<WebhookListener {self._config.address} [{len(self._routes)} routes, {self._connections} open]>"
         )
+
+    def reroute(self, routes: Mapping[str, WebhookRoute]) -> None:
+        """Serve these routes from the next request on (a reload); open connections stay open.
+
+        A request whose path is no longer served by the time its body has arrived gets 404.
+        """
+        self._routes = _compile(routes)
 
     @property
     def connections(self) -> int:
@@ -362,6 +373,11 @@ class WebhookListener:
             await stream.send_all(_response(conn, *refusal))
             return True
         assert route is not None  # every request without a route got a refusal above
+        current = self._routes.get(path)  # a reload may have changed the routes while the body arrived
+        if current is None:
+            await stream.send_all(_response(conn, *self._other(request.method, path)))
+            return True
+        route = current
         await stream.send_all(await self._accept(conn, route.source, path, body, dedup_key, traceparent))
         return True
 

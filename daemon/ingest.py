@@ -12,6 +12,12 @@ Why:
     a fraction of that, and the writer's group commit still merges these
     batches with the other stages' writes.
 
+Reload:
+    `rewire(sinks, consumers)` swaps both maps at once (no await between), so each
+    request sees the old wiring or the new one, never a mix. A request already queued
+    keeps the sinks it was queued with; a wake-up for a consumer that no longer exists
+    is dropped (its rows are in the store either way).
+
 Backpressure:
     At most `FLUSHERS` writes are in the store at once; requests arriving
     meanwhile wait in `pending`, which holds at most one request per open
@@ -64,6 +70,10 @@ class IngestBatcher:
         self._wakeup = trio.Event()
         self.writes = 0
         self.events = 0
+
+    def rewire(self, *, sinks: Mapping[str, Sequence[str]], consumers: Mapping[str, Sequence[str]]) -> None:
+        """Route new events by these maps from now on (a reload); see "Reload" above."""
+        self._sinks, self._consumers = sinks, consumers
 
     def __repr__(self) -> str:
         return (
@@ -119,7 +129,8 @@ class IngestBatcher:
 
     async def _flush(self, batch: list[tuple[Incoming, _Waiter]]) -> None:
         incoming = [item for item, _ in batch]
-        wake = {consumer for item in incoming for consumer in self._consumers[item.stream]}
+        consumers = self._consumers
+        wake = {consumer for item in incoming for consumer in consumers.get(item.stream, ())}
         try:
             results = await self._store.call(
                 partial(insert_events, incoming=incoming, dedup_window=self._dedup_window), wake=wake

@@ -547,3 +547,34 @@ async def test_socket_activated_listeners_are_served(nursery: trio.Nursery) -> N
 def test_repr_names_address_routes_and_connections() -> None:
     listener = WebhookListener(ListenerConfig(address="127.0.0.1:0"), ROUTES, FakeIngest(), lambda: True)
     assert repr(listener) == "<WebhookListener 127.0.0.1:0 [2 routes, 0 open]>"
+
+
+# --- reload ----------------------------------------------------------------------------------
+
+
+async def test_reroute_serves_the_new_routes_on_a_connection_already_open(nursery: trio.Nursery) -> None:
+    server = await serve(nursery)
+    client = await server.connect()
+    await client.send(JSON_POST)
+    assert (await client.response()).status == 202
+    server.listener.reroute({"/hooks/other": WebhookRoute("other", None)})
+    await client.send(JSON_POST)
+    gone = await client.response()
+    assert (gone.status, gone.json()) == (404, {"error": "no webhook at /hooks/demo"})
+    await client.send(post("/hooks/other", b"{}", "Content-Type: application/json"))
+    assert (await client.response()).status == 202
+    assert [call.source for call in server.ingest.calls] == ["demo", "other"]
+
+
+async def test_a_route_removed_while_the_body_arrives_answers_404_and_stores_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    server = await serve(nursery)
+    client = await server.connect()
+    head, body = JSON_POST[:-3], JSON_POST[-3:]
+    await client.send(head)
+    await trio.testing.wait_all_tasks_blocked()  # the listener has read the head and waits for the body
+    server.listener.reroute({})
+    await client.send(body)
+    assert (await client.response()).status == 404
+    assert server.ingest.calls == []
