@@ -64,6 +64,7 @@ async def _maintain(store: Store, config: Config) -> None:
             partial(
                 outbox.prune,
                 retention=config.store.retention,
+                archive=config.store.archive,
                 dedup_window=config.store.dedup_window,
                 readers=readers,
             )

@@ -61,6 +61,13 @@ class StoreConfig(_Section, frozen=True):
         _default(Duration(3600))
     )
     dedup_window: Annotated[
+    archive: Annotated[
+        Duration,
+        Meta(
+            description="How long every event is kept after receipt even once nothing refers to it, "
+            "so `ferry ctl replay` can send it again; `0s`: events go with their deliveries."
+        ),
+    ] = _default(Duration(0))
         Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
     ] = _default(Duration(86400))
     max_batch: Annotated[

@@ -287,13 +287,15 @@ def prune(
     dedup_window: float,
     readers: dict[str, list[str]],
     limit: int = 20_000,
+    archive: float = 0.0,
 ) -> int:
     """Delete delivered rows older than `retention`, then events nothing needs any more.
 
     An event is kept while any delivery (pending or dead) refers to it, while a
     transform reading its stream has not passed it, or while it is younger than
-    `retention`. `readers` maps each configured stream to the transforms reading it (events of
-    streams no longer configured are kept until an operator purges them).
+    `retention` or `archive` (`[store] archive`: kept for `ferry ctl replay`). `readers`
+    maps each configured stream to the transforms reading it (events of streams no
+    longer configured are kept until an operator purges them).
     Deletes at most `limit` rows of each kind, so one call never holds the writer long.
     """
     now = time.time()
@@ -303,6 +305,7 @@ def prune(
         "AND finished_at < ? LIMIT ?)",
         (cutoff, limit),
     ).rowcount
+    kept_since = now - max(retention, archive)
     positions = dict(conn.execute("SELECT name, position FROM cursors").fetchall())
     for stream, names in readers.items():
         upto = min((positions.get(name, 0) for name in names), default=2**62)
@@ -310,7 +313,7 @@ def prune(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE stream = ? AND seq <= ? "
             "AND received_at < ? AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq) "
             "LIMIT ?)",
-            (stream, upto, cutoff, limit),
+            (stream, upto, kept_since, limit),
         ).rowcount
     removed += conn.execute("DELETE FROM dedup WHERE created_at < ?", (now - dedup_window,)).rowcount
     return removed

@@ -400,6 +400,20 @@ def test_prune_keeps_young_events_even_when_passed(conn: Connection) -> None:
     assert outbox.prune(conn, retention=3600, dedup_window=3600, readers={"demo": ["shape"]}) == 0
 
 
+def test_prune_keeps_events_within_the_archive_period_and_no_longer(conn: Connection) -> None:
+    outbox.insert_event(conn, "demo", b"old", None, [])
+    age(conn, 7200)
+    outbox.insert_event(conn, "demo", b"kept", None, [])
+    age(conn, 600)  # past the retention, within the archive
+    outbox.insert_event(conn, "demo", b"young", None, [])
+
+    removed = outbox.prune(conn, retention=60, archive=3600, dedup_window=3600, readers={"demo": []})
+
+    assert removed == 1
+    assert {payload for (payload,) in conn.execute("SELECT payload FROM events")} == {b"kept", b"young"}
+    assert outbox.prune(conn, retention=60, archive=0, dedup_window=3600, readers={"demo": []}) == 1
+
+
 def test_due_deliveries_respect_schedule_and_state(conn: Connection) -> None:
     first, _ = outbox.insert_event(conn, "demo", b"1", None, ["crm"])
     later, _ = outbox.insert_event(conn, "demo", b"2", None, ["crm"])
