@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -28,11 +28,12 @@ import trio
 
 from . import metrics, outbox
 from .commands import Commands, Pauses
-from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, webhook_path
+from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
-from .registry import Transformer, WebhookListener, WebhookRoute, build_sink
+from .registry import WebhookListener, build_sink
+from .reload import fan_out, reload, routes, transformer
 from .store import Store
 from .supervisor import Supervisor
 from .systemd import ActivatedSockets, Notifier
@@ -54,11 +55,26 @@ class Running:
     actors: dict[str, Any] = field(default_factory=dict)
     pauses: Pauses = field(default_factory=Pauses)
     control: ControlServer | None = None
+    loaded: LoadedConfig = field(kw_only=True)
+    """The config file as last loaded (at startup or by a reload)."""
+    notifier: Notifier = field(kw_only=True)
+    reload_lock: trio.Lock = field(default_factory=trio.Lock)
+    # What a reload swaps or starts actors into; set once every actor has started.
+    sinks_nursery: trio.Nursery | None = None
+    intake_nursery: trio.Nursery | None = None
+    batcher: IngestBatcher | None = None
+    listener: WebhookListener | None = None
+
+    @property
+    def sinks(self) -> list[Any]:
+        """The sink actors of the current config."""
+        return [self.actors[name] for name in self.config.sinks if name in self.actors]
 
 
-async def _maintain(store: Store, config: Config) -> None:
-    readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
+async def _maintain(store: Store, running: Running) -> None:
     while True:
+        config = running.config  # a reload may change who reads what
+        readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.call(
             partial(
@@ -73,11 +89,13 @@ async def _maintain(store: Store, config: Config) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, stages: list[str], interval: float) -> None:
+async def _sample_queue_depths(store: Store, running: Running, interval: float) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader."""
     while True:
-        depths = await store.call(partial(metrics.pending_by_stage, stages=stages))
-        metrics.current().queue_depths.update(depths)
+        depths = await store.call(partial(metrics.pending_by_stage, stages=list(running.config.sinks)))
+        gauges = metrics.current().queue_depths
+        gauges.clear()  # a sink removed by a reload stops being reported
+        gauges.update(depths)
         await trio.sleep(interval)
 
 
@@ -91,12 +109,17 @@ def _control_server(loaded: LoadedConfig, running: Running) -> ControlServer:
     )
 
 
-async def _watch_signals(running: Running, cancel: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(running: Running, nursery: trio.Nursery) -> None:
+    """SIGTERM/SIGINT stop the daemon (a second one at once); SIGHUP reloads the config."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("reloading", extra={"fields": {"signal": "SIGHUP"}})
+                nursery.start_soon(reload, running)
+                continue
             if running.stop.is_set():
                 log.warning("second signal: stopping now", extra={"fields": {"signal": signum}})
-                cancel.cancel()
+                nursery.cancel_scope.cancel()
                 return
             log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
             running.stop.set()
@@ -107,10 +130,10 @@ class _Tally(Protocol):
     dead: int
 
 
-async def _status_line(store: Store, batcher: IngestBatcher, sinks: Iterable[_Tally]) -> str:
+async def _status_line(store: Store, batcher: IngestBatcher, sinks: Callable[[], Iterable[_Tally]]) -> str:
     """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries."""
     delivered = dead = 0
-    for sink in sinks:
+    for sink in sinks():
         delivered, dead = delivered + sink.delivered, dead + sink.dead
     try:
         pending = f"{await store.call(outbox.pending_total)} pending"
@@ -141,20 +164,17 @@ async def serve(
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    wiring = downstream(config)
     telemetry = Telemetry.start(config.telemetry)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
+            running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
             if config.telemetry.metrics:
-                outer.start_soon(
-                    _sample_queue_depths, store, list(config.sinks), config.telemetry.metrics_interval
-                )
-            outer.start_soon(_maintain, store, config)
+                outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
+            outer.start_soon(_maintain, store, running)
             outer.start_soon(notifier.keep_alive)
-            running = Running([], store, supervisor, config)
             if handle_signals:
-                outer.start_soon(_watch_signals, running, outer.cancel_scope)
+                outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
                 sinks = {name: build_sink(name, sink, store) for name, sink in config.sinks.items()}
                 for name, sink in sinks.items():
@@ -163,29 +183,18 @@ async def serve(
                 running.control = _control_server(loaded, running)
                 await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
-                    for name, transform in config.transforms.items():
-                        actor = Transformer(
-                            name, transform, store, transforms=wiring[name][0], sinks=wiring[name][1]
-                        )
+                    for name in config.transforms:
+                        actor = transformer(config, name, running)
                         running.actors[name] = actor
                         await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
-                    routes = {
-                        webhook_path(name, source): WebhookRoute(name, source.idempotency_header or None)
-                        for name, source in config.sources.items()
-                        if isinstance(source, WebhookSourceConfig)
-                    }
+                    sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
-                        store,
-                        sinks={name: sinks for name, (_, sinks) in wiring.items()},
-                        consumers={
-                            name: [*transforms, *sinks] for name, (transforms, sinks) in wiring.items()
-                        },
-                        dedup_window=config.store.dedup_window,
+                        store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(
                         config.listener,
-                        routes,
+                        routes(config),
                         batcher,
                         lambda: supervisor.ready and store.writable,
                         paused=running.pauses.source_paused,
@@ -203,17 +212,20 @@ async def serve(
                             }
                         },
                     )
-                    notifier.ready(f"serving {len(routes)} webhook source(s)")
+                    running.sinks_nursery, running.intake_nursery = sinks_nursery, intake
+                    running.batcher, running.listener = batcher, listener
+                    notifier.ready(f"serving {len(config.sources)} webhook source(s)")
                     intake.start_soon(
-                        notifier.report_status, partial(_status_line, store, batcher, sinks.values())
+                        notifier.report_status, partial(_status_line, store, batcher, lambda: running.sinks)
                     )
                     task_status.started(running)
                     await running.stop.wait()
                     notifier.stopping(
                         f"stopping: finishing deliveries for up to {config.supervisor.shutdown_grace:g}s"
                     )
-                    intake.cancel_scope.cancel()
-                for sink in sinks.values():
+                    async with running.reload_lock:  # a reload under way finishes first; none starts after
+                        intake.cancel_scope.cancel()
+                for sink in running.sinks:
                     sink.stop()
                 sinks_nursery.cancel_scope.deadline = trio.current_time() + config.supervisor.shutdown_grace
             outer.cancel_scope.cancel()

@@ -2,7 +2,7 @@
 
 Audit:
     Every command that changes something (`pause`, `resume`, `dlq retry`, `dlq purge`,
-    `drain`) is recorded in the store's `audit` table once it has run: time, the peer's
+    `drain`, `reload`) is recorded in the store's `audit` table once it has run: time, the peer's
     uid and pid, the command, its arguments as JSON and its outcome (`ok: …` or
     `error: …`). Reads (`status`, `dlq list/show`, `stats`, `audit`) are not recorded.
 
@@ -18,12 +18,15 @@ Drain:
     deliveries of sinks that are not paused) or the timeout passes. The answer is sent,
     then the daemon stops as on SIGTERM and exits 0. Retries scheduled for later stay
     in the store for the next start. A client that goes away does not cancel a drain.
+
+Reload:
+    See `daemon.reload`. A refused reload (an invalid file, a section that cannot change
+    live) is answered as an error listing every problem; nothing changed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ import trio
 from msgspec import Struct
 
 from . import ops, outbox
-from .config import LoadedConfig, WebhookSourceConfig
+from .config import Config, LoadedConfig, WebhookSourceConfig
 from .control import (
     MUTATING,
     AuditRequest,
@@ -49,12 +52,14 @@ from .control import (
     DrainRequest,
     PauseRequest,
     Peer,
+    ReloadRequest,
     ResumeRequest,
     StatsRequest,
     StatusRequest,
 )
 from .errors import StoreUnavailable
 from .ops import AuditRow, DeadFilter, DeadLetter
+from .reload import ReloadResult, config_sha256, reload
 
 if TYPE_CHECKING:
     from .app import Running
@@ -191,11 +196,12 @@ class Commands:
 
     def __init__(self, running: Running, loaded: LoadedConfig) -> None:
         self._running = running
-        self._loaded = loaded
-        self._config = loaded.config
         self._started = time.monotonic()
-        self._sha256 = hashlib.sha256(loaded.text.encode()).hexdigest()
         self._draining = False
+
+    @property
+    def _config(self) -> Config:
+        return self._running.config  # a reload replaces it
 
     async def __call__(self, request: Any, call: Call) -> Any:
         tag = type(request).__struct_config__.tag
@@ -250,6 +256,8 @@ class Commands:
                 return AuditResult(await self._store_call(partial(ops.read_audit, limit=limit)))
             case DrainRequest(timeout=timeout):
                 return await self._drain(timeout, call)
+            case ReloadRequest():
+                return await self._reload()
         raise CommandError(f"unhandled command {type(request).__name__}")
 
     async def _store_call(self, fn: Any, wake: list[str] | None = None) -> Any:
@@ -276,7 +284,7 @@ class Commands:
 
     def _paused(self) -> list[str]:
         running = self._running
-        sinks = [name for name in self._config.sinks if self._sink(name).paused]
+        sinks = [name for name in self._config.sinks if name in running.actors and self._sink(name).paused]
         return sorted(running.pauses.sources) + sinks
 
     def _sink(self, name: str) -> Pausable:
@@ -309,8 +317,8 @@ class Commands:
             version=_version(),
             pid=os.getpid(),
             uptime_s=round(time.monotonic() - self._started, 3),
-            config_path=str(self._loaded.path) if self._loaded.path else None,
-            config_sha256=self._sha256,
+            config_path=str(self._running.loaded.path) if self._running.loaded.path else None,
+            config_sha256=config_sha256(self._running.loaded),
             draining=self._running.pauses.draining,
             paused=self._paused(),
             actors=actors,
@@ -375,11 +383,22 @@ class Commands:
         retried = sum(by_sink.values())
         return DlqRetryResult(retried, by_sink, max(0, len(request.ids) - retried))
 
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload(self) -> ReloadResult:
+        result = await reload(self._running)
+        if not result.applied:
+            problems = "".join(f"\n  {error}" for error in result.errors)
+            raise CommandError(f"reload refused, nothing changed:{problems}")
+        return result
+
     # -- drain -------------------------------------------------------------------------------
 
     async def _outstanding(self) -> dict[str, int]:
         config = self._config
-        active = [name for name in config.sinks if not self._sink(name).paused]
+        active = [
+            name for name in config.sinks if name in self._running.actors and not self._sink(name).paused
+        ]
         due = await self._store_call(partial(ops.due_counts, stages=active, now=time.time()))
         backlog = await self._store_call(
             partial(ops.transform_backlog, inputs={n: t.inputs for n, t in config.transforms.items()})
@@ -420,4 +439,11 @@ def _summary(result: Any) -> str:
             return f"{purged} {'would be purged' if dry_run else 'purged'}"
         case DrainResult(drained=drained, outstanding=outstanding):
             return "drained" if drained else f"timed out, {outstanding} outstanding"
+        case ReloadResult(added=added, changed=changed, removed=removed):
+            parts = [
+                f"{label} {', '.join(names)}"
+                for label, names in (("added", added), ("changed", changed), ("removed", removed))
+                if names
+            ]
+            return "reloaded: " + ("; ".join(parts) or "nothing changed")
     return "done"

@@ -128,6 +128,10 @@ class AuditRequest(_Request, frozen=True, tag="audit"):
     limit: Limit = 20
 
 
+class ReloadRequest(_Request, frozen=True, tag="reload"):
+    """Re-read the config file and apply it; a bad file changes nothing and its errors are returned."""
+
+
 class DrainRequest(_Request, frozen=True, tag="drain"):
     """Stop intake, deliver what is due within `timeout`, then stop the daemon (exit 0)."""
 
@@ -145,9 +149,10 @@ Request = (
     | StatsRequest
     | AuditRequest
     | DrainRequest
+    | ReloadRequest
 )
 COMMANDS: Final[Mapping[str, type[Any]]] = {cls.__struct_config__.tag: cls for cls in Request.__args__}
-MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain"})
+MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain", "reload"})
 
 
 # -- answers ---------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     commands.add_parser("stats", help="counts by outcome per stage, failures by last status")
     audit = commands.add_parser("audit", help="the control audit trail")
     audit.add_argument("--limit", type=int, default=20)
+    commands.add_parser(
+        "reload", help="re-read the config file and apply it (a bad file changes nothing; errors are shown)"
+    )
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
 
@@ -192,6 +195,8 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         emit(client.request("stats"), _show_stats)
     elif command == "audit":
         emit(client.request("audit", limit=args.limit), _show_audit)
+    elif command == "reload":
+        emit(client.request("reload"), _show_reload)
     elif command == "drain":
         return _drain(client, args, out)
     elif command == "dlq":
@@ -416,3 +421,15 @@ def _show_audit(result: Any, out: TextIO) -> None:
             for r in result["rows"]
         ],
     )
+
+
+def _show_reload(result: Any, out: TextIO) -> None:
+    out.write(f"reloaded {result['config_path']} (sha256:{result['config_sha256'][:12]})\n")
+    rows = [(label, name) for label in ("added", "changed", "removed") for name in result[label]]
+    if not rows:
+        out.write("nothing changed\n")
+    for label, name in rows:
+        out.write(f"  {label:<8} {name}\n")
+    out.write(f"  {result['unchanged']} component(s) unchanged, still running\n")
+    for name in result["not_started"]:
+        out.write(f"  {name} has not started yet; see `ferry ctl status`\n")
