@@ -60,7 +60,6 @@ class StoreConfig(_Section, frozen=True):
     retention: Annotated[Duration, Meta(description="How long delivered rows are kept before pruning.")] = (
         _default(Duration(3600))
     )
-    dedup_window: Annotated[
     archive: Annotated[
         Duration,
         Meta(
@@ -68,6 +67,7 @@ class StoreConfig(_Section, frozen=True):
             "so `ferry ctl replay` can send it again; `0s`: events go with their deliveries."
         ),
     ] = _default(Duration(0))
+    dedup_window: Annotated[
         Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
     ] = _default(Duration(86400))
     max_batch: Annotated[
