@@ -2,7 +2,7 @@
 
 Audit:
     Every command that changes something (`pause`, `resume`, `dlq retry`, `dlq purge`,
-    `drain`, `reload`) is recorded in the store's `audit` table once it has run: time, the peer's
+    `drain`, `reload`, `replay`) is recorded in the store's `audit` table once it has run: time, the peer's
     uid and pid, the command, its arguments as JSON and its outcome (`ok: …` or
     `error: …`). Reads (`status`, `dlq list/show`, `stats`, `audit`) are not recorded.
 
@@ -22,6 +22,14 @@ Drain:
 Reload:
     See `daemon.reload`. A refused reload (an invalid file, a section that cannot change
     live) is answered as an error listing every problem; nothing changed.
+
+Replay:
+    New pending deliveries, due now, for the stored events of a source received in a
+    window and, for a sink fed by a transform, for that transform's stored outputs
+    derived from them (transforms are not run again). Every sink downstream of the
+    source gets them, or only `to`. Ids are `EVENT_ID.SINK.rN`, N the replay's number
+    (the `replays` table), so a receiver does not drop them as duplicates of the first
+    delivery. Written `REPLAY_CHUNK` events per transaction with a progress line after each.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import trio
 from msgspec import Struct
 
 from . import ops, outbox
-from .config import Config, LoadedConfig, WebhookSourceConfig
+from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
     MUTATING,
     AuditRequest,
@@ -53,6 +61,7 @@ from .control import (
     PauseRequest,
     Peer,
     ReloadRequest,
+    ReplayRequest,
     ResumeRequest,
     StatsRequest,
     StatusRequest,
@@ -65,6 +74,7 @@ if TYPE_CHECKING:
     from .app import Running
 
 DRAIN_POLL = 0.2
+REPLAY_CHUNK = 1000  # events per transaction (and per progress line) of a replay
 
 
 class Pausable(Protocol):
@@ -183,6 +193,18 @@ class AuditResult(Struct, frozen=True):
     rows: list[AuditRow]
 
 
+class ReplayProgress(Struct, frozen=True):
+    events: int  # replayed so far
+    total: int
+
+
+class ReplayResult(Struct, frozen=True):
+    replay: int  # its number: new delivery ids end in `.rN`
+    events: int
+    deliveries: int
+    by_sink: dict[str, int]
+
+
 def _version() -> str:
     try:
         return metadata.version("ferry")
@@ -256,6 +278,8 @@ class Commands:
                 return AuditResult(await self._store_call(partial(ops.read_audit, limit=limit)))
             case DrainRequest(timeout=timeout):
                 return await self._drain(timeout, call)
+            case ReplayRequest():
+                return await self._replay(request, call)
             case ReloadRequest():
                 return await self._reload()
         raise CommandError(f"unhandled command {type(request).__name__}")
@@ -427,6 +451,66 @@ class Commands:
             await trio.sleep(DRAIN_POLL)
         return DrainResult(not by_stage, elapsed, sum(by_stage.values()), by_stage)
 
+    # -- replay ------------------------------------------------------------------------------
+
+    def _replay_routes(self, source: str, to: str | None) -> dict[str, list[str]]:
+        """Each stream to replay (the source, the transforms fed by it) -> the chosen sinks reading it."""
+        config = self._config
+        if source not in config.sources:
+            raise CommandError(f"no source named {source!r}")
+        if to is not None and to not in config.sinks:
+            raise CommandError(f"no sink named {to!r}")
+        wiring = downstream(config)
+        reach, todo = [source], [source]
+        while todo:
+            for name in wiring[todo.pop()][0]:
+                if name not in reach:
+                    reach.append(name)
+                    todo.append(name)
+        chosen = [to] if to is not None else list(config.sinks)
+        routes = {
+            stream: [sink for sink in chosen if stream in config.sinks[sink].inputs] for stream in reach
+        }
+        routes = {stream: sinks for stream, sinks in routes.items() if sinks}
+        if to is not None and not routes:
+            raise CommandError(f"sink {to!r} is not downstream of source {source!r}")
+        return routes
+
+    async def _replay(self, request: ReplayRequest, call: Call) -> ReplayResult:
+        routes = self._replay_routes(request.source, request.to)
+        if request.since is not None and request.until is not None and request.since >= request.until:
+            raise CommandError("--since must be before --until")
+        sinks = sorted({sink for chosen in routes.values() for sink in chosen})
+        selected: list[tuple[int, str]] = await self._store_call(
+            partial(
+                ops.replay_selection,
+                source=request.source,
+                since=request.since,
+                until=request.until,
+                streams=list(routes),
+            )
+        )
+        number: int = await self._store_call(
+            partial(
+                ops.start_replay, source=request.source, since=request.since, until=request.until, sinks=sinks
+            )
+        )
+        by_sink = dict.fromkeys(sinks, 0)
+        for start in range(0, len(selected), REPLAY_CHUNK):
+            seqs_by_sink: dict[str, list[int]] = {sink: [] for sink in sinks}
+            for seq, stream in selected[start : start + REPLAY_CHUNK]:
+                for sink in routes[stream]:
+                    seqs_by_sink[sink].append(seq)
+            created = await self._store_call(
+                partial(ops.insert_replay, number=number, seqs_by_sink=seqs_by_sink), wake=sinks
+            )
+            for sink, count in created.items():
+                by_sink[sink] += count
+            done = min(start + REPLAY_CHUNK, len(selected))
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await call.progress(ReplayProgress(done, len(selected)))
+        return ReplayResult(number, len(selected), sum(by_sink.values()), by_sink)
+
 
 def _summary(result: Any) -> str:
     """A short outcome for the audit trail."""
@@ -437,6 +521,8 @@ def _summary(result: Any) -> str:
             return f"{retried} retried"
         case DlqPurgeResult(purged=purged, dry_run=dry_run):
             return f"{purged} {'would be purged' if dry_run else 'purged'}"
+        case ReplayResult(replay=number, events=events, deliveries=deliveries):
+            return f"replay {number}: {events} event(s), {deliveries} new deliveries"
         case DrainResult(drained=drained, outstanding=outstanding):
             return "drained" if drained else f"timed out, {outstanding} outstanding"
         case ReloadResult(added=added, changed=changed, removed=removed):

@@ -4,7 +4,7 @@ Protocol (version 1):
     One request per line, a JSON object `{"v": 1, "cmd": "status", ...}` decoded into
     one of the typed `Request` structs below; one final answer per request,
     `{"v": 1, "ok": true, "result": ...}` or `{"v": 1, "ok": false, "error": "..."}`.
-    A long command (`drain`) may send `{"v": 1, "ok": true, "progress": ...}` lines
+    A long command (`drain`, `replay`) may send `{"v": 1, "ok": true, "progress": ...}` lines
     before its answer. Requests on one connection are answered in order.
 
 Access:
@@ -138,6 +138,16 @@ class DrainRequest(_Request, frozen=True, tag="drain"):
     timeout: Seconds = 60.0
 
 
+class ReplayRequest(_Request, frozen=True, tag="replay"):
+    """New deliveries of `source`'s stored events received in [`since`, `until`) (Unix times),
+    and of the transform outputs derived from them, to every sink downstream of it or to `to`."""
+
+    source: str
+    since: float | None = None
+    until: float | None = None
+    to: str | None = None
+
+
 Request = (
     StatusRequest
     | PauseRequest
@@ -150,9 +160,10 @@ Request = (
     | AuditRequest
     | DrainRequest
     | ReloadRequest
+    | ReplayRequest
 )
 COMMANDS: Final[Mapping[str, type[Any]]] = {cls.__struct_config__.tag: cls for cls in Request.__args__}
-MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain", "reload"})
+MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain", "reload", "replay"})
 
 
 # -- answers ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Output is for people by default and one JSON document per command with `--json`
 (the `result` of the daemon's answer; `drain --json` prints each progress line too).
+`replay` draws a progress bar when its output is a terminal.
 
 Exit codes: 0 done; 1 the daemon refused or failed the command (or a drain timed
 out with work left); 2 usage error or invalid config; 3 the daemon is not running
@@ -14,6 +15,7 @@ import argparse
 import datetime
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -110,6 +112,23 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _when(text: str) -> float:
+    """A point in time as a Unix time: RFC 3339 (`2024-05-01T12:00:00Z`) or a duration ago (`2h`)."""
+    try:
+        return time.time() - float(Duration.parse(text))
+    except (TypeError, ValueError):
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (2h)"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z or +HH:MM)")
+    return moment.timestamp()
+
+
 def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", help="only this sink's (or transform's) dead letters")
     parser.add_argument("--since", type=_duration, help="only dead-lettered within this long, e.g. 1h")
@@ -147,6 +166,13 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     commands.add_parser(
         "reload", help="re-read the config file and apply it (a bad file changes nothing; errors are shown)"
     )
+    replay = commands.add_parser(
+        "replay", help="deliver a source's stored events again (new delivery ids) to its sinks"
+    )
+    replay.add_argument("--source", required=True, help="the source whose events to replay")
+    replay.add_argument("--since", type=_when, help="received at or after: RFC 3339 or a duration ago")
+    replay.add_argument("--until", type=_when, help="received before: RFC 3339 or a duration ago")
+    replay.add_argument("--to", metavar="SINK", help="only this sink (default: every sink downstream)")
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
 
@@ -199,6 +225,8 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         emit(client.request("reload"), _show_reload)
     elif command == "drain":
         return _drain(client, args, out)
+    elif command == "replay":
+        return _replay(client, args, out)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
     return 0
@@ -272,6 +300,41 @@ def _drain(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             f"({', '.join(f'{n} {c}' for n, c in result['by_stage'].items())}); the daemon is stopping\n"
         )
     return 0 if result["drained"] else EXIT_FAILED
+
+
+def _replay(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    bar = not args.json and out.isatty()
+
+    def progress(value: Any) -> None:
+        out.write(f"\r{_bar(value['events'], value['total'])}")
+        out.flush()
+
+    result = client.request(
+        "replay",
+        on_progress=progress if bar else None,
+        source=args.source,
+        since=args.since,
+        until=args.until,
+        to=args.to,
+    )
+    if bar and result["events"]:
+        out.write("\n")
+    if args.json:
+        out.write(msgspec.json.encode(result).decode() + "\n")
+    elif not result["events"]:
+        out.write(f"replay {result['replay']}: no stored events of {args.source} in that window\n")
+    else:
+        per_sink = ", ".join(f"{name} {count}" for name, count in result["by_sink"].items())
+        out.write(
+            f"replay {result['replay']}: {result['events']} event(s), {result['deliveries']} new "
+            f"deliveries ({per_sink}), ids ending .r{result['replay']}\n"
+        )
+    return 0
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else width
+    return f"replaying [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events"
 
 
 # -- human output ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -209,3 +209,75 @@ def read_audit(conn: Connection, limit: int) -> list[AuditRow]:
         AuditRow(at=at, uid=uid, pid=pid, command=command, arguments=arguments, outcome=outcome)
         for at, uid, pid, command, arguments, outcome in reversed(rows)
     ]
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+def start_replay(
+    conn: Connection, *, source: str, since: float | None, until: float | None, sinks: Sequence[str]
+) -> int:
+    """Record a replay and return its number (`n`, never reused), which goes into its delivery ids."""
+    cursor = conn.execute(
+        "INSERT INTO replays(at, source, since, until, sinks) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), source, since, until, msgspec.json.encode(list(sinks)).decode()),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def replay_selection(
+    conn: Connection, *, source: str, since: float | None, until: float | None, streams: Sequence[str]
+) -> list[tuple[int, str]]:
+    """(seq, stream) of the stored events to replay, in seq order.
+
+    The events of `source` received in [`since`, `until`), and the events of the other
+    `streams` (transforms) derived from them: a derived id starts with its root's id and
+    a dot (`ROOT.shape`, `ROOT.shape.enrich.1`), and is stored after its root.
+    """
+    clauses, params = ["stream = ?"], list[Any]([source])
+    if since is not None:
+        clauses.append("received_at >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("received_at < ?")
+        params.append(until)
+    roots = conn.execute(
+        f"SELECT seq, id FROM events WHERE {' AND '.join(clauses)} ORDER BY seq", params
+    ).fetchall()
+    selected: list[tuple[int, str]] = [(seq, source) for seq, _ in roots] if source in streams else []
+    if not roots:
+        return selected
+    ids = {id_ for _, id_ in roots}
+    low, high = min(ids), max(ids) + "/"  # "/" sorts right after "."
+    for stream in streams:
+        if stream == source:
+            continue
+        for seq, id_ in conn.execute(
+            "SELECT seq, id FROM events WHERE stream = ? AND seq > ? AND id > ? AND id < ?",
+            (stream, roots[0][0], low, high),
+        ).fetchall():
+            if id_.split(".", 1)[0] in ids:
+                selected.append((seq, stream))
+    selected.sort()
+    return selected
+
+
+def insert_replay(
+    conn: Connection, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """New pending deliveries `EVENT_ID.SINK.rNUMBER` of the given events, due now; count per sink.
+
+    Events pruned since they were selected are skipped (a delivery needs its event).
+    """
+    now = time.time()
+    created: dict[str, int] = {}
+    for sink, seqs in seqs_by_sink.items():
+        created[sink] = 0
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start : start + 500]
+            created[sink] += conn.execute(
+                "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) "
+                f"SELECT id || ?, seq, ?, ?, ? FROM events WHERE seq IN ({','.join('?' * len(chunk))})",
+                (f".{sink}.r{number}", sink, now, now, *chunk),
+            ).rowcount
+    return created

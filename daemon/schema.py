@@ -10,6 +10,7 @@ Tables:
     cursors     each transform's position in the events it reads
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
+    replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ MIGRATIONS: list[list[str]] = [
             command TEXT NOT NULL,
             arguments TEXT NOT NULL,
             outcome TEXT NOT NULL
+        )""",
+    ],
+    [
+        """CREATE TABLE replays (
+            n INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            source TEXT NOT NULL,
+            since REAL,
+            until REAL,
+            sinks TEXT NOT NULL
         )""",
     ],
 ]
