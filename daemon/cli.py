@@ -15,8 +15,10 @@ from pathlib import Path
 import msgspec
 import trio
 
+from . import masking
 from .config import LoadedConfig, json_schema, load
 from .errors import ConfigError, FerryError
+from .masking import Redactor, sink_secrets
 from .telemetry import setup_logging
 
 log = logging.getLogger("ferry.cli")
@@ -58,7 +60,10 @@ def _run(path: str, level: str | None) -> int:
     loaded = _load_or_report(path)
     if loaded is None:
         return 2
-    setup_logging(level or loaded.config.telemetry.log_level)
+    config = loaded.config
+    redactor = Redactor.build(config.telemetry.mask, sink_secrets(config.sinks))
+    masking.install(redactor)
+    setup_logging(level or config.telemetry.log_level, redactor)
     from .app import serve
 
     try:

@@ -24,6 +24,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .errors import ConfigError
+from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
 
 T = TypeVar("T")
@@ -195,6 +196,14 @@ class TelemetryConfig(_Section, frozen=True):
         Literal["debug", "info", "warning", "error"],
         Meta(description="Lowest level logged to stderr (`ferry run --log-level` overrides it)."),
     ] = "info"
+    mask: Annotated[
+        list[Annotated[str, Meta(pattern=RULE_PATTERN)]],
+        Meta(
+            description='Payload fields shown as `"***"` outside the store (logs, `ferry ctl dlq show`, '
+            "`ferry ctl tap`, the audit trail): a bare name masks that key at any depth (any case), "
+            "`$.a.b` one path from the root (observability.md#masking)."
+        ),
+    ] = []
 
 
 class WebhookSourceConfig(_Section, frozen=True, tag="webhook", tag_field="type"):

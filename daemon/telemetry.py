@@ -16,7 +16,8 @@ Export and memory:
     flushes within `export_timeout` per signal and never waits longer.
 
 Logs:
-    Log calls pass their fields as `extra={"fields": {...}}`; each line carries `ts`,
+    Log calls pass their fields as `extra={"fields": {...}}` (an event's JSON, if any, as
+    `payload`: `[telemetry] mask` paths apply from its root); each line carries `ts`,
     `level`, `logger`, `msg`, those fields, `trace_id`/`span_id` when emitted inside a
     span, and for errors `traceback`. The SDK's own warnings (a collector that is down) go
     through the same format, each distinct message at most once a minute.
@@ -48,6 +49,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags,
 
 from . import metrics as _metrics
 from .config import TelemetryConfig
+from .masking import Redactor
 
 __all__ = [
     "JsonFormatter",
@@ -290,15 +292,25 @@ class Telemetry:
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line, with the current span's ids when there is one."""
+    """Formats a record as one JSON line, with the current span's ids when there is one.
+
+    With a `redactor`, the record's fields are masked (`[telemetry] mask`) and configured
+    secrets are scrubbed from the message, the fields and the traceback.
+    """
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self._redactor = redactor if redactor is not None and (redactor.rules or redactor.secrets) else None
 
     def format(self, record: logging.LogRecord) -> str:
+        redactor = self._redactor
+        message = record.getMessage()
         line: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message if redactor is None else redactor.scrub(message),
         }
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
@@ -306,10 +318,19 @@ class JsonFormatter(logging.Formatter):
             line["span_id"] = f"{span_context.span_id:016x}"
         fields = getattr(record, "fields", None)
         if fields:
-            line.update(fields)
+            line.update(fields if redactor is None else _redact_fields(redactor, fields))
         if record.exc_info and record.exc_info[1] is not None:
-            line["traceback"] = "".join(traceback.format_exception(record.exc_info[1])).rstrip()
+            text = "".join(traceback.format_exception(record.exc_info[1])).rstrip()
+            line["traceback"] = text if redactor is None else redactor.scrub(text)
         return _encoder.encode(line).decode()
+
+
+def _redact_fields(redactor: Redactor, fields: dict[str, Any]) -> Any:
+    """Fields masked (bare names at any depth); a `payload` field is masked as a payload's root."""
+    masked = redactor.mask(fields)
+    if "payload" in fields:
+        masked["payload"] = redactor.mask(fields["payload"])
+    return masked
 
 
 class _OncePerInterval(logging.Filter):
@@ -329,10 +350,13 @@ class _OncePerInterval(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "info") -> None:
-    """Send every `ferry.*` log record (and the OTel SDK's warnings) to stderr as JSON lines."""
+def setup_logging(level: str = "info", redactor: Redactor | None = None) -> None:
+    """Send every `ferry.*` log record (and the OTel SDK's warnings) to stderr as JSON lines.
+
+    `redactor` masks payload fields and scrubs secrets from every `ferry.*` line.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(redactor))
     root = logging.getLogger("ferry")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

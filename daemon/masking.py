@@ -1,0 +1,196 @@
+"""Masking: what `[telemetry] mask` hides wherever payloads leave the store.
+
+Rules:
+    A bare name (`"email"`) masks that key at any depth, in any object, whatever its case
+    (`Email`, `EMAIL`). A path (`"$.card.number"`) masks one place: the keys from the root,
+    exactly as spelled; a list met along a path is walked element by element, so
+    `$.cards.number` masks `number` in every element of `cards`. The masked value, whatever
+    it was (a string, a number, an object), becomes `"***"`.
+
+Where:
+    `ferry ctl dlq show` and `ferry ctl tap` payloads, the fields of every JSON log line, the
+    audit trail's arguments. Spans carry no payloads. Free text that may quote a payload (a
+    receiver's error body, a jq error) has the masked values of that payload, and every
+    configured secret, replaced by `"***"` (`Redactor.scrub`).
+
+Secrets:
+    Header values are never shown: `authorization`, `proxy-authorization`, `cookie`,
+    `x-api-key` and every header a sink's config sets (`redact_headers`); the values a sink's
+    config sets are also scrubbed from log lines and control answers (`Redactor.secrets`).
+
+Cost:
+    Rules are compiled once (`compile_rules`); with no rules `mask` returns its argument
+    unchanged and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+MASKED: Final = "***"
+SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+RULE_PATTERN: Final = r"^(\$(\.[^.\s]+)+|[^$.\s][^.\s]*)$"
+_RULE = re.compile(RULE_PATTERN)
+
+# A path tree: key -> subtree; a subtree of None means "mask here".
+_Tree = dict[str, "_Tree | None"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Compiled masking rules: bare names (lower-cased) and a tree of root paths."""
+
+    names: frozenset[str] = frozenset()
+    paths: _Tree = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.paths)
+
+
+NO_RULES: Final = Rules()
+
+
+def compile_rules(rules: Iterable[str]) -> Rules:
+    """Compile `[telemetry] mask` entries; raises `ValueError` naming an invalid one."""
+    names: set[str] = set()
+    paths: _Tree = {}
+    for rule in rules:
+        if not _RULE.match(rule):
+            raise ValueError(f"invalid mask rule {rule!r}: expected a key name or a path like $.a.b")
+        if not rule.startswith("$"):
+            names.add(rule.lower())
+            continue
+        node = paths
+        keys = rule[2:].split(".")
+        for key in keys[:-1]:
+            child = node.get(key, {})
+            if child is None:  # a shorter path already masks the whole subtree
+                break
+            node[key] = child
+            node = child
+        else:
+            node[keys[-1]] = None
+    return Rules(frozenset(names), paths)
+
+
+def mask(value: Any, rules: Rules) -> Any:
+    """`value` with every place `rules` names replaced by `"***"`; `value` itself is not changed."""
+    if not rules:
+        return value
+    return _mask(value, rules.names, rules.paths)
+
+
+def _mask(value: Any, names: frozenset[str], tree: _Tree | None) -> Any:
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, str) and key.lower() in names:
+                out[key] = MASKED
+                continue
+            subtree = tree.get(key, {}) if tree and isinstance(key, str) else {}
+            out[key] = MASKED if subtree is None else _mask(item, names, subtree or None)
+        return out
+    if isinstance(value, list | tuple):
+        return [_mask(item, names, tree) for item in value]
+    return value
+
+
+def masked_values(value: Any, rules: Rules) -> list[str]:
+    """The scalar values (as text) that `mask` would hide in `value`, longest first."""
+    found: set[str] = set()
+    if rules:
+        _collect(value, rules.names, rules.paths, found, hidden=False)
+    return sorted((text for text in found if text), key=lambda text: (-len(text), text))
+
+
+def _collect(value: Any, names: frozenset[str], tree: _Tree | None, found: set[str], *, hidden: bool) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            subtree = tree.get(key, {}) if tree and isinstance(key, str) else {}
+            hide = hidden or subtree is None or (isinstance(key, str) and key.lower() in names)
+            _collect(item, names, subtree or None, found, hidden=hide)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _collect(item, names, tree, found, hidden=hidden)
+    elif hidden and value is not None and not isinstance(value, bool):
+        found.add(str(value))
+
+
+def redact_headers(
+    headers: Iterable[tuple[str, str]], configured: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """`headers` with the value of every secret header (and of each `configured` name) hidden."""
+    hidden = SECRET_HEADERS | {name.lower() for name in configured}
+    return [(name, MASKED if name.lower() in hidden else value) for name, value in headers]
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Masking rules plus the literal secrets (sink header values) never to show."""
+
+    rules: Rules = NO_RULES
+    secrets: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, rules: Iterable[str], secrets: Iterable[str] = ()) -> Redactor:
+        unique = {secret for secret in secrets if secret}
+        return cls(compile_rules(rules), tuple(sorted(unique, key=len, reverse=True)))
+
+    def mask(self, value: Any) -> Any:
+        """`mask(value, rules)`, then secrets scrubbed from its strings."""
+        masked = mask(value, self.rules)
+        return _scrub_strings(masked, self.secrets) if self.secrets else masked
+
+    def scrub(self, text: str | None, payload: Any = None) -> str | None:
+        """`text` with the masked values of `payload` and every secret replaced by `"***"`."""
+        if not text:
+            return text
+        for secret in (*masked_values(payload, self.rules), *self.secrets):
+            text = text.replace(secret, MASKED)
+        return text
+
+
+def _scrub_strings(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, MASKED)
+        return value
+    if isinstance(value, Mapping):
+        return {key: _scrub_strings(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_strings(item, secrets) for item in value]
+    return value
+
+
+def decode_payload(payload: bytes | str | None) -> Any:
+    """A stored payload as JSON values, or its text when it is not JSON."""
+    if payload is None:
+        return None
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
+
+
+def sink_secrets(sinks: Mapping[str, Any]) -> list[str]:
+    """The header values every sink's config sets (all treated as secrets)."""
+    return [value for sink in sinks.values() for value in getattr(sink, "headers", {}).values()]
+
+
+_current = Redactor()
+
+
+def current() -> Redactor:
+    """The daemon's redactor (`ferry run` installs one from the config; none: nothing masked)."""
+    return _current
+
+
+def install(redactor: Redactor) -> None:
+    """Make `redactor` the one `current()` returns."""
+    global _current
+    _current = redactor
