@@ -48,12 +48,13 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from daemon import metrics, telemetry
+from daemon import masking, metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
+from daemon.tap import TAPS, Record
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -246,7 +247,7 @@ class Sink:
         try:
             status = await sender.send(batch)
         except DeliveryError as exc:
-            error = exc
+            error = _scrubbed(exc, batch)
         elapsed = time.monotonic() - began
         outcomes = judge(batch, error, status, self._retry, time.time())
         outcome = _outcome(outcomes)
@@ -298,6 +299,8 @@ class Sink:
         self.retried += len(outcomes.retry)
         self.dead += len(outcomes.dead)
         _count(self.name, batch, outcomes)
+        if self.name in TAPS.taps:
+            _tap(self.name, batch, outcomes)
         if error is not None:
             level = logging.ERROR if outcomes.dead else logging.WARNING
             log.log(
@@ -314,6 +317,45 @@ class Sink:
                     }
                 },
             )
+
+
+def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+    """`error` with the masked values of the batch's payloads and the secrets hidden in its message.
+
+    The message becomes the delivery's `last_error` and a log field; a receiver's answer may
+    quote the payload (or a header) it refused.
+    """
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return error
+    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
+    message = str(error)
+    scrubbed = redactor.scrub(message, payloads) or message
+    if scrubbed == message:
+        return error
+    return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
+
+
+def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
+    """Hand an attempt's committed outcomes to the taps on `sink`, one record per delivery."""
+    results: dict[int, tuple[str, int | None, str | None]] = {}
+    for rowid, code in outcomes.delivered:
+        results[rowid] = ("delivered", code, None)
+    for rowid, code, message in outcomes.dead:
+        results[rowid] = ("dead", code, message)
+    for rowid, _, code, message in outcomes.retry:
+        results[rowid] = ("retry", code, message)
+    now = time.time()
+    for due in batch:
+        outcome, status, error = results.get(due.rowid, ("unknown", None, None))
+        extra = {
+            "delivery_id": due.id,
+            "attempt": due.attempts + 1,
+            "outcome": outcome,
+            "status": status,
+            "error": error,
+        }
+        TAPS.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
 
 
 def _outcome(outcomes: Outcomes) -> str:

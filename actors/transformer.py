@@ -28,6 +28,7 @@ Backpressure:
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -36,10 +37,11 @@ import msgspec
 import trio
 from opentelemetry import trace
 
-from daemon import metrics, telemetry
+from daemon import masking, metrics, telemetry
 from daemon.config import TransformConfig
 from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
 from daemon.store import Store
+from daemon.tap import TAPS, Record
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -150,11 +152,23 @@ class Transformer:
         )
         if failures:
             metrics.current().dead_letters.add(len(failures), {"stage": self.name})
+        if self.name in TAPS.taps:
+            self._tap(outputs, failures)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
                 {"ferry.events": len(events), "ferry.outputs": len(outputs), "ferry.failed": len(failures)}
             )
+
+    def _tap(self, outputs: list[Derived], failures: list[tuple[StoredEvent, str]]) -> None:
+        """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
+        name, now = self.name, time.time()
+        for parent, nth, payload in outputs:
+            event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
+            TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
+        for event, error in failures:
+            extra = {"parent": event.id, "outcome": "dead", "error": error}
+            TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[tuple[StoredEvent, str]]]:
         failures: list[tuple[StoredEvent, str]] = []
@@ -177,7 +191,10 @@ class Transformer:
         try:
             return apply(self._program, event)
         except (ValueError, UnicodeDecodeError) as exc:
+            redactor = masking.current()
             message = " ".join(str(exc).split())
+            if redactor.rules or redactor.secrets:  # jq's message may quote the event (`error(.)`)
+                message = redactor.scrub(message, masking.decode_payload(event.payload)) or message
             failures.append((event, f"jq: {message}"))
             log.warning(
                 "event dead-lettered by transform",

@@ -19,6 +19,17 @@ Drain:
     then the daemon stops as on SIGTERM and exits 0. Retries scheduled for later stay
     in the store for the next start. A client that goes away does not cancel a drain.
 
+Masking:
+    `dlq list/show` payloads and error texts, and the audit trail's arguments, go through
+    `[telemetry] mask` and the sinks' header secrets (`daemon.masking`) before they are
+    answered or recorded.
+
+Tap:
+    `tap` subscribes to `daemon.tap` and answers with progress lines `{"events": [...],
+    "dropped": N}`: one at once (subscribed), then one per chunk of events, or an empty one
+    every `TAP_HEARTBEAT` s, which is how a client that went away is noticed. Lossy by
+    design; not audited (a read).
+
 Reload:
     See `daemon.reload`. A refused reload (an invalid file, a section that cannot change
     live) is answered as an error listing every problem; nothing changed.
@@ -46,7 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import ops, outbox
+from . import metrics, ops, outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
     MUTATING,
@@ -65,15 +76,20 @@ from .control import (
     ResumeRequest,
     StatsRequest,
     StatusRequest,
+    TapRequest,
 )
 from .errors import StoreUnavailable
+from .masking import Redactor, decode_payload, sink_secrets
 from .ops import AuditRow, DeadFilter, DeadLetter
 from .reload import ReloadResult, config_sha256, reload
+from .tap import TAPS, Record
 
 if TYPE_CHECKING:
     from .app import Running
 
 DRAIN_POLL = 0.2
+TAP_HEARTBEAT = 1.0  # an idle tap sends an empty progress line this often: a gone client is noticed
+TAP_CHUNK = 256  # most events in one progress line
 REPLAY_CHUNK = 1000  # events per transaction (and per progress line) of a replay
 
 
@@ -174,6 +190,7 @@ class StatsResult(Struct, frozen=True):
     stages: dict[str, dict[str, int]]
     failures: list[Failure]
     since_start: dict[str, SinkCounters]
+    received: dict[str, int] = {}  # events accepted per webhook source since start
 
 
 class DrainProgress(Struct, frozen=True):
@@ -187,6 +204,16 @@ class DrainResult(Struct, frozen=True):
     elapsed_s: float
     outstanding: int
     by_stage: dict[str, int]
+
+
+class TapProgress(Struct, frozen=True):
+    events: list[Any]
+    dropped: int  # records this tap lost so far because the client read too slowly
+
+
+class TapResult(Struct, frozen=True):
+    events: int
+    dropped: int
 
 
 class AuditResult(Struct, frozen=True):
@@ -220,10 +247,21 @@ class Commands:
         self._running = running
         self._started = time.monotonic()
         self._draining = False
+        self._redactor_of: Config | None = None
+        self._redactor_cache = Redactor()
 
     @property
     def _config(self) -> Config:
         return self._running.config  # a reload replaces it
+
+    @property
+    def _redactor(self) -> Redactor:
+        """Masking rules and secrets of the current config (rebuilt after a reload)."""
+        config = self._config
+        if self._redactor_of is not config:
+            self._redactor_cache = Redactor.build(config.telemetry.mask, sink_secrets(config.sinks))
+            self._redactor_of = config
+        return self._redactor_cache
 
     async def __call__(self, request: Any, call: Call) -> Any:
         tag = type(request).__struct_config__.tag
@@ -257,12 +295,12 @@ class Commands:
                 total, items = await self._store_call(
                     partial(ops.list_dead, selection=self._selection(request), limit=request.limit)
                 )
-                return DlqListResult(total, items)
+                return DlqListResult(total, [self._masked(item) for item in items])
             case DlqShowRequest(id=delivery_id):
                 found = await self._store_call(partial(ops.show_delivery, delivery_id=delivery_id))
                 if found is None:
                     raise CommandError(f"no delivery with id {delivery_id!r}")
-                return DlqShowResult(*found)
+                return DlqShowResult(found[0], self._masked(found[1]))
             case DlqRetryRequest():
                 return await self._retry(request)
             case DlqPurgeRequest():
@@ -278,10 +316,12 @@ class Commands:
                 return AuditResult(await self._store_call(partial(ops.read_audit, limit=limit)))
             case DrainRequest(timeout=timeout):
                 return await self._drain(timeout, call)
-            case ReplayRequest():
-                return await self._replay(request, call)
             case ReloadRequest():
                 return await self._reload()
+            case TapRequest():
+                return await self._tap(request, call)
+            case ReplayRequest():
+                return await self._replay(request, call)
         raise CommandError(f"unhandled command {type(request).__name__}")
 
     async def _store_call(self, fn: Any, wake: list[str] | None = None) -> Any:
@@ -292,7 +332,7 @@ class Commands:
 
     async def _audit(self, peer: Peer, command: str, request: Any, outcome: str) -> None:
         fields = {k: v for k, v in msgspec.structs.asdict(request).items() if k != "v" and v is not None}
-        arguments = msgspec.json.encode(fields).decode()
+        arguments = msgspec.json.encode(self._redactor.mask(fields)).decode()
         await self._store_call(
             partial(
                 ops.record_audit,
@@ -303,6 +343,62 @@ class Commands:
                 outcome=outcome,
             )
         )
+
+    def _masked(self, letter: DeadLetter) -> DeadLetter:
+        """A dead letter as shown: payload masked, secrets and masked values gone from its error."""
+        redactor = self._redactor
+        return msgspec.structs.replace(
+            letter,
+            payload=redactor.mask(letter.payload),
+            last_error=redactor.scrub(letter.last_error, letter.payload),
+        )
+
+    # -- tap ---------------------------------------------------------------------------------
+
+    async def _tap(self, request: TapRequest, call: Call) -> TapResult:
+        """Stream what passes `request.name` until the limit, the timeout, or the client leaves."""
+        config, name = self._config, request.name
+        if name not in config.sources and name not in config.transforms and name not in config.sinks:
+            raise CommandError(f"no source, transform or sink named {name!r}")
+        limit = request.limit
+        sent = 0
+        with TAPS.subscribe(name, request.buffer) as tap:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await call.progress(TapProgress([], 0))  # tapping from now on
+            while limit is None or sent < limit:
+                records: list[Record] = []
+                with trio.move_on_after(TAP_HEARTBEAT):
+                    records.append(await tap.receive.receive())
+                while len(records) < TAP_CHUNK:
+                    try:
+                        records.append(tap.receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                if limit is not None:
+                    records = records[: limit - sent]
+                events = [self._tap_event(name, record) for record in records]
+                try:
+                    await call.progress(TapProgress(events, tap.dropped))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break  # the client went away (Ctrl-C)
+                sent += len(events)
+            return TapResult(sent, tap.dropped)
+
+    def _tap_event(self, name: str, record: Record) -> dict[str, Any]:
+        redactor = self._redactor
+        payload = decode_payload(record.payload)
+        event: dict[str, Any] = {
+            "component": name,
+            "kind": record.kind,
+            "at": record.at,
+            "event_id": record.event_id,
+        }
+        if record.extra:
+            event.update(record.extra)
+            if event.get("error"):
+                event["error"] = redactor.scrub(event["error"], payload)
+        event["payload"] = redactor.mask(payload)
+        return event
 
     # -- status and stats ------------------------------------------------------------------
 
@@ -357,7 +453,7 @@ class Commands:
             sink = self._running.actors.get(name)
             if sink is not None:
                 since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead)
-        return StatsResult(counts, failures, since_start)
+        return StatsResult(counts, failures, since_start, dict(metrics.current().received))
 
     # -- pause / resume ----------------------------------------------------------------------
 

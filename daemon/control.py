@@ -4,7 +4,7 @@ Protocol (version 1):
     One request per line, a JSON object `{"v": 1, "cmd": "status", ...}` decoded into
     one of the typed `Request` structs below; one final answer per request,
     `{"v": 1, "ok": true, "result": ...}` or `{"v": 1, "ok": false, "error": "..."}`.
-    A long command (`drain`, `replay`) may send `{"v": 1, "ok": true, "progress": ...}` lines
+    A long command (`drain`, `replay`, `tap`) may send `{"v": 1, "ok": true, "progress": ...}` lines
     before its answer. Requests on one connection are answered in order.
 
 Access:
@@ -128,6 +128,18 @@ class AuditRequest(_Request, frozen=True, tag="audit"):
     limit: Limit = 20
 
 
+class TapRequest(_Request, frozen=True, tag="tap"):
+    """Stream the events passing a source, transform or sink (masked) as progress lines.
+
+    Ends after `limit` events, after `timeout` seconds, or when the client goes away.
+    """
+
+    name: str
+    limit: Annotated[int, Meta(ge=1)] | None = None
+    buffer: Annotated[int, Meta(ge=1, le=100_000)] = 1024
+    timeout: Seconds = 7 * 86400.0
+
+
 class ReloadRequest(_Request, frozen=True, tag="reload"):
     """Re-read the config file and apply it; a bad file changes nothing and its errors are returned."""
 
@@ -161,6 +173,7 @@ Request = (
     | DrainRequest
     | ReloadRequest
     | ReplayRequest
+    | TapRequest
 )
 COMMANDS: Final[Mapping[str, type[Any]]] = {cls.__struct_config__.tag: cls for cls in Request.__args__}
 MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain", "reload", "replay"})

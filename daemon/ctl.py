@@ -175,6 +175,9 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     replay.add_argument("--to", metavar="SINK", help="only this sink (default: every sink downstream)")
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
+    from . import ctl_live
+
+    ctl_live.configure(commands)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:
@@ -229,6 +232,10 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         return _replay(client, args, out)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
+    elif command in ("tap", "top"):
+        from . import ctl_live
+
+        return ctl_live.tap(client, args, out, err) if command == "tap" else ctl_live.top(client, args, out)
     return 0
 
 

@@ -26,6 +26,7 @@ Backpressure:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import final
@@ -37,6 +38,7 @@ from . import telemetry
 from .errors import StoreUnavailable
 from .outbox import Incoming, insert_events
 from .store import Store
+from .tap import TAPS, Record
 
 FLUSHERS = 2
 
@@ -137,6 +139,8 @@ class IngestBatcher:
             )
             for (_, waiter), result in zip(batch, results, strict=True):
                 waiter.result = result
+            if TAPS.taps:
+                _tap(incoming, results)
         except StoreUnavailable as exc:
             for _, waiter in batch:
                 waiter.error = exc
@@ -149,3 +153,11 @@ class IngestBatcher:
                 waiter.done.set()
         self.writes += 1
         self.events += len(batch)
+
+
+def _tap(incoming: list[Incoming], results: list[tuple[str, bool]]) -> None:
+    """Hand committed events (not duplicates) to the taps on their source."""
+    taps, now = TAPS.taps, time.time()
+    for item, (event_id, duplicate) in zip(incoming, results, strict=True):
+        if not duplicate and item.stream in taps:
+            TAPS.publish(item.stream, Record("source", event_id, item.payload, now))
