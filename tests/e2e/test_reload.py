@@ -92,6 +92,7 @@ def test_sighup_reloads_and_systemd_sees_reloading_then_ready(
     try:
         notify.until("READY=1")
         assert httpx.post(f"{daemon.url}/hooks/demo", json={"n": 1}).status_code == 202
+        assert wait_lines(setup, "out.jsonl", 1, daemon) == [{"old": 1}]  # transformed before the reload
         setup.rewrite(key="new", extra=NEW_SINK)
         daemon.signal(signal.SIGHUP)
         reloaded = daemon.wait_log(lambda line: line.get("msg") == "config reloaded")
