@@ -32,6 +32,7 @@ from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
+from .rates import Throughput
 from .registry import WebhookListener, build_sink
 from .reload import fan_out, reload, routes, transformer
 from .store import Store
@@ -64,6 +65,7 @@ class Running:
     intake_nursery: trio.Nursery | None = None
     batcher: IngestBatcher | None = None
     listener: WebhookListener | None = None
+    throughput: Throughput | None = None
 
     @property
     def sinks(self) -> list[Any]:
@@ -130,6 +132,12 @@ class _Tally(Protocol):
     dead: int
 
 
+def _totals(running: Running) -> tuple[int, int]:
+    """(events received, deliveries delivered) since start, for `Throughput`."""
+    received = running.batcher.events if running.batcher is not None else 0
+    return received, sum(sink.delivered for sink in running.sinks)
+
+
 async def _status_line(store: Store, batcher: IngestBatcher, sinks: Callable[[], Iterable[_Tally]]) -> str:
     """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries."""
     delivered = dead = 0
@@ -172,6 +180,8 @@ async def serve(
             if config.telemetry.metrics:
                 outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
             outer.start_soon(_maintain, store, running)
+            running.throughput = Throughput(lambda: _totals(running))
+            outer.start_soon(running.throughput.run)
             outer.start_soon(notifier.keep_alive)
             if handle_signals:
                 outer.start_soon(_watch_signals, running, outer)

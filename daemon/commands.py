@@ -143,6 +143,8 @@ class StatusResult(Struct, frozen=True):
     paused: list[str]
     actors: list[ActorStatus]
     stages: dict[str, StageStatus]
+    received_per_s: float | None = None  # over the last minute; None until sampled twice
+    delivered_per_s: float | None = None
 
 
 class PauseResult(Struct, frozen=True):
@@ -186,11 +188,22 @@ class SinkCounters(Struct, frozen=True):
     dead: int
 
 
+class Latency(Struct, frozen=True):
+    """Creation → delivery of a sink's most recent deliveries still in the store, in ms."""
+
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+
 class StatsResult(Struct, frozen=True):
     stages: dict[str, dict[str, int]]
     failures: list[Failure]
     since_start: dict[str, SinkCounters]
     received: dict[str, int] = {}  # events accepted per webhook source since start
+    latency: dict[str, Latency] = {}  # per sink, over its last `ops.LATENCY_SAMPLE` deliveries
 
 
 class DrainProgress(Struct, frozen=True):
@@ -433,6 +446,8 @@ class Commands:
             ActorStatus(a.name, a.state, a.restarts, a.last_error)
             for a in self._running.supervisor.actors.values()
         ]
+        throughput = self._running.throughput
+        received_rate, delivered_rate = throughput.rates() if throughput is not None else (None, None)
         return StatusResult(
             version=_version(),
             pid=os.getpid(),
@@ -443,6 +458,8 @@ class Commands:
             paused=self._paused(),
             actors=actors,
             stages=stages,
+            received_per_s=None if received_rate is None else round(received_rate, 2),
+            delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
         )
 
     async def _stats(self) -> StatsResult:
@@ -453,7 +470,13 @@ class Commands:
             sink = self._running.actors.get(name)
             if sink is not None:
                 since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead)
-        return StatsResult(counts, failures, since_start, dict(metrics.current().received))
+        latency = {}
+        for name in self._config.sinks:
+            samples = sorted(await self._store_call(partial(ops.delivery_latencies, stage=name)))
+            if samples:
+                ms = [round(ops.percentile(samples, share) * 1000, 3) for share in (0.5, 0.9, 0.99, 1.0)]
+                latency[name] = Latency(len(samples), *ms)
+        return StatsResult(counts, failures, since_start, dict(metrics.current().received), latency)
 
     # -- pause / resume ----------------------------------------------------------------------
 

@@ -379,6 +379,9 @@ def _show_status(status: Any, out: TextIO) -> None:
     out.write(f"ferry {status['version']} (pid {status['pid']}), up {_uptime(status['uptime_s'])}\n")
     out.write(f"config   {status['config_path']}  sha256:{status['config_sha256'][:12]}\n")
     out.write(f"paused   {', '.join(status['paused']) or '-'}\n")
+    rates = [status.get("received_per_s"), status.get("delivered_per_s")]
+    shown = ["-" if rate is None else f"{rate:g}/s" for rate in rates]
+    out.write(f"rates    received {shown[0]}, delivered {shown[1]} (last minute)\n")
     if status["draining"]:
         out.write("DRAINING: intake stopped, the daemon stops once the backlog is delivered\n")
     out.write("\n")
@@ -472,6 +475,16 @@ def _show_stats(result: Any, out: TextIO) -> None:
             out,
             ["STAGE", "STATE", "LAST STATUS", "COUNT"],
             [(f["stage"], f["state"], f["last_status"] or "-", f["count"]) for f in result["failures"]],
+        )
+    if result.get("latency"):
+        out.write("\nlatency, creation to delivery (most recent deliveries still stored):\n")
+        _table(
+            out,
+            ["SINK", "COUNT", "P50 MS", "P90 MS", "P99 MS", "MAX MS"],
+            [
+                (name, q["count"], q["p50_ms"], q["p90_ms"], q["p99_ms"], q["max_ms"])
+                for name, q in result["latency"].items()
+            ],
         )
     if result["since_start"]:
         out.write("\nsince start:\n")

@@ -8,6 +8,7 @@ case-insensitive substring of their last error.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from .schema import DEAD, PENDING
+from .schema import DEAD, DELIVERED, PENDING
 
 Connection = sqlite3.Connection
 
@@ -167,6 +168,28 @@ def transform_backlog(conn: Connection, inputs: dict[str, Sequence[str]]) -> dic
             (*streams, positions.get(name, 0)),
         ).fetchone()
     return result
+
+
+LATENCY_SAMPLE = 10_000
+
+
+def delivery_latencies(conn: Connection, stage: str, limit: int = LATENCY_SAMPLE) -> list[float]:
+    """Seconds from creation to delivery of the last `limit` deliveries of `stage` still stored.
+
+    Walks the `deliveries_done` index from the newest, so the cost is bounded by `limit`.
+    """
+    rows = conn.execute(
+        f"SELECT finished_at - created_at FROM deliveries WHERE state = {DELIVERED} AND stage = ? "
+        "ORDER BY finished_at DESC LIMIT ?",
+        (stage, limit),
+    ).fetchall()
+    return [float(row[0]) for row in rows]
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    """Nearest-rank percentile (`share` in 0..1) of an ascending, non-empty list."""
+    rank = max(1, math.ceil(share * len(sorted_values)))
+    return sorted_values[rank - 1]
 
 
 def error_counts(conn: Connection) -> list[tuple[str, str, int | None, int]]:

@@ -337,3 +337,25 @@ def test_purge_on_a_terminal_asks_first(config: Path, daemon: Daemon, receiver: 
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.endswith(b"1 dead letter(s) purged\n")
     assert ctl_json(config, "dlq", "list")["total"] == 0
+
+
+def test_stats_latency_percentiles_and_status_rates(config: Path, daemon: Daemon, receiver: Receiver) -> None:
+    receiver.gate.clear()
+    for n in range(4):
+        assert post(daemon, n).status_code == 202
+    wait_status(config, lambda s: s["stages"]["witness"]["delivered"] == 4)
+    held = 0.3
+    time.sleep(held)  # the stimulus: every crm delivery is held at least this long, not a wait for an event
+    receiver.gate.set()
+    wait_status(config, lambda s: s["stages"]["crm"]["delivered"] == 4)
+    stats = ctl_json(config, "stats")
+    crm = stats["latency"]["crm"]
+    assert crm["count"] == 4
+    assert held * 1000 <= crm["p50_ms"] <= crm["p90_ms"] <= crm["p99_ms"] <= crm["max_ms"] < 30_000
+    assert stats["latency"]["witness"]["count"] == 4
+    assert stats["latency"]["witness"]["max_ms"] < crm["p50_ms"]
+    human = ctl(config, "stats")
+    assert "P99 MS" in human.stdout
+    status = ctl(config, "status")
+    assert "rates    received" in status.stdout
+    assert set(ctl_json(config, "status")) >= {"received_per_s", "delivered_per_s"}
