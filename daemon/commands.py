@@ -180,6 +180,7 @@ class Failure(Struct, frozen=True):
     state: str  # retrying | dead
     last_status: int | None
     count: int
+    error_type: str = ""  # http_503, timeout, connection_refused, connection_closed, dns, tls, jq, other
 
 
 class SinkCounters(Struct, frozen=True):

@@ -473,8 +473,8 @@ def _show_stats(result: Any, out: TextIO) -> None:
         out.write("\n")
         _table(
             out,
-            ["STAGE", "STATE", "LAST STATUS", "COUNT"],
-            [(f["stage"], f["state"], f["last_status"] or "-", f["count"]) for f in result["failures"]],
+            ["STAGE", "STATE", "ERROR TYPE", "COUNT"],
+            [(f["stage"], f["state"], f.get("error_type") or "-", f["count"]) for f in result["failures"]],
         )
     if result.get("latency"):
         out.write("\nlatency, creation to delivery (most recent deliveries still stored):\n")

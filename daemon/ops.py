@@ -192,15 +192,29 @@ def percentile(sorted_values: list[float], share: float) -> float:
     return sorted_values[rank - 1]
 
 
-def error_counts(conn: Connection) -> list[tuple[str, str, int | None, int]]:
-    """(stage, state, last status, count) of deliveries that failed at least once and are not delivered."""
+# The error type of a failed attempt: its HTTP status, else what the transport or jq said
+# (the messages come from daemon.http_client and actors.transformer).
+_ERROR_TYPE = """CASE
+    WHEN last_status IS NOT NULL THEN 'http_' || last_status
+    WHEN last_error LIKE '%timed out%' THEN 'timeout'
+    WHEN last_error LIKE '%connection refused%' THEN 'connection_refused'
+    WHEN last_error LIKE '%connection reset%' THEN 'connection_closed'
+    WHEN last_error LIKE '%connection closed%' THEN 'connection_closed'
+    WHEN last_error LIKE '%cannot resolve%' THEN 'dns'
+    WHEN last_error LIKE '%TLS%' THEN 'tls'
+    WHEN last_error LIKE 'jq:%' THEN 'jq'
+    ELSE 'other' END"""
+
+
+def error_counts(conn: Connection) -> list[tuple[str, str, int | None, int, str]]:
+    """(stage, state, last status, count, error type) of deliveries that failed and are not delivered."""
     names = {PENDING: "retrying", DEAD: "dead"}
     rows = conn.execute(
-        "SELECT stage, state, last_status, count(*) FROM deliveries "
+        f"SELECT stage, state, last_status, count(*), {_ERROR_TYPE} AS kind FROM deliveries "
         f"WHERE state IN ({PENDING}, {DEAD}) AND last_error IS NOT NULL "
-        "GROUP BY stage, state, last_status ORDER BY stage, state, last_status"
+        "GROUP BY stage, state, kind ORDER BY stage, state, kind"
     ).fetchall()
-    return [(stage, names[state], status, count) for stage, state, status, count in rows]
+    return [(stage, names[state], status, count, kind) for stage, state, status, count, kind in rows]
 
 
 class AuditRow(msgspec.Struct, frozen=True, kw_only=True):

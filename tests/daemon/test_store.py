@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon import outbox
+from daemon import ops, outbox
 from daemon.errors import StoreCorrupt, StoreUnavailable
 from daemon.schema import APPLICATION_ID, DEAD, DELIVERED, MIGRATIONS, PENDING
 from daemon.store import Connection, Store, open_connection
@@ -458,3 +458,30 @@ async def test_call_during_shutdown_is_refused_instead_of_hanging(tmp_path: Path
 
     assert len(outcome) == 1
     assert isinstance(outcome[0], StoreUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "expected"),
+    [
+        (503, "HTTP 503: busy", "http_503"),
+        (None, "gave up after 8 attempts: timed out after 10s", "timeout"),
+        (None, "connection refused to 127.0.0.1:9", "connection_refused"),
+        (None, "connection reset by 10.0.0.1:443", "connection_closed"),
+        (None, "cannot resolve crm.invalid", "dns"),
+        (None, "TLS certificate of crm.example rejected: expired", "tls"),
+        (None, "jq: string and number cannot be added", "jq"),
+        (None, "something else", "other"),
+    ],
+)
+async def test_failures_are_grouped_by_error_type(
+    store: Store, status: int | None, error: str, expected: str
+) -> None:
+    def setup(conn: Connection) -> None:
+        conn.execute(
+            "INSERT INTO deliveries(id, event_seq, stage, state, created_at, next_attempt_at, last_status, "
+            "last_error) VALUES ('d', 1, 'crm', 2, 0, 0, ?, ?)",
+            (status, error),
+        )
+
+    await store.call(setup)
+    assert await store.call(ops.error_counts) == [("crm", "dead", status, 1, expected)]

@@ -233,7 +233,9 @@ def test_dlq_list_show_retry_purge_stats_and_audit(config: Path, daemon: Daemon,
 
     stats = ctl_json(config, "stats")
     assert stats["stages"]["crm"] == {"pending": 0, "delivered": 2, "dead": 2}
-    assert {"stage": "crm", "state": "dead", "last_status": 422, "count": 2} in stats["failures"]
+    assert {"stage": "crm", "state": "dead", "last_status": 422, "count": 2, "error_type": "http_422"} in (
+        stats["failures"]
+    )
 
     receiver.rejected = set()  # the receiver is fixed
     retried = ctl(config, "dlq", "retry", first)
