@@ -237,3 +237,23 @@ shutdown_grace = "5s"
         encoding="utf-8",
     )
     return path
+
+
+def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ferry ctl -c CONFIG ARGS…` as a real subprocess (no terminal on stdin)."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "ctl", "-c", str(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+def ctl_json(config: Path, *args: str) -> Any:
+    """`ferry ctl --json …`, which must succeed; its decoded answer."""
+    done = ctl(config, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pty
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, write_config
+from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
 
 PIPELINE = """
 [telemetry]
@@ -76,13 +74,6 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ferry-e2e-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def config(tmp_path: Path, sock_dir: Path, receiver: Receiver) -> Path:
     return write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ferry.sock", url=receiver.url))
 
@@ -92,24 +83,6 @@ def daemon(config: Path, tmp_path: Path) -> Iterator[Daemon]:
     process = Daemon(config, tmp_path / "ferry.log").start()
     yield process
     process.stop()
-
-
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "ctl", "-c", str(config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
-
-
-def ctl_json(config: Path, *args: str) -> Any:
-    done = ctl(config, "--json", *args)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def post(daemon: Daemon, n: int) -> httpx.Response:

@@ -6,11 +6,9 @@ import datetime
 import json
 import os
 import pty
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes import ROOT, Daemon, FakeReceiver, write_config
+from tests.fakes import ROOT, Daemon, FakeReceiver, ctl, ctl_json, write_config
 
 PIPELINE = """
 [telemetry]
@@ -65,13 +63,6 @@ def receiver() -> Iterator[FakeReceiver]:
     fake.stop()
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ferry-e2e-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 Start = Callable[..., tuple[Path, Daemon]]
 
 
@@ -92,24 +83,6 @@ def start(tmp_path: Path, sock_dir: Path, receiver: FakeReceiver) -> Iterator[St
     yield run
     for daemon in daemons:
         daemon.stop()
-
-
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "ctl", "-c", str(config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
-
-
-def ctl_json(config: Path, *args: str) -> Any:
-    done = ctl(config, "--json", *args)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def post(daemon: Daemon, n: int, source: str = "demo") -> str:

@@ -16,13 +16,12 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from tests.e2e.test_ctl import ctl, ctl_json, sock_dir, wait_status
-from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, write_config
+from tests.e2e.test_ctl import wait_status
+from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
 
 EMAIL, SSN, CARD = "ann.secret@example.com", "123-45-6789", "4111111111111111"
 TOKEN, TENANT = "Bearer SECRET-TOKEN-42", "TENANT-SECRET-7"
 SECRETS = (EMAIL, SSN, CARD, TOKEN, TENANT)
-__all__ = ["sock_dir"]  # the fixture, shared with test_ctl
 
 PIPELINE = """
 [telemetry]

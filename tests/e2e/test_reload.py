@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_ctl import ctl, ctl_json
 from tests.e2e.test_systemd_notify import NotifySocket
-from tests.fakes import Daemon, write_config
+from tests.fakes import Daemon, ctl, ctl_json, write_config
 
 BODY = """
 [telemetry]
@@ -39,13 +36,6 @@ inputs = ["shape"]
 path = "out.jsonl"
 """
 NEW_SINK = '\n[sinks.new]\ntype = "file"\ninputs = ["demo"]\npath = "new.jsonl"\n'
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ferry-e2e-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
