@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -110,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ctl":
         from . import ctl
 
-        return ctl.main(args)
+        try:
+            return ctl.main(args)
+        except BrokenPipeError:
+            # `ferry ctl status | head`: the reader is gone, which is not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if args.command == "config-schema":
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(json_schema())).decode() + "\n")
         return 0

@@ -334,3 +334,18 @@ def test_stats_latency_percentiles_and_status_rates(config: Path, daemon: Daemon
     status = ctl(config, "status")
     assert "rates    received" in status.stdout
     assert set(ctl_json(config, "status")) >= {"received_per_s", "delivered_per_s"}
+
+
+def test_ctl_output_into_a_closed_pipe_is_not_an_error(config: Path, daemon: Daemon) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "ctl", "-c", str(config), "status"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        assert proc.stdout is not None
+        proc.stdout.close()  # like `| head -0`: the reader is gone before ferry writes
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None
+        assert b"Traceback" not in proc.stderr.read()
