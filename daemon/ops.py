@@ -85,13 +85,19 @@ def list_dead(conn: Connection, selection: DeadFilter, limit: int) -> tuple[int,
 
 
 def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] | None:
-    """One delivery (any state) with its event's payload, and its state name; None if unknown."""
-    row = conn.execute(
+    """One delivery (any state) with its event's payload, and its state name; None if unknown.
+
+    Dead letters (what `dlq show` is for) are found through the `deliveries_dead` index; any
+    other state costs a scan of the deliveries table.
+    """
+    query = (
         "SELECT d.id, d.stage, d.state, d.attempts, d.created_at, d.finished_at, d.last_status, "
         "d.last_error, e.id, CAST(e.payload AS TEXT) FROM deliveries d "
-        "LEFT JOIN events e ON e.seq = d.event_seq WHERE d.id = ?",
-        (delivery_id,),
-    ).fetchone()
+        "LEFT JOIN events e ON e.seq = d.event_seq WHERE d.id = ?"
+    )
+    row = conn.execute(f"{query} AND d.state = {DEAD}", (delivery_id,)).fetchone()
+    if row is None:
+        row = conn.execute(query, (delivery_id,)).fetchone()
     if row is None:
         return None
     id_, stage, state, attempts, created, finished, status, error, event_id, payload = row

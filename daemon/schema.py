@@ -74,4 +74,10 @@ MIGRATIONS: list[list[str]] = [
             sinks TEXT NOT NULL
         )""",
     ],
+    [
+        # Dead letters are found by `ferry ctl dlq …` (always `state = 2`); without this every
+        # such command scanned the whole table on the writer thread. Rows enter it only when
+        # they die, so ingest and delivery pay nothing for it.
+        "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
 ]
