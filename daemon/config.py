@@ -17,35 +17,19 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import jq
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta
 
+from .config_base import NAME_RE, ComponentName, Section, default
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
 
-T = TypeVar("T")
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
-ComponentName = Annotated[str, Meta(pattern=NAME_RE)]
 
-
-def _default(value: T) -> T:
-    """`value` as a field default, given through a factory.
-
-    msgspec's JSON Schema generator cannot encode a `Duration`, a `Size` or a section holding them
-    as a `"default"`; factory defaults it leaves out (the generated docs still show them).
-    """
-    return msgspec.field(default_factory=lambda: value)
-
-
-class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of every config table: frozen, unknown keys rejected."""
-
-
-class StoreConfig(_Section, frozen=True):
+class StoreConfig(Section, frozen=True):
     """The SQLite outbox that sits between every stage."""
 
     path: Annotated[
@@ -59,7 +43,7 @@ class StoreConfig(_Section, frozen=True):
         ),
     ] = "full"
     retention: Annotated[Duration, Meta(description="How long delivered rows are kept before pruning.")] = (
-        _default(Duration(3600))
+        default(Duration(3600))
     )
     archive: Annotated[
         Duration,
@@ -67,42 +51,42 @@ class StoreConfig(_Section, frozen=True):
             description="How long every event is kept after receipt even once nothing refers to it, "
             "so `ferry ctl replay` can send it again; `0s`: events go with their deliveries."
         ),
-    ] = _default(Duration(0))
+    ] = default(Duration(0))
     dedup_window: Annotated[
         Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
-    ] = _default(Duration(86400))
+    ] = default(Duration(86400))
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
 
 
-class ListenerConfig(_Section, frozen=True):
+class ListenerConfig(Section, frozen=True):
     """The HTTP/1.1 listener serving every webhook source at `POST /hooks/NAME`."""
 
     address: Annotated[str, Meta(description="`host:port` to listen on; port 0 picks a free port.")] = (
         "127.0.0.1:8080"
     )
-    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = _default(
+    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = default(
         Size(1024**2)
     )
     max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = (
-        _default(Size(16 * 1024))
+        default(Size(16 * 1024))
     )
     max_connections: Annotated[
         int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
     ] = 1024
     header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
-        _default(Duration(10))
+        default(Duration(10))
     )
     body_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's body.")] = (
-        _default(Duration(30))
+        default(Duration(30))
     )
     idle_timeout: Annotated[
         Duration, Meta(description="How long a keep-alive connection may sit idle between requests.")
-    ] = _default(Duration(60))
+    ] = default(Duration(60))
 
 
-class ControlConfig(_Section, frozen=True):
+class ControlConfig(Section, frozen=True):
     """The local control socket used by `ferry ctl`."""
 
     socket: Annotated[
@@ -121,7 +105,7 @@ class ControlConfig(_Section, frozen=True):
     ] = None
 
 
-class SupervisorConfig(_Section, frozen=True):
+class SupervisorConfig(Section, frozen=True):
     """How crashed actors are restarted, and when the daemon gives up."""
 
     max_restarts: Annotated[
@@ -132,23 +116,23 @@ class SupervisorConfig(_Section, frozen=True):
             "daemon stops with a non-zero exit.",
         ),
     ] = 10
-    window: Annotated[Duration, Meta(description="Sliding window for `max_restarts`.")] = _default(
+    window: Annotated[Duration, Meta(description="Sliding window for `max_restarts`.")] = default(
         Duration(60)
     )
     initial_backoff: Annotated[Duration, Meta(description="First restart delay; doubles per restart.")] = (
-        _default(Duration(0.1))
+        default(Duration(0.1))
     )
-    max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = _default(Duration(10))
+    max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = default(Duration(10))
     shutdown_grace: Annotated[
         Duration,
         Meta(
             description="On SIGTERM, how long in-flight deliveries may take before they are cut off "
             "(they stay in the store and resume on the next start)."
         ),
-    ] = _default(Duration(10))
+    ] = default(Duration(10))
 
 
-class TelemetryConfig(_Section, frozen=True):
+class TelemetryConfig(Section, frozen=True):
     """OpenTelemetry traces and metrics over OTLP, and logs; `OTEL_*` variables apply (observability.md)."""
 
     traces: Annotated[
@@ -180,7 +164,7 @@ class TelemetryConfig(_Section, frozen=True):
     ] = "ferry"
     export_timeout: Annotated[
         Duration, Meta(description="Longest one export may take; also bounds the flush at shutdown.")
-    ] = _default(Duration(5))
+    ] = default(Duration(5))
     max_queue: Annotated[
         int,
         Meta(
@@ -189,7 +173,7 @@ class TelemetryConfig(_Section, frozen=True):
             description="Finished spans waiting for export; beyond it spans are dropped (counted).",
         ),
     ] = 8192
-    metrics_interval: Annotated[Duration, Meta(description="How often metrics are exported.")] = _default(
+    metrics_interval: Annotated[Duration, Meta(description="How often metrics are exported.")] = default(
         Duration(30)
     )
     log_level: Annotated[
@@ -206,7 +190,7 @@ class TelemetryConfig(_Section, frozen=True):
     ] = []
 
 
-class WebhookSourceConfig(_Section, frozen=True, tag="webhook", tag_field="type"):
+class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type"):
     """Receives events at `POST /hooks/NAME` (or `path`); answers 202 once the event is committed."""
 
     path: (
@@ -225,7 +209,7 @@ class WebhookSourceConfig(_Section, frozen=True, tag="webhook", tag_field="type"
 SourceConfig = WebhookSourceConfig
 
 
-class TransformConfig(_Section, frozen=True):
+class TransformConfig(Section, frozen=True):
     """A jq program applied to every event from `inputs`; each output is one event downstream."""
 
     inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to read.")]
@@ -236,32 +220,32 @@ class TransformConfig(_Section, frozen=True):
     ] = None
 
 
-class RetryConfig(_Section, frozen=True):
+class RetryConfig(Section, frozen=True):
     """When a failed delivery is tried again, and when it is dead-lettered instead."""
 
     max_attempts: Annotated[int, Meta(ge=1, description="Attempts before the delivery is dead-lettered.")] = 8
     initial_backoff: Annotated[Duration, Meta(description="Backoff ceiling after the first failure.")] = (
-        _default(Duration(0.5))
+        default(Duration(0.5))
     )
     max_backoff: Annotated[Duration, Meta(description="Largest backoff ceiling (full jitter below it).")] = (
-        _default(Duration(300))
+        default(Duration(300))
     )
     max_age: Annotated[
         Duration, Meta(description="A delivery older than this is dead-lettered on its next failure.")
-    ] = _default(Duration(86400))
+    ] = default(Duration(86400))
 
 
-class BatchConfig(_Section, frozen=True):
+class BatchConfig(Section, frozen=True):
     """Send many deliveries in one request, as a JSON array."""
 
     max_items: Annotated[int, Meta(ge=1, le=100_000, description="Most deliveries in one request.")] = 100
-    max_bytes: Annotated[Size, Meta(description="Largest request body.")] = _default(Size(1024**2))
+    max_bytes: Annotated[Size, Meta(description="Largest request body.")] = default(Size(1024**2))
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
-    ] = _default(Duration(0.05))
+    ] = default(Duration(0.05))
 
 
-class HttpSinkConfig(_Section, frozen=True, tag="http", tag_field="type"):
+class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     """Delivers each event as a JSON request to an HTTP API, with retries and a dead-letter queue."""
 
     inputs: Annotated[
@@ -271,7 +255,7 @@ class HttpSinkConfig(_Section, frozen=True, tag="http", tag_field="type"):
     method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
     headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
     timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
-        _default(Duration(10))
+        default(Duration(10))
     )
     concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
     idempotency_header: Annotated[
@@ -285,13 +269,13 @@ class HttpSinkConfig(_Section, frozen=True, tag="http", tag_field="type"):
             "client (proxies from the environment)."
         ),
     ] = "lean"
-    retry: RetryConfig = _default(RetryConfig())
+    retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
     ] = None
 
 
-class FileSinkConfig(_Section, frozen=True, tag="file", tag_field="type"):
+class FileSinkConfig(Section, frozen=True, tag="file", tag_field="type"):
     """Appends each event as one JSON line to a file, fsynced before it counts as delivered."""
 
     inputs: Annotated[
@@ -300,20 +284,20 @@ class FileSinkConfig(_Section, frozen=True, tag="file", tag_field="type"):
     path: Annotated[
         str, Meta(description="File to append to; relative paths resolve from the config's folder.")
     ]
-    retry: RetryConfig = _default(RetryConfig())
+    retry: RetryConfig = default(RetryConfig())
 
 
 SinkConfig = HttpSinkConfig | FileSinkConfig
 
 
-class Config(_Section, frozen=True):
+class Config(Section, frozen=True):
     """A whole ferry configuration file."""
 
-    store: StoreConfig = _default(StoreConfig())
-    listener: ListenerConfig = _default(ListenerConfig())
-    control: ControlConfig = _default(ControlConfig())
-    supervisor: SupervisorConfig = _default(SupervisorConfig())
-    telemetry: TelemetryConfig = _default(TelemetryConfig())
+    store: StoreConfig = default(StoreConfig())
+    listener: ListenerConfig = default(ListenerConfig())
+    control: ControlConfig = default(ControlConfig())
+    supervisor: SupervisorConfig = default(SupervisorConfig())
+    telemetry: TelemetryConfig = default(TelemetryConfig())
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
