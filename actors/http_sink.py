@@ -27,8 +27,15 @@ from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 
+from .sink import Answer
+
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
+
+
+def excerpt_of(body: bytes) -> str:
+    """The start of a response body as text: what `ferry ctl event` and the logs show of an answer."""
+    return body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
 
 def check_status(response: Response) -> int:
@@ -36,7 +43,7 @@ def check_status(response: Response) -> int:
     status = response.status
     if 200 <= status < 300:
         return status
-    excerpt = response.body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    excerpt = excerpt_of(response.body)
     message = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
     if status in RETRYABLE_STATUSES or status >= 500:
         raise RetryableDelivery(
@@ -72,7 +79,7 @@ class HttpSender:
     def __repr__(self) -> str:
         return f"<HttpSender {self.name} {self._config.method} {self._config.url}>"
 
-    async def send(self, batch: Sequence[Due]) -> int | None:
+    async def send(self, batch: Sequence[Due]) -> Answer:
         headers = list(self._headers)
         if self._batching:
             body = b"[" + b",".join(due.payload for due in batch) + b"]"
@@ -93,7 +100,7 @@ class HttpSender:
         )
         if recording:
             span.set_attribute("http.response.status_code", response.status)
-        return check_status(response)
+        return Answer(check_status(response), excerpt_of(response.body) or None)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -6,11 +6,14 @@ Tables:
     events      every event a source or transform produced; `seq` orders them (AUTOINCREMENT, so a
                 pruned seq is never reused and transform cursors stay valid)
     deliveries  one row per (event, stage): a sink's delivery, or a transform's dead letter.
-                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key
+                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key;
+                `last_latency` (s) and `last_response` (an excerpt) describe the last attempt
     cursors     each transform's position in the events it reads
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    windows     an aggregating transform's open windows: group key (JSON), opened at, size
+    window_events  the events in each open window, in order, with the id their output will take
 """
 
 from __future__ import annotations
@@ -79,5 +82,28 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # Confirmation: what the receiver answered to the last attempt, and how long it took.
+        "ALTER TABLE deliveries ADD COLUMN last_latency REAL",
+        "ALTER TABLE deliveries ADD COLUMN last_response TEXT",
+        # Aggregation windows (daemon/windows.py): open windows and the events in them.
+        """CREATE TABLE windows (
+            transform TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (transform, id)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE window_events (
+            transform TEXT NOT NULL,
+            window INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            trace TEXT,
+            PRIMARY KEY (transform, window, n)
+        ) WITHOUT ROWID""",
     ],
 ]
