@@ -18,6 +18,11 @@ Names (all prefixed `ferry.`):
 | `queue.depth` | gauge, pending deliveries | `stage` |
 | `actor.restarts` | counter | `actor` |
 | `telemetry.spans_dropped` | counter | - |
+| `ratelimit.waits` | counter (permits that had to queue) | `limit`, `user` |
+| `ratelimit.wait_time` | histogram, s, per queued permit | `limit`, `user` |
+| `ratelimit.pauses` | counter (answers that paused a budget) | `limit` |
+| `breaker.state` | gauge, 0 closed / 1 half-open / 2 open | `sink`, `url` |
+| `sink.concurrency` | gauge, current adaptive concurrency limit | `sink` |
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class Metrics:
 
     def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
         self.queue_depths: dict[str, int] = {}
+        # Set by the sinks' guards on every change (daemon/config_limits.py, actors/guard.py).
+        self.breaker_states: dict[tuple[str, str], int] = {}
+        self.concurrency_limits: dict[str, int] = {}
         # Per-event counts are plain integers read at export time: an OTel `Counter.add`
         # costs ~4 us, a tenth of what storing the event costs (measured with make bench).
         self.received: Counter[str] = Counter()
@@ -79,6 +87,28 @@ class Metrics:
             unit="{delivery}",
             description="Pending deliveries per stage (sampled every metrics interval).",
         )
+        self.ratelimit_waits = meter.create_counter(
+            "ferry.ratelimit.waits", unit="{permit}", description="Rate-limit permits that had to queue."
+        )
+        self.ratelimit_wait_time = meter.create_histogram(
+            "ferry.ratelimit.wait_time", unit="s", description="Time a queued rate-limit permit waited."
+        )
+        self.ratelimit_pauses = meter.create_counter(
+            "ferry.ratelimit.pauses",
+            unit="{pause}",
+            description="Answers (Retry-After, RateLimit-*) that paused a whole rate-limit budget.",
+        )
+        meter.create_observable_gauge(
+            "ferry.breaker.state",
+            callbacks=[self._observe_breakers],
+            description="Circuit breaker per sink URL: 0 closed, 1 half-open, 2 open.",
+        )
+        meter.create_observable_gauge(
+            "ferry.sink.concurrency",
+            callbacks=[self._observe_concurrency],
+            unit="{request}",
+            description="Current limit of requests in flight of an adaptive sink.",
+        )
         meter.create_observable_counter(
             "ferry.telemetry.spans_dropped",
             callbacks=[self._observe_dropped],
@@ -91,6 +121,15 @@ class Metrics:
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(depth, {"stage": stage}) for stage, depth in list(self.queue_depths.items())]
+
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(state, {"sink": sink, "url": url})
+            for (sink, url), state in list(self.breaker_states.items())
+        ]
+
+    def _observe_concurrency(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(limit, {"sink": sink}) for sink, limit in list(self.concurrency_limits.items())]
 
     def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._spans_dropped())]
