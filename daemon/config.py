@@ -143,6 +143,13 @@ class TelemetryConfig(Section, frozen=True):
         ),
     ] = False
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
+    prometheus: Annotated[
+        bool,
+        Meta(
+            description="Also serve the metrics as Prometheus text at `GET /metrics` on the listener "
+            "(read at each scrape; independent of `metrics`)."
+        ),
+    ] = False
     endpoint: Annotated[
         Annotated[str, Meta(pattern=r"^https?://")] | None,
         Meta(
@@ -424,7 +431,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, source in config.sources.items():
         if isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
-            if path in ("/healthz", "/readyz"):
+            if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
