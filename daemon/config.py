@@ -23,6 +23,7 @@ import jq
 import msgspec
 from msgspec import Meta
 
+from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
 from .errors import ConfigError
 from .masking import RULE_PATTERN
@@ -318,6 +319,14 @@ class LoadedConfig:
     path: Path | None
     text: str = field(repr=False, default="")
 
+    @property
+    def warnings(self) -> list[str]:
+        """What is valid but unwise: literal secrets in the file."""
+        return [
+            f"{path}: a literal secret in the config file; use env:NAME, file:PATH or credential:NAME"
+            for path in secrets.literal_paths(self.config)
+        ]
+
 
 _SECTIONS: dict[str, Any] = {
     "store": StoreConfig,
@@ -351,8 +360,12 @@ def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
         return None
 
 
-def parse(text: str, *, base_dir: Path | None = None) -> Config:
-    """Decode and validate config TOML; raise `ConfigError` listing every problem found."""
+def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True) -> Config:
+    """Decode and validate config TOML; raise `ConfigError` listing every problem found.
+
+    With `read_secrets` every secret reference is read (`daemon.secrets.bind`); one that
+    cannot be is an error. Without it references stay unread (`ferry ctl` needs none).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -384,19 +397,25 @@ def parse(text: str, *, base_dir: Path | None = None) -> Config:
         raise ConfigError(errors)
     config = Config(**parts)
     errors.extend(_semantic_errors(config))
+    if read_secrets:
+        errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
     return _resolve_paths(config, base_dir) if base_dir is not None else config
 
 
-def load(path: str | Path) -> LoadedConfig:
-    """Read, decode and validate a config file; relative paths in it resolve from its folder."""
+def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
+    """Read, decode and validate a config file; relative paths in it resolve from its folder.
+
+    Secrets are read too unless `read_secrets` is false (see `parse`).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"$: cannot read {file}: {exc}"]) from None
-    return LoadedConfig(parse(text, base_dir=file.resolve().parent), file.resolve(), text)
+    config = parse(text, base_dir=file.resolve().parent, read_secrets=read_secrets)
+    return LoadedConfig(config, file.resolve(), text)
 
 
 def webhook_path(name: str, source: WebhookSourceConfig) -> str:
