@@ -168,7 +168,10 @@ async def serve(
     started = time.monotonic()
     activated = ActivatedSockets.from_environment()
     store = Store.open(
-        config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
+        config.store.path,
+        durability=config.store.durability,
+        max_batch=config.store.max_batch,
+        verify=config.store.verify_on_start,
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)

@@ -59,6 +59,13 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    verify_on_start: Annotated[
+        bool,
+        Meta(
+            description="Run SQLite's `quick_check` before the first write at startup (about 1 s per GB "
+            "of database): a damaged file is refused with its name instead of failing write by write."
+        ),
+    ] = True
 
 
 class ListenerConfig(Section, frozen=True):
