@@ -25,6 +25,7 @@ from msgspec import Meta
 
 from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -233,6 +234,23 @@ class TransformConfig(Section, frozen=True):
         str | None,
         Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
     ] = None
+    schema: Annotated[SchemaSpec | None, SCHEMA] = None
+    routes: Annotated[
+        list[RouteConfig],
+        Meta(
+            description="Send each output only to some of the sinks reading this transform, by jq "
+            'predicate: `[{ when = \'.type == "lead"\', to = ["crm"] }, …]`; the first route whose '
+            "`when` is true wins (docs/transforms.md). Empty: every reader gets every output."
+        ),
+    ] = []
+    default_route: Annotated[
+        list[ComponentName] | None,
+        Meta(description="Sinks for outputs no route matches; unset: those outputs go nowhere (counted)."),
+    ] = None
+    aggregate: Annotated[
+        AggregateConfig | None,
+        Meta(description="Group outputs into tumbling windows and emit one event per window."),
+    ] = None
 
 
 class RetryConfig(Section, frozen=True):
@@ -403,12 +421,14 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     config = Config(**parts)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
     errors.extend(_semantic_errors(config))
     if read_secrets:
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
+    return config
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -470,6 +490,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     jq.compile(program)
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
+        yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
@@ -523,11 +544,18 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else sink
         for name, sink in config.sinks.items()
     }
+    transforms = {
+        name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
+        if isinstance(transform.schema, str)
+        else transform
+        for name, transform in config.transforms.items()
+    }
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
+        transforms=transforms,
     )
 
 
