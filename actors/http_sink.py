@@ -9,6 +9,11 @@ Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
 
+Auth: `auth` adds its headers (or query parameters) to every request; a 401 makes a token auth
+fetch a new token (one request for all the senders that got a 401 with the same token) and the
+request is sent once more; a second 401 is a permanent failure like any other 4xx. `url.full`
+on spans is the configured URL, never the one carrying an API key.
+
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
@@ -22,10 +27,12 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
+from daemon.auth import Auth, build_auth, ssl_context, with_query
 from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
+from daemon.store import Store
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
@@ -55,15 +62,20 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig) -> None:
+    def __init__(self, name: str, config: HttpSinkConfig, store: Store | None = None) -> None:
         self.name = name
         self._config = config
         self._batching = config.batch is not None
+        context = ssl_context(config.tls)
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.concurrency)
+            LeanClient(max_idle_per_host=config.concurrency, ssl_context=context)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.concurrency)
+            else HttpxClient(max_connections=config.concurrency, ssl_context=context)
         )
+        self._auth: Auth | None = (
+            build_auth(config.auth, owner=f"sinks.{name}", store=store) if config.auth is not None else None
+        )
+        self._url = with_query(config.url, self._auth.query) if self._auth is not None else config.url
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
         self._headers = base
@@ -88,12 +100,25 @@ class HttpSender:
         recording = span.is_recording()
         if recording:
             span.set_attributes({"http.request.method": self._config.method, "url.full": self._config.url})
-        response = await self._client.request(
-            self._config.method, self._config.url, headers=headers, body=body, timeout=self._config.timeout
-        )
+        if self._auth is None:
+            response = await self._request(headers, body)
+        else:
+            credentials = await self._auth.headers()
+            response = await self._request([*headers, *credentials.items()], body)
+            if response.status == 401 and await self._auth.unauthorized(credentials):
+                credentials = await self._auth.headers()
+                response = await self._request([*headers, *credentials.items()], body)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
 
+    async def _request(self, headers: list[tuple[str, str]], body: bytes) -> Response:
+        config = self._config
+        return await self._client.request(
+            config.method, self._url, headers=headers, body=body, timeout=config.timeout
+        )
+
     async def aclose(self) -> None:
+        if self._auth is not None:
+            await self._auth.aclose()
         await self._client.aclose()

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
-from . import metrics, outbox
+from . import at_rest, metrics, outbox
 from .commands import Commands, Pauses
 from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
@@ -168,7 +168,10 @@ async def serve(
     started = time.monotonic()
     activated = ActivatedSockets.from_environment()
     store = Store.open(
-        config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
+        config.store.path,
+        durability=config.store.durability,
+        max_batch=config.store.max_batch,
+        cipher=at_rest.build_cipher(config.store.encryption),
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)

@@ -23,6 +23,7 @@ import jq
 import msgspec
 from msgspec import Meta
 
+from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .errors import ConfigError
 from .masking import RULE_PATTERN
@@ -58,6 +59,10 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    encryption: Annotated[
+        EncryptionConfig | None,
+        Meta(description="Encrypt payloads in the store (off when unset); see docs/security.md."),
+    ] = None
 
 
 class ListenerConfig(Section, frozen=True):
@@ -273,6 +278,12 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
     ] = None
+    auth: Annotated[
+        AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
+    ] = None
+    tls: Annotated[
+        TlsConfig | None, Meta(description="Custom CA bundle and/or client certificate (mTLS) for https.")
+    ] = None
 
 
 class FileSinkConfig(Section, frozen=True, tag="file", tag_field="type"):
@@ -440,6 +451,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig):
+            yield from auth_errors(sink.auth, sink.tls, f"$.sinks.{name}")
     if config.supervisor.initial_backoff > config.supervisor.max_backoff:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:
@@ -487,7 +500,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sinks = {
         name: msgspec.structs.replace(sink, path=resolve(sink.path))
         if isinstance(sink, FileSinkConfig)
-        else sink
+        else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
     return msgspec.structs.replace(

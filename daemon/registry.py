@@ -23,7 +23,7 @@ def build_sink(name: str, config: SinkConfig, store: Store) -> Sink:
     """The delivery actor for one configured sink."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
-        factory = lambda: HttpSender(name, config)  # noqa: E731
+        factory = lambda: HttpSender(name, config, store)  # noqa: E731
         return Sink(
             name, store, factory, retry=config.retry, concurrency=config.concurrency, batch=config.batch
         )

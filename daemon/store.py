@@ -40,7 +40,8 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
-from .errors import StoreCorrupt, StoreUnavailable
+from .at_rest import Cipher, CipherConnection, check_keys
+from .errors import StoreCorrupt, StoreKeyMissing, StoreUnavailable
 from .schema import APPLICATION_ID, MIGRATIONS
 
 log = logging.getLogger("ferry.store")
@@ -90,9 +91,12 @@ class Store:
     runs on the writer thread inside a group transaction.
     """
 
-    def __init__(self, path: Path, *, durability: str = "full", max_batch: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
+    ) -> None:
         self.path = path
         self._durability = durability
+        self._cipher = cipher
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._signals: dict[str, Signal] = {}
@@ -105,13 +109,17 @@ class Store:
         self.writable = False
 
     @classmethod
-    def open(cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096) -> Store:
+    def open(
+        cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
+    ) -> Store:
         """Open (creating if needed) and migrate the database; raise `StoreCorrupt` for a foreign file.
 
-        Never overwrites or "repairs" a file it does not recognise.
+        Never overwrites or "repairs" a file it does not recognise. With `cipher`, payloads are
+        encrypted (`daemon.at_rest`); rows that need a key `cipher` lacks (or any key, without one)
+        raise `StoreKeyMissing` before anything is written.
         """
-        store = cls(Path(path), durability=durability, max_batch=max_batch)
-        store._conn = open_connection(store.path, durability)
+        store = cls(Path(path), durability=durability, max_batch=max_batch, cipher=cipher)
+        store._conn = open_connection(store.path, durability, cipher)
         return store
 
     def signal(self, consumer: str) -> Signal:
@@ -261,8 +269,11 @@ def _is_request_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
-def open_connection(path: Path, durability: str) -> Connection:
-    """Open, identify and migrate the database file. Raises `StoreCorrupt` or `StoreUnavailable`."""
+def open_connection(path: Path, durability: str, cipher: Cipher | None = None) -> Connection:
+    """Open, identify and migrate the database file, and check its encryption keys against `cipher`.
+
+    Raises `StoreCorrupt`, `StoreKeyMissing` or `StoreUnavailable`.
+    """
     if path.exists() and not path.is_file():
         raise StoreCorrupt(f"{path}: not a regular file")
     try:
@@ -270,7 +281,9 @@ def open_connection(path: Path, durability: str) -> Connection:
     except OSError as exc:
         raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=5.0, factory=CipherConnection
+        )
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"{path}: cannot open database: {exc}") from None
     try:
@@ -281,6 +294,7 @@ def open_connection(path: Path, durability: str) -> Connection:
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-32768")
         _migrate(conn)
+        check_keys(conn, cipher, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if "not a database" in str(exc) or "malformed" in str(exc):
@@ -288,9 +302,10 @@ def open_connection(path: Path, durability: str) -> Connection:
                 f"{path}: not a usable SQLite database ({exc}); the file was left untouched"
             ) from None
         raise StoreUnavailable(f"{path}: {exc}") from None
-    except StoreCorrupt:
+    except (StoreCorrupt, StoreKeyMissing):
         conn.close()
         raise
+    conn.cipher = cipher
     return conn
 
 
