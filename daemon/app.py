@@ -172,6 +172,7 @@ async def serve(
         durability=config.store.durability,
         max_batch=config.store.max_batch,
         cipher=at_rest.build_cipher(config.store.encryption),
+        verify=config.store.verify_on_start,
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)

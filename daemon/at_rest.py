@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, final
@@ -113,7 +114,9 @@ class Cipher:
         head = stored[:_HEAD_LEN]
         aead = self._keys.get(head[len(PREFIX) : -1])
         if aead is None:
-            raise StoreCorrupt(f"a payload is encrypted with key {head[len(PREFIX) : -1].decode()!r}, not configured")
+            raise StoreCorrupt(
+                f"a payload is encrypted with key {head[len(PREFIX) : -1].decode()!r}, not configured"
+            )
         try:
             raw = base64.b64decode(stored[_HEAD_LEN:])
             return aead.decrypt(raw[:_NONCE], raw[_NONCE:], head)
@@ -190,7 +193,7 @@ def check_keys(conn: sqlite3.Connection, cipher: Cipher | None, path: Path) -> N
         conn.executemany("DELETE FROM store_keys WHERE kid = ?", [(kid,) for kid in unused])
         if cipher is not None:
             conn.execute(
-                "INSERT OR IGNORE INTO store_keys(kid, added_at) VALUES (?, strftime('%s','now'))", (cipher.kid,)
+                "INSERT OR IGNORE INTO store_keys(kid, added_at) VALUES (?, ?)", (cipher.kid, time.time())
             )
         conn.execute("COMMIT")
     except BaseException:

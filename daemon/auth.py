@@ -387,7 +387,7 @@ class OAuth2Source:
 
     async def fetch(self, now: float, refresh_before: float) -> Token:
         config = self._config
-        form = {"grant_type": config.grant}
+        form: dict[str, str] = {"grant_type": config.grant}
         headers: dict[str, str] = {}
         secret = _reveal(config.client_secret)
         if config.client_auth == "basic" and secret is not None:
@@ -416,7 +416,7 @@ class OAuth2Source:
         lifetime = _lifetime(answer)
         log.info(
             "oauth2 token obtained",
-            extra={"fields": {"auth": self._owner, "expires_in": lifetime, "rotated": bool(answer.refresh_token)}},
+            extra={"fields": {"auth": self._owner, "expires_in": lifetime}},
         )
         return make_token(answer.access_token, now, lifetime, refresh_before)
 

@@ -23,6 +23,7 @@ import jq
 import msgspec
 from msgspec import Meta
 
+from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .errors import ConfigError
@@ -63,6 +64,13 @@ class StoreConfig(Section, frozen=True):
         EncryptionConfig | None,
         Meta(description="Encrypt payloads in the store (off when unset); see docs/security.md."),
     ] = None
+    verify_on_start: Annotated[
+        bool,
+        Meta(
+            description="Run SQLite's `quick_check` before the first write at startup (about 1 s per GB "
+            "of database): a damaged file is refused with its name instead of failing write by write."
+        ),
+    ] = True
 
 
 class ListenerConfig(Section, frozen=True):
@@ -322,6 +330,14 @@ class LoadedConfig:
     path: Path | None
     text: str = field(repr=False, default="")
 
+    @property
+    def warnings(self) -> list[str]:
+        """What is valid but unwise: literal secrets in the file."""
+        return [
+            f"{path}: a literal secret in the config file; use env:NAME, file:PATH or credential:NAME"
+            for path in secrets.literal_paths(self.config)
+        ]
+
 
 _SECTIONS: dict[str, Any] = {
     "store": StoreConfig,
@@ -355,8 +371,12 @@ def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
         return None
 
 
-def parse(text: str, *, base_dir: Path | None = None) -> Config:
-    """Decode and validate config TOML; raise `ConfigError` listing every problem found."""
+def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True) -> Config:
+    """Decode and validate config TOML; raise `ConfigError` listing every problem found.
+
+    With `read_secrets` every secret reference is read (`daemon.secrets.bind`); one that
+    cannot be is an error. Without it references stay unread (`ferry ctl` needs none).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -388,19 +408,39 @@ def parse(text: str, *, base_dir: Path | None = None) -> Config:
         raise ConfigError(errors)
     config = Config(**parts)
     errors.extend(_semantic_errors(config))
+    if read_secrets:
+        errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
+    config = _resolve_paths(config, base_dir) if base_dir is not None else config
+    if read_secrets:
+        from .auth import secret_errors
+
+        errors.extend(secret_errors(config.store.encryption, _outbound(config)))
+        if errors:
+            raise ConfigError(errors)
+    return config
 
 
-def load(path: str | Path) -> LoadedConfig:
-    """Read, decode and validate a config file; relative paths in it resolve from its folder."""
+def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
+    """Every component that calls out over HTTP: (TOML path, its auth, its tls)."""
+    for name, sink in config.sinks.items():
+        if isinstance(sink, HttpSinkConfig):
+            yield f"$.sinks.{name}", sink.auth, sink.tls
+
+
+def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
+    """Read, decode and validate a config file; relative paths in it resolve from its folder.
+
+    Secrets are read too unless `read_secrets` is false (see `parse`).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"$: cannot read {file}: {exc}"]) from None
-    return LoadedConfig(parse(text, base_dir=file.resolve().parent), file.resolve(), text)
+    config = parse(text, base_dir=file.resolve().parent, read_secrets=read_secrets)
+    return LoadedConfig(config, file.resolve(), text)
 
 
 def webhook_path(name: str, source: WebhookSourceConfig) -> str:

@@ -47,11 +47,12 @@ class ApiKeyAuth(Section, frozen=True, tag="api_key", tag_field="type"):
 
     key: Annotated[SecretRef, Meta(description="The API key (secret reference).")]
     header: Annotated[
-        str | None, Meta(pattern=_HEADER, description="Header carrying the key; unset when `query` is.")
+        Annotated[str, Meta(pattern=_HEADER)] | None,
+        Meta(description="Header carrying the key (default `X-API-Key`); unset when `query` is."),
     ] = None
     query: Annotated[
-        str | None,
-        Meta(min_length=1, description="Query parameter carrying the key instead of a header."),
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(description="Query parameter carrying the key instead of a header."),
     ] = None
     prefix: Annotated[str, Meta(description='Text before the key in the header, e.g. `"Token "`.')] = ""
 
@@ -78,17 +79,17 @@ class OAuth2Auth(Section, frozen=True, tag="oauth2", tag_field="type"):
     """
 
     token_url: Annotated[str, _URL]
+    client_id: Annotated[str, Meta(min_length=1, description="The client id (not a secret).")]
     grant: Annotated[
         Literal["client_credentials", "refresh_token"], Meta(description="The OAuth 2.0 grant used.")
     ] = "client_credentials"
-    client_id: Annotated[str, Meta(min_length=1, description="The client id (not a secret).")]
     client_secret: Annotated[
         SecretRef | None, Meta(description="The client secret (secret reference); unset for a public client.")
     ] = None
     refresh_token: Annotated[
         SecretRef | None,
         Meta(
-            description="The first refresh token (secret reference), for `grant = \"refresh_token\"`; "
+            description='The first refresh token (secret reference), for `grant = "refresh_token"`; '
             "a rotated one from the server is stored and used from then on, until this one changes."
         ),
     ] = None
@@ -120,21 +121,18 @@ class JwtBearerAuth(Section, frozen=True, tag="jwt_bearer", tag_field="type"):
     `token_url`, exchanged for an access token (RFC 7523 JWT bearer grant)."""
 
     private_key: Annotated[SecretRef, Meta(description="PEM private key that signs (secret reference).")]
-    algorithm: Annotated[
-        Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"], Meta(description="Signature algorithm.")
-    ] = "RS256"
     issuer: Annotated[str, Meta(min_length=1, description="`iss` claim.")]
+    algorithm: Annotated[
+        Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"],
+        Meta(description="Signature algorithm."),
+    ] = "RS256"
     subject: Annotated[str | None, Meta(description="`sub` claim; default: the issuer.")] = None
-    audience: Annotated[
-        str | None, Meta(description="`aud` claim; default: `token_url`, else none.")
-    ] = None
+    audience: Annotated[str | None, Meta(description="`aud` claim; default: `token_url`, else none.")] = None
     key_id: Annotated[str | None, Meta(description="`kid` header of the JWT.")] = None
-    claims: Annotated[
-        dict[str, str], Meta(description="Extra claims (e.g. `scope`), strings.")
-    ] = {}
-    lifetime: Annotated[
-        Duration, Meta(description="How long each signed JWT is valid (`exp` - `iat`).")
-    ] = default(Duration(300))
+    claims: Annotated[dict[str, str], Meta(description="Extra claims (e.g. `scope`), strings.")] = {}
+    lifetime: Annotated[Duration, Meta(description="How long each signed JWT is valid (`exp` - `iat`).")] = (
+        default(Duration(300))
+    )
     token_url: Annotated[
         Annotated[str, Meta(pattern=r"^https?://")] | None,
         Meta(description="Token endpoint to trade the JWT for an access token; unset: send the JWT itself."),
@@ -201,8 +199,9 @@ def resolve_tls(component: S, resolve: Callable[[str], str]) -> S:
         return msgspec.structs.replace(tls, ca=ca, cert=cert)
 
     changes: dict[str, Any] = {}
-    if getattr(component, "tls", None) is not None:
-        changes["tls"] = fix(getattr(component, "tls"))
+    tls = getattr(component, "tls", None)
+    if isinstance(tls, TlsConfig):
+        changes["tls"] = fix(tls)
     auth = getattr(component, "auth", None)
     if isinstance(auth, OAuth2Auth | JwtBearerAuth) and auth.tls is not None:
         changes["auth"] = msgspec.structs.replace(auth, tls=fix(auth.tls))

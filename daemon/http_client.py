@@ -371,7 +371,11 @@ class HttpxClient:
     """`httpx.AsyncClient` behind the `HttpClient` interface, for proxies and other httpx features."""
 
     def __init__(
-        self, *, max_connections: int = 100, max_body: int = 64 * 1024, ssl_context: ssl.SSLContext | None = None
+        self,
+        *,
+        max_connections: int = 100,
+        max_body: int = 64 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._max_connections = max_connections
         self._max_body = max_body
