@@ -1,7 +1,8 @@
 """The webhook listener: HTTP/1.1 requests in (h11 on trio streams), events into the store.
 
 A webhook source is served at its path (`POST /hooks/NAME` by default); the listener
-also answers `GET /healthz` (alive) and `GET /readyz` (ready to take events).
+also answers `GET /healthz` (alive), `GET /readyz` (ready to take events) and, when given a
+`metrics_page`, `GET /metrics` (Prometheus text, rendered per scrape).
 
 Guarantees:
 
@@ -83,7 +84,8 @@ _ALLOW_GET: Final = ((b"allow", b"GET"),)
 _RETRY_STORE: Final = ((b"retry-after", b"1"),)
 _NO_HEADERS: _Headers = ()
 _RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
-_HEALTH_PATHS: Final = (b"/healthz", b"/readyz")
+_HEALTH_PATHS: Final = (b"/healthz", b"/readyz", b"/metrics")
+_PROMETHEUS: Final = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
 _REJECTION_REASONS: Final = {  # `ferry.events.rejected{reason}` by status
     400: "malformed_json",
     405: "method_not_allowed",
@@ -143,7 +145,8 @@ def _is_json(content_type: bytes | None) -> bool:
 
 def _response(conn: h11.Connection, status: int, body: bytes, headers: _Headers = ()) -> bytes:
     """The bytes of a whole JSON response."""
-    head = [*headers, _JSON, (b"content-length", b"%d" % len(body))]
+    typed = headers and any(name == b"content-type" for name, _ in headers)
+    head = [*headers, *(() if typed else (_JSON,)), (b"content-length", b"%d" % len(body))]
     return (
         conn.send(h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b"")))
         + conn.send(h11.Data(data=body))
@@ -187,6 +190,7 @@ class WebhookListener:
         *,
         paused: Callable[[str], bool] = lambda source: False,
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
+        metrics_page: Callable[[], bytes | None] | None = None,
     ) -> None:
         self._config = config
         self._routes = _compile(routes)
@@ -194,6 +198,7 @@ class WebhookListener:
         self._readiness = readiness
         self._paused = paused
         self._listeners = listeners
+        self._metrics_page = metrics_page
         self._connections = 0
 
     def __repr__(self) -> str:
@@ -456,6 +461,11 @@ class WebhookListener:
             return 405, _error(f"method {method.decode('latin-1')} not allowed"), _ALLOW_GET
         if path == b"/healthz":
             return 200, _OK, ()
+        if path == b"/metrics":
+            page = self._metrics_page() if self._metrics_page is not None else None
+            if page is None:
+                return 404, _error("no metrics here: set [telemetry] prometheus = true"), ()
+            return 200, page, _PROMETHEUS
         return (200, _READY, ()) if self._readiness() else (503, _NOT_READY, ())
 
     async def _fail(

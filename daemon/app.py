@@ -176,12 +176,12 @@ async def serve(
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    telemetry = Telemetry.start(config.telemetry)
+    telemetry = Telemetry.start(config.telemetry, collect=True)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
-            if config.telemetry.metrics:
+            if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
@@ -213,6 +213,7 @@ async def serve(
                         lambda: supervisor.ready and store.writable,
                         paused=running.pauses.source_paused,
                         listeners=activated.listeners if activated else None,
+                        metrics_page=telemetry.prometheus_text,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

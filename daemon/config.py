@@ -26,6 +26,7 @@ from msgspec import Meta
 from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -156,6 +157,13 @@ class TelemetryConfig(Section, frozen=True):
         ),
     ] = False
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
+    prometheus: Annotated[
+        bool,
+        Meta(
+            description="Also serve the metrics as Prometheus text at `GET /metrics` on the listener "
+            "(read at each scrape; independent of `metrics`)."
+        ),
+    ] = False
     endpoint: Annotated[
         Annotated[str, Meta(pattern=r"^https?://")] | None,
         Meta(
@@ -230,6 +238,23 @@ class TransformConfig(Section, frozen=True):
     filter: Annotated[
         str | None,
         Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
+    ] = None
+    schema: Annotated[SchemaSpec | None, SCHEMA] = None
+    routes: Annotated[
+        list[RouteConfig],
+        Meta(
+            description="Send each output only to some of the sinks reading this transform, by jq "
+            'predicate: `[{ when = \'.type == "lead"\', to = ["crm"] }, …]`; the first route whose '
+            "`when` is true wins (docs/transforms.md). Empty: every reader gets every output."
+        ),
+    ] = []
+    default_route: Annotated[
+        list[ComponentName] | None,
+        Meta(description="Sinks for outputs no route matches; unset: those outputs go nowhere (counted)."),
+    ] = None
+    aggregate: Annotated[
+        AggregateConfig | None,
+        Meta(description="Group outputs into tumbling windows and emit one event per window."),
     ] = None
 
 
@@ -407,12 +432,13 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     config = Config(**parts)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
     errors.extend(_semantic_errors(config))
     if read_secrets:
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    config = _resolve_paths(config, base_dir) if base_dir is not None else config
     if read_secrets:
         from .auth import secret_errors
 
@@ -475,7 +501,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, source in config.sources.items():
         if isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
-            if path in ("/healthz", "/readyz"):
+            if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
@@ -488,6 +514,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     jq.compile(program)
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
+        yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
@@ -543,11 +570,18 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
+    transforms = {
+        name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
+        if isinstance(transform.schema, str)
+        else transform
+        for name, transform in config.transforms.items()
+    }
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
+        transforms=transforms,
     )
 
 

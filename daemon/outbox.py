@@ -42,11 +42,13 @@ class Due(NamedTuple):
 
 
 class Derived(NamedTuple):
-    """One output of a transform: the event it came from, which output it is, and its JSON."""
+    """One output of a transform: the event it came from, which output it is, its JSON, and the
+    sinks it goes to (None: every sink reading the transform; fewer when the transform routes)."""
 
     parent: StoredEvent
     nth: int
     payload: bytes
+    sinks: Sequence[str] | None = None
 
 
 # Reads come back as one JSON array built inside SQLite (one `sqlite3_step`, see `insert_rows`);
@@ -216,12 +218,13 @@ def commit_transform(
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
     cipher = cipher_of(conn)
-    for parent, index, payload in outputs:
+    for parent, index, payload, routed in outputs:
         seq += 1
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
         stored = payload if cipher is None else cipher.seal(payload)
         events.append((seq, event_id, name, stored, parent.trace, now))
-        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+        targets = sinks if routed is None else routed
+        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in targets)
     insert_rows(conn, _INSERT_EVENT, events)
     insert_rows(conn, _INSERT_DELIVERY, deliveries)
     conn.executemany(
