@@ -14,6 +14,9 @@ fetch a new token (one request for all the senders that got a 401 with the same 
 request is sent once more; a second 401 is a permanent failure like any other 4xx. `url.full`
 on spans is the configured URL, never the one carrying an API key.
 
+Rate limit: with `rate_limit = "NAME"` each request first takes a permit of that shared budget,
+and every answer is fed back to it (`Retry-After`, `RateLimit-*` pause the whole budget).
+
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
@@ -32,6 +35,7 @@ from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
+from daemon.ratelimit import RateLimiter
 from daemon.store import Store
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -62,27 +66,37 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: HttpSinkConfig,
+        *,
+        limiter: RateLimiter | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.name = name
         self._config = config
+        self._url = config.targets[0]
+        self._limiter = limiter
         self._batching = config.batch is not None
         context = ssl_context(config.tls)
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.concurrency, ssl_context=context)
+            LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.concurrency, ssl_context=context)
+            else HttpxClient(max_connections=config.max_concurrency, ssl_context=context)
         )
         self._auth: Auth | None = (
             build_auth(config.auth, owner=f"sinks.{name}", store=store) if config.auth is not None else None
         )
-        self._url = with_query(config.url, self._auth.query) if self._auth is not None else config.url
+        # The URL sent carries an api_key query parameter; `_url` (logs, spans) never does.
+        self._send_url = with_query(self._url, self._auth.query) if self._auth is not None else self._url
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
         self._headers = base
         self._key_header = config.idempotency_header
 
     def __repr__(self) -> str:
-        return f"<HttpSender {self.name} {self._config.method} {self._config.url}>"
+        return f"<HttpSender {self.name} {self._config.method} {self._url}>"
 
     async def send(self, batch: Sequence[Due]) -> int | None:
         headers = list(self._headers)
@@ -99,7 +113,7 @@ class HttpSender:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": self._config.url})
+            span.set_attributes({"http.request.method": self._config.method, "url.full": self._url})
         if self._auth is None:
             response = await self._request(headers, body)
         else:
@@ -113,10 +127,16 @@ class HttpSender:
         return check_status(response)
 
     async def _request(self, headers: list[tuple[str, str]], body: bytes) -> Response:
-        config = self._config
-        return await self._client.request(
-            config.method, self._url, headers=headers, body=body, timeout=config.timeout
+        """One request, after a permit of the rate limit (if any), its answer fed back to it."""
+        config, limiter = self._config, self._limiter
+        if limiter is not None:
+            await limiter.acquire(self.name)
+        response = await self._client.request(
+            config.method, self._send_url, headers=headers, body=body, timeout=config.timeout
         )
+        if limiter is not None:
+            limiter.feedback(response.status, dict(response.headers))
+        return response
 
     async def aclose(self) -> None:
         if self._auth is not None:

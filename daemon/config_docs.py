@@ -11,6 +11,7 @@ from msgspec import inspect
 
 from . import config as cfg
 from . import config_auth, config_transforms
+from . import config_limits as limits
 from .secrets import SecretRef
 from .units import Duration, Size
 
@@ -40,6 +41,9 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
+    ("breaker = { … } (in an http sink)", limits.BreakerConfig),
+    ("[rate_limits.NAME]", limits.RateLimitConfig),
     ("[store] encryption = { … }", config_auth.EncryptionConfig),
     ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
     ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
