@@ -10,6 +10,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_limits as limits
 from . import config_transforms
 from .units import Duration, Size
 
@@ -39,6 +40,9 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
+    ("breaker = { … } (in an http sink)", limits.BreakerConfig),
+    ("[rate_limits.NAME]", limits.RateLimitConfig),
 ]
 
 
