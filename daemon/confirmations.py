@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from .at_rest import opened
 from .schema import DEAD, DELIVERED, PENDING
 
 Connection = sqlite3.Connection
@@ -155,7 +156,11 @@ def event_outcomes(conn: Connection, event_id: str) -> EventReport | None:
             )
     events = [
         EventOutcome(
-            id=id_, stream=stream, received_at=received, payload=_decoded(payload), deliveries=by_seq[seq]
+            id=id_,
+            stream=stream,
+            received_at=received,
+            payload=_decoded(opened(conn, payload.encode()).decode("utf-8", "replace")),
+            deliveries=by_seq[seq],
         )
         for seq, id_, stream, payload, received in rows
     ]
