@@ -9,8 +9,10 @@ Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
 
-Rate limit: with `rate_limit = "NAME"` each request first takes a permit of that shared budget,
-and every answer is fed back to it (`Retry-After`, `RateLimit-*` pause the whole budget).
+Failover and rate limit: each request goes to the URL its `SinkGuard` admission chose (the
+first of `urls` whose circuit breaker lets it through); the guard also took a permit of the
+sink's `rate_limit` budget, and every answer is fed back to that budget (`Retry-After`,
+`RateLimit-*` pause it for all its users).
 
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
@@ -29,7 +31,8 @@ from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
-from daemon.ratelimit import RateLimiter
+
+from .guard import SinkGuard, current_url
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
@@ -59,11 +62,11 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig, *, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, name: str, config: HttpSinkConfig, *, guard: SinkGuard | None = None) -> None:
         self.name = name
         self._config = config
         self._url = config.targets[0]
-        self._limiter = limiter
+        self._limiter = guard.limiter if guard is not None else None
         self._batching = config.batch is not None
         self._client: HttpClient = (
             LeanClient(max_idle_per_host=config.max_concurrency)
@@ -76,7 +79,7 @@ class HttpSender:
         self._key_header = config.idempotency_header
 
     def __repr__(self) -> str:
-        return f"<HttpSender {self.name} {self._config.method} {self._url}>"
+        return f"<HttpSender {self.name} {self._config.method} {' | '.join(self._config.targets)}>"
 
     async def send(self, batch: Sequence[Due]) -> int | None:
         headers = list(self._headers)
@@ -87,21 +90,19 @@ class HttpSender:
         else:
             body = batch[0].payload
             headers.append((self._key_header, batch[0].id))
+        url = current_url() or self._url
         span = trace.get_current_span()
         traceparent = telemetry.current_traceparent()
         if traceparent is not None:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": self._url})
-        limiter = self._limiter
-        if limiter is not None:
-            await limiter.acquire(self.name)
+            span.set_attributes({"http.request.method": self._config.method, "url.full": url})
         response = await self._client.request(
-            self._config.method, self._url, headers=headers, body=body, timeout=self._config.timeout
+            self._config.method, url, headers=headers, body=body, timeout=self._config.timeout
         )
-        if limiter is not None:
-            limiter.feedback(response.status, dict(response.headers))
+        if self._limiter is not None:
+            self._limiter.feedback(response.status, dict(response.headers))
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
