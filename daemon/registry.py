@@ -33,7 +33,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             breaker=config.breaker_policy,
             limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
         )
-        factory = lambda: HttpSender(name, config, guard=guard)  # noqa: E731
+        factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
         return Sink(
             name,
             store,
