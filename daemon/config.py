@@ -25,6 +25,7 @@ from msgspec import Meta
 
 from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -205,6 +206,13 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
 SourceConfig = WebhookSourceConfig
@@ -394,7 +402,24 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
+    config = _resolve_paths(config, base_dir) if base_dir is not None else config
+    if read_secrets:
+        errors.extend(_verifier_errors(config))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .verify import build
+
+    for name, source in config.sources.items():
+        if source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -448,6 +473,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -509,9 +536,16 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else sink
         for name, sink in config.sinks.items()
     }
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if source.verify is not None
+        else source
+        for name, source in config.sources.items()
+    }
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
     )

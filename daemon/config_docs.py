@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import types
 import typing
+from inspect import cleandoc
 from typing import Any
 
 import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from .config_verify import DOCUMENTED as VERIFY_TABLES
+from .secrets import SecretRef
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -31,6 +34,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
     ("[transforms.NAME]", cfg.TransformConfig),
     ('[sinks.NAME] type = "http"', cfg.HttpSinkConfig),
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
@@ -47,10 +51,13 @@ def _type_name(annotation: Any) -> str:
         return "duration"
     if annotation is Size:
         return "size"
+    if annotation is SecretRef:
+        return "secret"
     if origin is typing.Literal:
         return " \\| ".join(f'`"{value}"`' for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        names = (_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        return " or ".join(dict.fromkeys(names))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is dict:
@@ -94,7 +101,7 @@ def render() -> str:
         info = inspect.type_info(struct)
         assert isinstance(info, inspect.StructType)
         parts.append(
-            f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n"
+            f"\n## `{title}`\n\n{cleandoc(struct.__doc__ or '')}\n\n"
             "| key | type | default | meaning |\n|---|---|---|---|"
         )
         for field in info.fields:

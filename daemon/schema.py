@@ -11,6 +11,7 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
 """
 
 from __future__ import annotations
@@ -79,5 +80,16 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
+        """CREATE TABLE replay_keys (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        )""",
+        "CREATE INDEX replay_keys_until ON replay_keys(until)",
     ],
 ]
