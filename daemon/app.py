@@ -32,6 +32,7 @@ from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
+from .ratelimit import RateLimits
 from .rates import Throughput
 from .registry import WebhookListener, build_sink
 from .reload import fan_out, reload, routes, transformer
@@ -66,6 +67,8 @@ class Running:
     batcher: IngestBatcher | None = None
     listener: WebhookListener | None = None
     throughput: Throughput | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
 
     @property
     def sinks(self) -> list[Any]:
@@ -168,16 +171,20 @@ async def serve(
     started = time.monotonic()
     activated = ActivatedSockets.from_environment()
     store = Store.open(
-        config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
+        config.store.path,
+        durability=config.store.durability,
+        max_batch=config.store.max_batch,
+        verify=config.store.verify_on_start,
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    telemetry = Telemetry.start(config.telemetry)
+    telemetry = Telemetry.start(config.telemetry, collect=True)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
-            if config.telemetry.metrics:
+            running.rate_limits.update(config.rate_limits)
+            if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
@@ -186,7 +193,10 @@ async def serve(
             if handle_signals:
                 outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
-                sinks = {name: build_sink(name, sink, store) for name, sink in config.sinks.items()}
+                sinks = {
+                    name: build_sink(name, sink, store, running.rate_limits)
+                    for name, sink in config.sinks.items()
+                }
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
                 running.actors.update(sinks)
@@ -208,7 +218,9 @@ async def serve(
                         batcher,
                         lambda: supervisor.ready and store.writable,
                         paused=running.pauses.source_paused,
+                        overloaded=lambda: batcher.waiting >= config.listener.max_pending,
                         listeners=activated.listeners if activated else None,
+                        metrics_page=telemetry.prometheus_text,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

@@ -25,6 +25,8 @@ from msgspec import Meta
 
 from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
@@ -60,6 +62,13 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    verify_on_start: Annotated[
+        bool,
+        Meta(
+            description="Run SQLite's `quick_check` before the first write at startup (about 1 s per GB "
+            "of database): a damaged file is refused with its name instead of failing write by write."
+        ),
+    ] = True
 
 
 class ListenerConfig(Section, frozen=True):
@@ -75,8 +84,23 @@ class ListenerConfig(Section, frozen=True):
         default(Size(16 * 1024))
     )
     max_connections: Annotated[
-        int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
+        int,
+        Meta(
+            ge=1,
+            description="Open connections at once. At the limit a new connection closes the one that "
+            "has waited longest for its client (idle, or sending slowly); when every one has a request "
+            "being stored, the new one is answered 503 and closed.",
+        ),
     ] = 1024
+    max_pending: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="Requests waiting for their commit at once; beyond it a request is answered "
+            "503 with `Retry-After: 1` and nothing of it is stored (load shedding: accepted requests "
+            "keep a bounded wait when the store falls behind).",
+        ),
+    ] = 512
     header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
         default(Duration(10))
     )
@@ -145,6 +169,13 @@ class TelemetryConfig(Section, frozen=True):
         ),
     ] = False
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
+    prometheus: Annotated[
+        bool,
+        Meta(
+            description="Also serve the metrics as Prometheus text at `GET /metrics` on the listener "
+            "(read at each scrape; independent of `metrics`)."
+        ),
+    ] = False
     endpoint: Annotated[
         Annotated[str, Meta(pattern=r"^https?://")] | None,
         Meta(
@@ -227,6 +258,23 @@ class TransformConfig(Section, frozen=True):
         str | None,
         Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
     ] = None
+    schema: Annotated[SchemaSpec | None, SCHEMA] = None
+    routes: Annotated[
+        list[RouteConfig],
+        Meta(
+            description="Send each output only to some of the sinks reading this transform, by jq "
+            'predicate: `[{ when = \'.type == "lead"\', to = ["crm"] }, …]`; the first route whose '
+            "`when` is true wins (docs/transforms.md). Empty: every reader gets every output."
+        ),
+    ] = []
+    default_route: Annotated[
+        list[ComponentName] | None,
+        Meta(description="Sinks for outputs no route matches; unset: those outputs go nowhere (counted)."),
+    ] = None
+    aggregate: Annotated[
+        AggregateConfig | None,
+        Meta(description="Group outputs into tumbling windows and emit one event per window."),
+    ] = None
 
 
 class RetryConfig(Section, frozen=True):
@@ -260,13 +308,39 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     inputs: Annotated[
         list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")
     ]
-    url: Annotated[str, Meta(pattern=r"^https?://", description="Target URL (http or https).")]
+    url: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://")] | None,
+        Meta(description="Target URL (http or https); give this or `urls`."),
+    ] = None
+    urls: Annotated[
+        list[Annotated[str, Meta(pattern=r"^https?://")]],
+        Meta(
+            max_length=16,
+            description="Failover: target URLs in order of preference, each with its own circuit "
+            "breaker; deliveries go to the first whose breaker is not open (docs/limits.md).",
+        ),
+    ] = []
     method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
     headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
     timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
         default(Duration(10))
     )
-    concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
+    concurrency: Annotated[
+        Annotated[int, Meta(ge=1, le=1024)] | Literal["adaptive"],
+        Meta(description='Requests in flight at once, or `"adaptive"` (AIMD within `adaptive`).'),
+    ] = 8
+    adaptive: Annotated[
+        AdaptiveConfig, Meta(description='Bounds of `concurrency = "adaptive"` (table below).')
+    ] = default(AdaptiveConfig())
+    breaker: Annotated[
+        BreakerConfig | None,
+        Meta(
+            description="Circuit breaker per URL (table below); unset: none, unless `urls` lists two or more."
+        ),
+    ] = None
+    rate_limit: Annotated[
+        str | None, Meta(description="Name of a `[rate_limits.NAME]` budget every request takes a permit of.")
+    ] = None
     idempotency_header: Annotated[
         str, Meta(min_length=1, description="Header carrying the delivery id (stable across retries).")
     ] = "Idempotency-Key"
@@ -282,6 +356,21 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
     ] = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The URLs to send to, in order of preference (`url` alone, or `urls`)."""
+        return [self.url] if self.url is not None else list(self.urls)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Most requests ever in flight: `concurrency`, or the adaptive ceiling."""
+        return self.adaptive.ceiling if self.concurrency == "adaptive" else self.concurrency
+
+    @property
+    def breaker_policy(self) -> BreakerConfig | None:
+        """The breaker in force: as configured, or the defaults when failing over between URLs."""
+        return self.breaker if self.breaker is not None or len(self.targets) < 2 else BreakerConfig()
 
 
 class FileSinkConfig(Section, frozen=True, tag="file", tag_field="type"):
@@ -310,6 +399,7 @@ class Config(Section, frozen=True):
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
+    rate_limits: dict[ComponentName, RateLimitConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -340,7 +430,9 @@ _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,
     "transforms": TransformConfig,
     "sinks": SinkConfig,
+    "rate_limits": RateLimitConfig,
 }
+_UNTYPED = frozenset({"transforms", "rate_limits"})  # collections whose tables have no `type`
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
 
@@ -389,7 +481,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
             if not re.match(NAME_RE, name):
                 errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
                 continue
-            if key != "transforms" and isinstance(body, dict) and "type" not in body:
+            if key not in _UNTYPED and isinstance(body, dict) and "type" not in body:
                 errors.append(f"{path}.type: missing (what kind of {key[:-1]} is this?)")
                 continue
             decoded[name] = _convert(body, type_, path, errors)
@@ -397,12 +489,13 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     config = Config(**parts)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
     errors.extend(_semantic_errors(config))
     if read_secrets:
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    config = _resolve_paths(config, base_dir) if base_dir is not None else config
     if read_secrets:
         errors.extend(_verifier_errors(config))
     if errors:
@@ -415,7 +508,7 @@ def _verifier_errors(config: Config) -> Iterator[str]:
     from .verify import build
 
     for name, source in config.sources.items():
-        if source.verify is not None:
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
             try:
                 build(source.verify, f"$.sources.{name}.verify")
             except ConfigError as exc:
@@ -468,7 +561,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, source in config.sources.items():
         if isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
-            if path in ("/healthz", "/readyz"):
+            if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
@@ -483,9 +576,19 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     jq.compile(program)
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
+        yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig):
+            if (sink.url is None) == (not sink.urls):
+                yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
+            elif len(set(sink.urls)) != len(sink.urls):
+                yield f"$.sinks.{name}.urls: lists the same URL twice"
+    yield from limit_errors(
+        config.rate_limits,
+        {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},
+    )
     if config.supervisor.initial_backoff > config.supervisor.max_backoff:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:
@@ -538,9 +641,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     }
     sources = {
         name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
-        if source.verify is not None
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
         else source
         for name, source in config.sources.items()
+    }
+    transforms = {
+        name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
+        if isinstance(transform.schema, str)
+        else transform
+        for name, transform in config.transforms.items()
     }
     return msgspec.structs.replace(
         config,
@@ -548,6 +657,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
+        transforms=transforms,
     )
 
 

@@ -11,6 +11,8 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_limits as limits
+from . import config_transforms
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
 from .units import Duration, Size
@@ -36,10 +38,15 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
     *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
     ("[transforms.NAME]", cfg.TransformConfig),
+    ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
+    ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
     ('[sinks.NAME] type = "http"', cfg.HttpSinkConfig),
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
+    ("breaker = { … } (in an http sink)", limits.BreakerConfig),
+    ("[rate_limits.NAME]", limits.RateLimitConfig),
 ]
 
 

@@ -239,13 +239,14 @@ async def _reload(running: Running) -> ReloadResult:
     grace = new.supervisor.shutdown_grace
 
     # 1. Replacement actors and routes (verifiers with the secrets just read), built before
-    #    anything changes.
+    #    anything changes; budgets are reconfigured in place.
     try:
         new_routes = routes(new)
     except ConfigError as exc:  # a key file changed since `load` read it
         return _refused(running, exc.problems)
+    running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(name, new.sinks[name], store)
+        name: build_sink(name, new.sinks[name], store, running.rate_limits)
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {
