@@ -183,7 +183,7 @@ class Sink:
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
-            rows = await store.call(
+            rows = await store.call_until_committed(
                 partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
             )
             inflight = self._inflight
@@ -194,7 +194,7 @@ class Sink:
                 await channel.send(fresh[start : start + chunk])
             if len(fresh) >= ahead:
                 continue
-            wake_at = await store.call(partial(next_due_after, stage=name, now=now))
+            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
@@ -290,7 +290,7 @@ class Sink:
 
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
-            await self._store.call(
+            await self._store.call_until_committed(
                 partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
             )
         finally:

@@ -81,7 +81,7 @@ async def _maintain(store: Store, running: Running) -> None:
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
-        removed = await store.call(
+        removed = await store.call_until_committed(
             partial(
                 outbox.prune,
                 retention=config.store.retention,
@@ -97,7 +97,9 @@ async def _maintain(store: Store, running: Running) -> None:
 async def _sample_queue_depths(store: Store, running: Running, interval: float) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader."""
     while True:
-        depths = await store.call(partial(metrics.pending_by_stage, stages=list(running.config.sinks)))
+        depths = await store.call_until_committed(
+            partial(metrics.pending_by_stage, stages=list(running.config.sinks))
+        )
         gauges = metrics.current().queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
         gauges.update(depths)
