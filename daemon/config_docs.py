@@ -11,8 +11,8 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_auth, config_transforms
 from . import config_limits as limits
-from . import config_transforms
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
 from .units import Duration, Size
@@ -47,6 +47,13 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),
+    ("[store] encryption = { … }", config_auth.EncryptionConfig),
+    ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
+    ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
+    ('auth = { type = "basic", … }', config_auth.BasicAuth),
+    ('auth = { type = "bearer", … }', config_auth.BearerAuth),
+    ('auth = { type = "oauth2", … }', config_auth.OAuth2Auth),
+    ('auth = { type = "jwt_bearer", … }', config_auth.JwtBearerAuth),
 ]
 
 
@@ -63,7 +70,7 @@ def _type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return " \\| ".join(f'`"{value}"`' for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        names = (_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        names = [_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
         return " or ".join(dict.fromkeys(names))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
