@@ -25,7 +25,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
         limiter = (rate_limits or RateLimits()).limiter(config.rate_limit)
-        factory = lambda: HttpSender(name, config, limiter=limiter)  # noqa: E731
+        factory = lambda: HttpSender(name, config, limiter=limiter, store=store)  # noqa: E731
         return Sink(
             name, store, factory, retry=config.retry, concurrency=config.max_concurrency, batch=config.batch
         )
