@@ -24,6 +24,7 @@ import msgspec
 from msgspec import Meta
 
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_sync import OrderingConfig, check_ordering
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -243,6 +244,13 @@ class BatchConfig(Section, frozen=True):
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
     ] = default(Duration(0.05))
+    envelope: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(
+            description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
+            "HubSpot's batch APIs).",
+        ),
+    ] = None
 
 
 class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
@@ -272,6 +280,14 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
+    ordering: Annotated[
+        OrderingConfig | None,
+        Meta(
+            description='Per-key ordering and conflict resolution: `{ key = ".email", version = '
+            '".updated_at", compare = "rfc3339" }`; older versions are dropped as stale '
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
 
 
@@ -440,6 +456,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
+            yield from check_ordering(f"$.sinks.{name}", sink.ordering)
     if config.supervisor.initial_backoff > config.supervisor.max_backoff:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:

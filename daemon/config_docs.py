@@ -10,6 +10,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from .config_sync import OrderingConfig
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -36,6 +37,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("ordering = { … } (in an http sink)", OrderingConfig),
 ]
 
 

@@ -11,6 +11,7 @@ from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .ordering import Ordering
 from .store import Store
 from .units import Duration
 
@@ -24,8 +25,15 @@ def build_sink(name: str, config: SinkConfig, store: Store) -> Sink:
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
         factory = lambda: HttpSender(name, config)  # noqa: E731
+        ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
-            name, store, factory, retry=config.retry, concurrency=config.concurrency, batch=config.batch
+            name,
+            store,
+            factory,
+            retry=config.retry,
+            concurrency=config.concurrency,
+            batch=config.batch,
+            ordering=ordering,
         )
     if isinstance(config, FileSinkConfig):
         factory = lambda: FileSender(name, config)  # noqa: E731
