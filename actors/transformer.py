@@ -7,10 +7,15 @@ Delivery:
     derives the same output ids, so nothing is lost, doubled or re-keyed.
 
 Bad input:
-    A jq error on one event dead-letters that event (stage = this transform,
-    error = jq's message) and the rest of the batch goes on; the actor never
+    An event that breaks the transform's `schema` (every violation listed) or on
+    which jq fails dead-letters that event (stage = this transform, error = the
+    violations or jq's message) and the rest of the batch goes on; the actor never
     stops for it. Events for which `filter` is false, or for which `map`
-    emits nothing, are counted in `dropped`.
+    emits nothing, are counted in `dropped`; outputs no route sends anywhere in
+    `unrouted` (they are stored, for transforms reading this one, without deliveries).
+
+Programs:
+    `daemon.transform.TransformProgram` (validation, jq, routes), shared with `ferry test`.
 
 Tracing:
     One `transformer map` span per batch read. A batch of one event is a child of that
@@ -32,8 +37,6 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, final
 
-import jq
-import msgspec
 import trio
 from opentelemetry import trace
 
@@ -42,38 +45,13 @@ from daemon.config import TransformConfig
 from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
 from daemon.store import Store
 from daemon.tap import TAPS, Record
+from daemon.transform import Failure, TransformProgram
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Link
 
 log = logging.getLogger("ferry.transformer")
-_encode = msgspec.json.Encoder().encode
-
-
-def compile_program(config: TransformConfig) -> jq._Program:
-    """Compile `map` (and `filter`) into one jq program that emits a JSON array per input event."""
-    body = config.map if config.filter is None else f"select({config.filter}) | ({config.map})"
-    return jq.compile(f"[{body}]")
-
-
-def apply(program: jq._Program, event: StoredEvent) -> list[bytes]:
-    """The JSON outputs of `program` for one event; raises `ValueError` with jq's message."""
-    (outputs,) = program.input_text(event.payload.decode()).all()
-    return [_encode(value) for value in outputs]
-
-
-def apply_all(program: jq._Program, events: list[StoredEvent]) -> list[list[bytes]]:
-    """`apply` to every event in one jq run (a third cheaper per event than one run each).
-
-    Raises `ValueError` if jq fails on any of them; the caller then applies them
-    one by one to find which.
-    """
-    text = "\n".join([event.payload.decode() for event in events])
-    results = program.input_text(text).all()
-    if len(results) != len(events):
-        raise ValueError(f"jq gave {len(results)} results for {len(events)} events")
-    return [[_encode(value) for value in outputs] for outputs in results]
 
 
 def batch_trace(events: list[StoredEvent]) -> tuple[Context | None, list[Link]]:
@@ -104,14 +82,17 @@ class Transformer:
         self._sinks = sinks
         self._wake = [*sinks, *transforms]
         self._batch_size = batch_size
-        self._program = compile_program(config)
+        self._program = TransformProgram(config)
         self._signal = store.signal(name)
         self.transformed = 0
         self.dropped = 0
+        self.unrouted = 0
         self.failed = 0
 
     def __repr__(self) -> str:
         counts = f"in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}"
+        if self.unrouted:
+            counts += f", unrouted: {self.unrouted}"
         return f"<Transformer {self.name} [{counts}]>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -163,7 +144,7 @@ class Transformer:
     def _tap(self, outputs: list[Derived], failures: list[tuple[StoredEvent, str]]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
         name, now = self.name, time.time()
-        for parent, nth, payload in outputs:
+        for parent, nth, payload, _ in outputs:
             event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
             TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
         for event, error in failures:
@@ -172,32 +153,33 @@ class Transformer:
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[tuple[StoredEvent, str]]]:
         failures: list[tuple[StoredEvent, str]] = []
-        try:
-            per_event: list[list[bytes] | None] = list(apply_all(self._program, events))
-        except (ValueError, UnicodeDecodeError):
-            per_event = [self._apply_one(event, failures) for event in events]
         outputs: list[Derived] = []
-        for event, results in zip(events, per_event, strict=True):
-            if results is None:
+        for event, result in zip(events, self._program.map([e.payload for e in events]), strict=True):
+            if isinstance(result, Failure):
+                failures.append((event, dead_letter(self.name, event, result)))
                 continue
-            if not results:
+            if not result:
                 self.dropped += 1
-            outputs.extend(Derived(event, nth, payload) for nth, payload in enumerate(results))
+            for nth, (payload, sinks) in enumerate(result):
+                if sinks is not None and not sinks:
+                    self.unrouted += 1
+                outputs.append(Derived(event, nth, payload, sinks))
         self.transformed += len(events)
         self.failed += len(failures)
         return outputs, failures
 
-    def _apply_one(self, event: StoredEvent, failures: list[tuple[StoredEvent, str]]) -> list[bytes] | None:
-        try:
-            return apply(self._program, event)
-        except (ValueError, UnicodeDecodeError) as exc:
-            redactor = masking.current()
-            message = " ".join(str(exc).split())
-            if redactor.rules or redactor.secrets:  # jq's message may quote the event (`error(.)`)
-                message = redactor.scrub(message, masking.decode_payload(event.payload)) or message
-            failures.append((event, f"jq: {message}"))
-            log.warning(
-                "event dead-lettered by transform",
-                extra={"fields": {"transform": self.name, "event_id": event.id, "error": message}},
-            )
-            return None
+
+def dead_letter(transform: str, event: StoredEvent, failure: Failure) -> str:
+    """Log an event a transform dead-letters; its error text, with masked values and secrets hidden.
+
+    A jq message may quote the event (`error(.)`), and a schema violation quotes the value.
+    """
+    redactor = masking.current()
+    message = failure.message
+    if redactor.rules or redactor.secrets:
+        message = redactor.scrub(message, masking.decode_payload(event.payload)) or message
+    log.warning(
+        "event dead-lettered by transform",
+        extra={"fields": {"transform": transform, "event_id": event.id, "error": message}},
+    )
+    return message

@@ -168,16 +168,19 @@ async def serve(
     started = time.monotonic()
     activated = ActivatedSockets.from_environment()
     store = Store.open(
-        config.store.path, durability=config.store.durability, max_batch=config.store.max_batch
+        config.store.path,
+        durability=config.store.durability,
+        max_batch=config.store.max_batch,
+        verify=config.store.verify_on_start,
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    telemetry = Telemetry.start(config.telemetry)
+    telemetry = Telemetry.start(config.telemetry, collect=True)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
-            if config.telemetry.metrics:
+            if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
@@ -208,7 +211,9 @@ async def serve(
                         batcher,
                         lambda: supervisor.ready and store.writable,
                         paused=running.pauses.source_paused,
+                        overloaded=lambda: batcher.waiting >= config.listener.max_pending,
                         listeners=activated.listeners if activated else None,
+                        metrics_page=telemetry.prometheus_text,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from . import masking
+from . import masking, secrets
 from .config import LoadedConfig, json_schema, load
 from .errors import ConfigError, FerryError
 from .masking import Redactor, sink_secrets
@@ -62,9 +62,11 @@ def _run(path: str, level: str | None) -> int:
     if loaded is None:
         return 2
     config = loaded.config
-    redactor = Redactor.build(config.telemetry.mask, sink_secrets(config.sinks))
+    redactor = Redactor.build(config.telemetry.mask, [*sink_secrets(config.sinks), *secrets.values(config)])
     masking.install(redactor)
     setup_logging(level or config.telemetry.log_level, redactor)
+    for warning in loaded.warnings:
+        log.warning("config warning", extra={"fields": {"warning": warning}})
     from .app import serve
 
     try:
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if loaded is None:
             return 2
         config = loaded.config
+        for warning in loaded.warnings:
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
         print(
             f"{args.config}: ok ({len(config.sources)} source(s), {len(config.transforms)} transform(s), "
             f"{len(config.sinks)} sink(s))"

@@ -23,8 +23,10 @@ import jq
 import msgspec
 from msgspec import Meta
 
+from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_sync import OrderingConfig, check_ordering
+from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -59,6 +61,13 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    verify_on_start: Annotated[
+        bool,
+        Meta(
+            description="Run SQLite's `quick_check` before the first write at startup (about 1 s per GB "
+            "of database): a damaged file is refused with its name instead of failing write by write."
+        ),
+    ] = True
 
 
 class ListenerConfig(Section, frozen=True):
@@ -74,8 +83,23 @@ class ListenerConfig(Section, frozen=True):
         default(Size(16 * 1024))
     )
     max_connections: Annotated[
-        int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
+        int,
+        Meta(
+            ge=1,
+            description="Open connections at once. At the limit a new connection closes the one that "
+            "has waited longest for its client (idle, or sending slowly); when every one has a request "
+            "being stored, the new one is answered 503 and closed.",
+        ),
     ] = 1024
+    max_pending: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="Requests waiting for their commit at once; beyond it a request is answered "
+            "503 with `Retry-After: 1` and nothing of it is stored (load shedding: accepted requests "
+            "keep a bounded wait when the store falls behind).",
+        ),
+    ] = 512
     header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
         default(Duration(10))
     )
@@ -144,6 +168,13 @@ class TelemetryConfig(Section, frozen=True):
         ),
     ] = False
     metrics: Annotated[bool, Meta(description="Export metrics over OTLP every `metrics_interval`.")] = True
+    prometheus: Annotated[
+        bool,
+        Meta(
+            description="Also serve the metrics as Prometheus text at `GET /metrics` on the listener "
+            "(read at each scrape; independent of `metrics`)."
+        ),
+    ] = False
     endpoint: Annotated[
         Annotated[str, Meta(pattern=r"^https?://")] | None,
         Meta(
@@ -218,6 +249,23 @@ class TransformConfig(Section, frozen=True):
     filter: Annotated[
         str | None,
         Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
+    ] = None
+    schema: Annotated[SchemaSpec | None, SCHEMA] = None
+    routes: Annotated[
+        list[RouteConfig],
+        Meta(
+            description="Send each output only to some of the sinks reading this transform, by jq "
+            'predicate: `[{ when = \'.type == "lead"\', to = ["crm"] }, …]`; the first route whose '
+            "`when` is true wins (docs/transforms.md). Empty: every reader gets every output."
+        ),
+    ] = []
+    default_route: Annotated[
+        list[ComponentName] | None,
+        Meta(description="Sinks for outputs no route matches; unset: those outputs go nowhere (counted)."),
+    ] = None
+    aggregate: Annotated[
+        AggregateConfig | None,
+        Meta(description="Group outputs into tumbling windows and emit one event per window."),
     ] = None
 
 
@@ -327,6 +375,14 @@ class LoadedConfig:
     path: Path | None
     text: str = field(repr=False, default="")
 
+    @property
+    def warnings(self) -> list[str]:
+        """What is valid but unwise: literal secrets in the file."""
+        return [
+            f"{path}: a literal secret in the config file; use env:NAME, file:PATH or credential:NAME"
+            for path in secrets.literal_paths(self.config)
+        ]
+
 
 _SECTIONS: dict[str, Any] = {
     "store": StoreConfig,
@@ -360,8 +416,12 @@ def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
         return None
 
 
-def parse(text: str, *, base_dir: Path | None = None) -> Config:
-    """Decode and validate config TOML; raise `ConfigError` listing every problem found."""
+def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True) -> Config:
+    """Decode and validate config TOML; raise `ConfigError` listing every problem found.
+
+    With `read_secrets` every secret reference is read (`daemon.secrets.bind`); one that
+    cannot be is an error. Without it references stay unread (`ferry ctl` needs none).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -392,20 +452,28 @@ def parse(text: str, *, base_dir: Path | None = None) -> Config:
     if errors:
         raise ConfigError(errors)
     config = Config(**parts)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
     errors.extend(_semantic_errors(config))
+    if read_secrets:
+        errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
+    return config
 
 
-def load(path: str | Path) -> LoadedConfig:
-    """Read, decode and validate a config file; relative paths in it resolve from its folder."""
+def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
+    """Read, decode and validate a config file; relative paths in it resolve from its folder.
+
+    Secrets are read too unless `read_secrets` is false (see `parse`).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"$: cannot read {file}: {exc}"]) from None
-    return LoadedConfig(parse(text, base_dir=file.resolve().parent), file.resolve(), text)
+    config = parse(text, base_dir=file.resolve().parent, read_secrets=read_secrets)
+    return LoadedConfig(config, file.resolve(), text)
 
 
 def webhook_path(name: str, source: WebhookSourceConfig) -> str:
@@ -440,7 +508,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, source in config.sources.items():
         if isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
-            if path in ("/healthz", "/readyz"):
+            if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
@@ -453,6 +521,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     jq.compile(program)
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
+        yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
@@ -508,11 +577,18 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else sink
         for name, sink in config.sinks.items()
     }
+    transforms = {
+        name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
+        if isinstance(transform.schema, str)
+        else transform
+        for name, transform in config.transforms.items()
+    }
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
+        transforms=transforms,
     )
 
 

@@ -10,6 +10,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_transforms
 from .config_sync import OrderingConfig
 from .units import Duration, Size
 
@@ -33,6 +34,8 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
     ("[transforms.NAME]", cfg.TransformConfig),
+    ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
+    ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
     ('[sinks.NAME] type = "http"', cfg.HttpSinkConfig),
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),

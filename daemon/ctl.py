@@ -183,7 +183,7 @@ def configure(ctl: argparse.ArgumentParser) -> None:
 def _resolve_socket(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return Path(args.socket)
-    loaded = load(args.config)
+    loaded = load(args.config, read_secrets=False)  # the socket is all ctl needs; secrets may be unreadable
     path = socket_path(loaded)
     default = loaded.path is not None and path == loaded.path.parent / DEFAULT_SOCKET
     if default and not path.exists() and SYSTEMD_SOCKET.exists():

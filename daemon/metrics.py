@@ -18,6 +18,14 @@ Names (all prefixed `ferry.`):
 | `queue.depth` | gauge, pending deliveries | `stage` |
 | `actor.restarts` | counter | `actor` |
 | `telemetry.spans_dropped` | counter | - |
+| `process.cpu.time` | counter, s | `mode` = user / system |
+| `process.memory.rss` | gauge, bytes | - |
+| `process.open_fds` | gauge | - |
+
+Histograms use `LATENCY_BUCKETS` (seconds, 1 ms to 5 min), so Prometheus and the alert rules'
+quantiles (`p99(...)`) resolve milliseconds; the SDK's default buckets are meant for ms values.
+
+`catalogue()` names every instrument `Metrics` creates (alert rules are checked against it).
 """
 
 from __future__ import annotations
@@ -25,12 +33,19 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
+from . import procstat
 from .schema import PENDING
 
-__all__ = ["NOOP", "Metrics", "current", "install", "pending_by_stage"]
+__all__ = ["LATENCY_BUCKETS", "NOOP", "Metrics", "catalogue", "current", "install", "pending_by_stage"]
+
+LATENCY_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
 
 
 class Metrics:
@@ -62,10 +77,16 @@ class Metrics:
             "ferry.delivery.attempts", unit="{request}", description="Requests (attempts) a sink sent."
         )
         self.delivery_duration = meter.create_histogram(
-            "ferry.delivery.duration", unit="s", description="Time one sink attempt took."
+            "ferry.delivery.duration",
+            unit="s",
+            description="Time one sink attempt took.",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.delivery_latency = meter.create_histogram(
-            "ferry.delivery.latency", unit="s", description="From a delivery's creation to its success."
+            "ferry.delivery.latency",
+            unit="s",
+            description="From a delivery's creation to its success.",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.dead_letters = meter.create_counter(
             "ferry.dead_letters", unit="{delivery}", description="Deliveries dead-lettered, by stage."
@@ -85,6 +106,24 @@ class Metrics:
             unit="{span}",
             description="Spans lost: export queue full or export failed.",
         )
+        meter.create_observable_counter(
+            "ferry.process.cpu.time",
+            callbacks=[_observe_cpu],
+            unit="s",
+            description="CPU time the daemon process has used, by mode (user, system).",
+        )
+        meter.create_observable_gauge(
+            "ferry.process.memory.rss",
+            callbacks=[_observe_rss],
+            unit="By",
+            description="Resident memory of the daemon process.",
+        )
+        meter.create_observable_gauge(
+            "ferry.process.open_fds",
+            callbacks=[_observe_fds],
+            unit="{fd}",
+            description="File descriptors the daemon process has open.",
+        )
 
     def _observe_received(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"source": source}) for source, count in list(self.received.items())]
@@ -94,6 +133,46 @@ class Metrics:
 
     def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._spans_dropped())]
+
+
+def _observe_cpu(options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(seconds, {"mode": mode}) for mode, seconds in procstat.cpu_seconds().items()]
+
+
+def _observe_rss(options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(procstat.rss_bytes())]
+
+
+def _observe_fds(options: CallbackOptions) -> Iterable[Observation]:
+    count = procstat.open_fds()
+    return [] if count is None else [Observation(count)]
+
+
+class _Catalogue(NoOpMeter):
+    """A meter that only writes down the name and kind of each instrument created on it."""
+
+    def __init__(self) -> None:
+        super().__init__("ferry")
+        self.names: dict[str, str] = {}
+
+    def __getattribute__(self, attr: str) -> Any:
+        value = super().__getattribute__(attr)
+        if attr.startswith("create_"):
+            names = super().__getattribute__("names")
+
+            def create(name: str, *args: Any, **kwargs: Any) -> Any:
+                names[name] = attr.removeprefix("create_")
+                return value(name, *args, **kwargs)
+
+            return create
+        return value
+
+
+def catalogue() -> dict[str, str]:
+    """Every instrument `Metrics` creates: name -> kind (`counter`, `histogram`, `observable_gauge`, ...)."""
+    meter = _Catalogue()
+    Metrics(meter)
+    return dict(meter.names)
 
 
 NOOP = Metrics(NoOpMeter("ferry"))

@@ -41,11 +41,13 @@ class Due(NamedTuple):
 
 
 class Derived(NamedTuple):
-    """One output of a transform: the event it came from, which output it is, and its JSON."""
+    """One output of a transform: the event it came from, which output it is, its JSON, and the
+    sinks it goes to (None: every sink reading the transform; fewer when the transform routes)."""
 
     parent: StoredEvent
     nth: int
     payload: bytes
+    sinks: Sequence[str] | None = None
 
 
 # Reads come back as one JSON array built inside SQLite (one `sqlite3_step`, see `insert_rows`);
@@ -206,11 +208,12 @@ def commit_transform(
     seq = last_seq(conn)
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
-    for parent, index, payload in outputs:
+    for parent, index, payload, routed in outputs:
         seq += 1
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
         events.append((seq, event_id, name, payload, parent.trace, now))
-        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+        targets = sinks if routed is None else routed
+        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in targets)
     insert_rows(conn, _INSERT_EVENT, events)
     insert_rows(conn, _INSERT_DELIVERY, deliveries)
     conn.executemany(

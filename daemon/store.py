@@ -105,13 +105,17 @@ class Store:
         self.writable = False
 
     @classmethod
-    def open(cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096) -> Store:
-        """Open (creating if needed) and migrate the database; raise `StoreCorrupt` for a foreign file.
+    def open(
+        cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096, verify: bool = False
+    ) -> Store:
+        """Open (creating if needed) and migrate the database; see `open_connection`.
 
-        Never overwrites or "repairs" a file it does not recognise.
+        Raises `StoreCorrupt` for a foreign, damaged or newer file and `StoreUnavailable` for one
+        that cannot be created, read or written. Never overwrites or "repairs" a file it does not
+        recognise.
         """
         store = cls(Path(path), durability=durability, max_batch=max_batch)
-        store._conn = open_connection(store.path, durability)
+        store._conn = open_connection(store.path, durability, verify=verify)
         return store
 
     def signal(self, consumer: str) -> Signal:
@@ -261,37 +265,79 @@ def _is_request_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
-def open_connection(path: Path, durability: str) -> Connection:
-    """Open, identify and migrate the database file. Raises `StoreCorrupt` or `StoreUnavailable`."""
+def open_connection(path: Path, durability: str, *, verify: bool = False) -> Connection:
+    """Open, identify, check and migrate the database file. Raises `StoreCorrupt` or `StoreUnavailable`.
+
+    Nothing is written to a file until it is known to be ferry's (or empty): a foreign, damaged or
+    newer file is refused as it is. `verify` runs SQLite's `quick_check` (every page read once,
+    about 1 s per GB) before the first write, so a damaged file is refused at startup with its
+    name instead of failing later, one write at a time. Every error message names the file.
+    """
     if path.exists() and not path.is_file():
         raise StoreCorrupt(f"{path}: not a regular file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     except sqlite3.Error as exc:
-        raise StoreUnavailable(f"{path}: cannot open database: {exc}") from None
+        raise StoreUnavailable(f"{path}: cannot open database ({exc}); {_OWNERSHIP}") from None
     try:
         _identify(conn, path)
+        if verify:
+            _quick_check(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-32768")
-        _migrate(conn)
+        _migrate(conn, path)
+        _probe_write(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if "not a database" in str(exc) or "malformed" in str(exc):
             raise StoreCorrupt(
                 f"{path}: not a usable SQLite database ({exc}); the file was left untouched"
             ) from None
+        if "readonly" in str(exc) or "unable to open" in str(exc):
+            raise StoreUnavailable(f"{path}: cannot write to the database ({exc}); {_OWNERSHIP}") from None
         raise StoreUnavailable(f"{path}: {exc}") from None
-    except StoreCorrupt:
+    except BaseException:
         conn.close()
         raise
     return conn
+
+
+_OWNERSHIP = (
+    "the daemon's user must be able to read and write the file, its -wal and -shm files and its folder"
+)
+
+
+def _quick_check(conn: Connection, path: Path) -> None:
+    problems = [" ".join(str(row[0]).split()) for row in conn.execute("PRAGMA quick_check(3)")]
+    if problems != ["ok"]:
+        found = "; ".join(problems)
+        raise StoreCorrupt(
+            f"{path}: the database is damaged ({found[:300]}); the file was left untouched: "
+            "restore it from a backup or salvage it with `sqlite3 FILE .recover` (docs/runbook.md)"
+        )
+
+
+def _probe_write(conn: Connection) -> None:
+    """Prove the file (and its -wal/-shm) can be written now, not at the first webhook.
+
+    Rewriting `user_version` with its own value is one tiny transaction that changes nothing.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"PRAGMA user_version={version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _identify(conn: Connection, path: Path) -> None:
@@ -305,10 +351,13 @@ def _identify(conn: Connection, path: Path) -> None:
         )
 
 
-def _migrate(conn: Connection) -> None:
+def _migrate(conn: Connection, path: Path) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise StoreCorrupt(f"database schema version {version} is newer than this ferry ({len(MIGRATIONS)})")
+        raise StoreCorrupt(
+            f"{path}: database schema version {version} is newer than this ferry ({len(MIGRATIONS)}); "
+            "the file was left untouched: run the newer ferry that wrote it"
+        )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -39,13 +39,20 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
+from prometheus_client import CollectorRegistry, generate_latest
 
 from . import metrics as _metrics
 from .config import TelemetryConfig
@@ -209,6 +216,8 @@ class Telemetry:
         self._processor = processor
         self._exporter = exporter
         self._meter_provider = meter_provider
+        self._prometheus: CollectorRegistry | None = None
+        self._snapshot: InMemoryMetricReader | None = None
 
     def __repr__(self) -> str:
         traces = "on" if self._processor else "off"
@@ -221,9 +230,26 @@ class Telemetry:
         queued = self._processor.dropped if self._processor else 0
         return queued + (self._exporter.failed if self._exporter else 0)
 
+    @property
+    def metrics_live(self) -> bool:
+        """Whether instruments record (some reader will read them)."""
+        return self._meter_provider is not None
+
+    def collect(self) -> MetricsData | None:
+        """Every metric's current (cumulative) value, or None unless started with `collect`."""
+        return self._snapshot.get_metrics_data() if self._snapshot is not None else None
+
+    def prometheus_text(self) -> bytes | None:
+        """The metrics in Prometheus text format 0.0.4, or None unless `prometheus` is on."""
+        return generate_latest(self._prometheus) if self._prometheus is not None else None
+
     @classmethod
-    def start(cls, config: TelemetryConfig) -> Telemetry:
-        """Build the exporters and make `tracer()` and `metrics.current()` live."""
+    def start(cls, config: TelemetryConfig, *, collect: bool = False) -> Telemetry:
+        """Build the exporters and make `tracer()` and `metrics.current()` live.
+
+        Metrics are recorded when any reader wants them: OTLP export (`metrics`), the
+        Prometheus page (`prometheus`), or `collect` (the alerter reads `collect()`).
+        """
         global _tracer
         disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         resource = Resource.create(
@@ -245,17 +271,27 @@ class Telemetry:
             )
             tracer_provider.add_span_processor(processor)
             _tracer = tracer_provider.get_tracer("ferry")
-        meter_provider = None
         telemetry = cls(config, tracer_provider, processor, exporter, None)
+        readers: list[MetricReader] = []
         if config.metrics and not disabled:
-            reader = PeriodicExportingMetricReader(
-                OTLPMetricExporter(
-                    endpoint=_signal_endpoint(config.endpoint, "metrics"), timeout=config.export_timeout
-                ),
-                export_interval_millis=config.metrics_interval * 1000,
-                export_timeout_millis=config.export_timeout * 1000,
+            readers.append(
+                PeriodicExportingMetricReader(
+                    OTLPMetricExporter(
+                        endpoint=_signal_endpoint(config.endpoint, "metrics"), timeout=config.export_timeout
+                    ),
+                    export_interval_millis=config.metrics_interval * 1000,
+                    export_timeout_millis=config.export_timeout * 1000,
+                )
             )
-            meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
+        if config.prometheus:
+            telemetry._prometheus = CollectorRegistry(auto_describe=True)
+            readers.append(PrometheusMetricReader(scope_info_enabled=False, registry=telemetry._prometheus))
+        if collect:
+            telemetry._snapshot = InMemoryMetricReader()
+            readers.append(telemetry._snapshot)
+        if readers:
+            # OTEL_SDK_DISABLED=true also makes this provider's meters no-ops (the SDK's rule)
+            meter_provider = MeterProvider(metric_readers=readers, resource=resource)
             telemetry._meter_provider = meter_provider
             _metrics.install(
                 _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)

@@ -10,6 +10,9 @@ import math
 import re
 from typing import Any
 
+from .secrets import SecretRef
+from .secrets import schema as secret_schema
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
@@ -69,11 +72,13 @@ class Size(int):
 
 
 def dec_hook(type_: type, obj: Any) -> Any:
-    """msgspec decode hook turning config strings into `Duration` and `Size`."""
+    """msgspec decode hook turning config strings into `Duration`, `Size` and `SecretRef`."""
     if type_ is Duration:
         return Duration.parse(obj)
     if type_ is Size:
         return Size.parse(obj)
+    if type_ is SecretRef:
+        return SecretRef.parse(obj)
     raise NotImplementedError(f"no decoder for {type_!r}")
 
 
@@ -89,4 +94,6 @@ def schema_hook(type_: type) -> dict[str, Any]:
             ],
             "description": "size in bytes, e.g. '1MiB'",
         }
+    if type_ is SecretRef:
+        return secret_schema()
     raise NotImplementedError(f"no schema for {type_!r}")

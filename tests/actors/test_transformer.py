@@ -12,6 +12,7 @@ import trio
 from actors.transformer import Transformer
 from daemon import outbox
 from daemon.config import TransformConfig
+from daemon.config_transforms import RouteConfig
 from daemon.schema import DEAD, PENDING
 from daemon.store import Connection, Store
 
@@ -201,3 +202,56 @@ async def test_reads_only_its_inputs(store: Store) -> None:
         nursery.cancel_scope.cancel()
 
     assert [event_id for event_id, _, _ in await store.call(outputs)] == [f"{mine}.shape"]
+
+
+async def test_invalid_events_are_dead_lettered_with_every_violation(store: Store) -> None:
+    schema = {"type": "object", "required": ["email"], "properties": {"email": {"format": "email"}}}
+    config = TransformConfig(inputs=["demo"], map="{email}", schema=schema)
+    transformer = Transformer(NAME, config, store, sinks=["crm"], transforms=[])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transformer.run)
+        [good, bad, worse] = await ingest(store, {"email": "a@b.c"}, {"email": "nope"}, [1])
+        await until(store, caught_up)
+        nursery.cancel_scope.cancel()
+
+    assert [event_id for event_id, _, _ in await store.call(outputs)] == [f"{good}.shape"]
+    dead = await store.call(
+        lambda conn: conn.execute(
+            "SELECT id, state, last_error FROM deliveries WHERE stage = ? ORDER BY rowid", (NAME,)
+        ).fetchall()
+    )
+    assert dead == [
+        (f"{bad}.shape", DEAD, "schema: 1 violation(s): $.email: 'nope' is not a 'email'"),
+        (f"{worse}.shape", DEAD, "schema: 1 violation(s): $: [1] is not of type 'object'"),
+    ]
+    assert transformer.failed == 2
+
+
+async def test_routes_create_deliveries_only_for_their_sinks(store: Store) -> None:
+    config = TransformConfig(
+        inputs=["demo"],
+        routes=[RouteConfig(when='.type == "lead"', to=["crm"]), RouteConfig(when=".vip", to=["crm", "vip"])],
+    )
+    transformer = Transformer(NAME, config, store, sinks=["crm", "vip"], transforms=[])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transformer.run)
+        [lead, vip, nobody] = await ingest(store, {"type": "lead"}, {"vip": True}, {"type": "other"})
+        await until(store, caught_up)
+        nursery.cancel_scope.cancel()
+
+    deliveries = await store.call(
+        lambda conn: conn.execute("SELECT id, stage FROM deliveries ORDER BY rowid").fetchall()
+    )
+    assert deliveries == [
+        (f"{lead}.shape.crm", "crm"),
+        (f"{vip}.shape.crm", "crm"),
+        (f"{vip}.shape.vip", "vip"),
+    ]
+    # An output no route takes is still an event of the stream (transforms reading it see it).
+    assert [event_id for event_id, _, _ in await store.call(outputs)] == [
+        f"{lead}.shape",
+        f"{vip}.shape",
+        f"{nobody}.shape",
+    ]
+    assert transformer.unrouted == 1
+    assert repr(transformer) == "<Transformer shape [in: 3, dropped: 0, dead: 0, unrouted: 1]>"
