@@ -10,6 +10,9 @@ Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
 
+Rate limit: with `rate_limit = "NAME"` each request first takes a permit of that shared budget,
+and every answer is fed back to it (`Retry-After`, `RateLimit-*` pause the whole budget).
+
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
@@ -28,6 +31,7 @@ from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
+from daemon.ratelimit import RateLimiter
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
@@ -57,18 +61,20 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig) -> None:
+    def __init__(self, name: str, config: HttpSinkConfig, *, limiter: RateLimiter | None = None) -> None:
         self.name = name
         self._config = config
+        self._url = config.targets[0]
+        self._limiter = limiter
         self._batching = config.batch is not None
         envelope = config.batch.envelope if config.batch is not None else None
         # `{"inputs": [...]}` around a batch when the API wants an object (HubSpot's batch endpoints).
         self._open = b"{" + json.dumps(envelope).encode() + b":[" if envelope else b"["
         self._close = b"]}" if envelope else b"]"
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.concurrency)
+            LeanClient(max_idle_per_host=config.max_concurrency)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.concurrency)
+            else HttpxClient(max_connections=config.max_concurrency)
         )
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
@@ -76,7 +82,7 @@ class HttpSender:
         self._key_header = config.idempotency_header
 
     def __repr__(self) -> str:
-        return f"<HttpSender {self.name} {self._config.method} {self._config.url}>"
+        return f"<HttpSender {self.name} {self._config.method} {self._url}>"
 
     async def send(self, batch: Sequence[Due]) -> int | None:
         headers = list(self._headers)
@@ -93,10 +99,15 @@ class HttpSender:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": self._config.url})
+            span.set_attributes({"http.request.method": self._config.method, "url.full": self._url})
+        limiter = self._limiter
+        if limiter is not None:
+            await limiter.acquire(self.name)
         response = await self._client.request(
-            self._config.method, self._config.url, headers=headers, body=body, timeout=self._config.timeout
+            self._config.method, self._url, headers=headers, body=body, timeout=self._config.timeout
         )
+        if limiter is not None:
+            limiter.feedback(response.status, dict(response.headers))
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)

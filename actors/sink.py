@@ -195,9 +195,13 @@ class Sink:
             limit = len(self._inflight) + ahead
             more = False
             if self._ordering is None:
-                rows = await store.call(partial(due_deliveries, stage=name, now=now, limit=limit))
+                rows = await store.call_until_committed(
+                    partial(due_deliveries, stage=name, now=now, limit=limit)
+                )
             else:
-                fetched = await store.call(partial(self._ordering.due, stage=name, now=now, limit=limit))
+                fetched = await store.call_until_committed(
+                    partial(self._ordering.due, stage=name, now=now, limit=limit)
+                )
                 rows, more = fetched.rows, fetched.more
                 if fetched.stale or fetched.dead:
                     self._settled_in_fetch(fetched)
@@ -209,7 +213,7 @@ class Sink:
                 await channel.send(fresh[start : start + chunk])
             if more or len(fresh) >= ahead:
                 continue
-            wake_at = await store.call(partial(next_due_after, stage=name, now=now))
+            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
@@ -324,7 +328,7 @@ class Sink:
 
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
-            await self._store.call(
+            await self._store.call_until_committed(
                 partial(self._ordering.record if self._ordering else record_outcomes, outcomes=outcomes),
                 wake=[self.name] if outcomes.retry or self._ordering else (),
             )

@@ -25,6 +25,7 @@ from msgspec import Meta
 
 from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_sync import OrderingConfig, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
@@ -307,13 +308,39 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     inputs: Annotated[
         list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")
     ]
-    url: Annotated[str, Meta(pattern=r"^https?://", description="Target URL (http or https).")]
+    url: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://")] | None,
+        Meta(description="Target URL (http or https); give this or `urls`."),
+    ] = None
+    urls: Annotated[
+        list[Annotated[str, Meta(pattern=r"^https?://")]],
+        Meta(
+            max_length=16,
+            description="Failover: target URLs in order of preference, each with its own circuit "
+            "breaker; deliveries go to the first whose breaker is not open (docs/limits.md).",
+        ),
+    ] = []
     method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
     headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
     timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
         default(Duration(10))
     )
-    concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
+    concurrency: Annotated[
+        Annotated[int, Meta(ge=1, le=1024)] | Literal["adaptive"],
+        Meta(description='Requests in flight at once, or `"adaptive"` (AIMD within `adaptive`).'),
+    ] = 8
+    adaptive: Annotated[
+        AdaptiveConfig, Meta(description='Bounds of `concurrency = "adaptive"` (table below).')
+    ] = default(AdaptiveConfig())
+    breaker: Annotated[
+        BreakerConfig | None,
+        Meta(
+            description="Circuit breaker per URL (table below); unset: none, unless `urls` lists two or more."
+        ),
+    ] = None
+    rate_limit: Annotated[
+        str | None, Meta(description="Name of a `[rate_limits.NAME]` budget every request takes a permit of.")
+    ] = None
     idempotency_header: Annotated[
         str, Meta(min_length=1, description="Header carrying the delivery id (stable across retries).")
     ] = "Idempotency-Key"
@@ -337,6 +364,21 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
             "(docs/enrichment-and-ordering.md)."
         ),
     ] = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The URLs to send to, in order of preference (`url` alone, or `urls`)."""
+        return [self.url] if self.url is not None else list(self.urls)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Most requests ever in flight: `concurrency`, or the adaptive ceiling."""
+        return self.adaptive.ceiling if self.concurrency == "adaptive" else self.concurrency
+
+    @property
+    def breaker_policy(self) -> BreakerConfig | None:
+        """The breaker in force: as configured, or the defaults when failing over between URLs."""
+        return self.breaker if self.breaker is not None or len(self.targets) < 2 else BreakerConfig()
 
 
 class FileSinkConfig(Section, frozen=True, tag="file", tag_field="type"):
@@ -365,6 +407,7 @@ class Config(Section, frozen=True):
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
+    rate_limits: dict[ComponentName, RateLimitConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -395,7 +438,9 @@ _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,
     "transforms": TransformConfig,
     "sinks": SinkConfig,
+    "rate_limits": RateLimitConfig,
 }
+_UNTYPED = frozenset({"transforms", "rate_limits"})  # collections whose tables have no `type`
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
 
@@ -444,7 +489,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
             if not re.match(NAME_RE, name):
                 errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
                 continue
-            if key != "transforms" and isinstance(body, dict) and "type" not in body:
+            if key not in _UNTYPED and isinstance(body, dict) and "type" not in body:
                 errors.append(f"{path}.type: missing (what kind of {key[:-1]} is this?)")
                 continue
             decoded[name] = _convert(body, type_, path, errors)
@@ -527,6 +572,15 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
         if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
             yield from check_ordering(f"$.sinks.{name}", sink.ordering)
+        if isinstance(sink, HttpSinkConfig):
+            if (sink.url is None) == (not sink.urls):
+                yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
+            elif len(set(sink.urls)) != len(sink.urls):
+                yield f"$.sinks.{name}.urls: lists the same URL twice"
+    yield from limit_errors(
+        config.rate_limits,
+        {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},
+    )
     if config.supervisor.initial_backoff > config.supervisor.max_backoff:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:

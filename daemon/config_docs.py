@@ -10,6 +10,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_limits as limits
 from . import config_transforms
 from .config_sync import OrderingConfig
 from .units import Duration, Size
@@ -41,6 +42,9 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
     ("ordering = { … } (in an http sink)", OrderingConfig),
+    ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
+    ("breaker = { … } (in an http sink)", limits.BreakerConfig),
+    ("[rate_limits.NAME]", limits.RateLimitConfig),
 ]
 
 

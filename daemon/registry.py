@@ -12,6 +12,7 @@ from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
 from .ordering import Ordering
+from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
@@ -20,18 +21,19 @@ __all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 
 
-def build_sink(name: str, config: SinkConfig, store: Store) -> Sink:
-    """The delivery actor for one configured sink."""
+def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLimits | None = None) -> Sink:
+    """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
-        factory = lambda: HttpSender(name, config)  # noqa: E731
+        limiter = (rate_limits or RateLimits()).limiter(config.rate_limit)
+        factory = lambda: HttpSender(name, config, limiter=limiter)  # noqa: E731
         ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
             name,
             store,
             factory,
             retry=config.retry,
-            concurrency=config.concurrency,
+            concurrency=config.max_concurrency,
             batch=config.batch,
             ordering=ordering,
         )

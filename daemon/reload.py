@@ -233,9 +233,10 @@ async def _reload(running: Running) -> ReloadResult:
     store, supervisor = running.store, running.supervisor
     grace = new.supervisor.shutdown_grace
 
-    # 1. Replacement actors, built before anything changes.
+    # 1. Replacement actors, built before anything changes; budgets are reconfigured in place.
+    running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(name, new.sinks[name], store)
+        name: build_sink(name, new.sinks[name], store, running.rate_limits)
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {

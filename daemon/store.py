@@ -12,7 +12,15 @@ Group commit:
     then answers each. If one request raises, the whole group is rolled back
     and each request is re-run in a transaction of its own, so one bad request
     fails alone. A failed commit (disk full, I/O error) fails every request in
-    the group with `StoreUnavailable`; nothing in it was acknowledged.
+    the group with `StoreUnavailable`; nothing in it was acknowledged. On a full
+    disk the group's requests are then retried one by one, so reads (and writes
+    that fit) still succeed while writes that need space fail alone.
+
+Outages:
+    `call` fails fast (a webhook answers 503); `call_until_committed` waits the
+    outage out with capped backoff, for the stages that have nobody to answer
+    and must neither crash-loop nor forget an outcome while the disk is full.
+    Both recover by themselves once a commit succeeds again.
 
 Wake-ups:
     Requests name the consumers their writes concern (`wake`). After the
@@ -140,6 +148,25 @@ class Store:
             raise request.error
         return request.result  # type: ignore[return-value]
 
+    async def call_until_committed(
+        self, fn: Callable[[Connection], T], *, wake: Iterable[str] = (), max_backoff: float = 5.0
+    ) -> T:
+        """`call(fn)`, retried while the store is unavailable (disk full, I/O error) until it commits.
+
+        Each try runs `fn` in a fresh transaction (a failed one left nothing behind). Waits
+        0.05 s after the first failure, doubling up to `max_backoff`. Raises `StoreUnavailable`
+        once the store is stopping, and whatever `fn` raised.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await self.call(fn, wake=wake)
+            except StoreUnavailable:
+                if self._token is None or self._stopping:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread until cancelled; requests already queued are still committed."""
         if self._conn is None:
@@ -213,7 +240,10 @@ class Store:
         except Exception as exc:
             _rollback(conn)
             if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
-                self._fail(batch, exc)
+                if len(batch) > 1 and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    self._run_each(conn, batch)
+                else:
+                    self._fail(batch, exc)
             elif len(batch) == 1:
                 batch[0].result, batch[0].error = None, exc
             else:
