@@ -10,6 +10,11 @@ Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
 
+Auth: `auth` adds its headers (or query parameters) to every request; a 401 makes a token auth
+fetch a new token (one request for all the senders that got a 401 with the same token) and the
+request is sent once more; a second 401 is a permanent failure like any other 4xx. `url.full`
+on spans is the configured URL, never the one carrying an API key.
+
 Rate limit: with `rate_limit = "NAME"` each request first takes a permit of that shared budget,
 and every answer is fed back to it (`Retry-After`, `RateLimit-*` pause the whole budget).
 
@@ -27,11 +32,13 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
+from daemon.auth import Auth, build_auth, ssl_context, with_query
 from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.ratelimit import RateLimiter
+from daemon.store import Store
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
@@ -61,7 +68,14 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig, *, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: HttpSinkConfig,
+        *,
+        limiter: RateLimiter | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.name = name
         self._config = config
         self._url = config.targets[0]
@@ -71,11 +85,17 @@ class HttpSender:
         # `{"inputs": [...]}` around a batch when the API wants an object (HubSpot's batch endpoints).
         self._open = b"{" + json.dumps(envelope).encode() + b":[" if envelope else b"["
         self._close = b"]}" if envelope else b"]"
+        context = ssl_context(config.tls)
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.max_concurrency)
+            LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.max_concurrency)
+            else HttpxClient(max_connections=config.max_concurrency, ssl_context=context)
         )
+        self._auth: Auth | None = (
+            build_auth(config.auth, owner=f"sinks.{name}", store=store) if config.auth is not None else None
+        )
+        # The URL sent carries an api_key query parameter; `_url` (logs, spans) never does.
+        self._send_url = with_query(self._url, self._auth.query) if self._auth is not None else self._url
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
         self._headers = base
@@ -100,17 +120,31 @@ class HttpSender:
         recording = span.is_recording()
         if recording:
             span.set_attributes({"http.request.method": self._config.method, "url.full": self._url})
-        limiter = self._limiter
-        if limiter is not None:
-            await limiter.acquire(self.name)
-        response = await self._client.request(
-            self._config.method, self._url, headers=headers, body=body, timeout=self._config.timeout
-        )
-        if limiter is not None:
-            limiter.feedback(response.status, dict(response.headers))
+        if self._auth is None:
+            response = await self._request(headers, body)
+        else:
+            credentials = await self._auth.headers()
+            response = await self._request([*headers, *credentials.items()], body)
+            if response.status == 401 and await self._auth.unauthorized(credentials):
+                credentials = await self._auth.headers()
+                response = await self._request([*headers, *credentials.items()], body)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
 
+    async def _request(self, headers: list[tuple[str, str]], body: bytes) -> Response:
+        """One request, after a permit of the rate limit (if any), its answer fed back to it."""
+        config, limiter = self._config, self._limiter
+        if limiter is not None:
+            await limiter.acquire(self.name)
+        response = await self._client.request(
+            config.method, self._send_url, headers=headers, body=body, timeout=config.timeout
+        )
+        if limiter is not None:
+            limiter.feedback(response.status, dict(response.headers))
+        return response
+
     async def aclose(self) -> None:
+        if self._auth is not None:
+            await self._auth.aclose()
         await self._client.aclose()

@@ -24,6 +24,7 @@ import msgspec
 from msgspec import Meta
 
 from . import secrets
+from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_sync import OrderingConfig, check_ordering
@@ -62,6 +63,10 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    encryption: Annotated[
+        EncryptionConfig | None,
+        Meta(description="Encrypt payloads in the store (off when unset); see docs/security.md."),
+    ] = None
     verify_on_start: Annotated[
         bool,
         Meta(
@@ -364,6 +369,12 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
             "(docs/enrichment-and-ordering.md)."
         ),
     ] = None
+    auth: Annotated[
+        AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
+    ] = None
+    tls: Annotated[
+        TlsConfig | None, Meta(description="Custom CA bundle and/or client certificate (mTLS) for https.")
+    ] = None
 
     @property
     def targets(self) -> list[str]:
@@ -504,7 +515,20 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
+    if read_secrets:
+        from .auth import secret_errors
+
+        errors.extend(secret_errors(config.store.encryption, _outbound(config)))
+        if errors:
+            raise ConfigError(errors)
     return config
+
+
+def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
+    """Every component that calls out over HTTP: (TOML path, its auth, its tls)."""
+    for name, sink in config.sinks.items():
+        if isinstance(sink, HttpSinkConfig):
+            yield f"$.sinks.{name}", sink.auth, sink.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -577,6 +601,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
             elif len(set(sink.urls)) != len(sink.urls):
                 yield f"$.sinks.{name}.urls: lists the same URL twice"
+            yield from auth_errors(sink.auth, sink.tls, f"$.sinks.{name}")
     yield from limit_errors(
         config.rate_limits,
         {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},
@@ -628,7 +653,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sinks = {
         name: msgspec.structs.replace(sink, path=resolve(sink.path))
         if isinstance(sink, FileSinkConfig)
-        else sink
+        else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
     transforms = {

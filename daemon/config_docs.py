@@ -10,9 +10,10 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_auth, config_transforms
 from . import config_limits as limits
-from . import config_transforms
 from .config_sync import OrderingConfig
+from .secrets import SecretRef
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -45,6 +46,13 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),
+    ("[store] encryption = { … }", config_auth.EncryptionConfig),
+    ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
+    ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
+    ('auth = { type = "basic", … }', config_auth.BasicAuth),
+    ('auth = { type = "bearer", … }', config_auth.BearerAuth),
+    ('auth = { type = "oauth2", … }', config_auth.OAuth2Auth),
+    ('auth = { type = "jwt_bearer", … }', config_auth.JwtBearerAuth),
 ]
 
 
@@ -56,10 +64,13 @@ def _type_name(annotation: Any) -> str:
         return "duration"
     if annotation is Size:
         return "size"
+    if annotation is SecretRef:
+        return "secret"
     if origin is typing.Literal:
         return " \\| ".join(f'`"{value}"`' for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        names = [_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(dict.fromkeys(names))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is dict:

@@ -5,7 +5,8 @@
     ├── ActivationError             the sockets systemd passed (LISTEN_FDS) are described wrongly or unusable
     ├── StoreError                  the outbox cannot be used
     │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
-    │   └── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    │   ├── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    │   └── StoreKeyMissing         rows are encrypted with a key that is not configured; startup refuses it
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
     ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
@@ -46,6 +47,10 @@ class StoreUnavailable(StoreError):
 
 class StoreCorrupt(StoreError):
     """The database file is not ferry's or is damaged; it is left untouched."""
+
+
+class StoreKeyMissing(StoreError):
+    """Payloads in the store need an encryption key the config does not give; nothing was changed."""
 
 
 class SupervisorError(FerryError):

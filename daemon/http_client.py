@@ -8,6 +8,9 @@ returns a `Response`; `aclose()` releases its connections.
 - `HttpxClient` wraps `httpx.AsyncClient` for what the lean one leaves out:
   proxies and CA bundles from the environment (`trust_env`), content decoding.
 
+Both take an `ssl_context` (built by `daemon.auth.ssl_context` from a `tls` table: a custom CA
+bundle, a client certificate for mTLS); without one, the system's CAs are trusted.
+
 Guarantees, for both:
 
 Timeouts: `timeout` bounds the whole call (connect, TLS handshake, send, reading
@@ -367,11 +370,18 @@ class LeanClient:
 class HttpxClient:
     """`httpx.AsyncClient` behind the `HttpClient` interface, for proxies and other httpx features."""
 
-    def __init__(self, *, max_connections: int = 100, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        max_body: int = 64 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._max_connections = max_connections
         self._max_body = max_body
         self._client = httpx.AsyncClient(
             trust_env=True,
+            verify=ssl_context if ssl_context is not None else True,
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, final
 import jq
 import msgspec
 
+from .at_rest import cipher_of
 from .config_sync import OrderingConfig
 from .outbox import Due, Outcomes, record_outcomes
 from .schema import DEAD, STALE
@@ -184,28 +185,28 @@ class Ordering:
         stale = dead = 0
         for _ in range(MAX_PASSES):
             rows = _candidates(conn, stage, now, limit)
-            fresh = [row for row in rows if row[7]]
+            fresh = [due for due, unkeyed in rows if unkeyed]
             if fresh:
                 dead += self._key_rows(conn, fresh)
                 continue
-            heads = [row for row in rows if not row[7]]
-            marked = _mark_stale(conn, stage, [due.rowid for due in _dues(heads)])
+            heads = [due for due, _ in rows]
+            marked = _mark_stale(conn, stage, [due.rowid for due in heads])
             if marked:
                 stale += marked
                 continue
-            return Fetched(_claim(conn, _dues(heads)), False, stale, dead)
-        heads = [row for row in _candidates(conn, stage, now, limit) if not row[7]]
-        return Fetched(_claim(conn, _dues(heads)), True, stale, dead)
+            return Fetched(_claim(conn, heads), False, stale, dead)
+        heads = [due for due, unkeyed in _candidates(conn, stage, now, limit) if not unkeyed]
+        return Fetched(_claim(conn, heads), True, stale, dead)
 
-    def _key_rows(self, conn: Connection, rows: list[Any]) -> int:
+    def _key_rows(self, conn: Connection, rows: list[Due]) -> int:
         """Store key and version of first-seen rows; dead-letter those without. Returns the dead."""
-        results = self.identify_all([row[4].encode() for row in rows])
+        results = self.identify_all([due.payload for due in rows])
         keyed, failed = [], []
-        for row, result in zip(rows, results, strict=True):
+        for due, result in zip(rows, results, strict=True):
             if isinstance(result, OrderingError):
-                failed.append((time.time(), str(result), row[0]))
+                failed.append((time.time(), str(result), due.rowid))
             else:
-                keyed.append((result[0], result[1], row[0]))
+                keyed.append((result[0], result[1], due.rowid))
         conn.executemany("UPDATE deliveries SET order_key = ?, order_version = ? WHERE rowid = ?", keyed)
         conn.executemany(
             f"UPDATE deliveries SET state = {DEAD}, finished_at = ?, last_error = ? WHERE rowid = ?", failed
@@ -228,10 +229,10 @@ class Ordering:
             )
 
 
-def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[Any]:
+def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
     """Due pending rows of `stage` that are unkeyed or their key's head, oldest schedule first.
 
-    Each row: (rowid, id, attempts, created_at, payload, trace, event id, unkeyed).
+    Each: (the row, True if it has no key yet). Payloads come back opened (`[store] encryption`).
     """
     (text,) = conn.execute(
         "SELECT json_group_array(json_array(rowid, id, attempts, created_at, CAST(payload AS TEXT), "
@@ -247,7 +248,22 @@ def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[An
         "ORDER BY d.next_attempt_at, d.rowid LIMIT ?)",
         (stage, now, limit),
     ).fetchone()
-    return _rows(text)
+    cipher = cipher_of(conn)
+    return [
+        (
+            Due(
+                rowid,
+                id_,
+                attempts,
+                created_at,
+                payload.encode() if cipher is None else cipher.open(payload.encode()),
+                trace,
+                event_id,
+            ),
+            unkeyed,
+        )
+        for rowid, id_, attempts, created_at, payload, trace, event_id, unkeyed in _rows(text)
+    ]
 
 
 def _claim(conn: Connection, heads: list[Due]) -> list[Due]:
@@ -257,13 +273,6 @@ def _claim(conn: Connection, heads: list[Due]) -> list[Due]:
         [(due.rowid,) for due in heads],
     )
     return heads
-
-
-def _dues(rows: list[Any]) -> list[Due]:
-    return [
-        Due(rowid, id_, attempts, created_at, payload.encode(), trace, event_id)
-        for rowid, id_, attempts, created_at, payload, trace, event_id, _ in rows
-    ]
 
 
 def _mark_stale(conn: Connection, stage: str, heads: list[int]) -> int:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .at_rest import cipher_of
 from .schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
 
 Connection = sqlite3.Connection
@@ -127,6 +128,7 @@ def insert_events(
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
     keys: dict[tuple[str, str], str] = {}
+    cipher = cipher_of(conn)
     for stream, payload, trace, sinks, dedup_key in incoming:
         if dedup_key is not None:
             original = keys.get((stream, dedup_key))
@@ -141,7 +143,8 @@ def insert_events(
                 continue
         seq += 1
         event_id = new_event_id(now)
-        events.append((seq, event_id, stream, payload, trace, now))
+        stored = payload if cipher is None else cipher.seal(payload)
+        events.append((seq, event_id, stream, stored, trace, now))
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
@@ -178,6 +181,12 @@ def read_events(conn: Connection, streams: Sequence[str], after: int, limit: int
         "ORDER BY seq LIMIT ?)",
         (*streams, after, limit),
     ).fetchone()
+    cipher = cipher_of(conn)
+    if cipher is not None:
+        return [
+            StoredEvent(seq, id_, stream, cipher.open(payload.encode()), trace)
+            for seq, id_, stream, payload, trace in _rows(text)
+        ]
     return [
         StoredEvent(seq, id_, stream, payload.encode(), trace)
         for seq, id_, stream, payload, trace in _rows(text)
@@ -208,10 +217,12 @@ def commit_transform(
     seq = last_seq(conn)
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
+    cipher = cipher_of(conn)
     for parent, index, payload, routed in outputs:
         seq += 1
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
-        events.append((seq, event_id, name, payload, parent.trace, now))
+        stored = payload if cipher is None else cipher.seal(payload)
+        events.append((seq, event_id, name, stored, parent.trace, now))
         targets = sinks if routed is None else routed
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in targets)
     insert_rows(conn, _INSERT_EVENT, events)
@@ -235,6 +246,12 @@ def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list
         "ORDER BY d.next_attempt_at, d.rowid LIMIT ?)",
         (stage, now, limit),
     ).fetchone()
+    cipher = cipher_of(conn)
+    if cipher is not None:
+        return [
+            Due(rowid, id_, attempts, created_at, cipher.open(payload.encode()), trace, event_id)
+            for rowid, id_, attempts, created_at, payload, trace, event_id in _due_rows(text)
+        ]
     return [
         Due(rowid, id_, attempts, created_at, payload.encode(), trace, event_id)
         for rowid, id_, attempts, created_at, payload, trace, event_id in _due_rows(text)

@@ -26,7 +26,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
         limiter = (rate_limits or RateLimits()).limiter(config.rate_limit)
-        factory = lambda: HttpSender(name, config, limiter=limiter)  # noqa: E731
+        factory = lambda: HttpSender(name, config, limiter=limiter, store=store)  # noqa: E731
         ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
             name,

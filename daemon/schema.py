@@ -11,6 +11,8 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
+    store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
@@ -84,6 +86,17 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # A rotated OAuth2 refresh token must survive a crash (daemon.auth); `seed` fingerprints the
+        # configured token it descends from, so a new one in the config wins over the stored one.
+        """CREATE TABLE auth_tokens (
+            owner TEXT PRIMARY KEY,
+            token BLOB NOT NULL,
+            seed TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
     ],
     [
         # Per-key ordering (daemon/ordering.py). Both indexes are partial: rows of sinks without

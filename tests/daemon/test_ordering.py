@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from daemon import outbox
+from daemon.at_rest import Cipher
 from daemon.config_sync import OrderingConfig
 from daemon.ordering import Ordering, OrderingError, number_version, rfc3339_version, string_version
 from daemon.outbox import Due, Outcomes
@@ -303,3 +305,16 @@ def test_the_claimed_head_survives_a_restart(tmp_path: Path) -> None:
 
     assert fetch(again, order) == [("a", 8)]
     again.close()
+
+
+def test_encrypted_payloads_are_keyed_and_sent_opened(tmp_path: Path) -> None:
+    cipher = Cipher(os.urandom(32))
+    sealed = open_connection(tmp_path / "sealed.db", "normal", cipher=cipher)
+    order = ordering()
+    add(sealed, "a", 2)
+    add(sealed, "a", 1)
+
+    assert fetch(sealed, order) == [("a", 1)]
+    (stored,) = sealed.execute("SELECT DISTINCT substr(CAST(payload AS TEXT), 1, 5) FROM events").fetchone()
+    assert stored == "!fe1."
+    sealed.close()
