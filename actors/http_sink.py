@@ -30,9 +30,9 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.ratelimit import RateLimiter
@@ -122,6 +122,12 @@ class HttpSender:
             if response.status == 401 and await self._auth.unauthorized(credentials):
                 credentials = await self._auth.headers()
                 response = await self._request([*headers, *credentials.items()], body)
+            if not 200 <= response.status < 300:
+                try:
+                    check_status(response)
+                except DeliveryError as exc:
+                    # A receiver may echo the Authorization it refused: no credential in errors.
+                    raise scrub_error(exc, credential_values(credentials, self._auth.query)) from None
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
