@@ -28,6 +28,7 @@ from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, r
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -241,6 +242,13 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
 SourceConfig = WebhookSourceConfig
@@ -500,12 +508,25 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     if read_secrets:
+        errors.extend(_verifier_errors(config))
         from .auth import secret_errors
 
         errors.extend(secret_errors(config.store.encryption, _outbound(config)))
         if errors:
             raise ConfigError(errors)
     return config
+
+
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .verify import build
+
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
 
 
 def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
@@ -566,6 +587,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -638,6 +661,12 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else source
+        for name, source in config.sources.items()
+    }
     transforms = {
         name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
         if isinstance(transform.schema, str)
@@ -647,6 +676,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
         transforms=transforms,

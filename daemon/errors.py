@@ -12,6 +12,7 @@
     ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
     └── DeliveryError               one delivery attempt failed
         ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
+        │   └── DeliveryTimeout     no complete answer within the request's timeout
         └── PermanentDelivery       other 4xx, redirects, jq errors: dead-lettered at once
 
 Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
@@ -76,6 +77,10 @@ class DeliveryError(FerryError):
 
 class RetryableDelivery(DeliveryError):
     """Worth trying again later (the receiver is overloaded, down or unreachable)."""
+
+
+class DeliveryTimeout(RetryableDelivery):
+    """No complete answer within the request's timeout (an overload signal for adaptive concurrency)."""
 
 
 class PermanentDelivery(DeliveryError):

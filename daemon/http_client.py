@@ -14,7 +14,7 @@ bundle, a client certificate for mTLS); without one, the system's CAs are truste
 Guarantees, for both:
 
 Timeouts: `timeout` bounds the whole call (connect, TLS handshake, send, reading
-the response to its end), not each step: past it, `RetryableDelivery("timed out
+the response to its end), not each step: past it, `DeliveryTimeout("timed out
 after …s")`.
 
 Errors are translated here: transport failures (refused, reset, DNS, TLS, a
@@ -57,7 +57,7 @@ import h11
 import httpx
 import trio
 
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
 
 USER_AGENT: Final = "ferry/0.1"
 _CHUNK: Final = 64 * 1024
@@ -289,7 +289,7 @@ class LeanClient:
                 connection = await self._connect(target)
                 return await self._exchange(connection, target, request, body)
         except trio.TooSlowError:
-            raise RetryableDelivery(f"timed out after {timeout:g}s") from None
+            raise DeliveryTimeout(f"timed out after {timeout:g}s") from None
 
     async def _connect(self, target: _Target) -> _Connection:
         scheme, host, port = target.key
@@ -408,7 +408,7 @@ class HttpxClient:
                     content = b"".join(chunks)[: self._max_body]
                     return Response(response.status_code, response.headers.multi_items(), content)
         except (trio.TooSlowError, httpx.TimeoutException):
-            raise RetryableDelivery(f"timed out after {timeout:g}s") from None
+            raise DeliveryTimeout(f"timed out after {timeout:g}s") from None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             raise PermanentDelivery(f"invalid request: {exc}") from None
         except httpx.HTTPError as exc:

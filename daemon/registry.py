@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from actors.file_sink import FileSender
+from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
 from actors.sink import Sender, Sink
 from actors.transformer import Transformer
@@ -24,10 +25,23 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
     """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
-        limiter = (rate_limits or RateLimits()).limiter(config.rate_limit)
-        factory = lambda: HttpSender(name, config, limiter=limiter, store=store)  # noqa: E731
+        guard = SinkGuard(
+            name,
+            config.targets,
+            concurrency=config.max_concurrency,
+            adaptive=config.adaptive if config.concurrency == "adaptive" else None,
+            breaker=config.breaker_policy,
+            limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
+        )
+        factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
         return Sink(
-            name, store, factory, retry=config.retry, concurrency=config.max_concurrency, batch=config.batch
+            name,
+            store,
+            factory,
+            retry=config.retry,
+            concurrency=config.max_concurrency,
+            batch=config.batch,
+            guard=guard,
         )
     if isinstance(config, FileSinkConfig):
         factory = lambda: FileSender(name, config)  # noqa: E731

@@ -13,6 +13,7 @@ Tables:
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
     auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
     store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
+    replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
 """
 
 from __future__ import annotations
@@ -92,5 +93,16 @@ MIGRATIONS: list[list[str]] = [
             updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
         "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
+    ],
+    [
+        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
+        """CREATE TABLE replay_keys (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        )""",
+        "CREATE INDEX replay_keys_until ON replay_keys(until)",
     ],
 ]
