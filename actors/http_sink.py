@@ -34,9 +34,9 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.store import Store
@@ -144,6 +144,12 @@ class HttpSender:
                 response = await self._request(send_url, [*headers, *credentials.items()], body, again=True)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
+        if self._auth is not None and not 200 <= response.status < 300:
+            try:
+                check_status(response)
+            except DeliveryError as exc:
+                # A receiver may echo the Authorization it refused: no credential in errors.
+                raise scrub_error(exc, credential_values(credentials, self._auth.query)) from None
         return Answer(check_status(response), excerpt_of(response.body) or None)
 
     async def _request(
