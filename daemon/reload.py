@@ -57,7 +57,7 @@ from msgspec import Struct
 
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
 from .errors import ConfigError
-from .registry import Transformer, WebhookRoute, build_sink
+from .registry import Aggregator, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .verify import build as build_verifier
 
@@ -173,9 +173,11 @@ def fan_out(config: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]
     return sinks, consumers
 
 
-def transformer(config: Config, name: str, running: Running) -> Transformer:
+def transformer(config: Config, name: str, running: Running) -> Transformer | Aggregator:
+    """The actor of one transform: an `Aggregator` when it has `aggregate`, else a `Transformer`."""
     transforms, sinks = downstream(config)[name]
-    return Transformer(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
+    kind = Aggregator if config.transforms[name].aggregate is not None else Transformer
+    return kind(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
 
 
 async def reload(running: Running) -> ReloadResult:
