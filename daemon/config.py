@@ -27,7 +27,7 @@ from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
-from .config_sync import OrderingConfig, check_ordering
+from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
@@ -280,6 +280,13 @@ class TransformConfig(Section, frozen=True):
     aggregate: Annotated[
         AggregateConfig | None,
         Meta(description="Group outputs into tumbling windows and emit one event per window."),
+    ] = None
+    enrich: Annotated[
+        EnrichConfig | None,
+        Meta(
+            description="An HTTP lookup per event, merged in by jq before `schema`, `filter` and `map` "
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
 
 
@@ -614,6 +621,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
         yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
+        if transform.enrich is not None:
+            yield from check_enrich(f"$.transforms.{name}", transform.enrich, config.rate_limits)
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"

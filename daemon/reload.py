@@ -57,7 +57,7 @@ from msgspec import Struct
 
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
 from .errors import ConfigError
-from .registry import Transformer, WebhookRoute, build_sink
+from .registry import Enricher, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .verify import build as build_verifier
 
@@ -175,7 +175,15 @@ def fan_out(config: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]
 
 def transformer(config: Config, name: str, running: Running) -> Transformer:
     transforms, sinks = downstream(config)[name]
-    return Transformer(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
+    enrich = config.transforms[name].enrich
+    enricher = (
+        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
+        if enrich is not None
+        else None
+    )
+    return Transformer(
+        name, config.transforms[name], running.store, transforms=transforms, sinks=sinks, enricher=enricher
+    )
 
 
 async def reload(running: Running) -> ReloadResult:
