@@ -39,7 +39,9 @@ async def test_a_batch_is_an_array_or_an_enveloped_array(
     )
     sender = HttpSender("crm", config)
     try:
-        assert await sender.send(dues(3)) == 200
+        answer = await sender.send(dues(3))
+        assert answer is not None
+        assert answer.status == 200
     finally:
         await sender.aclose()
     (request,) = receiver.snapshot()
