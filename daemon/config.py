@@ -27,7 +27,9 @@ from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from .config_sync import OrderingConfig, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -241,6 +243,13 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
 SourceConfig = WebhookSourceConfig
@@ -297,6 +306,13 @@ class BatchConfig(Section, frozen=True):
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
     ] = default(Duration(0.05))
+    envelope: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(
+            description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
+            "HubSpot's batch APIs).",
+        ),
+    ] = None
 
 
 class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
@@ -352,6 +368,14 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
+    ordering: Annotated[
+        OrderingConfig | None,
+        Meta(
+            description='Per-key ordering and conflict resolution: `{ key = ".email", version = '
+            '".updated_at", compare = "rfc3339" }`; older versions are dropped as stale '
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
     auth: Annotated[
         AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
@@ -500,12 +524,25 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     if read_secrets:
+        errors.extend(_verifier_errors(config))
         from .auth import secret_errors
 
         errors.extend(secret_errors(config.store.encryption, _outbound(config)))
         if errors:
             raise ConfigError(errors)
     return config
+
+
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .verify import build
+
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
 
 
 def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
@@ -566,6 +603,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -578,6 +617,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
+            yield from check_ordering(f"$.sinks.{name}", sink.ordering)
         if isinstance(sink, HttpSinkConfig):
             if (sink.url is None) == (not sink.urls):
                 yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
@@ -638,6 +679,12 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else source
+        for name, source in config.sources.items()
+    }
     transforms = {
         name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
         if isinstance(transform.schema, str)
@@ -647,6 +694,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
         transforms=transforms,
