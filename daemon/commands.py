@@ -57,7 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import metrics, ops, outbox
+from . import confirmations, metrics, ops, outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
     MUTATING,
@@ -69,6 +69,7 @@ from .control import (
     DlqRetryRequest,
     DlqShowRequest,
     DrainRequest,
+    EventRequest,
     PauseRequest,
     Peer,
     ReloadRequest,
@@ -328,6 +329,8 @@ class Commands:
                     partial(ops.purge_dead, selection=self._selection(request), dry_run=request.dry_run)
                 )
                 return DlqPurgeResult(purged, request.dry_run)
+            case EventRequest(id=event_id):
+                return await self._event(event_id)
             case StatsRequest():
                 return await self._stats()
             case AuditRequest(limit=limit):
@@ -361,6 +364,33 @@ class Commands:
                 outcome=outcome,
             )
         )
+
+    async def _event(self, event_id: str) -> confirmations.EventReport:
+        """`ferry ctl event`: payloads masked, and their masked values gone from answers and errors."""
+        report: confirmations.EventReport | None = await self._store_call(
+            partial(confirmations.event_outcomes, event_id=event_id)
+        )
+        if report is None:
+            raise CommandError(f"no stored event with id {event_id!r} (or derived from it)")
+        redactor = self._redactor
+        if not (redactor.rules or redactor.secrets):
+            return report
+        events = [
+            msgspec.structs.replace(
+                event,
+                payload=redactor.mask(event.payload),
+                deliveries=[
+                    msgspec.structs.replace(
+                        delivery,
+                        response=redactor.scrub(delivery.response, event.payload),
+                        error=redactor.scrub(delivery.error, event.payload),
+                    )
+                    for delivery in event.deliveries
+                ],
+            )
+            for event in report.events
+        ]
+        return msgspec.structs.replace(report, events=events)
 
     def _masked(self, letter: DeadLetter) -> DeadLetter:
         """A dead letter as shown: payload masked, secrets and masked values gone from its error."""

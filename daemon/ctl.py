@@ -175,9 +175,10 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     replay.add_argument("--to", metavar="SINK", help="only this sink (default: every sink downstream)")
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
-    from . import ctl_live
+    from . import ctl_event, ctl_live
 
     ctl_live.configure(commands)
+    ctl_event.configure(commands)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:
@@ -232,6 +233,10 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         return _replay(client, args, out)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
+    elif command == "event":
+        from . import ctl_event
+
+        emit(client.request("event", id=args.id), lambda result, out: ctl_event.show(result, out, args))
     elif command in ("tap", "top"):
         from . import ctl_live
 
