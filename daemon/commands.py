@@ -82,6 +82,7 @@ from .control import (
 from .errors import StoreUnavailable
 from .masking import Redactor, decode_payload, sink_secrets
 from .ops import AuditRow, DeadFilter, DeadLetter
+from .ratelimit import RateLimitStatus
 from .reload import ReloadResult, config_sha256, reload
 from .tap import TAPS, Record
 
@@ -146,6 +147,8 @@ class StatusResult(Struct, frozen=True):
     stages: dict[str, StageStatus]
     received_per_s: float | None = None  # over the last minute; None until sampled twice
     delivered_per_s: float | None = None
+    rate_limits: dict[str, RateLimitStatus] = {}
+    guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/guard.py)
 
 
 class PauseResult(Struct, frozen=True):
@@ -492,7 +495,18 @@ class Commands:
             stages=stages,
             received_per_s=None if received_rate is None else round(received_rate, 2),
             delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
+            rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
+            guards=self._guards(),
         )
+
+    def _guards(self) -> dict[str, Any]:
+        """Each http sink's admission state: concurrency limit, circuit breaker per URL."""
+        guards = {}
+        for name in self._config.sinks:
+            guard = getattr(self._running.actors.get(name), "guard", None)
+            if guard is not None:
+                guards[name] = guard.status()
+        return guards
 
     async def _stats(self) -> StatsResult:
         counts = await self._store_call(outbox.counts)
