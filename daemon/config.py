@@ -26,6 +26,7 @@ from msgspec import Meta
 from . import secrets
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from .config_poll import PollSourceConfig, poll_errors
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
 from .masking import RULE_PATTERN
@@ -238,7 +239,7 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
     ] = "Idempotency-Key"
 
 
-SourceConfig = WebhookSourceConfig
+SourceConfig = WebhookSourceConfig | PollSourceConfig
 
 
 class TransformConfig(Section, frozen=True):
@@ -535,7 +536,9 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     yield from _cycle_errors(config)
     seen_paths: dict[str, str] = {}
     for name, source in config.sources.items():
-        if isinstance(source, WebhookSourceConfig):
+        if isinstance(source, PollSourceConfig):
+            yield from poll_errors(name, source)
+        elif isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
             if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"

@@ -11,7 +11,7 @@ from msgspec import inspect
 
 from . import config as cfg
 from . import config_limits as limits
-from . import config_transforms
+from . import config_poll, config_transforms
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -33,6 +33,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),

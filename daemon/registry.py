@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from actors.file_sink import FileSender
 from actors.http_sink import HttpSender
+from actors.poller import Poller
 from actors.sink import Sender, Sink
 from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
@@ -15,7 +16,7 @@ from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
-__all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = ["Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 

@@ -11,6 +11,7 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
 """
 
 from __future__ import annotations
@@ -79,5 +80,24 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # One row per poll source; its keys share the `dedup` table with webhook sources.
+        """CREATE TABLE poll_state (
+            source TEXT PRIMARY KEY,
+            mark TEXT,
+            etag TEXT,
+            last_modified TEXT,
+            validated_url TEXT,
+            next_url TEXT,
+            cycle_mark TEXT,
+            cycle_etag TEXT,
+            cycle_last_modified TEXT,
+            cycle_url TEXT,
+            pages INTEGER NOT NULL DEFAULT 0,
+            job TEXT,
+            cycles INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
     ],
 ]
