@@ -29,6 +29,17 @@ Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
 
+Ordering:
+    With an `Ordering` (`[sinks.NAME] ordering`), fetches return only each record key's next
+    delivery and outcomes raise the key's delivered version (see `daemon.ordering`); rows
+    found stale or unkeyable on the way are counted (`stale`, `dead`) and logged.
+
+Admission (actors/guard.py):
+    With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
+    slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
+    result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
+    probe is rescheduled whatever the attempt and age limits.
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -52,9 +63,12 @@ from daemon import masking, metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.ordering import Fetched, Ordering
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
 from daemon.tap import TAPS, Record
+
+from .guard import Admission, SinkGuard
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -80,9 +94,19 @@ def next_attempt_wait(attempt: int, retry: RetryConfig, retry_after: float | Non
 
 
 def judge(
-    batch: Sequence[Due], error: DeliveryError | None, status: int | None, retry: RetryConfig, now: float
+    batch: Sequence[Due],
+    error: DeliveryError | None,
+    status: int | None,
+    retry: RetryConfig,
+    now: float,
+    *,
+    hold: bool = False,
 ) -> Outcomes:
-    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O)."""
+    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
+
+    `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
+    circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
+    """
     outcomes = Outcomes([], [], [])
     for due in batch:
         attempt = due.attempts + 1
@@ -90,6 +114,9 @@ def judge(
             outcomes.delivered.append((due.rowid, status))
         elif isinstance(error, PermanentDelivery):
             outcomes.dead.append((due.rowid, error.status, str(error)))
+        elif hold:
+            wait = next_attempt_wait(attempt, retry, error.retry_after)
+            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
         elif attempt >= retry.max_attempts:
             outcomes.dead.append((due.rowid, error.status, f"gave up after {attempt} attempts: {error}"))
         elif now - due.created_at >= retry.max_age:
@@ -113,14 +140,18 @@ class Sink:
         retry: RetryConfig,
         concurrency: int = 1,
         batch: BatchConfig | None = None,
+        ordering: Ordering | None = None,
+        guard: SinkGuard | None = None,
     ) -> None:
         self.name = name
+        self.guard = guard
         self._store = store
         self._sender_factory = sender_factory
         self._retry = retry
         self._concurrency = concurrency
         self._batch = batch
         self._batch_items = batch.max_items if batch else 1
+        self._ordering = ordering
         self._signal = store.signal(name)
         self._inflight: set[int] = set()
         # Rows whose outcome has committed but which a fetch issued *before* that commit may
@@ -132,6 +163,7 @@ class Sink:
         self.delivered = 0
         self.retried = 0
         self.dead = 0
+        self.stale = 0
 
     def __repr__(self) -> str:
         in_flight = len(self._inflight - self._settled)
@@ -183,20 +215,49 @@ class Sink:
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
-            rows = await store.call_until_committed(
-                partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
-            )
+            limit = len(self._inflight) + ahead
+            more = False
+            if self._ordering is None:
+                rows = await store.call_until_committed(
+                    partial(due_deliveries, stage=name, now=now, limit=limit)
+                )
+            else:
+                fetched = await store.call_until_committed(
+                    partial(self._ordering.due, stage=name, now=now, limit=limit)
+                )
+                rows, more = fetched.rows, fetched.more
+                if fetched.stale or fetched.dead:
+                    self._settled_in_fetch(fetched)
             inflight = self._inflight
             fresh = [row for row in rows if row.rowid not in inflight]
             inflight.update(row.rowid for row in fresh)
             # Chunks of one batch each: a channel op per batch, not per row.
             for start in range(0, len(fresh), chunk):
                 await channel.send(fresh[start : start + chunk])
-            if len(fresh) >= ahead:
+            if more or len(fresh) >= ahead:
                 continue
             wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
+
+    def _settled_in_fetch(self, fetched: Fetched) -> None:
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable."""
+        meter = metrics.current()
+        self.stale += fetched.stale
+        self.dead += fetched.dead
+        if fetched.stale:
+            meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
+            log.info(
+                "deliveries dropped as stale",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.stale}},
+            )
+        if fetched.dead:
+            meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
+            meter.dead_letters.add(fetched.dead, {"stage": self.name})
+            log.error(
+                "deliveries dead-lettered: no ordering key or version",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.dead}},
+            )
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -220,13 +281,16 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
+                admission = await self.guard.admit() if self.guard is not None else None
                 if not self._resumed.is_set():  # paused: hand the rows back unsent
+                    if admission is not None:
+                        admission.cancel()
                     self._settled.update(due.rowid for due in (*batch, *leftover))
                     leftover = []
                     continue
                 tracer = telemetry.tracer()
                 if tracer is None:
-                    await self._attempt(sender, batch, None)
+                    await self._attempt(sender, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)
                 span = tracer.start_span(
@@ -234,12 +298,14 @@ class Sink:
                 )
                 try:
                     with trace.use_span(span):
-                        await self._attempt(sender, batch, span)
+                        await self._attempt(sender, batch, span, admission)
                 finally:
                     if span.is_recording():  # cut short before `_attempt` ended it
                         span.end()
 
-    async def _attempt(self, sender: Sender, batch: list[Due], span: Span | None) -> None:
+    async def _attempt(
+        self, sender: Sender, batch: list[Due], span: Span | None, admission: Admission | None = None
+    ) -> None:
         """Send one batch, judge the result, end the attempt's span, record the outcomes."""
         error: DeliveryError | None = None
         status: int | None = None
@@ -248,8 +314,13 @@ class Sink:
             status = await sender.send(batch)
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
+        except BaseException:
+            if admission is not None:
+                admission.cancel()  # cut short (cancelled, crashed): no result to learn from
+            raise
         elapsed = time.monotonic() - began
-        outcomes = judge(batch, error, status, self._retry, time.time())
+        hold = admission.done(error, elapsed) if admission is not None else False
+        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
         outcome = _outcome(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
@@ -291,7 +362,8 @@ class Sink:
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
             await self._store.call_until_committed(
-                partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
+                partial(self._ordering.record if self._ordering else record_outcomes, outcomes=outcomes),
+                wake=[self.name] if outcomes.retry or self._ordering else (),
             )
         finally:
             self._settled.update(due.rowid for due in batch)

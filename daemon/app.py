@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
-from . import metrics, outbox
+from . import at_rest, metrics, outbox
 from .commands import Commands, Pauses
 from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
@@ -176,6 +176,7 @@ async def serve(
         config.store.path,
         durability=config.store.durability,
         max_batch=config.store.max_batch,
+        cipher=at_rest.build_cipher(config.store.encryption),
         verify=config.store.verify_on_start,
     )
     notifier = Notifier()

@@ -24,10 +24,13 @@ import msgspec
 from msgspec import Meta
 
 from . import secrets
+from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_poll import PollSourceConfig, poll_errors
+from .config_sync import OrderingConfig, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -62,6 +65,10 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    encryption: Annotated[
+        EncryptionConfig | None,
+        Meta(description="Encrypt payloads in the store (off when unset); see docs/security.md."),
+    ] = None
     verify_on_start: Annotated[
         bool,
         Meta(
@@ -237,6 +244,13 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
 SourceConfig = WebhookSourceConfig | PollSourceConfig
@@ -293,6 +307,13 @@ class BatchConfig(Section, frozen=True):
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
     ] = default(Duration(0.05))
+    envelope: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(
+            description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
+            "HubSpot's batch APIs).",
+        ),
+    ] = None
 
 
 class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
@@ -348,6 +369,20 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
+    ordering: Annotated[
+        OrderingConfig | None,
+        Meta(
+            description='Per-key ordering and conflict resolution: `{ key = ".email", version = '
+            '".updated_at", compare = "rfc3339" }`; older versions are dropped as stale '
+            "(docs/enrichment-and-ordering.md)."
+        ),
+    ] = None
+    auth: Annotated[
+        AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
+    ] = None
+    tls: Annotated[
+        TlsConfig | None, Meta(description="Custom CA bundle and/or client certificate (mTLS) for https.")
     ] = None
 
     @property
@@ -489,7 +524,33 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
+    if read_secrets:
+        errors.extend(_verifier_errors(config))
+        from .auth import secret_errors
+
+        errors.extend(secret_errors(config.store.encryption, _outbound(config)))
+        if errors:
+            raise ConfigError(errors)
     return config
+
+
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .verify import build
+
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
+
+
+def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
+    """Every component that calls out over HTTP: (TOML path, its auth, its tls)."""
+    for name, sink in config.sinks.items():
+        if isinstance(sink, HttpSinkConfig):
+            yield f"$.sinks.{name}", sink.auth, sink.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -545,6 +606,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -557,11 +620,14 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
+            yield from check_ordering(f"$.sinks.{name}", sink.ordering)
         if isinstance(sink, HttpSinkConfig):
             if (sink.url is None) == (not sink.urls):
                 yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
             elif len(set(sink.urls)) != len(sink.urls):
                 yield f"$.sinks.{name}.urls: lists the same URL twice"
+            yield from auth_errors(sink.auth, sink.tls, f"$.sinks.{name}")
     yield from limit_errors(
         config.rate_limits,
         {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},
@@ -613,8 +679,14 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sinks = {
         name: msgspec.structs.replace(sink, path=resolve(sink.path))
         if isinstance(sink, FileSinkConfig)
-        else sink
+        else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
+    }
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else source
+        for name, source in config.sources.items()
     }
     transforms = {
         name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
@@ -625,6 +697,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
         transforms=transforms,

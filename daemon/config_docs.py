@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import types
 import typing
+from inspect import cleandoc
 from typing import Any
 
 import msgspec
 from msgspec import inspect
 
 from . import config as cfg
+from . import config_auth, config_transforms
 from . import config_limits as limits
-from . import config_poll, config_transforms
+from . import config_poll
+from .config_sync import OrderingConfig
+from .config_verify import DOCUMENTED as VERIFY_TABLES
+from .secrets import SecretRef
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -33,6 +38,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
     *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
@@ -41,9 +47,17 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("ordering = { … } (in an http sink)", OrderingConfig),
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),
+    ("[store] encryption = { … }", config_auth.EncryptionConfig),
+    ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
+    ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
+    ('auth = { type = "basic", … }', config_auth.BasicAuth),
+    ('auth = { type = "bearer", … }', config_auth.BearerAuth),
+    ('auth = { type = "oauth2", … }', config_auth.OAuth2Auth),
+    ('auth = { type = "jwt_bearer", … }', config_auth.JwtBearerAuth),
 ]
 
 
@@ -55,10 +69,13 @@ def _type_name(annotation: Any) -> str:
         return "duration"
     if annotation is Size:
         return "size"
+    if annotation is SecretRef:
+        return "secret"
     if origin is typing.Literal:
         return " \\| ".join(f'`"{value}"`' for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        names = [_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(dict.fromkeys(names))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is dict:
@@ -102,7 +119,7 @@ def render() -> str:
         info = inspect.type_info(struct)
         assert isinstance(info, inspect.StructType)
         parts.append(
-            f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n"
+            f"\n## `{title}`\n\n{cleandoc(struct.__doc__ or '')}\n\n"
             "| key | type | default | meaning |\n|---|---|---|---|"
         )
         for field in info.fields:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from actors.file_sink import FileSender
+from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
 from actors.poller import Poller
 from actors.sink import Sender, Sink
@@ -12,6 +13,7 @@ from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .ordering import Ordering
 from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
@@ -25,10 +27,25 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
     """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
-        limiter = (rate_limits or RateLimits()).limiter(config.rate_limit)
-        factory = lambda: HttpSender(name, config, limiter=limiter)  # noqa: E731
+        guard = SinkGuard(
+            name,
+            config.targets,
+            concurrency=config.max_concurrency,
+            adaptive=config.adaptive if config.concurrency == "adaptive" else None,
+            breaker=config.breaker_policy,
+            limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
+        )
+        factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
+        ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
-            name, store, factory, retry=config.retry, concurrency=config.max_concurrency, batch=config.batch
+            name,
+            store,
+            factory,
+            retry=config.retry,
+            concurrency=config.max_concurrency,
+            batch=config.batch,
+            ordering=ordering,
+            guard=guard,
         )
     if isinstance(config, FileSinkConfig):
         factory = lambda: FileSender(name, config)  # noqa: E731

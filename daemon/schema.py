@@ -11,14 +11,22 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
+    store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
+    replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
+    key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
+
+A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
+end in state 3, stale: never sent, because a newer version of its record was delivered first.
 """
 
 from __future__ import annotations
 
 APPLICATION_ID = 0x46455259  # "FERY": marks the file as ferry's
 
-PENDING, DELIVERED, DEAD = 0, 1, 2
+PENDING, DELIVERED, DEAD, STALE = 0, 1, 2, 3
+STATE_NAMES = ("pending", "delivered", "dead", "stale")
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -80,6 +88,45 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # A rotated OAuth2 refresh token must survive a crash (daemon.auth); `seed` fingerprints the
+        # configured token it descends from, so a new one in the config wins over the stored one.
+        """CREATE TABLE auth_tokens (
+            owner TEXT PRIMARY KEY,
+            token BLOB NOT NULL,
+            seed TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
+    ],
+    [
+        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
+        """CREATE TABLE replay_keys (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        )""",
+        "CREATE INDEX replay_keys_until ON replay_keys(until)",
+    ],
+    [
+        # Per-key ordering (daemon/ordering.py). Both indexes are partial: rows of sinks without
+        # `ordering` never enter them, so the unordered path maintains nothing new.
+        "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+        "ALTER TABLE deliveries ADD COLUMN order_version",  # no affinity: REAL or TEXT as stored
+        "ALTER TABLE deliveries ADD COLUMN order_claimed INTEGER",  # 1 once handed to the sender
+        "CREATE INDEX deliveries_by_key ON deliveries(stage, order_key, order_version) "
+        "WHERE state = 0 AND order_key IS NOT NULL",
+        "CREATE INDEX deliveries_stale ON deliveries(finished_at) WHERE state = 3",
+        """CREATE TABLE key_versions (
+            stage TEXT NOT NULL,
+            key TEXT NOT NULL,
+            version NOT NULL,
+            delivered_at REAL NOT NULL,
+            PRIMARY KEY (stage, key)
+        ) WITHOUT ROWID""",
     ],
     [
         # One row per poll source; its keys share the `dedup` table with webhook sources.

@@ -48,6 +48,7 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
+from .at_rest import Cipher, CipherConnection, check_keys
 from .errors import StoreCorrupt, StoreUnavailable
 from .schema import APPLICATION_ID, MIGRATIONS
 
@@ -98,9 +99,12 @@ class Store:
     runs on the writer thread inside a group transaction.
     """
 
-    def __init__(self, path: Path, *, durability: str = "full", max_batch: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
+    ) -> None:
         self.path = path
         self._durability = durability
+        self._cipher = cipher
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._signals: dict[str, Signal] = {}
@@ -114,16 +118,23 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096, verify: bool = False
+        cls,
+        path: str | Path,
+        *,
+        durability: str = "full",
+        max_batch: int = 4096,
+        verify: bool = False,
+        cipher: Cipher | None = None,
     ) -> Store:
         """Open (creating if needed) and migrate the database; see `open_connection`.
 
         Raises `StoreCorrupt` for a foreign, damaged or newer file and `StoreUnavailable` for one
         that cannot be created, read or written. Never overwrites or "repairs" a file it does not
-        recognise.
+        recognise. With `cipher`, payloads are encrypted (`daemon.at_rest`); rows that need a key
+        `cipher` lacks (or any key, without one) raise `StoreKeyMissing` before anything is written.
         """
-        store = cls(Path(path), durability=durability, max_batch=max_batch)
-        store._conn = open_connection(store.path, durability, verify=verify)
+        store = cls(Path(path), durability=durability, max_batch=max_batch, cipher=cipher)
+        store._conn = open_connection(store.path, durability, verify=verify, cipher=cipher)
         return store
 
     def signal(self, consumer: str) -> Signal:
@@ -295,13 +306,16 @@ def _is_request_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
-def open_connection(path: Path, durability: str, *, verify: bool = False) -> Connection:
+def open_connection(
+    path: Path, durability: str, *, verify: bool = False, cipher: Cipher | None = None
+) -> Connection:
     """Open, identify, check and migrate the database file. Raises `StoreCorrupt` or `StoreUnavailable`.
 
     Nothing is written to a file until it is known to be ferry's (or empty): a foreign, damaged or
     newer file is refused as it is. `verify` runs SQLite's `quick_check` (every page read once,
     about 1 s per GB) before the first write, so a damaged file is refused at startup with its
     name instead of failing later, one write at a time. Every error message names the file.
+    Rows encrypted with a key `cipher` lacks raise `StoreKeyMissing`, also before any write.
     """
     if path.exists() and not path.is_file():
         raise StoreCorrupt(f"{path}: not a regular file")
@@ -311,7 +325,9 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
         except OSError as exc:
             raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=5.0, factory=CipherConnection
+        )
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"{path}: cannot open database ({exc}); {_OWNERSHIP}") from None
     try:
@@ -324,6 +340,7 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-32768")
         _migrate(conn, path)
+        check_keys(conn, cipher, path)
         _probe_write(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -337,6 +354,7 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
     except BaseException:
         conn.close()
         raise
+    conn.cipher = cipher
     return conn
 
 
