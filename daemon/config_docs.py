@@ -11,9 +11,8 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_auth, config_transforms
+from . import config_auth, config_poll, config_transforms
 from . import config_limits as limits
-from . import config_poll
 from .config_sync import OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
