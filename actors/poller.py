@@ -52,11 +52,22 @@ import trio
 from opentelemetry import trace
 
 from daemon import metrics, telemetry
+from daemon.auth import Auth, build_auth, ssl_context, with_query
 from daemon.backoff import ceiling
 from daemon.config_poll import LinkPaging, PollSourceConfig
-from daemon.errors import PermanentDelivery, PollError, RetryableDelivery
+from daemon.errors import DeliveryError, PollError
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
-from daemon.poll import Page, PageReader, PollStatus, Watermark, excerpt, first_url, link_targets, next_url
+from daemon.poll import (
+    Page,
+    PageReader,
+    PollStatus,
+    Watermark,
+    excerpt,
+    first_url,
+    link_targets,
+    next_url,
+    without_params,
+)
 from daemon.poll_store import PollState, commit_page, load_state, save_state
 from daemon.ratelimit import RateLimiter
 from daemon.store import Store
@@ -108,6 +119,9 @@ class Poller:
         self._body = (config.body or "").encode()
         self._state = PollState()
         self._client: HttpClient = LeanClient()
+        self._auth: Auth | None = (
+            build_auth(config.auth, owner=f"sources.{name}", store=store) if config.auth is not None else None
+        )
         self.status_name = "starting"
         self.failures = 0
         self.last_error: str | None = None
@@ -147,10 +161,12 @@ class Poller:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
         config = self._config
+        context = ssl_context(config.tls)
+        limit = int(config.max_response) + 1  # one byte more than allowed tells "too large" from "just fits"
         client: HttpClient = (
-            LeanClient(max_idle_per_host=2, max_body=int(config.max_response) + 1)
+            LeanClient(max_idle_per_host=2, max_body=limit, ssl_context=context)
             if config.client == "lean"
-            else HttpxClient(max_connections=2, max_body=int(config.max_response) + 1)
+            else HttpxClient(max_connections=2, max_body=limit, ssl_context=context)
         )
         self._client = client
         gauges = metrics.current().poll_failures
@@ -175,6 +191,8 @@ class Poller:
             gauges.pop(self.name, None)
             with trio.CancelScope(shield=True):
                 await client.aclose()
+                if self._auth is not None:
+                    await self._auth.aclose()
 
     def _failed(self, exc: PollError) -> float:
         """Count and log a failed cycle; the backoff before the next one."""
@@ -207,21 +225,24 @@ class Poller:
     async def _fetch(
         self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b""
     ) -> Response:
-        """One request; any answer but 2xx or 304 raises `PollError`."""
-        if self._limiter is not None:
-            await self._limiter.acquire(self.name)
-        self.requests += 1
+        """One request (with `auth`, and once more after a 401 that a new token may fix);
+        any answer but 2xx or 304 raises `PollError`."""
         recorder = metrics.current().poll_requests
+        auth = self._auth
         try:
-            response = await self._client.request(
-                method, url, headers=headers, body=body, timeout=self._config.timeout
-            )
-        except (RetryableDelivery, PermanentDelivery) as exc:
+            if auth is None:
+                response = await self._send(method, url, headers, body)
+            else:
+                url = with_query(url, auth.query)
+                credentials = await auth.headers()
+                response = await self._send(method, url, [*headers, *credentials.items()], body)
+                if response.status == 401 and await auth.unauthorized(credentials):
+                    credentials = await auth.headers()
+                    response = await self._send(method, url, [*headers, *credentials.items()], body)
+        except DeliveryError as exc:
             recorder.add(1, {"source": self.name, "outcome": "error"})
             kind = "timeout" if str(exc).startswith("timed out") else "transport"
             raise PollError(f"{method} {_where(url)}: {exc}", kind=kind) from None
-        if self._limiter is not None:
-            self._limiter.feedback(response.status, dict(response.headers))
         status = response.status
         if status == 304:
             recorder.add(1, {"source": self.name, "outcome": "not_modified"})
@@ -242,6 +263,18 @@ class Poller:
                 kind="too_large",
             )
         recorder.add(1, {"source": self.name, "outcome": "ok"})
+        return response
+
+    async def _send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+        """One request under the rate limit, its answer fed back to it. Raises `DeliveryError`."""
+        if self._limiter is not None:
+            await self._limiter.acquire(self.name)
+        self.requests += 1
+        response = await self._client.request(
+            method, url, headers=headers, body=body, timeout=self._config.timeout
+        )
+        if self._limiter is not None:
+            self._limiter.feedback(response.status, dict(response.headers))
         return response
 
     # -- listing ---------------------------------------------------------------------------
@@ -281,6 +314,8 @@ class Poller:
                 values = [value for name, value in response.headers if name.lower() == "link"]
                 links = link_targets(values, url)
             following = next_url(config.pagination, url, page, links)
+            if following is not None and self._auth is not None and self._auth.query:
+                following = without_params(following, set(self._auth.query))  # never store a key
             fetched.add(url)
             stuck = following is not None and (
                 following in fetched or (bool(previous) and page.keys == previous)

@@ -551,6 +551,9 @@ def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfi
     for name, sink in config.sinks.items():
         if isinstance(sink, HttpSinkConfig):
             yield f"$.sinks.{name}", sink.auth, sink.tls
+    for name, source in config.sources.items():
+        if isinstance(source, PollSourceConfig):
+            yield f"$.sources.{name}", source.auth, source.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -685,6 +688,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sources = {
         name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
         if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else resolve_tls(source, resolve)
+        if isinstance(source, PollSourceConfig)
         else source
         for name, source in config.sources.items()
     }

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import jq
 from msgspec import Meta
 
+from .config_auth import AuthConfig, TlsConfig, auth_errors
 from .config_base import Section, default
 from .units import Duration, Size
 
@@ -176,6 +177,12 @@ class PollSourceConfig(Section, frozen=True, tag="poll", tag_field="type"):
     rate_limit: Annotated[
         str | None, Meta(description="Name of a `[rate_limits.NAME]` budget every request takes a permit of.")
     ] = None
+    auth: Annotated[
+        AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
+    ] = None
+    tls: Annotated[
+        TlsConfig | None, Meta(description="Custom CA bundle and/or client certificate (mTLS) for https.")
+    ] = None
 
 
 def poll_errors(name: str, source: PollSourceConfig) -> Iterator[str]:
@@ -207,6 +214,7 @@ def poll_errors(name: str, source: PollSourceConfig) -> Iterator[str]:
             yield f"{where}.pagination: not with `job` (a job's result is one answer)"
         if source.since is not None:
             yield f"{where}.since: not with `job`"
+    yield from auth_errors(source.auth, source.tls, where)
     if source.initial_backoff > source.max_backoff:
         yield f"{where}.initial_backoff: larger than max_backoff"
     if source.since is not None and source.since.initial is not None:

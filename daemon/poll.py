@@ -29,6 +29,7 @@ __all__ = [
     "link_targets",
     "next_url",
     "with_params",
+    "without_params",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -71,6 +72,13 @@ def with_params(url: str, params: dict[str, str]) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
     query.extend(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def without_params(url: str, names: set[str]) -> str:
+    """`url` without the query parameters in `names`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
