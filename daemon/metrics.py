@@ -18,6 +18,7 @@ Names (all prefixed `ferry.`):
 | `queue.depth` | gauge, pending deliveries | `stage` |
 | `actor.restarts` | counter | `actor` |
 | `telemetry.spans_dropped` | counter | - |
+| `enrich.lookups` | counter | `transform`, `result` = request / hit / shared / error |
 | `process.cpu.time` | counter, s | `mode` = user / system |
 | `process.memory.rss` | gauge, bytes | - |
 | `process.open_fds` | gauge | - |
@@ -103,6 +104,11 @@ class Metrics:
         )
         self.dead_letters = meter.create_counter(
             "ferry.dead_letters", unit="{delivery}", description="Deliveries dead-lettered, by stage."
+        )
+        self.lookups = meter.create_counter(
+            "ferry.enrich.lookups",
+            unit="{lookup}",
+            description="Enrichment lookups: requests sent, cache hits, shared with one in flight, given up.",
         )
         self.restarts = meter.create_counter(
             "ferry.actor.restarts", unit="{restart}", description="Actor crashes followed by a restart."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.enricher import Enricher
 from actors.file_sink import FileSender
 from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
@@ -18,7 +19,7 @@ from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
-__all__ = ["Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = ["Enricher", "Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 
