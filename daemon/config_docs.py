@@ -11,7 +11,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_auth, config_transforms
+from . import config_auth, config_poll, config_transforms
 from . import config_limits as limits
 from .config_sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
@@ -38,6 +38,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
     *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
+    *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
