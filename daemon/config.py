@@ -23,7 +23,8 @@ import jq
 import msgspec
 from msgspec import Meta
 
-from . import secrets
+from . import metrics, secrets
+from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .errors import ConfigError
@@ -334,6 +335,9 @@ class Config(Section, frozen=True):
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
+    alerting: AlertingConfig = default(AlertingConfig())
+    alerts: dict[ComponentName, AlertRuleConfig] = {}
+    channels: dict[ComponentName, ChannelConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -359,11 +363,14 @@ _SECTIONS: dict[str, Any] = {
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
     "telemetry": TelemetryConfig,
+    "alerting": AlertingConfig,
 }
 _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,
     "transforms": TransformConfig,
     "sinks": SinkConfig,
+    "alerts": AlertRuleConfig,
+    "channels": ChannelConfig,
 }
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
@@ -413,7 +420,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
             if not re.match(NAME_RE, name):
                 errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
                 continue
-            if key != "transforms" and isinstance(body, dict) and "type" not in body:
+            if key not in ("transforms", "alerts") and isinstance(body, dict) and "type" not in body:
                 errors.append(f"{path}.type: missing (what kind of {key[:-1]} is this?)")
                 continue
             decoded[name] = _convert(body, type_, path, errors)
@@ -451,7 +458,8 @@ def webhook_path(name: str, source: WebhookSourceConfig) -> str:
 
 
 def _semantic_errors(config: Config) -> Iterator[str]:
-    """Cross-component checks: names, wiring, cycles, paths, jq programs."""
+    """Cross-component checks: names, wiring, cycles, paths, jq programs, alert rules."""
+    yield from check_alerts(config, metrics.catalogue())
     owners: dict[str, str] = {}
     for kind in ("sources", "transforms", "sinks"):
         for name in getattr(config, kind):
