@@ -11,8 +11,13 @@ Guarantees:
   answers 503 with `Retry-After`, never 2xx, so the sender keeps the event and retries.
 - Backpressure: each connection handles one request at a time and awaits `ingest`
   before it reads the next, so a slow store slows responses instead of queueing work
-  in memory. Work in flight is bounded by `max_connections`; connections beyond it
-  are answered 503 and closed.
+  in memory. While `overloaded()` says too many requests wait for the store
+  (`max_pending`), a request is answered 503 with `Retry-After` at once and nothing
+  of it is stored, so accepted requests keep a bounded wait.
+- Connections: at most `max_connections`. At the limit a new connection closes the one
+  that has waited longest for its client (idle, or sending its head or body slowly;
+  see `actors.connections`), so slow or idle clients cannot lock out prompt ones; only
+  when every connection has a request being stored is the new one answered 503.
 - Limits: a request head larger than `max_header` gets 431, a body larger than
   `max_body` gets 413 without being read to its end, a head or body that does not
   arrive within `header_timeout` / `body_timeout` gets 408; each then closes the
@@ -41,6 +46,8 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from daemon import metrics, telemetry
 from daemon.config import ListenerConfig
 from daemon.errors import StoreUnavailable
+
+from .connections import ConnectionTable, Slot
 
 __all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
 
@@ -84,6 +91,7 @@ _ALLOW_GET: Final = ((b"allow", b"GET"),)
 _RETRY_STORE: Final = ((b"retry-after", b"1"),)
 _NO_HEADERS: _Headers = ()
 _RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
+_RETRY_OVERLOADED: Final = ((b"retry-after", b"1"),)
 _HEALTH_PATHS: Final = (b"/healthz", b"/readyz", b"/metrics")
 _PROMETHEUS: Final = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
 _REJECTION_REASONS: Final = {  # `ferry.events.rejected{reason}` by status
@@ -106,6 +114,7 @@ _OK: Final = _encode({"status": "ok"})
 _READY: Final = _encode({"status": "ready"})
 _NOT_READY: Final = _encode({"status": "not ready"})
 _TOO_MANY_BODY: Final = _error("too many connections")
+_OVERLOADED: Final = _error("overloaded: too many requests waiting for the store, event not accepted; retry")
 _TOO_MANY: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
@@ -163,9 +172,10 @@ class WebhookListener:
     value and the W3C `traceparent` header, and answered `202 {"id": ...}` only once
     `ingest` has returned (`200 {"id": ..., "duplicate": true}` for a repeat). Anything
     else gets a JSON `{"error": ...}` with a specific status: 400, 404, 405, 408, 413, 415,
-    431, 500, or 503 (`Retry-After: 1` when the store is unavailable, `Retry-After: 5`
-    while `paused(source)` is true). One request at a time per connection, at most
-    `max_connections` connections: a slow store slows the answers, never grows a queue.
+    431, 500, or 503 (`Retry-After: 1` when the store is unavailable or `overloaded()`,
+    `Retry-After: 5` while `paused(source)` is true). One request at a time per connection,
+    at most `max_connections` connections (the longest-waiting one makes room for a new
+    one): a slow store slows the answers, never grows a queue.
 
     Timeouts: a connection's first request head must arrive within `header_timeout` of the
     accept; a later one within `header_timeout` of its first byte, after at most
@@ -189,6 +199,7 @@ class WebhookListener:
         readiness: Callable[[], bool],
         *,
         paused: Callable[[str], bool] = lambda source: False,
+        overloaded: Callable[[], bool] = lambda: False,
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
         metrics_page: Callable[[], bytes | None] | None = None,
     ) -> None:
@@ -197,13 +208,14 @@ class WebhookListener:
         self._ingest = ingest
         self._readiness = readiness
         self._paused = paused
+        self._overloaded = overloaded
         self._listeners = listeners
         self._metrics_page = metrics_page
-        self._connections = 0
+        self._table = ConnectionTable(config.max_connections)
 
     def __repr__(self) -> str:
         return (
-            f"<WebhookListener {self._config.address} [{len(self._routes)} routes, {self._connections} open]>"
+            f"<WebhookListener {self._config.address} [{len(self._routes)} routes, {len(self._table)} open]>"
         )
 
     def reroute(self, routes: Mapping[str, WebhookRoute]) -> None:
@@ -216,7 +228,12 @@ class WebhookListener:
     @property
     def connections(self) -> int:
         """Connections open now (refused ones not counted)."""
-        return self._connections
+        return len(self._table)
+
+    @property
+    def evictions(self) -> int:
+        """Connections closed, since start, to make room for a new one."""
+        return self._table.evictions
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
@@ -234,19 +251,19 @@ class WebhookListener:
             task_status.started(bound)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._connections >= self._config.max_connections:
-            await self._refuse(stream)
-            return
-        self._connections += 1
-        try:
-            await self._serve(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer went away; nothing left to answer
-        except Exception:
-            log.exception("webhook connection failed")
-        finally:
-            self._connections -= 1
-            await trio.aclose_forcefully(stream)
+        with self._table.admit() as slot:
+            if slot is None:
+                await self._refuse(stream)
+                return
+            try:
+                with slot.scope:
+                    await self._serve(stream, slot)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the peer went away; nothing left to answer
+            except Exception:
+                log.exception("webhook connection failed")
+            finally:
+                await trio.aclose_forcefully(stream)
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         try:
@@ -257,7 +274,7 @@ class WebhookListener:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, slot: Slot) -> None:
         """Answer requests on one connection until it closes, breaks or times out."""
         config = self._config
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header)
@@ -265,11 +282,12 @@ class WebhookListener:
         try:
             while True:
                 request = await self._read_head(conn, stream, deadline, idle)
-                if request is None or not await self._exchange(conn, stream, request):
+                if request is None or not await self._exchange(conn, stream, request, slot):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return  # keep-alive is off (Connection: close, HTTP/1.0)
                 conn.start_next_cycle()
+                slot.waiting()
                 deadline, idle = trio.current_time() + config.idle_timeout, True
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
@@ -327,7 +345,9 @@ class WebhookListener:
             else:
                 return None  # h11 reports a body cut short as RemoteProtocolError; nothing else arrives here
 
-    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> bool:
+    async def _exchange(
+        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, slot: Slot
+    ) -> bool:
         """Read the body and answer one request; False when the connection must close."""
         target = request.target
         path = target.partition(b"?")[0] if b"?" in target else target
@@ -370,7 +390,7 @@ class WebhookListener:
                 return False
             await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         body = await self._read_body(conn, stream, keep=refusal is None)
-        if body is None:
+        if body is None or not slot.busy():
             return False
         if refusal is not None:
             if route is not None:
@@ -383,6 +403,10 @@ class WebhookListener:
             await stream.send_all(_response(conn, *self._other(request.method, path)))
             return True
         route = current
+        if self._overloaded():
+            _rejected(route.source, "overloaded")
+            await stream.send_all(_response(conn, 503, _OVERLOADED, _RETRY_OVERLOADED))
+            return True
         await stream.send_all(await self._accept(conn, route.source, path, body, dedup_key, traceparent))
         return True
 

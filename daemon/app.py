@@ -211,6 +211,7 @@ async def serve(
                         batcher,
                         lambda: supervisor.ready and store.writable,
                         paused=running.pauses.source_paused,
+                        overloaded=lambda: batcher.waiting >= config.listener.max_pending,
                         listeners=activated.listeners if activated else None,
                         metrics_page=telemetry.prometheus_text,
                     )

@@ -83,8 +83,23 @@ class ListenerConfig(Section, frozen=True):
         default(Size(16 * 1024))
     )
     max_connections: Annotated[
-        int, Meta(ge=1, description="Open connections at once; more are answered 503 and closed.")
+        int,
+        Meta(
+            ge=1,
+            description="Open connections at once. At the limit a new connection closes the one that "
+            "has waited longest for its client (idle, or sending slowly); when every one has a request "
+            "being stored, the new one is answered 503 and closed.",
+        ),
     ] = 1024
+    max_pending: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="Requests waiting for their commit at once; beyond it a request is answered "
+            "503 with `Retry-After: 1` and nothing of it is stored (load shedding: accepted requests "
+            "keep a bounded wait when the store falls behind).",
+        ),
+    ] = 512
     header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
         default(Duration(10))
     )

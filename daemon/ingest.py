@@ -21,7 +21,9 @@ Reload:
 Backpressure:
     At most `FLUSHERS` writes are in the store at once; requests arriving
     meanwhile wait in `pending`, which holds at most one request per open
-    connection (the listener's `max_connections`).
+    connection (the listener's `max_connections`). `waiting` counts every
+    request not yet answered; the listener sheds new requests (503) while it
+    is at `[listener] max_pending`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class IngestBatcher:
         self._wakeup = trio.Event()
         self.writes = 0
         self.events = 0
+        self.waiting = 0
+        """Requests waiting for their commit now."""
 
     def rewire(self, *, sinks: Mapping[str, Sequence[str]], consumers: Mapping[str, Sequence[str]]) -> None:
         """Route new events by these maps from now on (a reload); see "Reload" above."""
@@ -109,7 +113,11 @@ class IngestBatcher:
         waiter = _Waiter()
         self._pending.append((Incoming(source, body, traceparent, self._sinks[source], dedup_key), waiter))
         self._wakeup.set()
-        await waiter.done.wait()
+        self.waiting += 1
+        try:
+            await waiter.done.wait()
+        finally:
+            self.waiting -= 1
         if waiter.error is not None:
             raise waiter.error
         return waiter.result

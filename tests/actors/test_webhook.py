@@ -68,6 +68,7 @@ class Server:
     port: int
     ready: list[bool] = field(default_factory=lambda: [True])
     paused: set[str] = field(default_factory=set)
+    overloaded: list[bool] = field(default_factory=lambda: [False])
 
     @property
     def url(self) -> str:
@@ -82,12 +83,18 @@ async def serve(nursery: trio.Nursery, **limits: Any) -> Server:
     ingest = FakeIngest()
     ready = [True]
     paused: set[str] = set()
+    overloaded = [False]
     listener = WebhookListener(
-        config, ROUTES, ingest, lambda: ready[0], paused=lambda source: source in paused
+        config,
+        ROUTES,
+        ingest,
+        lambda: ready[0],
+        paused=lambda source: source in paused,
+        overloaded=lambda: overloaded[0],
     )
     bound = await nursery.start(listener.run)
     assert bound[0][0] == "127.0.0.1"
-    return Server(listener, ingest, bound[0][1], ready, paused)
+    return Server(listener, ingest, bound[0][1], ready, paused, overloaded)
 
 
 @dataclass
@@ -501,11 +508,14 @@ async def wait_for_connections(listener: WebhookListener, count: int) -> None:
             await trio.sleep(0.005)
 
 
-async def test_connections_over_the_limit_get_503_and_are_closed(nursery: trio.Nursery) -> None:
+async def test_connections_over_the_limit_get_503_while_every_one_is_being_stored(
+    nursery: trio.Nursery,
+) -> None:
     server = await serve(nursery, max_connections=1)
+    server.ingest.gate = trio.Event()
     first = await server.connect()
     await first.send(JSON_POST)
-    assert (await first.response()).status == 202  # `first` is now surely counted
+    await server.ingest.entered.wait()  # `first` is now busy: its request is being stored
 
     second = await server.connect()
     await second.send(JSON_POST)
@@ -515,12 +525,72 @@ async def test_connections_over_the_limit_get_503_and_are_closed(nursery: trio.N
     assert await second.closed()
     assert server.listener.connections == 1
 
+    server.ingest.gate.set()
+    assert (await first.response()).status == 202, "a busy connection was cut short for room"
     await first.aclose()
     await wait_for_connections(server.listener, 0)
     third = await server.connect()
     await third.send(JSON_POST)
     assert (await third.response()).status == 202
     assert len(server.ingest.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "stall",
+    [b"", b"POST /hooks/demo HTTP/1.1\r\nHost: t\r\n", JSON_POST[:-3]],
+    ids=["idle", "slow-head", "slow-body"],
+)
+async def test_at_the_limit_the_longest_waiting_connection_makes_room(
+    nursery: trio.Nursery, stall: bytes
+) -> None:
+    server = await serve(nursery, max_connections=3)
+    stalled = []
+    for _ in range(3):
+        client = await server.connect()
+        await client.send(stall)
+        stalled.append(client)
+    await wait_for_connections(server.listener, 3)
+
+    prompt = await server.connect()
+    await prompt.send(JSON_POST)
+    assert (await prompt.response()).status == 202
+    assert await stalled[0].closed(), "the oldest waiting connection was not the one closed"
+    assert server.listener.connections == 3
+    assert server.listener.evictions == 1
+    assert len(server.ingest.calls) == 1, "a half-sent request was stored"
+
+
+async def test_an_idle_keep_alive_connection_makes_room_before_a_younger_slow_one(
+    nursery: trio.Nursery,
+) -> None:
+    server = await serve(nursery, max_connections=2)
+    slow = await server.connect()
+    await slow.send(b"POST /hooks/demo HTTP/1.1\r\n")
+    await wait_for_connections(server.listener, 1)
+    served = await server.connect()
+    await served.send(JSON_POST)
+    assert (await served.response()).status == 202  # idle from now on: younger than `slow`'s wait
+
+    newcomer = await server.connect()
+    await newcomer.send(JSON_POST)
+    assert (await newcomer.response()).status == 202
+    assert await slow.closed()
+    await served.send(JSON_POST)
+    assert (await served.response()).status == 202
+
+
+async def test_overloaded_store_sheds_with_503_retry_after_and_stores_nothing(nursery: trio.Nursery) -> None:
+    server = await serve(nursery)
+    server.overloaded[0] = True
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        shed = await client.post("/hooks/demo", content=b"{}", headers=JSON)
+        server.overloaded[0] = False
+        after = await client.post("/hooks/demo", content=b"{}", headers=JSON)
+    assert (shed.status_code, shed.headers["retry-after"]) == (503, "1")
+    assert shed.json()["error"].startswith("overloaded: too many requests waiting for the store")
+    assert "connection" not in shed.headers, "shedding should keep the connection"
+    assert after.status_code == 202
+    assert len(server.ingest.calls) == 1
 
 
 async def test_cancelling_run_closes_open_connections() -> None:

@@ -1,0 +1,188 @@
+"""Overload and hostile clients against the real daemon: shed with 503 + Retry-After, never lose a 202.
+
+- A burst far above `[listener] max_pending` gets some 503s with `Retry-After`, every 202'd event
+  is in the store, and nothing answered 503 is (the store holds exactly the 202s).
+- Slowloris heads, slow bodies and piles of idle connections at `max_connections` do not lock
+  out a prompt client, and the daemon's open sockets stay within the limit.
+- An oversized head gets 431 and the daemon serves the next client as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import msgspec
+import trio
+
+from tests.fakes import Daemon, write_config
+
+SOURCE = """
+[sources.demo]
+type = "webhook"
+
+[sinks.out]
+type = "file"
+inputs = ["demo"]
+path = "out.jsonl"
+"""
+
+
+POST = (
+    b"POST /hooks/demo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+def start(tmp_path: Path, listener: str) -> Daemon:
+    config = write_config(tmp_path, SOURCE)
+    text = config.read_text(encoding="utf-8").replace("[listener]\n", f"[listener]\n{listener}\n", 1)
+    config.write_text(text + "\n[telemetry]\nmetrics = false\n", encoding="utf-8")
+    return Daemon(config, tmp_path / "ferry.log").start()
+
+
+def stored_ids(tmp_path: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{tmp_path / 'state/ferry.db'}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in conn.execute("SELECT id FROM events")]
+    finally:
+        conn.close()
+
+
+def open_sockets(pid: int) -> int:
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if "socket" in os.readlink(f"/proc/{pid}/fd/{fd}"))
+
+
+async def exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Send one request on a keep-alive connection and read its answer (a cheap client: the
+    daemon, not the load generator, should be what limits a burst on two cores)."""
+    await stream.send_all(request)
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        assert data, "connection closed before the answer"
+        buffer += data
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {
+        name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)
+    }
+    length = int(headers[b"content-length"])
+    while len(body) < length:
+        data = await stream.receive_some(65536)
+        assert data, "connection closed mid-answer"
+        body += data
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_a_burst_far_above_max_pending_is_shed_with_503_and_no_202_is_lost(tmp_path: Path) -> None:
+    daemon = start(tmp_path, "max_pending = 8")
+    host, port = daemon.address.rsplit(":", 1)
+    clients, each = 200, 10
+    statuses: Counter[int] = Counter()
+    acked: list[str] = []
+    accepted_latency: list[float] = []
+    retry_after: set[bytes] = set()
+
+    async def sender(n: int) -> None:
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            for i in range(each):
+                body = msgspec.json.encode({"n": n, "i": i})
+                request = POST % (len(body), body)
+                began = time.monotonic()
+                status, headers, answer = await exchange(stream, request)
+                statuses[status] += 1
+                if status == 202:
+                    acked.append(msgspec.json.decode(answer)["id"])
+                    accepted_latency.append(time.monotonic() - began)
+                elif status == 503:
+                    retry_after.add(headers.get(b"retry-after", b"missing"))
+                    assert msgspec.json.decode(answer)["error"].startswith("overloaded")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(clients):
+                nursery.start_soon(sender, n)
+    finally:
+        daemon.stop()
+    assert set(statuses) == {202, 503}, statuses
+    assert statuses[503] > 0, statuses
+    assert statuses[202] > 0, statuses
+    assert retry_after == {b"1"}
+    stored = stored_ids(tmp_path)
+    assert sorted(stored) == sorted(acked), "the store holds something other than exactly the 202s"
+    accepted_latency.sort()
+    p99 = accepted_latency[int(len(accepted_latency) * 0.99)]
+    print(
+        f"\n{clients * each} requests, {clients} at once, max_pending=8: {dict(statuses)}, "
+        f"accepted p50 {accepted_latency[len(accepted_latency) // 2] * 1000:.0f} ms p99 {p99 * 1000:.0f} ms"
+    )
+    assert p99 < 5.0
+
+
+async def hold(stream: trio.SocketStream, drip: bytes, done: trio.Event) -> None:
+    """Send `drip` one byte per 50 ms until `done` (or until the daemon closes the connection)."""
+    try:
+        for byte in drip:
+            if done.is_set():
+                return
+            await stream.send_all(bytes([byte]))
+            await trio.sleep(0.05)
+        await done.wait()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+async def test_slow_and_idle_clients_do_not_lock_out_a_prompt_one(tmp_path: Path) -> None:
+    daemon = start(tmp_path, 'max_connections = 16\nheader_timeout = "60s"\nbody_timeout = "60s"')
+    assert daemon.proc is not None
+    host, port = daemon.address.rsplit(":", 1)
+    slow_head = (
+        b"POST /hooks/demo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 500
+    )
+    slow_body = (
+        b'POST /hooks/demo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n{"a":"'
+    )
+    baseline = open_sockets(daemon.proc.pid)
+    done = trio.Event()
+    streams: list[trio.SocketStream] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(120):  # 40 each of slowloris heads, slow bodies and idle connections
+                stream = await trio.open_tcp_stream(host, int(port))
+                streams.append(stream)
+                drip = (slow_head, slow_body + b"b" * 900, b"")[n % 3]
+                nursery.start_soon(hold, stream, drip, done)
+            await trio.sleep(0.3)  # let the drips run
+            assert open_sockets(daemon.proc.pid) <= baseline + 16 + 1
+            async with httpx.AsyncClient(base_url=daemon.url, timeout=5) as client:
+                for n in range(10):
+                    began = time.monotonic()
+                    response = await client.post("/hooks/demo", json={"prompt": n})
+                    assert response.status_code == 202, response.text
+                    assert time.monotonic() - began < 1.0
+            assert open_sockets(daemon.proc.pid) <= baseline + 16 + 1
+            done.set()
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+        daemon.stop()
+    assert len(stored_ids(tmp_path)) == 10, "a half-sent request was stored"
+
+
+async def test_an_oversized_head_is_431_and_the_next_client_is_served(tmp_path: Path) -> None:
+    daemon = start(tmp_path, 'max_header = "4KiB"')
+    try:
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=5) as client:
+            big = await client.post("/hooks/demo", json={}, headers={"X-Big": "x" * 8000})
+            many = await client.post("/hooks/demo", json={}, headers={f"X-{n}": "y" * 40 for n in range(200)})
+            fine = await client.post("/hooks/demo", json={"ok": True})
+    finally:
+        daemon.stop()
+    for response in (big, many):
+        assert response.status_code == 431
+        assert response.json() == {"error": "request head larger than 4096 bytes"}
+    assert fine.status_code == 202
