@@ -27,6 +27,7 @@ Windows and resets:
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from opentelemetry.sdk.metrics.export import Histogram, MetricsData
+from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricsData, Sum
 
 from .units import Duration
 
@@ -103,7 +104,7 @@ def flatten(data: MetricsData | None) -> dict[str, list[tuple[Attributes, Readin
                             tuple(hist.explicit_bounds), tuple(hist.bucket_counts), hist.count, hist.sum
                         )
                         series.append((dict(hist.attributes or {}), point))
-                else:
+                elif isinstance(metric.data, Sum | Gauge):
                     for number in metric.data.data_points:
                         series.append((dict(number.attributes or {}), float(number.value)))
     return snapshot
@@ -204,9 +205,9 @@ class Expr:
 
 
 def _increase(values: list[Reading]) -> float:
+    numbers = [value for value in values if not isinstance(value, HistPoint)]
     total = 0.0
-    for before, after in zip(values, values[1:], strict=False):
-        assert not isinstance(before, HistPoint) and not isinstance(after, HistPoint)
+    for before, after in itertools.pairwise(numbers):
         total += after - before if after >= before else after
     return total
 

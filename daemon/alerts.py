@@ -37,7 +37,7 @@ import msgspec
 from .alert_expr import Expr, parse_expr
 from .config_alerts import AlertRuleConfig, AnomalyConfig
 
-__all__ = ["AlertState", "Notice", "Rule", "compile_rule", "evaluate", "sent"]
+__all__ = ["AlertState", "AlertView", "Notice", "Rule", "compile_rule", "evaluate", "sent", "view"]
 
 RESOLVE_TRIES: Final = 3
 Status = Literal["firing", "resolved"]
@@ -113,10 +113,8 @@ def _condition(rule: Rule, state: AlertState, value: float | None, now: float) -
         return False
     stddev = max(math.sqrt(state.variance), anomaly.min_stddev)
     deviation = value - state.mean
-    if stddev > 0:
-        z = deviation / stddev
-    else:
-        z = 0.0 if deviation == 0 else math.copysign(math.inf, deviation)
+    # a flat history (stddev 0): any change is infinitely unusual, shown as a large finite z
+    z = deviation / stddev if stddev > 0 else math.copysign(math.inf, deviation) if deviation else 0.0
     state.z = z if math.isfinite(z) else math.copysign(1e9, z)
     dt = max(0.0, now - state.evaluated_at)
     alpha = 1 - 2 ** (-dt / anomaly.half_life) if anomaly.half_life > 0 else 1.0
@@ -146,8 +144,10 @@ def evaluate(rule: Rule, state: AlertState, value: float | None, now: float) -> 
             state.resolving = {}  # a new firing: the previous one's resolved notices are moot
     elif holds is False and state.state != "ok":
         if state.state == "firing":
-            for step in state.notified:
-                state.resolving.setdefault(rule.config.notify[step].channel, 0)
+            steps = rule.config.notify
+            for told in state.notified:
+                if told < len(steps):  # a reload may have shortened the list
+                    state.resolving.setdefault(steps[told].channel, 0)
         state.state, state.since, state.notified = "ok", now, []
     if state.state == "firing" and state.since is not None:
         for index, step in enumerate(rule.config.notify):
@@ -174,3 +174,53 @@ def sent(state: AlertState, notice: Notice, error: str | None) -> None:
         del state.resolving[notice.channel]
     else:
         state.resolving[notice.channel] = tries + 1
+
+
+class AlertView(msgspec.Struct, frozen=True, kw_only=True):
+    """One rule as `ferry ctl alerts` shows it."""
+
+    name: str
+    state: str
+    since: float | None
+    value: float | None
+    expr: str
+    kind: Literal["threshold", "anomaly"]
+    severity: str
+    for_s: float
+    notified: list[str]
+    """Channels told about the current firing, in step order."""
+    next_step: str | None
+    """The next escalation step while firing: `CHANNEL after DURATION`."""
+    fired: int
+    evaluated_at: float | None
+    last_error: str | None
+    z: float | None = None
+    mean: float | None = None
+
+
+def view(rule: Rule, state: AlertState) -> AlertView:
+    """What `ferry ctl alerts` shows of one rule."""
+    steps = rule.config.notify
+    notified = [steps[i].channel for i in sorted(state.notified) if i < len(steps)]
+    pending = [step for i, step in enumerate(steps) if i not in state.notified]
+    next_step = None
+    if state.state == "firing" and pending:
+        next_step = f"{pending[0].channel} after {pending[0].after:g}s"
+    anomaly = rule.anomaly is not None
+    return AlertView(
+        name=rule.name,
+        state=state.state,
+        since=state.since,
+        value=state.value,
+        expr=rule.expr.text,
+        kind="anomaly" if anomaly else "threshold",
+        severity=rule.config.severity,
+        for_s=float(rule.config.for_),
+        notified=notified,
+        next_step=next_step,
+        fired=state.fired,
+        evaluated_at=state.evaluated_at,
+        last_error=state.last_error,
+        z=state.z if anomaly else None,
+        mean=state.mean if anomaly else None,
+    )

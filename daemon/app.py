@@ -33,8 +33,8 @@ from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
 from .rates import Throughput
-from .registry import WebhookListener, build_sink
-from .reload import fan_out, reload, routes, transformer
+from .registry import Alerter, WebhookListener, build_sink
+from .reload import build_alerter, fan_out, reload, routes, transformer
 from .store import Store
 from .supervisor import Supervisor
 from .systemd import ActivatedSockets, Notifier
@@ -66,6 +66,8 @@ class Running:
     batcher: IngestBatcher | None = None
     listener: WebhookListener | None = None
     throughput: Throughput | None = None
+    telemetry: Telemetry | None = None
+    alerter: Alerter | None = None
 
     @property
     def sinks(self) -> list[Any]:
@@ -91,9 +93,17 @@ async def _maintain(store: Store, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, running: Running, interval: float) -> None:
-    """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader."""
+async def _sample_queue_depths(store: Store, running: Running) -> None:
+    """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
+
+    The interval is the metrics interval, or the alert interval when rules are configured and it
+    is shorter (a backlog rule must not read a count older than its own interval).
+    """
     while True:
+        config = running.config
+        interval = config.telemetry.metrics_interval
+        if config.alerts:
+            interval = min(interval, config.alerting.interval)
         depths = await store.call(partial(metrics.pending_by_stage, stages=list(running.config.sinks)))
         gauges = metrics.current().queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
@@ -181,7 +191,7 @@ async def serve(
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
             if telemetry.metrics_live:
-                outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
+                outer.start_soon(_sample_queue_depths, store, running)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)
@@ -200,6 +210,10 @@ async def serve(
                         actor = transformer(config, name, running)
                         running.actors[name] = actor
                         await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
+                    running.telemetry = telemetry
+                    if config.alerts:
+                        running.alerter = alerter = build_alerter(config, running)
+                        await intake.start(supervisor.supervise, "alerter", lambda: alerter)
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
                         store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window

@@ -53,7 +53,8 @@ class SlackChannelConfig(Section, frozen=True, tag="slack", tag_field="type"):
     """POSTs `{"text": ...}` to a Slack-compatible incoming webhook (Slack, Mattermost, Rocket.Chat)."""
 
     url: Annotated[
-        SecretRef, Meta(description="The incoming-webhook URL: a secret reference (the URL is the credential).")
+        SecretRef,
+        Meta(description="The incoming-webhook URL: a secret reference (the URL is the credential)."),
     ]
     timeout: Annotated[Duration, Meta(description="Whole-request timeout.")] = default(Duration(10))
 
@@ -67,7 +68,7 @@ class CommandChannelConfig(Section, frozen=True, tag="command", tag_field="type"
 
     command: Annotated[
         list[Annotated[str, Meta(min_length=1)]],
-        Meta(min_length=1, description="Program and arguments, e.g. `[\"/usr/local/bin/page\", \"{alert}\"]`."),
+        Meta(min_length=1, description='Program and arguments, e.g. `["/usr/local/bin/page", "{alert}"]`.'),
     ]
     timeout: Annotated[
         Duration, Meta(description="The program is killed (SIGTERM, then SIGKILL) after this long.")
@@ -78,7 +79,8 @@ class LogChannelConfig(Section, frozen=True, tag="log", tag_field="type"):
     """Writes each notification as a log line on the `ferry.alerts` logger."""
 
     level: Annotated[
-        Literal["info", "warning", "error"], Meta(description="Level of firing notifications (resolved: info).")
+        Literal["info", "warning", "error"],
+        Meta(description="Level of firing notifications (resolved: info)."),
     ] = "warning"
 
 
@@ -135,9 +137,9 @@ class AlertRuleConfig(Section, frozen=True):
     notify: Annotated[
         list[NotifyStep], Meta(min_length=1, description="Escalation steps, in order of `after`.")
     ]
-    for_: Annotated[
-        Duration, Meta(description="How long the condition must hold before the rule fires.")
-    ] = msgspec.field(default_factory=lambda: Duration(0), name="for")
+    for_: Annotated[Duration, Meta(description="How long the condition must hold before the rule fires.")] = (
+        msgspec.field(default_factory=lambda: Duration(0), name="for")
+    )
     severity: Annotated[
         Literal["info", "warning", "critical"], Meta(description="Passed on in every notification.")
     ] = "warning"

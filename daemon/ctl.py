@@ -178,6 +178,9 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     from . import ctl_live
 
     ctl_live.configure(commands)
+    from . import ctl_alerts
+
+    ctl_alerts.configure(commands)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:
@@ -232,6 +235,10 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         return _replay(client, args, out)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
+    elif command == "alerts":
+        from . import ctl_alerts
+
+        return ctl_alerts.alerts(client, args, out)
     elif command in ("tap", "top"):
         from . import ctl_live
 

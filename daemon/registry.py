@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.alerter import Alerter
 from actors.file_sink import FileSender
 from actors.http_sink import HttpSender
 from actors.sink import Sender, Sink
@@ -14,7 +15,7 @@ from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
 from .store import Store
 from .units import Duration
 
-__all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = ["Alerter", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 

@@ -11,6 +11,7 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    alerts      each alert rule's state (JSON), kept across restarts
 """
 
 from __future__ import annotations
@@ -79,5 +80,14 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # One row per alert rule: its state as JSON (daemon.alerts.AlertState), so a restart
+        # resumes a firing alert without notifying again.
+        """CREATE TABLE alerts (
+            rule TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
     ],
 ]
