@@ -72,6 +72,7 @@ class Alerter:
         self._trackers = {name: Tracker(rule.expr) for name, rule in self.rules.items()}
         self.states: dict[str, AlertState] = {}
         self.evaluations = 0
+        """Evaluations completed (states stored) since this alerter started."""
 
     def __repr__(self) -> str:
         firing = sum(state.state == "firing" for state in self.states.values())
@@ -110,13 +111,13 @@ class Alerter:
             async with trio.open_nursery() as nursery:
                 for rule, state, notice in due:
                     nursery.start_soon(self._send, notifiers, rule, state, notice)
-        self.evaluations += 1
         try:
             await self._store.call(partial(save_states, states=dict(self.states), keep=frozenset(self.rules)))
         except StoreUnavailable as exc:
             log.warning(
                 "alert states not stored; retrying next evaluation", extra={"fields": {"error": str(exc)}}
             )
+        self.evaluations += 1
 
     async def _send(self, notifiers: Notifiers, rule: Rule, state: AlertState, notice: Notice) -> None:
         notification = self._notification(rule, state, notice, notifiers.host)
