@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check check-systemd lint types bench clean
+.PHONY: run test check check-systemd lint types bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ check-systemd: $(STAMP)
 	VENV=$(VENV) systemd/check.sh
 
 check: lint types test check-systemd
+
+# Full-size reliability scenarios (tests/chaos; short versions run in `make test`): kill -9 loop,
+# long sink outage. Bounded in count and time, traffic to 127.0.0.1 only; takes tens of minutes.
+chaos: $(STAMP)
+	FERRY_CHAOS=full $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=7200 tests/chaos
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -9,6 +9,16 @@ Outcome classes: 2xx delivered; 408, 425, 429, 5xx and transport errors are
 retryable (with the server's `Retry-After`); every other status — other 4xx
 and unfollowed 3xx — is permanent and dead-letters the delivery at once.
 
+Auth: `auth` adds its headers (or query parameters) to every request; a 401 makes a token auth
+fetch a new token (one request for all the senders that got a 401 with the same token) and the
+request is sent once more; a second 401 is a permanent failure like any other 4xx. `url.full`
+on spans is the configured URL, never the one carrying an API key.
+
+Failover and rate limit: each request goes to the URL its `SinkGuard` admission chose (the
+first of `urls` whose circuit breaker lets it through); the guard also took a permit of the
+sink's `rate_limit` budget (a request repeated after a 401 takes another), and every answer
+is fed back to that budget (`Retry-After`, `RateLimit-*` pause it for all its users).
+
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
@@ -22,10 +32,14 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
+from daemon.auth import Auth, build_auth, ssl_context, with_query
 from daemon.config import HttpSinkConfig
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
+from daemon.store import Store
+
+from .guard import SinkGuard, current_url
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
@@ -55,22 +69,40 @@ def batch_key(batch: Sequence[Due]) -> str:
 class HttpSender:
     """Sends deliveries to `config.url`; see the module docstring."""
 
-    def __init__(self, name: str, config: HttpSinkConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: HttpSinkConfig,
+        *,
+        guard: SinkGuard | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.name = name
         self._config = config
+        self._url = config.targets[0]
+        self._limiter = guard.limiter if guard is not None else None
         self._batching = config.batch is not None
+        context = ssl_context(config.tls)
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.concurrency)
+            LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.concurrency)
+            else HttpxClient(max_connections=config.max_concurrency, ssl_context=context)
         )
+        self._auth: Auth | None = (
+            build_auth(config.auth, owner=f"sinks.{name}", store=store) if config.auth is not None else None
+        )
+        # The URL sent carries an api_key query parameter; the configured one (logs, spans) never does.
+        self._send_urls = {
+            url: with_query(url, self._auth.query) if self._auth is not None else url
+            for url in config.targets
+        }
         base = [("content-type", "application/json")]
         base.extend((key.lower(), value) for key, value in config.headers.items())
         self._headers = base
         self._key_header = config.idempotency_header
 
     def __repr__(self) -> str:
-        return f"<HttpSender {self.name} {self._config.method} {self._config.url}>"
+        return f"<HttpSender {self.name} {self._config.method} {' | '.join(self._config.targets)}>"
 
     async def send(self, batch: Sequence[Due]) -> int | None:
         headers = list(self._headers)
@@ -81,19 +113,43 @@ class HttpSender:
         else:
             body = batch[0].payload
             headers.append((self._key_header, batch[0].id))
+        url = current_url() or self._url
         span = trace.get_current_span()
         traceparent = telemetry.current_traceparent()
         if traceparent is not None:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": self._config.url})
-        response = await self._client.request(
-            self._config.method, self._config.url, headers=headers, body=body, timeout=self._config.timeout
-        )
+            span.set_attributes({"http.request.method": self._config.method, "url.full": url})
+        send_url = self._send_urls[url]
+        if self._auth is None:
+            response = await self._request(send_url, headers, body)
+        else:
+            credentials = await self._auth.headers()
+            response = await self._request(send_url, [*headers, *credentials.items()], body)
+            if response.status == 401 and await self._auth.unauthorized(credentials):
+                credentials = await self._auth.headers()
+                response = await self._request(send_url, [*headers, *credentials.items()], body, again=True)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         return check_status(response)
 
+    async def _request(
+        self, url: str, headers: list[tuple[str, str]], body: bytes, *, again: bool = False
+    ) -> Response:
+        """One request, its answer fed back to the rate limit; `again` (after a 401) takes a permit
+        first: the guard took the attempt's first one."""
+        config, limiter = self._config, self._limiter
+        if again and limiter is not None:
+            await limiter.acquire(self.name)
+        response = await self._client.request(
+            config.method, url, headers=headers, body=body, timeout=config.timeout
+        )
+        if limiter is not None:
+            limiter.feedback(response.status, dict(response.headers))
+        return response
+
     async def aclose(self) -> None:
+        if self._auth is not None:
+            await self._auth.aclose()
         await self._client.aclose()

@@ -29,6 +29,12 @@ Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
 
+Admission (actors/guard.py):
+    With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
+    slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
+    result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
+    probe is rescheduled whatever the attempt and age limits.
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -56,6 +62,8 @@ from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_
 from daemon.store import Store
 from daemon.tap import TAPS, Record
 
+from .guard import Admission, SinkGuard
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
@@ -80,9 +88,19 @@ def next_attempt_wait(attempt: int, retry: RetryConfig, retry_after: float | Non
 
 
 def judge(
-    batch: Sequence[Due], error: DeliveryError | None, status: int | None, retry: RetryConfig, now: float
+    batch: Sequence[Due],
+    error: DeliveryError | None,
+    status: int | None,
+    retry: RetryConfig,
+    now: float,
+    *,
+    hold: bool = False,
 ) -> Outcomes:
-    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O)."""
+    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
+
+    `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
+    circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
+    """
     outcomes = Outcomes([], [], [])
     for due in batch:
         attempt = due.attempts + 1
@@ -90,6 +108,9 @@ def judge(
             outcomes.delivered.append((due.rowid, status))
         elif isinstance(error, PermanentDelivery):
             outcomes.dead.append((due.rowid, error.status, str(error)))
+        elif hold:
+            wait = next_attempt_wait(attempt, retry, error.retry_after)
+            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
         elif attempt >= retry.max_attempts:
             outcomes.dead.append((due.rowid, error.status, f"gave up after {attempt} attempts: {error}"))
         elif now - due.created_at >= retry.max_age:
@@ -113,8 +134,10 @@ class Sink:
         retry: RetryConfig,
         concurrency: int = 1,
         batch: BatchConfig | None = None,
+        guard: SinkGuard | None = None,
     ) -> None:
         self.name = name
+        self.guard = guard
         self._store = store
         self._sender_factory = sender_factory
         self._retry = retry
@@ -183,7 +206,7 @@ class Sink:
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
-            rows = await store.call(
+            rows = await store.call_until_committed(
                 partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
             )
             inflight = self._inflight
@@ -194,7 +217,7 @@ class Sink:
                 await channel.send(fresh[start : start + chunk])
             if len(fresh) >= ahead:
                 continue
-            wake_at = await store.call(partial(next_due_after, stage=name, now=now))
+            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
@@ -220,13 +243,16 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
+                admission = await self.guard.admit() if self.guard is not None else None
                 if not self._resumed.is_set():  # paused: hand the rows back unsent
+                    if admission is not None:
+                        admission.cancel()
                     self._settled.update(due.rowid for due in (*batch, *leftover))
                     leftover = []
                     continue
                 tracer = telemetry.tracer()
                 if tracer is None:
-                    await self._attempt(sender, batch, None)
+                    await self._attempt(sender, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)
                 span = tracer.start_span(
@@ -234,12 +260,14 @@ class Sink:
                 )
                 try:
                     with trace.use_span(span):
-                        await self._attempt(sender, batch, span)
+                        await self._attempt(sender, batch, span, admission)
                 finally:
                     if span.is_recording():  # cut short before `_attempt` ended it
                         span.end()
 
-    async def _attempt(self, sender: Sender, batch: list[Due], span: Span | None) -> None:
+    async def _attempt(
+        self, sender: Sender, batch: list[Due], span: Span | None, admission: Admission | None = None
+    ) -> None:
         """Send one batch, judge the result, end the attempt's span, record the outcomes."""
         error: DeliveryError | None = None
         status: int | None = None
@@ -248,8 +276,13 @@ class Sink:
             status = await sender.send(batch)
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
+        except BaseException:
+            if admission is not None:
+                admission.cancel()  # cut short (cancelled, crashed): no result to learn from
+            raise
         elapsed = time.monotonic() - began
-        outcomes = judge(batch, error, status, self._retry, time.time())
+        hold = admission.done(error, elapsed) if admission is not None else False
+        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
         outcome = _outcome(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
@@ -290,7 +323,7 @@ class Sink:
 
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
-            await self._store.call(
+            await self._store.call_until_committed(
                 partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
             )
         finally:

@@ -96,10 +96,10 @@ class Transformer:
         return f"<Transformer {self.name} [{counts}]>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        position = await self._store.call(partial(cursor, name=self.name))
+        position = await self._store.call_until_committed(partial(cursor, name=self.name))
         task_status.started()
         while True:
-            events = await self._store.call(
+            events = await self._store.call_until_committed(
                 partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)
             )
             if not events:
@@ -120,7 +120,7 @@ class Transformer:
     async def _map(self, events: list[StoredEvent], position: int) -> None:
         """Transform one batch and commit its outputs, deliveries, dead letters and cursor."""
         outputs, failures = self._transform(events)
-        await self._store.call(
+        await self._store.call_until_committed(
             partial(
                 commit_transform,
                 name=self.name,

@@ -32,6 +32,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -46,6 +47,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from daemon import metrics, telemetry
 from daemon.config import ListenerConfig
 from daemon.errors import StoreUnavailable
+from daemon.verify import Unverified, Verified, Verifier
 
 from .connections import ConnectionTable, Slot
 
@@ -60,11 +62,19 @@ IngestResult = tuple[str, bool]
 class Ingest(Protocol):
     """Store one event; return once it is committed (or found to be a duplicate).
 
-    Raises `StoreUnavailable` when the event was not committed.
+    `replay` = (key, until), given only for a verified source: if the key was stored for the
+    source and has not expired, nothing is stored and the answer is `("", True)`; otherwise the
+    key is stored with the event, in the same transaction. Raises `StoreUnavailable` when the
+    event was not committed.
     """
 
     async def __call__(
-        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        replay: tuple[str, float] | None = None,
     ) -> IngestResult: ...
 
 
@@ -76,6 +86,8 @@ class WebhookRoute:
     """The webhook source's name."""
     idempotency_header: str | None
     """Header (any case) whose value de-duplicates deliveries of the same webhook, or None."""
+    verifier: Verifier | None = None
+    """Checks each request's signature or credentials before its body is parsed (`daemon.verify`)."""
 
 
 _Headers = Sequence[tuple[bytes, bytes]]
@@ -125,12 +137,13 @@ _TOO_MANY: Final = (
 class _Route:
     source: str
     header: bytes | None  # lower-cased, as h11 reports header names
+    verifier: Verifier | None
 
 
 def _compile(routes: Mapping[str, WebhookRoute]) -> dict[bytes, _Route]:
     return {
         path.encode(): _Route(
-            r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None
+            r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None, r.verifier
         )
         for path, r in routes.items()
     }
@@ -373,16 +386,21 @@ class WebhookListener:
             await self._fail(conn, stream, 413, f"request body larger than {config.max_body} bytes")
             return False
 
-        refusal: tuple[int, bytes, _Headers] | None = None
+        refusal: _Refusal | None = None
+        verified: Verified | None = None
         if route is None:
             refusal = self._other(request.method, path)
         elif request.method != b"POST":
             refusal = 405, _error(f"method {request.method.decode('latin-1')} not allowed"), _ALLOW_POST
         elif self._paused(route.source):
             refusal = 503, _error(f"source {route.source} is paused"), _RETRY_PAUSED
-        elif not _is_json(content_type):
-            got = content_type.decode("latin-1") if content_type else "none"
-            refusal = 415, _error(f"content type must be application/json, got {got}"), ()
+        else:
+            verifier = route.verifier
+            if verifier is not None and not verifier.needs_body:  # the head decides: before the body
+                refusal, verified = _verify(route, request.headers, b"")
+            if refusal is None and not _is_json(content_type):
+                got = content_type.decode("latin-1") if content_type else "none"
+                refusal = 415, _error(f"content type must be application/json, got {got}"), ()
 
         if conn.they_are_waiting_for_100_continue:
             if refusal is not None:  # answer now rather than read a body we will drop
@@ -392,8 +410,10 @@ class WebhookListener:
         body = await self._read_body(conn, stream, keep=refusal is None)
         if body is None or not slot.busy():
             return False
+        if refusal is None and route is not None and route.verifier is not None and verified is None:
+            refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
         if refusal is not None:
-            if route is not None:
+            if route is not None and refusal[0] != 401:  # a 401 was counted with its reason
                 _rejected(route.source, "paused" if refusal[0] == 503 else _REJECTION_REASONS[refusal[0]])
             await stream.send_all(_response(conn, *refusal))
             return True
@@ -407,7 +427,10 @@ class WebhookListener:
             _rejected(route.source, "overloaded")
             await stream.send_all(_response(conn, 503, _OVERLOADED, _RETRY_OVERLOADED))
             return True
-        await stream.send_all(await self._accept(conn, route.source, path, body, dedup_key, traceparent))
+        replay = (verified.replay_key, verified.replay_until) if verified and verified.replay_key else None
+        await stream.send_all(
+            await self._accept(conn, route.source, path, body, dedup_key, traceparent, replay)
+        )
         return True
 
     async def _accept(
@@ -418,6 +441,7 @@ class WebhookListener:
         body: bytes,
         dedup_key: str | None,
         traceparent: str | None,
+        replay: tuple[str, float] | None = None,
     ) -> bytes:
         """Ingest one event inside its `webhook receive` span (when tracing); the response to send.
 
@@ -425,7 +449,7 @@ class WebhookListener:
         """
         tracer = telemetry.tracer()
         if tracer is None:
-            return await self._store(conn, source, body, dedup_key, traceparent, None)
+            return await self._store(conn, source, body, dedup_key, traceparent, None, replay)
         span = tracer.start_span(
             "webhook receive",
             telemetry.parent_context(traceparent),
@@ -434,7 +458,7 @@ class WebhookListener:
         )
         with trace.use_span(span, end_on_exit=True):
             own = telemetry.format_traceparent(span.get_span_context())
-            return await self._store(conn, source, body, dedup_key, own, span)
+            return await self._store(conn, source, body, dedup_key, own, span, replay)
 
     async def _store(
         self,
@@ -444,6 +468,7 @@ class WebhookListener:
         dedup_key: str | None,
         traceparent: str | None,
         span: Span | None,
+        replay: tuple[str, float] | None = None,
     ) -> bytes:
         """Validate and ingest one event; the response to send."""
         status, answer, headers = 202, b"", _NO_HEADERS
@@ -454,7 +479,10 @@ class WebhookListener:
             status, answer = 400, _error(f"malformed JSON: {exc}")
         else:
             try:
-                event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+                if replay is None:
+                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+                else:
+                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent, replay)
             except StoreUnavailable:
                 status, answer = 503, _error("store unavailable, event not accepted; retry")
                 headers = _RETRY_STORE
@@ -462,12 +490,15 @@ class WebhookListener:
                 log.exception("webhook ingest failed for source %s", source)
                 status, answer = 500, _error("internal error, event not accepted")
             else:
-                if duplicate:
+                if duplicate and not event_id:
+                    status, answer = 401, _unauthorized(_REPLAYED)
+                    _rejected(source, _REPLAYED.reason)
+                elif duplicate:
                     status, answer = 200, _encode({"id": event_id, "duplicate": True})
                 else:
                     status, answer = 202, _encode({"id": event_id})
                     metrics.current().received[source] += 1
-        if status >= 400:
+        if status >= 400 and status != 401:
             _rejected(source, _REJECTION_REASONS[status])
         if span is not None:
             span.set_attribute("http.response.status_code", status)
@@ -507,6 +538,30 @@ class WebhookListener:
             payload = body if body is not None else _error(message)
             await stream.send_all(_response(conn, status, payload, [*headers, _CLOSE]))
         await _linger(stream, _LINGER_SECONDS)
+
+
+_Refusal = tuple[int, bytes, _Headers]
+_REPLAYED: Final = Unverified("replayed", "request already received (replay)")
+
+
+def _unauthorized(failure: Unverified) -> bytes:
+    return _encode({"error": failure.message, "reason": failure.reason})
+
+
+def _verify(route: _Route, headers: _Headers, body: bytes) -> tuple[_Refusal | None, Verified | None]:
+    """Run the route's verifier: (None, verified) if the request passes, else (401 refusal, None).
+
+    A failure is counted (`ferry.events.rejected{reason}`) here; its answer names the check that
+    failed, never a secret or an expected value.
+    """
+    assert route.verifier is not None
+    try:
+        return None, route.verifier.check(headers, body, time.time())
+    except Unverified as failure:
+        _rejected(route.source, failure.reason)
+        challenge = route.verifier.challenge
+        extra: _Headers = ((b"www-authenticate", challenge),) if challenge else ()
+        return (401, _unauthorized(failure), extra), None
 
 
 def _rejected(source: str, reason: str) -> None:

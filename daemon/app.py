@@ -26,12 +26,13 @@ from typing import Any, Protocol
 
 import trio
 
-from . import metrics, outbox
+from . import at_rest, metrics, outbox
 from .commands import Commands, Pauses
 from .config import Config, LoadedConfig, downstream
 from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
+from .ratelimit import RateLimits
 from .rates import Throughput
 from .registry import Alerter, WebhookListener, build_sink
 from .reload import build_alerter, fan_out, reload, routes, transformer
@@ -66,6 +67,8 @@ class Running:
     batcher: IngestBatcher | None = None
     listener: WebhookListener | None = None
     throughput: Throughput | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
     telemetry: Telemetry | None = None
     alerter: Alerter | None = None
 
@@ -80,7 +83,7 @@ async def _maintain(store: Store, running: Running) -> None:
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
-        removed = await store.call(
+        removed = await store.call_until_committed(
             partial(
                 outbox.prune,
                 retention=config.store.retention,
@@ -104,7 +107,9 @@ async def _sample_queue_depths(store: Store, running: Running) -> None:
         interval = config.telemetry.metrics_interval
         if config.alerts:
             interval = min(interval, config.alerting.interval)
-        depths = await store.call(partial(metrics.pending_by_stage, stages=list(running.config.sinks)))
+        depths = await store.call_until_committed(
+            partial(metrics.pending_by_stage, stages=list(running.config.sinks))
+        )
         gauges = metrics.current().queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
         gauges.update(depths)
@@ -181,6 +186,7 @@ async def serve(
         config.store.path,
         durability=config.store.durability,
         max_batch=config.store.max_batch,
+        cipher=at_rest.build_cipher(config.store.encryption),
         verify=config.store.verify_on_start,
     )
     notifier = Notifier()
@@ -190,6 +196,7 @@ async def serve(
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
+            running.rate_limits.update(config.rate_limits)
             if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running)
             outer.start_soon(_maintain, store, running)
@@ -199,7 +206,10 @@ async def serve(
             if handle_signals:
                 outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
-                sinks = {name: build_sink(name, sink, store) for name, sink in config.sinks.items()}
+                sinks = {
+                    name: build_sink(name, sink, store, running.rate_limits)
+                    for name, sink in config.sinks.items()
+                }
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
                 running.actors.update(sinks)

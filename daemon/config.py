@@ -25,8 +25,11 @@ from msgspec import Meta
 
 from . import metrics, secrets
 from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
+from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -61,6 +64,10 @@ class StoreConfig(Section, frozen=True):
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096
+    encryption: Annotated[
+        EncryptionConfig | None,
+        Meta(description="Encrypt payloads in the store (off when unset); see docs/security.md."),
+    ] = None
     verify_on_start: Annotated[
         bool,
         Meta(
@@ -236,6 +243,13 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
 SourceConfig = WebhookSourceConfig
@@ -300,13 +314,39 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     inputs: Annotated[
         list[ComponentName], Meta(min_length=1, description="Sources or transforms to deliver.")
     ]
-    url: Annotated[str, Meta(pattern=r"^https?://", description="Target URL (http or https).")]
+    url: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://")] | None,
+        Meta(description="Target URL (http or https); give this or `urls`."),
+    ] = None
+    urls: Annotated[
+        list[Annotated[str, Meta(pattern=r"^https?://")]],
+        Meta(
+            max_length=16,
+            description="Failover: target URLs in order of preference, each with its own circuit "
+            "breaker; deliveries go to the first whose breaker is not open (docs/limits.md).",
+        ),
+    ] = []
     method: Annotated[Literal["POST", "PUT", "PATCH"], Meta(description="HTTP method.")] = "POST"
     headers: Annotated[dict[str, str], Meta(description="Extra request headers.")] = {}
     timeout: Annotated[Duration, Meta(description="Whole-request timeout (connect, send, receive).")] = (
         default(Duration(10))
     )
-    concurrency: Annotated[int, Meta(ge=1, le=1024, description="Requests in flight at once.")] = 8
+    concurrency: Annotated[
+        Annotated[int, Meta(ge=1, le=1024)] | Literal["adaptive"],
+        Meta(description='Requests in flight at once, or `"adaptive"` (AIMD within `adaptive`).'),
+    ] = 8
+    adaptive: Annotated[
+        AdaptiveConfig, Meta(description='Bounds of `concurrency = "adaptive"` (table below).')
+    ] = default(AdaptiveConfig())
+    breaker: Annotated[
+        BreakerConfig | None,
+        Meta(
+            description="Circuit breaker per URL (table below); unset: none, unless `urls` lists two or more."
+        ),
+    ] = None
+    rate_limit: Annotated[
+        str | None, Meta(description="Name of a `[rate_limits.NAME]` budget every request takes a permit of.")
+    ] = None
     idempotency_header: Annotated[
         str, Meta(min_length=1, description="Header carrying the delivery id (stable across retries).")
     ] = "Idempotency-Key"
@@ -322,6 +362,27 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
     ] = None
+    auth: Annotated[
+        AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
+    ] = None
+    tls: Annotated[
+        TlsConfig | None, Meta(description="Custom CA bundle and/or client certificate (mTLS) for https.")
+    ] = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The URLs to send to, in order of preference (`url` alone, or `urls`)."""
+        return [self.url] if self.url is not None else list(self.urls)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Most requests ever in flight: `concurrency`, or the adaptive ceiling."""
+        return self.adaptive.ceiling if self.concurrency == "adaptive" else self.concurrency
+
+    @property
+    def breaker_policy(self) -> BreakerConfig | None:
+        """The breaker in force: as configured, or the defaults when failing over between URLs."""
+        return self.breaker if self.breaker is not None or len(self.targets) < 2 else BreakerConfig()
 
 
 class FileSinkConfig(Section, frozen=True, tag="file", tag_field="type"):
@@ -350,6 +411,7 @@ class Config(Section, frozen=True):
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
+    rate_limits: dict[ComponentName, RateLimitConfig] = {}
     alerting: AlertingConfig = default(AlertingConfig())
     alerts: dict[ComponentName, AlertRuleConfig] = {}
     channels: dict[ComponentName, ChannelConfig] = {}
@@ -384,9 +446,11 @@ _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,
     "transforms": TransformConfig,
     "sinks": SinkConfig,
+    "rate_limits": RateLimitConfig,
     "alerts": AlertRuleConfig,
     "channels": ChannelConfig,
 }
+_UNTYPED = frozenset({"transforms", "rate_limits", "alerts"})  # collections whose tables have no `type`
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
 
@@ -435,7 +499,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
             if not re.match(NAME_RE, name):
                 errors.append(f"{path}: invalid name (letters, digits, '_' and '-', at most 63)")
                 continue
-            if key not in ("transforms", "alerts") and isinstance(body, dict) and "type" not in body:
+            if key not in _UNTYPED and isinstance(body, dict) and "type" not in body:
                 errors.append(f"{path}.type: missing (what kind of {key[:-1]} is this?)")
                 continue
             decoded[name] = _convert(body, type_, path, errors)
@@ -450,7 +514,33 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         errors.extend(secrets.bind(config, base_dir=base_dir))
     if errors:
         raise ConfigError(errors)
+    if read_secrets:
+        errors.extend(_verifier_errors(config))
+        from .auth import secret_errors
+
+        errors.extend(secret_errors(config.store.encryption, _outbound(config)))
+        if errors:
+            raise ConfigError(errors)
     return config
+
+
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .verify import build
+
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
+
+
+def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
+    """Every component that calls out over HTTP: (TOML path, its auth, its tls)."""
+    for name, sink in config.sinks.items():
+        if isinstance(sink, HttpSinkConfig):
+            yield f"$.sinks.{name}", sink.auth, sink.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -505,6 +595,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -517,6 +609,16 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig):
+            if (sink.url is None) == (not sink.urls):
+                yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
+            elif len(set(sink.urls)) != len(sink.urls):
+                yield f"$.sinks.{name}.urls: lists the same URL twice"
+            yield from auth_errors(sink.auth, sink.tls, f"$.sinks.{name}")
+    yield from limit_errors(
+        config.rate_limits,
+        {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},
+    )
     if config.supervisor.initial_backoff > config.supervisor.max_backoff:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:
@@ -564,8 +666,14 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sinks = {
         name: msgspec.structs.replace(sink, path=resolve(sink.path))
         if isinstance(sink, FileSinkConfig)
-        else sink
+        else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
+    }
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else source
+        for name, source in config.sources.items()
     }
     transforms = {
         name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
@@ -576,6 +684,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
         transforms=transforms,

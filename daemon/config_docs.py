@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import types
 import typing
+from inspect import cleandoc
 from typing import Any
 
 import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_transforms
+from . import config_alerts, config_auth, config_transforms
+from . import config_limits as limits
+from .config_verify import DOCUMENTED as VERIFY_TABLES
+from .secrets import SecretRef
 from .units import Duration, Size
 
 _HEADER = """# Configuration reference
@@ -32,6 +36,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
@@ -39,6 +44,24 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
+    ("breaker = { … } (in an http sink)", limits.BreakerConfig),
+    ("[rate_limits.NAME]", limits.RateLimitConfig),
+    ("[alerting]", config_alerts.AlertingConfig),
+    ("[alerts.NAME]", config_alerts.AlertRuleConfig),
+    ("notify = [{ … }] (in an alert rule)", config_alerts.NotifyStep),
+    ("anomaly = { … } (in an alert rule)", config_alerts.AnomalyConfig),
+    ('[channels.NAME] type = "webhook"', config_alerts.WebhookChannelConfig),
+    ('[channels.NAME] type = "slack"', config_alerts.SlackChannelConfig),
+    ('[channels.NAME] type = "command"', config_alerts.CommandChannelConfig),
+    ('[channels.NAME] type = "log"', config_alerts.LogChannelConfig),
+    ("[store] encryption = { … }", config_auth.EncryptionConfig),
+    ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
+    ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
+    ('auth = { type = "basic", … }', config_auth.BasicAuth),
+    ('auth = { type = "bearer", … }', config_auth.BearerAuth),
+    ('auth = { type = "oauth2", … }', config_auth.OAuth2Auth),
+    ('auth = { type = "jwt_bearer", … }', config_auth.JwtBearerAuth),
 ]
 
 
@@ -50,10 +73,13 @@ def _type_name(annotation: Any) -> str:
         return "duration"
     if annotation is Size:
         return "size"
+    if annotation is SecretRef:
+        return "secret"
     if origin is typing.Literal:
         return " \\| ".join(f'`"{value}"`' for value in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+        names = [_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(dict.fromkeys(names))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is dict:
@@ -97,7 +123,7 @@ def render() -> str:
         info = inspect.type_info(struct)
         assert isinstance(info, inspect.StructType)
         parts.append(
-            f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n"
+            f"\n## `{title}`\n\n{cleandoc(struct.__doc__ or '')}\n\n"
             "| key | type | default | meaning |\n|---|---|---|---|"
         )
         for field in info.fields:
@@ -105,5 +131,6 @@ def render() -> str:
                 continue
             annotation = hints[field.name]
             description = _description(annotation, struct, field.name).replace("|", "\\|").replace("\n", " ")
-            parts.append(f"| `{field.name}` | {_type_name(annotation)} | {_default(field)} | {description} |")
+            key = field.encode_name  # the TOML key (`for`, where the Python field is `for_`)
+            parts.append(f"| `{key}` | {_type_name(annotation)} | {_default(field)} | {description} |")
     return "\n".join(parts) + "\n"

@@ -5,12 +5,14 @@
     ├── ActivationError             the sockets systemd passed (LISTEN_FDS) are described wrongly or unusable
     ├── StoreError                  the outbox cannot be used
     │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
-    │   └── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    │   ├── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    │   └── StoreKeyMissing         rows are encrypted with a key that is not configured; startup refuses it
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
     ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
     └── DeliveryError               one delivery attempt failed
         ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
+        │   └── DeliveryTimeout     no complete answer within the request's timeout
         └── PermanentDelivery       other 4xx, redirects, jq errors: dead-lettered at once
 
 Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
@@ -48,6 +50,10 @@ class StoreCorrupt(StoreError):
     """The database file is not ferry's or is damaged; it is left untouched."""
 
 
+class StoreKeyMissing(StoreError):
+    """Payloads in the store need an encryption key the config does not give; nothing was changed."""
+
+
 class SupervisorError(FerryError):
     """The supervisor gave up."""
 
@@ -71,6 +77,10 @@ class DeliveryError(FerryError):
 
 class RetryableDelivery(DeliveryError):
     """Worth trying again later (the receiver is overloaded, down or unreachable)."""
+
+
+class DeliveryTimeout(RetryableDelivery):
+    """No complete answer within the request's timeout (an overload signal for adaptive concurrency)."""
 
 
 class PermanentDelivery(DeliveryError):

@@ -8,10 +8,13 @@ returns a `Response`; `aclose()` releases its connections.
 - `HttpxClient` wraps `httpx.AsyncClient` for what the lean one leaves out:
   proxies and CA bundles from the environment (`trust_env`), content decoding.
 
+Both take an `ssl_context` (built by `daemon.auth.ssl_context` from a `tls` table: a custom CA
+bundle, a client certificate for mTLS); without one, the system's CAs are trusted.
+
 Guarantees, for both:
 
 Timeouts: `timeout` bounds the whole call (connect, TLS handshake, send, reading
-the response to its end), not each step: past it, `RetryableDelivery("timed out
+the response to its end), not each step: past it, `DeliveryTimeout("timed out
 after …s")`.
 
 Errors are translated here: transport failures (refused, reset, DNS, TLS, a
@@ -54,7 +57,7 @@ import h11
 import httpx
 import trio
 
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
 
 USER_AGENT: Final = "ferry/0.1"
 _CHUNK: Final = 64 * 1024
@@ -286,7 +289,7 @@ class LeanClient:
                 connection = await self._connect(target)
                 return await self._exchange(connection, target, request, body)
         except trio.TooSlowError:
-            raise RetryableDelivery(f"timed out after {timeout:g}s") from None
+            raise DeliveryTimeout(f"timed out after {timeout:g}s") from None
 
     async def _connect(self, target: _Target) -> _Connection:
         scheme, host, port = target.key
@@ -367,11 +370,18 @@ class LeanClient:
 class HttpxClient:
     """`httpx.AsyncClient` behind the `HttpClient` interface, for proxies and other httpx features."""
 
-    def __init__(self, *, max_connections: int = 100, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        max_body: int = 64 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._max_connections = max_connections
         self._max_body = max_body
         self._client = httpx.AsyncClient(
             trust_env=True,
+            verify=ssl_context if ssl_context is not None else True,
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -398,7 +408,7 @@ class HttpxClient:
                     content = b"".join(chunks)[: self._max_body]
                     return Response(response.status_code, response.headers.multi_items(), content)
         except (trio.TooSlowError, httpx.TimeoutException):
-            raise RetryableDelivery(f"timed out after {timeout:g}s") from None
+            raise DeliveryTimeout(f"timed out after {timeout:g}s") from None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             raise PermanentDelivery(f"invalid request: {exc}") from None
         except httpx.HTTPError as exc:

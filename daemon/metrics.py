@@ -21,6 +21,11 @@ Names (all prefixed `ferry.`):
 | `process.cpu.time` | counter, s | `mode` = user / system |
 | `process.memory.rss` | gauge, bytes | - |
 | `process.open_fds` | gauge | - |
+| `ratelimit.waits` | counter (permits that had to queue) | `limit`, `user` |
+| `ratelimit.wait_time` | histogram, s, per queued permit | `limit`, `user` |
+| `ratelimit.pauses` | counter (answers that paused a budget) | `limit` |
+| `breaker.state` | gauge, 0 closed / 1 half-open / 2 open | `sink`, `url` |
+| `sink.concurrency` | gauge, current adaptive concurrency limit | `sink` |
 
 Histograms use `LATENCY_BUCKETS` (seconds, 1 ms to 5 min), so Prometheus and the alert rules'
 quantiles (`p99(...)`) resolve milliseconds; the SDK's default buckets are meant for ms values.
@@ -53,6 +58,9 @@ class Metrics:
 
     def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
         self.queue_depths: dict[str, int] = {}
+        # Set by the sinks' guards on every change (daemon/config_limits.py, actors/guard.py).
+        self.breaker_states: dict[tuple[str, str], int] = {}
+        self.concurrency_limits: dict[str, int] = {}
         # Per-event counts are plain integers read at export time: an OTel `Counter.add`
         # costs ~4 us, a tenth of what storing the event costs (measured with make bench).
         self.received: Counter[str] = Counter()
@@ -100,6 +108,31 @@ class Metrics:
             unit="{delivery}",
             description="Pending deliveries per stage (sampled every metrics interval).",
         )
+        self.ratelimit_waits = meter.create_counter(
+            "ferry.ratelimit.waits", unit="{permit}", description="Rate-limit permits that had to queue."
+        )
+        self.ratelimit_wait_time = meter.create_histogram(
+            "ferry.ratelimit.wait_time",
+            unit="s",
+            description="Time a queued rate-limit permit waited.",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+        )
+        self.ratelimit_pauses = meter.create_counter(
+            "ferry.ratelimit.pauses",
+            unit="{pause}",
+            description="Answers (Retry-After, RateLimit-*) that paused a whole rate-limit budget.",
+        )
+        meter.create_observable_gauge(
+            "ferry.breaker.state",
+            callbacks=[self._observe_breakers],
+            description="Circuit breaker per sink URL: 0 closed, 1 half-open, 2 open.",
+        )
+        meter.create_observable_gauge(
+            "ferry.sink.concurrency",
+            callbacks=[self._observe_concurrency],
+            unit="{request}",
+            description="Current limit of requests in flight of an adaptive sink.",
+        )
         meter.create_observable_counter(
             "ferry.telemetry.spans_dropped",
             callbacks=[self._observe_dropped],
@@ -130,6 +163,15 @@ class Metrics:
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(depth, {"stage": stage}) for stage, depth in list(self.queue_depths.items())]
+
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(state, {"sink": sink, "url": url})
+            for (sink, url), state in list(self.breaker_states.items())
+        ]
+
+    def _observe_concurrency(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(limit, {"sink": sink}) for sink, limit in list(self.concurrency_limits.items())]
 
     def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._spans_dropped())]

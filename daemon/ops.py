@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .at_rest import cipher_of
 from .schema import DEAD, DELIVERED, PENDING
 
 Connection = sqlite3.Connection
@@ -101,6 +102,8 @@ def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] 
     if row is None:
         return None
     id_, stage, state, attempts, created, finished, status, error, event_id, payload = row
+    if payload is not None and (cipher := cipher_of(conn)) is not None:
+        payload = cipher.open(payload.encode()).decode("utf-8", "replace")
     try:
         decoded = msgspec.json.decode(payload) if payload is not None else None
     except msgspec.DecodeError:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .at_rest import cipher_of
 from .schema import DEAD, DELIVERED, PENDING
 
 Connection = sqlite3.Connection
@@ -110,6 +111,8 @@ class Incoming(NamedTuple):
     trace: str | None
     sinks: Sequence[str]
     dedup_key: str | None = None
+    replay: tuple[str, float] | None = None
+    """(key, until) of a verified webhook: refused while the key is remembered (`insert_events`)."""
 
 
 def insert_events(
@@ -120,6 +123,10 @@ def insert_events(
     An event whose `dedup_key` was seen for its stream within `dedup_window`
     (earlier, or earlier in this same call) stores nothing and returns the
     original event's id.
+
+    An event whose `replay` key is remembered for its stream (earlier and not yet past its
+    `until`, or earlier in this same call) stores nothing and returns `("", True)`; otherwise
+    its key is remembered, in this same transaction, so a failed commit forgets it too.
     """
     now = time.time()
     seq = last_seq(conn)
@@ -127,7 +134,12 @@ def insert_events(
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
     keys: dict[tuple[str, str], str] = {}
-    for stream, payload, trace, sinks, dedup_key in incoming:
+    replays: dict[tuple[str, str], float] = {}
+    cipher = cipher_of(conn)
+    for stream, payload, trace, sinks, dedup_key, replay in incoming:
+        if replay is not None and _replayed(conn, stream, replay[0], now, replays):
+            results.append(("", True))
+            continue
         if dedup_key is not None:
             original = keys.get((stream, dedup_key))
             if original is None:
@@ -141,10 +153,13 @@ def insert_events(
                 continue
         seq += 1
         event_id = new_event_id(now)
-        events.append((seq, event_id, stream, payload, trace, now))
+        stored = payload if cipher is None else cipher.seal(payload)
+        events.append((seq, event_id, stream, stored, trace, now))
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
+        if replay is not None:
+            replays[(stream, replay[0])] = replay[1]
         results.append((event_id, False))
     insert_rows(conn, _INSERT_EVENT, events)
     insert_rows(conn, _INSERT_DELIVERY, deliveries)
@@ -153,7 +168,21 @@ def insert_events(
             "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
             [(stream, key, event_id, now) for (stream, key), event_id in keys.items()],
         )
+    if replays:
+        conn.executemany(
+            "INSERT OR REPLACE INTO replay_keys VALUES (?, ?, ?)",
+            [(stream, key, until) for (stream, key), until in replays.items()],
+        )
     return results
+
+
+def _replayed(
+    conn: Connection, stream: str, key: str, now: float, batch: dict[tuple[str, str], float]
+) -> bool:
+    if (stream, key) in batch:
+        return True
+    row = conn.execute("SELECT until FROM replay_keys WHERE source = ? AND key = ?", (stream, key)).fetchone()
+    return row is not None and row[0] >= now
 
 
 def insert_event(
@@ -178,6 +207,12 @@ def read_events(conn: Connection, streams: Sequence[str], after: int, limit: int
         "ORDER BY seq LIMIT ?)",
         (*streams, after, limit),
     ).fetchone()
+    cipher = cipher_of(conn)
+    if cipher is not None:
+        return [
+            StoredEvent(seq, id_, stream, cipher.open(payload.encode()), trace)
+            for seq, id_, stream, payload, trace in _rows(text)
+        ]
     return [
         StoredEvent(seq, id_, stream, payload.encode(), trace)
         for seq, id_, stream, payload, trace in _rows(text)
@@ -208,10 +243,12 @@ def commit_transform(
     seq = last_seq(conn)
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
+    cipher = cipher_of(conn)
     for parent, index, payload, routed in outputs:
         seq += 1
         event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
-        events.append((seq, event_id, name, payload, parent.trace, now))
+        stored = payload if cipher is None else cipher.seal(payload)
+        events.append((seq, event_id, name, stored, parent.trace, now))
         targets = sinks if routed is None else routed
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in targets)
     insert_rows(conn, _INSERT_EVENT, events)
@@ -235,6 +272,12 @@ def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list
         "ORDER BY d.next_attempt_at, d.rowid LIMIT ?)",
         (stage, now, limit),
     ).fetchone()
+    cipher = cipher_of(conn)
+    if cipher is not None:
+        return [
+            Due(rowid, id_, attempts, created_at, cipher.open(payload.encode()), trace, event_id)
+            for rowid, id_, attempts, created_at, payload, trace, event_id in _due_rows(text)
+        ]
     return [
         Due(rowid, id_, attempts, created_at, payload.encode(), trace, event_id)
         for rowid, id_, attempts, created_at, payload, trace, event_id in _due_rows(text)
@@ -319,6 +362,10 @@ def prune(
             (stream, upto, kept_since, limit),
         ).rowcount
     removed += conn.execute("DELETE FROM dedup WHERE created_at < ?", (now - dedup_window,)).rowcount
+    removed += conn.execute(
+        "DELETE FROM replay_keys WHERE rowid IN (SELECT rowid FROM replay_keys WHERE until < ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
     return removed
 
 

@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from actors.alerter import Alerter
 from actors.file_sink import FileSender
+from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
 from actors.sink import Sender, Sink
 from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
@@ -20,13 +22,27 @@ __all__ = ["Alerter", "Transformer", "WebhookListener", "WebhookRoute", "build_s
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 
 
-def build_sink(name: str, config: SinkConfig, store: Store) -> Sink:
-    """The delivery actor for one configured sink."""
+def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLimits | None = None) -> Sink:
+    """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
-        factory = lambda: HttpSender(name, config)  # noqa: E731
+        guard = SinkGuard(
+            name,
+            config.targets,
+            concurrency=config.max_concurrency,
+            adaptive=config.adaptive if config.concurrency == "adaptive" else None,
+            breaker=config.breaker_policy,
+            limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
+        )
+        factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
         return Sink(
-            name, store, factory, retry=config.retry, concurrency=config.concurrency, batch=config.batch
+            name,
+            store,
+            factory,
+            retry=config.retry,
+            concurrency=config.max_concurrency,
+            batch=config.batch,
+            guard=guard,
         )
     if isinstance(config, FileSinkConfig):
         factory = lambda: FileSender(name, config)  # noqa: E731

@@ -63,6 +63,7 @@ from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load,
 from .errors import ConfigError
 from .registry import Alerter, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
+from .verify import build as build_verifier
 
 if TYPE_CHECKING:
     from .app import Running
@@ -158,7 +159,11 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], rewired: Callable[[str
 def routes(config: Config) -> dict[str, WebhookRoute]:
     """The listener's routes: URL path → webhook source."""
     return {
-        webhook_path(name, source): WebhookRoute(name, source.idempotency_header or None)
+        webhook_path(name, source): WebhookRoute(
+            name,
+            source.idempotency_header or None,
+            build_verifier(source.verify, f"$.sources.{name}.verify") if source.verify else None,
+        )
         for name, source in config.sources.items()
         if isinstance(source, WebhookSourceConfig)
     }
@@ -259,9 +264,15 @@ async def _reload(running: Running) -> ReloadResult:
     store, supervisor = running.store, running.supervisor
     grace = new.supervisor.shutdown_grace
 
-    # 1. Replacement actors, built before anything changes.
+    # 1. Replacement actors and routes (verifiers with the secrets just read), built before
+    #    anything changes; budgets are reconfigured in place.
+    try:
+        new_routes = routes(new)
+    except ConfigError as exc:  # a key file changed since `load` read it
+        return _refused(running, exc.problems)
+    running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(name, new.sinks[name], store)
+        name: build_sink(name, new.sinks[name], store, running.rate_limits)
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {
@@ -276,7 +287,7 @@ async def _reload(running: Running) -> ReloadResult:
     # 2. The switch: routes and fan-out in one step, with the state `ferry ctl` reads.
     sink_map, consumers = fan_out(new)
     running.batcher.rewire(sinks=sink_map, consumers=consumers)
-    running.listener.reroute(routes(new))
+    running.listener.reroute(new_routes)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed]:
         running.actors.pop(name, None)

@@ -11,6 +11,9 @@ Tables:
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
+    auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
+    store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
+    replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
     alerts      each alert rule's state (JSON), kept across restarts
 """
 
@@ -80,6 +83,28 @@ MIGRATIONS: list[list[str]] = [
         # such command scanned the whole table on the writer thread. Rows enter it only when
         # they die, so ingest and delivery pay nothing for it.
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
+    ],
+    [
+        # A rotated OAuth2 refresh token must survive a crash (daemon.auth); `seed` fingerprints the
+        # configured token it descends from, so a new one in the config wins over the stored one.
+        """CREATE TABLE auth_tokens (
+            owner TEXT PRIMARY KEY,
+            token BLOB NOT NULL,
+            seed TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
+    ],
+    [
+        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
+        """CREATE TABLE replay_keys (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        )""",
+        "CREATE INDEX replay_keys_until ON replay_keys(until)",
     ],
     [
         # One row per alert rule: its state as JSON (daemon.alerts.AlertState), so a restart

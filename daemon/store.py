@@ -12,7 +12,15 @@ Group commit:
     then answers each. If one request raises, the whole group is rolled back
     and each request is re-run in a transaction of its own, so one bad request
     fails alone. A failed commit (disk full, I/O error) fails every request in
-    the group with `StoreUnavailable`; nothing in it was acknowledged.
+    the group with `StoreUnavailable`; nothing in it was acknowledged. On a full
+    disk the group's requests are then retried one by one, so reads (and writes
+    that fit) still succeed while writes that need space fail alone.
+
+Outages:
+    `call` fails fast (a webhook answers 503); `call_until_committed` waits the
+    outage out with capped backoff, for the stages that have nobody to answer
+    and must neither crash-loop nor forget an outcome while the disk is full.
+    Both recover by themselves once a commit succeeds again.
 
 Wake-ups:
     Requests name the consumers their writes concern (`wake`). After the
@@ -40,6 +48,7 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
+from .at_rest import Cipher, CipherConnection, check_keys
 from .errors import StoreCorrupt, StoreUnavailable
 from .schema import APPLICATION_ID, MIGRATIONS
 
@@ -90,9 +99,12 @@ class Store:
     runs on the writer thread inside a group transaction.
     """
 
-    def __init__(self, path: Path, *, durability: str = "full", max_batch: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
+    ) -> None:
         self.path = path
         self._durability = durability
+        self._cipher = cipher
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._signals: dict[str, Signal] = {}
@@ -106,16 +118,23 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, durability: str = "full", max_batch: int = 4096, verify: bool = False
+        cls,
+        path: str | Path,
+        *,
+        durability: str = "full",
+        max_batch: int = 4096,
+        verify: bool = False,
+        cipher: Cipher | None = None,
     ) -> Store:
         """Open (creating if needed) and migrate the database; see `open_connection`.
 
         Raises `StoreCorrupt` for a foreign, damaged or newer file and `StoreUnavailable` for one
         that cannot be created, read or written. Never overwrites or "repairs" a file it does not
-        recognise.
+        recognise. With `cipher`, payloads are encrypted (`daemon.at_rest`); rows that need a key
+        `cipher` lacks (or any key, without one) raise `StoreKeyMissing` before anything is written.
         """
-        store = cls(Path(path), durability=durability, max_batch=max_batch)
-        store._conn = open_connection(store.path, durability, verify=verify)
+        store = cls(Path(path), durability=durability, max_batch=max_batch, cipher=cipher)
+        store._conn = open_connection(store.path, durability, verify=verify, cipher=cipher)
         return store
 
     def signal(self, consumer: str) -> Signal:
@@ -139,6 +158,25 @@ class Store:
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
+
+    async def call_until_committed(
+        self, fn: Callable[[Connection], T], *, wake: Iterable[str] = (), max_backoff: float = 5.0
+    ) -> T:
+        """`call(fn)`, retried while the store is unavailable (disk full, I/O error) until it commits.
+
+        Each try runs `fn` in a fresh transaction (a failed one left nothing behind). Waits
+        0.05 s after the first failure, doubling up to `max_backoff`. Raises `StoreUnavailable`
+        once the store is stopping, and whatever `fn` raised.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await self.call(fn, wake=wake)
+            except StoreUnavailable:
+                if self._token is None or self._stopping:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread until cancelled; requests already queued are still committed."""
@@ -213,7 +251,10 @@ class Store:
         except Exception as exc:
             _rollback(conn)
             if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
-                self._fail(batch, exc)
+                if len(batch) > 1 and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    self._run_each(conn, batch)
+                else:
+                    self._fail(batch, exc)
             elif len(batch) == 1:
                 batch[0].result, batch[0].error = None, exc
             else:
@@ -265,13 +306,16 @@ def _is_request_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
-def open_connection(path: Path, durability: str, *, verify: bool = False) -> Connection:
+def open_connection(
+    path: Path, durability: str, *, verify: bool = False, cipher: Cipher | None = None
+) -> Connection:
     """Open, identify, check and migrate the database file. Raises `StoreCorrupt` or `StoreUnavailable`.
 
     Nothing is written to a file until it is known to be ferry's (or empty): a foreign, damaged or
     newer file is refused as it is. `verify` runs SQLite's `quick_check` (every page read once,
     about 1 s per GB) before the first write, so a damaged file is refused at startup with its
     name instead of failing later, one write at a time. Every error message names the file.
+    Rows encrypted with a key `cipher` lacks raise `StoreKeyMissing`, also before any write.
     """
     if path.exists() and not path.is_file():
         raise StoreCorrupt(f"{path}: not a regular file")
@@ -281,7 +325,9 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
         except OSError as exc:
             raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=5.0, factory=CipherConnection
+        )
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"{path}: cannot open database ({exc}); {_OWNERSHIP}") from None
     try:
@@ -294,6 +340,7 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-32768")
         _migrate(conn, path)
+        check_keys(conn, cipher, path)
         _probe_write(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -307,6 +354,7 @@ def open_connection(path: Path, durability: str, *, verify: bool = False) -> Con
     except BaseException:
         conn.close()
         raise
+    conn.cipher = cipher
     return conn
 
 

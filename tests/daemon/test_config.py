@@ -378,6 +378,7 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
         "sources",
         "transforms",
         "sinks",
+        "rate_limits",
     }
     assert config["additionalProperties"] is False
     assert schema["$defs"]["RetryConfig"]["properties"]["initial_backoff"]["type"] == "string"

@@ -485,3 +485,68 @@ async def test_failures_are_grouped_by_error_type(
 
     await store.call(setup)
     assert await store.call(ops.error_counts) == [("crm", "dead", status, 1, expected)]
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+
+def cap_pages(conn: Connection, extra: int) -> None:
+    """Let the file grow by `extra` pages at most: SQLite then fails writes as on a full disk."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + extra}")
+
+
+def big_insert(conn: Connection) -> str:
+    conn.execute(
+        "INSERT INTO audit(at, command, arguments, outcome) VALUES (0, 'big', ?, 'ok')", ("x" * 200_000,)
+    )
+    return "stored"
+
+
+def count_audit(conn: Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+
+async def test_a_full_disk_fails_the_writes_that_need_space_and_nothing_else(store: Store) -> None:
+    await store.call(partial(cap_pages, extra=0))
+    outcomes: dict[str, object] = {}
+
+    async def run(label: str, fn: Callable[[Connection], object]) -> None:
+        try:
+            outcomes[label] = await store.call(fn)
+        except Exception as exc:
+            outcomes[label] = exc
+
+    async with trio.open_nursery() as nursery:
+        gate = await hold_writer(store, nursery)
+        nursery.start_soon(run, "read", count_audit)
+        nursery.start_soon(run, "big", big_insert)
+        nursery.start_soon(run, "read again", count_audit)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.open()
+
+    assert isinstance(outcomes["big"], StoreUnavailable)
+    assert "full" in str(outcomes["big"])
+    assert outcomes["read"] == outcomes["read again"] == 0
+    assert not store.writable
+    assert read(store.path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_call_until_committed_waits_out_a_full_disk_and_commits_once(store: Store) -> None:
+    await store.call(partial(cap_pages, extra=0))
+    result: list[str] = []
+
+    async def persist() -> None:
+        result.append(await store.call_until_committed(big_insert, max_backoff=0.05))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(persist)
+        with trio.fail_after(5):
+            while store.writable:  # until the first try has failed
+                await trio.sleep(0.01)
+        assert result == []
+        await store.call(partial(cap_pages, extra=1000))  # space returns
+
+    assert result == ["stored"]
+    assert store.writable
+    assert read(store.path, "SELECT count(*) FROM audit") == [(1,)]
