@@ -1,4 +1,5 @@
-"""The HTTP sink's sender: one JSON request per delivery, or a JSON array per batch.
+"""The HTTP sink's sender: one JSON request per delivery, or a JSON array per batch
+(or `{"ENVELOPE": [...]}` with `batch.envelope`).
 
 Each request carries the delivery id in the idempotency header (stable across
 retries and restarts). A batch carries `batch-` + a hash of its delivery ids
@@ -26,15 +27,16 @@ span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import final
 
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.store import Store
@@ -82,6 +84,10 @@ class HttpSender:
         self._url = config.targets[0]
         self._limiter = guard.limiter if guard is not None else None
         self._batching = config.batch is not None
+        envelope = config.batch.envelope if config.batch is not None else None
+        # `{"inputs": [...]}` around a batch when the API wants an object (HubSpot's batch endpoints).
+        self._open = b"{" + json.dumps(envelope).encode() + b":[" if envelope else b"["
+        self._close = b"]}" if envelope else b"]"
         context = ssl_context(config.tls)
         self._client: HttpClient = (
             LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
@@ -107,7 +113,7 @@ class HttpSender:
     async def send(self, batch: Sequence[Due]) -> int | None:
         headers = list(self._headers)
         if self._batching:
-            body = b"[" + b",".join(due.payload for due in batch) + b"]"
+            body = self._open + b",".join(due.payload for due in batch) + self._close
             headers.append((self._key_header, batch_key(batch)))
             headers.append(("ferry-batch-size", str(len(batch))))
         else:
@@ -132,6 +138,12 @@ class HttpSender:
                 response = await self._request(send_url, [*headers, *credentials.items()], body, again=True)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
+        if self._auth is not None and not 200 <= response.status < 300:
+            try:
+                check_status(response)
+            except DeliveryError as exc:
+                # A receiver may echo the Authorization it refused: no credential in errors.
+                raise scrub_error(exc, credential_values(credentials, self._auth.query)) from None
         return check_status(response)
 
     async def _request(

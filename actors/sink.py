@@ -29,6 +29,11 @@ Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
 
+Ordering:
+    With an `Ordering` (`[sinks.NAME] ordering`), fetches return only each record key's next
+    delivery and outcomes raise the key's delivered version (see `daemon.ordering`); rows
+    found stale or unkeyable on the way are counted (`stale`, `dead`) and logged.
+
 Admission (actors/guard.py):
     With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
     slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
@@ -58,6 +63,7 @@ from daemon import masking, metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.ordering import Fetched, Ordering
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
 from daemon.tap import TAPS, Record
@@ -134,6 +140,7 @@ class Sink:
         retry: RetryConfig,
         concurrency: int = 1,
         batch: BatchConfig | None = None,
+        ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
     ) -> None:
         self.name = name
@@ -144,6 +151,7 @@ class Sink:
         self._concurrency = concurrency
         self._batch = batch
         self._batch_items = batch.max_items if batch else 1
+        self._ordering = ordering
         self._signal = store.signal(name)
         self._inflight: set[int] = set()
         # Rows whose outcome has committed but which a fetch issued *before* that commit may
@@ -155,6 +163,7 @@ class Sink:
         self.delivered = 0
         self.retried = 0
         self.dead = 0
+        self.stale = 0
 
     def __repr__(self) -> str:
         in_flight = len(self._inflight - self._settled)
@@ -206,20 +215,49 @@ class Sink:
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
-            rows = await store.call_until_committed(
-                partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
-            )
+            limit = len(self._inflight) + ahead
+            more = False
+            if self._ordering is None:
+                rows = await store.call_until_committed(
+                    partial(due_deliveries, stage=name, now=now, limit=limit)
+                )
+            else:
+                fetched = await store.call_until_committed(
+                    partial(self._ordering.due, stage=name, now=now, limit=limit)
+                )
+                rows, more = fetched.rows, fetched.more
+                if fetched.stale or fetched.dead:
+                    self._settled_in_fetch(fetched)
             inflight = self._inflight
             fresh = [row for row in rows if row.rowid not in inflight]
             inflight.update(row.rowid for row in fresh)
             # Chunks of one batch each: a channel op per batch, not per row.
             for start in range(0, len(fresh), chunk):
                 await channel.send(fresh[start : start + chunk])
-            if len(fresh) >= ahead:
+            if more or len(fresh) >= ahead:
                 continue
             wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
+
+    def _settled_in_fetch(self, fetched: Fetched) -> None:
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable."""
+        meter = metrics.current()
+        self.stale += fetched.stale
+        self.dead += fetched.dead
+        if fetched.stale:
+            meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
+            log.info(
+                "deliveries dropped as stale",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.stale}},
+            )
+        if fetched.dead:
+            meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
+            meter.dead_letters.add(fetched.dead, {"stage": self.name})
+            log.error(
+                "deliveries dead-lettered: no ordering key or version",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.dead}},
+            )
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -324,7 +362,8 @@ class Sink:
     async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
         try:
             await self._store.call_until_committed(
-                partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
+                partial(self._ordering.record if self._ordering else record_outcomes, outcomes=outcomes),
+                wake=[self.name] if outcomes.retry or self._ordering else (),
             )
         finally:
             self._settled.update(due.rowid for due in batch)

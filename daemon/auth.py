@@ -44,6 +44,7 @@ lets the next caller try again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -303,6 +304,32 @@ def _endpoint(url: str) -> str:
     """A token URL as shown in messages: no user info, no query."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def credential_values(headers: Mapping[str, str], query: Mapping[str, str]) -> list[str]:
+    """Every form in which the credentials sent may come back in a receiver's answer."""
+    values = [*query.values()]
+    for value in headers.values():
+        values.append(value)
+        scheme, _, rest = value.partition(" ")
+        if rest:
+            values.append(rest)
+            if scheme.lower() == "basic":
+                with contextlib.suppress(ValueError):
+                    values.extend(base64.b64decode(rest).decode().split(":", 1)[1:])
+    return values
+
+
+def scrub_error(error: DeliveryError, secrets: Iterable[str]) -> DeliveryError:
+    """`error` with every value of `secrets` (and its URL-encoded form) replaced by `***`."""
+    message = str(error)
+    scrubbed = message
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            scrubbed = scrubbed.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    if scrubbed == message:
+        return error
+    return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

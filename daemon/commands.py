@@ -189,6 +189,7 @@ class SinkCounters(Struct, frozen=True):
     delivered: int
     retried: int
     dead: int
+    stale: int = 0  # dropped by `ordering`: an older version than one already delivered
 
 
 class Latency(Struct, frozen=True):
@@ -479,7 +480,8 @@ class Commands:
         for name in self._config.sinks:
             sink = self._running.actors.get(name)
             if sink is not None:
-                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead)
+                stale = getattr(sink, "stale", 0)
+                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, stale)
         latency = {}
         for name in self._config.sinks:
             samples = sorted(await self._store_call(partial(ops.delivery_latencies, stage=name)))

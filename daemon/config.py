@@ -28,6 +28,7 @@ from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from .config_sync import OrderingConfig, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .config_verify import VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
@@ -306,6 +307,13 @@ class BatchConfig(Section, frozen=True):
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
     ] = default(Duration(0.05))
+    envelope: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(
+            description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
+            "HubSpot's batch APIs).",
+        ),
+    ] = None
 
 
 class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
@@ -361,6 +369,14 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
+    ordering: Annotated[
+        OrderingConfig | None,
+        Meta(
+            description='Per-key ordering and conflict resolution: `{ key = ".email", version = '
+            '".updated_at", compare = "rfc3339" }`; older versions are dropped as stale '
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
     auth: Annotated[
         AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
@@ -609,6 +625,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
+            yield from check_ordering(f"$.sinks.{name}", sink.ordering)
         if isinstance(sink, HttpSinkConfig):
             if (sink.url is None) == (not sink.urls):
                 yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"

@@ -13,6 +13,7 @@ from msgspec import inspect
 from . import config as cfg
 from . import config_alerts, config_auth, config_transforms
 from . import config_limits as limits
+from .config_sync import OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
 from .units import Duration, Size
@@ -44,6 +45,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("ordering = { … } (in an http sink)", OrderingConfig),
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),

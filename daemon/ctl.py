@@ -471,10 +471,14 @@ def _show_purge(result: Any, out: TextIO) -> None:
 
 
 def _show_stats(result: Any, out: TextIO) -> None:
+    stale = any("stale" in c for c in result["stages"].values())
     _table(
         out,
-        ["STAGE", "PENDING", "DELIVERED", "DEAD"],
-        [(name, c["pending"], c["delivered"], c["dead"]) for name, c in result["stages"].items()],
+        ["STAGE", "PENDING", "DELIVERED", "DEAD", *(["STALE"] if stale else [])],
+        [
+            (name, c["pending"], c["delivered"], c["dead"], *([c.get("stale", 0)] if stale else []))
+            for name, c in result["stages"].items()
+        ],
     )
     if result["failures"]:
         out.write("\n")
@@ -497,8 +501,11 @@ def _show_stats(result: Any, out: TextIO) -> None:
         out.write("\nsince start:\n")
         _table(
             out,
-            ["SINK", "DELIVERED", "RETRIED", "DEAD"],
-            [(name, c["delivered"], c["retried"], c["dead"]) for name, c in result["since_start"].items()],
+            ["SINK", "DELIVERED", "RETRIED", "DEAD", *(["STALE"] if stale else [])],
+            [
+                (name, c["delivered"], c["retried"], c["dead"], *([c.get("stale", 0)] if stale else []))
+                for name, c in result["since_start"].items()
+            ],
         )
 
 

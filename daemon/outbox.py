@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .at_rest import cipher_of
-from .schema import DEAD, DELIVERED, PENDING
+from .schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
 
 Connection = sqlite3.Connection
 
@@ -346,11 +346,13 @@ def prune(
     """
     now = time.time()
     cutoff = now - retention
-    removed = conn.execute(
-        f"DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = {DELIVERED} "
-        "AND finished_at < ? LIMIT ?)",
-        (cutoff, limit),
-    ).rowcount
+    removed = 0
+    for finished in (DELIVERED, STALE):  # one partial index each: deliveries_done, deliveries_stale
+        removed += conn.execute(
+            f"DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = {finished} "
+            "AND finished_at < ? LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
     kept_since = now - max(retention, archive)
     positions = dict(conn.execute("SELECT name, position FROM cursors").fetchall())
     for stream, names in readers.items():
@@ -375,11 +377,13 @@ def pending_total(conn: Connection) -> int:
 
 
 def counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`."""
-    names = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
+    """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`.
+
+    `stale` (sinks with `ordering`) appears only for a stage that has such rows.
+    """
     result: dict[str, dict[str, int]] = {}
     for stage, state, count in conn.execute(
         "SELECT stage, state, count(*) FROM deliveries GROUP BY stage, state"
     ).fetchall():
-        result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[names[state]] = count
+        result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[STATE_NAMES[state]] = count
     return result

@@ -13,6 +13,7 @@ from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .ordering import Ordering
 from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
@@ -35,6 +36,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
         )
         factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
+        ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
             name,
             store,
@@ -42,6 +44,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             retry=config.retry,
             concurrency=config.max_concurrency,
             batch=config.batch,
+            ordering=ordering,
             guard=guard,
         )
     if isinstance(config, FileSinkConfig):

@@ -14,14 +14,19 @@ Tables:
     auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
     store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
     replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
+    key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     alerts      each alert rule's state (JSON), kept across restarts
+
+A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
+end in state 3, stale: never sent, because a newer version of its record was delivered first.
 """
 
 from __future__ import annotations
 
 APPLICATION_ID = 0x46455259  # "FERY": marks the file as ferry's
 
-PENDING, DELIVERED, DEAD = 0, 1, 2
+PENDING, DELIVERED, DEAD, STALE = 0, 1, 2, 3
+STATE_NAMES = ("pending", "delivered", "dead", "stale")
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -105,6 +110,23 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (source, key)
         )""",
         "CREATE INDEX replay_keys_until ON replay_keys(until)",
+    ],
+    [
+        # Per-key ordering (daemon/ordering.py). Both indexes are partial: rows of sinks without
+        # `ordering` never enter them, so the unordered path maintains nothing new.
+        "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+        "ALTER TABLE deliveries ADD COLUMN order_version",  # no affinity: REAL or TEXT as stored
+        "ALTER TABLE deliveries ADD COLUMN order_claimed INTEGER",  # 1 once handed to the sender
+        "CREATE INDEX deliveries_by_key ON deliveries(stage, order_key, order_version) "
+        "WHERE state = 0 AND order_key IS NOT NULL",
+        "CREATE INDEX deliveries_stale ON deliveries(finished_at) WHERE state = 3",
+        """CREATE TABLE key_versions (
+            stage TEXT NOT NULL,
+            key TEXT NOT NULL,
+            version NOT NULL,
+            delivered_at REAL NOT NULL,
+            PRIMARY KEY (stage, key)
+        ) WITHOUT ROWID""",
     ],
     [
         # One row per alert rule: its state as JSON (daemon.alerts.AlertState), so a restart
