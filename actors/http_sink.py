@@ -42,9 +42,15 @@ from daemon.outbox import Due
 from daemon.store import Store
 
 from .guard import SinkGuard, current_url
+from .sink import Answer
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
+
+
+def excerpt_of(body: bytes) -> str:
+    """The start of a response body as text: what `ferry ctl event` and the logs show of an answer."""
+    return body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
 
 def check_status(response: Response) -> int:
@@ -52,7 +58,7 @@ def check_status(response: Response) -> int:
     status = response.status
     if 200 <= status < 300:
         return status
-    excerpt = response.body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    excerpt = excerpt_of(response.body)
     message = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
     if status in RETRYABLE_STATUSES or status >= 500:
         raise RetryableDelivery(
@@ -110,7 +116,7 @@ class HttpSender:
     def __repr__(self) -> str:
         return f"<HttpSender {self.name} {self._config.method} {' | '.join(self._config.targets)}>"
 
-    async def send(self, batch: Sequence[Due]) -> int | None:
+    async def send(self, batch: Sequence[Due]) -> Answer:
         headers = list(self._headers)
         if self._batching:
             body = self._open + b",".join(due.payload for due in batch) + self._close
@@ -144,7 +150,7 @@ class HttpSender:
             except DeliveryError as exc:
                 # A receiver may echo the Authorization it refused: no credential in errors.
                 raise scrub_error(exc, credential_values(credentials, self._auth.query)) from None
-        return check_status(response)
+        return Answer(check_status(response), excerpt_of(response.body) or None)
 
     async def _request(
         self, url: str, headers: list[tuple[str, str]], body: bytes, *, again: bool = False

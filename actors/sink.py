@@ -53,7 +53,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, final
+from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
 import trio
 from opentelemetry import trace
@@ -74,16 +74,25 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
+outcome_log = logging.getLogger("ferry.sink.outcome")
+"""Final outcomes, one line per delivery; `[telemetry] log_outcomes = "dead"` raises it to errors."""
+
+
+class Answer(NamedTuple):
+    """What the receiver said to a successful attempt: its status and the start of its body."""
+
+    status: int | None
+    excerpt: str | None = None
 
 
 class Sender(Protocol):
     """Sends a batch of deliveries (one, unless batching) in one attempt.
 
-    Returns the HTTP status (or None) on success; raises `RetryableDelivery` or
-    `PermanentDelivery` on failure. Must bound every call with a timeout.
+    Returns the HTTP status (or None, or an `Answer` with an excerpt of the body) on success;
+    raises `RetryableDelivery` or `PermanentDelivery` on failure. Must bound every call with a timeout.
     """
 
-    async def send(self, batch: Sequence[Due]) -> int | None: ...
+    async def send(self, batch: Sequence[Due]) -> int | Answer | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -309,9 +318,13 @@ class Sink:
         """Send one batch, judge the result, end the attempt's span, record the outcomes."""
         error: DeliveryError | None = None
         status: int | None = None
+        response: str | None = None
         began = time.monotonic()
         try:
-            status = await sender.send(batch)
+            answer = await sender.send(batch)
+            status, response = (
+                (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
+            )
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
         except BaseException:
@@ -319,6 +332,8 @@ class Sink:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
             raise
         elapsed = time.monotonic() - began
+        if response is not None:
+            response = _scrubbed_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
         outcome = _outcome(outcomes)
@@ -331,7 +346,7 @@ class Sink:
         meter = metrics.current()
         meter.attempts.add(1, {"sink": self.name})
         meter.delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
-        await self._record(batch, outcomes, error)
+        await self._record(batch, outcomes, error, elapsed, response)
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -359,10 +374,22 @@ class Sink:
             cut += 1
         return rows[:cut], rows[cut:]
 
-    async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
+    async def _record(
+        self,
+        batch: Sequence[Due],
+        outcomes: Outcomes,
+        error: DeliveryError | None,
+        latency: float,
+        response: str | None,
+    ) -> None:
         try:
             await self._store.call_until_committed(
-                partial(self._ordering.record if self._ordering else record_outcomes, outcomes=outcomes),
+                partial(
+                    self._ordering.record if self._ordering else record_outcomes,
+                    outcomes=outcomes,
+                    latency=latency,
+                    response=response,
+                ),
                 wake=[self.name] if outcomes.retry or self._ordering else (),
             )
         finally:
@@ -377,15 +404,14 @@ class Sink:
         _count(self.name, batch, outcomes)
         if self.name in TAPS.taps:
             _tap(self.name, batch, outcomes)
-        if error is not None:
-            level = logging.ERROR if outcomes.dead else logging.WARNING
-            log.log(
-                level,
-                "delivery dead-lettered" if outcomes.dead else "delivery will be retried",
+        log_final_outcomes(self.name, batch, outcomes, latency, response)
+        if outcomes.retry and error is not None:
+            log.warning(
+                "delivery will be retried",
                 extra={
                     "fields": {
                         "sink": self.name,
-                        "deliveries": len(batch),
+                        "deliveries": len(outcomes.retry),
                         "first_delivery_id": batch[0].id,
                         "attempt": batch[0].attempts + 1,
                         "status": error.status,
@@ -393,6 +419,62 @@ class Sink:
                     }
                 },
             )
+
+
+def log_final_outcomes(
+    sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
+) -> None:
+    """One log line per delivery that reached its final outcome: `delivered` (info) or dead (error).
+
+    Each carries the delivery and event ids, the status, the attempt count, the attempt's latency and
+    the time since the delivery was created; the receiver's answer or the error, already scrubbed.
+    """
+    if not (outcomes.dead or (outcomes.delivered and outcome_log.isEnabledFor(logging.INFO))):
+        return
+    rows = {due.rowid: due for due in batch}
+    now = time.time()
+    latency_ms = round(latency * 1000, 1)
+    for rowid, status in outcomes.delivered:
+        due = rows[rowid]
+        fields = {
+            "sink": sink,
+            "delivery_id": due.id,
+            "event_id": due.event_id,
+            "status": status,
+            "attempts": due.attempts + 1,
+            "latency_ms": latency_ms,
+            "age_ms": round((now - due.created_at) * 1000, 1),
+        }
+        if response is not None:
+            fields["response"] = response
+        if outcome_log.isEnabledFor(logging.INFO):
+            outcome_log.info("delivered", extra={"fields": fields})
+    for rowid, status, message in outcomes.dead:
+        due = rows[rowid]
+        outcome_log.error(
+            "delivery dead-lettered",
+            extra={
+                "fields": {
+                    "sink": sink,
+                    "delivery_id": due.id,
+                    "event_id": due.event_id,
+                    "status": status,
+                    "attempts": due.attempts + 1,
+                    "latency_ms": latency_ms,
+                    "age_ms": round((now - due.created_at) * 1000, 1),
+                    "error": message,
+                }
+            },
+        )
+
+
+def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
+    """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return text
+    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
+    return redactor.scrub(text, payloads) or text
 
 
 def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:

@@ -40,6 +40,7 @@ from .store import Store
 from .supervisor import Supervisor
 from .systemd import ActivatedSockets, Notifier
 from .telemetry import Telemetry
+from .tls_server import server_context
 
 log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
@@ -238,6 +239,7 @@ async def serve(
                         overloaded=lambda: batcher.waiting >= config.listener.max_pending,
                         listeners=activated.listeners if activated else None,
                         metrics_page=telemetry.prometheus_text,
+                        tls=server_context(config.listener.tls),
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

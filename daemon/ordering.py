@@ -213,9 +213,11 @@ class Ordering:
         )
         return len(failed)
 
-    def record(self, conn: Connection, outcomes: Outcomes) -> None:
+    def record(
+        self, conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+    ) -> None:
         """`record_outcomes`, and raise each delivered key's version in `key_versions`."""
-        record_outcomes(conn, outcomes)
+        record_outcomes(conn, outcomes, latency, response)
         rowids = [rowid for rowid, _ in outcomes.delivered]
         for start in range(0, len(rowids), 500):
             chunk = rowids[start : start + 500]

@@ -301,8 +301,14 @@ class Outcomes(NamedTuple):
     dead: list[tuple[int, int | None, str]]  # (rowid, status, error)
 
 
-def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
-    """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt."""
+def record_outcomes(
+    conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+) -> None:
+    """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt.
+
+    `latency` (seconds the attempt took) and `response` (an excerpt of the receiver's answer)
+    describe the attempt all of these rows went out in; they replace the previous attempt's.
+    """
     now = time.time()
     by_status: dict[int | None, list[int]] = {}
     for rowid, status in outcomes.delivered:
@@ -312,18 +318,19 @@ def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
             chunk = rowids[start : start + 500]
             conn.execute(
                 f"UPDATE deliveries SET state = {DELIVERED}, attempts = attempts + 1, finished_at = ?, "
-                f"last_status = ?, last_error = NULL WHERE rowid IN ({','.join('?' * len(chunk))})",
-                [now, status, *chunk],
+                "last_status = ?, last_error = NULL, last_latency = ?, last_response = ? "
+                f"WHERE rowid IN ({','.join('?' * len(chunk))})",
+                [now, status, latency, response, *chunk],
             )
     conn.executemany(
-        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, last_error = ? "
-        "WHERE rowid = ?",
-        [(at, status, error, rowid) for rowid, at, status, error in outcomes.retry],
+        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
+        "last_error = ?, last_latency = ?, last_response = ? WHERE rowid = ?",
+        [(at, status, error, latency, response, rowid) for rowid, at, status, error in outcomes.retry],
     )
     conn.executemany(
         f"UPDATE deliveries SET state = {DEAD}, attempts = attempts + 1, finished_at = ?, last_status = ?, "
-        "last_error = ? WHERE rowid = ?",
-        [(now, status, error, rowid) for rowid, status, error in outcomes.dead],
+        "last_error = ?, last_latency = ?, last_response = ? WHERE rowid = ?",
+        [(now, status, error, latency, response, rowid) for rowid, status, error in outcomes.dead],
     )
 
 

@@ -13,6 +13,14 @@ Sections that cannot change live:
     installed exporters). If any of them differs, the reload is refused as a whole
     with `[listener] changed: restart ferry to apply` and nothing changes — applying
     the components alone would leave the file saying something the daemon does not do.
+    One exception: `[listener] tls`. Its certificate and key are read again on every
+    reload and serve new connections (open ones keep theirs), so certificates rotate
+    without a restart; a certificate or key that cannot be used refuses the reload.
+
+Secrets:
+    Every secret reference is read again by the reload's `load`. A component whose secret
+    value changed (a rotated file or credential) counts as changed; webhook verifiers are
+    rebuilt on every reload, so a rotated signing secret applies to the next request.
 
 What changes:
     Sources, transforms and sinks are compared as their frozen config structs. A
@@ -55,6 +63,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+import msgspec
 import trio
 from msgspec import Struct
 
@@ -63,6 +72,7 @@ from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load,
 from .errors import ConfigError
 from .registry import Alerter, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
+from .tls_server import server_context
 from .verify import build as build_verifier
 
 if TYPE_CHECKING:
@@ -127,8 +137,14 @@ def frozen_changes(old: Config, new: Config) -> list[str]:
     return [
         f"[{section}] changed: restart ferry to apply"
         for section in FROZEN_SECTIONS
-        if getattr(old, section) != getattr(new, section)
+        if _fixed_part(old, section) != _fixed_part(new, section)
     ]
+
+
+def _fixed_part(config: Config, section: str) -> Any:
+    """A frozen section without what a reload does apply: `[listener] tls` (certificates rotate)."""
+    value = getattr(config, section)
+    return msgspec.structs.replace(value, tls=None) if section == "listener" else value
 
 
 def plan(old: Config, new: Config) -> Plan:
@@ -268,6 +284,7 @@ async def _reload(running: Running) -> ReloadResult:
     #    anything changes; budgets are reconfigured in place.
     try:
         new_routes = routes(new)
+        tls = server_context(new.listener.tls)  # the certificate and key files, read again
     except ConfigError as exc:  # a key file changed since `load` read it
         return _refused(running, exc.problems)
     running.rate_limits.update(new.rate_limits)
@@ -288,6 +305,7 @@ async def _reload(running: Running) -> ReloadResult:
     sink_map, consumers = fan_out(new)
     running.batcher.rewire(sinks=sink_map, consumers=consumers)
     running.listener.reroute(new_routes)
+    running.listener.retls(tls)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed]:
         running.actors.pop(name, None)

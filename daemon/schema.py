@@ -6,7 +6,8 @@ Tables:
     events      every event a source or transform produced; `seq` orders them (AUTOINCREMENT, so a
                 pruned seq is never reused and transform cursors stay valid)
     deliveries  one row per (event, stage): a sink's delivery, or a transform's dead letter.
-                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key
+                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key;
+                `last_latency` (s) and `last_response` (an excerpt) describe the last attempt
     cursors     each transform's position in the events it reads
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
@@ -14,6 +15,8 @@ Tables:
     auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
     store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
     replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
+    windows     an aggregating transform's open windows: group key (JSON), opened at, size
+    window_events  the events in each open window, in order, with the id their output will take
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     alerts      each alert rule's state (JSON), kept across restarts
 
@@ -126,6 +129,29 @@ MIGRATIONS: list[list[str]] = [
             version NOT NULL,
             delivered_at REAL NOT NULL,
             PRIMARY KEY (stage, key)
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # Confirmation: what the receiver answered to the last attempt, and how long it took.
+        "ALTER TABLE deliveries ADD COLUMN last_latency REAL",
+        "ALTER TABLE deliveries ADD COLUMN last_response TEXT",
+        # Aggregation windows (daemon/windows.py): open windows and the events in them.
+        """CREATE TABLE windows (
+            transform TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (transform, id)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE window_events (
+            transform TEXT NOT NULL,
+            window INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            trace TEXT,
+            PRIMARY KEY (transform, window, n)
         ) WITHOUT ROWID""",
     ],
     [

@@ -39,7 +39,7 @@ async def test_a_batch_is_an_array_or_an_enveloped_array(
     )
     sender = HttpSender("crm", config)
     try:
-        assert await sender.send(dues(3)) == 200
+        assert await sender.send(dues(3)) == (200, '{"ok":true}')
     finally:
         await sender.aclose()
     (request,) = receiver.snapshot()
