@@ -68,9 +68,17 @@ import trio
 from msgspec import Struct
 
 from .alert_expr import flatten
-from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
+from .config import (
+    Config,
+    LoadedConfig,
+    WebhookSourceConfig,
+    downstream,
+    load,
+    webhook_path,
+)
+from .config_poll import PollSourceConfig
 from .errors import ConfigError
-from .registry import Alerter, Transformer, WebhookRoute, build_sink
+from .registry import Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .tls_server import server_context
 from .verify import build as build_verifier
@@ -193,6 +201,27 @@ def fan_out(config: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]
     return sinks, consumers
 
 
+def pollers(config: Config, names: list[str] | None = None) -> list[str]:
+    """The poll sources among `names` (default: every source)."""
+    chosen = config.sources if names is None else names
+    return [name for name in chosen if isinstance(config.sources.get(name), PollSourceConfig)]
+
+
+def poller(config: Config, name: str, running: Running) -> Poller:
+    source = config.sources[name]
+    assert isinstance(source, PollSourceConfig)
+    sinks, consumers = fan_out(config)
+    return Poller(
+        name,
+        source,
+        running.store,
+        sinks=sinks[name],
+        consumers=consumers[name],
+        dedup_window=config.store.dedup_window,
+        limiter=running.rate_limits.limiter(source.rate_limit),
+    )
+
+
 def build_alerter(config: Config, running: Running) -> Alerter:
     """The alerter for `config`'s rules, reading the running daemon's metrics."""
     telemetry = running.telemetry
@@ -217,7 +246,15 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
 
 def transformer(config: Config, name: str, running: Running) -> Transformer:
     transforms, sinks = downstream(config)[name]
-    return Transformer(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
+    enrich = config.transforms[name].enrich
+    enricher = (
+        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
+        if enrich is not None
+        else None
+    )
+    return Transformer(
+        name, config.transforms[name], running.store, transforms=transforms, sinks=sinks, enricher=enricher
+    )
 
 
 async def reload(running: Running) -> ReloadResult:
@@ -296,6 +333,10 @@ async def _reload(running: Running) -> ReloadResult:
         name: transformer(new, name, running)
         for name in [*changes.transforms.added, *changes.transforms.changed]
     }
+    polls = {
+        name: poller(new, name, running)
+        for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
+    }
     for name, sink in sinks.items():
         previous = running.actors.get(name)
         if previous is not None and previous.paused:
@@ -307,10 +348,13 @@ async def _reload(running: Running) -> ReloadResult:
     running.listener.reroute(new_routes)
     running.listener.retls(tls)
     running.pauses.sources.intersection_update(new.sources)
-    for name in [*changes.sinks.removed, *changes.transforms.removed]:
+    for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:
         running.actors.pop(name, None)
+    for name in pollers(old, changes.sources.changed):
+        running.actors.pop(name, None)  # a poll source that became a webhook one
     running.actors.update(sinks)
     running.actors.update(transforms)
+    running.actors.update(polls)
     running.config, running.loaded = new, loaded
 
     # 3. Transforms.
@@ -318,6 +362,13 @@ async def _reload(running: Running) -> ReloadResult:
         await supervisor.stop(f"transform.{name}")
     for name, actor in transforms.items():
         supervisor.start(running.intake_nursery, f"transform.{name}", _same(actor))
+
+    # 3b. Pollers: the old one ends (a commit in flight still lands) before the new one reads
+    # its state back from the store.
+    for name in pollers(old, [*changes.sources.removed, *changes.sources.changed]):
+        await supervisor.stop(f"poll.{name}")
+    for name, source in polls.items():
+        supervisor.start(running.intake_nursery, f"poll.{name}", _same(source))
 
     # 4. Sinks: each changed one finishes before its replacement starts; all of them at once.
     async def replace(name: str) -> None:
@@ -336,7 +387,11 @@ async def _reload(running: Running) -> ReloadResult:
     alerts_changed = await _realert(running, old, new)
     not_started = []
     deadline = trio.current_time() + START_TIMEOUT
-    started = [*(f"transform.{n}" for n in transforms), *(f"sink.{n}" for n in sinks)]
+    started = [
+        *(f"transform.{n}" for n in transforms),
+        *(f"poll.{n}" for n in polls),
+        *(f"sink.{n}" for n in sinks),
+    ]
     if alerts_changed and running.alerter is not None:
         started.append("alerter")
     for actor_name in started:
