@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from actors.aggregator import Aggregator
+from actors.alerter import Alerter
 from actors.enricher import Enricher
 from actors.file_sink import FileSender
 from actors.guard import SinkGuard
@@ -22,6 +23,7 @@ from .units import Duration
 
 __all__ = [
     "Aggregator",
+    "Alerter",
     "Enricher",
     "Poller",
     "Transformer",
