@@ -1,4 +1,5 @@
-"""The HTTP sink's sender: one JSON request per delivery, or a JSON array per batch.
+"""The HTTP sink's sender: one JSON request per delivery, or a JSON array per batch
+(or `{"ENVELOPE": [...]}` with `batch.envelope`).
 
 Each request carries the delivery id in the idempotency header (stable across
 retries and restarts). A batch carries `batch-` + a hash of its delivery ids
@@ -26,23 +27,30 @@ span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import final
 
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
-from daemon.errors import PermanentDelivery, RetryableDelivery
+from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.store import Store
 
 from .guard import SinkGuard, current_url
+from .sink import Answer
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200
+
+
+def excerpt_of(body: bytes) -> str:
+    """The start of a response body as text: what `ferry ctl event` and the logs show of an answer."""
+    return body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
 
 def check_status(response: Response) -> int:
@@ -50,7 +58,7 @@ def check_status(response: Response) -> int:
     status = response.status
     if 200 <= status < 300:
         return status
-    excerpt = response.body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    excerpt = excerpt_of(response.body)
     message = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
     if status in RETRYABLE_STATUSES or status >= 500:
         raise RetryableDelivery(
@@ -82,6 +90,10 @@ class HttpSender:
         self._url = config.targets[0]
         self._limiter = guard.limiter if guard is not None else None
         self._batching = config.batch is not None
+        envelope = config.batch.envelope if config.batch is not None else None
+        # `{"inputs": [...]}` around a batch when the API wants an object (HubSpot's batch endpoints).
+        self._open = b"{" + json.dumps(envelope).encode() + b":[" if envelope else b"["
+        self._close = b"]}" if envelope else b"]"
         context = ssl_context(config.tls)
         self._client: HttpClient = (
             LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
@@ -104,10 +116,10 @@ class HttpSender:
     def __repr__(self) -> str:
         return f"<HttpSender {self.name} {self._config.method} {' | '.join(self._config.targets)}>"
 
-    async def send(self, batch: Sequence[Due]) -> int | None:
+    async def send(self, batch: Sequence[Due]) -> Answer:
         headers = list(self._headers)
         if self._batching:
-            body = b"[" + b",".join(due.payload for due in batch) + b"]"
+            body = self._open + b",".join(due.payload for due in batch) + self._close
             headers.append((self._key_header, batch_key(batch)))
             headers.append(("ferry-batch-size", str(len(batch))))
         else:
@@ -132,7 +144,15 @@ class HttpSender:
                 response = await self._request(send_url, [*headers, *credentials.items()], body, again=True)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
-        return check_status(response)
+        if self._auth is None:
+            return Answer(check_status(response), excerpt_of(response.body) or None)
+        # A receiver may echo the credentials it got: none in errors or in the stored answer.
+        sent = credential_values(credentials, self._auth.query)
+        try:
+            status = check_status(response)
+        except DeliveryError as exc:
+            raise scrub_error(exc, sent) from None
+        return Answer(status, scrub(excerpt_of(response.body), sent) or None)
 
     async def _request(
         self, url: str, headers: list[tuple[str, str]], body: bytes, *, again: bool = False

@@ -29,6 +29,11 @@ Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
     worker cancelled mid-request leaves its delivery pending.
 
+Ordering:
+    With an `Ordering` (`[sinks.NAME] ordering`), fetches return only each record key's next
+    delivery and outcomes raise the key's delivered version (see `daemon.ordering`); rows
+    found stale or unkeyable on the way are counted (`stale`, `dead`) and logged.
+
 Admission (actors/guard.py):
     With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
     slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
@@ -48,7 +53,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, final
+from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
 import trio
 from opentelemetry import trace
@@ -58,6 +63,7 @@ from daemon import masking, metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.ordering import Fetched, Ordering
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
 from daemon.tap import TAPS, Record
@@ -68,16 +74,25 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
+outcome_log = logging.getLogger("ferry.sink.outcome")
+"""Final outcomes, one line per delivery; `[telemetry] log_outcomes = "dead"` raises it to errors."""
+
+
+class Answer(NamedTuple):
+    """What the receiver said to a successful attempt: its status and the start of its body."""
+
+    status: int | None
+    excerpt: str | None = None
 
 
 class Sender(Protocol):
     """Sends a batch of deliveries (one, unless batching) in one attempt.
 
-    Returns the HTTP status (or None) on success; raises `RetryableDelivery` or
-    `PermanentDelivery` on failure. Must bound every call with a timeout.
+    Returns the HTTP status (or None, or an `Answer` with an excerpt of the body) on success;
+    raises `RetryableDelivery` or `PermanentDelivery` on failure. Must bound every call with a timeout.
     """
 
-    async def send(self, batch: Sequence[Due]) -> int | None: ...
+    async def send(self, batch: Sequence[Due]) -> int | Answer | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -134,6 +149,7 @@ class Sink:
         retry: RetryConfig,
         concurrency: int = 1,
         batch: BatchConfig | None = None,
+        ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
     ) -> None:
         self.name = name
@@ -144,6 +160,7 @@ class Sink:
         self._concurrency = concurrency
         self._batch = batch
         self._batch_items = batch.max_items if batch else 1
+        self._ordering = ordering
         self._signal = store.signal(name)
         self._inflight: set[int] = set()
         # Rows whose outcome has committed but which a fetch issued *before* that commit may
@@ -155,6 +172,7 @@ class Sink:
         self.delivered = 0
         self.retried = 0
         self.dead = 0
+        self.stale = 0
 
     def __repr__(self) -> str:
         in_flight = len(self._inflight - self._settled)
@@ -206,20 +224,49 @@ class Sink:
             now = time.time()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
-            rows = await store.call_until_committed(
-                partial(due_deliveries, stage=name, now=now, limit=len(self._inflight) + ahead)
-            )
+            limit = len(self._inflight) + ahead
+            more = False
+            if self._ordering is None:
+                rows = await store.call_until_committed(
+                    partial(due_deliveries, stage=name, now=now, limit=limit)
+                )
+            else:
+                fetched = await store.call_until_committed(
+                    partial(self._ordering.due, stage=name, now=now, limit=limit)
+                )
+                rows, more = fetched.rows, fetched.more
+                if fetched.stale or fetched.dead:
+                    self._settled_in_fetch(fetched)
             inflight = self._inflight
             fresh = [row for row in rows if row.rowid not in inflight]
             inflight.update(row.rowid for row in fresh)
             # Chunks of one batch each: a channel op per batch, not per row.
             for start in range(0, len(fresh), chunk):
                 await channel.send(fresh[start : start + chunk])
-            if len(fresh) >= ahead:
+            if more or len(fresh) >= ahead:
                 continue
             wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
+
+    def _settled_in_fetch(self, fetched: Fetched) -> None:
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable."""
+        meter = metrics.current()
+        self.stale += fetched.stale
+        self.dead += fetched.dead
+        if fetched.stale:
+            meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
+            log.info(
+                "deliveries dropped as stale",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.stale}},
+            )
+        if fetched.dead:
+            meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
+            meter.dead_letters.add(fetched.dead, {"stage": self.name})
+            log.error(
+                "deliveries dead-lettered: no ordering key or version",
+                extra={"fields": {"sink": self.name, "deliveries": fetched.dead}},
+            )
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -271,9 +318,13 @@ class Sink:
         """Send one batch, judge the result, end the attempt's span, record the outcomes."""
         error: DeliveryError | None = None
         status: int | None = None
+        response: str | None = None
         began = time.monotonic()
         try:
-            status = await sender.send(batch)
+            answer = await sender.send(batch)
+            status, response = (
+                (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
+            )
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
         except BaseException:
@@ -281,6 +332,8 @@ class Sink:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
             raise
         elapsed = time.monotonic() - began
+        if response is not None:
+            response = _scrubbed_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
         outcome = _outcome(outcomes)
@@ -293,7 +346,7 @@ class Sink:
         meter = metrics.current()
         meter.attempts.add(1, {"sink": self.name})
         meter.delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
-        await self._record(batch, outcomes, error)
+        await self._record(batch, outcomes, error, elapsed, response)
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -321,10 +374,23 @@ class Sink:
             cut += 1
         return rows[:cut], rows[cut:]
 
-    async def _record(self, batch: Sequence[Due], outcomes: Outcomes, error: DeliveryError | None) -> None:
+    async def _record(
+        self,
+        batch: Sequence[Due],
+        outcomes: Outcomes,
+        error: DeliveryError | None,
+        latency: float,
+        response: str | None,
+    ) -> None:
         try:
             await self._store.call_until_committed(
-                partial(record_outcomes, outcomes=outcomes), wake=[self.name] if outcomes.retry else ()
+                partial(
+                    self._ordering.record if self._ordering else record_outcomes,
+                    outcomes=outcomes,
+                    latency=latency,
+                    response=response,
+                ),
+                wake=[self.name] if outcomes.retry or self._ordering else (),
             )
         finally:
             self._settled.update(due.rowid for due in batch)
@@ -334,15 +400,14 @@ class Sink:
         _count(self.name, batch, outcomes)
         if self.name in TAPS.taps:
             _tap(self.name, batch, outcomes)
-        if error is not None:
-            level = logging.ERROR if outcomes.dead else logging.WARNING
-            log.log(
-                level,
-                "delivery dead-lettered" if outcomes.dead else "delivery will be retried",
+        log_final_outcomes(self.name, batch, outcomes, latency, response)
+        if outcomes.retry and error is not None:
+            log.warning(
+                "delivery will be retried",
                 extra={
                     "fields": {
                         "sink": self.name,
-                        "deliveries": len(batch),
+                        "deliveries": len(outcomes.retry),
                         "first_delivery_id": batch[0].id,
                         "attempt": batch[0].attempts + 1,
                         "status": error.status,
@@ -350,6 +415,62 @@ class Sink:
                     }
                 },
             )
+
+
+def log_final_outcomes(
+    sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
+) -> None:
+    """One log line per delivery that reached its final outcome: `delivered` (info) or dead (error).
+
+    Each carries the delivery and event ids, the status, the attempt count, the attempt's latency and
+    the time since the delivery was created; the receiver's answer or the error, already scrubbed.
+    """
+    if not (outcomes.dead or (outcomes.delivered and outcome_log.isEnabledFor(logging.INFO))):
+        return
+    rows = {due.rowid: due for due in batch}
+    now = time.time()
+    latency_ms = round(latency * 1000, 1)
+    for rowid, status in outcomes.delivered:
+        due = rows[rowid]
+        fields = {
+            "sink": sink,
+            "delivery_id": due.id,
+            "event_id": due.event_id,
+            "status": status,
+            "attempts": due.attempts + 1,
+            "latency_ms": latency_ms,
+            "age_ms": round((now - due.created_at) * 1000, 1),
+        }
+        if response is not None:
+            fields["response"] = response
+        if outcome_log.isEnabledFor(logging.INFO):
+            outcome_log.info("delivered", extra={"fields": fields})
+    for rowid, status, message in outcomes.dead:
+        due = rows[rowid]
+        outcome_log.error(
+            "delivery dead-lettered",
+            extra={
+                "fields": {
+                    "sink": sink,
+                    "delivery_id": due.id,
+                    "event_id": due.event_id,
+                    "status": status,
+                    "attempts": due.attempts + 1,
+                    "latency_ms": latency_ms,
+                    "age_ms": round((now - due.created_at) * 1000, 1),
+                    "error": message,
+                }
+            },
+        )
+
+
+def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
+    """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return text
+    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
+    return redactor.scrub(text, payloads) or text
 
 
 def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:

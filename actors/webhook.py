@@ -32,10 +32,12 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import ssl
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Protocol, final
+from typing import Final, Protocol, cast, final
 
 import h11
 import msgspec
@@ -46,6 +48,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from daemon import metrics, telemetry
 from daemon.config import ListenerConfig
 from daemon.errors import StoreUnavailable
+from daemon.verify import Unverified, Verified, Verifier
 
 from .connections import ConnectionTable, Slot
 
@@ -60,11 +63,19 @@ IngestResult = tuple[str, bool]
 class Ingest(Protocol):
     """Store one event; return once it is committed (or found to be a duplicate).
 
-    Raises `StoreUnavailable` when the event was not committed.
+    `replay` = (key, until), given only for a verified source: if the key was stored for the
+    source and has not expired, nothing is stored and the answer is `("", True)`; otherwise the
+    key is stored with the event, in the same transaction. Raises `StoreUnavailable` when the
+    event was not committed.
     """
 
     async def __call__(
-        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        replay: tuple[str, float] | None = None,
     ) -> IngestResult: ...
 
 
@@ -76,6 +87,8 @@ class WebhookRoute:
     """The webhook source's name."""
     idempotency_header: str | None
     """Header (any case) whose value de-duplicates deliveries of the same webhook, or None."""
+    verifier: Verifier | None = None
+    """Checks each request's signature or credentials before its body is parsed (`daemon.verify`)."""
 
 
 _Headers = Sequence[tuple[bytes, bytes]]
@@ -125,12 +138,13 @@ _TOO_MANY: Final = (
 class _Route:
     source: str
     header: bytes | None  # lower-cased, as h11 reports header names
+    verifier: Verifier | None
 
 
 def _compile(routes: Mapping[str, WebhookRoute]) -> dict[bytes, _Route]:
     return {
         path.encode(): _Route(
-            r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None
+            r.source, r.idempotency_header.lower().encode() if r.idempotency_header else None, r.verifier
         )
         for path, r in routes.items()
     }
@@ -202,6 +216,7 @@ class WebhookListener:
         overloaded: Callable[[], bool] = lambda: False,
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
         metrics_page: Callable[[], bytes | None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = config
         self._routes = _compile(routes)
@@ -212,6 +227,7 @@ class WebhookListener:
         self._listeners = listeners
         self._metrics_page = metrics_page
         self._table = ConnectionTable(config.max_connections)
+        self._tls = tls
 
     def __repr__(self) -> str:
         return (
@@ -224,6 +240,10 @@ class WebhookListener:
         A request whose path is no longer served by the time its body has arrived gets 404.
         """
         self._routes = _compile(routes)
+
+    def retls(self, context: ssl.SSLContext | None) -> None:
+        """Serve new connections with this TLS context (a reload's certificate); open ones keep theirs."""
+        self._tls = context
 
     @property
     def connections(self) -> int:
@@ -251,21 +271,37 @@ class WebhookListener:
             task_status.started(bound)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        tls = self._tls
         with self._table.admit() as slot:
             if slot is None:
-                await self._refuse(stream)
+                await self._refuse(stream, tls)
                 return
+            served: trio.abc.Stream = stream
             try:
                 with slot.scope:
-                    await self._serve(stream, slot)
+                    if tls is not None:
+                        served = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+                        if not await self._handshake(served):
+                            return
+                    await self._serve(served, slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the peer went away; nothing left to answer
+                pass  # the peer went away (or failed the TLS handshake); nothing left to answer
             except Exception:
                 log.exception("webhook connection failed")
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(served)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream]) -> bool:
+        """The TLS handshake, within `header_timeout`; False (close quietly) if it did not finish."""
+        with trio.move_on_after(self._config.header_timeout):
+            await stream.do_handshake()
+            return True
+        return False
+
+    async def _refuse(self, stream: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
+        if tls is not None:  # a plain-text 503 means nothing to a TLS client: just close
+            await trio.aclose_forcefully(stream)
+            return
         try:
             await stream.send_all(_TOO_MANY)
             await _linger(stream, min(_LINGER_SECONDS, self._config.header_timeout))
@@ -274,7 +310,7 @@ class WebhookListener:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, slot: Slot) -> None:
+    async def _serve(self, stream: trio.abc.Stream, slot: Slot) -> None:
         """Answer requests on one connection until it closes, breaks or times out."""
         config = self._config
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header)
@@ -298,7 +334,7 @@ class WebhookListener:
             await self._fail(conn, stream, status, message)
 
     async def _read_head(
-        self, conn: h11.Connection, stream: trio.SocketStream, deadline: float, idle: bool
+        self, conn: h11.Connection, stream: trio.abc.Stream, deadline: float, idle: bool
     ) -> h11.Request | None:
         """The next request's head, or None when the connection should close (EOF, timeout)."""
         while True:
@@ -315,9 +351,9 @@ class WebhookListener:
                 if conn.trailing_data[0]:
                     await self._fail(conn, stream, 408, "timed out receiving the request head")
                 return None  # nothing of a request yet: close silently
-            conn.receive_data(data)
+            conn.receive_data(cast(bytes, data))  # socket and TLS streams both give bytes
 
-    async def _read_body(self, conn: h11.Connection, stream: trio.SocketStream, keep: bool) -> bytes | None:
+    async def _read_body(self, conn: h11.Connection, stream: trio.abc.Stream, keep: bool) -> bytes | None:
         """The request body (b"" if not `keep`), or None once a 413/408 has been sent."""
         limit = self._config.max_body
         parts: list[bytes] = []
@@ -341,12 +377,12 @@ class WebhookListener:
                 if scope.cancelled_caught:
                     await self._fail(conn, stream, 408, "timed out receiving the request body")
                     return None
-                conn.receive_data(data)
+                conn.receive_data(cast(bytes, data))
             else:
                 return None  # h11 reports a body cut short as RemoteProtocolError; nothing else arrives here
 
     async def _exchange(
-        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, slot: Slot
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, slot: Slot
     ) -> bool:
         """Read the body and answer one request; False when the connection must close."""
         target = request.target
@@ -373,16 +409,21 @@ class WebhookListener:
             await self._fail(conn, stream, 413, f"request body larger than {config.max_body} bytes")
             return False
 
-        refusal: tuple[int, bytes, _Headers] | None = None
+        refusal: _Refusal | None = None
+        verified: Verified | None = None
         if route is None:
             refusal = self._other(request.method, path)
         elif request.method != b"POST":
             refusal = 405, _error(f"method {request.method.decode('latin-1')} not allowed"), _ALLOW_POST
         elif self._paused(route.source):
             refusal = 503, _error(f"source {route.source} is paused"), _RETRY_PAUSED
-        elif not _is_json(content_type):
-            got = content_type.decode("latin-1") if content_type else "none"
-            refusal = 415, _error(f"content type must be application/json, got {got}"), ()
+        else:
+            verifier = route.verifier
+            if verifier is not None and not verifier.needs_body:  # the head decides: before the body
+                refusal, verified = _verify(route, request.headers, b"")
+            if refusal is None and not _is_json(content_type):
+                got = content_type.decode("latin-1") if content_type else "none"
+                refusal = 415, _error(f"content type must be application/json, got {got}"), ()
 
         if conn.they_are_waiting_for_100_continue:
             if refusal is not None:  # answer now rather than read a body we will drop
@@ -392,8 +433,10 @@ class WebhookListener:
         body = await self._read_body(conn, stream, keep=refusal is None)
         if body is None or not slot.busy():
             return False
+        if refusal is None and route is not None and route.verifier is not None and verified is None:
+            refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
         if refusal is not None:
-            if route is not None:
+            if route is not None and refusal[0] != 401:  # a 401 was counted with its reason
                 _rejected(route.source, "paused" if refusal[0] == 503 else _REJECTION_REASONS[refusal[0]])
             await stream.send_all(_response(conn, *refusal))
             return True
@@ -407,7 +450,10 @@ class WebhookListener:
             _rejected(route.source, "overloaded")
             await stream.send_all(_response(conn, 503, _OVERLOADED, _RETRY_OVERLOADED))
             return True
-        await stream.send_all(await self._accept(conn, route.source, path, body, dedup_key, traceparent))
+        replay = (verified.replay_key, verified.replay_until) if verified and verified.replay_key else None
+        await stream.send_all(
+            await self._accept(conn, route.source, path, body, dedup_key, traceparent, replay)
+        )
         return True
 
     async def _accept(
@@ -418,6 +464,7 @@ class WebhookListener:
         body: bytes,
         dedup_key: str | None,
         traceparent: str | None,
+        replay: tuple[str, float] | None = None,
     ) -> bytes:
         """Ingest one event inside its `webhook receive` span (when tracing); the response to send.
 
@@ -425,7 +472,7 @@ class WebhookListener:
         """
         tracer = telemetry.tracer()
         if tracer is None:
-            return await self._store(conn, source, body, dedup_key, traceparent, None)
+            return await self._store(conn, source, body, dedup_key, traceparent, None, replay)
         span = tracer.start_span(
             "webhook receive",
             telemetry.parent_context(traceparent),
@@ -434,7 +481,7 @@ class WebhookListener:
         )
         with trace.use_span(span, end_on_exit=True):
             own = telemetry.format_traceparent(span.get_span_context())
-            return await self._store(conn, source, body, dedup_key, own, span)
+            return await self._store(conn, source, body, dedup_key, own, span, replay)
 
     async def _store(
         self,
@@ -444,6 +491,7 @@ class WebhookListener:
         dedup_key: str | None,
         traceparent: str | None,
         span: Span | None,
+        replay: tuple[str, float] | None = None,
     ) -> bytes:
         """Validate and ingest one event; the response to send."""
         status, answer, headers = 202, b"", _NO_HEADERS
@@ -454,7 +502,10 @@ class WebhookListener:
             status, answer = 400, _error(f"malformed JSON: {exc}")
         else:
             try:
-                event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+                if replay is None:
+                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
+                else:
+                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent, replay)
             except StoreUnavailable:
                 status, answer = 503, _error("store unavailable, event not accepted; retry")
                 headers = _RETRY_STORE
@@ -462,12 +513,15 @@ class WebhookListener:
                 log.exception("webhook ingest failed for source %s", source)
                 status, answer = 500, _error("internal error, event not accepted")
             else:
-                if duplicate:
+                if duplicate and not event_id:
+                    status, answer = 401, _unauthorized(_REPLAYED)
+                    _rejected(source, _REPLAYED.reason)
+                elif duplicate:
                     status, answer = 200, _encode({"id": event_id, "duplicate": True})
                 else:
                     status, answer = 202, _encode({"id": event_id})
                     metrics.current().received[source] += 1
-        if status >= 400:
+        if status >= 400 and status != 401:
             _rejected(source, _REJECTION_REASONS[status])
         if span is not None:
             span.set_attribute("http.response.status_code", status)
@@ -495,7 +549,7 @@ class WebhookListener:
     async def _fail(
         self,
         conn: h11.Connection,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         status: int,
         message: str = "",
         *,
@@ -509,19 +563,44 @@ class WebhookListener:
         await _linger(stream, _LINGER_SECONDS)
 
 
+_Refusal = tuple[int, bytes, _Headers]
+_REPLAYED: Final = Unverified("replayed", "request already received (replay)")
+
+
+def _unauthorized(failure: Unverified) -> bytes:
+    return _encode({"error": failure.message, "reason": failure.reason})
+
+
+def _verify(route: _Route, headers: _Headers, body: bytes) -> tuple[_Refusal | None, Verified | None]:
+    """Run the route's verifier: (None, verified) if the request passes, else (401 refusal, None).
+
+    A failure is counted (`ferry.events.rejected{reason}`) here; its answer names the check that
+    failed, never a secret or an expected value.
+    """
+    assert route.verifier is not None
+    try:
+        return None, route.verifier.check(headers, body, time.time())
+    except Unverified as failure:
+        _rejected(route.source, failure.reason)
+        challenge = route.verifier.challenge
+        extra: _Headers = ((b"www-authenticate", challenge),) if challenge else ()
+        return (401, _unauthorized(failure), extra), None
+
+
 def _rejected(source: str, reason: str) -> None:
     """Count a request for `source` answered with an error."""
     metrics.current().events_rejected.add(1, {"source": source, "reason": reason})
 
 
-async def _linger(stream: trio.SocketStream, seconds: float) -> None:
+async def _linger(stream: trio.abc.Stream, seconds: float) -> None:
     """Half-close, then discard what the peer still sends (bounded), so it reads our answer.
 
     Closing a socket with unread input makes the kernel send a RST, which can destroy
-    the response before the client reads it.
+    the response before the client reads it. (A TLS stream cannot half-close: it only drains.)
     """
     with trio.move_on_after(seconds):
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         drained = 0
         while drained < _LINGER_BYTES:
             data = await stream.receive_some(_CHUNK)

@@ -158,7 +158,7 @@ def open_text(conn: Any, stored: bytes | str, _what: str = "") -> str:
 
 def _in_use(conn: sqlite3.Connection, kid: str) -> bool:
     head = PREFIX + kid.encode() + b"."
-    for table, column in (("events", "payload"), ("auth_tokens", "token")):
+    for table, column in (("events", "payload"), ("auth_tokens", "token"), ("window_events", "payload")):
         row = conn.execute(
             f"SELECT 1 FROM {table} WHERE substr({column}, 1, ?) = ? LIMIT 1", (len(head), head)
         ).fetchone()

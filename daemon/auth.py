@@ -44,6 +44,7 @@ lets the next caller try again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -305,11 +306,33 @@ def _endpoint(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
+def credential_values(headers: Mapping[str, str], query: Mapping[str, str]) -> list[str]:
+    """Every form in which the credentials sent may come back in a receiver's answer."""
+    values = [*query.values()]
+    for value in headers.values():
+        values.append(value)
+        scheme, _, rest = value.partition(" ")
+        if rest:
+            values.append(rest)
+            if scheme.lower() == "basic":
+                with contextlib.suppress(ValueError):
+                    values.extend(base64.b64decode(rest).decode().split(":", 1)[1:])
+    return values
+
+
+def scrub_error(error: DeliveryError, secrets: Iterable[str]) -> DeliveryError:
+    """`error` with every value of `secrets` (and its URL-encoded form) replaced by `***`."""
+    message = str(error)
+    scrubbed = scrub(message, secrets)
+    if scrubbed == message:
+        return error
+    return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` cut short, with every secret value (and its URL-encoded form) replaced by `***`."""
-    text = text[:_MAX_TEXT]
-    for secret in secrets:
-        if secret:
+    """`text` with every secret value (and its URL-encoded form) replaced by `***`."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
             text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
     return text
 
@@ -347,7 +370,9 @@ async def request_token(
                 reason += f": {error.error_description}"
         except msgspec.DecodeError:
             pass
-        raise RetryableDelivery(f"{where} failed: {scrub(reason, secrets)}", status=response.status)
+        raise RetryableDelivery(
+            f"{where} failed: {scrub(reason[:_MAX_TEXT], secrets)}", status=response.status
+        )
     try:
         answer = msgspec.json.decode(response.body, type=_TokenAnswer)
     except msgspec.DecodeError as exc:

@@ -65,6 +65,8 @@ def _run(path: str, level: str | None) -> int:
     redactor = Redactor.build(config.telemetry.mask, [*sink_secrets(config.sinks), *secrets.values(config)])
     masking.install(redactor)
     setup_logging(level or config.telemetry.log_level, redactor)
+    if config.telemetry.log_outcomes == "dead":
+        logging.getLogger("ferry.sink.outcome").setLevel(logging.ERROR)
     for warning in loaded.warnings:
         log.warning("config warning", extra={"fields": {"warning": warning}})
     from .app import serve

@@ -57,7 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import metrics, ops, outbox
+from . import confirmations, metrics, ops, outbox
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
     MUTATING,
@@ -69,6 +69,7 @@ from .control import (
     DlqRetryRequest,
     DlqShowRequest,
     DrainRequest,
+    EventRequest,
     PauseRequest,
     Peer,
     ReloadRequest,
@@ -81,6 +82,8 @@ from .control import (
 from .errors import StoreUnavailable
 from .masking import Redactor, decode_payload, sink_secrets
 from .ops import AuditRow, DeadFilter, DeadLetter
+from .poll import PollStatus
+from .ratelimit import RateLimitStatus
 from .reload import ReloadResult, config_sha256, reload
 from .tap import TAPS, Record
 
@@ -145,6 +148,9 @@ class StatusResult(Struct, frozen=True):
     stages: dict[str, StageStatus]
     received_per_s: float | None = None  # over the last minute; None until sampled twice
     delivered_per_s: float | None = None
+    polls: dict[str, PollStatus] = {}  # per poll source (docs/polling.md)
+    rate_limits: dict[str, RateLimitStatus] = {}
+    guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/guard.py)
 
 
 class PauseResult(Struct, frozen=True):
@@ -187,6 +193,7 @@ class SinkCounters(Struct, frozen=True):
     delivered: int
     retried: int
     dead: int
+    stale: int = 0  # dropped by `ordering`: an older version than one already delivered
 
 
 class Latency(Struct, frozen=True):
@@ -324,6 +331,8 @@ class Commands:
                     partial(ops.purge_dead, selection=self._selection(request), dry_run=request.dry_run)
                 )
                 return DlqPurgeResult(purged, request.dry_run)
+            case EventRequest(id=event_id):
+                return await self._event(event_id)
             case StatsRequest():
                 return await self._stats()
             case AuditRequest(limit=limit):
@@ -357,6 +366,33 @@ class Commands:
                 outcome=outcome,
             )
         )
+
+    async def _event(self, event_id: str) -> confirmations.EventReport:
+        """`ferry ctl event`: payloads masked, and their masked values gone from answers and errors."""
+        report: confirmations.EventReport | None = await self._store_call(
+            partial(confirmations.event_outcomes, event_id=event_id)
+        )
+        if report is None:
+            raise CommandError(f"no stored event with id {event_id!r} (or derived from it)")
+        redactor = self._redactor
+        if not (redactor.rules or redactor.secrets):
+            return report
+        events = [
+            msgspec.structs.replace(
+                event,
+                payload=redactor.mask(event.payload),
+                deliveries=[
+                    msgspec.structs.replace(
+                        delivery,
+                        response=redactor.scrub(delivery.response, event.payload),
+                        error=redactor.scrub(delivery.error, event.payload),
+                    )
+                    for delivery in event.deliveries
+                ],
+            )
+            for event in report.events
+        ]
+        return msgspec.structs.replace(report, events=events)
 
     def _masked(self, letter: DeadLetter) -> DeadLetter:
         """A dead letter as shown: payload masked, secrets and masked values gone from its error."""
@@ -461,7 +497,23 @@ class Commands:
             stages=stages,
             received_per_s=None if received_rate is None else round(received_rate, 2),
             delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
+            polls={
+                name: actor.status()
+                for name, actor in self._running.actors.items()
+                if name in config.sources and callable(getattr(actor, "status", None))
+            },
+            rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
+            guards=self._guards(),
         )
+
+    def _guards(self) -> dict[str, Any]:
+        """Each http sink's admission state: concurrency limit, circuit breaker per URL."""
+        guards = {}
+        for name in self._config.sinks:
+            guard = getattr(self._running.actors.get(name), "guard", None)
+            if guard is not None:
+                guards[name] = guard.status()
+        return guards
 
     async def _stats(self) -> StatsResult:
         counts = await self._store_call(outbox.counts)
@@ -470,7 +522,8 @@ class Commands:
         for name in self._config.sinks:
             sink = self._running.actors.get(name)
             if sink is not None:
-                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead)
+                stale = getattr(sink, "stale", 0)
+                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, stale)
         latency = {}
         for name in self._config.sinks:
             samples = sorted(await self._store_call(partial(ops.delivery_latencies, stage=name)))

@@ -27,7 +27,10 @@ from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from .config_poll import PollSourceConfig, poll_errors
+from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from .config_verify import ListenerTlsConfig, VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
@@ -114,6 +117,13 @@ class ListenerConfig(Section, frozen=True):
     idle_timeout: Annotated[
         Duration, Meta(description="How long a keep-alive connection may sit idle between requests.")
     ] = default(Duration(60))
+    tls: Annotated[
+        ListenerTlsConfig | None,
+        Meta(
+            description="Serve HTTPS with this certificate and key (table below); a reload re-reads "
+            "them (the one `[listener]` key a reload applies). Unset: plain HTTP."
+        ),
+    ] = None
 
 
 class ControlConfig(Section, frozen=True):
@@ -217,6 +227,14 @@ class TelemetryConfig(Section, frozen=True):
         Literal["debug", "info", "warning", "error"],
         Meta(description="Lowest level logged to stderr (`ferry run --log-level` overrides it)."),
     ] = "info"
+    log_outcomes: Annotated[
+        Literal["all", "dead"],
+        Meta(
+            description="`all`: one log line per delivery's final outcome (`delivered` at info, "
+            "`delivery dead-lettered` at error). `dead`: dead letters only; each line costs ~15 us, "
+            "which matters to batching sinks past ~10k deliveries/s (transforms.md#confirmation)."
+        ),
+    ] = "all"
     mask: Annotated[
         list[Annotated[str, Meta(pattern=RULE_PATTERN)]],
         Meta(
@@ -241,9 +259,16 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
             "a repeat answers the original event id and stores nothing. Empty to disable."
         ),
     ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
 
 
-SourceConfig = WebhookSourceConfig
+SourceConfig = WebhookSourceConfig | PollSourceConfig
 
 
 class TransformConfig(Section, frozen=True):
@@ -272,6 +297,13 @@ class TransformConfig(Section, frozen=True):
         AggregateConfig | None,
         Meta(description="Group outputs into tumbling windows and emit one event per window."),
     ] = None
+    enrich: Annotated[
+        EnrichConfig | None,
+        Meta(
+            description="An HTTP lookup per event, merged in by jq before `schema`, `filter` and `map` "
+            "(docs/enrichment-and-ordering.md)."
+        ),
+    ] = None
 
 
 class RetryConfig(Section, frozen=True):
@@ -297,6 +329,13 @@ class BatchConfig(Section, frozen=True):
     max_wait: Annotated[
         Duration, Meta(description="How long a partial batch waits for more deliveries before it is sent.")
     ] = default(Duration(0.05))
+    envelope: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        Meta(
+            description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
+            "HubSpot's batch APIs).",
+        ),
+    ] = None
 
 
 class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
@@ -352,6 +391,14 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     retry: RetryConfig = default(RetryConfig())
     batch: Annotated[
         BatchConfig | None, Meta(description="Send JSON arrays; omit for one request per event.")
+    ] = None
+    ordering: Annotated[
+        OrderingConfig | None,
+        Meta(
+            description='Per-key ordering and conflict resolution: `{ key = ".email", version = '
+            '".updated_at", compare = "rfc3339" }`; older versions are dropped as stale '
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
     auth: Annotated[
         AuthConfig | None, Meta(description="Authentication of each request (docs/security.md).")
@@ -500,6 +547,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     if errors:
         raise ConfigError(errors)
     if read_secrets:
+        errors.extend(_verifier_errors(config))
         from .auth import secret_errors
 
         errors.extend(secret_errors(config.store.encryption, _outbound(config)))
@@ -508,11 +556,32 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     return config
 
 
+def _verifier_errors(config: Config) -> Iterator[str]:
+    """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
+    from .tls_server import server_context
+    from .verify import build
+
+    try:
+        server_context(config.listener.tls)
+    except ConfigError as exc:
+        yield from exc.problems
+
+    for name, source in config.sources.items():
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None:
+            try:
+                build(source.verify, f"$.sources.{name}.verify")
+            except ConfigError as exc:
+                yield from exc.problems
+
+
 def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfig | None]]:
     """Every component that calls out over HTTP: (TOML path, its auth, its tls)."""
     for name, sink in config.sinks.items():
         if isinstance(sink, HttpSinkConfig):
             yield f"$.sinks.{name}", sink.auth, sink.tls
+    for name, source in config.sources.items():
+        if isinstance(source, PollSourceConfig):
+            yield f"$.sources.{name}", source.auth, source.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -559,13 +628,17 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     yield from _cycle_errors(config)
     seen_paths: dict[str, str] = {}
     for name, source in config.sources.items():
-        if isinstance(source, WebhookSourceConfig):
+        if isinstance(source, PollSourceConfig):
+            yield from poll_errors(name, source)
+        elif isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
             if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
             elif path in seen_paths:
                 yield f"$.sources.{name}.path: {path} is already served by source {seen_paths[path]!r}"
             seen_paths[path] = name
+            if source.verify is not None:
+                yield from verify_errors(f"$.sources.{name}.verify", source.verify)
     for name, transform in config.transforms.items():
         for key in ("map", "filter"):
             program = getattr(transform, key)
@@ -575,9 +648,13 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
         yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
+        if transform.enrich is not None:
+            yield from check_enrich(f"$.transforms.{name}", transform.enrich, config.rate_limits)
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
+        if isinstance(sink, HttpSinkConfig) and sink.ordering is not None:
+            yield from check_ordering(f"$.sinks.{name}", sink.ordering)
         if isinstance(sink, HttpSinkConfig):
             if (sink.url is None) == (not sink.urls):
                 yield f"$.sinks.{name}.url: give either `url` or `urls` (a list), not both or neither"
@@ -638,6 +715,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else resolve_tls(sink, resolve)
         for name, sink in config.sinks.items()
     }
+    tls = config.listener.tls
+    sources = {
+        name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
+        if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else resolve_tls(source, resolve)
+        if isinstance(source, PollSourceConfig)
+        else source
+        for name, source in config.sources.items()
+    }
     transforms = {
         name: msgspec.structs.replace(transform, schema=resolve(transform.schema))
         if isinstance(transform.schema, str)
@@ -647,6 +733,10 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return msgspec.structs.replace(
         config,
         store=msgspec.structs.replace(config.store, path=resolve(config.store.path)),
+        listener=msgspec.structs.replace(
+            config.listener, tls=msgspec.structs.replace(tls, cert=resolve(tls.cert)) if tls else None
+        ),
+        sources=sources,
         control=msgspec.structs.replace(config.control, socket=resolve(config.control.socket)),
         sinks=sinks,
         transforms=transforms,

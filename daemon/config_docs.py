@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import types
 import typing
+from inspect import cleandoc
 from typing import Any
 
 import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_auth, config_transforms
+from . import config_auth, config_poll, config_transforms
 from . import config_limits as limits
+from .config_sync import EnrichConfig, LookupRetryConfig, OrderingConfig
+from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
 from .units import Duration, Size
 
@@ -34,6 +37,8 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
+    *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
@@ -41,6 +46,9 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("ordering = { … } (in an http sink)", OrderingConfig),
+    ("enrich = { … } (in a transform)", EnrichConfig),
+    ("retry = { … } (in a transform's enrich)", LookupRetryConfig),
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),
@@ -112,7 +120,7 @@ def render() -> str:
         info = inspect.type_info(struct)
         assert isinstance(info, inspect.StructType)
         parts.append(
-            f"\n## `{title}`\n\n{(struct.__doc__ or '').strip()}\n\n"
+            f"\n## `{title}`\n\n{cleandoc(struct.__doc__ or '')}\n\n"
             "| key | type | default | meaning |\n|---|---|---|---|"
         )
         for field in info.fields:

@@ -118,6 +118,12 @@ class DlqPurgeRequest(_DeadSelection, frozen=True, tag="dlq.purge"):
     dry_run: bool = False
 
 
+class EventRequest(_Request, frozen=True, tag="event"):
+    """One event, the events derived from it, and each one's delivery outcomes."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=300)]
+
+
 class StatsRequest(_Request, frozen=True, tag="stats"):
     """Counts by outcome per stage and failures by last status."""
 
@@ -168,6 +174,7 @@ Request = (
     | DlqShowRequest
     | DlqRetryRequest
     | DlqPurgeRequest
+    | EventRequest
     | StatsRequest
     | AuditRequest
     | DrainRequest

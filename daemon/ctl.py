@@ -175,9 +175,10 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     replay.add_argument("--to", metavar="SINK", help="only this sink (default: every sink downstream)")
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
-    from . import ctl_live
+    from . import ctl_event, ctl_live
 
     ctl_live.configure(commands)
+    ctl_event.configure(commands)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:
@@ -232,6 +233,10 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         return _replay(client, args, out)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
+    elif command == "event":
+        from . import ctl_event
+
+        emit(client.request("event", id=args.id), lambda result, out: ctl_event.show(result, out, args))
     elif command in ("tap", "top"):
         from . import ctl_live
 
@@ -399,6 +404,71 @@ def _show_status(status: Any, out: TextIO) -> None:
             for name, s in status["stages"].items()
         ],
     )
+    polls = status.get("polls") or {}
+    if polls:
+        out.write("\n")
+        _table(
+            out,
+            ["SOURCE", "STATE", "NEXT IN", "ITEMS", "REPEATS", "304s", "FAILURES", "MARK", "LAST ERROR"],
+            [
+                (
+                    name,
+                    p["state"] + (" (listing)" if p["listing"] else "") + (" (job)" if p["job"] else ""),
+                    "-" if p["next_poll_in_s"] is None else f"{p['next_poll_in_s']:.1f}s",
+                    p["items"],
+                    p["duplicates"],
+                    p["not_modified"],
+                    p["failures"],
+                    p["mark"] or "-",
+                    _short(p["last_error"]),
+                )
+                for name, p in polls.items()
+            ],
+        )
+    _show_limits(status, out)
+
+
+def _show_limits(status: Any, out: TextIO) -> None:
+    """The rate-limit budgets and each http sink's concurrency and breakers (docs/limits.md)."""
+    budgets = status.get("rate_limits") or {}
+    if budgets:
+        out.write("\n")
+        _table(
+            out,
+            ["RATE LIMIT", "BUDGET", "BURST", "AVAILABLE", "WAITING", "PAUSED", "GRANTED"],
+            [
+                (
+                    name,
+                    f"{b['rate']:g}/{b['per_s']:g}s",
+                    b["burst"],
+                    f"{b['available']:g}",
+                    b["waiting"],
+                    f"{b['paused_for_s']:g}s" if b["paused_for_s"] else "-",
+                    ", ".join(f"{user} {count}" for user, count in b["granted"].items()) or "-",
+                )
+                for name, b in budgets.items()
+            ],
+        )
+    guards = status.get("guards") or {}
+    if guards:
+        out.write("\n")
+        rows = []
+        for name, g in guards.items():
+            limit = f"{g['concurrency']}{' (adaptive)' if g['adaptive'] else ''}"
+            for index, e in enumerate(g["endpoints"]):
+                retry = f" (probe in {e['retry_in_s']:g}s)" if e["retry_in_s"] is not None else ""
+                first = index == 0
+                rows.append(
+                    (
+                        name if first else "",
+                        limit if first else "",
+                        g["in_flight"] if first else "",
+                        e["url"],
+                        e["state"] + retry,
+                        e["opens"],
+                    )
+                )
+        _table(out, ["SINK", "CONCURRENCY", "IN FLIGHT", "URL", "BREAKER", "OPENED"], rows)
 
 
 def _show_pause(result: Any, out: TextIO) -> None:
@@ -464,10 +534,14 @@ def _show_purge(result: Any, out: TextIO) -> None:
 
 
 def _show_stats(result: Any, out: TextIO) -> None:
+    stale = any("stale" in c for c in result["stages"].values())
     _table(
         out,
-        ["STAGE", "PENDING", "DELIVERED", "DEAD"],
-        [(name, c["pending"], c["delivered"], c["dead"]) for name, c in result["stages"].items()],
+        ["STAGE", "PENDING", "DELIVERED", "DEAD", *(["STALE"] if stale else [])],
+        [
+            (name, c["pending"], c["delivered"], c["dead"], *([c.get("stale", 0)] if stale else []))
+            for name, c in result["stages"].items()
+        ],
     )
     if result["failures"]:
         out.write("\n")
@@ -490,8 +564,11 @@ def _show_stats(result: Any, out: TextIO) -> None:
         out.write("\nsince start:\n")
         _table(
             out,
-            ["SINK", "DELIVERED", "RETRIED", "DEAD"],
-            [(name, c["delivered"], c["retried"], c["dead"]) for name, c in result["since_start"].items()],
+            ["SINK", "DELIVERED", "RETRIED", "DEAD", *(["STALE"] if stale else [])],
+            [
+                (name, c["delivered"], c["retried"], c["dead"], *([c.get("stale", 0)] if stale else []))
+                for name, c in result["since_start"].items()
+            ],
         )
 
 

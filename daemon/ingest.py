@@ -87,17 +87,25 @@ class IngestBatcher:
         )
 
     async def __call__(
-        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        replay: tuple[str, float] | None = None,
     ) -> tuple[str, bool]:
-        """Store one event; with tracing, inside a `store commit` span, child of `traceparent`."""
+        """Store one event; with tracing, inside a `store commit` span, child of `traceparent`.
+
+        `replay` (key, until): see `outbox.insert_events`; a replay answers `("", True)`.
+        """
         tracer = telemetry.tracer()
         if tracer is None:
-            return await self._commit(source, body, dedup_key, traceparent)
+            return await self._commit(source, body, dedup_key, traceparent, replay)
         span = tracer.start_span(
             "store commit", telemetry.parent_context(traceparent), attributes={"ferry.source": source}
         )
         try:
-            event_id, duplicate = await self._commit(source, body, dedup_key, traceparent)
+            event_id, duplicate = await self._commit(source, body, dedup_key, traceparent, replay)
             span.set_attribute("ferry.event_id", event_id)
             span.set_attribute("ferry.duplicate", duplicate)
         except BaseException as exc:
@@ -108,10 +116,16 @@ class IngestBatcher:
         return event_id, duplicate
 
     async def _commit(
-        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        replay: tuple[str, float] | None,
     ) -> tuple[str, bool]:
         waiter = _Waiter()
-        self._pending.append((Incoming(source, body, traceparent, self._sinks[source], dedup_key), waiter))
+        incoming = Incoming(source, body, traceparent, self._sinks[source], dedup_key, replay)
+        self._pending.append((incoming, waiter))
         self._wakeup.set()
         self.waiting += 1
         try:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .at_rest import cipher_of
-from .schema import DEAD, DELIVERED, PENDING
+from .schema import DEAD, DELIVERED, PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
 
@@ -119,7 +119,7 @@ def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] 
         event_id=event_id,
         payload=decoded,
     )
-    return ("pending", "delivered", "dead")[state], letter
+    return STATE_NAMES[state], letter
 
 
 def retry_dead(conn: Connection, selection: DeadFilter) -> dict[str, int]:

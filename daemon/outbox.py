@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .at_rest import cipher_of
-from .schema import DEAD, DELIVERED, PENDING
+from .schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
 
 Connection = sqlite3.Connection
 
@@ -111,6 +111,8 @@ class Incoming(NamedTuple):
     trace: str | None
     sinks: Sequence[str]
     dedup_key: str | None = None
+    replay: tuple[str, float] | None = None
+    """(key, until) of a verified webhook: refused while the key is remembered (`insert_events`)."""
 
 
 def insert_events(
@@ -121,6 +123,10 @@ def insert_events(
     An event whose `dedup_key` was seen for its stream within `dedup_window`
     (earlier, or earlier in this same call) stores nothing and returns the
     original event's id.
+
+    An event whose `replay` key is remembered for its stream (earlier and not yet past its
+    `until`, or earlier in this same call) stores nothing and returns `("", True)`; otherwise
+    its key is remembered, in this same transaction, so a failed commit forgets it too.
     """
     now = time.time()
     seq = last_seq(conn)
@@ -128,8 +134,12 @@ def insert_events(
     events: list[tuple[int, str, str, bytes, str | None, float]] = []
     deliveries: list[tuple[str, int, str, float, float]] = []
     keys: dict[tuple[str, str], str] = {}
+    replays: dict[tuple[str, str], float] = {}
     cipher = cipher_of(conn)
-    for stream, payload, trace, sinks, dedup_key in incoming:
+    for stream, payload, trace, sinks, dedup_key, replay in incoming:
+        if replay is not None and _replayed(conn, stream, replay[0], now, replays):
+            results.append(("", True))
+            continue
         if dedup_key is not None:
             original = keys.get((stream, dedup_key))
             if original is None:
@@ -148,6 +158,8 @@ def insert_events(
         deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
+        if replay is not None:
+            replays[(stream, replay[0])] = replay[1]
         results.append((event_id, False))
     insert_rows(conn, _INSERT_EVENT, events)
     insert_rows(conn, _INSERT_DELIVERY, deliveries)
@@ -156,7 +168,21 @@ def insert_events(
             "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
             [(stream, key, event_id, now) for (stream, key), event_id in keys.items()],
         )
+    if replays:
+        conn.executemany(
+            "INSERT OR REPLACE INTO replay_keys VALUES (?, ?, ?)",
+            [(stream, key, until) for (stream, key), until in replays.items()],
+        )
     return results
+
+
+def _replayed(
+    conn: Connection, stream: str, key: str, now: float, batch: dict[tuple[str, str], float]
+) -> bool:
+    if (stream, key) in batch:
+        return True
+    row = conn.execute("SELECT until FROM replay_keys WHERE source = ? AND key = ?", (stream, key)).fetchone()
+    return row is not None and row[0] >= now
 
 
 def insert_event(
@@ -275,8 +301,14 @@ class Outcomes(NamedTuple):
     dead: list[tuple[int, int | None, str]]  # (rowid, status, error)
 
 
-def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
-    """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt."""
+def record_outcomes(
+    conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+) -> None:
+    """Mark attempts delivered, scheduled for retry, or dead; each counts one attempt.
+
+    `latency` (seconds the attempt took) and `response` (an excerpt of the receiver's answer)
+    describe the attempt all of these rows went out in; they replace the previous attempt's.
+    """
     now = time.time()
     by_status: dict[int | None, list[int]] = {}
     for rowid, status in outcomes.delivered:
@@ -286,18 +318,19 @@ def record_outcomes(conn: Connection, outcomes: Outcomes) -> None:
             chunk = rowids[start : start + 500]
             conn.execute(
                 f"UPDATE deliveries SET state = {DELIVERED}, attempts = attempts + 1, finished_at = ?, "
-                f"last_status = ?, last_error = NULL WHERE rowid IN ({','.join('?' * len(chunk))})",
-                [now, status, *chunk],
+                "last_status = ?, last_error = NULL, last_latency = ?, last_response = ? "
+                f"WHERE rowid IN ({','.join('?' * len(chunk))})",
+                [now, status, latency, response, *chunk],
             )
     conn.executemany(
-        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, last_error = ? "
-        "WHERE rowid = ?",
-        [(at, status, error, rowid) for rowid, at, status, error in outcomes.retry],
+        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
+        "last_error = ?, last_latency = ?, last_response = ? WHERE rowid = ?",
+        [(at, status, error, latency, response, rowid) for rowid, at, status, error in outcomes.retry],
     )
     conn.executemany(
         f"UPDATE deliveries SET state = {DEAD}, attempts = attempts + 1, finished_at = ?, last_status = ?, "
-        "last_error = ? WHERE rowid = ?",
-        [(now, status, error, rowid) for rowid, status, error in outcomes.dead],
+        "last_error = ?, last_latency = ?, last_response = ? WHERE rowid = ?",
+        [(now, status, error, latency, response, rowid) for rowid, status, error in outcomes.dead],
     )
 
 
@@ -320,11 +353,13 @@ def prune(
     """
     now = time.time()
     cutoff = now - retention
-    removed = conn.execute(
-        f"DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = {DELIVERED} "
-        "AND finished_at < ? LIMIT ?)",
-        (cutoff, limit),
-    ).rowcount
+    removed = 0
+    for finished in (DELIVERED, STALE):  # one partial index each: deliveries_done, deliveries_stale
+        removed += conn.execute(
+            f"DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = {finished} "
+            "AND finished_at < ? LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
     kept_since = now - max(retention, archive)
     positions = dict(conn.execute("SELECT name, position FROM cursors").fetchall())
     for stream, names in readers.items():
@@ -336,6 +371,10 @@ def prune(
             (stream, upto, kept_since, limit),
         ).rowcount
     removed += conn.execute("DELETE FROM dedup WHERE created_at < ?", (now - dedup_window,)).rowcount
+    removed += conn.execute(
+        "DELETE FROM replay_keys WHERE rowid IN (SELECT rowid FROM replay_keys WHERE until < ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
     return removed
 
 
@@ -345,11 +384,13 @@ def pending_total(conn: Connection) -> int:
 
 
 def counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`."""
-    names = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
+    """Deliveries per stage and state: `{"crm": {"pending": 3, "delivered": 10, "dead": 1}}`.
+
+    `stale` (sinks with `ordering`) appears only for a stage that has such rows.
+    """
     result: dict[str, dict[str, int]] = {}
     for stage, state, count in conn.execute(
         "SELECT stage, state, count(*) FROM deliveries GROUP BY stage, state"
     ).fetchall():
-        result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[names[state]] = count
+        result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[STATE_NAMES[state]] = count
     return result

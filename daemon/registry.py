@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.enricher import Enricher
 from actors.file_sink import FileSender
 from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
+from actors.poller import Poller
 from actors.sink import Sender, Sink
 from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
 
 from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from .ordering import Ordering
 from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
-__all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = ["Enricher", "Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 
@@ -34,6 +37,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
         )
         factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
+        ordering = Ordering(config.ordering) if config.ordering is not None else None
         return Sink(
             name,
             store,
@@ -41,6 +45,7 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             retry=config.retry,
             concurrency=config.max_concurrency,
             batch=config.batch,
+            ordering=ordering,
             guard=guard,
         )
     if isinstance(config, FileSinkConfig):

@@ -6,20 +6,30 @@ Tables:
     events      every event a source or transform produced; `seq` orders them (AUTOINCREMENT, so a
                 pruned seq is never reused and transform cursors stay valid)
     deliveries  one row per (event, stage): a sink's delivery, or a transform's dead letter.
-                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key
+                state 0 pending, 1 delivered, 2 dead; `id` is the stable idempotency key;
+                `last_latency` (s) and `last_response` (an excerpt) describe the last attempt
     cursors     each transform's position in the events it reads
     dedup       webhook idempotency keys seen per source
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
     auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
     store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
+    replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
+    windows     an aggregating transform's open windows: group key (JSON), opened at, size
+    window_events  the events in each open window, in order, with the id their output will take
+    key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
+    poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
+
+A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
+end in state 3, stale: never sent, because a newer version of its record was delivered first.
 """
 
 from __future__ import annotations
 
 APPLICATION_ID = 0x46455259  # "FERY": marks the file as ferry's
 
-PENDING, DELIVERED, DEAD = 0, 1, 2
+PENDING, DELIVERED, DEAD, STALE = 0, 1, 2, 3
+STATE_NAMES = ("pending", "delivered", "dead", "stale")
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -92,5 +102,75 @@ MIGRATIONS: list[list[str]] = [
             updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
         "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
+    ],
+    [
+        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
+        """CREATE TABLE replay_keys (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until REAL NOT NULL,
+            PRIMARY KEY (source, key)
+        )""",
+        "CREATE INDEX replay_keys_until ON replay_keys(until)",
+    ],
+    [
+        # Per-key ordering (daemon/ordering.py). Both indexes are partial: rows of sinks without
+        # `ordering` never enter them, so the unordered path maintains nothing new.
+        "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+        "ALTER TABLE deliveries ADD COLUMN order_version",  # no affinity: REAL or TEXT as stored
+        "ALTER TABLE deliveries ADD COLUMN order_claimed INTEGER",  # 1 once handed to the sender
+        "CREATE INDEX deliveries_by_key ON deliveries(stage, order_key, order_version) "
+        "WHERE state = 0 AND order_key IS NOT NULL",
+        "CREATE INDEX deliveries_stale ON deliveries(finished_at) WHERE state = 3",
+        """CREATE TABLE key_versions (
+            stage TEXT NOT NULL,
+            key TEXT NOT NULL,
+            version NOT NULL,
+            delivered_at REAL NOT NULL,
+            PRIMARY KEY (stage, key)
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # Confirmation: what the receiver answered to the last attempt, and how long it took.
+        "ALTER TABLE deliveries ADD COLUMN last_latency REAL",
+        "ALTER TABLE deliveries ADD COLUMN last_response TEXT",
+        # Aggregation windows (daemon/windows.py): open windows and the events in them.
+        """CREATE TABLE windows (
+            transform TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (transform, id)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE window_events (
+            transform TEXT NOT NULL,
+            window INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            trace TEXT,
+            PRIMARY KEY (transform, window, n)
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # One row per poll source; its keys share the `dedup` table with webhook sources.
+        """CREATE TABLE poll_state (
+            source TEXT PRIMARY KEY,
+            mark TEXT,
+            etag TEXT,
+            last_modified TEXT,
+            validated_url TEXT,
+            next_url TEXT,
+            cycle_mark TEXT,
+            cycle_etag TEXT,
+            cycle_last_modified TEXT,
+            cycle_url TEXT,
+            pages INTEGER NOT NULL DEFAULT 0,
+            job TEXT,
+            cycles INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
     ],
 ]

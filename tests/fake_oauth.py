@@ -39,8 +39,14 @@ class TokenServer:
     delay: float = 0.0
     fail_with: Reply | None = None
     public_key: Any = None
+    prefix: str = "access-"
+    """Issued access tokens are `PREFIX` + a number."""
     requests: list[dict[str, str]] = field(default_factory=list)
     issued: list[Issued] = field(default_factory=list)
+    deny: bool = False
+    """`api` refuses every request (401) however valid its token."""
+    refused: list[str] = field(default_factory=list)
+    """The Authorization of every request `api` answered 401."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> TokenServer:
@@ -76,7 +82,7 @@ class TokenServer:
                     return _error(400, "invalid_grant", "refresh token unknown or already used")
                 if self.rotate:
                     self.refresh_tokens.discard(form["refresh_token"])
-                    new_refresh = f"refresh-{len(self.requests)}-rotated"
+                    new_refresh = f"{self.prefix}refresh-{len(self.requests)}-rotated"
                     self.refresh_tokens.add(new_refresh)
         elif grant == "urn:ietf:params:oauth:grant-type:jwt-bearer":
             import jwt
@@ -94,7 +100,7 @@ class TokenServer:
             return _error(400, "unsupported_grant_type", str(grant))
         now = time.time()
         with self.lock:
-            token = f"access-{len(self.issued) + 1}"
+            token = f"{self.prefix}{len(self.issued) + 1}"
             lifetime = self.expires_in if self.expires_in is not None else 10**9
             self.issued.append(Issued(token, now, now + lifetime))
         answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
@@ -113,6 +119,12 @@ class TokenServer:
             return True
         return form.get("client_id") == self.client_id and form.get("client_secret") == self.client_secret
 
+    def revoke(self) -> None:
+        """Every token issued so far stops working (the API answers 401 to it)."""
+        with self.lock:
+            for item in self.issued:
+                item.expires_at = 0.0
+
     def valid(self, authorization: str | None) -> bool:
         """Whether `authorization` is `Bearer T` for a token T issued here and not yet expired."""
         if not authorization or not authorization.startswith("Bearer "):
@@ -123,8 +135,11 @@ class TokenServer:
 
     def api(self, request: Received) -> Reply:
         """A `FakeReceiver` responder: 200 for a valid token, else 401."""
-        if self.valid(request.headers.get("authorization")):
+        authorization = request.headers.get("authorization", "")
+        if not self.deny and self.valid(authorization):
             return 200, {}, b'{"ok":true}'
+        with self.lock:
+            self.refused.append(authorization)
         return 401, {"www-authenticate": 'Bearer error="invalid_token"'}, b'{"error":"invalid_token"}'
 
 

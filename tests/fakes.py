@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -53,7 +54,8 @@ class FakeReceiver:
     lock: threading.Lock = field(default_factory=threading.Lock)
     connections: int = 0
 
-    def start(self, port: int = 0) -> FakeReceiver:
+    def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeReceiver:
+        """Serve on 127.0.0.1:`port` (0: any free port); with `ssl_context`, over TLS."""
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,7 +89,7 @@ class FakeReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
-            do_POST = do_PUT = do_PATCH = _handle
+            do_GET = do_POST = do_PUT = do_PATCH = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -101,6 +103,8 @@ class FakeReceiver:
                 pass  # a client hanging up (the daemon killed mid-request) is expected here
 
         self.server = Server(("127.0.0.1", port), Handler)
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -110,7 +114,8 @@ class FakeReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if isinstance(self.server.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -56,6 +56,8 @@ class OtlpReceiver:
 
     spans: list[Span] = field(default_factory=list)
     metrics: dict[MetricKey, float] = field(default_factory=dict)
+    raw: list[bytes] = field(default_factory=list)
+    """Every request body as received (to search for what must never be exported)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> OtlpReceiver:
@@ -66,6 +68,8 @@ class OtlpReceiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with receiver.lock:
+                    receiver.raw.append(body)
                 if self.path == "/v1/traces":
                     receiver._traces(ExportTraceServiceRequest.FromString(body))
                     reply = ExportTraceServiceResponse().SerializeToString()

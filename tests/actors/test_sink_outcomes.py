@@ -1,0 +1,96 @@
+"""Confirmation: each attempt's latency and answer are stored; one log line per final outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+
+import pytest
+import trio
+
+from actors.sink import Answer, Sink, log_final_outcomes, outcome_log
+from daemon.errors import PermanentDelivery
+from daemon.outbox import Due, Outcomes
+from daemon.schema import DEAD, DELIVERED
+from daemon.store import Store
+from tests.actors.test_sink import RETRY, FakeSender, ingest
+
+
+class AnsweringSender(FakeSender):
+    """Answers 201 with a body naming the payload, after a measurable pause."""
+
+    async def send(self, batch: Sequence[Due]) -> int | Answer | None:  # type: ignore[override]
+        await super().send(batch)
+        await trio.sleep(0.02)
+        return Answer(201, json.dumps({"created": json.loads(batch[0].payload)}))
+
+
+async def test_latency_and_response_of_the_last_attempt_are_stored(store: Store) -> None:
+    sender = AnsweringSender({"bad": [PermanentDelivery("HTTP 422: no", status=422)]})
+    sink = Sink("crm", store, lambda: sender, retry=RETRY)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await ingest(store, "good", "bad")
+        with trio.fail_after(5):
+            while sink.delivered + sink.dead < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    found = await store.call(
+        lambda conn: conn.execute(
+            "SELECT CAST(e.payload AS TEXT), d.state, d.last_status, d.last_latency, d.last_response "
+            "FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY d.rowid"
+        ).fetchall()
+    )
+    [good, bad] = found
+    assert good[:3] == ('"good"', DELIVERED, 201)
+    assert 0.02 <= good[3] < 2
+    assert good[4] == '{"created": "good"}'
+    assert bad[:3] == ('"bad"', DEAD, 422)
+    assert bad[3] is not None
+    assert bad[4] is None  # a refusal's answer is in last_error
+
+
+def dues(*names: str) -> list[Due]:
+    return [
+        Due(n, f"ev{n}.crm", 0, 0.0, json.dumps(name).encode(), None, f"ev{n}")
+        for n, name in enumerate(names)
+    ]
+
+
+@pytest.fixture
+def outcome_level() -> Iterator[None]:
+    before = outcome_log.level
+    yield
+    outcome_log.setLevel(before)
+
+
+def test_one_line_per_final_outcome_none_for_retries(
+    caplog: pytest.LogCaptureFixture, outcome_level: None
+) -> None:
+    caplog.set_level(logging.INFO, logger="ferry.sink")
+    outcomes = Outcomes([(0, 200), (1, 200)], [(2, 99.0, 503, "HTTP 503")], [(3, 422, "HTTP 422: no")])
+    log_final_outcomes("crm", dues("a", "b", "c", "d"), outcomes, 0.0123, '{"ok":true}')
+    lines = [(r.getMessage(), r.levelno, r.fields) for r in caplog.records]  # type: ignore[attr-defined]
+    assert [(msg, level) for msg, level, _ in lines] == [
+        ("delivered", logging.INFO),
+        ("delivered", logging.INFO),
+        ("delivery dead-lettered", logging.ERROR),
+    ]
+    first = lines[0][2]
+    assert {k: first[k] for k in ("sink", "delivery_id", "event_id", "status", "attempts", "latency_ms")} == {
+        "sink": "crm",
+        "delivery_id": "ev0.crm",
+        "event_id": "ev0",
+        "status": 200,
+        "attempts": 1,
+        "latency_ms": 12.3,
+    }
+    assert first["response"] == '{"ok":true}'
+    assert lines[2][2]["error"] == "HTTP 422: no"
+
+    caplog.clear()
+    outcome_log.setLevel(logging.ERROR)  # [telemetry] log_outcomes = "dead"
+    log_final_outcomes("crm", dues("a", "b", "c", "d"), outcomes, 0.0123, None)
+    assert [r.getMessage() for r in caplog.records] == ["delivery dead-lettered"]
