@@ -32,11 +32,12 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Protocol, final
+from typing import Final, Protocol, cast, final
 
 import h11
 import msgspec
@@ -215,6 +216,7 @@ class WebhookListener:
         overloaded: Callable[[], bool] = lambda: False,
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
         metrics_page: Callable[[], bytes | None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = config
         self._routes = _compile(routes)
@@ -225,6 +227,7 @@ class WebhookListener:
         self._listeners = listeners
         self._metrics_page = metrics_page
         self._table = ConnectionTable(config.max_connections)
+        self._tls = tls
 
     def __repr__(self) -> str:
         return (
@@ -237,6 +240,10 @@ class WebhookListener:
         A request whose path is no longer served by the time its body has arrived gets 404.
         """
         self._routes = _compile(routes)
+
+    def retls(self, context: ssl.SSLContext | None) -> None:
+        """Serve new connections with this TLS context (a reload's certificate); open ones keep theirs."""
+        self._tls = context
 
     @property
     def connections(self) -> int:
@@ -264,21 +271,37 @@ class WebhookListener:
             task_status.started(bound)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        tls = self._tls
         with self._table.admit() as slot:
             if slot is None:
-                await self._refuse(stream)
+                await self._refuse(stream, tls)
                 return
+            served: trio.abc.Stream = stream
             try:
                 with slot.scope:
-                    await self._serve(stream, slot)
+                    if tls is not None:
+                        served = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+                        if not await self._handshake(served):
+                            return
+                    await self._serve(served, slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the peer went away; nothing left to answer
+                pass  # the peer went away (or failed the TLS handshake); nothing left to answer
             except Exception:
                 log.exception("webhook connection failed")
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(served)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream]) -> bool:
+        """The TLS handshake, within `header_timeout`; False (close quietly) if it did not finish."""
+        with trio.move_on_after(self._config.header_timeout):
+            await stream.do_handshake()
+            return True
+        return False
+
+    async def _refuse(self, stream: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
+        if tls is not None:  # a plain-text 503 means nothing to a TLS client: just close
+            await trio.aclose_forcefully(stream)
+            return
         try:
             await stream.send_all(_TOO_MANY)
             await _linger(stream, min(_LINGER_SECONDS, self._config.header_timeout))
@@ -287,7 +310,7 @@ class WebhookListener:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, slot: Slot) -> None:
+    async def _serve(self, stream: trio.abc.Stream, slot: Slot) -> None:
         """Answer requests on one connection until it closes, breaks or times out."""
         config = self._config
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header)
@@ -311,7 +334,7 @@ class WebhookListener:
             await self._fail(conn, stream, status, message)
 
     async def _read_head(
-        self, conn: h11.Connection, stream: trio.SocketStream, deadline: float, idle: bool
+        self, conn: h11.Connection, stream: trio.abc.Stream, deadline: float, idle: bool
     ) -> h11.Request | None:
         """The next request's head, or None when the connection should close (EOF, timeout)."""
         while True:
@@ -328,9 +351,9 @@ class WebhookListener:
                 if conn.trailing_data[0]:
                     await self._fail(conn, stream, 408, "timed out receiving the request head")
                 return None  # nothing of a request yet: close silently
-            conn.receive_data(data)
+            conn.receive_data(cast(bytes, data))  # socket and TLS streams both give bytes
 
-    async def _read_body(self, conn: h11.Connection, stream: trio.SocketStream, keep: bool) -> bytes | None:
+    async def _read_body(self, conn: h11.Connection, stream: trio.abc.Stream, keep: bool) -> bytes | None:
         """The request body (b"" if not `keep`), or None once a 413/408 has been sent."""
         limit = self._config.max_body
         parts: list[bytes] = []
@@ -354,12 +377,12 @@ class WebhookListener:
                 if scope.cancelled_caught:
                     await self._fail(conn, stream, 408, "timed out receiving the request body")
                     return None
-                conn.receive_data(data)
+                conn.receive_data(cast(bytes, data))
             else:
                 return None  # h11 reports a body cut short as RemoteProtocolError; nothing else arrives here
 
     async def _exchange(
-        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, slot: Slot
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, slot: Slot
     ) -> bool:
         """Read the body and answer one request; False when the connection must close."""
         target = request.target
@@ -526,7 +549,7 @@ class WebhookListener:
     async def _fail(
         self,
         conn: h11.Connection,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         status: int,
         message: str = "",
         *,
@@ -569,14 +592,15 @@ def _rejected(source: str, reason: str) -> None:
     metrics.current().events_rejected.add(1, {"source": source, "reason": reason})
 
 
-async def _linger(stream: trio.SocketStream, seconds: float) -> None:
+async def _linger(stream: trio.abc.Stream, seconds: float) -> None:
     """Half-close, then discard what the peer still sends (bounded), so it reads our answer.
 
     Closing a socket with unread input makes the kernel send a RST, which can destroy
-    the response before the client reads it.
+    the response before the client reads it. (A TLS stream cannot half-close: it only drains.)
     """
     with trio.move_on_after(seconds):
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         drained = 0
         while drained < _LINGER_BYTES:
             data = await stream.receive_some(_CHUNK)

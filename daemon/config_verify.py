@@ -1,4 +1,5 @@
-"""`[sources.NAME.verify]`: how a webhook source proves a request came from its sender.
+"""Inbound security config: `[sources.NAME.verify]` (is this request from its sender?) and
+`[listener] tls` (the listener's certificate).
 
 One table per source, tagged by `scheme`. Every secret is a reference (`daemon.secrets`), and
 every scheme that takes secrets takes a list, so a new secret can be added before the sender
@@ -179,7 +180,30 @@ VerifyConfig = (
     | ApiKeyVerify
 )
 
+
+class ListenerTlsConfig(Section, frozen=True):
+    """HTTPS on the listener: TLS 1.2 or later; the certificate and key are read again on every reload."""
+
+    cert: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="PEM certificate chain (the server's certificate first); relative paths resolve "
+            "from the config's folder.",
+        ),
+    ]
+    key: Annotated[
+        SecretRef,
+        Meta(description="The certificate's private key (PEM), as a secret reference (file:, credential:)."),
+    ]
+    min_version: Annotated[
+        Literal["1.2", "1.3"],
+        Meta(description="Oldest TLS version accepted; older clients fail the handshake."),
+    ] = "1.2"
+
+
 DOCUMENTED: list[tuple[str, type[Section]]] = [
+    ("tls = { … } (in [listener])", ListenerTlsConfig),
     ('verify = { scheme = "hmac" }', HmacVerify),
     ('verify = { scheme = "github" }', GithubVerify),
     ('verify = { scheme = "stripe" }', StripeVerify),
