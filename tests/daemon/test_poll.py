@@ -159,25 +159,39 @@ def test_the_highest_mark_skips_items_without_one_and_refuses_a_wrong_one() -> N
     assert info.value.kind == "bad_mark"
 
 
-READER = PageReader(
-    config(
-        items=".data",
-        key=".id",
-        since={"field": ".t", "param": "s"},
-        pagination={"style": "cursor", "path": ".next"},
+def reader(plain: bool) -> PageReader:
+    """A reader of `{"data": [...], "next": …}`: plain paths (read with msgspec) or the same through jq."""
+    suffix = "" if plain else " | ."
+    return PageReader(
+        config(
+            items=".data" + suffix,
+            key=".id" + suffix,
+            since={"field": ".t", "param": "s"},
+            pagination={"style": "cursor", "path": ".next"},
+        )
     )
-)
 
 
-def test_a_page_is_read_with_its_keys_marks_and_cursor() -> None:
+READERS = pytest.mark.parametrize("plain", [True, False], ids=["paths", "jq"])
+
+
+@READERS
+def test_a_page_is_read_with_its_keys_marks_and_cursor(plain: bool) -> None:
     body = b'{"data": [{"id": 1, "t": "a"}, {"id": "x", "t": null}, {"id": 2.0}], "next": "c2"}'
-    read = READER.read(body, "application/json")
-    assert read.items == [b'{"id":1,"t":"a"}', b'{"id":"x","t":null}', b'{"id":2}']  # 2.0: as jq holds it
-    assert read.keys == ["1", "x", "2"]
+    read = reader(plain).read(body, "application/json")
+    assert read.items[:2] == [b'{"id":1,"t":"a"}', b'{"id":"x","t":null}']
+    assert read.keys == ["1", "x", "2"]  # 2.0 and 2 are one key, as jq sees them
     assert read.marks == ["a", None, None]
     assert read.cursor == "c2"
 
 
+def test_plain_paths_keep_big_integers_exactly() -> None:
+    read = reader(True).read(b'{"data": [{"id": 12345678901234567890}]}', None)
+    assert read.items == [b'{"id":12345678901234567890}']
+    assert read.keys == ["12345678901234567890"]
+
+
+@READERS
 @pytest.mark.parametrize(
     ("body", "kind", "message"),
     [
@@ -188,16 +202,18 @@ def test_a_page_is_read_with_its_keys_marks_and_cursor() -> None:
         (b'{"other": 1}', "bad_shape", "`items` must give one array, got null"),
         (b'{"data": [{"id": 1}, {"name": "no id"}]}', "no_key", "item 1 has no key"),
         (b'{"data": [1, 2]}', "jq", "jq failed on the response"),
+        (b'[{"id": 1}]', "jq", "jq failed on the response"),
     ],
 )
-def test_a_bad_page_is_a_specific_error(body: bytes, kind: str, message: str) -> None:
+def test_a_bad_page_is_a_specific_error(plain: bool, body: bytes, kind: str, message: str) -> None:
     with pytest.raises(PollError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
-        READER.read(body, "text/html")
+        reader(plain).read(body, "text/html")
     assert info.value.kind == kind
 
 
-def test_an_empty_page_is_fine() -> None:
-    read = READER.read(b'{"data": [], "next": null}', None)
+@READERS
+def test_an_empty_page_is_fine(plain: bool) -> None:
+    read = reader(plain).read(b'{"data": [], "next": null}', None)
     assert (read.items, read.keys, read.cursor) == ([], [], None)
 
 
