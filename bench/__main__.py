@@ -42,6 +42,7 @@ from bench.poll import poll_ingest
 from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
+from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
 LIMIT_S = 600  # the whole run, even if something hangs
@@ -57,6 +58,7 @@ async def run(ctx: Context) -> None:
             ("6. rate limiter overhead", ratelimit_overhead),
             ("7. polling", poll_ingest),
             ("8. transform throughput vs jq", transform_throughput),
+            ("9. tracing cost", tracing_cost),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)
