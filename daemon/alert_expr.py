@@ -399,4 +399,3 @@ def _selector(tokens: _Tokens, known: Mapping[str, str], by_canonical: Mapping[s
 
 def _unquote(literal: str) -> str:
     return re.sub(r"\\(.)", r"\1", literal[1:-1])
-
