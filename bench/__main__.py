@@ -11,7 +11,9 @@ Cases (docs/performance.md explains each figure):
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
 6. the rate limiter's overhead per permit (bench/ratelimit.py), against an empty checkpoint;
-7. the daemon's peak RSS in each case.
+7. the daemon's peak RSS in each case;
+8. the peers, Node-RED and a Huey relay, each installed into a scratch folder and under the
+   same loads (bench/peers.py), with ratios.
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -35,11 +37,12 @@ from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.harness import ensure_wrk
 from bench.ingest import durable_ingest
 from bench.latency import latency
+from bench.peers import peers
 from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
 
-LIMIT_S = 600  # the whole run, even if something hangs
+LIMIT_S = 1200  # the whole run, even if something hangs (the peers need minutes of it)
 
 
 async def run(ctx: Context) -> None:
@@ -50,6 +53,7 @@ async def run(ctx: Context) -> None:
             ("4. backlog drain", backlog_drain),
             ("5. latency", latency),
             ("6. rate limiter overhead", ratelimit_overhead),
+            ("8. peers: Node-RED, Huey relay", peers),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)
