@@ -28,7 +28,9 @@ def daemon_for(tmp_path: Path, sock_dir: Path) -> Iterator[Make]:
     started: list[Daemon] = []
 
     def make(body: str) -> Daemon:
-        config = write_config(tmp_path, f'[control]\nsocket = "{sock_dir}/ferry.sock"\n{body}')
+        # No OTLP export to a collector that is not there (it costs seconds at shutdown).
+        quiet = "" if "[telemetry]" in body else "[telemetry]\nmetrics = false\n"
+        config = write_config(tmp_path, f'{quiet}[control]\nsocket = "{sock_dir}/ferry.sock"\n{body}')
         daemon = Daemon(config, tmp_path / "ferry.log").start()
         started.append(daemon)
         return daemon
@@ -75,7 +77,7 @@ burst = {burst}
 
 [sources.demo]
 type = "webhook"
-
+{poller}
 [sinks.alpha]
 type = "http"
 inputs = ["demo"]
@@ -94,22 +96,43 @@ retry = {{ max_attempts = 50, initial_backoff = "100ms", max_backoff = "500ms" }
 """
 
 
-def test_two_sinks_sharing_a_budget_never_exceed_it_and_take_turns(daemon_for: Make, api: FakeApi) -> None:
-    rate, burst, events = 20, 2, 30
-    daemon = daemon_for(TWO_SINKS.format(rate=rate, burst=burst, url=api.url))
+POLLER = """
+[sources.feed]
+type = "poll"
+url = "{url}/cursor/items?limit=5"
+items = ".data"
+key = ".id"
+interval = "10ms"
+jitter = 0
+timeout = "2s"
+pagination = {{ style = "cursor", path = ".next_cursor" }}
+rate_limit = "api"
+"""
+
+
+def test_a_poller_and_two_sinks_sharing_a_budget_never_exceed_it_and_take_turns(
+    daemon_for: Make, api: FakeApi
+) -> None:
+    api.add(20)  # four pages a cycle, then the poller keeps asking for more
+    rate, burst, events = 25, 2, 20
+    poller = POLLER.format(url=api.url)
+    daemon = daemon_for(TWO_SINKS.format(rate=rate, burst=burst, url=api.url, poller=poller))
     post(daemon, events)
-    seen = api.wait_for(lambda log: sum(r.status == 200 for r in log) >= 2 * events, timeout=30)
+    seen = api.wait_for(lambda log: sum(r.method == "POST" and r.status == 200 for r in log) >= 2 * events)
 
     arrivals = [r.monotonic for r in seen]
     # Over any second at most burst + rate requests may start; one more for arrival jitter.
     assert most_in_any_window(arrivals, 1.0) <= burst + rate + 1
-    assert max(arrivals) - min(arrivals) >= (2 * events - burst) / rate - 0.2, "not rate limited at all"
-    order = [r.path for r in sorted(seen, key=lambda r: r.monotonic)]
-    first_half = order[: len(order) // 2]
-    assert abs(first_half.count("/alpha") - first_half.count("/beta")) <= 3, first_half
+    assert max(arrivals) - min(arrivals) >= (len(seen) - burst) / rate - 0.2, "not rate limited at all"
+    users = [("poll" if r.method == "GET" else r.path) for r in sorted(seen, key=lambda r: r.monotonic)]
+    start = min(users.index("/alpha"), users.index("/beta"))
+    busy = users[start : start + events + events // 2]  # every user still had work queued here
+    shares = {user: busy.count(user) / len(busy) for user in ("/alpha", "/beta", "poll")}
+    assert all(share >= 0.25 for share in shares.values()), shares  # round robin: a third each
     status = ctl_json(daemon.config_path, "status")
     granted = status["rate_limits"]["api"]["granted"]
-    assert granted == {"alpha": events, "beta": events}
+    assert (granted["alpha"], granted["beta"]) == (events, events)
+    assert sum(granted.values()) >= len(seen) - 1  # a poll may be on the wire right now
     assert status["guards"]["alpha"]["rate_limit"] == "api"
 
 
@@ -117,7 +140,7 @@ def test_after_a_429_nobody_calls_before_retry_after(daemon_for: Make, api: Fake
     per = 2.0
     api.quota = (8, per)  # the upstream allows less than the configured budget: it will say 429
     events = 12
-    daemon = daemon_for(TWO_SINKS.format(rate=50, burst=8, url=api.url))
+    daemon = daemon_for(TWO_SINKS.format(rate=50, burst=8, url=api.url, poller=""))
     post(daemon, events // 2)
     log = api.wait_for(lambda log: any(r.status == 429 for r in log), timeout=20)
     first = min(r.monotonic for r in log if r.status == 429)
@@ -258,3 +281,64 @@ def test_failover_sends_to_the_secondary_while_the_primary_is_down_and_back_afte
     finally:
         primary.stop()
         secondary.stop()
+
+
+class Crowded:
+    """A receiver that takes 30 ms per request and answers 503 to more than `capacity` at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.now, self.refused = capacity, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: Received) -> Reply:
+        with self.lock:
+            if self.now >= self.capacity:
+                self.refused += 1
+                return 503, {}, b'{"error":"busy"}'
+            self.now += 1
+        try:
+            time.sleep(0.03)  # the receiver's service time, not a wait in the test
+            return ok(request)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+ADAPTIVE = """
+[telemetry]
+metrics = false
+prometheus = true
+metrics_interval = "200ms"
+
+[sources.demo]
+type = "webhook"
+
+[sinks.out]
+type = "http"
+inputs = ["demo"]
+url = "{url}/in"
+concurrency = "adaptive"
+adaptive = {{ floor = 1, ceiling = 32, initial = 16 }}
+breaker = {{ failures = 1000, rate = 1.0, min_requests = 1000 }}
+retry = {{ max_attempts = 50, initial_backoff = "50ms", max_backoff = "200ms" }}
+"""
+
+
+def test_adaptive_concurrency_backs_off_from_an_overloaded_receiver_and_shows_its_limit(
+    daemon_for: Make,
+) -> None:
+    crowded = Crowded(capacity=4)
+    receiver = FakeReceiver(crowded).start()
+    try:
+        daemon = daemon_for(ADAPTIVE.format(url=receiver.url))
+        post(daemon, 60)
+        assert wait_delivered(daemon, 60)
+        assert crowded.refused > 0, "the receiver was never overloaded: the test proves nothing"
+        guard = ctl_json(daemon.config_path, "status")["guards"]["out"]
+        assert guard["adaptive"]
+        assert guard["concurrency"] < 16, "503s from a crowded receiver must lower the limit"
+        metrics = httpx.get(f"{daemon.url}/metrics").text
+        assert f'ferry_sink_concurrency{{sink="out"}} {guard["concurrency"]}' in metrics.replace(".0\n", "\n")
+        assert f'ferry_breaker_state{{sink="out",url="{receiver.url}/in"}} 0' in metrics.replace(".0\n", "\n")
+    finally:
+        receiver.stop()
