@@ -132,7 +132,7 @@ def test_oauth2_one_token_for_fifty_concurrent_deliveries_early_refresh_and_the_
     # Tokens were asked for while the previous one was still valid (a lazy client asks only once
     # one has expired; a loaded machine may delay one refresh, not all of them).
     pairs = list(zip(tokens.issued[1:], tokens.issued[2:], strict=False))
-    assert any(later.at < earlier.at + 1.2 for earlier, later in pairs), [(e.at, l.at) for e, l in pairs]
+    assert any(later.at < earlier.at + 1.2 for earlier, later in pairs), [(a.at, b.at) for a, b in pairs]
 
     # An API that refuses every token: one refresh, one retry, then a dead letter like any 401.
     tokens.deny = True
