@@ -1,6 +1,6 @@
 """ferry against the peers a user would otherwise run, in one run on one machine.
 
-    .venv/bin/python -m bench.peers [--quick]      # also case 7 of `make bench`
+    .venv/bin/python -m bench.peers [--quick]      # also case 9 of `make bench`
 
 The peers, each installed by this script from the package registries into a scratch folder
 (`FERRY_BENCH_PEERS_DIR` keeps and reuses it), started as their own processes on 127.0.0.1 and
