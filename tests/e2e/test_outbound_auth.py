@@ -207,6 +207,14 @@ url = "{url}/a"
 tls = {{ ca = "pki/ca.pem", cert = "pki/client.pem", key = "file:pki/client.key" }}
 retry = {{ max_attempts = 50, initial_backoff = "100ms", max_backoff = "200ms" }}
 
+[sinks.mutual_httpx]
+type = "http"
+inputs = ["in"]
+client = "httpx"
+url = "{url}/d"
+tls = {{ ca = "pki/ca.pem", cert = "pki/client.pem", key = "file:pki/client.key" }}
+retry = {{ max_attempts = 50, initial_backoff = "100ms", max_backoff = "200ms" }}
+
 [sinks.nocert]
 type = "http"
 inputs = ["in"]
@@ -229,8 +237,8 @@ def test_mtls_client_certificate_and_custom_ca(run: Callable[..., Daemon], tmp_p
     try:
         daemon = run(MTLS.format(url=server.url))
         post(daemon, 1)
-        wait(lambda: len(server.snapshot()) == 1)
-        assert server.snapshot()[0].path == "/a"
+        wait(lambda: len(server.snapshot()) == 2)
+        assert sorted(r.path for r in server.snapshot()) == ["/a", "/d"]  # lean and httpx clients
         failures: dict[str, str] = {}
 
         def both_failed() -> bool:
@@ -246,6 +254,44 @@ def test_mtls_client_certificate_and_custom_ca(run: Callable[..., Daemon], tmp_p
         assert "127.0.0.1" in failures["nocert"]
         assert "certificate" in failures["systemca"]
         assert "rejected" in failures["systemca"] or "verify" in failures["systemca"]
-        assert [r.path for r in server.snapshot()] == ["/a"]
+        assert sorted(r.path for r in server.snapshot()) == ["/a", "/d"]
     finally:
         server.stop()
+
+
+ROTATE = """
+[control]
+socket = "{socket}"
+
+[sources.in]
+type = "webhook"
+
+[sinks.crm]
+type = "http"
+inputs = ["in"]
+url = "{url}/x"
+auth = {{ type = "bearer", token = "file:token.txt" }}
+"""
+
+
+def test_a_rotated_static_secret_is_used_after_reload(
+    run: Callable[..., Daemon], tmp_path: Path, sock_dir: Path
+) -> None:
+    receiver = FakeReceiver().start()
+    try:
+        (tmp_path / "token.txt").write_text("token-one\n")
+        daemon = run(ROTATE.format(socket=sock_dir / "f.sock", url=receiver.url))
+        post(daemon, 1)
+        wait(lambda: len(receiver.snapshot()) == 1)
+        (tmp_path / "token.txt").write_text("token-two\n")
+        done = ctl(daemon.config_path, "reload")
+        assert done.returncode == 0, done.stderr
+        assert "token-two" not in done.stdout + done.stderr
+        post(daemon, 2)
+        wait(lambda: len(receiver.snapshot()) == 2)
+        assert [r.headers["authorization"] for r in receiver.snapshot()] == [
+            "Bearer token-one",
+            "Bearer token-two",
+        ]
+    finally:
+        receiver.stop()
