@@ -1,4 +1,4 @@
-"""Case 9: what tracing costs durable ingest, at the default sampling, against tracing off.
+"""Case 10: what tracing costs durable ingest, at the default sampling, against tracing off.
 
 Two pipeline daemons (webhook -> jq -> batching HTTP sink, as in case 2) run side by side: one
 with `traces = false`, one with `[telemetry]`'s default `sample_ratio` exporting to a null OTLP
