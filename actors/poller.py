@@ -193,7 +193,7 @@ class Poller:
         task_status.started()
         try:
             while True:
-                self.status_name = "polling"
+                self.status_name, self.next_poll_at = "polling", None
                 try:
                     await (self._cycle() if config.job is None else self._job_cycle())
                 except PollError as exc:
