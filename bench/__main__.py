@@ -12,7 +12,9 @@ Cases (docs/performance.md explains each figure):
 5. webhook → sink latency at a steady 500 events/s;
 6. the rate limiter's overhead per permit (bench/ratelimit.py), against an empty checkpoint;
 7. polling a paginated API (tests/fake_api.py) into the store, beside a bare httpx loop (bench/poll.py);
-8. the daemon's peak RSS in each case.
+8. events/s through a typical jq map in ferry's transformer, against the `jq` command on the same
+   events (bench/transform.py), and what routes and schema validation cost;
+9. the daemon's peak RSS in each case.
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -40,6 +42,7 @@ from bench.poll import poll_ingest
 from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
+from bench.transform import transform_throughput
 
 LIMIT_S = 600  # the whole run, even if something hangs
 
@@ -53,6 +56,7 @@ async def run(ctx: Context) -> None:
             ("5. latency", latency),
             ("6. rate limiter overhead", ratelimit_overhead),
             ("7. polling", poll_ingest),
+            ("8. transform throughput vs jq", transform_throughput),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)
