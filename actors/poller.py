@@ -163,6 +163,23 @@ class Poller:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        begun = self._state.cycle_url
+        if (
+            self._state.next_url is not None
+            and begun is not None
+            and _where(begun) != _where(self._config.url)
+        ):
+            # The listing in progress was begun from another `url` (the config changed): its next
+            # page would go on reading the old listing. Start over from the mark; keys catch repeats.
+            log.info(
+                "listing of a previous url dropped",
+                extra={
+                    "fields": {"source": self.name, "was": _where(begun), "now": _where(self._config.url)}
+                },
+            )
+            self._state = replace(
+                self._state, next_url=None, cycle_mark=None, cycle_url=None, cycle_etag=None, pages=0
+            )
         config = self._config
         context = ssl_context(config.tls)
         limit = int(config.max_response) + 1  # one byte more than allowed tells "too large" from "just fits"
@@ -177,7 +194,7 @@ class Poller:
         task_status.started()
         try:
             while True:
-                self.status_name = "polling"
+                self.status_name, self.next_poll_at = "polling", None
                 try:
                     await (self._cycle() if config.job is None else self._job_cycle())
                 except PollError as exc:
