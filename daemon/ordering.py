@@ -14,6 +14,8 @@ Staleness:
     version is *lower* (an out-of-order or replayed webhook) is never sent: it ends in state
     `stale` with the reason, counted in `ferry ctl stats` and in `ferry.deliveries{outcome=stale}`.
     An equal version is delivered again (a replay of the same data overwrites nothing newer).
+    With `coalesce`, a head not yet handed out is also dropped as stale when a newer version of
+    its key is pending (superseded): only the newest pending version is sent.
 
 Bad input:
     A delivery whose key or version cannot be read (jq error, null key, a version that does
@@ -191,6 +193,8 @@ class Ordering:
                 continue
             heads = [due for due, _ in rows]
             marked = _mark_stale(conn, stage, [due.rowid for due in heads])
+            if self.config.coalesce:
+                marked += _mark_superseded(conn, stage, [due.rowid for due in heads])
             if marked:
                 stale += marked
                 continue
@@ -266,6 +270,24 @@ def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tu
         )
         for rowid, id_, attempts, created_at, payload, trace, event_id, unkeyed in _rows(text)
     ]
+
+
+def _mark_superseded(conn: Connection, stage: str, heads: list[int]) -> int:
+    """With `coalesce`: mark stale each head not yet handed out that a newer pending version supersedes."""
+    marked = 0
+    for start in range(0, len(heads), 500):
+        chunk = heads[start : start + 500]
+        marked += conn.execute(
+            f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: superseded by "
+            "version ' || (SELECT max(o.order_version) FROM deliveries o WHERE o.stage = deliveries.stage "
+            "AND o.state = 0 AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key) || "
+            f"', pending' WHERE rowid IN ({','.join('?' * len(chunk))}) AND order_claimed IS NULL "
+            "AND EXISTS (SELECT 1 FROM deliveries o WHERE o.stage = deliveries.stage AND o.state = 0 "
+            "AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key "
+            "AND o.order_version > deliveries.order_version)",
+            [time.time(), *chunk],
+        ).rowcount
+    return marked
 
 
 def _claim(conn: Connection, heads: list[Due]) -> list[Due]:
