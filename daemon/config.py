@@ -589,6 +589,9 @@ def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfi
     for name, source in config.sources.items():
         if isinstance(source, PollSourceConfig):
             yield f"$.sources.{name}", source.auth, source.tls
+    for name, transform in config.transforms.items():
+        if transform.enrich is not None:
+            yield f"$.transforms.{name}.enrich", transform.enrich.auth, None
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:

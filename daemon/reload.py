@@ -78,7 +78,7 @@ from .config import (
 )
 from .config_poll import PollSourceConfig
 from .errors import ConfigError
-from .registry import Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
+from .registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .tls_server import server_context
 from .verify import build as build_verifier
@@ -244,8 +244,11 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
     return True
 
 
-def transformer(config: Config, name: str, running: Running) -> Transformer:
+def transformer(config: Config, name: str, running: Running) -> Transformer | Aggregator:
+    """The actor of one transform: an `Aggregator` when it has `aggregate`, else a `Transformer`."""
     transforms, sinks = downstream(config)[name]
+    if config.transforms[name].aggregate is not None:
+        return Aggregator(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
     enrich = config.transforms[name].enrich
     enricher = (
         Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
