@@ -75,6 +75,7 @@ def test_a_short_scenario_ends_fully_consistent(tmp_path: Path) -> None:
     for name in ("hubspot", "custom_crm"):
         assert figures["consistency"][name]["consistency_pct"] == 100.0
         assert figures["latency"][name]["never_synced"] == 0
+        assert figures["latency"][name]["steady"]["sends"] > 0
         assert figures["ferry_stats"][name].get("stale", 0) > 0, "out-of-order updates were dropped as stale"
     assert figures["errors"]["valid_dead_lettered"] == 0
     assert figures["errors"]["invalid_dead_lettered"] == 5
