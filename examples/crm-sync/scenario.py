@@ -10,7 +10,8 @@ ports and a temporary store), then replays, while measuring:
                     duplicates      a notification re-sent with the same X-Notification-Id (ferry
                                     answers 200 duplicate) or replayed later under a new id;
                     out of order    an update held back and sent after the next one of its contact;
-    3. burst        `--burst` updates of 10 contacts as fast as one client sends them;
+    3. burst        `--burst` updates of 10 contacts as fast as one client sends them, then
+                    `--settle` seconds of steady updates;
     4. 429 storm    HubSpot answers 429 to everything for `--storm` seconds;
     5. outage       the custom CRM answers 503 to everything for `--outage` seconds (default 120);
     6. invalid      `--invalid` events with a bad email, which validation must dead-letter;
@@ -20,8 +21,8 @@ ports and a temporary store), then replays, while measuring:
 Reconciliation compares the source's final state (the newest LastModifiedDate sent per contact,
 mapped as the config maps it) with what each fake destination holds. Figures: sync latency
 p50/p99 per destination and phase (a send counts as synced when the destination first holds that
-version or a newer one; the `steady` phase — creates, updates, the burst, before any fault — is
-the "within quota" figure),
+version or a newer one; the `steady` phase — creates and updates before any burst or fault — is
+the "within quota" figure; `burst` is the burst and the `--settle` seconds after it),
 consistency after drain, error rate on valid input (dead letters), HubSpot requests used vs
 quota. Exit status 0 when both destinations are 100 % consistent and no valid event was
 dead-lettered, 1 otherwise, 2 if the scenario could not run.
@@ -309,8 +310,11 @@ def scenario(run: Run) -> None:
     paced(run, args.warmup, emails)
     log(f"burst: {args.burst} updates of 10 contacts")
     hot = rng.sample(emails, min(10, len(emails)))
+    run.phase = "burst"
     for _ in range(args.burst):
         run.update(rng.choice(hot))
+    log(f"steady updates for {args.settle:g}s (the burst settles)")
+    paced(run, args.settle, emails)
     log(f"429 storm at HubSpot for {args.storm:g}s")
     run.phase = "storm"
     run.hubspot.storm(args.storm)
@@ -358,13 +362,14 @@ def percentile(values: list[float], share: float) -> float | None:
     return ordered[max(1, math.ceil(share * len(ordered))) - 1]
 
 
-PHASES = ("steady", "storm", "outage", "after")
+PHASES = ("steady", "burst", "storm", "outage", "after")
 
 
 def latencies(run: Run, api: FakeApi) -> dict[str, Any]:
     """Per send: seconds until `api` first held that version or a newer one of the contact, by phase.
 
-    `steady` is creates, steady updates and the burst, before any fault: the "within quota" figure.
+    `steady` is creates and steady updates before any burst or fault: the "within quota" figure;
+    `burst` the burst and the `--settle` seconds after it.
     """
     writes: dict[str, list[tuple[float, str]]] = {}
     with api.lock:
@@ -429,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20, help="steady webhooks per second")
     parser.add_argument("--warmup", type=float, default=30, help="seconds of steady updates before the burst")
     parser.add_argument("--burst", type=int, default=300)
+    parser.add_argument("--settle", type=float, default=10, help="seconds of steady updates after the burst")
     parser.add_argument("--storm", type=float, default=15, help="seconds of HubSpot 429s")
     parser.add_argument("--outage", type=float, default=120, help="seconds the custom CRM is down")
     parser.add_argument("--cooldown", type=float, default=10)
