@@ -182,7 +182,8 @@ class Ordering:
 
         Keys rows seen for the first time, dead-letters those that cannot be keyed and marks
         stale those older than their key's delivered version, re-reading until the window is
-        settled (at most `MAX_PASSES` rounds; `more` says to come back at once).
+        settled. After `MAX_PASSES` rounds it returns nothing and `more`: the sink comes back at
+        once, and only rows checked in the round that returns them are ever sent.
         """
         stale = dead = 0
         for _ in range(MAX_PASSES):
@@ -199,8 +200,7 @@ class Ordering:
                 stale += marked
                 continue
             return Fetched(_claim(conn, heads), False, stale, dead)
-        heads = [due for due, unkeyed in _candidates(conn, stage, now, limit) if not unkeyed]
-        return Fetched(_claim(conn, heads), True, stale, dead)
+        return Fetched([], True, stale, dead)  # not settled yet: nothing unchecked goes out
 
     def _key_rows(self, conn: Connection, rows: list[Due]) -> int:
         """Store key and version of first-seen rows; dead-letter those without. Returns the dead."""
@@ -273,19 +273,21 @@ def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tu
 
 
 def _mark_superseded(conn: Connection, stage: str, heads: list[int]) -> int:
-    """With `coalesce`: mark stale each head not yet handed out that a newer pending version supersedes."""
+    """With `coalesce`: mark stale every pending row of the heads' keys, not yet handed out, that
+    a newer pending version of its key supersedes."""
+    newest = (
+        "(SELECT max(o.order_version) FROM deliveries o WHERE o.stage = deliveries.stage AND o.state = 0 "
+        "AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key)"
+    )
     marked = 0
     for start in range(0, len(heads), 500):
         chunk = heads[start : start + 500]
         marked += conn.execute(
             f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: superseded by "
-            "version ' || (SELECT max(o.order_version) FROM deliveries o WHERE o.stage = deliveries.stage "
-            "AND o.state = 0 AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key) || "
-            f"', pending' WHERE rowid IN ({','.join('?' * len(chunk))}) AND order_claimed IS NULL "
-            "AND EXISTS (SELECT 1 FROM deliveries o WHERE o.stage = deliveries.stage AND o.state = 0 "
-            "AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key "
-            "AND o.order_version > deliveries.order_version)",
-            [time.time(), *chunk],
+            f"version ' || {newest} || ', pending' WHERE stage = ? AND state = 0 AND order_claimed IS NULL "
+            "AND order_key IN (SELECT order_key FROM deliveries "
+            f"WHERE rowid IN ({','.join('?' * len(chunk))})) AND order_version < {newest}",
+            [time.time(), stage, *chunk],
         ).rowcount
     return marked
 

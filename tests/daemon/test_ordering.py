@@ -353,3 +353,19 @@ def test_coalescing_never_drops_a_head_already_handed_out(conn: Connection) -> N
     deliver(conn, order, [one])
     assert fetch(conn, order) == [("a", 3)]
     assert [row[0] for row in states(conn) if row[1] == STALE] == ["a:2"]
+
+
+def test_an_unsettled_window_returns_nothing_unchecked_and_asks_to_come_back(conn: Connection) -> None:
+    order = ordering()
+    for email in ("a", "b", "c"):
+        add(conn, email, 5)
+    deliver(conn, order, order.due(conn, "crm", time.time() + 1, 100).rows)
+    for email in ("a", "b", "c"):
+        add(conn, email, 3)  # stale, one round each to key and to mark with a window of one
+    add(conn, "d", 1)
+
+    first = order.due(conn, "crm", time.time() + 1, 1)
+    assert (first.rows, first.more) == ([], True)
+    second = order.due(conn, "crm", time.time() + 1, 1)
+    assert [json.loads(due.payload) for due in second.rows] == [{"email": "d", "v": 1}]
+    assert first.stale + second.stale == 3
