@@ -17,6 +17,11 @@ Bad input:
 Programs:
     `daemon.transform.TransformProgram` (validation, jq, routes), shared with `ferry test`.
 
+Enrichment:
+    With an `Enricher` (`enrich`), each batch is first looked up and merged (see
+    `actors.enricher`); the batch commits once every lookup has an answer or has given up,
+    and the events whose lookup failed are dead-lettered with the reason.
+
 Tracing:
     One `transformer map` span per batch read. A batch of one event is a child of that
     event's stored trace context; a larger batch starts its own trace and links every
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, final
 import trio
 from opentelemetry import trace
 
+from actors.enricher import Enricher
 from daemon import masking, metrics, telemetry
 from daemon.config import TransformConfig
 from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
@@ -75,8 +81,10 @@ class Transformer:
         sinks: list[str],
         transforms: list[str],
         batch_size: int = 1000,
+        enricher: Enricher | None = None,
     ) -> None:
         self.name = name
+        self._enricher = enricher
         self._inputs = list(config.inputs)
         self._store = store
         self._sinks = sinks
@@ -96,6 +104,13 @@ class Transformer:
         return f"<Transformer {self.name} [{counts}]>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            if self._enricher is not None:
+                await self._enricher.aclose()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         position = await self._store.call_until_committed(partial(cursor, name=self.name))
         task_status.started()
         while True:
@@ -119,7 +134,13 @@ class Transformer:
 
     async def _map(self, events: list[StoredEvent], position: int) -> None:
         """Transform one batch and commit its outputs, deliveries, dead letters and cursor."""
+        looked_up: list[tuple[StoredEvent, str]] = []
+        if self._enricher is not None:
+            events, looked_up = await self._enricher.enrich(events)
+            looked_up = [(event, dead_letter(self.name, event, Failure(why))) for event, why in looked_up]
+            self.failed += len(looked_up)
         outputs, failures = self._transform(events)
+        failures = looked_up + failures
         await self._store.call_until_committed(
             partial(
                 commit_transform,

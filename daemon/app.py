@@ -35,7 +35,7 @@ from .ingest import IngestBatcher
 from .ratelimit import RateLimits
 from .rates import Throughput
 from .registry import WebhookListener, build_sink
-from .reload import fan_out, reload, routes, transformer
+from .reload import fan_out, poller, pollers, reload, routes, transformer
 from .store import Store
 from .supervisor import Supervisor
 from .systemd import ActivatedSockets, Notifier
@@ -211,6 +211,10 @@ async def serve(
                         actor = transformer(config, name, running)
                         running.actors[name] = actor
                         await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
+                    for name in pollers(config):
+                        source = poller(config, name, running)
+                        running.actors[name] = source
+                        await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
                         store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window

@@ -82,6 +82,7 @@ from .control import (
 from .errors import StoreUnavailable
 from .masking import Redactor, decode_payload, sink_secrets
 from .ops import AuditRow, DeadFilter, DeadLetter
+from .poll import PollStatus
 from .ratelimit import RateLimitStatus
 from .reload import ReloadResult, config_sha256, reload
 from .tap import TAPS, Record
@@ -147,6 +148,7 @@ class StatusResult(Struct, frozen=True):
     stages: dict[str, StageStatus]
     received_per_s: float | None = None  # over the last minute; None until sampled twice
     delivered_per_s: float | None = None
+    polls: dict[str, PollStatus] = {}  # per poll source (docs/polling.md)
     rate_limits: dict[str, RateLimitStatus] = {}
     guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/guard.py)
 
@@ -495,6 +497,11 @@ class Commands:
             stages=stages,
             received_per_s=None if received_rate is None else round(received_rate, 2),
             delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
+            polls={
+                name: actor.status()
+                for name, actor in self._running.actors.items()
+                if name in config.sources and callable(getattr(actor, "status", None))
+            },
             rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
             guards=self._guards(),
         )

@@ -27,7 +27,8 @@ from . import secrets
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
-from .config_sync import OrderingConfig, check_ordering
+from .config_poll import PollSourceConfig, poll_errors
+from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .config_verify import ListenerTlsConfig, VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
@@ -267,7 +268,7 @@ class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type")
     ] = None
 
 
-SourceConfig = WebhookSourceConfig
+SourceConfig = WebhookSourceConfig | PollSourceConfig
 
 
 class TransformConfig(Section, frozen=True):
@@ -295,6 +296,13 @@ class TransformConfig(Section, frozen=True):
     aggregate: Annotated[
         AggregateConfig | None,
         Meta(description="Group outputs into tumbling windows and emit one event per window."),
+    ] = None
+    enrich: Annotated[
+        EnrichConfig | None,
+        Meta(
+            description="An HTTP lookup per event, merged in by jq before `schema`, `filter` and `map` "
+            "(docs/enrichment-and-ordering.md)."
+        ),
     ] = None
 
 
@@ -571,6 +579,9 @@ def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfi
     for name, sink in config.sinks.items():
         if isinstance(sink, HttpSinkConfig):
             yield f"$.sinks.{name}", sink.auth, sink.tls
+    for name, source in config.sources.items():
+        if isinstance(source, PollSourceConfig):
+            yield f"$.sources.{name}", source.auth, source.tls
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -617,7 +628,9 @@ def _semantic_errors(config: Config) -> Iterator[str]:
     yield from _cycle_errors(config)
     seen_paths: dict[str, str] = {}
     for name, source in config.sources.items():
-        if isinstance(source, WebhookSourceConfig):
+        if isinstance(source, PollSourceConfig):
+            yield from poll_errors(name, source)
+        elif isinstance(source, WebhookSourceConfig):
             path = webhook_path(name, source)
             if path in ("/healthz", "/readyz", "/metrics"):
                 yield f"$.sources.{name}.path: {path} is reserved"
@@ -635,6 +648,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 except ValueError as exc:
                     yield f"$.transforms.{name}.{key}: invalid jq program: {exc}"
         yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
+        if transform.enrich is not None:
+            yield from check_enrich(f"$.transforms.{name}", transform.enrich, config.rate_limits)
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"
@@ -704,6 +719,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sources = {
         name: msgspec.structs.replace(source, verify=resolve_jwks(source.verify, base_dir))
         if isinstance(source, WebhookSourceConfig) and source.verify is not None
+        else resolve_tls(source, resolve)
+        if isinstance(source, PollSourceConfig)
         else source
         for name, source in config.sources.items()
     }

@@ -11,9 +11,9 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_auth, config_transforms
+from . import config_auth, config_poll, config_transforms
 from . import config_limits as limits
-from .config_sync import OrderingConfig
+from .config_sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
 from .units import Duration, Size
@@ -38,6 +38,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
     *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
+    *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
@@ -46,6 +47,8 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
     ("ordering = { … } (in an http sink)", OrderingConfig),
+    ("enrich = { … } (in a transform)", EnrichConfig),
+    ("retry = { … } (in a transform's enrich)", LookupRetryConfig),
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),

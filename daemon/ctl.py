@@ -404,6 +404,27 @@ def _show_status(status: Any, out: TextIO) -> None:
             for name, s in status["stages"].items()
         ],
     )
+    polls = status.get("polls") or {}
+    if polls:
+        out.write("\n")
+        _table(
+            out,
+            ["SOURCE", "STATE", "NEXT IN", "ITEMS", "REPEATS", "304s", "FAILURES", "MARK", "LAST ERROR"],
+            [
+                (
+                    name,
+                    p["state"] + (" (listing)" if p["listing"] else "") + (" (job)" if p["job"] else ""),
+                    "-" if p["next_poll_in_s"] is None else f"{p['next_poll_in_s']:.1f}s",
+                    p["items"],
+                    p["duplicates"],
+                    p["not_modified"],
+                    p["failures"],
+                    p["mark"] or "-",
+                    _short(p["last_error"]),
+                )
+                for name, p in polls.items()
+            ],
+        )
     _show_limits(status, out)
 
 

@@ -10,6 +10,7 @@
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
     ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
+    ├── PollError                   one poll of an upstream API failed (kind: http_503, not_json, …); backoff
     └── DeliveryError               one delivery attempt failed
         ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
         │   └── DeliveryTimeout     no complete answer within the request's timeout
@@ -85,3 +86,17 @@ class DeliveryTimeout(RetryableDelivery):
 
 class PermanentDelivery(DeliveryError):
     """Trying again cannot help; the delivery goes to the dead-letter queue."""
+
+
+class PollError(FerryError):
+    """One poll of an upstream API failed; the poller backs off and tries again.
+
+    `kind` is the short name counted and shown (`http_503`, `timeout`, `not_json`,
+    `bad_shape`, `no_key`, `bad_mark`, `stuck_cursor`, `job_timeout`, …); `retry_after`
+    is the server's `Retry-After`, a floor for the backoff.
+    """
+
+    def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after

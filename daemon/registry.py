@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.enricher import Enricher
 from actors.file_sink import FileSender
 from actors.guard import SinkGuard
 from actors.http_sink import HttpSender
+from actors.poller import Poller
 from actors.sink import Sender, Sink
 from actors.transformer import Transformer
 from actors.webhook import WebhookListener, WebhookRoute
@@ -17,7 +19,7 @@ from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
-__all__ = ["Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = ["Enricher", "Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 

@@ -64,9 +64,17 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from .config import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
+from .config import (
+    Config,
+    LoadedConfig,
+    WebhookSourceConfig,
+    downstream,
+    load,
+    webhook_path,
+)
+from .config_poll import PollSourceConfig
 from .errors import ConfigError
-from .registry import Transformer, WebhookRoute, build_sink
+from .registry import Enricher, Poller, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .tls_server import server_context
 from .verify import build as build_verifier
@@ -189,9 +197,38 @@ def fan_out(config: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]
     return sinks, consumers
 
 
+def pollers(config: Config, names: list[str] | None = None) -> list[str]:
+    """The poll sources among `names` (default: every source)."""
+    chosen = config.sources if names is None else names
+    return [name for name in chosen if isinstance(config.sources.get(name), PollSourceConfig)]
+
+
+def poller(config: Config, name: str, running: Running) -> Poller:
+    source = config.sources[name]
+    assert isinstance(source, PollSourceConfig)
+    sinks, consumers = fan_out(config)
+    return Poller(
+        name,
+        source,
+        running.store,
+        sinks=sinks[name],
+        consumers=consumers[name],
+        dedup_window=config.store.dedup_window,
+        limiter=running.rate_limits.limiter(source.rate_limit),
+    )
+
+
 def transformer(config: Config, name: str, running: Running) -> Transformer:
     transforms, sinks = downstream(config)[name]
-    return Transformer(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
+    enrich = config.transforms[name].enrich
+    enricher = (
+        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
+        if enrich is not None
+        else None
+    )
+    return Transformer(
+        name, config.transforms[name], running.store, transforms=transforms, sinks=sinks, enricher=enricher
+    )
 
 
 async def reload(running: Running) -> ReloadResult:
@@ -270,6 +307,10 @@ async def _reload(running: Running) -> ReloadResult:
         name: transformer(new, name, running)
         for name in [*changes.transforms.added, *changes.transforms.changed]
     }
+    polls = {
+        name: poller(new, name, running)
+        for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
+    }
     for name, sink in sinks.items():
         previous = running.actors.get(name)
         if previous is not None and previous.paused:
@@ -281,10 +322,13 @@ async def _reload(running: Running) -> ReloadResult:
     running.listener.reroute(new_routes)
     running.listener.retls(tls)
     running.pauses.sources.intersection_update(new.sources)
-    for name in [*changes.sinks.removed, *changes.transforms.removed]:
+    for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:
         running.actors.pop(name, None)
+    for name in pollers(old, changes.sources.changed):
+        running.actors.pop(name, None)  # a poll source that became a webhook one
     running.actors.update(sinks)
     running.actors.update(transforms)
+    running.actors.update(polls)
     running.config, running.loaded = new, loaded
 
     # 3. Transforms.
@@ -292,6 +336,13 @@ async def _reload(running: Running) -> ReloadResult:
         await supervisor.stop(f"transform.{name}")
     for name, actor in transforms.items():
         supervisor.start(running.intake_nursery, f"transform.{name}", _same(actor))
+
+    # 3b. Pollers: the old one ends (a commit in flight still lands) before the new one reads
+    # its state back from the store.
+    for name in pollers(old, [*changes.sources.removed, *changes.sources.changed]):
+        await supervisor.stop(f"poll.{name}")
+    for name, source in polls.items():
+        supervisor.start(running.intake_nursery, f"poll.{name}", _same(source))
 
     # 4. Sinks: each changed one finishes before its replacement starts; all of them at once.
     async def replace(name: str) -> None:
@@ -309,7 +360,12 @@ async def _reload(running: Running) -> ReloadResult:
 
     not_started = []
     deadline = trio.current_time() + START_TIMEOUT
-    for actor_name in [*(f"transform.{n}" for n in transforms), *(f"sink.{n}" for n in sinks)]:
+    started = [
+        *(f"transform.{n}" for n in transforms),
+        *(f"poll.{n}" for n in polls),
+        *(f"sink.{n}" for n in sinks),
+    ]
+    for actor_name in started:
         if not await supervisor.started(actor_name, max(0.0, deadline - trio.current_time())):
             not_started.append(actor_name)
     return ReloadResult(

@@ -18,6 +18,7 @@ Tables:
     windows     an aggregating transform's open windows: group key (JSON), opened at, size
     window_events  the events in each open window, in order, with the id their output will take
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
+    poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
 end in state 3, stale: never sent, because a newer version of its record was delivered first.
@@ -151,6 +152,25 @@ MIGRATIONS: list[list[str]] = [
             payload BLOB NOT NULL,
             trace TEXT,
             PRIMARY KEY (transform, window, n)
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # One row per poll source; its keys share the `dedup` table with webhook sources.
+        """CREATE TABLE poll_state (
+            source TEXT PRIMARY KEY,
+            mark TEXT,
+            etag TEXT,
+            last_modified TEXT,
+            validated_url TEXT,
+            next_url TEXT,
+            cycle_mark TEXT,
+            cycle_etag TEXT,
+            cycle_last_modified TEXT,
+            cycle_url TEXT,
+            pages INTEGER NOT NULL DEFAULT 0,
+            job TEXT,
+            cycles INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
     ],
 ]

@@ -89,7 +89,7 @@ class FakeReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
-            do_POST = do_PUT = do_PATCH = _handle
+            do_GET = do_POST = do_PUT = do_PATCH = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -1,0 +1,486 @@
+"""The poller: one poll source, turning an HTTP API into a stream of events (docs/polling.md).
+
+Delivery:
+    Exactly once per item key. Each page's new items, their keys and the poller's position
+    (next page, high-water mark, validators) commit in one transaction
+    (`daemon.poll_store.commit_page`); an item whose key is already stored is dropped. A
+    crash at any point resumes from the last committed page and repeats nothing.
+
+Cycle:
+    Every `interval` (plus jitter) the poller lists what is new: the first page carries the
+    mark minus `overlap` and, when the last complete listing was a single page, its
+    `If-None-Match` / `If-Modified-Since` (a 304 ends the cycle, stores nothing); then it
+    follows the pages (`link`, `cursor`, `page`, `offset`) to the end or to `max_pages`
+    (the next cycle goes on from there). The mark moves only when a listing is complete.
+
+Errors:
+    A failed request or a page that cannot be read (`PollError`: not JSON, wrong shape, no key,
+    HTTP error, timeout) stores nothing of that page; the poller waits `initial_backoff`
+    doubling to `max_backoff` with jitter (never less than `Retry-After`) and tries again,
+    for ever, at `max_backoff` at worst. A page that names a page already fetched in the
+    cycle, or repeats the previous page's items, is a `stuck_cursor` error: its items are
+    kept, the listing is abandoned, and the next cycle starts again from the mark.
+    Each error is logged, counted (`ferry.poll.errors`) and shown by `ferry ctl status`.
+
+Job mode (`job = {…}`):
+    A cycle submits the request (`Idempotency-Key: SOURCE-CYCLE`), stores the status URL,
+    then polls it every `job.interval` until `until` holds — the answer is then read like a
+    page — or `fail` holds, or `job.timeout` has passed since the submission (counted
+    errors). A restart resumes watching the stored job instead of submitting again.
+
+Cancellation:
+    `trio.Cancelled` is never caught. A cancelled commit still commits (see `daemon.store`);
+    the next incarnation reads the state back from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any, final
+from urllib.parse import urljoin, urlsplit
+
+import jq
+import msgspec
+import trio
+from opentelemetry import trace
+
+from daemon import metrics, telemetry
+from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon.backoff import ceiling
+from daemon.config_poll import LinkPaging, PollSourceConfig
+from daemon.errors import DeliveryError, PollError
+from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
+from daemon.poll import (
+    Page,
+    PageReader,
+    PollStatus,
+    Watermark,
+    excerpt,
+    first_url,
+    link_targets,
+    next_url,
+    without_params,
+)
+from daemon.poll_store import PollState, commit_page, load_state, save_state
+from daemon.ratelimit import RateLimiter
+from daemon.store import Store
+from daemon.tap import TAPS, Record
+
+log = logging.getLogger("ferry.poller")
+
+
+def _where(url: str) -> str:
+    """A URL without its query (which may hold a key) for messages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+@final
+class Poller:
+    """Polls one source; see the module docstring for its guarantees."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PollSourceConfig,
+        store: Store,
+        *,
+        sinks: list[str],
+        consumers: list[str],
+        dedup_window: float,
+        limiter: RateLimiter | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self._config = config
+        self._store = store
+        self._sinks = sinks
+        self._consumers = consumers
+        self._dedup_window = dedup_window
+        self._limiter = limiter
+        self._rng = rng
+        self._reader = PageReader(config)
+        job = config.job
+        self._until = jq.compile(f"[{job.until}][0] // false") if job else None
+        self._fail = jq.compile(f"[{job.fail}][0] // false") if job and job.fail else None
+        self._status_url = jq.compile(f"[{job.status_url}][0]") if job and job.status_url else None
+        headers = {"accept": "application/json"}
+        if config.body is not None:
+            headers["content-type"] = "application/json"
+        headers.update((key.lower(), value) for key, value in config.headers.items())
+        self._headers = list(headers.items())
+        self._body = (config.body or "").encode()
+        self._state = PollState()
+        self._client: HttpClient = LeanClient()
+        self._auth: Auth | None = (
+            build_auth(config.auth, owner=f"sources.{name}", store=store) if config.auth is not None else None
+        )
+        self.status_name = "starting"
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_error_kind: str | None = None
+        self.last_success_at: float | None = None
+        self.next_poll_at: float | None = None
+        self.errors: Counter[str] = Counter()
+        self.items = self.duplicates = self.requests = self.not_modified = self.cycles = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Poller {self.name} [{self.status_name}, items: {self.items}, "
+            f"duplicates: {self.duplicates}, failures: {self.failures}]>"
+        )
+
+    def status(self) -> PollStatus:
+        """What `ferry ctl status` shows for this source."""
+        now = time.time()
+        return PollStatus(
+            state=self.status_name,
+            mark=self._state.mark,
+            listing=self._state.next_url is not None,
+            job=self._state.job is not None,
+            next_poll_in_s=None if self.next_poll_at is None else round(max(0.0, self.next_poll_at - now), 3),
+            failures=self.failures,
+            last_error=self.last_error,
+            last_error_kind=self.last_error_kind,
+            last_success_at=self.last_success_at,
+            errors=dict(self.errors),
+            items=self.items,
+            duplicates=self.duplicates,
+            requests=self.requests,
+            not_modified=self.not_modified,
+            cycles=self.cycles,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        config = self._config
+        context = ssl_context(config.tls)
+        limit = int(config.max_response) + 1  # one byte more than allowed tells "too large" from "just fits"
+        client: HttpClient = (
+            LeanClient(max_idle_per_host=2, max_body=limit, ssl_context=context)
+            if config.client == "lean"
+            else HttpxClient(max_connections=2, max_body=limit, ssl_context=context)
+        )
+        self._client = client
+        gauges = metrics.current().poll_failures
+        gauges[self.name] = 0
+        task_status.started()
+        try:
+            while True:
+                self.status_name = "polling"
+                try:
+                    await (self._cycle() if config.job is None else self._job_cycle())
+                except PollError as exc:
+                    delay = self._failed(exc)
+                else:
+                    self.failures = 0
+                    self.last_success_at = time.time()
+                    self.status_name = "waiting"
+                    delay = config.interval * (1 + self._rng() * config.jitter)
+                gauges[self.name] = self.failures
+                self.next_poll_at = time.time() + delay
+                await trio.sleep(delay)
+        finally:
+            gauges.pop(self.name, None)
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+                if self._auth is not None:
+                    await self._auth.aclose()
+
+    def _failed(self, exc: PollError) -> float:
+        """Count and log a failed cycle; the backoff before the next one."""
+        config = self._config
+        self.failures += 1
+        self.status_name = "backoff"
+        self.last_error, self.last_error_kind = str(exc), exc.kind
+        self.errors[exc.kind] += 1
+        metrics.current().poll_errors.add(1, {"source": self.name, "error": exc.kind})
+        limit = ceiling(self.failures, config.initial_backoff, config.max_backoff)
+        delay = limit / 2 + self._rng() * limit / 2
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, config.max_backoff))
+        log.warning(
+            "poll failed",
+            extra={
+                "fields": {
+                    "source": self.name,
+                    "error": str(exc),
+                    "kind": exc.kind,
+                    "failures": self.failures,
+                    "retry_in_s": round(delay, 3),
+                }
+            },
+        )
+        return delay
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _fetch(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b""
+    ) -> Response:
+        """One request (with `auth`, and once more after a 401 that a new token may fix);
+        any answer but 2xx or 304 raises `PollError`."""
+        recorder = metrics.current().poll_requests
+        auth = self._auth
+        try:
+            if auth is None:
+                response = await self._send(method, url, headers, body)
+            else:
+                url = with_query(url, auth.query)
+                credentials = await auth.headers()
+                response = await self._send(method, url, [*headers, *credentials.items()], body)
+                if response.status == 401 and await auth.unauthorized(credentials):
+                    credentials = await auth.headers()
+                    response = await self._send(method, url, [*headers, *credentials.items()], body)
+        except DeliveryError as exc:
+            recorder.add(1, {"source": self.name, "outcome": "error"})
+            kind = "timeout" if str(exc).startswith("timed out") else "transport"
+            raise PollError(f"{method} {_where(url)}: {exc}", kind=kind) from None
+        status = response.status
+        if status == 304:
+            recorder.add(1, {"source": self.name, "outcome": "not_modified"})
+            return response
+        if not 200 <= status < 300:
+            recorder.add(1, {"source": self.name, "outcome": "error"})
+            text = excerpt(response.body)
+            raise PollError(
+                f"{method} {_where(url)}: HTTP {status}" + (f": {text}" if text else ""),
+                kind=f"http_{status}",
+                retry_after=parse_retry_after(response.header("retry-after")),
+            )
+        if len(response.body) > self._config.max_response:
+            recorder.add(1, {"source": self.name, "outcome": "error"})
+            raise PollError(
+                f"{method} {_where(url)}: response larger than max_response "
+                f"({int(self._config.max_response)} bytes)",
+                kind="too_large",
+            )
+        recorder.add(1, {"source": self.name, "outcome": "ok"})
+        return response
+
+    async def _send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+        """One request under the rate limit, its answer fed back to it. Raises `DeliveryError`."""
+        if self._limiter is not None:
+            await self._limiter.acquire(self.name)
+        self.requests += 1
+        response = await self._client.request(
+            method, url, headers=headers, body=body, timeout=self._config.timeout
+        )
+        if self._limiter is not None:
+            self._limiter.feedback(response.status, dict(response.headers))
+        return response
+
+    # -- listing ---------------------------------------------------------------------------
+
+    async def _cycle(self) -> None:
+        """One listing (or its next `max_pages` pages); see "Cycle" in the module docstring."""
+        config = self._config
+        state = self._state
+        since = config.since
+        headers = list(self._headers)
+        if state.next_url is not None:
+            url = state.next_url
+        else:
+            mark = Watermark.parse(state.mark, since.format) if since and state.mark else None
+            start = (
+                mark.minus(since.overlap, since.format)
+                if since and mark
+                else (since.initial if since else None)
+            )
+            url = first_url(config, start)
+            if config.conditional and state.validated_url == url:
+                if state.etag:
+                    headers.append(("if-none-match", state.etag))
+                elif state.last_modified:
+                    headers.append(("if-modified-since", state.last_modified))
+            state = replace(state, cycle_mark=state.mark, cycle_url=url, pages=0)
+        fetched: set[str] = set()
+        previous: list[str] | None = None
+        for _ in range(config.max_pages):
+            response = await self._fetch(config.method, url, headers, self._body)
+            if response.status == 304:
+                self.not_modified += 1
+                return
+            page = self._reader.read(response.body, response.header("content-type"))
+            links = {}
+            if isinstance(config.pagination, LinkPaging):
+                values = [value for name, value in response.headers if name.lower() == "link"]
+                links = link_targets(values, url)
+            following = next_url(config.pagination, url, page, links)
+            if following is not None and self._auth is not None and self._auth.query:
+                following = without_params(following, set(self._auth.query))  # never store a key
+            fetched.add(url)
+            stuck = following is not None and (
+                following in fetched or (bool(previous) and page.keys == previous)
+            )
+            state = self._advance(state, page, response, following, stuck)
+            await self._commit(page, state)
+            if following is None and not stuck:
+                self.cycles += 1
+            if stuck:
+                raise PollError(
+                    f"cursor stopped advancing: the page after {_where(url)} (page {state.pages or '?'}) "
+                    + (
+                        "repeats its items"
+                        if following not in fetched
+                        else "is one already fetched in this cycle"
+                    )
+                    + "; listing abandoned, the next cycle starts again from the mark",
+                    kind="stuck_cursor",
+                )
+            if following is None:
+                return
+            url, previous, headers = following, page.keys, list(self._headers)
+
+    def _advance(
+        self, state: PollState, page: Page, response: Response, following: str | None, stuck: bool
+    ) -> PollState:
+        """The state to commit with `page`."""
+        since = self._config.since
+        state = replace(state, pages=state.pages + 1, next_url=following)
+        if state.pages == 1:
+            state.cycle_etag = response.header("etag")
+            state.cycle_last_modified = response.header("last-modified")
+        if since is not None:
+            current = Watermark.parse(state.cycle_mark, since.format) if state.cycle_mark else None
+            best = Watermark.highest(page.marks, since.format, current)
+            state.cycle_mark = best.text if best is not None else None
+        if following is None or stuck:
+            state.next_url = None
+            if not stuck:
+                state.mark = state.cycle_mark
+                state.cycles += 1
+                # A 304 for a first page says nothing about the pages after it: only a listing
+                # that was one page long may be skipped on its validators.
+                single = state.pages == 1
+                state.etag = state.cycle_etag if single else None
+                state.last_modified = state.cycle_last_modified if single else None
+                state.validated_url = state.cycle_url if single else None
+            state.cycle_mark = state.cycle_etag = state.cycle_last_modified = state.cycle_url = None
+            state.pages = 0
+        return state
+
+    async def _commit(self, page: Page, state: PollState) -> None:
+        tracer = telemetry.tracer()
+        if tracer is None:
+            await self._store_page(page, state, None)
+            return
+        with tracer.start_as_current_span("poller page", attributes={"ferry.source": self.name}) as span:
+            span.set_attribute("ferry.items", len(page.items))
+            await self._store_page(page, state, telemetry.current_traceparent())
+
+    async def _store_page(self, page: Page, state: PollState, traceparent: str | None) -> None:
+        committed = await self._store.call_until_committed(
+            partial(
+                commit_page,
+                source=self.name,
+                keys=page.keys,
+                items=page.items,
+                sinks=self._sinks,
+                state=state,
+                dedup_window=self._dedup_window,
+                trace=traceparent,
+            ),
+            wake=self._consumers,
+        )
+        self._state = state
+        new = len(committed.events)
+        self.items += new
+        self.duplicates += committed.duplicates
+        current = metrics.current()
+        current.received[self.name] += new
+        current.poll_items.add(new, {"source": self.name, "outcome": "new"})
+        current.poll_items.add(committed.duplicates, {"source": self.name, "outcome": "duplicate"})
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({"ferry.new": new, "ferry.duplicates": committed.duplicates})
+        if self.name in TAPS.taps:
+            now = time.time()
+            for event_id, payload in committed.events:
+                TAPS.publish(self.name, Record("source", event_id, payload, now))
+
+    # -- job mode --------------------------------------------------------------------------
+
+    async def _job_cycle(self) -> None:
+        """Submit a job (unless one is stored), watch it, store its result; see "Job mode"."""
+        config = self._config
+        job = config.job
+        assert job is not None
+        if self._state.job is None:
+            await self._submit()
+        watched = json.loads(self._state.job or "{}")
+        status_url, submitted_at = str(watched["status_url"]), float(watched["submitted_at"])
+        while True:
+            if time.time() - submitted_at > job.timeout:
+                await self._forget_job()
+                raise PollError(
+                    f"job {_where(status_url)} not done within {job.timeout:g}s of its submission; given up",
+                    kind="job_timeout",
+                )
+            self.status_name = "job"
+            response = await self._fetch("GET", status_url, list(self._headers))
+            answer = self._decode(response)
+            if self._fail is not None and self._holds(self._fail, answer, "job.fail"):
+                await self._forget_job()
+                raise PollError(
+                    f"job {_where(status_url)} failed: {excerpt(response.body)}", kind="job_failed"
+                )
+            if self._holds(self._until, answer, "job.until"):
+                page = self._reader.read(response.body, response.header("content-type"))
+                state = replace(self._state, job=None, cycles=self._state.cycles + 1)
+                await self._commit(page, state)
+                self.cycles += 1
+                return
+            await trio.sleep(job.interval)
+
+    async def _submit(self) -> None:
+        config = self._config
+        headers = [*self._headers, ("idempotency-key", f"{self.name}-{self._state.cycles + 1}")]
+        response = await self._fetch(config.method, config.url, headers, self._body)
+        if self._status_url is not None:
+            try:
+                (target,) = self._status_url.input_value(self._decode(response)).all()
+            except ValueError as exc:
+                raise PollError(f"job.status_url: jq failed on the submit answer: {exc}", kind="jq") from None
+        else:
+            target = response.header("location")
+        if not isinstance(target, str) or not target:
+            raise PollError(
+                f"no status URL in the submit answer (job.status_url gave {target!r}): "
+                + excerpt(response.body),
+                kind="bad_shape",
+            )
+        job = json.dumps({"status_url": urljoin(config.url, target), "submitted_at": time.time()})
+        state = replace(self._state, job=job)
+        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
+        self._state = state
+
+    async def _forget_job(self) -> None:
+        state = replace(self._state, job=None, cycles=self._state.cycles + 1)
+        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
+        self._state = state
+
+    @staticmethod
+    def _decode(response: Response) -> Any:
+        try:
+            return msgspec.json.decode(response.body)
+        except msgspec.DecodeError as exc:
+            kind = response.header("content-type") or "no content-type"
+            raise PollError(
+                f"response is not JSON ({kind}): {exc}: {excerpt(response.body)!r}", kind="not_json"
+            ) from None
+
+    @staticmethod
+    def _holds(program: Any, answer: Any, key: str) -> bool:
+        try:
+            (value,) = program.input_value(answer).all()
+        except ValueError as exc:
+            raise PollError(f"{key}: jq failed on the status answer: {exc}", kind="jq") from None
+        return value is not False and value is not None

@@ -1,0 +1,294 @@
+"""The pure parts of polling: reading a page, finding the next one, moving the high-water mark.
+
+Nothing here does I/O or keeps state; `actors/poller.py` strings these together and the
+store keeps what must survive (`daemon/poll_store.py`). Every failure is a `PollError`
+whose `kind` is the short name counted in metrics and shown by `ferry ctl status`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, final
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import jq
+import msgspec
+
+from .config_poll import CursorPaging, OffsetPaging, PagePaging, Paging, PollSourceConfig
+from .errors import PollError
+
+__all__ = [
+    "Page",
+    "PageReader",
+    "PollStatus",
+    "Watermark",
+    "excerpt",
+    "link_targets",
+    "next_url",
+    "with_params",
+    "without_params",
+]
+
+_encode = msgspec.json.Encoder().encode
+EXCERPT: Final = 120
+
+# RFC 8288 link-value: "<" URI-Reference ">" *( OWS ";" OWS link-param ); values separated by ",".
+_LINK_VALUE = re.compile(
+    r"\s*<([^>]*)>((?:\s*;\s*[^;,=\s]+\s*(?:=\s*(?:\"(?:[^\"\\]|\\.)*\"|[^;,\s]*))?)*)\s*(?:,|$)"
+)
+_LINK_PARAM = re.compile(r";\s*([^;,=\s]+)\s*(?:=\s*(\"(?:[^\"\\]|\\.)*\"|[^;,\s]*))?")
+
+
+def link_targets(values: list[str], base: str) -> dict[str, str]:
+    """`rel` → absolute URL from `Link` header values (RFC 8288); the first link of each rel wins.
+
+    A `rel` may name several relations (`rel="next last"`); names are case-insensitive;
+    relative references resolve against `base` (the URL of the page that carried them).
+    Malformed parts are skipped, never guessed at.
+    """
+    found: dict[str, str] = {}
+    for value in values:
+        position = 0
+        while position < len(value):
+            match = _LINK_VALUE.match(value, position)
+            if match is None or match.end() == position:
+                break
+            position = match.end()
+            target, params = match.group(1).strip(), match.group(2)
+            for name, raw in _LINK_PARAM.findall(params):
+                if name.lower() != "rel" or not raw:
+                    continue
+                rels = raw[1:-1] if raw.startswith('"') else raw
+                for rel in rels.lower().split():
+                    found.setdefault(rel, urljoin(base, target))
+    return found
+
+
+def with_params(url: str, params: dict[str, str]) -> str:
+    """`url` with these query parameters set (replacing any of the same name, keeping the rest)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query.extend(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def without_params(url: str, names: set[str]) -> str:
+    """`url` without the query parameters in `names`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _param(url: str, name: str) -> str | None:
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
+def first_url(config: PollSourceConfig, since: str | None) -> str:
+    """The URL of a cycle's first page: the configured one plus the mark and the first page's number."""
+    params: dict[str, str] = {}
+    if since is not None and config.since is not None:
+        params[config.since.param] = since
+    paging = config.pagination
+    if isinstance(paging, PagePaging):
+        params[paging.param] = str(paging.start)
+    elif isinstance(paging, OffsetPaging):
+        params[paging.param] = "0"
+    if isinstance(paging, PagePaging | OffsetPaging) and paging.size_param is not None:
+        params[paging.size_param] = str(paging.size)
+    return with_params(config.url, params) if params else config.url
+
+
+class PollStatus(msgspec.Struct, frozen=True):
+    """A poll source as `ferry ctl status` shows it."""
+
+    state: str  # starting | polling | job | waiting | backoff
+    mark: str | None  # the high-water mark of the last complete listing
+    listing: bool  # a listing is in progress (resumes at its next page)
+    job: bool  # a submitted job is being watched
+    next_poll_in_s: float | None
+    failures: int  # consecutive failed cycles (0: healthy)
+    last_error: str | None
+    last_error_kind: str | None
+    last_success_at: float | None
+    errors: dict[str, int]  # failed cycles by kind since start
+    items: int  # new items stored since start
+    duplicates: int  # items dropped as already stored
+    requests: int
+    not_modified: int  # 304 answers
+    cycles: int  # complete listings since start
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page read: its items (JSON each), their keys, their marks, and the page's next cursor."""
+
+    items: list[bytes]
+    keys: list[str]
+    marks: list[Any]
+    cursor: Any
+
+
+def excerpt(body: bytes) -> str:
+    """The start of a response body, on one line, for an error message."""
+    text = " ".join(body[: EXCERPT * 4].decode("utf-8", "replace").split())
+    return text[:EXCERPT] + ("…" if len(text) > EXCERPT else "")
+
+
+def _key_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return _encode(value).decode()
+
+
+@final
+class PageReader:
+    """Reads pages with one jq program built from `items`, `key`, the mark and the cursor.
+
+    The program runs once per page: `[ITEMS]` must be exactly one array (anything else is a
+    `bad_shape` error naming what came); each item must have a key (`no_key`).
+    """
+
+    def __init__(self, config: PollSourceConfig) -> None:
+        mark = config.since.field if config.since is not None else "null"
+        cursor = config.pagination.path if isinstance(config.pagination, CursorPaging) else "null"
+        self._program = jq.compile(
+            f'[{config.items}] as $out | if ($out | length) != 1 or ($out[0] | type) != "array" '
+            "then {shape: [$out[] | type]} else $out[0] as $items | "
+            f"{{items: $items, keys: [$items[] | [{config.key}][0]], "
+            f"marks: [$items[] | [{mark}][0]], cursor: ([{cursor}][0])}} end"
+        )
+
+    def read(self, body: bytes, content_type: str | None) -> Page:
+        """The page in `body`; raises `PollError` (`not_json`, `bad_shape`, `no_key`, `jq`)."""
+        try:
+            text = body.decode("utf-8")
+            msgspec.json.decode(body)  # jq's own parse error says little; this one says where
+        except (UnicodeDecodeError, msgspec.DecodeError) as exc:
+            kind = f" ({content_type})" if content_type else ""
+            raise PollError(
+                f"response is not JSON{kind}: {exc}: {excerpt(body)!r}", kind="not_json"
+            ) from None
+        try:
+            (result,) = self._program.input_text(text).all()
+        except ValueError as exc:
+            raise PollError(f"jq failed on the response: {exc}", kind="jq") from None
+        if "shape" in result:
+            found = ", ".join(result["shape"]) or "nothing"
+            raise PollError(f"`items` must give one array, got {found}: {excerpt(body)!r}", kind="bad_shape")
+        items = result["items"]
+        keys: list[str] = []
+        for index, raw in enumerate(result["keys"]):
+            key = _key_text(raw)
+            if key is None:
+                raise PollError(
+                    f"item {index} has no key (`key` gave null): {excerpt(_encode(items[index]))!r}",
+                    kind="no_key",
+                )
+            keys.append(key)
+        return Page([_encode(item) for item in items], keys, result["marks"], result["cursor"])
+
+
+def next_url(paging: Paging | None, url: str, page: Page, links: dict[str, str]) -> str | None:
+    """The URL of the page after `page` (fetched from `url`), or None when the listing is complete."""
+    if paging is None:
+        return None
+    if isinstance(paging, CursorPaging):
+        cursor = page.cursor
+        if cursor is None or cursor is False or cursor == "":
+            return None
+        return with_params(url, {paging.param: _key_text(cursor) or ""})
+    if isinstance(paging, PagePaging | OffsetPaging):
+        if len(page.items) < paging.size:
+            return None
+        current = _param(url, paging.param)
+        start = paging.start if isinstance(paging, PagePaging) else 0
+        try:
+            position = int(current) if current is not None else start
+        except ValueError:
+            position = start
+        step = 1 if isinstance(paging, PagePaging) else len(page.items)
+        return with_params(url, {paging.param: str(position + step)})
+    return links.get("next")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """A high-water mark as the API wrote it (`text`) and as ferry orders it (`order`)."""
+
+    text: str
+    order: float
+
+    @staticmethod
+    def parse(value: Any, format: str) -> Watermark | None:
+        """The mark an item's field gives, or None if it is not a value of `format`."""
+        if format == "rfc3339":
+            if not isinstance(value, str):
+                return None
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                return None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            return Watermark(value, when.timestamp())
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            return None
+        if not math.isfinite(number):
+            return None
+        text = value if isinstance(value, str) else _key_text(value) or ""
+        return Watermark(text, number / 1000 if format == "unix_ms" else number)
+
+    def minus(self, overlap: float, format: str) -> str:
+        """The mark moved `overlap` seconds back, written as the API writes it."""
+        if overlap <= 0:
+            return self.text
+        if format == "rfc3339":
+            when = datetime.fromisoformat(self.text)
+            zone = when.tzinfo
+            moved = (when if zone is not None else when.replace(tzinfo=UTC)) - timedelta(seconds=overlap)
+            if zone is None:
+                return moved.replace(tzinfo=None).isoformat()
+            text = moved.isoformat()
+            return text[:-6] + "Z" if text.endswith("+00:00") and self.text.endswith(("Z", "z")) else text
+        value = self.order - overlap
+        number = value * 1000 if format == "unix_ms" else value
+        return str(int(number)) if float(number).is_integer() else repr(number)
+
+    @staticmethod
+    def highest(marks: list[Any], format: str, current: Watermark | None) -> Watermark | None:
+        """The highest of `current` and the marks of a page; items without a mark are left out.
+
+        Raises `PollError` (`bad_mark`) for a mark that is present but not a `format` value:
+        guessing would move the mark somewhere the API never said.
+        """
+        best = current
+        for index, value in enumerate(marks):
+            if value is None:
+                continue
+            mark = Watermark.parse(value, format)
+            if mark is None:
+                raise PollError(
+                    f"item {index}: `since.field` gave {value!r}, not a {format} value", kind="bad_mark"
+                )
+            if best is None or mark.order > best.order:
+                best = mark
+        return best

@@ -1,0 +1,141 @@
+"""What a poll source keeps in the store: its state row, and each page's items with that state.
+
+Plain functions of a connection, run on the store's writer thread inside a group transaction
+(`daemon.store`), like `daemon.outbox`.
+
+Exactly once:
+    `commit_page` stores a page's new items (events + deliveries), their keys (`dedup`) and
+    the poller's new state — the next page to fetch, the mark, the validators — in the one
+    transaction of its call. A crash before it commits loses nothing (the page is fetched
+    again from the stored position); a crash after it cannot repeat anything (the position
+    has moved on, and an item seen again is found by its key).
+
+Keys:
+    A poll source's keys live in `dedup` under the source's name (names are unique across
+    components, so they never meet a webhook source's). A key seen again has its time
+    refreshed, so a key is forgotten only `[store] dedup_window` after the API last listed
+    the item, not after it was first stored.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+from typing import Final
+
+from .outbox import insert_rows, last_seq, new_event_id
+
+Connection = sqlite3.Connection
+
+_INSERT_EVENT: Final = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
+_INSERT_DELIVERY: Final = "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES "
+_CHUNK: Final = 500
+
+
+@dataclass
+class PollState:
+    """A poll source's durable state (one `poll_state` row).
+
+    `mark`, `etag`, `last_modified` and `validated_url` belong to the last *complete* listing;
+    the `cycle_*` fields and `next_url` to the listing in progress (`next_url` None: none).
+    `job` is the submitted job being watched (JSON), in job mode.
+    """
+
+    mark: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    validated_url: str | None = None
+    next_url: str | None = None
+    cycle_mark: str | None = None
+    cycle_etag: str | None = None
+    cycle_last_modified: str | None = None
+    cycle_url: str | None = None
+    pages: int = 0
+    job: str | None = None
+    cycles: int = 0
+
+
+_COLUMNS: Final = [f.name for f in fields(PollState)]
+
+
+def load_state(conn: Connection, source: str) -> PollState:
+    """The stored state of `source` (a fresh one if it never polled)."""
+    row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM poll_state WHERE source = ?", (source,)).fetchone()
+    return PollState(*row) if row else PollState()
+
+
+def save_state(conn: Connection, source: str, state: PollState) -> None:
+    """Write `state` as `source`'s row (in the caller's transaction)."""
+    conn.execute(
+        f"INSERT OR REPLACE INTO poll_state(source, {', '.join(_COLUMNS)}, updated_at) "
+        f"VALUES (?, {', '.join('?' * len(_COLUMNS))}, ?)",
+        (source, *astuple(state), time.time()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What `commit_page` stored: the new events as (id, payload), and how many items were repeats."""
+
+    events: list[tuple[str, bytes]]
+    duplicates: int
+
+
+def commit_page(
+    conn: Connection,
+    source: str,
+    keys: Sequence[str],
+    items: Sequence[bytes],
+    sinks: Sequence[str],
+    state: PollState,
+    *,
+    dedup_window: float,
+    trace: str | None = None,
+) -> Committed:
+    """Store the items whose keys are new (events, deliveries, keys) and `state`, in one transaction.
+
+    An item is a repeat if its key was stored for `source` within `dedup_window`, or earlier
+    in the same page; a repeat stores nothing but refreshes its key's time.
+    """
+    now = time.time()
+    known: set[str] = set()
+    for start in range(0, len(keys), _CHUNK):
+        chunk = list(dict.fromkeys(keys[start : start + _CHUNK]))
+        known.update(
+            key
+            for (key,) in conn.execute(
+                "SELECT key FROM dedup WHERE source = ? AND created_at > ? "
+                f"AND key IN ({','.join('?' * len(chunk))})",
+                (source, now - dedup_window, *chunk),
+            )
+        )
+    seq = last_seq(conn)
+    events: list[tuple[int, str, str, bytes, str | None, float]] = []
+    deliveries: list[tuple[str, int, str, float, float]] = []
+    fresh: list[tuple[str, str, str, float]] = []
+    stored: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    for key, payload in zip(keys, items, strict=True):
+        if key in known or key in seen:
+            continue
+        seen.add(key)
+        seq += 1
+        event_id = new_event_id(now)
+        events.append((seq, event_id, source, payload, trace, now))
+        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+        fresh.append((source, key, event_id, now))
+        stored.append((event_id, payload))
+    insert_rows(conn, _INSERT_EVENT, events)
+    insert_rows(conn, _INSERT_DELIVERY, deliveries)
+    conn.executemany(
+        "INSERT OR REPLACE INTO dedup(source, key, event_id, created_at) VALUES (?, ?, ?, ?)", fresh
+    )
+    if known:
+        conn.executemany(
+            "UPDATE dedup SET created_at = ? WHERE source = ? AND key = ?",
+            [(now, source, key) for key in known],
+        )
+    save_state(conn, source, state)
+    return Committed(stored, len(keys) - len(stored))

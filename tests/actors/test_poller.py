@@ -1,0 +1,330 @@
+"""The poller against the fake upstream API: real HTTP on 127.0.0.1, a real SQLite store, trio in process.
+
+Each test waits on an observable condition (the store's rows, the fake's request log) with
+a deadline; intervals are a few milliseconds so cycles follow each other quickly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from actors.poller import Poller
+from daemon.config_poll import PollSourceConfig
+from daemon.poll_store import PollState, load_state
+from daemon.store import Store
+from tests.fake_api import FakeApi
+
+DEADLINE = 20.0
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    fake = FakeApi(records=0, hang_seconds=10).start()
+    yield fake
+    fake.stop()
+
+
+def source(url: str, **fields: Any) -> PollSourceConfig:
+    raw = {"url": url, "key": ".id", "interval": "10ms", "jitter": 0, "initial_backoff": "10ms"} | fields
+    return msgspec.convert(raw, PollSourceConfig, dec_hook=_dec_hook)
+
+
+def _dec_hook(type_: type, value: Any) -> Any:
+    from daemon.units import dec_hook
+
+    return dec_hook(type_, value)
+
+
+@asynccontextmanager
+async def polling(store: Store, config: PollSourceConfig, name: str = "api") -> AsyncIterator[Poller]:
+    poller = Poller(name, config, store, sinks=["out"], consumers=["out"], dedup_window=86400)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poller.run)
+        yield poller
+        nursery.cancel_scope.cancel()
+
+
+async def stored(store: Store, stream: str = "api") -> list[dict[str, Any]]:
+    rows = await store.call(
+        lambda conn: conn.execute(
+            "SELECT payload FROM events WHERE stream = ? ORDER BY seq", (stream,)
+        ).fetchall()
+    )
+    return [json.loads(payload) for (payload,) in rows]
+
+
+async def state_of(store: Store, name: str = "api") -> PollState:
+    return await store.call(lambda conn: load_state(conn, name))
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    with trio.move_on_after(DEADLINE):
+        while not await check():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not within {DEADLINE}s: {what}")
+
+
+CURSOR = {"items": ".data", "pagination": {"style": "cursor", "path": ".next_cursor"}}
+SINCE = {"field": ".updated_at", "param": "updated_since", "overlap": "5s"}
+
+
+async def test_a_cursor_listing_is_stored_once_then_the_mark_makes_the_next_cycle_a_304(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(450)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, since=SINCE)
+    async with polling(store, config) as poller:
+
+        async def quiet() -> bool:
+            return poller.not_modified >= 2
+
+        await until(quiet, "two 304 answers")
+        api.add(3)
+
+        async def grown() -> bool:
+            return len(await stored(store)) == 453
+
+        await until(grown, "the 3 new records")
+    ids = [item["id"] for item in await stored(store)]
+    assert ids == list(range(1, 454))
+    state = await state_of(store)
+    assert state.mark == api.record(453)["updated_at"]
+    first = api.snapshot()[0]
+    assert "updated_since" not in first.query
+    later = [r for r in api.snapshot() if r.query.get("updated_since")]
+    assert later
+    assert later[0].query["updated_since"] == "2026-01-01T00:00:39Z"  # mark 00:44 minus 5 s
+    assert any(r.status == 304 and "if-none-match" in r.headers for r in api.snapshot())
+    assert poller.duplicates > 0  # the overlap was asked again and dropped by key
+
+
+@pytest.mark.parametrize(
+    ("style", "query", "paging"),
+    [
+        ("link", "limit=100", {"style": "link"}),
+        ("page", "", {"style": "page", "param": "page", "size_param": "per_page", "size": 100}),
+        ("offset", "", {"style": "offset", "size": 100}),
+    ],
+)
+async def test_every_paging_style_reads_every_record_once(
+    store: Store, api: FakeApi, style: str, query: str, paging: dict[str, Any]
+) -> None:
+    api.add(250)
+    items = "." if style == "link" else ".data"
+    config = source(f"{api.url}/{style}/items?{query}", items=items, pagination=paging)
+    async with polling(store, config) as poller:
+
+        async def two_cycles() -> bool:
+            return poller.cycles >= 2
+
+        await until(two_cycles, "two complete listings")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 251))
+    assert poller.duplicates >= 250  # the second listing repeated everything; nothing stored twice
+
+
+async def test_max_pages_stops_a_cycle_and_the_next_goes_on_from_there(store: Store, api: FakeApi) -> None:
+    api.add(500)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, max_pages=2, interval="200ms")
+    async with polling(store, config) as poller:
+
+        async def two_pages() -> bool:
+            return len(await stored(store)) >= 200
+
+        await until(two_pages, "the first two pages")
+        assert len(await stored(store)) == 200
+        assert (await state_of(store)).next_url is not None
+        assert poller.cycles == 0
+
+        async def all_pages() -> bool:
+            return poller.cycles >= 1
+
+        await until(all_pages, "the listing completed")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 501))
+
+
+async def test_a_repeating_cursor_is_reported_not_looped_on(store: Store, api: FakeApi) -> None:
+    api.add(300)
+    api.fault("repeat", times=2, path="/cursor")
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR)
+    async with polling(store, config) as poller:
+
+        async def reported() -> bool:
+            return poller.errors["stuck_cursor"] >= 1
+
+        await until(reported, "a stuck_cursor error")
+        assert "cursor stopped advancing" in (poller.last_error or "")
+
+        async def recovered() -> bool:
+            return poller.cycles >= 1
+
+        await until(recovered, "a complete listing after the fault")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 301))
+    assert (await state_of(store)).next_url is None
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "message"),
+    [
+        ("garbage", "not_json", "response is not JSON (application/json)"),
+        ("html", "not_json", "response is not JSON (text/html; charset=utf-8)"),
+        ("shape", "bad_shape", "`items` must give one array, got null"),
+        ("503", "http_503", "HTTP 503"),
+        ("close", "transport", "connection closed"),
+        ("hang", "timeout", "timed out after 0.3s"),
+    ],
+)
+async def test_a_bad_answer_mid_listing_is_a_counted_error_then_the_listing_resumes(
+    store: Store, api: FakeApi, fault: str, kind: str, message: str
+) -> None:
+    api.add(300)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, timeout="300ms")
+    answered = 0
+
+    def second_page(request: Any) -> None:
+        nonlocal answered
+        answered += 1
+        if answered == 2:
+            # A reused connection closed before any answer is retried once on a new one (by design).
+            api.fault(fault, times=2 if fault == "close" else 1)
+
+    api.responder = second_page
+    async with polling(store, config) as poller:
+
+        async def failed() -> bool:
+            return poller.errors[kind] >= 1
+
+        await until(failed, f"a {kind} error")
+        assert message in (poller.last_error or ""), poller.last_error
+        assert poller.last_error_kind == kind
+
+        async def done() -> bool:
+            return poller.last_success_at is not None
+
+        await until(done, "a successful cycle after the fault")
+        assert poller.failures == 0
+    api.release()
+    assert [item["id"] for item in await stored(store)] == list(range(1, 301))
+
+
+async def test_errors_back_off_exponentially_up_to_the_maximum_and_keep_trying(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(10)
+    api.fault("500", times=6)
+    config = source(
+        f"{api.url}/page/items", items=".data", initial_backoff="20ms", max_backoff="80ms", interval="1s"
+    )
+    async with polling(store, config) as poller:
+
+        async def through() -> bool:
+            return len(await stored(store)) == 10
+
+        await until(through, "the items after six failures")
+        assert poller.errors == {"http_500": 6}
+    times = [r.monotonic for r in api.snapshot()]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # half fixed, half jitter: 10-20 ms, 20-40, 40-80, then 40-80 ms for ever
+    assert 0.01 <= gaps[0] < 0.2
+    assert all(0.04 <= gap < 0.3 for gap in gaps[2:6]), gaps
+
+
+async def test_an_item_without_a_key_fails_the_page_and_stores_none_of_it(store: Store, api: FakeApi) -> None:
+    api.add(5)
+    config = source(f"{api.url}/page/items", items=".data", key=".missing")
+    async with polling(store, config) as poller:
+
+        async def failed() -> bool:
+            return poller.errors["no_key"] >= 2
+
+        await until(failed, "no_key errors")
+    assert "item 0 has no key" in (poller.last_error or "")
+    assert await stored(store) == []
+
+
+JOB = {
+    "url": "",
+    "method": "POST",
+    "body": '{"report": "daily"}',
+    "items": "[.result]",
+    "key": ".input.report",
+}
+
+
+async def test_a_job_is_submitted_watched_and_its_result_stored(store: Store, api: FakeApi) -> None:
+    api.job_polls = 3
+    fields = JOB | {"job": {"status_url": ".status_url", "until": '.state == "done"', "interval": "10ms"}}
+    config = source(f"{api.url}/jobs", **{k: v for k, v in fields.items() if k != "url"})
+    async with polling(store, config) as poller:
+
+        async def done() -> bool:
+            return poller.cycles >= 1
+
+        await until(done, "the job's result")
+    assert (await stored(store))[0] == {"input": {"report": "daily"}}
+    submits = [r for r in api.snapshot() if r.method == "POST"]
+    assert submits[0].headers["idempotency-key"] == "api-1"
+    assert len([r for r in api.snapshot() if r.path == "/jobs/job-1"]) == 4
+
+
+async def test_a_job_past_its_timeout_is_a_counted_error_and_nothing_is_invented(
+    store: Store, api: FakeApi
+) -> None:
+    api.job_polls = 10**6
+    job = {"until": '.state == "done"', "interval": "10ms", "timeout": "150ms"}
+    fields = {k: v for k, v in JOB.items() if k != "url"} | {"job": job}
+    config = source(f"{api.url}/jobs", **fields)
+    async with polling(store, config) as poller:
+
+        async def timed_out() -> bool:
+            return poller.errors["job_timeout"] >= 1
+
+        await until(timed_out, "a job_timeout error")
+    assert "not done within 0.15s" in (poller.last_error or "")
+    assert await stored(store) == []
+    assert (await state_of(store)).job is None or poller.status_name != "backoff"
+
+
+async def test_a_failed_job_is_a_counted_error(store: Store, api: FakeApi) -> None:
+    api.job_polls, api.job_state = 0, "failed"
+    job = {"until": '.state == "done"', "fail": '.state == "failed"', "interval": "10ms"}
+    config = source(f"{api.url}/jobs", **{k: v for k, v in JOB.items() if k != "url"} | {"job": job})
+    async with polling(store, config) as poller:
+
+        async def failed() -> bool:
+            return poller.errors["job_failed"] >= 1
+
+        await until(failed, "a job_failed error")
+    assert await stored(store) == []
+
+
+async def test_a_restarted_job_poller_watches_the_stored_job_instead_of_submitting_again(
+    store: Store, api: FakeApi
+) -> None:
+    api.job_polls = 10**6
+    job = {"until": '.state == "done"', "interval": "10ms"}
+    config = source(f"{api.url}/jobs", **{k: v for k, v in JOB.items() if k != "url"} | {"job": job})
+    async with polling(store, config):
+
+        async def watching() -> bool:
+            return len([r for r in api.snapshot() if r.method == "GET"]) >= 2
+
+        await until(watching, "the job being watched")
+    assert (await state_of(store)).job is not None
+    api.job_polls = 0
+    async with polling(store, config) as poller:
+
+        async def done() -> bool:
+            return poller.cycles >= 1
+
+        await until(done, "the job's result")
+    assert len([r for r in api.snapshot() if r.method == "POST"]) == 1
+    assert len(await stored(store)) == 1

@@ -1,0 +1,192 @@
+"""Poll sources end to end: the real daemon process, the fake upstream API, a real SQLite file, SIGKILL.
+
+The promise under test: every record the API lists is stored exactly once, whatever
+moment the process is killed at — in the middle of a paginated listing or between two
+cycles — and the mark and the validators (ETag) survive the restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_api import ApiRequest, FakeApi
+from tests.fakes import Daemon, ctl, ctl_json, write_config
+
+API_KEY = "k-" + "7" * 20
+
+SOURCE = """
+[control]
+socket = "{sock}"
+
+[sources.items]
+type = "poll"
+url = "{url}/cursor/items?limit=100"
+items = ".data"
+key = ".id"
+interval = "150ms"
+jitter = 0
+timeout = "2s"
+initial_backoff = "50ms"
+max_backoff = "200ms"
+pagination = {{ style = "cursor", path = ".next_cursor" }}
+since = {{ field = ".updated_at", param = "updated_since", overlap = "5s" }}
+auth = {{ type = "api_key", query = "api_key", key = "env:FERRY_TEST_API_KEY" }}
+
+[sinks.out]
+type = "file"
+inputs = ["items"]
+path = "out.jsonl"
+"""
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    fake = FakeApi(records=0, hang_seconds=10).start()
+    yield fake
+    fake.stop()
+
+
+def stored_ids(db: Path) -> list[int]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT payload FROM events WHERE stream = 'items' ORDER BY seq").fetchall()
+    return [json.loads(payload)["id"] for (payload,) in rows]
+
+
+def poll_state(db: Path) -> dict[str, object]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM poll_state WHERE source = 'items'").fetchone()
+    return dict(row) if row else {}
+
+
+def wait(condition: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
+    tmp_path: Path, sock_dir: Path, api: FakeApi
+) -> None:
+    api.add(10_000)
+
+    def slow_and_keyed(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
+        if request.query.get("api_key") != API_KEY:
+            return 401, {"Content-Type": "application/json"}, b'{"error":"bad key"}'
+        time.sleep(0.004)  # ~100 pages take a good half second: room to land a kill inside a listing
+        return None
+
+    api.responder = slow_and_keyed
+    config = write_config(tmp_path, SOURCE.format(url=api.url, sock=sock_dir / "ferry.sock"))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log", env={"FERRY_TEST_API_KEY": API_KEY})
+
+    # Two kills in the middle of the first listing.
+    for pages in (20, 60):
+        daemon.start()
+        api.wait_for(lambda requests, n=pages: sum(r.status == 200 for r in requests) >= n)
+        daemon.kill9()
+        state = poll_state(db)
+        assert state["next_url"], "the kill was meant to land inside a listing"
+        assert "api_key" not in str(state["next_url"])  # the key is added when sending, never stored
+        assert 0 < len(stored_ids(db)) < 10_000
+
+    # The listing completes, then the overlap is asked again (one page) and then answered 304.
+    daemon.start()
+    api.wait_for(lambda requests: any(r.status == 304 for r in requests))
+    etag = next(r for r in reversed(api.snapshot()) if r.status == 304).headers["if-none-match"]
+    daemon.kill9()  # between two cycles
+    assert poll_state(db)["etag"] == etag
+    mark = poll_state(db)["mark"]
+    assert mark == api.record(10_000)["updated_at"]
+
+    # After the restart the stored ETag is sent again and answered 304: the validators survived.
+    seen = len(api.snapshot())
+    daemon.start()
+    api.wait_for(lambda requests: len(requests) > seen)
+    first = api.snapshot()[seen]
+    assert first.headers.get("if-none-match") == etag
+    assert first.query["updated_since"] == "2026-01-01T00:16:34Z"  # mark 00:16:39 minus the overlap
+    api.wait_for(lambda requests: requests[seen].status == 304)
+
+    # New records (and a changed one) arrive; one more kill mid-listing; everything lands once.
+    api.add(700)
+    api.touch([5])
+    api.wait_for(
+        lambda requests: any(r.query.get("cursor") and r.monotonic > first.monotonic for r in requests)
+    )
+    daemon.kill9()
+    daemon.start()
+    wait(lambda: len(stored_ids(db)) >= 10_700, "the 700 new records")
+    status = ctl_json(config, "status")
+    daemon.stop()
+
+    ids = stored_ids(db)
+    assert sorted(ids) == list(range(1, 10_701)), Counter(ids).most_common(3)
+    assert poll_state(db)["mark"] == api.record(5)["updated_at"]
+    # The file sink got every event; a kill can repeat a delivery, never with a new id.
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {line["event"]["id"] for line in lines} == set(range(1, 10_701))
+    assert len({line["id"] for line in lines}) == 10_700
+    assert status["polls"]["items"]["failures"] == 0
+    assert status["polls"]["items"]["mark"] == api.record(5)["updated_at"]
+
+
+BAD = """
+[control]
+socket = "{sock}"
+
+[sources.items]
+type = "poll"
+url = "{url}/cursor/items?limit=50"
+items = ".data"
+key = ".id"
+interval = "100ms"
+jitter = 0
+timeout = "300ms"
+initial_backoff = "50ms"
+max_backoff = "100ms"
+pagination = {{ style = "cursor", path = ".next_cursor" }}
+"""
+
+
+def test_bad_upstream_answers_are_counted_errors_and_nothing_is_lost_or_invented(
+    tmp_path: Path, sock_dir: Path, api: FakeApi
+) -> None:
+    api.add(200)
+    for kind in ("garbage", "html", "shape", "hang", "503"):
+        api.fault(kind)
+    api.fault("repeat", times=2, path="/cursor")
+    config = write_config(tmp_path, BAD.format(url=api.url, sock=sock_dir / "ferry.sock"))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    try:
+        wait(lambda: len(stored_ids(db)) == 200, "all 200 records")
+
+        def counted() -> bool:
+            errors = ctl_json(config, "status")["polls"]["items"]
+            return errors["cycles"] >= 1 and errors["failures"] == 0
+
+        wait(counted, "a complete listing after the faults")
+        status = ctl_json(config, "status")
+        text = ctl(config, "status").stdout
+    finally:
+        daemon.stop()
+    poll = status["polls"]["items"]
+    assert poll["errors"] == {"not_json": 2, "bad_shape": 1, "timeout": 1, "http_503": 1, "stuck_cursor": 1}
+    assert sorted(stored_ids(db)) == list(range(1, 201))
+    assert all(actor["restarts"] == 0 for actor in status["actors"])
+    warnings = [line for line in daemon.logs() if line.get("msg") == "poll failed"]
+    assert {line["kind"] for line in warnings} == set(poll["errors"])
+    assert any("response is not JSON (text/html" in line["error"] for line in warnings)
+    assert "SOURCE" in text
+    assert "items" in text
