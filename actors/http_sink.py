@@ -34,7 +34,7 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
@@ -144,13 +144,15 @@ class HttpSender:
                 response = await self._request(send_url, [*headers, *credentials.items()], body, again=True)
         if recording:
             span.set_attribute("http.response.status_code", response.status)
-        if self._auth is not None and not 200 <= response.status < 300:
-            try:
-                check_status(response)
-            except DeliveryError as exc:
-                # A receiver may echo the Authorization it refused: no credential in errors.
-                raise scrub_error(exc, credential_values(credentials, self._auth.query)) from None
-        return Answer(check_status(response), excerpt_of(response.body) or None)
+        if self._auth is None:
+            return Answer(check_status(response), excerpt_of(response.body) or None)
+        # A receiver may echo the credentials it got: none in errors or in the stored answer.
+        sent = credential_values(credentials, self._auth.query)
+        try:
+            status = check_status(response)
+        except DeliveryError as exc:
+            raise scrub_error(exc, sent) from None
+        return Answer(status, scrub(excerpt_of(response.body), sent) or None)
 
     async def _request(
         self, url: str, headers: list[tuple[str, str]], body: bytes, *, again: bool = False

@@ -394,6 +394,10 @@ class Sink:
             )
         finally:
             self._settled.update(due.rowid for due in batch)
+            if outcomes.retry:
+                # The commit's wake-up can reach the fetcher before these rows are settled; it
+                # then skips them as in flight and, none being due later, sleeps for an hour.
+                self._signal.fire()
         self.delivered += len(outcomes.delivered)
         self.retried += len(outcomes.retry)
         self.dead += len(outcomes.dead)

@@ -11,7 +11,8 @@ Cases (docs/performance.md explains each figure):
 3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
-6. the daemon's peak RSS in each case.
+6. the rate limiter's overhead per permit (bench/ratelimit.py), against an empty checkpoint;
+7. the daemon's peak RSS in each case.
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -35,6 +36,7 @@ from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.harness import ensure_wrk
 from bench.ingest import durable_ingest, verified_ingest
 from bench.latency import latency
+from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
 
@@ -49,6 +51,7 @@ async def run(ctx: Context) -> None:
             ("3. per-event delivery", _delivery),
             ("4. backlog drain", backlog_drain),
             ("5. latency", latency),
+            ("6. rate limiter overhead", ratelimit_overhead),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)

@@ -34,8 +34,8 @@ from .errors import StoreUnavailable
 from .ingest import IngestBatcher
 from .ratelimit import RateLimits
 from .rates import Throughput
-from .registry import WebhookListener, build_sink
-from .reload import fan_out, poller, pollers, reload, routes, transformer
+from .registry import Alerter, WebhookListener, build_sink
+from .reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
 from .store import Store
 from .supervisor import Supervisor
 from .systemd import ActivatedSockets, Notifier
@@ -70,6 +70,8 @@ class Running:
     throughput: Throughput | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
     """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
+    telemetry: Telemetry | None = None
+    alerter: Alerter | None = None
 
     @property
     def sinks(self) -> list[Any]:
@@ -95,9 +97,17 @@ async def _maintain(store: Store, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, running: Running, interval: float) -> None:
-    """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader."""
+async def _sample_queue_depths(store: Store, running: Running) -> None:
+    """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
+
+    The interval is the metrics interval, or the alert interval when rules are configured and it
+    is shorter (a backlog rule must not read a count older than its own interval).
+    """
     while True:
+        config = running.config
+        interval = config.telemetry.metrics_interval
+        if config.alerts:
+            interval = min(interval, config.alerting.interval)
         depths = await store.call_until_committed(
             partial(metrics.pending_by_stage, stages=list(running.config.sinks))
         )
@@ -189,7 +199,7 @@ async def serve(
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
             running.rate_limits.update(config.rate_limits)
             if telemetry.metrics_live:
-                outer.start_soon(_sample_queue_depths, store, running, config.telemetry.metrics_interval)
+                outer.start_soon(_sample_queue_depths, store, running)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)
@@ -215,6 +225,10 @@ async def serve(
                         source = poller(config, name, running)
                         running.actors[name] = source
                         await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
+                    running.telemetry = telemetry
+                    if config.alerts:
+                        running.alerter = alerter = build_alerter(config, running)
+                        await intake.start(supervisor.supervise, "alerter", lambda: alerter)
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
                         store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window

@@ -323,20 +323,16 @@ def credential_values(headers: Mapping[str, str], query: Mapping[str, str]) -> l
 def scrub_error(error: DeliveryError, secrets: Iterable[str]) -> DeliveryError:
     """`error` with every value of `secrets` (and its URL-encoded form) replaced by `***`."""
     message = str(error)
-    scrubbed = message
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:
-            scrubbed = scrubbed.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    scrubbed = scrub(message, secrets)
     if scrubbed == message:
         return error
     return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` cut short, with every secret value (and its URL-encoded form) replaced by `***`."""
-    text = text[:_MAX_TEXT]
-    for secret in secrets:
-        if secret:
+    """`text` with every secret value (and its URL-encoded form) replaced by `***`."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
             text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
     return text
 
@@ -374,7 +370,9 @@ async def request_token(
                 reason += f": {error.error_description}"
         except msgspec.DecodeError:
             pass
-        raise RetryableDelivery(f"{where} failed: {scrub(reason, secrets)}", status=response.status)
+        raise RetryableDelivery(
+            f"{where} failed: {scrub(reason[:_MAX_TEXT], secrets)}", status=response.status
+        )
     try:
         answer = msgspec.json.decode(response.body, type=_TokenAnswer)
     except msgspec.DecodeError as exc:

@@ -58,9 +58,11 @@ import trio
 from msgspec import Struct
 
 from . import confirmations, metrics, ops, outbox
+from .alerts import AlertView
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
     MUTATING,
+    AlertsRequest,
     AuditRequest,
     Call,
     CommandError,
@@ -246,6 +248,10 @@ class ReplayProgress(Struct, frozen=True):
     total: int
 
 
+class AlertsResult(Struct, frozen=True):
+    alerts: list[AlertView]
+
+
 class ReplayResult(Struct, frozen=True):
     replay: int  # its number: new delivery ids end in `.rN`
     events: int
@@ -345,6 +351,9 @@ class Commands:
                 return await self._tap(request, call)
             case ReplayRequest():
                 return await self._replay(request, call)
+            case AlertsRequest():
+                alerter = self._running.alerter
+                return AlertsResult(alerter.views() if alerter is not None else [])
         raise CommandError(f"unhandled command {type(request).__name__}")
 
     async def _store_call(self, fn: Any, wake: list[str] | None = None) -> Any:

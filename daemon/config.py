@@ -23,7 +23,8 @@ import jq
 import msgspec
 from msgspec import Meta
 
-from . import secrets
+from . import metrics, secrets
+from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
@@ -450,6 +451,9 @@ class Config(Section, frozen=True):
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
     rate_limits: dict[ComponentName, RateLimitConfig] = {}
+    alerting: AlertingConfig = default(AlertingConfig())
+    alerts: dict[ComponentName, AlertRuleConfig] = {}
+    channels: dict[ComponentName, ChannelConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -475,14 +479,17 @@ _SECTIONS: dict[str, Any] = {
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
     "telemetry": TelemetryConfig,
+    "alerting": AlertingConfig,
 }
 _COLLECTIONS: dict[str, Any] = {
     "sources": SourceConfig,
     "transforms": TransformConfig,
     "sinks": SinkConfig,
     "rate_limits": RateLimitConfig,
+    "alerts": AlertRuleConfig,
+    "channels": ChannelConfig,
 }
-_UNTYPED = frozenset({"transforms", "rate_limits"})  # collections whose tables have no `type`
+_UNTYPED = frozenset({"transforms", "rate_limits", "alerts"})  # collections whose tables have no `type`
 _PATH_IN_MESSAGE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
 
@@ -582,6 +589,9 @@ def _outbound(config: Config) -> Iterator[tuple[str, AuthConfig | None, TlsConfi
     for name, source in config.sources.items():
         if isinstance(source, PollSourceConfig):
             yield f"$.sources.{name}", source.auth, source.tls
+    for name, transform in config.transforms.items():
+        if transform.enrich is not None:
+            yield f"$.transforms.{name}.enrich", transform.enrich.auth, None
 
 
 def load(path: str | Path, *, read_secrets: bool = True) -> LoadedConfig:
@@ -604,7 +614,8 @@ def webhook_path(name: str, source: WebhookSourceConfig) -> str:
 
 
 def _semantic_errors(config: Config) -> Iterator[str]:
-    """Cross-component checks: names, wiring, cycles, paths, jq programs."""
+    """Cross-component checks: names, wiring, cycles, paths, jq programs, alert rules."""
+    yield from check_alerts(config, metrics.catalogue())
     owners: dict[str, str] = {}
     for kind in ("sources", "transforms", "sinks"):
         for name in getattr(config, kind):

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import inspect
 
 from . import config as cfg
-from . import config_auth, config_poll, config_transforms
+from . import config_alerts, config_auth, config_poll, config_transforms
 from . import config_limits as limits
 from .config_sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
@@ -52,6 +52,14 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("adaptive = { … } (in an http sink)", limits.AdaptiveConfig),
     ("breaker = { … } (in an http sink)", limits.BreakerConfig),
     ("[rate_limits.NAME]", limits.RateLimitConfig),
+    ("[alerting]", config_alerts.AlertingConfig),
+    ("[alerts.NAME]", config_alerts.AlertRuleConfig),
+    ("notify = [{ … }] (in an alert rule)", config_alerts.NotifyStep),
+    ("anomaly = { … } (in an alert rule)", config_alerts.AnomalyConfig),
+    ('[channels.NAME] type = "webhook"', config_alerts.WebhookChannelConfig),
+    ('[channels.NAME] type = "slack"', config_alerts.SlackChannelConfig),
+    ('[channels.NAME] type = "command"', config_alerts.CommandChannelConfig),
+    ('[channels.NAME] type = "log"', config_alerts.LogChannelConfig),
     ("[store] encryption = { … }", config_auth.EncryptionConfig),
     ("tls = { … } (in an http sink, or an oauth2/jwt_bearer auth)", config_auth.TlsConfig),
     ('auth = { type = "api_key", … }', config_auth.ApiKeyAuth),
@@ -128,5 +136,6 @@ def render() -> str:
                 continue
             annotation = hints[field.name]
             description = _description(annotation, struct, field.name).replace("|", "\\|").replace("\n", " ")
-            parts.append(f"| `{field.name}` | {_type_name(annotation)} | {_default(field)} | {description} |")
+            key = field.encode_name  # the TOML key (`for`, where the Python field is `for_`)
+            parts.append(f"| `{key}` | {_type_name(annotation)} | {_default(field)} | {description} |")
     return "\n".join(parts) + "\n"

@@ -108,6 +108,8 @@ def check_transform(name: str, transform: Any, sinks: Mapping[str, Sequence[str]
     if aggregate is not None:
         yield from _jq_error(f"{where}.aggregate.key", aggregate.key)
         yield from _jq_error(f"{where}.aggregate.reduce", aggregate.reduce)
+        if getattr(transform, "enrich", None) is not None:
+            yield f"{where}.aggregate: cannot be combined with `enrich` (enrich in a transform before it)"
         if aggregate.max_events is None and aggregate.max_age is None:
             yield f"{where}.aggregate: set max_events, max_age or both (when does a window close?)"
         elif aggregate.max_age is not None and aggregate.max_age <= 0:

@@ -166,6 +166,10 @@ class ReplayRequest(_Request, frozen=True, tag="replay"):
     to: str | None = None
 
 
+class AlertsRequest(_Request, frozen=True, tag="alerts"):
+    """Every alert rule's state: firing, pending or ok, since when, its value, who was told."""
+
+
 Request = (
     StatusRequest
     | PauseRequest
@@ -181,6 +185,7 @@ Request = (
     | ReloadRequest
     | ReplayRequest
     | TapRequest
+    | AlertsRequest
 )
 COMMANDS: Final[Mapping[str, type[Any]]] = {cls.__struct_config__.tag: cls for cls in Request.__args__}
 MUTATING: Final = frozenset({"pause", "resume", "dlq.retry", "dlq.purge", "drain", "reload", "replay"})

@@ -179,6 +179,9 @@ def configure(ctl: argparse.ArgumentParser) -> None:
 
     ctl_live.configure(commands)
     ctl_event.configure(commands)
+    from . import ctl_alerts
+
+    ctl_alerts.configure(commands)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:
@@ -237,6 +240,10 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
         from . import ctl_event
 
         emit(client.request("event", id=args.id), lambda result, out: ctl_event.show(result, out, args))
+    elif command == "alerts":
+        from . import ctl_alerts
+
+        return ctl_alerts.alerts(client, args, out)
     elif command in ("tap", "top"):
         from . import ctl_live
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.aggregator import Aggregator
+from actors.alerter import Alerter
 from actors.enricher import Enricher
 from actors.file_sink import FileSender
 from actors.guard import SinkGuard
@@ -19,7 +21,16 @@ from .ratelimit import RateLimits
 from .store import Store
 from .units import Duration
 
-__all__ = ["Enricher", "Poller", "Transformer", "WebhookListener", "WebhookRoute", "build_sink"]
+__all__ = [
+    "Aggregator",
+    "Alerter",
+    "Enricher",
+    "Poller",
+    "Transformer",
+    "WebhookListener",
+    "WebhookRoute",
+    "build_sink",
+]
 
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 

@@ -42,6 +42,9 @@ Order (no event lost):
        added sinks start; removed sinks finish and stop. Their pending deliveries stay
        in the store (`ferry ctl status` lists them as `unconfigured`) and are sent if the
        sink is configured again.
+    5. If `[alerts]`, `[channels]` or `[alerting]` changed, the alerter is restarted with the
+       new rules (each rule's state is in the store, so a firing alert stays firing); the
+       result lists `alerts` as changed.
     Every stage finds its work in the store, so rows written between two steps wait
     there for the actor that owns them.
 
@@ -64,6 +67,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
+from .alert_expr import flatten
 from .config import (
     Config,
     LoadedConfig,
@@ -74,7 +78,7 @@ from .config import (
 )
 from .config_poll import PollSourceConfig
 from .errors import ConfigError
-from .registry import Enricher, Poller, Transformer, WebhookRoute, build_sink
+from .registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
 from .tls_server import server_context
 from .verify import build as build_verifier
@@ -218,8 +222,33 @@ def poller(config: Config, name: str, running: Running) -> Poller:
     )
 
 
-def transformer(config: Config, name: str, running: Running) -> Transformer:
+def build_alerter(config: Config, running: Running) -> Alerter:
+    """The alerter for `config`'s rules, reading the running daemon's metrics."""
+    telemetry = running.telemetry
+    assert telemetry is not None
+    return Alerter(
+        config, running.store, lambda: flatten(telemetry.collect()), service=config.telemetry.service_name
+    )
+
+
+async def _realert(running: Running, old: Config, new: Config) -> bool:
+    """Restart the alerter if its rules or channels changed (its state is in the store); whether it did."""
+    if (old.alerts, old.channels, old.alerting) == (new.alerts, new.channels, new.alerting):
+        return False
+    if "alerter" in running.supervisor.actors:
+        await running.supervisor.stop("alerter")
+    running.alerter = None
+    if new.alerts and running.intake_nursery is not None:
+        alerter = running.alerter = build_alerter(new, running)
+        running.supervisor.start(running.intake_nursery, "alerter", lambda: alerter)
+    return True
+
+
+def transformer(config: Config, name: str, running: Running) -> Transformer | Aggregator:
+    """The actor of one transform: an `Aggregator` when it has `aggregate`, else a `Transformer`."""
     transforms, sinks = downstream(config)[name]
+    if config.transforms[name].aggregate is not None:
+        return Aggregator(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
     enrich = config.transforms[name].enrich
     enricher = (
         Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
@@ -358,6 +387,7 @@ async def _reload(running: Running) -> ReloadResult:
         for name in changes.sinks.added:
             supervisor.start(running.sinks_nursery, f"sink.{name}", _same(sinks[name]))
 
+    alerts_changed = await _realert(running, old, new)
     not_started = []
     deadline = trio.current_time() + START_TIMEOUT
     started = [
@@ -365,6 +395,8 @@ async def _reload(running: Running) -> ReloadResult:
         *(f"poll.{n}" for n in polls),
         *(f"sink.{n}" for n in sinks),
     ]
+    if alerts_changed and running.alerter is not None:
+        started.append("alerter")
     for actor_name in started:
         if not await supervisor.started(actor_name, max(0.0, deadline - trio.current_time())):
             not_started.append(actor_name)
@@ -374,7 +406,7 @@ async def _reload(running: Running) -> ReloadResult:
         config_path=str(path),
         config_sha256=config_sha256(loaded),
         added=changes.paths("added"),
-        changed=changes.paths("changed"),
+        changed=[*changes.paths("changed"), *(["alerts"] if alerts_changed else [])],
         removed=changes.paths("removed"),
         unchanged=changes.unchanged,
         not_started=not_started,

@@ -19,6 +19,7 @@ Tables:
     window_events  the events in each open window, in order, with the id their output will take
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
+    alerts      each alert rule's state (JSON), kept across restarts
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
 end in state 3, stale: never sent, because a newer version of its record was delivered first.
@@ -170,6 +171,15 @@ MIGRATIONS: list[list[str]] = [
             pages INTEGER NOT NULL DEFAULT 0,
             job TEXT,
             cycles INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # One row per alert rule: its state as JSON (daemon.alerts.AlertState), so a restart
+        # resumes a firing alert without notifying again.
+        """CREATE TABLE alerts (
+            rule TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
             updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
     ],

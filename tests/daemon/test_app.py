@@ -48,7 +48,7 @@ url = "http://127.0.0.1:9/never"
 class ExplodingSender:
     """A sender with a bug: every send raises something that is not a delivery error."""
 
-    def __init__(self, name: str, config: object, store: object = None) -> None:
+    def __init__(self, name: str, config: object, **_: object) -> None:
         self.name = name
 
     async def send(self, batch: Sequence[Due]) -> int | None:

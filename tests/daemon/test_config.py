@@ -379,6 +379,9 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
         "transforms",
         "sinks",
         "rate_limits",
+        "alerting",
+        "alerts",
+        "channels",
     }
     assert config["additionalProperties"] is False
     assert schema["$defs"]["RetryConfig"]["properties"]["initial_backoff"]["type"] == "string"

@@ -178,3 +178,13 @@ def test_check_exits_2_naming_the_bad_route(tmp_path: Path, capsys: pytest.Captu
     assert main(["check", "-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert "$.transforms.contact.routes[0].to[2]: unknown sink 'nope' (routes send to sinks)" in err
+
+
+def test_aggregate_and_enrich_do_not_combine() -> None:
+    text = (
+        BASE
+        + 'aggregate = { key = ".k", max_events = 2 }\n'
+        + 'enrich = { url = "http://127.0.0.1:9/x/{.id}", merge = ". + $lookup" }\n'
+    )
+    found = problems(text)
+    assert "$.transforms.contact.aggregate: cannot be combined with `enrich`" in "\n".join(found), found

@@ -28,7 +28,9 @@ def daemon_for(tmp_path: Path, sock_dir: Path) -> Iterator[Make]:
     started: list[Daemon] = []
 
     def make(body: str) -> Daemon:
-        config = write_config(tmp_path, f'[control]\nsocket = "{sock_dir}/ferry.sock"\n{body}')
+        # No OTLP export to a collector that is not there (it costs seconds at shutdown).
+        quiet = "" if "[telemetry]" in body else "[telemetry]\nmetrics = false\n"
+        config = write_config(tmp_path, f'{quiet}[control]\nsocket = "{sock_dir}/ferry.sock"\n{body}')
         daemon = Daemon(config, tmp_path / "ferry.log").start()
         started.append(daemon)
         return daemon
@@ -258,3 +260,64 @@ def test_failover_sends_to_the_secondary_while_the_primary_is_down_and_back_afte
     finally:
         primary.stop()
         secondary.stop()
+
+
+class Crowded:
+    """A receiver that takes 30 ms per request and answers 503 to more than `capacity` at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.now, self.refused = capacity, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: Received) -> Reply:
+        with self.lock:
+            if self.now >= self.capacity:
+                self.refused += 1
+                return 503, {}, b'{"error":"busy"}'
+            self.now += 1
+        try:
+            time.sleep(0.03)  # the receiver's service time, not a wait in the test
+            return ok(request)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+ADAPTIVE = """
+[telemetry]
+metrics = false
+prometheus = true
+metrics_interval = "200ms"
+
+[sources.demo]
+type = "webhook"
+
+[sinks.out]
+type = "http"
+inputs = ["demo"]
+url = "{url}/in"
+concurrency = "adaptive"
+adaptive = {{ floor = 1, ceiling = 32, initial = 16 }}
+breaker = {{ failures = 1000, rate = 1.0, min_requests = 1000 }}
+retry = {{ max_attempts = 50, initial_backoff = "50ms", max_backoff = "200ms" }}
+"""
+
+
+def test_adaptive_concurrency_backs_off_from_an_overloaded_receiver_and_shows_its_limit(
+    daemon_for: Make,
+) -> None:
+    crowded = Crowded(capacity=4)
+    receiver = FakeReceiver(crowded).start()
+    try:
+        daemon = daemon_for(ADAPTIVE.format(url=receiver.url))
+        post(daemon, 60)
+        assert wait_delivered(daemon, 60)
+        assert crowded.refused > 0, "the receiver was never overloaded: the test proves nothing"
+        guard = ctl_json(daemon.config_path, "status")["guards"]["out"]
+        assert guard["adaptive"]
+        assert guard["concurrency"] < 16, "503s from a crowded receiver must lower the limit"
+        metrics = httpx.get(f"{daemon.url}/metrics").text
+        assert f'ferry_sink_concurrency{{sink="out"}} {guard["concurrency"]}' in metrics.replace(".0\n", "\n")
+        assert f'ferry_breaker_state{{sink="out",url="{receiver.url}/in"}} 0' in metrics.replace(".0\n", "\n")
+    finally:
+        receiver.stop()

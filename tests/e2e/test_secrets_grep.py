@@ -7,6 +7,8 @@ exported span or metric, `ferry ctl` output, or an error text."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -35,6 +37,8 @@ SECRETS = {
     "FT_BAD_CLIENT_SECRET": "client-secret-wrong-ee55ff66",
     "FT_REFRESH": "refresh-seed-0099887766",
     "FT_STORE_KEY": base64.b64encode(b"k" * 32).decode(),
+    "FT_WEBHOOK_SECRET": "whsec-github-55cc66dd",
+    "FT_WEBHOOK_KEY": "inbound-key-88ee99ff",
 }
 
 
@@ -147,6 +151,14 @@ endpoint = "{otlp.url}"
 
 [sources.in]
 type = "webhook"
+
+[sources.gh]
+type = "webhook"
+verify = {{ scheme = "github", secrets = ["env:FT_WEBHOOK_SECRET"] }}
+
+[sources.keyed]
+type = "webhook"
+verify = {{ scheme = "api_key", secrets = ["env:FT_WEBHOOK_KEY"] }}
 """
     return body + "".join(SINK.format(name=name, url=url, extra=extra) for name, url, extra in sinks)
 
@@ -168,6 +180,21 @@ def test_no_secret_reaches_logs_spans_ctl_or_errors(
         for n in range(3):
             response = httpx.post(f"{daemon.url}/hooks/in", json={"n": n}, timeout=10)
             assert response.status_code == 202
+        # Inbound verification, passing and failing (a wrong signature, a replay, a wrong key).
+        body = b'{"action":"opened"}'
+        signature = hmac.new(SECRETS["FT_WEBHOOK_SECRET"].encode(), body, hashlib.sha256).hexdigest()
+        for sign, expected in ((signature, 202), ("0" * 64, 401), (signature, 401)):
+            response = httpx.post(
+                f"{daemon.url}/hooks/gh",
+                content=body,
+                headers={"content-type": "application/json", "x-hub-signature-256": f"sha256={sign}"},
+                timeout=10,
+            )
+            assert response.status_code == expected, response.text
+        for key, expected in ((SECRETS["FT_WEBHOOK_KEY"], 202), ("inbound-key-wrong", 401)):
+            headers = {"x-api-key": key}
+            response = httpx.post(f"{daemon.url}/hooks/keyed", json={}, headers=headers, timeout=10)
+            assert response.status_code == expected, response.text
         # Wait until every failing sink has dead-lettered all three (two attempts each).
         deadline = time.monotonic() + 30
         while True:

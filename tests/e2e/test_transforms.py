@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,10 @@ def test_routes_validation_and_per_event_outcomes(
     # Every final outcome is one log line, with ids; the receiver's echo of the email is masked.
     config = daemon.config_path
     daemon.wait_log(lambda line: line.get("msg") == "delivery dead-lettered")
-    delivered = [line for line in daemon.logs() if line.get("msg") == "delivered"]
+    deadline = time.monotonic() + 20
+    while len(delivered := [line for line in daemon.logs() if line.get("msg") == "delivered"]) < 3:
+        assert time.monotonic() < deadline, delivered
+        time.sleep(0.02)
     assert sorted(line["delivery_id"] for line in delivered) == sorted(
         [f"{contact}.contact.hubspot", f"{contact}.contact.crm", f"{lead}.contact.crm"]
     )
