@@ -68,12 +68,14 @@ from daemon.poll import (
     next_url,
     without_params,
 )
-from daemon.poll_store import PollState, commit_page, load_state, save_state
+from daemon.poll_store import PollState, commit_pages, load_state, save_state
 from daemon.ratelimit import RateLimiter
 from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 log = logging.getLogger("ferry.poller")
+PIPELINE = 8
+"""Pages read ahead of their commit (and most pages stored in one store call)."""
 
 
 def _where(url: str) -> str:
@@ -280,7 +282,25 @@ class Poller:
     # -- listing ---------------------------------------------------------------------------
 
     async def _cycle(self) -> None:
-        """One listing (or its next `max_pages` pages); see "Cycle" in the module docstring."""
+        """One listing (or its next `max_pages` pages); see "Cycle" in the module docstring.
+
+        Pages are fetched while earlier ones commit: a committer task takes every page waiting
+        (at most `PIPELINE`) and stores them in order in one store call, so a fast API is not
+        held to one fsync per page and the pages still commit in the order they were read.
+        """
+        error: PollError | None = None
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[tuple[Page, PollState]](PIPELINE)
+            nursery.start_soon(self._committer, receive)
+            async with send:
+                try:
+                    await self._list(send)
+                except PollError as exc:
+                    error = exc  # the pages already read still commit first
+        if error is not None:
+            raise error
+
+    async def _list(self, pages: trio.MemorySendChannel[tuple[Page, PollState]]) -> None:
         config = self._config
         state = self._state
         since = config.since
@@ -303,7 +323,7 @@ class Poller:
             state = replace(state, cycle_mark=state.mark, cycle_url=url, pages=0)
         fetched: set[str] = set()
         previous: list[str] | None = None
-        for _ in range(config.max_pages):
+        for number in range(1, config.max_pages + 1):
             response = await self._fetch(config.method, url, headers, self._body)
             if response.status == 304:
                 self.not_modified += 1
@@ -317,27 +337,36 @@ class Poller:
             if following is not None and self._auth is not None and self._auth.query:
                 following = without_params(following, set(self._auth.query))  # never store a key
             fetched.add(url)
-            stuck = following is not None and (
-                following in fetched or (bool(previous) and page.keys == previous)
-            )
+            repeated = following is not None and following in fetched
+            stuck = repeated or (following is not None and bool(previous) and page.keys == previous)
             state = self._advance(state, page, response, following, stuck)
-            await self._commit(page, state)
-            if following is None and not stuck:
-                self.cycles += 1
+            await pages.send((page, state))
             if stuck:
+                what = (
+                    "names a page already fetched in this cycle"
+                    if repeated
+                    else "repeats the items of the last"
+                )
                 raise PollError(
-                    f"cursor stopped advancing: the page after {_where(url)} (page {state.pages or '?'}) "
-                    + (
-                        "repeats its items"
-                        if following not in fetched
-                        else "is one already fetched in this cycle"
-                    )
-                    + "; listing abandoned, the next cycle starts again from the mark",
+                    f"cursor stopped advancing: page {number} of this cycle ({_where(url)}) {what}; "
+                    "listing abandoned, the next cycle starts again from the mark",
                     kind="stuck_cursor",
                 )
             if following is None:
                 return
             url, previous, headers = following, page.keys, list(self._headers)
+
+    async def _committer(self, pages: trio.MemoryReceiveChannel[tuple[Page, PollState]]) -> None:
+        """Commit pages in the order they come, all those waiting in one store call."""
+        async with pages:
+            async for first in pages:
+                batch = [first]
+                while len(batch) < PIPELINE:
+                    try:
+                        batch.append(pages.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
 
     def _advance(
         self, state: PollState, page: Page, response: Response, following: str | None, stuck: bool
@@ -367,44 +396,46 @@ class Poller:
             state.pages = 0
         return state
 
-    async def _commit(self, page: Page, state: PollState) -> None:
+    async def _commit(self, batch: list[tuple[Page, PollState]]) -> None:
         tracer = telemetry.tracer()
         if tracer is None:
-            await self._store_page(page, state, None)
+            await self._store_pages(batch, None)
             return
-        with tracer.start_as_current_span("poller page", attributes={"ferry.source": self.name}) as span:
-            span.set_attribute("ferry.items", len(page.items))
-            await self._store_page(page, state, telemetry.current_traceparent())
+        with tracer.start_as_current_span("poller commit", attributes={"ferry.source": self.name}) as span:
+            span.set_attribute("ferry.pages", len(batch))
+            await self._store_pages(batch, telemetry.current_traceparent())
 
-    async def _store_page(self, page: Page, state: PollState, traceparent: str | None) -> None:
+    async def _store_pages(self, batch: list[tuple[Page, PollState]], traceparent: str | None) -> None:
         committed = await self._store.call_until_committed(
             partial(
-                commit_page,
+                commit_pages,
                 source=self.name,
-                keys=page.keys,
-                items=page.items,
+                pages=[(page.keys, page.items, state) for page, state in batch],
                 sinks=self._sinks,
-                state=state,
                 dedup_window=self._dedup_window,
                 trace=traceparent,
             ),
             wake=self._consumers,
         )
+        state = batch[-1][1]
+        self.cycles += state.cycles - self._state.cycles  # listings (or jobs) completed by this batch
         self._state = state
-        new = len(committed.events)
+        new = sum(len(c.events) for c in committed)
+        duplicates = sum(c.duplicates for c in committed)
         self.items += new
-        self.duplicates += committed.duplicates
+        self.duplicates += duplicates
         current = metrics.current()
         current.received[self.name] += new
         current.poll_items.add(new, {"source": self.name, "outcome": "new"})
-        current.poll_items.add(committed.duplicates, {"source": self.name, "outcome": "duplicate"})
+        current.poll_items.add(duplicates, {"source": self.name, "outcome": "duplicate"})
         span = trace.get_current_span()
         if span.is_recording():
-            span.set_attributes({"ferry.new": new, "ferry.duplicates": committed.duplicates})
+            span.set_attributes({"ferry.new": new, "ferry.duplicates": duplicates})
         if self.name in TAPS.taps:
             now = time.time()
-            for event_id, payload in committed.events:
-                TAPS.publish(self.name, Record("source", event_id, payload, now))
+            for result in committed:
+                for event_id, payload in result.events:
+                    TAPS.publish(self.name, Record("source", event_id, payload, now))
 
     # -- job mode --------------------------------------------------------------------------
 
@@ -435,8 +466,7 @@ class Poller:
             if self._holds(self._until, answer, "job.until"):
                 page = self._reader.read(response.body, response.header("content-type"))
                 state = replace(self._state, job=None, cycles=self._state.cycles + 1)
-                await self._commit(page, state)
-                self.cycles += 1
+                await self._commit([(page, state)])
                 return
             await trio.sleep(job.interval)
 

@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check", help="validate a config file; exit 0 if valid, 2 if not")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    tests = commands.add_parser(
+        "test", help="run a config's transform unit tests (no network); exit 0 if all pass, 1 if not"
+    )
+    tests.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    tests.add_argument("files", nargs="+", metavar="TESTS", help="test files (TOML, or .json)")
     commands.add_parser("config-schema", help="print the JSON Schema of the config file")
     from .ctl import configure
 
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(config.sinks)} sink(s))"
         )
         return 0
+    if args.command == "test":
+        from .pipeline_tests import run
+
+        return run(args.config, args.files, sys.stdout, sys.stderr)
     if args.command == "ctl":
         from . import ctl
 

@@ -214,6 +214,7 @@ class StatsResult(Struct, frozen=True):
     since_start: dict[str, SinkCounters]
     received: dict[str, int] = {}  # events accepted per webhook source since start
     latency: dict[str, Latency] = {}  # per sink, over its last `ops.LATENCY_SAMPLE` deliveries
+    polls: dict[str, PollStatus] = {}  # per poll source since start: items, repeats, errors by kind
 
 
 class DrainProgress(Struct, frozen=True):
@@ -506,11 +507,7 @@ class Commands:
             stages=stages,
             received_per_s=None if received_rate is None else round(received_rate, 2),
             delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
-            polls={
-                name: actor.status()
-                for name, actor in self._running.actors.items()
-                if name in config.sources and callable(getattr(actor, "status", None))
-            },
+            polls=self._polls(),
             rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
             guards=self._guards(),
         )
@@ -539,7 +536,17 @@ class Commands:
             if samples:
                 ms = [round(ops.percentile(samples, share) * 1000, 3) for share in (0.5, 0.9, 0.99, 1.0)]
                 latency[name] = Latency(len(samples), *ms)
-        return StatsResult(counts, failures, since_start, dict(metrics.current().received), latency)
+        return StatsResult(
+            counts, failures, since_start, dict(metrics.current().received), latency, self._polls()
+        )
+
+    def _polls(self) -> dict[str, PollStatus]:
+        """Each running poller's state and counters (docs/polling.md)."""
+        return {
+            name: actor.status()
+            for name, actor in self._running.actors.items()
+            if name in self._config.sources and callable(getattr(actor, "status", None))
+        }
 
     # -- pause / resume ----------------------------------------------------------------------
 

@@ -577,6 +577,24 @@ def _show_stats(result: Any, out: TextIO) -> None:
                 for name, c in result["since_start"].items()
             ],
         )
+    if result.get("polls"):
+        out.write("\npoll sources since start:\n")
+        _table(
+            out,
+            ["SOURCE", "ITEMS", "REPEATS", "REQUESTS", "304s", "LISTINGS", "ERRORS"],
+            [
+                (
+                    name,
+                    p["items"],
+                    p["duplicates"],
+                    p["requests"],
+                    p["not_modified"],
+                    p["cycles"],
+                    ", ".join(f"{kind} {count}" for kind, count in sorted(p["errors"].items())) or "-",
+                )
+                for name, p in result["polls"].items()
+            ],
+        )
 
 
 def _show_audit(result: Any, out: TextIO) -> None:

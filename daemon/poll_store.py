@@ -4,11 +4,12 @@ Plain functions of a connection, run on the store's writer thread inside a group
 (`daemon.store`), like `daemon.outbox`.
 
 Exactly once:
-    `commit_page` stores a page's new items (events + deliveries), their keys (`dedup`) and
-    the poller's new state — the next page to fetch, the mark, the validators — in the one
-    transaction of its call. A crash before it commits loses nothing (the page is fetched
-    again from the stored position); a crash after it cannot repeat anything (the position
-    has moved on, and an item seen again is found by its key).
+    `commit_page` (`commit_pages`: several, in order) stores a page's new items (events +
+    deliveries), their keys (`dedup`) and the poller's new state — the next page to fetch,
+    the mark, the validators — in the one transaction of its call. A crash before it commits
+    loses nothing (the page is fetched again from the stored position); a crash after it
+    cannot repeat anything (the position has moved on, and an item seen again is found by
+    its key).
 
 Keys:
     A poll source's keys live in `dedup` under the source's name (names are unique across
@@ -19,18 +20,20 @@ Keys:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import Final
 
-from .outbox import insert_rows, last_seq, new_event_id
+from .outbox import insert_rows, last_seq
 
 Connection = sqlite3.Connection
 
 _INSERT_EVENT: Final = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
 _INSERT_DELIVERY: Final = "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES "
+_INSERT_KEY: Final = "INSERT OR REPLACE INTO dedup(source, key, event_id, created_at) VALUES "
 _CHUNK: Final = 500
 
 
@@ -111,31 +114,61 @@ def commit_page(
                 (source, now - dedup_window, *chunk),
             )
         )
-    seq = last_seq(conn)
-    events: list[tuple[int, str, str, bytes, str | None, float]] = []
-    deliveries: list[tuple[str, int, str, float, float]] = []
-    fresh: list[tuple[str, str, str, float]] = []
-    stored: list[tuple[str, bytes]] = []
+    fresh_keys: list[str] = []
+    fresh_items: list[bytes] = []
     seen: set[str] = set()
     for key, payload in zip(keys, items, strict=True):
-        if key in known or key in seen:
-            continue
-        seen.add(key)
-        seq += 1
-        event_id = new_event_id(now)
-        events.append((seq, event_id, source, payload, trace, now))
-        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
-        fresh.append((source, key, event_id, now))
-        stored.append((event_id, payload))
-    insert_rows(conn, _INSERT_EVENT, events)
-    insert_rows(conn, _INSERT_DELIVERY, deliveries)
-    conn.executemany(
-        "INSERT OR REPLACE INTO dedup(source, key, event_id, created_at) VALUES (?, ?, ?, ?)", fresh
+        if key not in known and key not in seen:
+            seen.add(key)
+            fresh_keys.append(key)
+            fresh_items.append(payload)
+    # Event ids as `outbox.new_event_id` makes them, with one read of the random source per page.
+    stamp = f"{int(now * 1000):011x}"
+    randomness = os.urandom(8 * len(fresh_keys)).hex()
+    ids = [stamp + randomness[16 * n : 16 * n + 16] for n in range(len(fresh_keys))]
+    first = last_seq(conn) + 1
+    insert_rows(
+        conn,
+        _INSERT_EVENT,
+        [(first + n, ids[n], source, payload, trace, now) for n, payload in enumerate(fresh_items)],
     )
-    if known:
-        conn.executemany(
-            "UPDATE dedup SET created_at = ? WHERE source = ? AND key = ?",
-            [(now, source, key) for key in known],
+    insert_rows(
+        conn,
+        _INSERT_DELIVERY,
+        [
+            (f"{event_id}.{sink}", first + n, sink, now, now)
+            for n, event_id in enumerate(ids)
+            for sink in sinks
+        ],
+    )
+    insert_rows(
+        conn,
+        _INSERT_KEY,
+        [(source, key, event_id, now) for key, event_id in zip(fresh_keys, ids, strict=True)],
+    )
+    repeated = list(known)
+    for start in range(0, len(repeated), _CHUNK):
+        chunk = repeated[start : start + _CHUNK]
+        conn.execute(
+            f"UPDATE dedup SET created_at = ? WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
+            (now, source, *chunk),
         )
+    stored = list(zip(ids, fresh_items, strict=True))
     save_state(conn, source, state)
     return Committed(stored, len(keys) - len(stored))
+
+
+def commit_pages(
+    conn: Connection,
+    source: str,
+    pages: Sequence[tuple[Sequence[str], Sequence[bytes], PollState]],
+    sinks: Sequence[str],
+    *,
+    dedup_window: float,
+    trace: str | None = None,
+) -> list[Committed]:
+    """`commit_page` for each (keys, items, state) in order, in the caller's one transaction."""
+    return [
+        commit_page(conn, source, keys, items, sinks, state, dedup_window=dedup_window, trace=trace)
+        for keys, items, state in pages
+    ]

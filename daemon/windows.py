@@ -104,6 +104,11 @@ class Windows:
         for key in [key for key, w in self.open.items() if w.deadline is not None and w.deadline <= clock]:
             self.closed.append(self.open.pop(key))
 
+    def close_all(self) -> None:
+        """Close every open window (oldest first), as at the end of `ferry test`'s inputs."""
+        self.closed.extend(sorted(self.open.values(), key=lambda w: w.id))
+        self.open.clear()
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of an open window (trio clock), or None."""
         deadlines = [w.deadline for w in self.open.values() if w.deadline is not None]

@@ -141,6 +141,11 @@ aggregate = { key = ".category", max_events = 100, max_age = "10s", reduce = "le
             id="invalid-inline-schema",
         ),
         pytest.param(
+            "schema = { pattern = 'a{,2}' }",
+            ['$.transforms.contact.schema: cannot be compiled: "a{,2}" is not a "regex"'],
+            id="a-pattern-the-validator-cannot-compile",
+        ),
+        pytest.param(
             "schema = 3",
             ["$.transforms.contact.schema: Expected `str | object | null`, got `int`"],
             id="schema-of-the-wrong-type",

@@ -66,3 +66,12 @@ def test_restore_closes_an_older_window_of_a_key_that_has_a_newer_one() -> None:
     windows.restore([(1, "k", 0.0, 1), (2, "k", 1.0, 1)], clock=0.0, wall=2.0)
     assert keys_of(windows) == [(1, "k", 1)]
     assert windows.open["k"].id == 2
+
+
+def test_close_all_closes_open_windows_oldest_first() -> None:
+    windows = Windows(max_events=None, max_age=None)
+    for key in ["b", "a", "b"]:
+        windows.join(key, clock=0.0, wall=0.0)
+    windows.close_all()
+    assert keys_of(windows) == [(1, "b", 2), (2, "a", 1)]
+    assert windows.open == {}

@@ -179,6 +179,7 @@ def test_bad_upstream_answers_are_counted_errors_and_nothing_is_lost_or_invented
         wait(counted, "a complete listing after the faults")
         status = ctl_json(config, "status")
         text = ctl(config, "status").stdout
+        stats = ctl(config, "stats").stdout
     finally:
         daemon.stop()
     poll = status["polls"]["items"]
@@ -190,3 +191,68 @@ def test_bad_upstream_answers_are_counted_errors_and_nothing_is_lost_or_invented
     assert any("response is not JSON (text/html" in line["error"] for line in warnings)
     assert "SOURCE" in text
     assert "items" in text
+    assert "bad_shape 1, http_503 1, not_json 2, stuck_cursor 1, timeout 1" in stats
+
+
+RELOADED = """
+[control]
+socket = "{sock}"
+
+[sources.hook]
+type = "webhook"
+{poll}
+[sinks.out]
+type = "file"
+inputs = [{inputs}]
+path = "out.jsonl"
+"""
+
+POLL = """
+[sources.items]
+type = "poll"
+url = "{url}/page/items"
+items = ".data"
+key = ".id"
+interval = "{interval}"
+jitter = 0
+pagination = {{ style = "page", size = 100 }}
+"""
+
+
+def test_reload_starts_replaces_and_stops_a_poller(tmp_path: Path, sock_dir: Path, api: FakeApi) -> None:
+    api.add(150)
+    sock = sock_dir / "ferry.sock"
+    config = write_config(tmp_path, RELOADED.format(sock=sock, poll="", inputs='"hook"'))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    try:
+
+        def reload_to(poll: str, inputs: str) -> str:
+            config.write_text(
+                config.read_text().split("[control]")[0]
+                + RELOADED.format(sock=sock, poll=poll, inputs=inputs)
+            )
+            done = ctl(config, "reload")
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        added = reload_to(POLL.format(url=api.url, interval="100ms"), '"hook", "items"')
+        assert "added    sources.items" in added
+        wait(lambda: len(stored_ids(db)) == 150, "the records of the added poller")
+
+        changed = reload_to(POLL.format(url=api.url, interval="50ms"), '"hook", "items"')
+        assert "changed  sources.items" in changed
+        api.add(10)
+        wait(lambda: len(stored_ids(db)) == 160, "the new records, read by the replacement")
+        actors = {a["name"]: a for a in ctl_json(config, "status")["actors"]}
+        assert actors["poll.items"]["state"] == "running"
+
+        removed = reload_to("", '"hook"')
+        assert "removed  sources.items" in removed
+        after = len(api.snapshot())
+        assert "poll.items" not in {a["name"] for a in ctl_json(config, "status")["actors"]}
+        time.sleep(0.5)  # ten intervals of the removed poller: none of them may poll
+        assert len(api.snapshot()) == after
+    finally:
+        daemon.stop()
+    assert sorted(stored_ids(db)) == list(range(1, 161))
