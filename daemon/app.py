@@ -83,6 +83,8 @@ async def _maintain(store: Store, running: Running) -> None:
     while True:
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
+        # A failed aggregation window's contents (`NAME/windows`, daemon/windows.py) have no reader.
+        readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.call_until_committed(
             partial(
@@ -151,6 +153,8 @@ class _Tally(Protocol):
 def _totals(running: Running) -> tuple[int, int]:
     """(events received, deliveries delivered) since start, for `Throughput`."""
     received = running.batcher.events if running.batcher is not None else 0
+    # Pollers count the items they stored (`Poller.items`); webhook sources go through the batcher.
+    received += sum(getattr(running.actors.get(name), "items", 0) for name in running.config.sources)
     return received, sum(sink.delivered for sink in running.sinks)
 
 

@@ -65,8 +65,11 @@ class AggregateConfig(Section, frozen=True):
         ),
     ] = "."
     max_events: Annotated[
-        Annotated[int, Meta(ge=1, le=1_000_000)] | None,
-        Meta(description="A window closes once it holds this many events (1 to 1,000,000)."),
+        Annotated[int, Meta(ge=1, le=100_000)] | None,
+        Meta(
+            description="A window closes once it holds this many events (1 to 100,000; a closing "
+            "window's events are read into memory for `reduce`)."
+        ),
     ] = None
     max_age: Annotated[
         Duration | None, Meta(description="A window closes this long after its first event arrived.")

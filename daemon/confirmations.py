@@ -79,7 +79,8 @@ class EventReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def first_seq_since(conn: Connection, since: float) -> int:
-    """The lowest seq whose `received_at` is at least `since` (bisected over seq; 0 if none is)."""
+    """The seq from which on every event was received at `since` or later, and before which none
+    was (bisected over seq; seqs may have gaps where events were pruned)."""
     row = conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
     if row[0] is None:
         return 0
