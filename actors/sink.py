@@ -313,7 +313,7 @@ class Sink:
                     leftover = []
                     continue
                 tracer = telemetry.tracer()
-                if tracer is None:
+                if tracer is None or not telemetry.any_sampled(due.trace for due in batch):
                     await self._attempt(sender, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)
