@@ -54,6 +54,7 @@ from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, LeanClient
 from daemon.outbox import StoredEvent
 from daemon.ratelimit import RateLimiter
+from daemon.store import Store
 
 log = logging.getLogger("ferry.enrich")
 _encode = msgspec.json.Encoder().encode
@@ -118,6 +119,7 @@ class Enricher:
         limiter: RateLimiter | None = None,
         client: HttpClient | None = None,
         auth: Auth | None = None,
+        store: Store | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.name = name
@@ -127,7 +129,7 @@ class Enricher:
         self._auth = (
             auth
             if auth is not None or config.auth is None
-            else build_auth(config.auth, owner=f"transforms.{name}.enrich")
+            else build_auth(config.auth, owner=f"transforms.{name}.enrich", store=store)
         )
         self._when = jq.compile(config.when) if config.when is not None else None
         self._parts = PLACEHOLDER.split(config.url)  # text, jq, text, jq, …, text

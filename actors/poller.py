@@ -51,8 +51,8 @@ import msgspec
 import trio
 from opentelemetry import trace
 
-from daemon import metrics, telemetry
-from daemon.auth import Auth, build_auth, ssl_context, with_query
+from daemon import masking, metrics, telemetry
+from daemon.auth import Auth, build_auth, credential_values, scrub, ssl_context, with_query
 from daemon.backoff import ceiling
 from daemon.config_poll import LinkPaging, PollSourceConfig
 from daemon.errors import DeliveryError, PollError
@@ -121,6 +121,7 @@ class Poller:
         self._body = (config.body or "").encode()
         self._state = PollState()
         self._client: HttpClient = LeanClient()
+        self._sent: list[str] = []  # the credentials of the last request, scrubbed from its errors
         self._auth: Auth | None = (
             build_auth(config.auth, owner=f"sources.{name}", store=store) if config.auth is not None else None
         )
@@ -162,6 +163,23 @@ class Poller:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        begun = self._state.cycle_url
+        if (
+            self._state.next_url is not None
+            and begun is not None
+            and _where(begun) != _where(self._config.url)
+        ):
+            # The listing in progress was begun from another `url` (the config changed): its next
+            # page would go on reading the old listing. Start over from the mark; keys catch repeats.
+            log.info(
+                "listing of a previous url dropped",
+                extra={
+                    "fields": {"source": self.name, "was": _where(begun), "now": _where(self._config.url)}
+                },
+            )
+            self._state = replace(
+                self._state, next_url=None, cycle_mark=None, cycle_url=None, cycle_etag=None, pages=0
+            )
         config = self._config
         context = ssl_context(config.tls)
         limit = int(config.max_response) + 1  # one byte more than allowed tells "too large" from "just fits"
@@ -176,7 +194,7 @@ class Poller:
         task_status.started()
         try:
             while True:
-                self.status_name = "polling"
+                self.status_name, self.next_poll_at = "polling", None
                 try:
                     await (self._cycle() if config.job is None else self._job_cycle())
                 except PollError as exc:
@@ -201,7 +219,10 @@ class Poller:
         config = self._config
         self.failures += 1
         self.status_name = "backoff"
-        self.last_error, self.last_error_kind = str(exc), exc.kind
+        # An upstream may echo the credentials it refused: none in `ferry ctl status` or the log.
+        message = str(exc)
+        message = scrub(masking.current().scrub(message) or message, self._sent)
+        self.last_error, self.last_error_kind = message, exc.kind
         self.errors[exc.kind] += 1
         metrics.current().poll_errors.add(1, {"source": self.name, "error": exc.kind})
         limit = ceiling(self.failures, config.initial_backoff, config.max_backoff)
@@ -213,7 +234,7 @@ class Poller:
             extra={
                 "fields": {
                     "source": self.name,
-                    "error": str(exc),
+                    "error": message,
                     "kind": exc.kind,
                     "failures": self.failures,
                     "retry_in_s": round(delay, 3),
@@ -237,9 +258,11 @@ class Poller:
             else:
                 url = with_query(url, auth.query)
                 credentials = await auth.headers()
+                self._sent = credential_values(credentials, auth.query)
                 response = await self._send(method, url, [*headers, *credentials.items()], body)
                 if response.status == 401 and await auth.unauthorized(credentials):
                     credentials = await auth.headers()
+                    self._sent = [*self._sent, *credential_values(credentials, auth.query)]
                     response = await self._send(method, url, [*headers, *credentials.items()], body)
         except DeliveryError as exc:
             recorder.add(1, {"source": self.name, "outcome": "error"})

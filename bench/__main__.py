@@ -7,6 +7,7 @@ Cases (docs/performance.md explains each figure):
 1. baseline: a bare trio + h11 server answering 202 with no work, under wrk -t2 -c50;
 2. durable ingest: `ferry run` (durability = "full", jq transform, batching HTTP sink) under
    the same load, and whether the sink keeps pace;
+   2b. webhook -> store with `[sources.NAME.verify]` off, signature only, signature + replay;
 3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
@@ -14,7 +15,9 @@ Cases (docs/performance.md explains each figure):
 7. polling a paginated API (tests/fake_api.py) into the store, beside a bare httpx loop (bench/poll.py);
 8. events/s through a typical jq map in ferry's transformer, against the `jq` command on the same
    events (bench/transform.py), and what routes and schema validation cost;
-9. the daemon's peak RSS in each case.
+9. the peers, Node-RED and a Huey relay, each installed into a scratch folder and under the
+   same loads as ferry (bench/peers.py), with ratios;
+10. the daemon's peak RSS in each case.
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -36,27 +39,32 @@ import trio
 from bench.context import Context
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.harness import ensure_wrk
-from bench.ingest import durable_ingest
+from bench.ingest import durable_ingest, verified_ingest
 from bench.latency import latency
+from bench.peers import peers
 from bench.poll import poll_ingest
 from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
+from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
-LIMIT_S = 600  # the whole run, even if something hangs
+LIMIT_S = 1200  # the whole run, even if something hangs (the peers need minutes of it)
 
 
 async def run(ctx: Context) -> None:
     with trio.fail_after(LIMIT_S):
         steps = [
             ("1-2. bare h11 baseline vs durable ingest", durable_ingest),
+            ("2b. webhook verification cost (off vs on)", verified_ingest),
             ("3. per-event delivery", _delivery),
             ("4. backlog drain", backlog_drain),
             ("5. latency", latency),
             ("6. rate limiter overhead", ratelimit_overhead),
             ("7. polling", poll_ingest),
             ("8. transform throughput vs jq", transform_throughput),
+            ("9. peers: Node-RED, Huey relay", peers),
+            ("10. tracing cost", tracing_cost),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)

@@ -153,6 +153,8 @@ class _Tally(Protocol):
 def _totals(running: Running) -> tuple[int, int]:
     """(events received, deliveries delivered) since start, for `Throughput`."""
     received = running.batcher.events if running.batcher is not None else 0
+    # Pollers count the items they stored (`Poller.items`); webhook sources go through the batcher.
+    received += sum(getattr(running.actors.get(name), "items", 0) for name in running.config.sources)
     return received, sum(sink.delivered for sink in running.sinks)
 
 

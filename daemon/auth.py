@@ -266,11 +266,12 @@ class TokenAuth:
         except BaseException:
             flight.error = RetryableDelivery(f"{self._source.description}: token request interrupted")
             raise
+        else:
+            self._token = flight.token = token
+            self._failure = None
         finally:
             self._flight = None
-            flight.done.set()
-        self._token = flight.token = token
-        self._failure = None
+            flight.done.set()  # waiters run after this task's next checkpoint, token in place
         return token
 
     @staticmethod

@@ -248,7 +248,10 @@ class RateLimiter:
                     self._remove(waiter)
                     self._wake_leader()
         finally:
-            self._remove(waiter)
+            if not waiter.granted:
+                self._remove(waiter)
+                if not self._leading:  # it may have been woken to lead: pass that on
+                    self._wake_leader()
         self.waits += 1
         self.granted[user] += 1
         meter = metrics.current()

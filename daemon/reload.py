@@ -251,7 +251,7 @@ def transformer(config: Config, name: str, running: Running) -> Transformer | Ag
         return Aggregator(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
     enrich = config.transforms[name].enrich
     enricher = (
-        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit))
+        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit), store=running.store)
         if enrich is not None
         else None
     )

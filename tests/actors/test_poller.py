@@ -18,7 +18,7 @@ import trio
 
 from actors.poller import Poller
 from daemon.config_poll import PollSourceConfig
-from daemon.poll_store import PollState, load_state
+from daemon.poll_store import PollState, load_state, save_state
 from daemon.store import Store
 from tests.fake_api import FakeApi
 
@@ -328,3 +328,20 @@ async def test_a_restarted_job_poller_watches_the_stored_job_instead_of_submitti
         await until(done, "the job's result")
     assert len([r for r in api.snapshot() if r.method == "POST"]) == 1
     assert len(await stored(store)) == 1
+
+
+async def test_a_listing_begun_from_another_url_is_dropped_not_continued(store: Store, api: FakeApi) -> None:
+    api.add(120)
+    old = PollState(
+        mark=None, next_url=f"{api.url}/offset/items?offset=100", cycle_url=f"{api.url}/offset/items"
+    )
+    await store.call(lambda conn: save_state(conn, "api", old))
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR)
+    async with polling(store, config) as poller:
+
+        async def done() -> bool:
+            return poller.cycles >= 1
+
+        await until(done, "a complete listing")
+    assert all(request.path == "/cursor/items" for request in api.snapshot())
+    assert [item["id"] for item in await stored(store)] == list(range(1, 121))

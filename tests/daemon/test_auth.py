@@ -379,3 +379,27 @@ def test_bad_auth_and_tls_config_is_refused_with_its_path(extra: str, problem: s
         caught.value.problems
     )
     assert "not a pem" not in str(caught.value)
+
+
+async def test_a_cancelled_token_request_leaves_no_token_and_the_next_caller_asks_again(
+    server: TokenServer,
+) -> None:
+    server.delay = 1.0
+    auth = oauth(server)
+    waiter_errors: list[str] = []
+
+    async def waiter() -> None:
+        try:
+            await auth.headers()
+        except RetryableDelivery as exc:
+            waiter_errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(0.2) as scope:
+            nursery.start_soon(waiter)
+            await auth.headers()
+    assert scope.cancelled_caught
+    assert waiter_errors == ["oauth2 sinks.crm: token request interrupted"]
+    server.delay = 0
+    assert (await auth.headers())["authorization"].startswith("Bearer access-")
+    assert server.count() == 2

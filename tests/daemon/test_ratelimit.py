@@ -315,3 +315,30 @@ def test_a_leader_cancelled_while_others_wait_hands_over_the_lead() -> None:
         assert trio.current_time() == pytest.approx(10)
 
     run(main)
+
+
+def test_a_waiter_cancelled_just_after_being_woken_to_lead_passes_the_lead_on() -> None:
+    async def main() -> None:
+        limiter = RateLimiter("api", budget(1, per=10))
+        await limiter.acquire("x")
+        got: list[str] = []
+
+        async def waiter(user: str, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await limiter.acquire(user)
+                got.append(user)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                leader = await nursery.start(waiter, "a")
+                await trio.testing.wait_all_tasks_blocked()
+                woken = await nursery.start(waiter, "b")
+                await nursery.start(waiter, "c")
+                await trio.testing.wait_all_tasks_blocked()
+                leader.cancel()  # "a" hands the lead to "b" ...
+                woken.cancel()  # ... which is cancelled before it runs
+        assert got == ["c"]
+
+    for _ in range(20):  # trio shuffles who runs first after the two cancellations: try both orders
+        run(main)

@@ -39,6 +39,8 @@ SECRETS = {
     "FT_STORE_KEY": base64.b64encode(b"k" * 32).decode(),
     "FT_WEBHOOK_SECRET": "whsec-github-55cc66dd",
     "FT_WEBHOOK_KEY": "inbound-key-88ee99ff",
+    "FT_POLL_KEY": "poll-key-0a1b2c3d4e",
+    "FT_POLL_TOKEN": "poll-bearer-5f6a7b8c",
 }
 
 
@@ -51,9 +53,15 @@ def _echo(request: Received) -> Reply:
             "path": request.path,
         }
     ).encode()
-    status = {"/hk": 500, "/q": 422, "/basic": 401, "/bearer": 400, "/cc": 401, "/jwt": 403}.get(
-        urlsplit(request.path).path, 200
-    )
+    status = {
+        "/hk": 500,
+        "/q": 422,
+        "/basic": 401,
+        "/bearer": 400,
+        "/cc": 401,
+        "/jwt": 403,
+        "/poll": 401,
+    }.get(urlsplit(request.path).path, 200)
     return status, {"content-type": "application/json"}, echo
 
 
@@ -145,6 +153,7 @@ socket = "{socket}"
 
 [telemetry]
 traces = true
+sample_ratio = 1.0
 metrics = true
 metrics_interval = "200ms"
 endpoint = "{otlp.url}"
@@ -159,6 +168,22 @@ verify = {{ scheme = "github", secrets = ["env:FT_WEBHOOK_SECRET"] }}
 [sources.keyed]
 type = "webhook"
 verify = {{ scheme = "api_key", secrets = ["env:FT_WEBHOOK_KEY"] }}
+
+[sources.pollq]
+type = "poll"
+method = "POST"
+url = "{api}/poll?page=1"
+key = ".id"
+interval = "100ms"
+auth = {{ type = "api_key", key = "env:FT_POLL_KEY", query = "api_key" }}
+
+[sources.pollb]
+type = "poll"
+method = "POST"
+url = "{api}/poll?page=2"
+key = ".id"
+interval = "100ms"
+auth = {{ type = "bearer", token = "env:FT_POLL_TOKEN" }}
 """
     return body + "".join(SINK.format(name=name, url=url, extra=extra) for name, url, extra in sinks)
 
@@ -201,7 +226,13 @@ def test_no_secret_reaches_logs_spans_ctl_or_errors(
             status = json.loads(ctl(config, "--json", "status").stdout)
             stages = status["stages"]
             failing = ("hk", "q", "basic", "bearer", "cc", "bad", "jwt")
-            if all(stages[s]["dead"] == 3 for s in failing) and stages["rt"]["delivered"] == 3:
+            polls = [line for line in daemon.logs() if line.get("msg") == "poll failed"]
+            polled = {line.get("source") for line in polls if (line.get("failures") or 0) >= 2}
+            if (
+                all(stages[s]["dead"] == 3 for s in failing)
+                and stages["rt"]["delivered"] == 3
+                and polled >= {"pollq", "pollb"}
+            ):
                 break
             assert time.monotonic() < deadline, stages
             time.sleep(0.2)
@@ -212,7 +243,8 @@ def test_no_secret_reaches_logs_spans_ctl_or_errors(
             for json_flag in ((), ("--json",)):
                 done = ctl(config, *json_flag, *command)
                 outputs.append(done.stdout + done.stderr)
-        for letter in letters:
+        one_per_sink = {letter["sink"]: letter for letter in letters}.values()
+        for letter in one_per_sink:
             done = ctl(config, "dlq", "show", letter["id"])
             outputs.append(done.stdout + done.stderr)
             assert done.returncode == 0

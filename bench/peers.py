@@ -1,0 +1,471 @@
+"""ferry against the peers a user would otherwise run, in one run on one machine.
+
+    .venv/bin/python -m bench.peers [--quick]      # also case 9 of `make bench`
+
+The peers, each installed by this script from the package registries into a scratch folder
+(`FERRY_BENCH_PEERS_DIR` keeps and reuses it), started as their own processes on 127.0.0.1 and
+stopped afterwards:
+
+- **Node-RED** (npm `node-red` 4): the flow `http in → http response (202)` plus `http in →
+  http request` to the receiver. Not durable: an event is answered before it is stored
+  anywhere, and one in flight when Node-RED stops is gone.
+- **Huey relay** (pip `huey`, `uvicorn`, `httpx` in a scratch venv): the relay a Python user would
+  write, a small ASGI app that enqueues each event as a task on `SqliteHuey` (SQLite, WAL) and
+  answers 202 once enqueued, and `huey_consumer` (4 worker threads) POSTing each to the receiver
+  with retries.
+- **ferry**: `durability = "full"`, the jq transform and a per-event http sink (concurrency 16),
+  as every peer delivers per event.
+
+Each gets the same loads, with the same receiver (`bench.receiver`) and the same wrk script:
+
+- ingest: `wrk -t2 -c50` for the case's duration against the webhook, req/s and latency p50/p99
+  (everything it acknowledges is delivered too, concurrently);
+- end to end: EVENTS POSTs, then the time until the receiver has every acknowledged one:
+  delivered events/s from the first POST to the last delivery;
+- RSS: the peak resident set (VmHWM) of the peer's processes.
+
+Targets (issue #8): ferry's durable ingest ≥ 4x Node-RED's and ≥ 8x the Huey relay's, and its
+end-to-end rate ≥ Node-RED's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from bench.context import Context
+from bench.harness import Ferry, post_count, write_config, wrk_script
+from bench.listener_bench import PATH
+from bench.receiver import Receiver
+from bench.report import Row, render
+from tests.fakes import free_port
+
+NODE_RED_VERSION = "4"
+INSTALL_LIMIT_S = 600
+
+HUEY_APP = '''
+"""A webhook relay on Huey's SQLite queue: ASGI in, one task per event, delivered with retries."""
+
+import os
+
+import httpx
+from huey import SqliteHuey
+
+huey = SqliteHuey(filename=os.environ["RELAY_DB"])
+RECEIVER = os.environ["RELAY_TARGET"]
+client = httpx.Client(timeout=10)
+
+
+@huey.task(retries=8, retry_delay=1)
+def deliver(body: bytes) -> None:
+    client.post(RECEIVER, content=body, headers={"content-type": "application/json"}).raise_for_status()
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if scope["method"] != "POST":
+        status, answer = 405, b'{"error": "method not allowed"}'
+    else:
+        deliver(body)  # one INSERT + COMMIT in Huey's SQLite queue
+        status, answer = 202, b'{"queued": true}'
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": answer})
+'''
+
+
+def node_red_flow(receiver_url: str) -> list[dict[str, object]]:
+    return [
+        {"id": "tab", "type": "tab", "label": "relay"},
+        {
+            "id": "in",
+            "type": "http in",
+            "z": "tab",
+            "url": PATH,
+            "method": "post",
+            "upload": False,
+            "wires": [["answer", "forward"]],
+        },
+        {
+            "id": "answer",
+            "type": "http response",
+            "z": "tab",
+            "statusCode": "202",
+            "headers": {},
+            "wires": [],
+        },
+        {
+            "id": "forward",
+            "type": "http request",
+            "z": "tab",
+            "method": "POST",
+            "ret": "txt",
+            "url": receiver_url,
+            "paytoqs": "ignore",
+            "wires": [[]],
+        },
+    ]
+
+
+NODE_RED_SETTINGS = """
+module.exports = {
+    uiPort: Number(process.env.PORT),
+    uiHost: "127.0.0.1",
+    httpAdminRoot: false,
+    flowFile: "flows.json",
+    logging: { console: { level: "warn", metrics: false, audit: false } },
+    editorTheme: { tours: false },
+    telemetry: { enabled: false },
+};
+"""
+
+
+@dataclass
+class Peer:
+    """One system under test: its processes, its URL and how to read its acknowledged count."""
+
+    name: str
+    url: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def peak_rss_mib(self) -> float | None:
+        total = 0.0
+        for proc in self.procs:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                return None
+            total += (
+                next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+            )
+        return total
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def scratch() -> tuple[Path, bool]:
+    """The scratch folder for the peers' installs, and whether to keep it afterwards."""
+    kept = os.environ.get("FERRY_BENCH_PEERS_DIR")
+    if kept:
+        path = Path(kept)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, True
+    return Path(tempfile.mkdtemp(prefix="ferry-peers-")), False
+
+
+def install_node_red(folder: Path) -> Path:
+    """`node-red` from npm into `folder`; the path of its `red.js`. Raises RuntimeError if it cannot."""
+    red = folder / "node_modules" / "node-red" / "red.js"
+    if red.exists():
+        return red
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is not installed (apt-get install -y npm)")
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", f"node-red@{NODE_RED_VERSION}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_LIMIT_S,
+        check=False,
+    )
+    if done.returncode != 0 or not red.exists():
+        raise RuntimeError(f"npm install node-red failed: {done.stderr[-500:]}")
+    return red
+
+
+def install_huey(folder: Path) -> Path:
+    """A venv in `folder` with huey, uvicorn and httpx from PyPI; its `bin` folder."""
+    bin_ = folder / "venv" / "bin"
+    if (bin_ / "huey_consumer").exists() and (bin_ / "uvicorn").exists():
+        return bin_
+    subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True, timeout=120)
+    done = subprocess.run(
+        [str(bin_ / "pip"), "install", "--quiet", "huey>=2.5", "uvicorn>=0.30", "httpx>=0.27"],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_LIMIT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install huey uvicorn httpx failed: {done.stderr[-500:]}")
+    return bin_
+
+
+async def wait_answering(url: str, limit_s: float = 60) -> None:
+    """Until a POST of one event gets any 2xx (the peer is up)."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        with trio.fail_after(limit_s):
+            while True:
+                try:
+                    response = await client.post(url + PATH, json={"warmup": True})
+                    if response.is_success:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+
+def spawn_node_red(folder: Path, receiver_url: str) -> Peer:
+    red = install_node_red(folder / "node-red")
+    user = folder / "node-red-user"
+    shutil.rmtree(user, ignore_errors=True)
+    user.mkdir(parents=True)
+    (user / "flows.json").write_text(json.dumps(node_red_flow(receiver_url + "/")))
+    (user / "settings.js").write_text(NODE_RED_SETTINGS)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["node", str(red), "--userDir", str(user), "--settings", str(user / "settings.js")],
+        cwd=user,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=(user / "node-red.log").open("wb"),
+    )
+    return Peer("Node-RED", f"http://127.0.0.1:{port}", [proc])
+
+
+def spawn_huey(folder: Path, receiver_url: str) -> Peer:
+    bin_ = install_huey(folder / "huey")
+    work = folder / "huey-run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "relay.py").write_text(HUEY_APP)
+    env = {
+        **os.environ,
+        "RELAY_DB": str(work / "queue.db"),
+        "RELAY_TARGET": receiver_url + "/",
+        "PYTHONPATH": str(work),
+    }
+    port = free_port()
+    log = (work / "relay.log").open("wb")
+    web = subprocess.Popen(
+        [str(bin_ / "uvicorn"), "relay:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    consumer = subprocess.Popen(
+        [str(bin_ / "huey_consumer"), "relay.huey", "-w", "4", "-k", "thread", "-q"],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    return Peer("Huey relay", f"http://127.0.0.1:{port}", [web, consumer])
+
+
+async def start(spawn: Callable[[Path, str], Peer], folder: Path, receiver_url: str) -> Peer:
+    """Install (if needed) and spawn a peer, then wait until it answers."""
+    peer = await trio.to_thread.run_sync(spawn, folder, receiver_url)
+    try:
+        await wait_answering(peer.url)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
+
+
+@dataclass
+class Figures:
+    ingest_rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    ingest_errors: int
+    e2e_rps: float
+    e2e_acked: int
+    e2e_delivered: int
+    rss_mib: float | None
+
+
+async def settle(receiver: Receiver, expected: int, quiet_s: float = 3.0, limit_s: float = 300) -> None:
+    """Until the receiver has `expected` items (counting since its last reset), or none came for `quiet_s`."""
+    with trio.move_on_after(limit_s):
+        seen, since = -1, time.monotonic()
+        while True:
+            items = (await receiver.stats())["items"]
+            if items >= expected:
+                return
+            if items != seen:
+                seen, since = items, time.monotonic()
+            elif time.monotonic() - since > quiet_s:
+                return
+            await trio.sleep(0.1)
+
+
+def _latency_ms(output: str, percentile: str) -> float | None:
+    found = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if found is None:
+        return None
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+    return float(found.group(1)) * scale
+
+
+async def measure(
+    url: str, ctx: Context, folder: Path, events: int, rss: Callable[[], float | None]
+) -> Figures:
+    script = wrk_script(folder)
+    await ctx.receiver.reset()
+    command = ["wrk", "-t2", "-c50", f"-d{ctx.duration}s", "--latency", "-s", str(script), url + PATH]
+    with trio.fail_after(ctx.duration + 60):
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+    output = result.stdout.decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    # What the ingest load acknowledged must be delivered before the end-to-end count starts
+    # (a peer may lose some: stop waiting once nothing has arrived for 3 s).
+    ingested = int(re.search(r"(\d+) requests in", output).group(1)) - errors  # type: ignore[union-attr]
+    await settle(ctx.receiver, ingested)
+    await ctx.receiver.reset()
+    started = time.time()
+    wrk = await post_count(url, folder, events, limit_s=120)
+    acked = wrk.requests - wrk.non_2xx
+    stats = await ctx.receiver.wait_items(acked, 120)
+    last = stats["last"] or time.time()
+    return Figures(
+        rps,
+        _latency_ms(output, "50"),
+        _latency_ms(output, "99"),
+        errors,
+        stats["items"] / max(last - started, 1e-3),
+        acked,
+        stats["items"],
+        rss(),
+    )
+
+
+async def peers(ctx: Context) -> None:
+    """Case 7: the peer table (see the module docstring); rows go into `ctx.rows`."""
+    events = 1_000 if ctx.quick else 5_000
+    folder, keep = scratch()
+    try:
+        await _measure_all(ctx, folder, events)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _measure_all(ctx: Context, folder: Path, events: int) -> None:
+    results: dict[str, Figures] = {}
+    ferry_folder = ctx.tmp / "peers-ferry"
+    ferry = Ferry.start(
+        ferry_folder, write_config(ferry_folder, ctx.receiver.url + "/", concurrency=16), ctx.running
+    )
+    try:
+        results["ferry"] = await measure(ferry.url, ctx, ferry_folder, events, ferry.peak_rss_mib)
+    finally:
+        ferry.stop()
+    for name, spawn in (("Node-RED", spawn_node_red), ("Huey relay", spawn_huey)):
+        try:
+            peer = await start(spawn, folder, ctx.receiver.url)
+        except (RuntimeError, OSError, subprocess.SubprocessError, trio.TooSlowError) as exc:
+            ctx.anomalies.append(f"peer {name} could not be installed or started: {exc}")
+            continue
+        try:
+            work = folder / f"{name.split()[0].lower()}-wrk"
+            work.mkdir(exist_ok=True)
+            results[name] = await measure(peer.url, ctx, work, events, peer.peak_rss_mib)
+        finally:
+            peer.stop()
+    ctx.details["peers"] = {name: vars(figures) for name, figures in results.items()}
+    ctx.rows.extend(rows(results))
+
+
+def rows(results: dict[str, Figures]) -> list[Row]:
+    out: list[Row] = []
+    ours = results.get("ferry")
+    for name, fig in results.items():
+        out.append(Row(f"peers: {name} ingest (wrk -c50)", fig.ingest_rps, "req/s"))
+        out.append(
+            Row(
+                f"peers: {name} ingest latency p50 / p99",
+                fig.p50_ms,
+                "ms",
+                fig.p99_ms,
+                baseline_unit="ms p99",
+            )
+        )
+        out.append(
+            Row(
+                f"peers: {name} end to end ({fig.e2e_delivered}/{fig.e2e_acked} delivered)",
+                fig.e2e_rps,
+                "events/s",
+            )
+        )
+        out.append(Row(f"peers: {name} peak RSS", fig.rss_mib, "MiB"))
+    if ours is None:
+        return out
+    for name, key, minimum in (
+        ("Node-RED", "ingest_rps", 4.0),
+        ("Huey relay", "ingest_rps", 8.0),
+        ("Node-RED", "e2e_rps", 1.0),
+    ):
+        peer = results.get(name)
+        if peer is None:
+            continue
+        value, baseline = getattr(ours, key), getattr(peer, key)
+        ratio = value / baseline if baseline else None
+        what = "durable ingest" if key == "ingest_rps" else "end to end"
+        out.append(
+            Row(
+                f"peers: ferry {what} vs {name}",
+                value,
+                "req/s" if key == "ingest_rps" else "events/s",
+                baseline,
+                ratio,
+                f">= {minimum:g}x",
+                passed=ratio is not None and ratio >= minimum,
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
+        receiver = Receiver()
+        ctx = Context(args.quick, Path(tmp), receiver)
+        try:
+            trio.run(peers, ctx)
+        finally:
+            for ferry in ctx.running:
+                ferry.stop()
+            receiver.close()
+    print(render(ctx.rows))
+    for anomaly in ctx.anomalies:
+        print(f"ANOMALY: {anomaly}")
+    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
