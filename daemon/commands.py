@@ -465,7 +465,8 @@ class Commands:
     def _paused(self) -> list[str]:
         running = self._running
         sinks = [name for name in self._config.sinks if name in running.actors and self._sink(name).paused]
-        return sorted(running.pauses.sources) + sinks
+        polls = [name for name in self._config.sources if name in running.actors and self._sink(name).paused]
+        return sorted([*running.pauses.sources, *polls]) + sinks
 
     def _sink(self, name: str) -> Pausable:
         sink: Pausable = self._running.actors[name]
@@ -553,6 +554,14 @@ class Commands:
     def _pause(self, name: str, *, pause: bool) -> PauseResult:
         config = self._config
         if name in config.sources:
+            if name in self._running.actors:  # a poll source: its poller holds the pause
+                poller = self._sink(name)
+                changed = poller.paused != pause
+                if pause:
+                    poller.pause()
+                else:
+                    poller.resume()
+                return PauseResult(name, "source", pause, changed)
             if not isinstance(config.sources[name], WebhookSourceConfig):
                 raise CommandError(f"source {name!r} cannot be paused")
             sources = self._running.pauses.sources

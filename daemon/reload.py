@@ -340,6 +340,9 @@ async def _reload(running: Running) -> ReloadResult:
         name: poller(new, name, running)
         for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
     }
+    for name, source in polls.items():
+        if getattr(running.actors.get(name), "paused", False):
+            source.pause()  # an operator's hold outlives a reload, as a sink's does
     for name, sink in sinks.items():
         previous = running.actors.get(name)
         if previous is not None and previous.paused:
