@@ -153,11 +153,6 @@ class SinkGuard:
         self._in_flight = 0
         self._freed = trio.Event()  # a slot was given back
         self._changed = trio.Event()  # a breaker changed state
-        gauges = metrics.current()
-        for url in urls if self._breakers else ():
-            gauges.breaker_states[(name, url)] = State.CLOSED
-        if self._aimd is not None:
-            gauges.concurrency_limits[name] = self._aimd.current
 
     def __repr__(self) -> str:
         pairs = zip(self.urls, self._breakers, strict=False)
@@ -211,6 +206,21 @@ class SinkGuard:
             changed = self._changed
             with trio.move_on_at(soonest):
                 await changed.wait()
+
+    def publish(self) -> None:
+        """Report every gauge (`ferry.breaker.state`, `ferry.sink.concurrency`): the sink started."""
+        gauges = metrics.current()
+        for url, breaker in zip(self.urls, self._breakers, strict=False):
+            gauges.breaker_states[(self.name, url)] = breaker.state
+        if self._aimd is not None:
+            gauges.concurrency_limits[self.name] = self._aimd.current
+
+    def forget(self) -> None:
+        """Stop reporting the gauges: the sink stopped (a reload may have removed it)."""
+        gauges = metrics.current()
+        for url in self.urls:
+            gauges.breaker_states.pop((self.name, url), None)
+        gauges.concurrency_limits.pop(self.name, None)
 
     def _release(self) -> None:
         self._in_flight -= 1

@@ -202,6 +202,8 @@ class Sink:
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
+        if self.guard is not None:
+            self.guard.publish()
         try:
             async with trio.open_nursery() as nursery:
                 async with receive_channel:
@@ -211,6 +213,8 @@ class Sink:
                 async with send_channel:
                     await self._fetch(send_channel)
         finally:
+            if self.guard is not None:
+                self.guard.forget()  # a sink removed by a reload stops being reported
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await sender.aclose()
 
@@ -298,7 +302,7 @@ class Sink:
                     leftover = []
                     continue
                 tracer = telemetry.tracer()
-                if tracer is None:
+                if tracer is None or not telemetry.any_sampled(due.trace for due in batch):
                     await self._attempt(sender, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)

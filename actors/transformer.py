@@ -122,7 +122,7 @@ class Transformer:
                 continue
             position = events[-1].seq
             tracer = telemetry.tracer()
-            if tracer is None:
+            if tracer is None or not telemetry.any_sampled(event.trace for event in events):
                 await self._map(events, position)
                 continue
             parent, links = batch_trace(events)

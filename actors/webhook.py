@@ -473,6 +473,9 @@ class WebhookListener:
         tracer = telemetry.tracer()
         if tracer is None:
             return await self._store(conn, source, body, dedup_key, traceparent, None, replay)
+        unsampled = telemetry.unsampled_traceparent(traceparent)
+        if unsampled is not None:  # sampling left this trace out: no span work on any hop
+            return await self._store(conn, source, body, dedup_key, unsampled, None, replay)
         span = tracer.start_span(
             "webhook receive",
             telemetry.parent_context(traceparent),

@@ -45,6 +45,7 @@ from bench.poll import poll_ingest
 from bench.ratelimit import ratelimit_overhead
 from bench.receiver import Receiver
 from bench.report import Row, machine, render, write
+from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
 LIMIT_S = 1200  # the whole run, even if something hangs (the peers need minutes of it)
@@ -61,6 +62,7 @@ async def run(ctx: Context) -> None:
             ("7. polling", poll_ingest),
             ("8. transform throughput vs jq", transform_throughput),
             ("9. peers: Node-RED, Huey relay", peers),
+            ("10. tracing cost", tracing_cost),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)

@@ -47,6 +47,7 @@ shutdown_grace = "1s"
 [telemetry]
 traces = {traces}
 sample_ratio = {sample_ratio}
+{endpoint}
 
 [sources.{source}]
 type = "webhook"
@@ -157,14 +158,25 @@ def write_config(
     concurrency: int = 8,
     map_: str = RESHAPE,
     timeout: str = "10s",
+    traces: bool = TRACES,
+    sample_ratio: float = SAMPLE_RATIO,
+    otlp: str | None = None,
 ) -> Path:
     """webhook `SOURCE` -> transform `shape` (jq `map_`) -> http sink `SINK` posting to `url`.
 
     With `url` None: the webhook source alone (events are stored, nothing reads them).
+    `traces`, `sample_ratio` and `otlp` (the collector's base URL) set `[telemetry]`; by default
+    from `FERRY_BENCH_TRACES` / `FERRY_BENCH_SAMPLE_RATIO`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ferry.toml"
-    text = CONFIG.format(folder=folder, source=SOURCE, traces=str(TRACES).lower(), sample_ratio=SAMPLE_RATIO)
+    text = CONFIG.format(
+        folder=folder,
+        source=SOURCE,
+        traces=str(traces).lower(),
+        sample_ratio=sample_ratio,
+        endpoint=f'endpoint = "{otlp}"' if otlp else "",
+    )
     if url is not None:
         text += PIPELINE.format(
             source=SOURCE,

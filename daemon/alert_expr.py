@@ -32,7 +32,7 @@ import math
 import operator
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -399,8 +399,3 @@ def _selector(tokens: _Tokens, known: Mapping[str, str], by_canonical: Mapping[s
 
 def _unquote(literal: str) -> str:
     return re.sub(r"\\(.)", r"\1", literal[1:-1])
-
-
-def describe(values: Iterable[tuple[str, float | None]]) -> str:
-    """`a=1, b=-` for log lines and summaries."""
-    return ", ".join(f"{name}={'-' if value is None else f'{value:g}'}" for name, value in values)

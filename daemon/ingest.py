@@ -99,7 +99,7 @@ class IngestBatcher:
         `replay` (key, until): see `outbox.insert_events`; a replay answers `("", True)`.
         """
         tracer = telemetry.tracer()
-        if tracer is None:
+        if tracer is None or not telemetry.sampled(traceparent):
             return await self._commit(source, body, dedup_key, traceparent, replay)
         span = tracer.start_span(
             "store commit", telemetry.parent_context(traceparent), attributes={"ferry.source": source}

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, final
 
 import msgspec
@@ -50,6 +51,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
 from prometheus_client import CollectorRegistry, generate_latest
@@ -61,13 +63,16 @@ from .masking import Redactor
 __all__ = [
     "JsonFormatter",
     "Telemetry",
+    "any_sampled",
     "current_traceparent",
     "format_traceparent",
     "link_to",
     "parent_context",
     "parse_traceparent",
+    "sampled",
     "setup_logging",
     "tracer",
+    "unsampled_traceparent",
 ]
 
 log = logging.getLogger("ferry.telemetry")
@@ -75,6 +80,8 @@ _encoder = msgspec.json.Encoder()
 _tracer: Tracer | None = None
 _MAX_LINKS: Final = 1024  # a transform batch (1,000 events) links every event
 _SDK_LOG_EVERY_S: Final = 60.0
+_ODD_HEX: Final = frozenset("13579bdfBDF")
+_LOW_64: Final = (1 << 64) - 1
 
 
 def tracer() -> Tracer | None:
@@ -123,9 +130,51 @@ def parent_context(traceparent: str | None) -> Context | None:
 
 
 def link_to(traceparent: str | None) -> Link | None:
-    """A span link to the span `traceparent` names, or None if it names none."""
+    """A span link to the span `traceparent` names, or None if it names none or is not sampled.
+
+    A link to a span that was never recorded would lead nowhere.
+    """
+    if not sampled(traceparent):
+        return None
     span_context = parse_traceparent(traceparent)
     return None if span_context is None else Link(span_context)
+
+
+def sampled(traceparent: str | None) -> bool:
+    """Whether a (stored) `traceparent` says its trace is recorded: its sampled flag is set.
+
+    A string test, not a parse: hops call it per event to skip all span work for the traces
+    sampling left out.
+    """
+    return traceparent is not None and len(traceparent) >= 55 and traceparent[-1] in _ODD_HEX
+
+
+def any_sampled(traceparents: Iterable[str | None]) -> bool:
+    """Whether any of a batch's traces is recorded (a batch span then links to those that are)."""
+    return any(sampled(value) for value in traceparents)
+
+
+def unsampled_traceparent(incoming: str | None) -> str | None:
+    """Decide a new event's sampling before any span exists; None means: record its trace.
+
+    Otherwise the result is the `traceparent` to store with the event instead of a span's:
+    the incoming trace id (or a new one) with a new span id and the sampled flag clear, so
+    every later hop sees at once that there is nothing to record. Parent-based like the SDK's
+    sampler: an incoming `traceparent` decides for its own trace; a new trace is sampled when
+    its id falls under `sample_ratio` by the SDK's own `TraceIdRatioBased` rule, and that id
+    is handed to the SDK for the span it then starts, so both decisions agree.
+    """
+    span_context = parse_traceparent(incoming)
+    if span_context is not None:
+        if span_context.trace_flags.sampled:
+            return None
+        trace_id = span_context.trace_id
+    else:
+        trace_id = random.getrandbits(128) or 1
+        if trace_id & _LOW_64 < _ids.bound:
+            _ids.chosen = trace_id
+            return None
+    return f"00-{trace_id:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
 def current_traceparent() -> str | None:
@@ -135,6 +184,27 @@ def current_traceparent() -> str | None:
 
 
 # -- export ------------------------------------------------------------------------------------
+
+
+@final
+class _ChosenIds(RandomIdGenerator):
+    """The SDK's id generator, except that the webhook may choose the next trace id.
+
+    `unsampled_traceparent` draws a new trace's id to decide its sampling; the span started
+    right after (synchronously, on the same thread) takes that id, so the SDK's ratio sampler
+    reaches the same decision instead of sampling a second time.
+    """
+
+    def __init__(self) -> None:
+        self.chosen = 0
+        self.bound = 0  # trace ids whose low 64 bits are below this are sampled
+
+    def generate_trace_id(self) -> int:
+        chosen, self.chosen = self.chosen, 0
+        return chosen or super().generate_trace_id()
+
+
+_ids = _ChosenIds()
 
 
 @final
@@ -178,7 +248,7 @@ class _CountingExporter(SpanExporter):
     def __init__(self, inner: SpanExporter) -> None:
         self._inner = inner
         self.failed = 0
-        self.reachable = True  # the last export succeeded (or none was tried yet)
+        self.reachable = False  # the last export succeeded (False until one has)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         result = self._inner.export(spans)
@@ -264,8 +334,11 @@ class Telemetry:
             )
             processor = _BoundedSpanProcessor(exporter, config.max_queue, config.export_timeout)
             links = int(os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT", _MAX_LINKS))
+            ratio = TraceIdRatioBased(config.sample_ratio)
+            _ids.bound = ratio.bound
             tracer_provider = TracerProvider(
-                sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+                sampler=ParentBased(ratio),
+                id_generator=_ids,
                 resource=resource,
                 span_limits=SpanLimits(max_links=links),
             )
@@ -302,8 +375,9 @@ class Telemetry:
         """Flush what is queued and stop exporting; returns within about 2 x `export_timeout`.
 
         The flush runs on a daemon thread that is abandoned at the bound, so a collector that
-        hangs cannot hold the daemon's exit; when the last span export already failed (no
-        collector), the bound is one second: what is queued is lost either way.
+        hangs cannot hold the daemon's exit. Unless the last span export succeeded (no collector,
+        or none seen yet), the bound is one second: a collector that is there takes a batch in
+        milliseconds, and waiting on one that is not would only delay the exit.
         """
         global _tracer
         _tracer = None
@@ -378,6 +452,9 @@ class _OncePerInterval(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            # a collector that is down is not an error of ferry's: the spans are counted as dropped
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         now = time.monotonic()
         key = str(record.msg)
         if now - self._last.get(key, -self._interval) < self._interval:

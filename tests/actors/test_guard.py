@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from actors.guard import SinkGuard, current_url
+from daemon import metrics
 from daemon.config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig
 from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
 from daemon.ratelimit import RateLimiter
@@ -150,5 +151,23 @@ def test_the_rate_limit_permit_is_taken_last() -> None:
         assert trio.current_time() == 10
         assert limiter.status().granted == {"crm": 3}
         assert guard.status().rate_limit == "api"
+
+    run(main)
+
+
+def test_the_gauges_follow_the_sink_from_start_to_stop() -> None:
+    async def main() -> None:
+        adaptive = AdaptiveConfig(floor=1, ceiling=8, initial=3)
+        guard = SinkGuard("gauged", [PRIMARY, SECONDARY], concurrency=8, adaptive=adaptive, breaker=BREAKER)
+        gauges = metrics.current()
+        guard.publish()
+        assert gauges.concurrency_limits["gauged"] == 3
+        await fail(guard)
+        await fail(guard)
+        assert gauges.breaker_states[("gauged", PRIMARY)] == 2
+        assert gauges.breaker_states[("gauged", SECONDARY)] == 0
+        guard.forget()
+        assert "gauged" not in gauges.concurrency_limits
+        assert not [key for key in gauges.breaker_states if key[0] == "gauged"]
 
     run(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 
 import pytest
@@ -73,6 +74,7 @@ def test_log_lines_inside_a_span_carry_its_trace_and_span_ids() -> None:
 def test_with_no_collector_spans_beyond_the_queue_are_dropped_and_counted() -> None:
     config = TelemetryConfig(
         traces=True,
+        sample_ratio=1.0,
         endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
         max_queue=16,
         export_timeout=Duration(0.5),
@@ -100,3 +102,41 @@ def test_with_traces_off_there_is_no_tracer() -> None:
         assert telemetry.current_traceparent() is None
     finally:
         running.shutdown()
+
+
+def test_unsampled_traceparent_is_parent_based_and_agrees_with_the_sdk() -> None:
+    sampled_in = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    unsampled_in = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    running = Telemetry.start(TelemetryConfig(traces=True, metrics=False, sample_ratio=0.25))
+    try:
+        assert telemetry.unsampled_traceparent(sampled_in) is None
+        left_out = telemetry.unsampled_traceparent(unsampled_in)
+        assert left_out is not None
+        assert left_out.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        assert left_out.endswith("-00")
+        assert left_out[36:52] != "00f067aa0ba902b7"  # a span id of its own
+        assert not telemetry.sampled(left_out)
+        assert telemetry.sampled(sampled_in)
+        random.seed(7)
+        decisions = [telemetry.unsampled_traceparent(None) for _ in range(4000)]
+        assert 0.22 < decisions.count(None) / 4000 < 0.28
+        tracer = telemetry.tracer()
+        assert tracer is not None
+        for _ in range(200):  # when ferry samples a new trace, the SDK records that very trace
+            if telemetry.unsampled_traceparent(None) is None:
+                chosen = telemetry._ids.chosen
+                span = tracer.start_span("x")
+                assert span.get_span_context().trace_id == chosen
+                assert span.is_recording()
+                span.end()
+    finally:
+        running.shutdown()
+
+
+def test_links_and_batches_skip_traces_sampling_left_out() -> None:
+    off = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    on = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert telemetry.link_to(off) is None
+    assert telemetry.link_to(on) is not None
+    assert not telemetry.any_sampled([off, None, "garbage"])
+    assert telemetry.any_sampled([off, on])

@@ -153,6 +153,7 @@ socket = "{socket}"
 
 [telemetry]
 traces = true
+sample_ratio = 1.0
 metrics = true
 metrics_interval = "200ms"
 endpoint = "{otlp.url}"

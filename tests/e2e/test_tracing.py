@@ -14,6 +14,7 @@ from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
 PIPELINE = """
 [telemetry]
 traces = true
+sample_ratio = {ratio}
 endpoint = "{otlp}"
 metrics_interval = "200ms"
 export_timeout = "2s"
@@ -54,9 +55,15 @@ def fast_span_export(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def start(
-    tmp_path: Path, otlp_url: str, sink_url: str, *, attempts: int = 20, port: int | None = None
+    tmp_path: Path,
+    otlp_url: str,
+    sink_url: str,
+    *,
+    attempts: int = 20,
+    port: int | None = None,
+    ratio: float = 1.0,
 ) -> Daemon:
-    body = PIPELINE.format(otlp=otlp_url, url=sink_url, attempts=attempts)
+    body = PIPELINE.format(otlp=otlp_url, url=sink_url, attempts=attempts, ratio=ratio)
     config = write_config(tmp_path, body, port=port)
     return Daemon(config, tmp_path / "ferry.log").start()
 
@@ -198,3 +205,25 @@ def test_metric_values_match_a_scripted_run(tmp_path, otlp) -> None:
     assert otlp.metric("ferry.delivery.latency", sink="crm") == delivered  # histogram count
     assert otlp.metric("ferry.queue.depth", stage="crm") == 0
     assert otlp.metric("ferry.actor.restarts", actor="sink.crm") == 0
+
+
+def test_sampling_leaves_out_whole_traces_and_an_incoming_sampled_traceparent_is_recorded(
+    tmp_path, otlp, receiver
+) -> None:
+    daemon = start(tmp_path, otlp.url, receiver.url, ratio=0.0)
+    try:
+        for n in range(5):
+            post(daemon, n)
+        unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        post(daemon, 5, {"traceparent": unsampled})
+        post(daemon, 6, {"traceparent": INCOMING})
+        receiver.wait_for(lambda seen: len(seen) >= 7)
+        spans = otlp.wait_spans(lambda spans: {s.name for s in spans} >= {"webhook receive", "sink deliver"})
+        time.sleep(0.5)  # a span of the left-out traces would have been exported by now too
+        spans = otlp.wait_spans(lambda spans: True)
+    finally:
+        daemon.stop()
+    assert {span.trace_id for span in spans} == {INCOMING.split("-")[1]}
+    sent = {r.json()["id"]: r.headers.get("traceparent") for r in receiver.snapshot()}
+    assert sent[6] is not None
+    assert all(sent[n] is None for n in range(6))  # nothing recorded, nothing to point at
