@@ -57,7 +57,7 @@ import trio
 from opentelemetry import trace
 
 from daemon import masking, metrics, telemetry
-from daemon.auth import Auth, build_auth, credential_values, scrub, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, ssl_context, with_query
 from daemon.backoff import ceiling
 from daemon.config_poll import LinkPaging, PollSourceConfig
 from daemon.errors import DeliveryError, PollError
@@ -77,6 +77,7 @@ from daemon.poll_store import PollState, commit_pages, load_state, save_state
 from daemon.ratelimit import RateLimiter
 from daemon.store import Store
 from daemon.tap import TAPS, Record
+from daemon.tokens import scrub
 
 log = logging.getLogger("ferry.poller")
 PIPELINE = 8

@@ -57,7 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import confirmations, metrics, ops, outbox
+from . import confirmations, masking, metrics, ops, outbox
 from .alerts import AlertView
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
@@ -82,7 +82,7 @@ from .control import (
     TapRequest,
 )
 from .errors import StoreUnavailable
-from .masking import Redactor, decode_payload, sink_secrets
+from .masking import Redactor, config_redactor, decode_payload
 from .ops import AuditRow, DeadFilter, DeadLetter
 from .poll import PollStatus
 from .ratelimit import RateLimitStatus
@@ -287,7 +287,7 @@ class Commands:
         """Masking rules and secrets of the current config (rebuilt after a reload)."""
         config = self._config
         if self._redactor_of is not config:
-            self._redactor_cache = Redactor.build(config.telemetry.mask, sink_secrets(config.sinks))
+            self._redactor_cache = config_redactor(config, keep=masking.current())
             self._redactor_of = config
         return self._redactor_cache
 
