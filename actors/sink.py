@@ -38,7 +38,8 @@ Admission (actors/guard.py):
     With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
     slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
     result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
-    probe is rescheduled whatever the attempt and age limits.
+    probe is rescheduled whatever the attempt and age limits. `stop()` and `pause()` release
+    the workers waiting there (their rows stay pending), so neither waits for a cool-down.
 
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
@@ -153,6 +154,7 @@ class Sink:
     ) -> None:
         self.name = name
         self.guard = guard
+        self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
         self._store = store
         self._sender_factory = sender_factory
         self._retry = retry
@@ -187,6 +189,7 @@ class Sink:
         if self._resumed.is_set():
             self._resumed = trio.Event()
             self._signal.fire()
+            self._release_admitting()
 
     def resume(self) -> None:
         self._resumed.set()
@@ -195,6 +198,13 @@ class Sink:
         """Stop fetching; `run` returns once the workers have finished what they hold."""
         self._stopping.set()
         self._signal.fire()
+        self._release_admitting()
+
+    def _release_admitting(self) -> None:
+        """Workers waiting for admission (an open breaker, the rate limit) give up and hand back
+        their rows, unsent: stopping or pausing never waits for a breaker's cool-down."""
+        for scope in self._admitting:
+            scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
@@ -293,8 +303,9 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
-                admission = await self.guard.admit() if self.guard is not None else None
-                if not self._resumed.is_set():  # paused: hand the rows back unsent
+                admission = await self._admit() if self.guard is not None else None
+                released = self.guard is not None and admission is None
+                if released or not self._resumed.is_set():  # stopping or paused: hand back unsent
                     if admission is not None:
                         admission.cancel()
                     self._settled.update(due.rowid for due in (*batch, *leftover))
@@ -314,6 +325,19 @@ class Sink:
                 finally:
                     if span.is_recording():  # cut short before `_attempt` ended it
                         span.end()
+
+    async def _admit(self) -> Admission | None:
+        """The guard's admission; None when `stop()` or `pause()` released the wait."""
+        assert self.guard is not None
+        if self._stopping.is_set() or not self._resumed.is_set():
+            return None
+        with trio.CancelScope() as scope:
+            self._admitting.add(scope)
+            try:
+                return await self.guard.admit()
+            finally:
+                self._admitting.discard(scope)
+        return None
 
     async def _attempt(
         self, sender: Sender, batch: list[Due], span: Span | None, admission: Admission | None = None
