@@ -70,13 +70,12 @@ from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
+from .outcomes import log_final_outcomes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
-outcome_log = logging.getLogger("ferry.sink.outcome")
-"""Final outcomes, one line per delivery; `[telemetry] log_outcomes = "dead"` raises it to errors."""
 
 
 class Answer(NamedTuple):
@@ -447,53 +446,6 @@ class Sink:
                     }
                 },
             )
-
-
-def log_final_outcomes(
-    sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
-) -> None:
-    """One log line per delivery that reached its final outcome: `delivered` (info) or dead (error).
-
-    Each carries the delivery and event ids, the status, the attempt count, the attempt's latency and
-    the time since the delivery was created; the receiver's answer or the error, already scrubbed.
-    """
-    if not (outcomes.dead or (outcomes.delivered and outcome_log.isEnabledFor(logging.INFO))):
-        return
-    rows = {due.rowid: due for due in batch}
-    now = time.time()
-    latency_ms = round(latency * 1000, 1)
-    for rowid, status in outcomes.delivered:
-        due = rows[rowid]
-        fields = {
-            "sink": sink,
-            "delivery_id": due.id,
-            "event_id": due.event_id,
-            "status": status,
-            "attempts": due.attempts + 1,
-            "latency_ms": latency_ms,
-            "age_ms": round((now - due.created_at) * 1000, 1),
-        }
-        if response is not None:
-            fields["response"] = response
-        if outcome_log.isEnabledFor(logging.INFO):
-            outcome_log.info("delivered", extra={"fields": fields})
-    for rowid, status, message in outcomes.dead:
-        due = rows[rowid]
-        outcome_log.error(
-            "delivery dead-lettered",
-            extra={
-                "fields": {
-                    "sink": sink,
-                    "delivery_id": due.id,
-                    "event_id": due.event_id,
-                    "status": status,
-                    "attempts": due.attempts + 1,
-                    "latency_ms": latency_ms,
-                    "age_ms": round((now - due.created_at) * 1000, 1),
-                    "error": message,
-                }
-            },
-        )
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
