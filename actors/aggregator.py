@@ -54,6 +54,9 @@ from daemon.windows import (
 
 from .transformer import dead_letter
 
+EMIT_CHUNK = 256
+"""Most windows reduced and committed in one transaction."""
+
 
 @final
 class Aggregator:
@@ -101,7 +104,8 @@ class Aggregator:
             self._windows.expire(trio.current_time())
             closed = self._windows.take_closed()
             if closed:
-                await self._emit(closed)
+                for start in range(0, len(closed), EMIT_CHUNK):  # bounded transactions and memory
+                    await self._emit(closed[start : start + EMIT_CHUNK])
                 continue
             events = await store.call_until_committed(
                 partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)

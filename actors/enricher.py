@@ -208,8 +208,6 @@ class Enricher:
                 values = program.input_text(text).all()
                 parts[2 * slot + 1] = _segment(self._parts[2 * slot + 1], values)
         except (ValueError, UnicodeDecodeError) as exc:
-            if isinstance(exc, LookupFailed):
-                raise
             raise LookupFailed(f"enrich: jq: {' '.join(str(exc).split())}") from None
         return "".join(parts)
 

@@ -34,12 +34,13 @@ from typing import final
 from opentelemetry import trace
 
 from daemon import telemetry
-from daemon.auth import Auth, build_auth, credential_values, scrub, scrub_error, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
 from daemon.config import HttpSinkConfig
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.outbox import Due
 from daemon.store import Store
+from daemon.tokens import scrub
 
 from .guard import SinkGuard, current_url
 from .sink import Answer

@@ -28,6 +28,11 @@ Job mode (`job = {…}`):
     page — or `fail` holds, or `job.timeout` has passed since the submission (counted
     errors). A restart resumes watching the stored job instead of submitting again.
 
+Pause:
+    `ferry ctl pause NAME` stops polling after the cycle under way (a listing's pages so far are
+    committed; the next cycle goes on from there); `resume` polls at once. Kept in memory: a
+    restart resumes, a reload's replacement keeps the pause.
+
 Cancellation:
     `trio.Cancelled` is never caught. A cancelled commit still commits (see `daemon.store`);
     the next incarnation reads the state back from the store.
@@ -52,7 +57,7 @@ import trio
 from opentelemetry import trace
 
 from daemon import masking, metrics, telemetry
-from daemon.auth import Auth, build_auth, credential_values, scrub, ssl_context, with_query
+from daemon.auth import Auth, build_auth, credential_values, ssl_context, with_query
 from daemon.backoff import ceiling
 from daemon.config_poll import LinkPaging, PollSourceConfig
 from daemon.errors import DeliveryError, PollError
@@ -72,6 +77,7 @@ from daemon.poll_store import PollState, commit_pages, load_state, save_state
 from daemon.ratelimit import RateLimiter
 from daemon.store import Store
 from daemon.tap import TAPS, Record
+from daemon.tokens import scrub
 
 log = logging.getLogger("ferry.poller")
 PIPELINE = 8
@@ -126,6 +132,8 @@ class Poller:
             build_auth(config.auth, owner=f"sources.{name}", store=store) if config.auth is not None else None
         )
         self.status_name = "starting"
+        self._resumed: trio.Event | None = None  # set while paused; fired by `resume()`
+        self._wake = trio.Event()  # cuts the wait before the next cycle short (a resume)
         self.failures = 0
         self.last_error: str | None = None
         self.last_error_kind: str | None = None
@@ -194,6 +202,9 @@ class Poller:
         task_status.started()
         try:
             while True:
+                while self._resumed is not None:
+                    self.status_name, self.next_poll_at = "paused", None
+                    await self._resumed.wait()
                 self.status_name, self.next_poll_at = "polling", None
                 try:
                     await (self._cycle() if config.job is None else self._job_cycle())
@@ -206,13 +217,33 @@ class Poller:
                     delay = config.interval * (1 + self._rng() * config.jitter)
                 gauges[self.name] = self.failures
                 self.next_poll_at = time.time() + delay
-                await trio.sleep(delay)
+                self._wake = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
         finally:
             gauges.pop(self.name, None)
             with trio.CancelScope(shield=True):
                 await client.aclose()
                 if self._auth is not None:
                     await self._auth.aclose()
+
+    @property
+    def paused(self) -> bool:
+        return self._resumed is not None
+
+    def pause(self) -> None:
+        """Poll no more after the cycle under way (`ferry ctl pause`); kept in memory only."""
+        if self._resumed is None:
+            self._resumed = trio.Event()
+            log.info("poll source paused", extra={"fields": {"source": self.name}})
+
+    def resume(self) -> None:
+        """Poll again now (the wait for the next cycle is cut short)."""
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+            self._wake.set()
+            log.info("poll source resumed", extra={"fields": {"source": self.name}})
 
     def _failed(self, exc: PollError) -> float:
         """Count and log a failed cycle; the backoff before the next one."""

@@ -38,7 +38,8 @@ Admission (actors/guard.py):
     With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
     slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
     result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
-    probe is rescheduled whatever the attempt and age limits.
+    probe is rescheduled whatever the attempt and age limits. `stop()` and `pause()` release
+    the workers waiting there (their rows stay pending), so neither waits for a cool-down.
 
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
@@ -69,13 +70,12 @@ from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
+from .outcomes import log_final_outcomes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
-outcome_log = logging.getLogger("ferry.sink.outcome")
-"""Final outcomes, one line per delivery; `[telemetry] log_outcomes = "dead"` raises it to errors."""
 
 
 class Answer(NamedTuple):
@@ -154,6 +154,7 @@ class Sink:
     ) -> None:
         self.name = name
         self.guard = guard
+        self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
         self._store = store
         self._sender_factory = sender_factory
         self._retry = retry
@@ -188,6 +189,7 @@ class Sink:
         if self._resumed.is_set():
             self._resumed = trio.Event()
             self._signal.fire()
+            self._release_admitting()
 
     def resume(self) -> None:
         self._resumed.set()
@@ -196,6 +198,13 @@ class Sink:
         """Stop fetching; `run` returns once the workers have finished what they hold."""
         self._stopping.set()
         self._signal.fire()
+        self._release_admitting()
+
+    def _release_admitting(self) -> None:
+        """Workers waiting for admission (an open breaker, the rate limit) give up and hand back
+        their rows, unsent: stopping or pausing never waits for a breaker's cool-down."""
+        for scope in self._admitting:
+            scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
@@ -294,8 +303,9 @@ class Sink:
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
-                admission = await self.guard.admit() if self.guard is not None else None
-                if not self._resumed.is_set():  # paused: hand the rows back unsent
+                admission = await self._admit() if self.guard is not None else None
+                released = self.guard is not None and admission is None
+                if released or not self._resumed.is_set():  # stopping or paused: hand back unsent
                     if admission is not None:
                         admission.cancel()
                     self._settled.update(due.rowid for due in (*batch, *leftover))
@@ -315,6 +325,19 @@ class Sink:
                 finally:
                     if span.is_recording():  # cut short before `_attempt` ended it
                         span.end()
+
+    async def _admit(self) -> Admission | None:
+        """The guard's admission; None when `stop()` or `pause()` released the wait."""
+        assert self.guard is not None
+        if self._stopping.is_set() or not self._resumed.is_set():
+            return None
+        with trio.CancelScope() as scope:
+            self._admitting.add(scope)
+            try:
+                return await self.guard.admit()
+            finally:
+                self._admitting.discard(scope)
+        return None
 
     async def _attempt(
         self, sender: Sender, batch: list[Due], span: Span | None, admission: Admission | None = None
@@ -423,53 +446,6 @@ class Sink:
                     }
                 },
             )
-
-
-def log_final_outcomes(
-    sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
-) -> None:
-    """One log line per delivery that reached its final outcome: `delivered` (info) or dead (error).
-
-    Each carries the delivery and event ids, the status, the attempt count, the attempt's latency and
-    the time since the delivery was created; the receiver's answer or the error, already scrubbed.
-    """
-    if not (outcomes.dead or (outcomes.delivered and outcome_log.isEnabledFor(logging.INFO))):
-        return
-    rows = {due.rowid: due for due in batch}
-    now = time.time()
-    latency_ms = round(latency * 1000, 1)
-    for rowid, status in outcomes.delivered:
-        due = rows[rowid]
-        fields = {
-            "sink": sink,
-            "delivery_id": due.id,
-            "event_id": due.event_id,
-            "status": status,
-            "attempts": due.attempts + 1,
-            "latency_ms": latency_ms,
-            "age_ms": round((now - due.created_at) * 1000, 1),
-        }
-        if response is not None:
-            fields["response"] = response
-        if outcome_log.isEnabledFor(logging.INFO):
-            outcome_log.info("delivered", extra={"fields": fields})
-    for rowid, status, message in outcomes.dead:
-        due = rows[rowid]
-        outcome_log.error(
-            "delivery dead-lettered",
-            extra={
-                "fields": {
-                    "sink": sink,
-                    "delivery_id": due.id,
-                    "event_id": due.event_id,
-                    "status": status,
-                    "attempts": due.attempts + 1,
-                    "latency_ms": latency_ms,
-                    "age_ms": round((now - due.created_at) * 1000, 1),
-                    "error": message,
-                }
-            },
-        )
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

@@ -11,16 +11,21 @@ the load stopped (backlog) and how long it then took to catch up are the "keeps 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import trio
 
 from bench.context import Context
 from bench.harness import Ferry, post_load, write_config, wrk_script
-from bench.listener_bench import measure, serve_bare
-from bench.report import Row
+from bench.listener_bench import PATH, measure, serve_bare
+from bench.report import Row, render
 
 PACE_TARGET_S = 0.5  # backlog at the end of the load, in seconds of ingest
 DRAIN_LIMIT_S = 30.0
@@ -167,3 +172,116 @@ async def durable_ingest(ctx: Context) -> None:
             passed=all(r.exact for r in rounds) and states["pending"] == 0 and states["dead"] == 0,
         ),
     ]
+
+
+# -- verification cost: the same store-only daemon with `[sources.bench.verify]` off and on ---------
+
+VERIFY_SECRET = "whsec_bench-0123456789abcdef0123456789abcdef"
+VERIFY_VARIANTS = {
+    "off": "",
+    "stripe signature": 'verify = { scheme = "stripe", secrets = ["file:verify.secret"], replay = false }',
+    "stripe signature + replay": 'verify = { scheme = "stripe", secrets = ["file:verify.secret"] }',
+}
+POOL_SCRIPT = """
+-- `part` is a global: wrk's thread:set() gives each thread its own value of it
+local pool, threads, sent = {}, 0, 0
+part = 0
+function setup(thread)
+  thread:set("part", threads)
+  threads = threads + 1
+end
+function init(args)
+  local data = io.open("%(pool)s", "rb"):read("*a")
+  local start = 1
+  while true do
+    local stop = string.find(data, "\\0", start, true)
+    if stop == nil then break end
+    pool[#pool + 1] = string.sub(data, start, stop - 1)
+    start = stop + 1
+  end
+end
+function request()
+  sent = sent + 1
+  return pool[((sent - 1) * %(threads)d + part) %% #pool + 1]
+end
+"""
+
+
+def signed_pool(folder: Path, count: int, threads: int) -> Path:
+    """A wrk script sending `count` distinct Stripe-signed requests (each thread its own share).
+
+    Every request is unique (its body carries a serial number and is signed afresh), so replay
+    protection refuses none of them while the pool lasts; the pool is made per round.
+    """
+    pool = folder / f"pool-{time.monotonic_ns()}.bin"
+    stamp = int(time.time())
+    key = VERIFY_SECRET.encode()
+    with pool.open("wb") as out:
+        for serial in range(count):
+            body = b'{"id": %d, "first": "Ada", "last": "Lovelace", "email": "ada@example.com"}' % serial
+            signature = hmac.new(key, b"%d." % stamp + body, hashlib.sha256).hexdigest()
+            out.write(
+                b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Stripe-Signature: t=%d,v1=%s\r\nContent-Length: %d\r\n\r\n%s\0"
+                % (PATH.encode(), stamp, signature.encode(), len(body), body)
+            )
+    script = pool.with_suffix(".lua")
+    script.write_text(POOL_SCRIPT % {"pool": pool, "threads": threads})
+    return script
+
+
+async def verified_ingest(ctx: Context) -> None:
+    """Webhook -> store only, with verification off, signature only, and signature + replay check.
+
+    Same run, rounds alternating between the three daemons, the same signed requests for each
+    (a daemon without `verify` ignores the signature header); medians and ratios to "off".
+    """
+    daemons = {}
+    for index, (name, verify) in enumerate(VERIFY_VARIANTS.items()):
+        folder = ctx.tmp / f"verify-{index}"
+        config = write_config(folder, None)
+        (folder / "verify.secret").write_text(VERIFY_SECRET)
+        config.write_text(config.read_text() + verify + "\n")
+        daemons[name] = Ferry.start(folder, config, ctx.running)
+    pool_size = 12_000 * ctx.duration  # well above what one daemon answers in `duration` here
+    rates: dict[str, list[float]] = {name: [] for name in daemons}
+    for _ in range(ctx.rounds):
+        for name, ferry in daemons.items():
+            script = signed_pool(ctx.tmp, pool_size, threads=2)
+            before = ferry.accepted()
+            result = await post_load(ferry.url, script, duration=ctx.duration)
+            await trio.sleep(0.2)  # requests cut off by wrk's end may still commit
+            stored = ferry.accepted() - before
+            if result.non_2xx or result.socket_errors or stored < result.requests * 0.99:
+                ctx.anomalies.append(
+                    f"verified ingest ({name}): {result.non_2xx} non-2xx, socket errors "
+                    f"{result.socket_errors}, {stored} stored of {result.requests} requests"
+                )
+            rates[name].append(result.rps)
+        print("  round: " + ", ".join(f"{name} {rates[name][-1]:,.0f} req/s" for name in daemons), flush=True)
+    for ferry in daemons.values():
+        ferry.stop()
+    off = statistics.median(rates["off"])
+    ctx.details["verified_ingest"] = {"rates": rates}
+    ctx.rows.append(Row("webhook -> store, verification off (median)", off, "req/s"))
+    for name in list(daemons)[1:]:
+        value = statistics.median(rates[name])
+        ctx.rows.append(Row(f"  the same, verify = {name} (median)", value, "req/s", off, value / off))
+
+
+async def _verified_only(quick: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="ferry-bench-verify-") as folder:
+        ctx = Context(quick, Path(folder), None)  # type: ignore[arg-type]  # no sink, no receiver
+        try:
+            await verified_ingest(ctx)
+        finally:
+            for ferry in ctx.running:
+                ferry.stop()
+        print(render(ctx.rows))
+        for anomaly in ctx.anomalies:
+            print(f"ANOMALY: {anomaly}")
+
+
+if __name__ == "__main__":
+    # `python -m bench.ingest [--quick]`: only the verification cost comparison.
+    trio.run(_verified_only, "--quick" in sys.argv)

@@ -305,17 +305,17 @@ class Figures:
     rss_mib: float | None
 
 
-async def settle(receiver: Receiver, expected: int, quiet_s: float = 3.0, limit_s: float = 300) -> None:
-    """Until the receiver has `expected` items (counting since its last reset), or none came for `quiet_s`."""
+async def settle(receiver: Receiver, expected: int, limit_s: float = 300) -> None:
+    """Until the receiver has `expected` items and then nothing more for 1.5 s (requests cut off at
+    the end of a wrk run may still be on their way), or nothing at all for 5 s (a peer may lose some)."""
     with trio.move_on_after(limit_s):
         seen, since = -1, time.monotonic()
         while True:
             items = (await receiver.stats())["items"]
-            if items >= expected:
-                return
             if items != seen:
                 seen, since = items, time.monotonic()
-            elif time.monotonic() - since > quiet_s:
+            quiet = time.monotonic() - since
+            if quiet > 5.0 or (items >= expected and quiet > 1.5):
                 return
             await trio.sleep(0.1)
 
@@ -340,8 +340,7 @@ async def measure(
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = int(non_2xx.group(1)) if non_2xx else 0
-    # What the ingest load acknowledged must be delivered before the end-to-end count starts
-    # (a peer may lose some: stop waiting once nothing has arrived for 3 s).
+    # What the ingest load acknowledged must be delivered before the end-to-end count starts.
     ingested = int(re.search(r"(\d+) requests in", output).group(1)) - errors  # type: ignore[union-attr]
     await settle(ctx.receiver, ingested)
     await ctx.receiver.reset()
@@ -355,7 +354,7 @@ async def measure(
         _latency_ms(output, "50"),
         _latency_ms(output, "99"),
         errors,
-        stats["items"] / max(last - started, 1e-3),
+        min(stats["items"], acked) / max(last - started, 1e-3),
         acked,
         stats["items"],
         rss(),

@@ -16,10 +16,9 @@ from pathlib import Path
 import msgspec
 import trio
 
-from . import masking, secrets
+from . import masking
 from .config import LoadedConfig, json_schema, load
 from .errors import ConfigError, FerryError
-from .masking import Redactor, sink_secrets
 from .telemetry import setup_logging
 
 log = logging.getLogger("ferry.cli")
@@ -67,7 +66,7 @@ def _run(path: str, level: str | None) -> int:
     if loaded is None:
         return 2
     config = loaded.config
-    redactor = Redactor.build(config.telemetry.mask, [*sink_secrets(config.sinks), *secrets.values(config)])
+    redactor = masking.config_redactor(config)
     masking.install(redactor)
     setup_logging(level or config.telemetry.log_level, redactor)
     if config.telemetry.log_outcomes == "dead":

@@ -57,7 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import confirmations, metrics, ops, outbox
+from . import confirmations, masking, metrics, ops, outbox
 from .alerts import AlertView
 from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
 from .control import (
@@ -82,7 +82,7 @@ from .control import (
     TapRequest,
 )
 from .errors import StoreUnavailable
-from .masking import Redactor, decode_payload, sink_secrets
+from .masking import Redactor, config_redactor, decode_payload
 from .ops import AuditRow, DeadFilter, DeadLetter
 from .poll import PollStatus
 from .ratelimit import RateLimitStatus
@@ -287,7 +287,7 @@ class Commands:
         """Masking rules and secrets of the current config (rebuilt after a reload)."""
         config = self._config
         if self._redactor_of is not config:
-            self._redactor_cache = Redactor.build(config.telemetry.mask, sink_secrets(config.sinks))
+            self._redactor_cache = config_redactor(config, keep=masking.current())
             self._redactor_of = config
         return self._redactor_cache
 
@@ -465,7 +465,8 @@ class Commands:
     def _paused(self) -> list[str]:
         running = self._running
         sinks = [name for name in self._config.sinks if name in running.actors and self._sink(name).paused]
-        return sorted(running.pauses.sources) + sinks
+        polls = [name for name in self._config.sources if name in running.actors and self._sink(name).paused]
+        return sorted([*running.pauses.sources, *polls]) + sinks
 
     def _sink(self, name: str) -> Pausable:
         sink: Pausable = self._running.actors[name]
@@ -553,6 +554,14 @@ class Commands:
     def _pause(self, name: str, *, pause: bool) -> PauseResult:
         config = self._config
         if name in config.sources:
+            if name in self._running.actors:  # a poll source: its poller holds the pause
+                poller = self._sink(name)
+                changed = poller.paused != pause
+                if pause:
+                    poller.pause()
+                else:
+                    poller.resume()
+                return PauseResult(name, "source", pause, changed)
             if not isinstance(config.sources[name], WebhookSourceConfig):
                 raise CommandError(f"source {name!r} cannot be paused")
             sources = self._running.pauses.sources

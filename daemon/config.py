@@ -232,9 +232,9 @@ class TelemetryConfig(Section, frozen=True):
     log_outcomes: Annotated[
         Literal["all", "dead"],
         Meta(
-            description="`all`: one log line per delivery's final outcome (`delivered` at info, "
-            "`delivery dead-lettered` at error). `dead`: dead letters only; each line costs ~15 us, "
-            "which matters to batching sinks past ~10k deliveries/s (transforms.md#confirmation)."
+            description="`all`: one log line per final outcome (`delivered` at info, "
+            "`delivery dead-lettered` at error): per delivery, or per batch request naming its "
+            "deliveries. `dead`: dead letters only (transforms.md#confirmation-and-logging)."
         ),
     ] = "all"
     mask: Annotated[
@@ -662,6 +662,11 @@ def _semantic_errors(config: Config) -> Iterator[str]:
         yield from check_transform(name, transform, {sink: s.inputs for sink, s in config.sinks.items()})
         if transform.enrich is not None:
             yield from check_enrich(f"$.transforms.{name}", transform.enrich, config.rate_limits)
+            if transform.aggregate is not None:
+                yield (
+                    f"$.transforms.{name}.enrich: not with `aggregate` in the same transform "
+                    "(enrich in a transform that feeds the aggregating one)"
+                )
     for name, sink in config.sinks.items():
         if sink.retry.initial_backoff > sink.retry.max_backoff:
             yield f"$.sinks.{name}.retry.initial_backoff: larger than max_backoff"

@@ -201,7 +201,8 @@ def poll_errors(name: str, source: PollSourceConfig) -> Iterator[str]:
             try:
                 jq.compile(program)
             except ValueError as exc:
-                yield f"{where}.{key}: invalid jq program: {exc}"
+                message = " ".join(str(exc).replace("jq: error: ", "").split())
+                yield f"{where}.{key}: invalid jq program: {message}"
     if source.body is not None:
         try:
             json.loads(source.body)

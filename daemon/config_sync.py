@@ -48,6 +48,15 @@ class OrderingConfig(Section, frozen=True):
             "(timestamps with a zone, compared as instants to the microsecond), `string` (code points)."
         ),
     ] = "number"
+    coalesce: Annotated[
+        bool,
+        Meta(
+            description="Send only the newest pending version of a key: older ones not yet sent end "
+            "`stale` (superseded) instead of going out first. Saves requests (and quota) when a record "
+            "changes faster than it is delivered; if that newest one is then dead-lettered, the "
+            "destination keeps the version it had."
+        ),
+    ] = False
 
 
 class LookupRetryConfig(Section, frozen=True):

@@ -63,8 +63,8 @@ class HmacVerify(Section, frozen=True, tag="hmac", tag_field="scheme"):
     id_header: Annotated[
         _HEADER | None,
         Meta(
-            description="Header with the sender's message id; with `replay`, the id (not the signature) "
-            "is remembered."
+            description="Header with the sender's message id, signed as `{id}`; with `replay`, the id "
+            "(not the whole signed content) is remembered."
         ),
     ] = None
     tolerance: Tolerance = default(Duration(300))
@@ -234,6 +234,11 @@ def verify_errors(path: str, verify: VerifyConfig) -> Iterator[str]:
             yield f"{path}.signed: uses {{timestamp}} but timestamp_header is not set"
         if "id" in fields and verify.id_header is None:
             yield f"{path}.signed: uses {{id}} but id_header is not set"
+        # an unsigned timestamp or id could be changed at will: checking it would protect nothing
+        if verify.timestamp_header is not None and "timestamp" not in fields and not unknown:
+            yield f"{path}.timestamp_header: set, but `signed` does not include {{timestamp}}"
+        if verify.id_header is not None and "id" not in fields and not unknown:
+            yield f"{path}.id_header: set, but `signed` does not include {{id}}"
     if isinstance(verify, JwtVerify):
         if not verify.keys and verify.jwks_file is None:
             yield f"{path}: give keys or jwks_file"

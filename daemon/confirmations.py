@@ -23,14 +23,14 @@ from typing import Any
 import msgspec
 
 from .at_rest import opened
-from .schema import DEAD, DELIVERED, PENDING
+from .schema import PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
 _ROOT_ID = re.compile(r"^([0-9a-f]{11})[0-9a-f]{16}")
 CLOCK_SLACK = 5.0
 """Seconds the lookup starts before the id's time: clock steps may reorder `received_at` slightly."""
 MAX_EVENTS = 1000
-_STATES = {PENDING: "pending", DELIVERED: "delivered", DEAD: "dead"}
+_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.ordering)
 
 
 class DeliveryOutcome(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,6 +14,8 @@ Staleness:
     version is *lower* (an out-of-order or replayed webhook) is never sent: it ends in state
     `stale` with the reason, counted in `ferry ctl stats` and in `ferry.deliveries{outcome=stale}`.
     An equal version is delivered again (a replay of the same data overwrites nothing newer).
+    With `coalesce`, a head not yet handed out is also dropped as stale when a newer version of
+    its key is pending (superseded): only the newest pending version is sent.
 
 Bad input:
     A delivery whose key or version cannot be read (jq error, null key, a version that does
@@ -180,7 +182,8 @@ class Ordering:
 
         Keys rows seen for the first time, dead-letters those that cannot be keyed and marks
         stale those older than their key's delivered version, re-reading until the window is
-        settled (at most `MAX_PASSES` rounds; `more` says to come back at once).
+        settled. After `MAX_PASSES` rounds it returns nothing and `more`: the sink comes back at
+        once, and only rows checked in the round that returns them are ever sent.
         """
         stale = dead = 0
         for _ in range(MAX_PASSES):
@@ -191,12 +194,13 @@ class Ordering:
                 continue
             heads = [due for due, _ in rows]
             marked = _mark_stale(conn, stage, [due.rowid for due in heads])
+            if self.config.coalesce:
+                marked += _mark_superseded(conn, stage, [due.rowid for due in heads])
             if marked:
                 stale += marked
                 continue
             return Fetched(_claim(conn, heads), False, stale, dead)
-        heads = [due for due, unkeyed in _candidates(conn, stage, now, limit) if not unkeyed]
-        return Fetched(_claim(conn, heads), True, stale, dead)
+        return Fetched([], True, stale, dead)  # not settled yet: nothing unchecked goes out
 
     def _key_rows(self, conn: Connection, rows: list[Due]) -> int:
         """Store key and version of first-seen rows; dead-letter those without. Returns the dead."""
@@ -266,6 +270,26 @@ def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tu
         )
         for rowid, id_, attempts, created_at, payload, trace, event_id, unkeyed in _rows(text)
     ]
+
+
+def _mark_superseded(conn: Connection, stage: str, heads: list[int]) -> int:
+    """With `coalesce`: mark stale every pending row of the heads' keys, not yet handed out, that
+    a newer pending version of its key supersedes."""
+    newest = (
+        "(SELECT max(o.order_version) FROM deliveries o WHERE o.stage = deliveries.stage AND o.state = 0 "
+        "AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key)"
+    )
+    marked = 0
+    for start in range(0, len(heads), 500):
+        chunk = heads[start : start + 500]
+        marked += conn.execute(
+            f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: superseded by "
+            f"version ' || {newest} || ', pending' WHERE stage = ? AND state = 0 AND order_claimed IS NULL "
+            "AND order_key IN (SELECT order_key FROM deliveries "
+            f"WHERE rowid IN ({','.join('?' * len(chunk))})) AND order_version < {newest}",
+            [time.time(), stage, *chunk],
+        ).rowcount
+    return marked
 
 
 def _claim(conn: Connection, heads: list[Due]) -> list[Due]:

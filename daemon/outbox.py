@@ -124,9 +124,11 @@ def insert_events(
     (earlier, or earlier in this same call) stores nothing and returns the
     original event's id.
 
-    An event whose `replay` key is remembered for its stream (earlier and not yet past its
-    `until`, or earlier in this same call) stores nothing and returns `("", True)`; otherwise
-    its key is remembered, in this same transaction, so a failed commit forgets it too.
+    Otherwise, an event whose `replay` key is remembered for its stream (earlier and not yet
+    past its `until`, or earlier in this same call) stores nothing and returns `("", True)`;
+    a stored event's key is remembered in this same transaction, so a failed commit forgets it
+    too. (The idempotency key is looked at first: a sender's retry that carries it is answered
+    as a duplicate, while a replay under a changed idempotency key is still caught.)
     """
     now = time.time()
     seq = last_seq(conn)
@@ -137,9 +139,6 @@ def insert_events(
     replays: dict[tuple[str, str], float] = {}
     cipher = cipher_of(conn)
     for stream, payload, trace, sinks, dedup_key, replay in incoming:
-        if replay is not None and _replayed(conn, stream, replay[0], now, replays):
-            results.append(("", True))
-            continue
         if dedup_key is not None:
             original = keys.get((stream, dedup_key))
             if original is None:
@@ -151,6 +150,9 @@ def insert_events(
             if original is not None:
                 results.append((original, True))
                 continue
+        if replay is not None and _replayed(conn, stream, replay[0], now, replays):
+            results.append(("", True))
+            continue
         seq += 1
         event_id = new_event_id(now)
         stored = payload if cipher is None else cipher.seal(payload)

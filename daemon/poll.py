@@ -107,7 +107,7 @@ def first_url(config: PollSourceConfig, since: str | None) -> str:
 class PollStatus(msgspec.Struct, frozen=True):
     """A poll source as `ferry ctl status` shows it."""
 
-    state: str  # starting | polling | job | waiting | backoff
+    state: str  # starting | polling | job | waiting | backoff | paused
     mark: str | None  # the high-water mark of the last complete listing
     listing: bool  # a listing is in progress (resumes at its next page)
     job: bool  # a submitted job is being watched

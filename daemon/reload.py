@@ -67,6 +67,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
+from . import masking
 from .alert_expr import flatten
 from .config import (
     Config,
@@ -80,6 +81,7 @@ from .config_poll import PollSourceConfig
 from .errors import ConfigError
 from .registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
 from .supervisor import Actor
+from .telemetry import use_redactor
 from .tls_server import server_context
 from .verify import build as build_verifier
 
@@ -340,6 +342,9 @@ async def _reload(running: Running) -> ReloadResult:
         name: poller(new, name, running)
         for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
     }
+    for name, source in polls.items():
+        if getattr(running.actors.get(name), "paused", False):
+            source.pause()  # an operator's hold outlives a reload, as a sink's does
     for name, sink in sinks.items():
         previous = running.actors.get(name)
         if previous is not None and previous.paused:
@@ -350,6 +355,9 @@ async def _reload(running: Running) -> ReloadResult:
     running.batcher.rewire(sinks=sink_map, consumers=consumers)
     running.listener.reroute(new_routes)
     running.listener.retls(tls)
+    redactor = masking.config_redactor(new, keep=masking.current())  # secrets just read: hidden too
+    masking.install(redactor)
+    use_redactor(redactor)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:
         running.actors.pop(name, None)

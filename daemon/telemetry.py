@@ -463,6 +463,13 @@ class _OncePerInterval(logging.Filter):
         return True
 
 
+def use_redactor(redactor: Redactor) -> None:
+    """Scrub `redactor`'s secrets from every `ferry.*` line from now on (a reload read new ones)."""
+    for handler in logging.getLogger("ferry").handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(JsonFormatter(redactor))
+
+
 def setup_logging(level: str = "info", redactor: Redactor | None = None) -> None:
     """Send every `ferry.*` log record (and the OTel SDK's warnings) to stderr as JSON lines.
 

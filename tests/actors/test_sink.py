@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from actors.guard import SinkGuard
 from actors.sink import Sink, judge
 from daemon import outbox
 from daemon.config import BatchConfig, RetryConfig
+from daemon.config_limits import BreakerConfig
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.outbox import Due
 from daemon.schema import DEAD, DELIVERED, PENDING
@@ -343,3 +346,37 @@ async def test_stop_makes_run_return(store: Store) -> None:
         # The nursery closed by itself: run() returned without being cancelled.
         assert not nursery.cancel_scope.cancel_called
     assert sender.closed
+
+
+async def open_breaker_sink(store: Store) -> tuple[Sink, SinkGuard, FakeSender]:
+    """A sink whose only URL's breaker opens on the first failure and stays open for an hour."""
+    breaker = BreakerConfig(failures=1, cool_down=Duration(3600))
+    guard = SinkGuard("crm", ["http://crm.test/in"], concurrency=2, breaker=breaker)
+    sender = FakeSender({"first": [RetryableDelivery("HTTP 503", status=503)]})
+    return make(store, sender, concurrency=2, guard=guard), guard, sender
+
+
+@pytest.mark.parametrize("release", ["stop", "pause"])
+async def test_stop_and_pause_do_not_wait_for_an_open_breaker(store: Store, release: str) -> None:
+    """Workers waiting for admission give their rows back: nothing sent, no attempt counted."""
+    sink, guard, sender = await open_breaker_sink(store)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            await ingest(store, "first")
+            await until(store, lambda found: found.get("first", (0, 0))[1] == 1)
+            assert guard.status().endpoints[0].state == "open"
+            await ingest(store, "a", "b", "c")
+            with trio.fail_after(2):
+                while guard.status().in_flight < 2:  # both workers wait for admission
+                    await trio.sleep(0.005)
+            if release == "pause":
+                sink.pause()
+                await trio.testing.wait_all_tasks_blocked()
+                assert guard.status().in_flight == 0, "paused workers left the admission queue"
+            sink.stop()
+        assert not nursery.cancel_scope.cancel_called, "run() returned by itself"
+    found = await store.call(rows)
+    assert [found[name][0:2] for name in "abc"] == [(PENDING, 0)] * 3
+    assert sender.sends_of("a") + sender.sends_of("b") + sender.sends_of("c") == 0
+    assert guard.status().in_flight == 0

@@ -342,6 +342,15 @@ async def test_a_replayed_request_is_401_and_stored_once(
     assert rejected() == [(scheme.name, "replayed")]
 
 
+async def test_a_senders_retry_with_its_idempotency_key_is_a_duplicate_not_a_replay(harness: Harness) -> None:
+    request = standard(WHSEC_NEW)
+    first = await harness.post("standard", request, **{"Idempotency-Key": "delivery-1"})
+    retry = await harness.post("standard", request, **{"Idempotency-Key": "delivery-1"})
+    assert first.status_code == 202
+    assert (retry.status_code, retry.json()) == (200, {"id": first.json()["id"], "duplicate": True})
+    assert await harness.stored() == 1
+
+
 async def test_concurrent_copies_of_one_request_store_it_once(harness: Harness) -> None:
     request = stripe_(NEW)
     answers: list[int] = []

@@ -145,3 +145,19 @@ async def test_a_plain_store_turned_encrypted_keeps_reading_its_old_rows(tmp_pat
     events, _ = await _write_and_read(path, Cipher(KEY_A))
     assert events == [PAYLOAD] * 2
     assert at_rest.cipher_of(sqlite3.connect(":memory:")) is None
+
+
+def test_a_malformed_store_key_is_a_config_error_naming_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daemon import config as cfg
+    from daemon.errors import ConfigError
+
+    monkeypatch.setenv("FERRY_TEST_STORE_KEY", "too-short-to-be-a-key")
+    with pytest.raises(ConfigError) as caught:
+        cfg.parse('[store.encryption]\nkey = "env:FERRY_TEST_STORE_KEY"\n')
+    (problem,) = caught.value.problems
+    assert problem.startswith("$.store.encryption: key env:FERRY_TEST_STORE_KEY: expected a 256-bit key")
+    assert "too-short" not in problem
+    monkeypatch.setenv("FERRY_TEST_STORE_KEY", KEY_A.hex())
+    assert cfg.parse('[store.encryption]\nkey = "env:FERRY_TEST_STORE_KEY"\n').store.encryption is not None

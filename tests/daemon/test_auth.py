@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from daemon import config as cfg
-from daemon.auth import Auth, build_auth, make_token, with_query
+from daemon.auth import Auth, build_auth, with_query
 from daemon.config_auth import AuthConfig
 from daemon.errors import ConfigError, RetryableDelivery
 from daemon.store import Store
+from daemon.tokens import make_token
 from daemon.units import dec_hook
 from tests.fake_oauth import TokenServer
 

@@ -93,6 +93,10 @@ def test_bad_ordering_names_its_path(ordering: str, expected: str) -> None:
             "$.transforms.contact.enrich.retry.initial_backoff: larger than max_backoff",
         ),
         ('enrich = { url = "http://x/", merge = ".", colour = "red" }', "$.transforms.contact.enrich.colour"),
+        (
+            'enrich = { url = "http://x/", merge = "." }\naggregate = { key = ".a", max_events = 2 }',
+            "$.transforms.contact.enrich: not with `aggregate` in the same transform",
+        ),
     ],
 )
 def test_bad_enrich_names_its_path(enrich: str, expected: str) -> None:

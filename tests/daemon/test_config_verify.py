@@ -44,6 +44,14 @@ def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
             "$.sources.hook.verify.signed: uses {timestamp} but timestamp_header is not set",
         ),
         (
+            '{ scheme = "hmac", secrets = ["env:HOOK_SECRET"], header = "X-Sig", timestamp_header = "X-T" }',
+            "$.sources.hook.verify.timestamp_header: set, but `signed` does not include {timestamp}",
+        ),
+        (
+            '{ scheme = "hmac", secrets = ["env:HOOK_SECRET"], header = "X-Sig", id_header = "X-Id" }',
+            "$.sources.hook.verify.id_header: set, but `signed` does not include {id}",
+        ),
+        (
             '{ scheme = "hmac", secrets = ["env:HOOK_SECRET"], header = "X-Sig", signed = "{body" }',
             "$.sources.hook.verify.signed: invalid template: ",
         ),

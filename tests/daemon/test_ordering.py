@@ -318,3 +318,54 @@ def test_encrypted_payloads_are_keyed_and_sent_opened(tmp_path: Path) -> None:
     (stored,) = sealed.execute("SELECT DISTINCT substr(CAST(payload AS TEXT), 1, 5) FROM events").fetchone()
     assert stored == "!fe1."
     sealed.close()
+
+
+def coalescing() -> Ordering:
+    return Ordering(OrderingConfig(key=".email", version=".v", coalesce=True))
+
+
+def test_coalescing_sends_only_the_newest_pending_version(conn: Connection) -> None:
+    order = coalescing()
+    for v in (1, 4, 2, 3):
+        add(conn, "a", v)
+    add(conn, "b", 1)
+
+    fetched = order.due(conn, "crm", time.time() + 1, 100)
+
+    assert sorted((json.loads(d.payload)["email"], json.loads(d.payload)["v"]) for d in fetched.rows) == [
+        ("a", 4),
+        ("b", 1),
+    ]
+    assert fetched.stale == 3
+    assert [row[2] for row in states(conn) if row[1] == STALE] == [
+        "stale: superseded by version 4.0, pending"
+    ] * 3
+
+
+def test_coalescing_never_drops_a_head_already_handed_out(conn: Connection) -> None:
+    order = coalescing()
+    add(conn, "a", 1)
+    (one,) = due_rows(conn, order)
+    add(conn, "a", 2)
+    add(conn, "a", 3)
+
+    assert fetch(conn, order) == [("a", 1)], "1 is out: it stays the head"
+    deliver(conn, order, [one])
+    assert fetch(conn, order) == [("a", 3)]
+    assert [row[0] for row in states(conn) if row[1] == STALE] == ["a:2"]
+
+
+def test_an_unsettled_window_returns_nothing_unchecked_and_asks_to_come_back(conn: Connection) -> None:
+    order = ordering()
+    for email in ("a", "b", "c"):
+        add(conn, email, 5)
+    deliver(conn, order, order.due(conn, "crm", time.time() + 1, 100).rows)
+    for email in ("a", "b", "c"):
+        add(conn, email, 3)  # stale, one round each to key and to mark with a window of one
+    add(conn, "d", 1)
+
+    first = order.due(conn, "crm", time.time() + 1, 1)
+    assert (first.rows, first.more) == ([], True)
+    second = order.due(conn, "crm", time.time() + 1, 1)
+    assert [json.loads(due.payload) for due in second.rows] == [{"email": "d", "v": 1}]
+    assert first.stale + second.stale == 3

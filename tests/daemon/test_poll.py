@@ -246,3 +246,46 @@ def test_a_key_is_forgotten_only_dedup_window_after_it_was_last_seen(conn: sqlit
     assert seen > time.time() - 5  # refreshed by the repeat
     conn.execute("UPDATE dedup SET created_at = ?", (time.time() - 61,))
     assert len(commit_page(conn, "api", ["1"], [b"a"], [], PollState(), dedup_window=60).events) == 1
+
+
+def test_a_bad_poll_source_is_refused_with_every_problem_and_its_path() -> None:
+    from daemon.config import parse
+    from daemon.errors import ConfigError
+
+    text = """
+[sources.api]
+type = "poll"
+url = "http://x/items"
+key = ".id |"
+body = "{"
+job = { until = ".done" }
+pagination = { style = "link" }
+since = { field = ".t", param = "s", initial = "yesterday" }
+initial_backoff = "10m"
+max_backoff = "1m"
+rate_limit = "nope"
+
+[sources.other]
+type = "poll"
+url = "http://x"
+key = ".id"
+pagination = { style = "sideways" }
+"""
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    problems = "\n".join(info.value.problems)
+    assert "$.sources.other.pagination.style: Invalid value 'sideways'" in problems
+    with pytest.raises(ConfigError) as info:
+        parse(text.split("[sources.other]", maxsplit=1)[0])
+    problems = "\n".join(info.value.problems)
+    for expected in [
+        "$.sources.api.key: invalid jq program: syntax error",
+        "$.sources.api.body: not JSON",
+        '$.sources.api.body: a body needs method = "POST"',
+        "$.sources.api.pagination: not with `job`",
+        "$.sources.api.since: not with `job`",
+        "$.sources.api.since.initial: not a rfc3339 value",
+        "$.sources.api.initial_backoff: larger than max_backoff",
+        "$.sources.api.rate_limit: unknown rate limit 'nope'",
+    ]:
+        assert expected in problems, problems

@@ -200,3 +200,24 @@ def test_a_missing_file_and_a_bad_config_exit_2(tmp_path: Path, config: Path) ->
     done = ferry_test(tmp_path, str(tmp_path / "ok.toml"))
     assert done.returncode == 2
     assert "$.transforms.broken.map: invalid jq program" in done.stderr
+
+
+def test_the_case_studys_mappings_pass() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "test",
+            "-c",
+            "examples/crm-sync/ferry.toml",
+            "examples/crm-sync/transforms.test.toml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.endswith("2 passed, 0 failed\n")

@@ -247,6 +247,18 @@ def test_reload_starts_replaces_and_stops_a_poller(tmp_path: Path, sock_dir: Pat
         actors = {a["name"]: a for a in ctl_json(config, "status")["actors"]}
         assert actors["poll.items"]["state"] == "running"
 
+        # A pause holds the source (after its cycle), outlives a reload, and a resume polls at once.
+        assert ctl(config, "pause", "items").returncode == 0
+        wait(lambda: ctl_json(config, "status")["polls"]["items"]["state"] == "paused", "the pause")
+        api.add(5)
+        reload_to(POLL.format(url=api.url, interval="60s"), '"hook", "items"')
+        status = ctl_json(config, "status")
+        assert status["polls"]["items"]["state"] == "paused"
+        assert "items" in status["paused"]
+        assert len(stored_ids(db)) == 160
+        assert ctl(config, "resume", "items").returncode == 0
+        wait(lambda: len(stored_ids(db)) == 165, "the records added while paused, at once", timeout=10)
+
         removed = reload_to("", '"hook"')
         assert "removed  sources.items" in removed
         after = len(api.snapshot())
@@ -255,4 +267,4 @@ def test_reload_starts_replaces_and_stops_a_poller(tmp_path: Path, sock_dir: Pat
         assert len(api.snapshot()) == after
     finally:
         daemon.stop()
-    assert sorted(stored_ids(db)) == list(range(1, 161))
+    assert sorted(stored_ids(db)) == list(range(1, 166))

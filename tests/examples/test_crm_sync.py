@@ -61,7 +61,20 @@ def test_the_fake_hubspot_validates_batches_and_enforces_its_quota() -> None:
 
 def test_a_short_scenario_ends_fully_consistent(tmp_path: Path) -> None:
     figures_path = tmp_path / "figures.json"
-    args = ["--contacts", "30", "--rate", "40", "--warmup", "1", "--burst", "40", "--storm", "1.5"]
+    args = [
+        "--contacts",
+        "30",
+        "--rate",
+        "40",
+        "--warmup",
+        "1",
+        "--burst",
+        "40",
+        "--settle",
+        "1",
+        "--storm",
+        "1.5",
+    ]
     args += ["--outage", "3", "--cooldown", "1", "--retry-cap", "1s", "--json", str(figures_path)]
     done = subprocess.run(
         [sys.executable, str(EXAMPLE / "scenario.py"), *args],
@@ -75,6 +88,7 @@ def test_a_short_scenario_ends_fully_consistent(tmp_path: Path) -> None:
     for name in ("hubspot", "custom_crm"):
         assert figures["consistency"][name]["consistency_pct"] == 100.0
         assert figures["latency"][name]["never_synced"] == 0
+        assert figures["latency"][name]["steady"]["sends"] > 0
         assert figures["ferry_stats"][name].get("stale", 0) > 0, "out-of-order updates were dropped as stale"
     assert figures["errors"]["valid_dead_lettered"] == 0
     assert figures["errors"]["invalid_dead_lettered"] == 5
