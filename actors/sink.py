@@ -70,7 +70,7 @@ from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
-from .outcomes import log_final_outcomes
+from .outcomes import IDS_PER_LINE, log_final_outcomes, outcome_log
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -263,23 +263,29 @@ class Sink:
                 await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
-        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable."""
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable.
+
+        Final outcomes, so they go to `ferry.sink.outcome` like the others: every id in a line.
+        """
         meter = metrics.current()
         self.stale += fetched.stale
         self.dead += fetched.dead
         if fetched.stale:
             meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
-            log.info(
-                "deliveries dropped as stale",
-                extra={"fields": {"sink": self.name, "deliveries": fetched.stale}},
-            )
+            for start in range(0, fetched.stale, IDS_PER_LINE):
+                ids = fetched.stale_ids[start : start + IDS_PER_LINE]
+                outcome_log.info(
+                    "deliveries dropped as stale",
+                    extra={"fields": {"sink": self.name, "deliveries": len(ids), "delivery_ids": ids}},
+                )
         if fetched.dead:
             meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
             meter.dead_letters.add(fetched.dead, {"stage": self.name})
-            log.error(
-                "deliveries dead-lettered: no ordering key or version",
-                extra={"fields": {"sink": self.name, "deliveries": fetched.dead}},
-            )
+            for delivery_id, reason in fetched.dead_letters:
+                outcome_log.error(
+                    "delivery dead-lettered",
+                    extra={"fields": {"sink": self.name, "delivery_id": delivery_id, "error": reason}},
+                )
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
