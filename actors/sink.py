@@ -70,13 +70,12 @@ from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
+from .outcomes import IDS_PER_LINE, log_final_outcomes, outcome_log
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 log = logging.getLogger("ferry.sink")
-outcome_log = logging.getLogger("ferry.sink.outcome")
-"""Final outcomes, one line per delivery; `[telemetry] log_outcomes = "dead"` raises it to errors."""
 
 
 class Answer(NamedTuple):
@@ -264,23 +263,29 @@ class Sink:
                 await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
-        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable."""
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable.
+
+        Final outcomes, so they go to `ferry.sink.outcome` like the others: every id in a line.
+        """
         meter = metrics.current()
         self.stale += fetched.stale
         self.dead += fetched.dead
         if fetched.stale:
             meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
-            log.info(
-                "deliveries dropped as stale",
-                extra={"fields": {"sink": self.name, "deliveries": fetched.stale}},
-            )
+            for start in range(0, fetched.stale, IDS_PER_LINE):
+                ids = fetched.stale_ids[start : start + IDS_PER_LINE]
+                outcome_log.info(
+                    "deliveries dropped as stale",
+                    extra={"fields": {"sink": self.name, "deliveries": len(ids), "delivery_ids": ids}},
+                )
         if fetched.dead:
             meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
             meter.dead_letters.add(fetched.dead, {"stage": self.name})
-            log.error(
-                "deliveries dead-lettered: no ordering key or version",
-                extra={"fields": {"sink": self.name, "deliveries": fetched.dead}},
-            )
+            for delivery_id, reason in fetched.dead_letters:
+                outcome_log.error(
+                    "delivery dead-lettered",
+                    extra={"fields": {"sink": self.name, "delivery_id": delivery_id, "error": reason}},
+                )
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -447,53 +452,6 @@ class Sink:
                     }
                 },
             )
-
-
-def log_final_outcomes(
-    sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
-) -> None:
-    """One log line per delivery that reached its final outcome: `delivered` (info) or dead (error).
-
-    Each carries the delivery and event ids, the status, the attempt count, the attempt's latency and
-    the time since the delivery was created; the receiver's answer or the error, already scrubbed.
-    """
-    if not (outcomes.dead or (outcomes.delivered and outcome_log.isEnabledFor(logging.INFO))):
-        return
-    rows = {due.rowid: due for due in batch}
-    now = time.time()
-    latency_ms = round(latency * 1000, 1)
-    for rowid, status in outcomes.delivered:
-        due = rows[rowid]
-        fields = {
-            "sink": sink,
-            "delivery_id": due.id,
-            "event_id": due.event_id,
-            "status": status,
-            "attempts": due.attempts + 1,
-            "latency_ms": latency_ms,
-            "age_ms": round((now - due.created_at) * 1000, 1),
-        }
-        if response is not None:
-            fields["response"] = response
-        if outcome_log.isEnabledFor(logging.INFO):
-            outcome_log.info("delivered", extra={"fields": fields})
-    for rowid, status, message in outcomes.dead:
-        due = rows[rowid]
-        outcome_log.error(
-            "delivery dead-lettered",
-            extra={
-                "fields": {
-                    "sink": sink,
-                    "delivery_id": due.id,
-                    "event_id": due.event_id,
-                    "status": status,
-                    "attempts": due.attempts + 1,
-                    "latency_ms": latency_ms,
-                    "age_ms": round((now - due.created_at) * 1000, 1),
-                    "error": message,
-                }
-            },
-        )
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

@@ -34,11 +34,12 @@ import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
-
-from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricsData, Sum
+from typing import TYPE_CHECKING, Any, Final
 
 from .units import Duration
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricsData
 
 __all__ = ["Expr", "ExprError", "HistPoint", "Reading", "Snapshot", "Tracker", "flatten", "parse_expr"]
 
@@ -91,6 +92,9 @@ Snapshot = Mapping[str, list[tuple[Attributes, Reading]]]
 
 def flatten(data: MetricsData | None) -> dict[str, list[tuple[Attributes, Reading]]]:
     """The SDK's collected metrics as a `Snapshot` (cumulative sums, last gauge values)."""
+    # imported here: the config (and so `ferry ctl`) parses expressions without loading the SDK
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
     snapshot: dict[str, list[tuple[Attributes, Reading]]] = {}
     if data is None:
         return snapshot

@@ -232,9 +232,9 @@ class TelemetryConfig(Section, frozen=True):
     log_outcomes: Annotated[
         Literal["all", "dead"],
         Meta(
-            description="`all`: one log line per delivery's final outcome (`delivered` at info, "
-            "`delivery dead-lettered` at error). `dead`: dead letters only; each line costs ~15 us, "
-            "which matters to batching sinks past ~10k deliveries/s (transforms.md#confirmation)."
+            description="`all`: one log line per final outcome (`delivered` at info, "
+            "`delivery dead-lettered` at error): per delivery, or per batch request naming its "
+            "deliveries. `dead`: dead letters only (transforms.md#confirmation-and-logging)."
         ),
     ] = "all"
     mask: Annotated[

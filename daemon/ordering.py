@@ -115,8 +115,16 @@ class Fetched(NamedTuple):
 
     rows: list[Due]
     more: bool  # rows were left unkeyed or unsettled: fetch again at once
-    stale: int
-    dead: int
+    stale_ids: list[str]  # delivery ids marked stale
+    dead_letters: list[tuple[str, str]]  # (delivery id, reason) of rows that could not be keyed
+
+    @property
+    def stale(self) -> int:
+        return len(self.stale_ids)
+
+    @property
+    def dead(self) -> int:
+        return len(self.dead_letters)
 
 
 @final
@@ -185,7 +193,8 @@ class Ordering:
         settled. After `MAX_PASSES` rounds it returns nothing and `more`: the sink comes back at
         once, and only rows checked in the round that returns them are ever sent.
         """
-        stale = dead = 0
+        stale: list[str] = []
+        dead: list[tuple[str, str]] = []
         for _ in range(MAX_PASSES):
             rows = _candidates(conn, stage, now, limit)
             fresh = [due for due, unkeyed in rows if unkeyed]
@@ -202,20 +211,23 @@ class Ordering:
             return Fetched(_claim(conn, heads), False, stale, dead)
         return Fetched([], True, stale, dead)  # not settled yet: nothing unchecked goes out
 
-    def _key_rows(self, conn: Connection, rows: list[Due]) -> int:
-        """Store key and version of first-seen rows; dead-letter those without. Returns the dead."""
+    def _key_rows(self, conn: Connection, rows: list[Due]) -> list[tuple[str, str]]:
+        """Store key and version of first-seen rows; dead-letter those without: (id, reason) each."""
         results = self.identify_all([due.payload for due in rows])
-        keyed, failed = [], []
+        keyed: list[tuple[str, Version, int]] = []
+        failed: list[tuple[Due, str]] = []
         for due, result in zip(rows, results, strict=True):
             if isinstance(result, OrderingError):
-                failed.append((time.time(), str(result), due.rowid))
+                failed.append((due, str(result)))
             else:
                 keyed.append((result[0], result[1], due.rowid))
         conn.executemany("UPDATE deliveries SET order_key = ?, order_version = ? WHERE rowid = ?", keyed)
+        now = time.time()
         conn.executemany(
-            f"UPDATE deliveries SET state = {DEAD}, finished_at = ?, last_error = ? WHERE rowid = ?", failed
+            f"UPDATE deliveries SET state = {DEAD}, finished_at = ?, last_error = ? WHERE rowid = ?",
+            [(now, reason, due.rowid) for due, reason in failed],
         )
-        return len(failed)
+        return [(due.id, reason) for due, reason in failed]
 
     def record(
         self, conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
@@ -272,24 +284,22 @@ def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tu
     ]
 
 
-def _mark_superseded(conn: Connection, stage: str, heads: list[int]) -> int:
+def _mark_superseded(conn: Connection, stage: str, heads: list[int]) -> list[str]:
     """With `coalesce`: mark stale every pending row of the heads' keys, not yet handed out, that
-    a newer pending version of its key supersedes."""
+    a newer pending version of its key supersedes. Returns their delivery ids."""
     newest = (
         "(SELECT max(o.order_version) FROM deliveries o WHERE o.stage = deliveries.stage AND o.state = 0 "
         "AND o.order_key IS NOT NULL AND o.order_key = deliveries.order_key)"
     )
-    marked = 0
-    for start in range(0, len(heads), 500):
-        chunk = heads[start : start + 500]
-        marked += conn.execute(
-            f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: superseded by "
-            f"version ' || {newest} || ', pending' WHERE stage = ? AND state = 0 AND order_claimed IS NULL "
-            "AND order_key IN (SELECT order_key FROM deliveries "
-            f"WHERE rowid IN ({','.join('?' * len(chunk))})) AND order_version < {newest}",
-            [time.time(), stage, *chunk],
-        ).rowcount
-    return marked
+    return _marking(
+        conn,
+        heads,
+        f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: superseded by "
+        f"version ' || {newest} || ', pending' WHERE stage = ? AND state = 0 AND order_claimed IS NULL "
+        "AND order_key IN (SELECT order_key FROM deliveries WHERE rowid IN ({marks})) "
+        f"AND order_version < {newest} RETURNING id",
+        stage,
+    )
 
 
 def _claim(conn: Connection, heads: list[Due]) -> list[Due]:
@@ -301,20 +311,29 @@ def _claim(conn: Connection, heads: list[Due]) -> list[Due]:
     return heads
 
 
-def _mark_stale(conn: Connection, stage: str, heads: list[int]) -> int:
-    """Mark stale every pending row of the heads' keys older than the key's delivered version."""
-    if not heads:
-        return 0
-    marked = 0
+def _mark_stale(conn: Connection, stage: str, heads: list[int]) -> list[str]:
+    """Mark stale every pending row of the heads' keys older than the key's delivered version.
+    Returns their delivery ids."""
+    delivered = (
+        "(SELECT k.version FROM key_versions k WHERE k.stage = deliveries.stage "
+        "AND k.key = deliveries.order_key)"
+    )
+    return _marking(
+        conn,
+        heads,
+        f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: version ' || "
+        f"order_version || ' is older than ' || {delivered} || ', already delivered' "
+        "WHERE stage = ? AND state = 0 AND order_key IN (SELECT order_key FROM deliveries WHERE "
+        f"rowid IN ({{marks}})) AND order_version < {delivered} RETURNING id",
+        stage,
+    )
+
+
+def _marking(conn: Connection, heads: list[int], template: str, stage: str) -> list[str]:
+    """Run an `UPDATE … RETURNING id` over the heads' keys, 500 heads at a time."""
+    marked: list[str] = []
     for start in range(0, len(heads), 500):
         chunk = heads[start : start + 500]
-        marked += conn.execute(
-            f"UPDATE deliveries SET state = {STALE}, finished_at = ?, last_error = 'stale: version ' || "
-            "order_version || ' is older than ' || (SELECT k.version FROM key_versions k WHERE "
-            "k.stage = deliveries.stage AND k.key = deliveries.order_key) || ', already delivered' "
-            "WHERE stage = ? AND state = 0 AND order_key IN (SELECT order_key FROM deliveries WHERE "
-            f"rowid IN ({','.join('?' * len(chunk))})) AND order_version < (SELECT k.version FROM "
-            "key_versions k WHERE k.stage = deliveries.stage AND k.key = deliveries.order_key)",
-            [time.time(), stage, *chunk],
-        ).rowcount
+        sql = template.replace("{marks}", ",".join("?" * len(chunk)))
+        marked += [id_ for (id_,) in conn.execute(sql, [time.time(), stage, *chunk]).fetchall()]
     return marked

@@ -7,14 +7,18 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 import pytest
 import trio
 
 from actors.enricher import MISSING, Enricher, TtlCache
+from daemon.config_limits import RateLimitConfig
 from daemon.config_sync import EnrichConfig
 from daemon.outbox import StoredEvent
+from daemon.ratelimit import RateLimiter
+from daemon.units import Duration, dec_hook
 from tests.fakes import FakeReceiver, Received, Reply
 
 ACCOUNTS = {"a1": {"name": "Acme", "tier": "gold"}, "a 2/x": {"name": "Slash & Co", "tier": "silver"}}
@@ -22,8 +26,6 @@ ACCOUNTS = {"a1": {"name": "Acme", "tier": "gold"}, "a 2/x": {"name": "Slash & C
 
 def accounts(request: Received) -> Reply:
     """GET /accounts/ID: the account, 404 if unknown; /slow/ID answers after 0.3 s."""
-    from urllib.parse import unquote
-
     path = request.path
     if path.startswith("/slow/"):
         time.sleep(0.3)
@@ -52,14 +54,8 @@ class Clock:
 def enricher(url: str, clock: Clock | None = None, **settings: Any) -> Enricher:
     settings.setdefault("merge", ". + {account: $lookup.name}")
     settings.setdefault("retry", {"max_attempts": 3, "initial_backoff": "10ms", "max_backoff": "20ms"})
-    config = msgspec.convert({"url": url, **settings}, EnrichConfig, dec_hook=_durations)
+    config = msgspec.convert({"url": url, **settings}, EnrichConfig, dec_hook=dec_hook)
     return Enricher("contacts", config, clock=clock or Clock())
-
-
-def _durations(type_: type, value: Any) -> Any:
-    from daemon.units import dec_hook
-
-    return dec_hook(type_, value)
 
 
 def events(*bodies: dict[str, Any]) -> list[StoredEvent]:
@@ -235,3 +231,16 @@ def test_the_cache_drops_the_least_recently_used_beyond_its_size() -> None:
     assert cache.get("a") == 1
     assert cache.get("c") == 3
     assert len(cache) == 2
+
+
+async def test_each_lookup_request_takes_a_permit_and_cache_hits_take_none(server: FakeReceiver) -> None:
+    limiter = RateLimiter("accounts", RateLimitConfig(rate=1000, per=Duration(1), burst=100))
+    config = msgspec.convert(
+        {"url": server.url + "/accounts/{.account}", "merge": ".", "rate_limit": "accounts"},
+        EnrichConfig,
+        dec_hook=dec_hook,
+    )
+    enrich = Enricher("contacts", config, limiter=limiter, clock=Clock())
+    await enrich.enrich(events({"account": "a1"}, {"account": "a1"}, {"account": "nobody"}))
+    assert limiter.granted["transforms.contacts"] == 2
+    assert len(server.snapshot()) == 2

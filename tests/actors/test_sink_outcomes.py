@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import trio
 
-from actors.sink import Answer, Sink, log_final_outcomes, outcome_log
+from actors.outcomes import IDS_PER_LINE, log_final_outcomes, outcome_log
+from actors.sink import Answer, Sink
 from daemon.errors import PermanentDelivery
 from daemon.outbox import Due, Outcomes
 from daemon.schema import DEAD, DELIVERED
@@ -66,31 +68,53 @@ def outcome_level() -> Iterator[None]:
     outcome_log.setLevel(before)
 
 
-def test_one_line_per_final_outcome_none_for_retries(
+def fields_of(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, dict[str, Any]]]:
+    return [(r.getMessage(), r.levelno, r.fields) for r in caplog.records]  # type: ignore[attr-defined]
+
+
+def test_one_delivery_one_line_per_final_outcome(
     caplog: pytest.LogCaptureFixture, outcome_level: None
 ) -> None:
     caplog.set_level(logging.INFO, logger="ferry.sink")
-    outcomes = Outcomes([(0, 200), (1, 200)], [(2, 99.0, 503, "HTTP 503")], [(3, 422, "HTTP 422: no")])
-    log_final_outcomes("crm", dues("a", "b", "c", "d"), outcomes, 0.0123, '{"ok":true}')
-    lines = [(r.getMessage(), r.levelno, r.fields) for r in caplog.records]  # type: ignore[attr-defined]
-    assert [(msg, level) for msg, level, _ in lines] == [
-        ("delivered", logging.INFO),
-        ("delivered", logging.INFO),
-        ("delivery dead-lettered", logging.ERROR),
-    ]
-    first = lines[0][2]
-    assert {k: first[k] for k in ("sink", "delivery_id", "event_id", "status", "attempts", "latency_ms")} == {
+    log_final_outcomes("crm", dues("a"), Outcomes([(0, 200)], [], []), 0.0123, '{"ok":true}')
+    log_final_outcomes("crm", dues("b"), Outcomes([], [(0, 99.0, 503, "HTTP 503")], []), 0.2, None)
+    log_final_outcomes("crm", dues("c"), Outcomes([], [], [(0, 422, "HTTP 422: no")]), 0.01, None)
+    [(msg, level, fields), (dead_msg, dead_level, dead)] = fields_of(caplog)  # the retry is not final
+    assert (msg, level) == ("delivered", logging.INFO)
+    assert {k: v for k, v in fields.items() if k != "age_ms"} == {
         "sink": "crm",
         "delivery_id": "ev0.crm",
         "event_id": "ev0",
         "status": 200,
         "attempts": 1,
         "latency_ms": 12.3,
+        "response": '{"ok":true}',
     }
-    assert first["response"] == '{"ok":true}'
-    assert lines[2][2]["error"] == "HTTP 422: no"
+    assert (dead_msg, dead_level) == ("delivery dead-lettered", logging.ERROR)
+    assert (dead["delivery_id"], dead["status"], dead["error"]) == ("ev0.crm", 422, "HTTP 422: no")
+
+
+def test_a_batch_logs_one_line_per_outcome_naming_every_delivery(
+    caplog: pytest.LogCaptureFixture, outcome_level: None
+) -> None:
+    caplog.set_level(logging.INFO, logger="ferry.sink")
+    names = [f"n{i}" for i in range(IDS_PER_LINE + 5)]
+    batch = dues(*names, "retry", "dead")
+    delivered = [(n, 200) for n in range(len(names))]
+    outcomes = Outcomes(delivered, [(len(names), 99.0, 503, "x")], [(len(names) + 1, 422, "HTTP 422: no")])
+    log_final_outcomes("crm", batch, outcomes, 0.05, '{"ok":true}')
+    lines = fields_of(caplog)
+    assert [(msg, f["deliveries"]) for msg, _, f in lines] == [
+        ("delivered", IDS_PER_LINE),
+        ("delivered", 5),
+        ("delivery dead-lettered", 1),
+    ]
+    logged = [i for _, _, f in lines[:2] for i in f["delivery_ids"]]
+    assert logged == [f"ev{n}.crm" for n in range(len(names))]
+    assert lines[2][2]["delivery_ids"] == [f"ev{len(names) + 1}.crm"]
+    assert lines[0][2]["response"] == '{"ok":true}'
 
     caplog.clear()
     outcome_log.setLevel(logging.ERROR)  # [telemetry] log_outcomes = "dead"
-    log_final_outcomes("crm", dues("a", "b", "c", "d"), outcomes, 0.0123, None)
+    log_final_outcomes("crm", batch, outcomes, 0.05, None)
     assert [r.getMessage() for r in caplog.records] == ["delivery dead-lettered"]

@@ -147,3 +147,16 @@ def test_a_gap_in_a_gauge_restarts_its_window() -> None:
     assert tracker.observe(snap(queue__depth=[({}, 5.0)]), 0) == 5.0
     assert tracker.observe({}, 1) is None
     assert tracker.observe(snap(queue__depth=[({}, 6.0)]), 2) == 6.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'ferry.breaker.state{sink="crm"} >= 2',
+        "rate(ferry.ratelimit.waits, 5m) > 1",
+        "p99(ferry.ratelimit.wait_time, 5m) > 10",
+        'increase(ferry.poll.errors{source="crm"}, 15m) > 0',
+    ],
+)
+def test_metrics_registered_by_other_parts_of_ferry_can_be_alerted_on(text: str) -> None:
+    assert parse_expr(text, KNOWN).text == text  # the catalogue is read from daemon.metrics itself

@@ -129,6 +129,8 @@ def test_shuffled_duplicated_webhooks_arrive_in_version_order_and_old_ones_never
     assert crm["delivered"] + crm["stale"] == len(sends) + len(keys)
     assert stats["since_start"]["crm"]["stale"] >= len(keys)
     assert "STALE" in text
+    logged = [line for line in daemon.logs() if line.get("msg") == "deliveries dropped as stale"]
+    assert sum(len(line["delivery_ids"]) for line in logged) >= len(keys), "each stale id is logged"
 
 
 def test_a_failing_key_holds_back_only_itself(config: Path, receiver: FakeReceiver, tmp_path: Path) -> None:
@@ -179,4 +181,7 @@ def test_bad_versions_are_dead_lettered_with_a_clear_reason(
 
     (letter,) = letters["items"]
     assert letter["last_error"] == 'ordering: version .v of key "x@example.com" is not a number: "tomorrow"'
+    (line,) = [line for line in daemon.logs() if line.get("delivery_id") == letter["id"]]
+    assert line["msg"] == "delivery dead-lettered"
+    assert line["error"] == letter["last_error"]
     assert json.loads(receiver.snapshot()[0].body)["email"] == "y@example.com"
