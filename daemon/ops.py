@@ -71,18 +71,32 @@ def list_dead(conn: Connection, selection: DeadFilter, limit: int) -> tuple[int,
         f"FROM deliveries d WHERE {where} ORDER BY d.finished_at DESC, d.rowid DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
-    return int(total), [
-        DeadLetter(
-            id=id_,
-            sink=stage,
-            attempts=attempts,
-            created_at=created,
-            finished_at=finished,
-            last_status=status,
-            last_error=error,
-        )
-        for id_, stage, attempts, created, finished, status, error in rows
-    ]
+    return int(total), [_letter(*row) for row in rows]
+
+
+def _letter(
+    id_: str,
+    stage: str,
+    attempts: int,
+    created: float,
+    finished: float | None,
+    status: int | None,
+    error: str | None,
+    event_id: str | None = None,
+    payload: Any = None,
+) -> DeadLetter:
+    """A DeadLetter from a deliveries row in the column order both queries select."""
+    return DeadLetter(
+        id=id_,
+        sink=stage,
+        attempts=attempts,
+        created_at=created,
+        finished_at=finished,
+        last_status=status,
+        last_error=error,
+        event_id=event_id,
+        payload=payload,
+    )
 
 
 def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] | None:
@@ -108,17 +122,7 @@ def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] 
         decoded = msgspec.json.decode(payload) if payload is not None else None
     except msgspec.DecodeError:
         decoded = payload
-    letter = DeadLetter(
-        id=id_,
-        sink=stage,
-        attempts=attempts,
-        created_at=created,
-        finished_at=finished,
-        last_status=status,
-        last_error=error,
-        event_id=event_id,
-        payload=decoded,
-    )
+    letter = _letter(id_, stage, attempts, created, finished, status, error, event_id, decoded)
     return STATE_NAMES[state], letter
 
 

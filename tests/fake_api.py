@@ -61,9 +61,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from tests.fakes import QuietHandler, serve, wait_requests
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 STYLES = ("link", "cursor", "page", "offset")
@@ -225,23 +226,14 @@ class FakeApi:
         self, predicate: Callable[[list[ApiRequest]], bool], timeout: float = 60.0
     ) -> list[ApiRequest]:
         """Wait until `predicate(requests)` holds; fail with what was seen at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.snapshot()
-            if predicate(seen):
-                return seen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s; {len(seen)} request(s) received")
-            time.sleep(0.02)
+        return wait_requests(self.snapshot, predicate, timeout)
 
     # -- serving -----------------------------------------------------------------------------
 
     def start(self, port: int = 0) -> FakeApi:
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 # Head and body go out in two writes; Nagle + delayed ACK would add 40 ms to each.
@@ -266,36 +258,13 @@ class FakeApi:
                 if reply is None:  # hang up without answering
                     self.close_connection = True
                     return
-                status, headers, content = reply
-                request.status = status
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                if status != 304:
-                    self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                if status != 304:
-                    self.wfile.write(content)
+                request.status = reply[0]
+                self.reply(*reply)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 256
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client hanging up (a daemon killed mid-request) is expected here
-
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.server = serve(Handler, port)
         self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
         return self
 
     @property

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,7 @@ class Received:
 
 
 Reply = tuple[int, dict[str, str], bytes]
+R = TypeVar("R")
 Responder = Callable[[Received], Reply]
 
 
@@ -58,9 +59,7 @@ class FakeReceiver:
         """Serve on 127.0.0.1:`port` (0: any free port); with `ssl_context`, over TLS."""
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 with receiver.lock:
@@ -82,34 +81,12 @@ class FakeReceiver:
                     return
                 with receiver.lock:
                     receiver.requests.append(request)
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+                self.reply(status, headers, reply)
 
             do_GET = do_POST = do_PUT = do_PATCH = _handle
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 256
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client hanging up (the daemon killed mid-request) is expected here
-
-        self.server = Server(("127.0.0.1", port), Handler)
-        if ssl_context is not None:
-            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        self.server = serve(Handler, port, ssl_context)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
         return self
 
     @property
@@ -127,14 +104,76 @@ class FakeReceiver:
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 60.0) -> list[Received]:
         """Wait until `predicate(requests)` holds; fail with what was seen at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.snapshot()
-            if predicate(seen):
-                return seen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s; {len(seen)} request(s) received")
-            time.sleep(0.02)
+        return wait_requests(self.snapshot, predicate, timeout)
+
+
+T = TypeVar("T")
+
+
+def until(
+    read: Callable[[], T], done: Callable[[T], bool], timeout: float = 30.0, interval: float = 0.05
+) -> T:
+    """Read until `done(value)` holds; fail at the deadline with the last value read."""
+    deadline = time.monotonic() + timeout
+    while not done(value := read()):
+        assert time.monotonic() < deadline, f"not reached within {timeout}s: {value}"
+        time.sleep(interval)
+    return value
+
+
+def wait_requests(
+    snapshot: Callable[[], list[R]], predicate: Callable[[list[R]], bool], timeout: float
+) -> list[R]:
+    """A fake server's `wait_for`: until `predicate(snapshot())` holds, failing with how many came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = snapshot()
+        if predicate(seen):
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; {len(seen)} request(s) received")
+        time.sleep(0.02)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log."""
+
+    protocol_version = "HTTP/1.1"
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Send one whole answer (a 304 without length or body)."""
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if status != 304:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if status != 304:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client hanging up (the daemon killed mid-request) is expected here
+
+
+def serve(
+    handler: type[BaseHTTPRequestHandler], port: int = 0, ssl_context: ssl.SSLContext | None = None
+) -> ThreadingHTTPServer:
+    """Serve `handler` on 127.0.0.1:`port` (0: any free port) from a daemon thread; with
+    `ssl_context`, over TLS. Stop it with `shutdown()` then `server_close()`."""
+    server = _Server(("127.0.0.1", port), handler)
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
 
 
 def free_port() -> int:

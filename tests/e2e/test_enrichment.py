@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl_json, until, write_config
 
 PIPELINE = """
 [control]
@@ -76,14 +74,6 @@ def sink() -> Iterator[FakeReceiver]:
 def config(tmp_path: Path, sock_dir: Path, lookups: FakeReceiver, sink: FakeReceiver) -> Path:
     body = PIPELINE.format(socket=sock_dir / "ferry.sock", lookups=lookups.url, sink=sink.url)
     return write_config(tmp_path, body)
-
-
-def until(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not done(value := read()):
-        assert time.monotonic() < deadline, f"not reached within {timeout}s: {value}"
-        time.sleep(0.05)
-    return value
 
 
 def post(client: httpx.Client, n: int, account: str) -> None:

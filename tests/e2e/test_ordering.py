@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, until, write_config
 
 PIPELINE = """
 [control]
@@ -76,15 +73,6 @@ def receiver(flaky: Flaky) -> FakeReceiver:
 @pytest.fixture
 def config(tmp_path: Path, sock_dir: Path, receiver: FakeReceiver) -> Path:
     return write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ferry.sock", url=receiver.url))
-
-
-def until(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 30.0) -> Any:
-    """Read until `done(value)`; fail with the last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not done(value := read()):
-        assert time.monotonic() < deadline, f"not reached within {timeout}s: {value}"
-        time.sleep(0.1)
-    return value
 
 
 def post(client: httpx.Client, email: str, v: int) -> None:

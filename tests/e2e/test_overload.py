@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -53,7 +54,12 @@ def stored_ids(tmp_path: Path) -> list[str]:
 
 
 def open_sockets(pid: int) -> int:
-    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if "socket" in os.readlink(f"/proc/{pid}/fd/{fd}"))
+    """Sockets the process holds now (an fd closed while they are listed is not counted)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += "socket" in os.readlink(f"/proc/{pid}/fd/{fd}")
+    return count
 
 
 async def exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
