@@ -271,3 +271,23 @@ def test_reload_starts_replaces_and_stops_a_poller(tmp_path: Path, sock_dir: Pat
     finally:
         daemon.stop()
     assert sorted(stored_ids(db)) == list(range(1, 166))
+
+
+def test_drain_stops_poll_sources_too(tmp_path: Path, sock_dir: Path, api: FakeApi) -> None:
+    api.add(50)
+    sock = sock_dir / "ferry.sock"
+    poll = POLL.format(url=api.url, interval="50ms")
+    config = write_config(tmp_path, RELOADED.format(sock=sock, poll=poll, inputs='"hook", "items"'))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    try:
+        wait(lambda: len(stored_ids(db)) == 50, "the first records")
+        drained = ctl(config, "drain", "--timeout", "20s")
+        assert drained.returncode == 0, drained.stderr
+        assert daemon.wait() == 0
+    finally:
+        daemon.stop()
+    lines = [
+        json.loads(line) for line in (tmp_path / "ferry.log").read_text().splitlines() if line.startswith("{")
+    ]
+    assert any(line["msg"] == "poll source paused" and line.get("source") == "items" for line in lines)
