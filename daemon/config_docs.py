@@ -37,7 +37,10 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[supervisor]", cfg.SupervisorConfig),
     ("[telemetry]", cfg.TelemetryConfig),
     ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
-    *[(f"{title} (in a webhook source)", struct) for title, struct in VERIFY_TABLES],
+    *[
+        (title if title.startswith("tls") else f"{title} (in a webhook source)", struct)
+        for title, struct in VERIFY_TABLES
+    ],
     *config_poll.poll_tables().items(),
     ("[transforms.NAME]", cfg.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
