@@ -23,7 +23,8 @@ Backpressure:
     one small record each in memory (their events are on disk).
 
 Tracing:
-    The emitted event carries the stored trace context of the window's first event, so its
+    One `aggregator join` span per batch read (parent or links as in `Transformer`). The
+    emitted event carries the stored trace context of the window's first event, so its
     deliveries join that event's trace.
 """
 
@@ -34,8 +35,9 @@ from functools import partial
 from typing import final
 
 import trio
+from opentelemetry import trace
 
-from daemon import metrics
+from daemon import metrics, telemetry
 from daemon.config import TransformConfig
 from daemon.outbox import StoredEvent, cursor, read_events
 from daemon.store import Store
@@ -52,7 +54,7 @@ from daemon.windows import (
     window_contents,
 )
 
-from .transformer import dead_letter
+from .transformer import batch_trace, dead_letter
 
 EMIT_CHUNK = 256
 """Most windows reduced and committed in one transaction."""
@@ -112,7 +114,16 @@ class Aggregator:
             )
             if events:
                 position = events[-1].seq
-                await self._join(events, position)
+                tracer = telemetry.tracer()
+                if tracer is None:
+                    await self._join(events, position)
+                    continue
+                parent, links = batch_trace(events)
+                span = tracer.start_span(
+                    "aggregator join", parent, attributes={"ferry.transform": self.name}, links=links
+                )
+                with trace.use_span(span, end_on_exit=True):
+                    await self._join(events, position)
                 continue
             deadline = self._windows.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):

@@ -21,7 +21,9 @@ Backpressure and memory:
 Tracing and metrics:
     Each attempt is a CLIENT span `sink deliver`, child of the event's stored trace
     context (a batch of many: its own trace, linking every event's context), current
-    while the sender runs so that it can inject `traceparent` into the request. Attempts,
+    while the sender runs so that it can inject `traceparent` into the request. An attempt
+    of a trace that sampling left out has no span, yet its request carries the stored
+    `traceparent` (sampled flag 00), as W3C trace context asks. Attempts,
     outcomes, attempt durations, delivery latency and dead letters are counted on
     `daemon.metrics`.
 
@@ -319,7 +321,16 @@ class Sink:
                     continue
                 tracer = telemetry.tracer()
                 if tracer is None or not telemetry.any_sampled(due.trace for due in batch):
-                    await self._attempt(sender, batch, None, admission)
+                    # Left out by sampling: no span, but the request still carries the stored
+                    # context (flag 00) so that the receiver's trace decision follows ours.
+                    unrecorded = (
+                        telemetry.unrecorded_span(batch[0].trace) if tracer and len(batch) == 1 else None
+                    )
+                    if unrecorded is None:
+                        await self._attempt(sender, batch, None, admission)
+                    else:
+                        with trace.use_span(unrecorded):
+                            await self._attempt(sender, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)
                 span = tracer.start_span(

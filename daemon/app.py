@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,9 +27,10 @@ from typing import Any, Protocol
 
 import trio
 
-from . import at_rest, metrics, outbox
+from . import at_rest, metrics, ops, outbox
 from .commands import Commands, Pauses
 from .config import Config, LoadedConfig, downstream
+from .config_poll import PollSourceConfig
 from .control import Access, ControlServer, group_id, socket_path
 from .errors import StoreUnavailable
 from .ingest import IngestBatcher
@@ -95,6 +97,9 @@ async def _maintain(store: Store, running: Running) -> None:
                 readers=readers,
             )
         )
+        removed += await store.call_until_committed(
+            partial(ops.prune_audit, retention=config.store.audit_retention)
+        )
         if removed:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
@@ -158,8 +163,26 @@ def _totals(running: Running) -> tuple[int, int]:
     return received, sum(sink.delivered for sink in running.sinks)
 
 
-async def _status_line(store: Store, batcher: IngestBatcher, sinks: Callable[[], Iterable[_Tally]]) -> str:
-    """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries."""
+def _serving(config: Config) -> str:
+    """systemd's `STATUS=` at `READY=1`, e.g. `serving 2 webhook and 1 poll source(s)`."""
+    kinds = Counter(
+        "poll" if isinstance(source, PollSourceConfig) else "webhook" for source in config.sources.values()
+    )
+    if not kinds:
+        return "serving no sources"
+    return (
+        "serving "
+        + " and ".join(f"{kinds[kind]} {kind}" for kind in ("webhook", "poll") if kinds[kind])
+        + " source(s)"
+    )
+
+
+async def _status_line(running: Running, store: Store, sinks: Callable[[], Iterable[_Tally]]) -> str:
+    """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries.
+
+    Events received count webhook requests stored and items poll sources stored.
+    """
+    received = _totals(running)[0]
     delivered = dead = 0
     for sink in sinks():
         delivered, dead = delivered + sink.delivered, dead + sink.dead
@@ -167,10 +190,7 @@ async def _status_line(store: Store, batcher: IngestBatcher, sinks: Callable[[],
         pending = f"{await store.call(outbox.pending_total)} pending"
     except StoreUnavailable:
         pending = "store unavailable"
-    return (
-        f"{batcher.events} events received, {delivered} delivered, {dead} dead-lettered since start; "
-        + pending
-    )
+    return f"{received} events received, {delivered} delivered, {dead} dead-lettered since start; " + pending
 
 
 async def serve(
@@ -263,9 +283,9 @@ async def serve(
                     )
                     running.sinks_nursery, running.intake_nursery = sinks_nursery, intake
                     running.batcher, running.listener = batcher, listener
-                    notifier.ready(f"serving {len(config.sources)} webhook source(s)")
+                    notifier.ready(_serving(config))
                     intake.start_soon(
-                        notifier.report_status, partial(_status_line, store, batcher, lambda: running.sinks)
+                        notifier.report_status, partial(_status_line, running, store, lambda: running.sinks)
                     )
                     task_status.started(running)
                     await running.stop.wait()

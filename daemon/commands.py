@@ -13,7 +13,8 @@ Pausing:
     sink stops fetching and its deliveries wait in the store.
 
 Drain:
-    Every webhook source answers 503 from then on; the transforms and sinks keep
+    Every webhook source answers 503 from then on and every poll source stops after its
+    cycle under way; the transforms and sinks keep
     working until nothing is left that is due (transform backlog plus due pending
     deliveries of sinks that are not paused) or the timeout passes. The answer is sent,
     then the daemon stops as on SIGTERM and exits 0. Retries scheduled for later stay
@@ -633,6 +634,9 @@ class Commands:
         self._draining = True
         running = self._running
         running.pauses.draining = True
+        for name in self._config.sources:
+            if name in running.actors:  # a poll source: no new cycle, or the backlog keeps growing
+                self._sink(name).pause()
         call.after_answer(running.stop.set)
         began = time.monotonic()
         deadline = began + timeout

@@ -63,6 +63,13 @@ class StoreConfig(Section, frozen=True):
     dedup_window: Annotated[
         Duration, Meta(description="How long an idempotency key is remembered for webhook de-duplication.")
     ] = default(Duration(86400))
+    audit_retention: Annotated[
+        Duration,
+        Meta(
+            description="How long `ferry ctl audit` rows (commands that changed something, refused "
+            "control connections) are kept before pruning."
+        ),
+    ] = default(Duration(90 * 86400))
     max_batch: Annotated[
         int, Meta(ge=1, le=100_000, description="Most write requests group-committed in one transaction.")
     ] = 4096

@@ -103,7 +103,10 @@ def _default(field: inspect.Field) -> str:
     if value is None:
         return "unset"
     if isinstance(value, Duration):
-        return f'`"{float(value):g}s"`'
+        seconds = float(value)
+        if seconds >= 86400 * 10 and seconds % 86400 == 0:  # "7.776e+06s" would say 90 days badly
+            return f'`"{seconds / 86400:g}d"`'
+        return f'`"{seconds:g}s"`'
     if isinstance(value, Size):
         return f"`{int(value)}`"
     if isinstance(value, str):

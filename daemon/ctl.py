@@ -143,7 +143,7 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     commands = ctl.add_subparsers(dest="ctl_command", required=True)
     commands.add_parser("status", help="version, uptime, config, actors, queue depths, paused components")
     for verb in ("pause", "resume"):
-        sub = commands.add_parser(verb, help=f"{verb} a webhook source or a sink")
+        sub = commands.add_parser(verb, help=f"{verb} a source (webhook or poll) or a sink")
         sub.add_argument("name")
     dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
         dest="dlq_command", required=True

@@ -74,6 +74,7 @@ class IngestBatcher:
         self._wakeup = trio.Event()
         self.writes = 0
         self.events = 0
+        """Events stored since start: not duplicates, not requests the store refused."""
         self.waiting = 0
         """Requests waiting for their commit now."""
 
@@ -161,6 +162,7 @@ class IngestBatcher:
             )
             for (_, waiter), result in zip(batch, results, strict=True):
                 waiter.result = result
+            self.events += sum(1 for _, duplicate in results if not duplicate)
             if TAPS.taps:
                 _tap(incoming, results)
         except StoreUnavailable as exc:
@@ -174,7 +176,6 @@ class IngestBatcher:
             for _, waiter in batch:
                 waiter.done.set()
         self.writes += 1
-        self.events += len(batch)
 
 
 def _tap(incoming: list[Incoming], results: list[tuple[str, bool]]) -> None:

@@ -261,6 +261,24 @@ def read_audit(conn: Connection, limit: int) -> list[AuditRow]:
     ]
 
 
+def prune_audit(conn: Connection, *, retention: float, limit: int = 20_000) -> int:
+    """Delete audit rows older than `retention` seconds (at most `limit`); the count removed.
+
+    Rows are appended in time order, so the old ones are a prefix in rowid order: the cut is
+    the first row young enough to keep, found by a rowid-ordered scan over the old rows only
+    (no index on `at`). A clock stepped back only delays pruning; no row younger than
+    `retention` is ever deleted.
+    """
+    first_kept = conn.execute(
+        "SELECT rowid FROM audit WHERE at >= ? ORDER BY rowid LIMIT 1", (time.time() - retention,)
+    ).fetchone()
+    bound = first_kept[0] if first_kept is not None else 2**62
+    return conn.execute(
+        "DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE rowid < ? ORDER BY rowid LIMIT ?)",
+        (bound, limit),
+    ).rowcount
+
+
 # -- replay ----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,9 @@ Logs:
     `payload`: `[telemetry] mask` paths apply from its root); each line carries `ts`,
     `level`, `logger`, `msg`, those fields, `trace_id`/`span_id` when emitted inside a
     span, and for errors `traceback`. The SDK's own warnings (a collector that is down) go
-    through the same format, each distinct message at most once a minute.
+    through the same format, each distinct message once: again only after an export has
+    succeeded since (the collector came back and went away again), or as an hourly reminder
+    while the collector stays away.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
+    MetricExportResult,
     MetricReader,
     MetricsData,
     PeriodicExportingMetricReader,
@@ -72,6 +75,7 @@ __all__ = [
     "sampled",
     "setup_logging",
     "tracer",
+    "unrecorded_span",
     "unsampled_traceparent",
 ]
 
@@ -79,7 +83,7 @@ log = logging.getLogger("ferry.telemetry")
 _encoder = msgspec.json.Encoder()
 _tracer: Tracer | None = None
 _MAX_LINKS: Final = 1024  # a transform batch (1,000 events) links every event
-_SDK_LOG_EVERY_S: Final = 60.0
+_SDK_LOG_EVERY_S: Final = 3600.0
 _ODD_HEX: Final = frozenset("13579bdfBDF")
 _LOW_64: Final = (1 << 64) - 1
 
@@ -127,6 +131,17 @@ def parent_context(traceparent: str | None) -> Context | None:
     if span_context is None:
         return None
     return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+
+def unrecorded_span(traceparent: str | None) -> NonRecordingSpan | None:
+    """A span to make current for a hop sampling left out, so that `traceparent` still propagates.
+
+    None when `traceparent` is invalid or sampled (a sampled hop starts a real span instead).
+    """
+    span_context = parse_traceparent(traceparent)
+    if span_context is None or span_context.trace_flags.sampled:
+        return None
+    return NonRecordingSpan(span_context)
 
 
 def link_to(traceparent: str | None) -> Link | None:
@@ -253,7 +268,9 @@ class _CountingExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         result = self._inner.export(spans)
         self.reachable = result is SpanExportResult.SUCCESS
-        if not self.reachable:
+        if self.reachable:
+            _sdk_log_filter.rearm()
+        else:
             self.failed += len(spans)
         return result
 
@@ -262,6 +279,19 @@ class _CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+@final
+class _RearmingMetricExporter(OTLPMetricExporter):
+    """The OTLP metric exporter; a successful export lets the SDK's next export warning be logged."""
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float | None = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        result = super().export(metrics_data, timeout_millis, **kwargs)
+        if result is MetricExportResult.SUCCESS:
+            _sdk_log_filter.rearm()
+        return result
 
 
 def _signal_endpoint(base: str | None, signal: str) -> str | None:
@@ -341,6 +371,7 @@ class Telemetry:
                 id_generator=_ids,
                 resource=resource,
                 span_limits=SpanLimits(max_links=links),
+                shutdown_on_exit=False,  # shutdown() bounds the flush; the SDK's atexit would not
             )
             tracer_provider.add_span_processor(processor)
             _tracer = tracer_provider.get_tracer("ferry")
@@ -349,7 +380,7 @@ class Telemetry:
         if config.metrics and not disabled:
             readers.append(
                 PeriodicExportingMetricReader(
-                    OTLPMetricExporter(
+                    _RearmingMetricExporter(
                         endpoint=_signal_endpoint(config.endpoint, "metrics"), timeout=config.export_timeout
                     ),
                     export_interval_millis=config.metrics_interval * 1000,
@@ -364,7 +395,7 @@ class Telemetry:
             readers.append(telemetry._snapshot)
         if readers:
             # OTEL_SDK_DISABLED=true also makes this provider's meters no-ops (the SDK's rule)
-            meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+            meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
             telemetry._meter_provider = meter_provider
             _metrics.install(
                 _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)
@@ -443,13 +474,24 @@ def _redact_fields(redactor: Redactor, fields: dict[str, Any]) -> Any:
     return masked
 
 
+@final
 class _OncePerInterval(logging.Filter):
-    """Lets each distinct message template through at most once per `interval` seconds."""
+    """Lets each distinct message template through once per `interval` seconds, or after `rearm()`.
+
+    A collector that is down makes the SDK warn on every export (every few seconds, every
+    metrics interval): the first warning is logged, the repeats are not until an export has
+    succeeded (`rearm()`, called from the exporter threads) and one fails again.
+    """
 
     def __init__(self, interval: float) -> None:
         super().__init__()
         self._interval = interval
         self._last: dict[str, float] = {}
+
+    def rearm(self) -> None:
+        """An export succeeded: the next failure is news again."""
+        if self._last:
+            self._last = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.WARNING:
@@ -461,6 +503,9 @@ class _OncePerInterval(logging.Filter):
             return False
         self._last[key] = now
         return True
+
+
+_sdk_log_filter: Final = _OncePerInterval(_SDK_LOG_EVERY_S)
 
 
 def use_redactor(redactor: Redactor) -> None:
@@ -483,7 +528,7 @@ def setup_logging(level: str = "info", redactor: Redactor | None = None) -> None
     root.propagate = False
     sdk_handler = logging.StreamHandler(sys.stderr)
     sdk_handler.setFormatter(JsonFormatter())
-    sdk_handler.addFilter(_OncePerInterval(_SDK_LOG_EVERY_S))
+    sdk_handler.addFilter(_sdk_log_filter)
     sdk = logging.getLogger("opentelemetry")
     sdk.handlers[:] = [sdk_handler]
     sdk.setLevel(logging.WARNING)

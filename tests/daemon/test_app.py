@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from actors import http_sink
-from daemon.app import Running, serve
+from daemon.app import Running, _serving, serve
 from daemon.config import load
 from daemon.errors import TooManyRestarts
 from daemon.outbox import Due
@@ -124,6 +125,7 @@ PLAIN = """
 [store]
 path = "state/ferry.db"
 retention = "{retention}"
+audit_retention = "{audit_retention}"
 
 [listener]
 address = "127.0.0.1:0"
@@ -138,9 +140,11 @@ path = "out.jsonl"
 """
 
 
-async def start_plain(nursery: trio.Nursery, tmp_path: Path, retention: str = "1h") -> Running:
+async def start_plain(
+    nursery: trio.Nursery, tmp_path: Path, retention: str = "1h", audit_retention: str = "90d"
+) -> Running:
     path = tmp_path / "ferry.toml"
-    path.write_text(PLAIN.format(retention=retention))
+    path.write_text(PLAIN.format(retention=retention, audit_retention=audit_retention))
     loaded = load(path)
     return await nursery.start(
         lambda task_status: serve(loaded, handle_signals=False, task_status=task_status)
@@ -197,3 +201,57 @@ async def test_delivered_rows_are_pruned_after_retention(tmp_path: Path) -> None
                 await trio.sleep(0.05)
         running.stop.set()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+
+
+async def test_audit_rows_are_pruned_after_audit_retention(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_plain(nursery, tmp_path, retention="1s", audit_retention="1h")
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> None:
+            for at, command in ((now - 7200, "old"), (now - 3700, "older than 1h"), (now, "young")):
+                conn.execute(
+                    "INSERT INTO audit(at, uid, pid, command, arguments, outcome) "
+                    "VALUES (?, 0, 0, ?, '{}', 'ok')",
+                    (at, command),
+                )
+
+        def commands(conn: sqlite3.Connection) -> list[str]:
+            return [command for (command,) in conn.execute("SELECT command FROM audit ORDER BY rowid")]
+
+        await running.store.call_until_committed(write)
+        with trio.fail_after(15):  # the maintenance loop runs every retention / 4 here
+            while await running.store.call(commands) != ["young"]:
+                await trio.sleep(0.05)
+        running.stop.set()
+
+
+def test_ready_status_names_webhook_and_poll_sources(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    sources = """
+[sources.a]
+type = "webhook"
+
+[sources.b]
+type = "webhook"
+"""
+    poll = """
+[sources.c]
+type = "poll"
+url = "http://127.0.0.1:9/items"
+items = ".data"
+key = ".id"
+interval = "1m"
+"""
+    sink = """
+[sinks.out]
+type = "file"
+inputs = [{inputs}]
+path = "out.jsonl"
+"""
+    path.write_text(sources + poll + sink.format(inputs='"a", "b", "c"'))
+    assert _serving(load(path).config) == "serving 2 webhook and 1 poll source(s)"
+    path.write_text(poll + sink.format(inputs='"c"'))
+    assert _serving(load(path).config) == "serving 1 poll source(s)"
+    path.write_text(sources + sink.format(inputs='"a", "b"'))
+    assert _serving(load(path).config) == "serving 2 webhook source(s)"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sqlite3
 from functools import partial
+from pathlib import Path
 
 import pytest
+import trio
 
 from daemon import outbox
+from daemon.at_rest import Cipher
 from daemon.confirmations import event_outcomes, first_seq_since
 from daemon.outbox import Outcomes, StoredEvent, record_outcomes
 from daemon.store import Connection, Store
-from daemon.windows import Joined, Window, commit_joined
+from daemon.windows import Joined, Window, commit_joined, window_contents
 
 
 def fill(conn: Connection, times: list[float]) -> None:
@@ -96,3 +101,32 @@ async def test_an_event_with_its_outputs_outcomes_and_waiting_windows(store: Sto
     assert alone.windows == []
     assert await store.call(partial(event_outcomes, event_id="f" * 27)) is None
     assert await store.call(partial(event_outcomes, event_id="not-an-id")) is None
+
+
+async def test_encrypted_windows_and_event_payloads_are_sealed_on_disk_and_read_in_clear(
+    tmp_path: Path,
+) -> None:
+    marker = b"WINDOW-MARKER-0815"
+    path = tmp_path / "ferry.db"
+    store = Store.open(path, durability="normal", cipher=Cipher(os.urandom(32)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+
+        def setup(conn: Connection) -> str:
+            root, _ = outbox.insert_event(conn, "sf", b'{"m":"' + marker + b'"}', None, [])
+            joined = [Joined(1, 0, f"{root}.totals", b'{"m":"' + marker + b'"}', None)]
+            commit_joined(conn, "totals", 1, joined, [Window(1, '"k"', 0.0, None, 1)], [])
+            return root
+
+        root = await store.call(setup)
+        report = await store.call(partial(event_outcomes, event_id=root))
+        contents = await store.call(partial(window_contents, transform="totals", window_ids=[1]))
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert report is not None
+    assert report.events[0].payload == {"m": marker.decode()}
+    assert contents == {1: [(f"{root}.totals", b'{"m":"' + marker + b'"}', None)]}
+    with sqlite3.connect(path) as db:
+        stored = [bytes(p) for (p,) in db.execute("SELECT payload FROM window_events")]
+    assert stored
+    assert all(marker not in payload for payload in stored)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -550,3 +551,28 @@ async def test_call_until_committed_waits_out_a_full_disk_and_commits_once(store
     assert result == ["stored"]
     assert store.writable
     assert read(store.path, "SELECT count(*) FROM audit") == [(1,)]
+
+
+def test_prune_audit_removes_old_rows_only_and_never_a_young_one(conn: Connection) -> None:
+    now = time.time()
+    for at, command in (
+        (now - 900, "a"),
+        (now - 800, "b"),
+        (now - 10, "c"),
+        (now - 700, "stepped back"),
+        (now, "d"),
+    ):
+        conn.execute(
+            "INSERT INTO audit(at, command, arguments, outcome) VALUES (?, ?, '{}', 'ok')", (at, command)
+        )
+
+    assert ops.prune_audit(conn, retention=600, limit=1) == 1  # bounded per call
+    assert ops.prune_audit(conn, retention=600) == 1
+    # The cut stops at the first row young enough: a row written after a clock step back waits.
+    assert [c for (c,) in conn.execute("SELECT command FROM audit ORDER BY rowid")] == [
+        "c",
+        "stepped back",
+        "d",
+    ]
+    assert ops.prune_audit(conn, retention=600) == 0
+    assert ops.prune_audit(conn, retention=0.0) == 3

@@ -60,8 +60,8 @@ def test_path_socket_receives_ready_with_status() -> None:
         sock.bind(path)
         try:
             notifier = Notifier({"NOTIFY_SOCKET": path})
-            notifier.ready("serving 2 webhook source(s)")
-            assert sock.recv(4096) == b"READY=1\nSTATUS=serving 2 webhook source(s)"
+            notifier.ready("serving 2 webhook and 1 poll source(s)")
+            assert sock.recv(4096) == b"READY=1\nSTATUS=serving 2 webhook and 1 poll source(s)"
             notifier.close()
         finally:
             os.unlink(path)

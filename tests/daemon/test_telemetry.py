@@ -9,12 +9,16 @@ import time
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from daemon import metrics, telemetry
 from daemon.config import TelemetryConfig
 from daemon.telemetry import JsonFormatter, Telemetry, format_traceparent, parse_traceparent
 from daemon.units import Duration
 from tests.fakes import free_port
+from tests.otlp import OtlpReceiver
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -140,3 +144,41 @@ def test_links_and_batches_skip_traces_sampling_left_out() -> None:
     assert telemetry.link_to(on) is not None
     assert not telemetry.any_sampled([off, None, "garbage"])
     assert telemetry.any_sampled([off, on])
+
+
+def test_collector_warnings_are_logged_once_then_again_only_after_an_export_succeeded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    telemetry.setup_logging("info")
+    telemetry._sdk_log_filter.rearm()  # module state: start as a fresh daemon does
+    down = f"http://127.0.0.1:{free_port()}/v1/traces"  # nothing listens there
+    failing = telemetry._CountingExporter(OTLPSpanExporter(endpoint=down, timeout=0.3))
+    collector = OtlpReceiver().start()
+    working = telemetry._CountingExporter(OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces", timeout=2))
+    tracer = TracerProvider().get_tracer("test")
+
+    def export(exporter: SpanExporter) -> SpanExportResult:
+        span = tracer.start_span("x")
+        span.end()
+        return exporter.export([span])  # type: ignore[list-item]
+
+    def sdk_lines() -> list[str]:
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        return [line["msg"] for line in lines if line["logger"].startswith("opentelemetry")]
+
+    try:
+        assert [export(failing) for _ in range(3)] == [SpanExportResult.FAILURE] * 3
+        first = sdk_lines()
+        assert len(first) == len(set(first)) >= 1  # each kind of warning once, not once per export
+        assert export(failing) is SpanExportResult.FAILURE
+        assert sdk_lines() == []
+        assert export(working) is SpanExportResult.SUCCESS  # the collector was back…
+        assert export(failing) is SpanExportResult.FAILURE  # …and went away again: news again
+        again = sdk_lines()
+        assert again, first
+        assert len(again) == len(set(again))
+        assert set(again) <= set(first)
+    finally:
+        collector.stop()
+        failing.shutdown()
+        working.shutdown()

@@ -152,7 +152,7 @@ items = ".data"
 key = ".id"
 interval = "100ms"
 jitter = 0
-timeout = "300ms"
+timeout = "1s"
 initial_backoff = "50ms"
 max_backoff = "100ms"
 pagination = {{ style = "cursor", path = ".next_cursor" }}
@@ -183,15 +183,18 @@ def test_bad_upstream_answers_are_counted_errors_and_nothing_is_lost_or_invented
     finally:
         daemon.stop()
     poll = status["polls"]["items"]
-    assert poll["errors"] == {"not_json": 2, "bad_shape": 1, "timeout": 1, "http_503": 1, "stuck_cursor": 1}
+    # The hang is one timeout; on a starved machine an ordinary request may time out too.
+    timeouts = poll["errors"].pop("timeout", 0)
+    assert timeouts >= 1
+    assert poll["errors"] == {"not_json": 2, "bad_shape": 1, "http_503": 1, "stuck_cursor": 1}
     assert sorted(stored_ids(db)) == list(range(1, 201))
     assert all(actor["restarts"] == 0 for actor in status["actors"])
     warnings = [line for line in daemon.logs() if line.get("msg") == "poll failed"]
-    assert {line["kind"] for line in warnings} == set(poll["errors"])
+    assert {line["kind"] for line in warnings} == {*poll["errors"], "timeout"}
     assert any("response is not JSON (text/html" in line["error"] for line in warnings)
     assert "SOURCE" in text
     assert "items" in text
-    assert "bad_shape 1, http_503 1, not_json 2, stuck_cursor 1, timeout 1" in stats
+    assert f"bad_shape 1, http_503 1, not_json 2, stuck_cursor 1, timeout {timeouts}" in stats
 
 
 RELOADED = """
@@ -268,3 +271,23 @@ def test_reload_starts_replaces_and_stops_a_poller(tmp_path: Path, sock_dir: Pat
     finally:
         daemon.stop()
     assert sorted(stored_ids(db)) == list(range(1, 166))
+
+
+def test_drain_stops_poll_sources_too(tmp_path: Path, sock_dir: Path, api: FakeApi) -> None:
+    api.add(50)
+    sock = sock_dir / "ferry.sock"
+    poll = POLL.format(url=api.url, interval="50ms")
+    config = write_config(tmp_path, RELOADED.format(sock=sock, poll=poll, inputs='"hook", "items"'))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    try:
+        wait(lambda: len(stored_ids(db)) == 50, "the first records")
+        drained = ctl(config, "drain", "--timeout", "20s")
+        assert drained.returncode == 0, drained.stderr
+        assert daemon.wait() == 0
+    finally:
+        daemon.stop()
+    lines = [
+        json.loads(line) for line in (tmp_path / "ferry.log").read_text().splitlines() if line.startswith("{")
+    ]
+    assert any(line["msg"] == "poll source paused" and line.get("source") == "items" for line in lines)

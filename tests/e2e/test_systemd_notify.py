@@ -107,7 +107,9 @@ def test_systemd_sees_ready_status_watchdog_then_stopping(tmp_path: Path, notify
     ready = notify.index("READY=1")
     stopping = notify.index("STOPPING=1")
     assert ready < stopping
-    assert texts[ready] == "READY=1\nSTATUS=serving 1 webhook source(s)"
+    assert (
+        texts[ready] == "READY=1\nSTATUS=serving 1 webhook source(s)"
+    )  # poll sources: tests/daemon/test_app_status.py
     assert [i for i, text in enumerate(texts) if "READY=1" in text.split("\n")] == [ready]  # sent once
     summaries = [text for text in texts[ready + 1 : stopping] if text.startswith("STATUS=")]
     assert summaries

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from daemon import telemetry
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
 from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
 
@@ -228,4 +229,11 @@ def test_sampling_leaves_out_whole_traces_and_an_incoming_sampled_traceparent_is
     assert {span.trace_id for span in spans} == {INCOMING.split("-")[1]}
     sent = {r.json()["id"]: r.headers.get("traceparent") for r in receiver.snapshot()}
     assert sent[6] is not None
-    assert all(sent[n] is None for n in range(6))  # nothing recorded, nothing to point at
+    assert sent[6].startswith(f"00-{INCOMING.split('-')[1]}-")
+    # Nothing recorded, yet the context still propagates, with the sampled flag clear (W3C):
+    # the receiver's tracing follows ferry's decision; a sender's unsampled trace id is kept.
+    assert sent[5] is not None
+    assert sent[5].startswith(f"00-{unsampled.split('-')[1]}-")
+    assert all(telemetry.parse_traceparent(sent[n]) is not None for n in range(6))
+    assert all(str(sent[n]).endswith("-00") for n in range(6))
+    assert len({str(sent[n]).split("-")[1] for n in range(5)}) == 5  # a new trace per event
