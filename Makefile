@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check check-systemd lint types bench chaos clean
+.PHONY: run test deep check check-systemd lint types bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/ferry run -c $(CONFIG)
 
+# Two workers (pytest-xdist): most tests wait on a daemon process, so two at a time roughly halve
+# the wall time on two cores. Every test takes its ports from free_port() and its files from tmp
+# dirs, so they do not collide. WORKERS=0 runs it in one process.
+WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS)
+
+# The property tests (hypothesis, schemathesis) with 25 times their CI-sized example counts.
+deep: $(STAMP)
+	FERRY_HYPOTHESIS=deep $(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS) -k "properties or openapi"
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon actors tests bench

@@ -39,6 +39,7 @@ class Round:
     alone_rps: float
     rps: float
     cpu_cores: float
+    cpu_us_per_event: float  # the daemon's CPU during the load / events stored: steadier than req/s
     wrk_requests: int
     non_2xx: int
     socket_errors: str | None
@@ -74,7 +75,8 @@ async def durable_ingest(ctx: Context) -> None:
         cpu, started = ferry.cpu_seconds(), time.time()
         result = await post_load(ferry.url, script, duration=ctx.duration)
         ended = time.time()
-        cores = (ferry.cpu_seconds() - cpu) / (ended - started)
+        used = ferry.cpu_seconds() - cpu
+        cores = used / (ended - started)
         at_end = await ctx.receiver.stats()
         await trio.sleep(0.2)  # requests cut off by wrk's end may still commit
         accepted = ferry.accepted() - before
@@ -87,6 +89,7 @@ async def durable_ingest(ctx: Context) -> None:
             alone_result.rps,
             result.rps,
             cores,
+            used / accepted * 1e6 if accepted else 0.0,
             result.requests,
             result.non_2xx,
             result.socket_errors,
@@ -152,6 +155,11 @@ async def durable_ingest(ctx: Context) -> None:
             "  daemon CPU during the pipeline load (median)",
             statistics.median(r.cpu_cores for r in rounds),
             "cores",
+        ),
+        Row(
+            "  daemon CPU per stored event during the pipeline load (median)",
+            statistics.median(r.cpu_us_per_event for r in rounds),
+            "us",
         ),
         Row(
             "batching sink backlog when the load stops (worst)",

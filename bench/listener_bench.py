@@ -71,7 +71,11 @@ async def serve_bare(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGN
 
 
 async def noop_ingest(
-    source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+    source: str,
+    body: bytes,
+    dedup_key: str | None,
+    traceparent: str | None,
+    replay: tuple[str, float] | None = None,
 ) -> IngestResult:
     return "evt", False
 

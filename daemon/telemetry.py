@@ -371,6 +371,7 @@ class Telemetry:
                 id_generator=_ids,
                 resource=resource,
                 span_limits=SpanLimits(max_links=links),
+                shutdown_on_exit=False,  # shutdown() bounds the flush; the SDK's atexit would not
             )
             tracer_provider.add_span_processor(processor)
             _tracer = tracer_provider.get_tracer("ferry")
@@ -394,7 +395,7 @@ class Telemetry:
             readers.append(telemetry._snapshot)
         if readers:
             # OTEL_SDK_DISABLED=true also makes this provider's meters no-ops (the SDK's rule)
-            meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+            meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
             telemetry._meter_provider = meter_provider
             _metrics.install(
                 _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from daemon.config import Config, TransformConfig, parse
 from daemon.errors import ConfigError
 from daemon.transform import Failure, TransformProgram
+from tests.depth import examples
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 BASE: dict[str, Any] = {
     "store": {"path": "var/ferry.db", "durability": "full", "retention": "1h", "max_batch": 100},

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.depth import examples
 from tests.fakes import Daemon, write_config
 
 PIPELINE = """
@@ -127,7 +128,7 @@ def answer(conn: socket.socket, buffer: bytearray) -> dict[str, Any]:
 
 
 @given(lines=st.lists(line, min_size=1, max_size=5))
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_request_line_gets_one_json_answer_and_the_daemon_lives_on(
     control: Path, lines: list[bytes]
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from tests.depth import examples
 from tests.fakes import ROOT, Daemon, write_config
 
 SCHEMA = schemathesis.openapi.from_path(ROOT / "docs" / "openapi.yaml")
@@ -46,7 +47,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @SCHEMA.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_listener_answers_as_its_openapi_description_says(
     case: schemathesis.Case, daemon_url: str
 ) -> None:

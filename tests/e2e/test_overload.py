@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import trio
 
+from tests.chaos import load
 from tests.fakes import Daemon, write_config
 
 SOURCE = """
@@ -31,11 +32,6 @@ type = "file"
 inputs = ["demo"]
 path = "out.jsonl"
 """
-
-
-POST = (
-    b"POST /hooks/demo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-)
 
 
 def start(tmp_path: Path, listener: str) -> Daemon:
@@ -62,28 +58,6 @@ def open_sockets(pid: int) -> int:
     return count
 
 
-async def exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-    """Send one request on a keep-alive connection and read its answer (a cheap client: the
-    daemon, not the load generator, should be what limits a burst on two cores)."""
-    await stream.send_all(request)
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        data = await stream.receive_some(65536)
-        assert data, "connection closed before the answer"
-        buffer += data
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    status_line, *lines = head.split(b"\r\n")
-    headers = {
-        name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)
-    }
-    length = int(headers[b"content-length"])
-    while len(body) < length:
-        data = await stream.receive_some(65536)
-        assert data, "connection closed mid-answer"
-        body += data
-    return int(status_line.split()[1]), headers, body
-
-
 async def test_a_burst_far_above_max_pending_is_shed_with_503_and_no_202_is_lost(tmp_path: Path) -> None:
     daemon = start(tmp_path, "max_pending = 8")
     host, port = daemon.address.rsplit(":", 1)
@@ -97,9 +71,8 @@ async def test_a_burst_far_above_max_pending_is_shed_with_503_and_no_202_is_lost
         async with await trio.open_tcp_stream(host, int(port)) as stream:
             for i in range(each):
                 body = msgspec.json.encode({"n": n, "i": i})
-                request = POST % (len(body), body)
                 began = time.monotonic()
-                status, headers, answer = await exchange(stream, request)
+                status, headers, answer = await load.exchange(stream, load.request(body))
                 statuses[status] += 1
                 if status == 202:
                     acked.append(msgspec.json.decode(answer)["id"])
