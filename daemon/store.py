@@ -42,6 +42,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar, final
@@ -89,6 +90,8 @@ class _Request(Generic[T]):
 
 
 _STOP = object()
+READY_HOLD_SECONDS = 1.0
+"""How long after a failed commit the store still counts as not writable (see `Store.writable`)."""
 
 
 @final
@@ -114,7 +117,8 @@ class Store:
         self._stopping = False
         self.commits = 0
         self.requests = 0
-        self.writable = False
+        self._committing = False
+        self._failed_at = -READY_HOLD_SECONDS
 
     @classmethod
     def open(
@@ -196,7 +200,7 @@ class Store:
 
         self._thread = threading.Thread(target=writer, name="ferry-store-writer", daemon=True)
         self._thread.start()
-        self.writable = True
+        self._committing = True
         task_status.started()
         try:
             await trio.sleep_forever()
@@ -207,6 +211,16 @@ class Store:
             with trio.CancelScope(shield=True):
                 await done.wait()
             self._token = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether the last commit succeeded and none has failed for `READY_HOLD_SECONDS`.
+
+        Readiness (`/readyz`, READY) follows this. On a nearly full disk a small commit (a sink's
+        bookkeeping) can succeed between failing event inserts; the hold keeps readiness from
+        flapping with them.
+        """
+        return self._committing and time.monotonic() - self._failed_at >= READY_HOLD_SECONDS
 
     def close(self) -> None:
         """Close the connection (after `run` has returned)."""
@@ -260,7 +274,7 @@ class Store:
             else:
                 self._run_each(conn, batch)
         else:
-            self.writable = True
+            self._committing = True
         self.commits += 1
         self.requests += len(batch)
 
@@ -279,7 +293,8 @@ class Store:
                     request.error = exc
 
     def _fail(self, batch: list[_Request[Any]], exc: sqlite3.Error) -> None:
-        self.writable = False
+        self._committing = False
+        self._failed_at = time.monotonic()
         log.error("store commit failed", extra={"fields": {"error": str(exc), "requests": len(batch)}})
         for request in batch:
             request.result = None

@@ -112,7 +112,9 @@ def test_a_full_disk_answers_503_corrupts_nothing_and_recovers_by_itself(
                 assert response.status_code == 503
                 assert time.monotonic() < deadline, "ferry did not recover once space returned"
                 time.sleep(0.05)
-            assert client.get("/readyz").status_code == 200
+            while client.get("/readyz").status_code != 200:  # ready again after the store's hold
+                assert time.monotonic() < deadline, "not ready again once space returned"
+                time.sleep(0.05)
 
         receiver = FakeReceiver().start(port)
         wanted = {f"{event_id}.crm" for event_id in acked}
