@@ -96,8 +96,10 @@ def test_an_alert_fires_once_survives_kill_9_and_resolves(tmp_path: Path, sock_d
         crm_up = True
         resolved = ops.wait_for(lambda seen: len(seen) >= 2)[1].json()
         assert (resolved["status"], resolved["since"], resolved["value"]) == ("resolved", fired["since"], 0.0)
-        assert alert(config)["state"] == "ok"
-        time.sleep(1)  # five more evaluations
+        settled = alert(config)
+        assert settled["state"] == "ok"
+        # Five more evaluations (200 ms apart) after the resolution must notify nobody again.
+        wait(lambda: alert(config)["evaluated_at"] >= settled["evaluated_at"] + 1.0, "five more evaluations")
         assert len(ops.snapshot()) == 2
     finally:
         daemon.stop()
