@@ -149,6 +149,8 @@ async def durable_ingest(ctx: Context) -> None:
     pipeline_cpu = statistics.median(r.cpu_us_per_event for r in rounds)
     alone_cpu = statistics.median(r.alone_cpu_us for r in rounds)
     drains = [r.drain_s for r in rounds]
+    cpu_us = {"bare": bare_cpu, "store_only": alone_cpu, "pipeline": pipeline_cpu}
+    ctx.details["durable_ingest"]["cpu_us"] = cpu_us
     ctx.rows += [
         Row("bare trio+h11 server, 202, no work (median)", base, "req/s"),
         Row(
