@@ -241,7 +241,8 @@ class TelemetryConfig(Section, frozen=True):
         Meta(
             description="`all`: one log line per final outcome (`delivered` at info, "
             "`delivery dead-lettered` at error): per delivery, or per batch request (or group of "
-            "outcomes committed together) naming its deliveries. `dead`: dead letters only (transforms.md#confirmation-and-logging)."
+            "outcomes committed together) naming its deliveries. "
+            "`dead`: dead letters only (transforms.md#confirmation-and-logging)."
         ),
     ] = "all"
     mask: Annotated[
