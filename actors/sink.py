@@ -442,7 +442,11 @@ class Sink:
         return [self.name] if self._ordering or any(entry.outcomes.retry for entry in entries) else ()
 
     def _settle(self, entries: Sequence[Finished]) -> None:
-        """After a commit (or a failed one): the rows leave `_inflight` at the next fetch."""
+        """After a commit (or a failed one): the rows leave `_inflight` at the next fetch.
+
+        The attempts are counted here, committed or not: their requests were sent.
+        """
+        metrics.current().attempts.add(len(entries), {"sink": self.name})
         for entry in entries:
             self._settled.update(due.rowid for due in entry.batch)
         if any(entry.outcomes.retry for entry in entries):
@@ -551,9 +555,8 @@ LATENCY_SAMPLES_PER_BATCH = 16
 
 
 def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
-    """Count committed attempts, their outcomes, the dead letters and each delivered row's latency."""
+    """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
     meter = metrics.current()
-    meter.attempts.add(len(entries), {"sink": sink})
     for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
         if size:
             meter.deliveries.add(size, {"sink": sink, "outcome": name})
