@@ -10,6 +10,11 @@ Shape:
     lines), `attempts_max` and `age_ms_max`. Either way every finalised delivery id appears in
     exactly one line, so `grep ID` finds its fate.
 
+    Deliveries whose outcomes commit together (`actors.sink_commit`: attempts that finished
+    while the previous group was being committed) share lines the same way, one line per
+    outcome, status and answer: a group of one delivery logs the single-delivery line; a
+    larger one the batch line, whose `latency_ms` is then the longest of its attempts'.
+
 Cost:
     A line costs ~15 us of CPU (the JSON formatter, masking included). One line per delivery
     would cost a batching sink more than the delivery itself, hence one line per batch outcome;
@@ -37,26 +42,41 @@ def log_final_outcomes(
     sink: str, batch: Sequence[Due], outcomes: Outcomes, latency: float, response: str | None
 ) -> None:
     """Log the deliveries of one attempt that reached their final outcome; see the module docstring."""
+    log_committed(sink, [(batch, outcomes, latency, response)])
+
+
+Attempt = tuple[Sequence[Due], Outcomes, float, "str | None"]
+"""(batch, outcomes, latency in seconds, the receiver's answer) of one attempt."""
+
+
+def log_committed(sink: str, attempts: Sequence[Attempt]) -> None:
+    """Log the final outcomes of attempts whose outcomes committed together (module docstring)."""
     info = outcome_log.isEnabledFor(logging.INFO)
-    if not (outcomes.dead or (outcomes.delivered and info)):
+    if not any(outcomes.dead or (outcomes.delivered and info) for _, outcomes, _, _ in attempts):
         return
-    rows = {due.rowid: due for due in batch}
     now = time.time()
-    common: dict[str, Any] = {"sink": sink, "latency_ms": round(latency * 1000, 1)}
-    groups: dict[tuple[str, int | None, str | None], list[Due]] = {}
-    if info:
-        for rowid, status in outcomes.delivered:
-            groups.setdefault(("delivered", status, response), []).append(rows[rowid])
-    for rowid, status, error in outcomes.dead:
-        groups.setdefault(("dead", status, error), []).append(rows[rowid])
-    for (outcome, status, text), dues in groups.items():
+    groups: dict[tuple[str, int | None, str | None], list[tuple[Due, float, bool]]] = {}
+    for batch, outcomes, latency, response in attempts:
+        rows = {due.rowid: due for due in batch}
+        alone = len(batch) == 1
+        if info:
+            for rowid, status in outcomes.delivered:
+                groups.setdefault(("delivered", status, response), []).append((rows[rowid], latency, alone))
+        for rowid, status, error in outcomes.dead:
+            groups.setdefault(("dead", status, error), []).append((rows[rowid], latency, alone))
+    for (outcome, status, text), members in groups.items():
         delivered = outcome == "delivered"
         extra = {"response": text} if delivered else {"error": text}
         if delivered and text is None:
             extra = {}
-        for start in range(0, len(dues), IDS_PER_LINE):
-            chunk = dues[start : start + IDS_PER_LINE]
-            fields = common | {"status": status} | extra | _ids(chunk, now, single=len(batch) == 1)
+        for start in range(0, len(members), IDS_PER_LINE):
+            chunk = members[start : start + IDS_PER_LINE]
+            latency = max(latency for _, latency, _ in chunk)
+            fields = (
+                {"sink": sink, "latency_ms": round(latency * 1000, 1), "status": status}
+                | extra
+                | _ids([due for due, _, _ in chunk], now, single=len(chunk) == 1 and chunk[0][2])
+            )
             if delivered:
                 outcome_log.info("delivered", extra={"fields": fields})
             else:

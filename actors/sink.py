@@ -5,7 +5,9 @@ Delivery:
     outcome has committed: `delivered` (2xx), `dead` (a permanent error, or out
     of attempts or age) or a retry scheduled at `next_attempt_at`. A crash at
     any point leaves the delivery pending, to be sent again with the same id
-    (its idempotency key), so a receiver can drop the duplicate.
+    (its idempotency key), so a receiver can drop the duplicate. Attempts that finish while
+    the previous outcomes are being committed share one store request (`actors.sink_commit`);
+    each worker still waits for its own outcomes' commit before taking the next row.
 
 Retries:
     Retryable failures (408, 425, 429, 5xx, timeouts, transport errors) are
@@ -72,7 +74,8 @@ from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
-from .outcomes import IDS_PER_LINE, log_final_outcomes, outcome_log
+from .outcomes import IDS_PER_LINE, log_committed, outcome_log
+from .sink_commit import Finished, OutcomeCommitter
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -213,16 +216,28 @@ class Sink:
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
+        committer = OutcomeCommitter(
+            self._store,
+            self._ordering.record if self._ordering else record_outcomes,
+            wake=self._wake_on_commit,
+            settle=self._settle,
+            committed=self._committed,
+        )
         if self.guard is not None:
             self.guard.publish()
         try:
-            async with trio.open_nursery() as nursery:
-                async with receive_channel:
-                    for _ in range(self._concurrency):
-                        nursery.start_soon(self._worker, sender, receive_channel.clone())
-                task_status.started()
-                async with send_channel:
-                    await self._fetch(send_channel)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(committer.run)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        async with receive_channel:
+                            for _ in range(self._concurrency):
+                                nursery.start_soon(self._worker, sender, committer, receive_channel.clone())
+                        task_status.started()
+                        async with send_channel:
+                            await self._fetch(send_channel)
+                finally:
+                    committer.close()
         finally:
             if self.guard is not None:
                 self.guard.forget()  # a sink removed by a reload stops being reported
@@ -299,7 +314,9 @@ class Sink:
             nursery.start_soon(until, self._resumed)
             nursery.start_soon(until, self._stopping)
 
-    async def _worker(self, sender: Sender, channel: trio.MemoryReceiveChannel[list[Due]]) -> None:
+    async def _worker(
+        self, sender: Sender, committer: OutcomeCommitter, channel: trio.MemoryReceiveChannel[list[Due]]
+    ) -> None:
         leftover: list[Due] = []
         async with channel:
             while True:
@@ -327,10 +344,10 @@ class Sink:
                         telemetry.unrecorded_span(batch[0].trace) if tracer and len(batch) == 1 else None
                     )
                     if unrecorded is None:
-                        await self._attempt(sender, batch, None, admission)
+                        await self._attempt(sender, committer, batch, None, admission)
                     else:
                         with trace.use_span(unrecorded):
-                            await self._attempt(sender, batch, None, admission)
+                            await self._attempt(sender, committer, batch, None, admission)
                     continue
                 parent, links = _batch_trace(batch)
                 span = tracer.start_span(
@@ -338,7 +355,7 @@ class Sink:
                 )
                 try:
                     with trace.use_span(span):
-                        await self._attempt(sender, batch, span, admission)
+                        await self._attempt(sender, committer, batch, span, admission)
                 finally:
                     if span.is_recording():  # cut short before `_attempt` ended it
                         span.end()
@@ -357,7 +374,12 @@ class Sink:
         return None
 
     async def _attempt(
-        self, sender: Sender, batch: list[Due], span: Span | None, admission: Admission | None = None
+        self,
+        sender: Sender,
+        committer: OutcomeCommitter,
+        batch: list[Due],
+        span: Span | None,
+        admission: Admission | None = None,
     ) -> None:
         """Send one batch, judge the result, end the attempt's span, record the outcomes."""
         error: DeliveryError | None = None
@@ -387,10 +409,8 @@ class Sink:
                 span.set_attribute("error.type", str(error.status) if error.status else type(error).__name__)
                 span.set_status(StatusCode.ERROR, str(error)[:200])
             span.end()
-        meter = metrics.current()
-        meter.attempts.add(1, {"sink": self.name})
-        meter.delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
-        await self._record(batch, outcomes, error, elapsed, response)
+        metrics.current().delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
+        await committer.commit(Finished(batch, outcomes, error, elapsed, response))
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -418,51 +438,55 @@ class Sink:
             cut += 1
         return rows[:cut], rows[cut:]
 
-    async def _record(
-        self,
-        batch: Sequence[Due],
-        outcomes: Outcomes,
-        error: DeliveryError | None,
-        latency: float,
-        response: str | None,
-    ) -> None:
-        try:
-            await self._store.call_until_committed(
-                partial(
-                    self._ordering.record if self._ordering else record_outcomes,
-                    outcomes=outcomes,
-                    latency=latency,
-                    response=response,
-                ),
-                wake=[self.name] if outcomes.retry or self._ordering else (),
-            )
-        finally:
-            self._settled.update(due.rowid for due in batch)
-            if outcomes.retry:
-                # The commit's wake-up can reach the fetcher before these rows are settled; it
-                # then skips them as in flight and, none being due later, sleeps for an hour.
-                self._signal.fire()
-        self.delivered += len(outcomes.delivered)
-        self.retried += len(outcomes.retry)
-        self.dead += len(outcomes.dead)
-        _count(self.name, batch, outcomes)
+    def _wake_on_commit(self, entries: Sequence[Finished]) -> Sequence[str]:
+        return [self.name] if self._ordering or any(entry.outcomes.retry for entry in entries) else ()
+
+    def _settle(self, entries: Sequence[Finished]) -> None:
+        """After a commit (or a failed one): the rows leave `_inflight` at the next fetch.
+
+        The attempts are counted here, committed or not: their requests were sent.
+        """
+        metrics.current().attempts.add(len(entries), {"sink": self.name})
+        for entry in entries:
+            self._settled.update(due.rowid for due in entry.batch)
+        if any(entry.outcomes.retry for entry in entries):
+            # The commit's wake-up can reach the fetcher before these rows are settled; it
+            # then skips them as in flight and, none being due later, sleeps for an hour.
+            self._signal.fire()
+
+    def _committed(self, entries: Sequence[Finished]) -> None:
+        """Count, tap and log attempts whose outcomes committed together."""
+        delivered = retried = dead = 0
+        for entry in entries:
+            delivered += len(entry.outcomes.delivered)
+            retried += len(entry.outcomes.retry)
+            dead += len(entry.outcomes.dead)
+        self.delivered += delivered
+        self.retried += retried
+        self.dead += dead
+        _count(self.name, entries, delivered, retried, dead)
         if self.name in TAPS.taps:
-            _tap(self.name, batch, outcomes)
-        log_final_outcomes(self.name, batch, outcomes, latency, response)
-        if outcomes.retry and error is not None:
-            log.warning(
-                "delivery will be retried",
-                extra={
-                    "fields": {
-                        "sink": self.name,
-                        "deliveries": len(outcomes.retry),
-                        "first_delivery_id": batch[0].id,
-                        "attempt": batch[0].attempts + 1,
-                        "status": error.status,
-                        "error": str(error),
-                    }
-                },
-            )
+            for entry in entries:
+                _tap(self.name, entry.batch, entry.outcomes)
+        log_committed(
+            self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
+        )
+        for entry in entries:
+            error, batch = entry.error, entry.batch
+            if entry.outcomes.retry and error is not None:
+                log.warning(
+                    "delivery will be retried",
+                    extra={
+                        "fields": {
+                            "sink": self.name,
+                            "deliveries": len(entry.outcomes.retry),
+                            "first_delivery_id": batch[0].id,
+                            "attempt": batch[0].attempts + 1,
+                            "status": error.status,
+                            "error": str(error),
+                        }
+                    },
+                )
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
@@ -530,22 +554,28 @@ def _sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
 LATENCY_SAMPLES_PER_BATCH = 16
 
 
-def _count(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
-    """Count an attempt's outcomes, the dead letters and each delivered row's latency."""
+def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
+    """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
     meter = metrics.current()
-    for name, size in _sizes(outcomes):
+    for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
         if size:
             meter.deliveries.add(size, {"sink": sink, "outcome": name})
-    if outcomes.dead:
-        meter.dead_letters.add(len(outcomes.dead), {"stage": sink})
-    if outcomes.delivered:
+    if dead:
+        meter.dead_letters.add(dead, {"stage": sink})
+    if delivered:
         now, attributes = time.time(), {"sink": sink}
-        delivered = {rowid for rowid, _ in outcomes.delivered}
-        rows = [due for due in batch if due.rowid in delivered]
-        # A histogram record costs ~4 us: a batch contributes an even sample of at most 16 rows
-        # (a ceiling step: a floor one recorded up to 31 of a 31-row batch).
-        for due in rows[:: -(-len(rows) // LATENCY_SAMPLES_PER_BATCH)]:
-            meter.delivery_latency.record(max(0.0, now - due.created_at), attributes)
+        for entry in entries:
+            if not entry.outcomes.delivered:
+                continue
+            if len(entry.batch) == 1:
+                meter.delivery_latency.record(max(0.0, now - entry.batch[0].created_at), attributes)
+                continue
+            rowids = {rowid for rowid, _ in entry.outcomes.delivered}
+            rows = [due for due in entry.batch if due.rowid in rowids]
+            # A histogram record costs ~4 us: a batch contributes an even sample of at most 16 rows
+            # (a ceiling step: a floor one recorded up to 31 of a 31-row batch).
+            for due in rows[:: -(-len(rows) // LATENCY_SAMPLES_PER_BATCH)]:
+                meter.delivery_latency.record(max(0.0, now - due.created_at), attributes)
 
 
 def _batch_trace(batch: Sequence[Due]) -> tuple[Context | None, list[Link]]:

@@ -8,6 +8,8 @@ Cases (docs/performance.md explains each figure):
 2. durable ingest: `ferry run` (durability = "full", jq transform, batching HTTP sink) under
    the same load, and whether the sink keeps pace;
    2b. webhook -> store with `[sources.NAME.verify]` off, signature only, signature + replay;
+   2c. the CPU the pipeline must add per event at least, and the ingest ratio that leaves
+       (bench/floor.py);
 3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
@@ -38,6 +40,7 @@ import trio
 
 from bench.context import Context
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
+from bench.floor import pipeline_floor
 from bench.harness import ensure_wrk
 from bench.ingest import durable_ingest, verified_ingest
 from bench.latency import latency
@@ -57,6 +60,7 @@ async def run(ctx: Context) -> None:
         steps = [
             ("1-2. bare h11 baseline vs durable ingest", durable_ingest),
             ("2b. webhook verification cost (off vs on)", verified_ingest),
+            ("2c. the pipeline's floor and the one-process ceiling", pipeline_floor),
             ("3. per-event delivery", _delivery),
             ("4. backlog drain", backlog_drain),
             ("5. latency", latency),

@@ -9,18 +9,27 @@ Backlog: the daemon first runs with its sink pointed at a socket that accepts co
 and never answers (so nothing is delivered and nothing is scheduled for retry), takes N
 events, and is stopped with SIGTERM once the transform has caught up. It is restarted with
 a batching sink pointed at the receiver: READY → last delivery is the drain.
+
+Alone (cases 3 and 4, with the client ceilings):
+
+    .venv/bin/python -m bench.delivery [--quick] [--per-event-only]
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import statistics
+import sys
+import tempfile
+from pathlib import Path
 
 import trio
 
 from bench.context import Context
 from bench.harness import Ferry, post_count, write_config
-from bench.report import Row
+from bench.receiver import Receiver
+from bench.report import Row, render
 from daemon.http_client import HttpClient, HttpxClient, LeanClient
 from daemon.schema import PENDING
 
@@ -62,10 +71,12 @@ async def per_event_delivery(ctx: Context, ceilings: dict[str, float]) -> None:
     config = write_config(folder, ctx.receiver.url + "/event", batch=False, concurrency=CONCURRENCY)
     ferry = Ferry.start(folder, config, ctx.running)
     await ctx.receiver.reset()
+    cpu_before = ferry.cpu_seconds()
     load = await post_count(ferry.url, folder, count, limit_s=60)
     await trio.sleep(0.2)
     accepted = ferry.accepted()
     await ctx.receiver.wait_items(accepted, max(20.0, accepted / 400))
+    cpu = ferry.cpu_seconds() - cpu_before  # ingest, transform and delivery of every event
     await trio.sleep(0.3)
     stats = await ctx.receiver.stats()
     states = ferry.counts()
@@ -83,6 +94,7 @@ async def per_event_delivery(ctx: Context, ceilings: dict[str, float]) -> None:
         "received": stats["items"],
         "requests_resent": resent,
         "first_to_last_s": span,
+        "daemon_cpu_s": cpu,
         "deliveries": states,
         "peak_rss_mib": peak,
         "errors_logged": ferry.errors_logged()[:20],
@@ -92,16 +104,23 @@ async def per_event_delivery(ctx: Context, ceilings: dict[str, float]) -> None:
             f"per-event delivery: stored {accepted}, received {stats['items']}, re-sent {resent}, {states}"
         )
     ceiling = ceilings.get(f"LeanClient, {CONCURRENCY} tasks")
-    ctx.rows.append(
-        Row(
-            f"per-event delivery, concurrency {CONCURRENCY}, {accepted:,} events",
-            value,
-            "events/s",
-            ceiling,
-            value / ceiling if value and ceiling else None,
-            f">= {PER_EVENT_TARGET:,.0f} events/s",
-            value is not None and value >= PER_EVENT_TARGET and exact,
-            baseline_unit="req/s",
+    ctx.rows.extend(
+        (
+            Row(
+                f"per-event delivery, concurrency {CONCURRENCY}, {accepted:,} events",
+                value,
+                "events/s",
+                ceiling,
+                value / ceiling if value and ceiling else None,
+                f">= {PER_EVENT_TARGET:,.0f} events/s",
+                value is not None and value >= PER_EVENT_TARGET and exact,
+                baseline_unit="req/s",
+            ),
+            Row(
+                "  daemon CPU per delivered event (ingest + transform + delivery)",
+                cpu / stats["items"] * 1e6 if stats["items"] else None,
+                "us",
+            ),
         )
     )
 
@@ -164,3 +183,33 @@ async def backlog_drain(ctx: Context) -> None:
             passed=value is not None and value >= DRAIN_TARGET and exact,
         ),
     ]
+
+
+async def _cases(ctx: Context, per_event_only: bool) -> None:
+    await per_event_delivery(ctx, await client_ceilings(ctx))
+    if not per_event_only:
+        await backlog_drain(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.delivery", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events (a smoke run)")
+    parser.add_argument("--per-event-only", action="store_true", help="skip the backlog drain (case 4)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
+        receiver = Receiver()
+        ctx = Context(args.quick, Path(tmp), receiver)
+        try:
+            trio.run(_cases, ctx, args.per_event_only)
+        finally:
+            for ferry in ctx.running:
+                ferry.stop()
+            receiver.close()
+    print(render(ctx.rows))
+    for anomaly in ctx.anomalies:
+        print(f"ANOMALY: {anomaly}")
+    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import resource
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,9 @@ class Round:
     """One daemon round: wrk's figures, what was stored, and what the receiver got when."""
 
     bare_rps: float
+    bare_cpu_us: float  # this process's CPU per request while it served the bare round
     alone_rps: float
+    alone_cpu_us: float  # the store-only daemon's CPU per stored event
     rps: float
     cpu_cores: float
     cpu_us_per_event: float  # the daemon's CPU during the load / events stored: steadier than req/s
@@ -68,8 +71,14 @@ async def durable_ingest(ctx: Context) -> None:
     alone = Ferry.start(ctx.tmp / "ingest_alone", write_config(ctx.tmp / "ingest_alone", None), ctx.running)
     rounds: list[Round] = []
     for _ in range(ctx.rounds):
+        bare_cpu = _own_cpu_seconds()
         bare = await measure(serve_bare, script, wrk_args)
+        bare_cpu = _own_cpu_seconds() - bare_cpu
+        alone_before, alone_cpu = alone.accepted(), alone.cpu_seconds()
         alone_result = await post_load(alone.url, script, duration=ctx.duration)
+        alone_cpu = alone.cpu_seconds() - alone_cpu
+        await trio.sleep(0.2)  # requests cut off by wrk's end may still commit
+        alone_stored = alone.accepted() - alone_before
         before = ferry.accepted()
         await ctx.receiver.reset()
         cpu, started = ferry.cpu_seconds(), time.time()
@@ -86,7 +95,9 @@ async def durable_ingest(ctx: Context) -> None:
         drained = final["items"] >= accepted and final["last"] is not None
         round_ = Round(
             bare,
+            bare_cpu / (bare * ctx.duration) * 1e6 if bare else 0.0,
             alone_result.rps,
+            alone_cpu / alone_stored * 1e6 if alone_stored else 0.0,
             result.rps,
             cores,
             used / accepted * 1e6 if accepted else 0.0,
@@ -132,7 +143,14 @@ async def durable_ingest(ctx: Context) -> None:
     clean = all(r.non_2xx == 0 and not r.socket_errors for r in rounds)
     ingest_rate = statistics.median(r.accepted / ctx.duration for r in rounds)
     backlog = max(r.backlog_at_end_of_load for r in rounds)
+    # CPU per request: the bare server's (this process) against each daemon's; bare / daemon is
+    # the throughput ratio a CPU-bound daemon can reach, whatever the machine's neighbours do.
+    bare_cpu = statistics.median(r.bare_cpu_us for r in rounds)
+    pipeline_cpu = statistics.median(r.cpu_us_per_event for r in rounds)
+    alone_cpu = statistics.median(r.alone_cpu_us for r in rounds)
     drains = [r.drain_s for r in rounds]
+    cpu_us = {"bare": bare_cpu, "store_only": alone_cpu, "pipeline": pipeline_cpu}
+    ctx.details["durable_ingest"]["cpu_us"] = cpu_us
     ctx.rows += [
         Row("bare trio+h11 server, 202, no work (median)", base, "req/s"),
         Row(
@@ -158,8 +176,19 @@ async def durable_ingest(ctx: Context) -> None:
         ),
         Row(
             "  daemon CPU per stored event during the pipeline load (median)",
-            statistics.median(r.cpu_us_per_event for r in rounds),
+            pipeline_cpu,
             "us",
+            bare_cpu,
+            bare_cpu / pipeline_cpu if pipeline_cpu else None,
+            baseline_unit="us bare",
+        ),
+        Row(
+            "  the same, store only (median)",
+            alone_cpu,
+            "us",
+            bare_cpu,
+            bare_cpu / alone_cpu if alone_cpu else None,
+            baseline_unit="us bare",
         ),
         Row(
             "batching sink backlog when the load stops (worst)",
@@ -180,6 +209,12 @@ async def durable_ingest(ctx: Context) -> None:
             passed=all(r.exact for r in rounds) and states["pending"] == 0 and states["dead"] == 0,
         ),
     ]
+
+
+def _own_cpu_seconds() -> float:
+    """User + system CPU of this process (the bare server runs in it; wrk is a child, not counted)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- verification cost: the same store-only daemon with `[sources.bench.verify]` off and on ---------

@@ -240,8 +240,9 @@ class TelemetryConfig(Section, frozen=True):
         Literal["all", "dead"],
         Meta(
             description="`all`: one log line per final outcome (`delivered` at info, "
-            "`delivery dead-lettered` at error): per delivery, or per batch request naming its "
-            "deliveries. `dead`: dead letters only (transforms.md#confirmation-and-logging)."
+            "`delivery dead-lettered` at error): per delivery, or per batch request (or group of "
+            "outcomes committed together) naming its deliveries. "
+            "`dead`: dead letters only (transforms.md#confirmation-and-logging)."
         ),
     ] = "all"
     mask: Annotated[

@@ -324,6 +324,8 @@ def record_outcomes(
                 f"WHERE rowid IN ({','.join('?' * len(chunk))})",
                 [now, status, latency, response, *chunk],
             )
+    if not (outcomes.retry or outcomes.dead):  # an empty executemany still prepares its statement
+        return
     conn.executemany(
         "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
         "last_error = ?, last_latency = ?, last_response = ? WHERE rowid = ?",

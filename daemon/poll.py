@@ -21,6 +21,7 @@ from .config_poll import CursorPaging, OffsetPaging, PagePaging, Paging, PollSou
 from .errors import PollError
 
 __all__ = [
+    "Opened",
     "Page",
     "PageReader",
     "PollStatus",
@@ -135,6 +136,17 @@ class Page:
     cursor: Any
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A page half read (`PageReader.open`): its items as decoded and its cursor — enough to know
+    the next page's URL (`next_url`) before the items are keyed and encoded (`PageReader.finish`)."""
+
+    items: list[Any]
+    cursor: Any
+    read: Page | None = None  # the whole page, when one jq run read it
+
+
 def excerpt(body: bytes) -> str:
     """The start of a response body, on one line, for an error message."""
     text = " ".join(body[: EXCERPT * 4].decode("utf-8", "replace").split())
@@ -161,6 +173,9 @@ class PageReader:
     paths are followed in Python with jq's rules (a missing key is null; indexing anything but
     an object or null is an error): 5-10x cheaper than a jq run per page. Anything else runs
     as one jq program per page. Either way an item is stored as compact JSON.
+
+    `read` is `open` (decode, the items array, the cursor: enough for the next page's URL)
+    then `finish` (keys, marks, encoding), so the poller can ask for the next page in between.
     """
 
     def __init__(self, config: PollSourceConfig) -> None:
@@ -180,8 +195,43 @@ class PageReader:
 
     def read(self, body: bytes, content_type: str | None) -> Page:
         """The page in `body`; raises `PollError` (`not_json`, `bad_shape`, `no_key`, `jq`)."""
-        if self._paths is not None:
-            return self._read_paths(body, content_type, self._paths)
+        return self.finish(self.open(body, content_type))
+
+    def open(self, body: bytes, content_type: str | None) -> Opened:
+        """The first half of `read`: the items array and the cursor. Raises `PollError` (`not_json`,
+        `bad_shape`, `jq`); with a jq program, every error of `read` (it reads the whole page)."""
+        paths = self._paths
+        if paths is None:
+            page = self._read_jq(body, content_type)
+            return Opened(page.items, page.cursor, page)
+        document = _decode(body, content_type)
+        items_path, _, _, cursor_path = paths
+        assert items_path is not None
+        items = _follow(document, items_path, "items")
+        if not isinstance(items, list):
+            found = "null" if items is None else _TYPES.get(type(items), "value")
+            raise PollError(f"`items` must give one array, got {found}: {excerpt(body)!r}", kind="bad_shape")
+        cursor = _follow(document, cursor_path, "pagination.path") if cursor_path is not None else None
+        return Opened(items, cursor)
+
+    def finish(self, opened: Opened) -> Page:
+        """The second half of `read`: each item's key and mark, and the item as compact JSON.
+        Raises `PollError` (`no_key`, `jq`)."""
+        if opened.read is not None:
+            return opened.read
+        assert self._paths is not None
+        _, key_path, mark_path, _ = self._paths
+        assert key_path is not None
+        items = opened.items
+        keys = [_follow(item, key_path, "key") for item in items]
+        marks = (
+            [_follow(item, mark_path, "since.field") for item in items]
+            if mark_path is not None
+            else [None] * len(items)
+        )
+        return _page(items, keys, marks, opened.cursor)
+
+    def _read_jq(self, body: bytes, content_type: str | None) -> Page:
         try:
             (result,) = self._program.input_text(body.decode("utf-8")).all()
         except (ValueError, UnicodeDecodeError) as exc:
@@ -191,25 +241,6 @@ class PageReader:
             found = ", ".join(result["shape"]) or "nothing"
             raise PollError(f"`items` must give one array, got {found}: {excerpt(body)!r}", kind="bad_shape")
         return _page(result["items"], result["keys"], result["marks"], result["cursor"])
-
-    @staticmethod
-    def _read_paths(body: bytes, content_type: str | None, paths: list[tuple[str, ...] | None]) -> Page:
-        document = _decode(body, content_type)
-        items_path, key_path, mark_path, cursor_path = paths
-        assert items_path is not None
-        assert key_path is not None
-        items = _follow(document, items_path, "items")
-        if not isinstance(items, list):
-            found = "null" if items is None else _TYPES.get(type(items), "value")
-            raise PollError(f"`items` must give one array, got {found}: {excerpt(body)!r}", kind="bad_shape")
-        keys = [_follow(item, key_path, "key") for item in items]
-        marks = (
-            [_follow(item, mark_path, "since.field") for item in items]
-            if mark_path is not None
-            else [None] * len(items)
-        )
-        cursor = _follow(document, cursor_path, "pagination.path") if cursor_path is not None else None
-        return _page(items, keys, marks, cursor)
 
 
 _PATH = re.compile(r"^\.(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?$")
@@ -264,7 +295,7 @@ def _page(items: list[Any], raw_keys: list[Any], marks: list[Any], cursor: Any) 
     return Page([_encode(item) for item in items], keys, marks, cursor)
 
 
-def next_url(paging: Paging | None, url: str, page: Page, links: dict[str, str]) -> str | None:
+def next_url(paging: Paging | None, url: str, page: Page | Opened, links: dict[str, str]) -> str | None:
     """The URL of the page after `page` (fetched from `url`), or None when the listing is complete."""
     if paging is None:
         return None
@@ -327,10 +358,16 @@ class Watermark:
         guessing would move the mark somewhere the API never said.
         """
         best, best_order = None, current.order if current is not None else -math.inf
+        parsed: dict[str, float | None] = {}  # items often share a mark: each text is parsed once
         for index, value in enumerate(marks):
             if value is None:
                 continue
-            order = _order(value, format)
+            if type(value) is not str:
+                order = _order(value, format)
+            elif value in parsed:
+                order = parsed[value]
+            else:
+                order = parsed[value] = _order(value, format)
             if order is None:
                 raise PollError(
                     f"item {index}: `since.field` gave {value!r}, not a {format} value", kind="bad_mark"

@@ -5,7 +5,8 @@ Plain functions of a connection, run on the store's writer thread inside a group
 
 Exactly once:
     `commit_page` (`commit_pages`: several, in order) stores a page's new items (events +
-    deliveries), their keys (`dedup`) and the poller's new state — the next page to fetch,
+    deliveries; payloads sealed like every event's when `[store] encryption` is on), their
+    keys (`dedup`) and the poller's new state — the next page to fetch,
     the mark, the validators — in the one transaction of its call. A crash before it commits
     loses nothing (the page is fetched again from the stored position); a crash after it
     cannot repeat anything (the position has moved on, and an item seen again is found by
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import Final
 
+from .at_rest import cipher_of
 from .outbox import insert_rows, last_seq
 
 Connection = sqlite3.Connection
@@ -102,60 +104,10 @@ def commit_page(
     An item is a repeat if its key was stored for `source` within `dedup_window`, or earlier
     in the same page; a repeat stores nothing but refreshes its key's time.
     """
-    now = time.time()
-    known: set[str] = set()
-    for start in range(0, len(keys), _CHUNK):
-        chunk = list(dict.fromkeys(keys[start : start + _CHUNK]))
-        known.update(
-            key
-            for (key,) in conn.execute(
-                "SELECT key FROM dedup WHERE source = ? AND created_at > ? "
-                f"AND key IN ({','.join('?' * len(chunk))})",
-                (source, now - dedup_window, *chunk),
-            )
-        )
-    fresh_keys: list[str] = []
-    fresh_items: list[bytes] = []
-    seen: set[str] = set()
-    for key, payload in zip(keys, items, strict=True):
-        if key not in known and key not in seen:
-            seen.add(key)
-            fresh_keys.append(key)
-            fresh_items.append(payload)
-    # Event ids as `outbox.new_event_id` makes them, with one read of the random source per page.
-    stamp = f"{int(now * 1000):011x}"
-    randomness = os.urandom(8 * len(fresh_keys)).hex()
-    ids = [stamp + randomness[16 * n : 16 * n + 16] for n in range(len(fresh_keys))]
-    first = last_seq(conn) + 1
-    insert_rows(
-        conn,
-        _INSERT_EVENT,
-        [(first + n, ids[n], source, payload, trace, now) for n, payload in enumerate(fresh_items)],
+    (committed,) = commit_pages(
+        conn, source, [(keys, items, state)], sinks, dedup_window=dedup_window, trace=trace
     )
-    insert_rows(
-        conn,
-        _INSERT_DELIVERY,
-        [
-            (f"{event_id}.{sink}", first + n, sink, now, now)
-            for n, event_id in enumerate(ids)
-            for sink in sinks
-        ],
-    )
-    insert_rows(
-        conn,
-        _INSERT_KEY,
-        [(source, key, event_id, now) for key, event_id in zip(fresh_keys, ids, strict=True)],
-    )
-    repeated = list(known)
-    for start in range(0, len(repeated), _CHUNK):
-        chunk = repeated[start : start + _CHUNK]
-        conn.execute(
-            f"UPDATE dedup SET created_at = ? WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
-            (now, source, *chunk),
-        )
-    stored = list(zip(ids, fresh_items, strict=True))
-    save_state(conn, source, state)
-    return Committed(stored, len(keys) - len(stored))
+    return committed
 
 
 def commit_pages(
@@ -167,8 +119,88 @@ def commit_pages(
     dedup_window: float,
     trace: str | None = None,
 ) -> list[Committed]:
-    """`commit_page` for each (keys, items, state) in order, in the caller's one transaction."""
-    return [
-        commit_page(conn, source, keys, items, sinks, state, dedup_window=dedup_window, trace=trace)
-        for keys, items, state in pages
-    ]
+    """`commit_page` for each (keys, items, state) in order, in the caller's one transaction.
+
+    The same rows as one `commit_page` per page would write (an item is a repeat of one stored
+    earlier, or earlier in these pages), with a handful of statements for all the pages: the
+    writer thread re-takes the GIL after every statement, and the event loop's thread is busy
+    fetching the next pages meanwhile. Only the last page's state is written (the earlier ones
+    would be overwritten in this same transaction). Payloads are sealed when `[store]
+    encryption` is on; `Committed.events` holds them in clear.
+    """
+    if not pages:
+        return []
+    now = time.time()
+    every = list(dict.fromkeys(key for keys, _, _ in pages for key in keys))
+    known: set[str] = set()
+    for start in range(0, len(every), _CHUNK):
+        chunk = every[start : start + _CHUNK]
+        known.update(
+            key
+            for (key,) in conn.execute(
+                "SELECT key FROM dedup WHERE source = ? AND created_at > ? "
+                f"AND key IN ({','.join('?' * len(chunk))})",
+                (source, now - dedup_window, *chunk),
+            )
+        )
+    seen = set(known)
+    fresh: list[tuple[list[str], list[bytes]]] = []
+    total = 0
+    for keys, items, _ in pages:
+        page_keys: list[str] = []
+        page_items: list[bytes] = []
+        for key, payload in zip(keys, items, strict=True):
+            if key not in seen:
+                seen.add(key)
+                page_keys.append(key)
+                page_items.append(payload)
+        fresh.append((page_keys, page_items))
+        total += len(page_keys)
+    # Event ids as `outbox.new_event_id` makes them, with one read of the random source per call.
+    stamp = f"{int(now * 1000):011x}"
+    randomness = os.urandom(8 * total).hex()
+    ids = [stamp + randomness[16 * n : 16 * n + 16] for n in range(total)]
+    payloads = [payload for _, page_items in fresh for payload in page_items]
+    cipher = cipher_of(conn)
+    stored = payloads if cipher is None else [cipher.seal(payload) for payload in payloads]
+    first = last_seq(conn) + 1
+    insert_rows(
+        conn,
+        _INSERT_EVENT,
+        [(first + n, ids[n], source, payload, trace, now) for n, payload in enumerate(stored)],
+    )
+    if sinks:
+        insert_rows(
+            conn,
+            _INSERT_DELIVERY,
+            [
+                (f"{event_id}.{sink}", first + n, sink, now, now)
+                for n, event_id in enumerate(ids)
+                for sink in sinks
+            ],
+        )
+    insert_rows(
+        conn,
+        _INSERT_KEY,
+        [
+            (source, key, event_id, now)
+            for key, event_id in zip((key for page_keys, _ in fresh for key in page_keys), ids, strict=True)
+        ],
+    )
+    repeated = list(known)
+    for start in range(0, len(repeated), _CHUNK):
+        chunk = repeated[start : start + _CHUNK]
+        conn.execute(
+            f"UPDATE dedup SET created_at = ? WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
+            (now, source, *chunk),
+        )
+    save_state(conn, source, pages[-1][2])
+    committed: list[Committed] = []
+    position = 0
+    for (keys, _, _), (page_keys, page_items) in zip(pages, fresh, strict=True):
+        count = len(page_keys)
+        committed.append(
+            Committed(list(zip(ids[position : position + count], page_items, strict=True)), len(keys) - count)
+        )
+        position += count
+    return committed

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +18,7 @@ import msgspec
 import pytest
 import trio
 
-from actors.poller import Poller
+from actors.poller import PIPELINE, Poller
 from daemon.config_poll import PollSourceConfig
 from daemon.poll_store import PollState, load_state, save_state
 from daemon.store import Store
@@ -345,3 +347,218 @@ async def test_a_listing_begun_from_another_url_is_dropped_not_continued(store: 
         await until(done, "a complete listing")
     assert all(request.path == "/cursor/items" for request in api.snapshot())
     assert [item["id"] for item in await stored(store)] == list(range(1, 121))
+
+
+# -- pages read ahead of their commit ----------------------------------------------------------
+# The poller sends a page's request before the page in hand is keyed and committed, and a
+# committer task stores the pages waiting in order, one store call at a time. These tests hold
+# the store's writer thread (a store call that waits on a threading.Event) or fill its "disk"
+# (SQLite's page limit, as in tests/daemon/test_app.py) so that a commit is in flight while the
+# listing goes on, and check that nothing is lost, repeated or stored out of order.
+
+
+async def hold_writer(nursery: trio.Nursery, store: Store) -> threading.Event:
+    """Block the store's writer thread inside a transaction until the returned event is set."""
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(conn: Any) -> None:
+        held.set()
+        gate.wait(DEADLINE)
+
+    nursery.start_soon(store.call, hold)
+    await trio.to_thread.run_sync(held.wait, DEADLINE)
+    return gate
+
+
+def first_request_waits(api: FakeApi) -> threading.Event:
+    """The fake's first answer waits for the event (the test holds the writer meanwhile)."""
+    go = threading.Event()
+
+    def wait(request: Any) -> None:
+        if len(api.snapshot()) == 1:
+            go.wait(DEADLINE)
+
+    api.responder = wait
+    return go
+
+
+async def requests_at_least(api: FakeApi, count: int) -> None:
+    await trio.to_thread.run_sync(
+        lambda: api.wait_for(lambda requests: len(requests) >= count, timeout=DEADLINE)
+    )
+
+
+def cursors(requests: list[Any]) -> list[str | None]:
+    return [r.query.get("cursor") for r in requests]
+
+
+async def test_a_bad_page_after_a_good_one_waits_for_its_commit_and_the_next_cycle_goes_on_from_it(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(300)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR)
+    go = first_request_waits(api)
+    wait_first = api.responder
+    assert wait_first is not None
+
+    def second_page_garbage(request: Any) -> None:
+        wait_first(request)
+        if len(api.snapshot()) == 2:
+            api.fault("garbage")
+
+    api.responder = second_page_garbage
+    reported: list[int] = []
+    async with polling(store, config) as poller:
+
+        class Seen(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage() == "poll failed":
+                    reported.append(poller.items)
+
+        handler = Seen()
+        logging.getLogger("ferry.poller").addHandler(handler)
+        try:
+            async with trio.open_nursery() as nursery:
+                gate = await hold_writer(nursery, store)
+                go.set()
+                await requests_at_least(api, 2)  # page 2, garbage, read while page 1's commit waits
+                gate.set()
+
+            async def done() -> bool:
+                return poller.cycles >= 1
+
+            await until(done, "a complete listing after the bad page")
+        finally:
+            logging.getLogger("ferry.poller").removeHandler(handler)
+        assert poller.errors == {"not_json": 1}
+    assert reported == [100]  # the error was reported once page 1 was stored, not before
+    requests = api.snapshot()
+    # The retry asked for page 2 again with page 1's cursor (not the listing from the start).
+    assert cursors(requests)[:3] == [None, requests[1].query["cursor"], requests[1].query["cursor"]]
+    assert [item["id"] for item in await stored(store)] == list(range(1, 301))
+
+
+async def test_a_full_disk_mid_listing_holds_the_listing_and_bounds_the_pages_read_ahead(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(3000)
+    config = source(f"{api.url}/cursor/items?limit=10", **CURSOR, since=SINCE, interval="1h")
+    opened = threading.Event()
+
+    def fifth_page_waits(request: Any) -> None:
+        if sum(r.query.get("cursor") is not None for r in api.snapshot()) >= 4:
+            opened.wait(DEADLINE)
+
+    api.responder = fifth_page_waits
+    async with polling(store, config) as poller:
+
+        async def four_pages() -> bool:
+            return len(await stored(store)) >= 40
+
+        await until(four_pages, "the first four pages")
+        pages = await store.call(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.call(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        opened.set()
+        tried = store.commits
+
+        async def failing() -> bool:
+            return not store.writable and store.commits >= tried + 4
+
+        await until(failing, "commits failing on the full disk")
+        served = len(api.snapshot())
+        committed = len(await stored(store)) // 10
+        # Each failed commit is tried again (call_until_committed); meanwhile the listing reads
+        # at most two batches ahead (the one being committed, the channel) and two pages more.
+        assert served - committed <= 2 * PIPELINE + 2, (served, committed)
+        await store.call(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+
+        async def complete() -> bool:
+            return poller.cycles >= 1
+
+        await until(complete, "the listing completed after the disk freed up")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 3001))
+    state = await state_of(store)
+    assert (state.next_url, state.mark) == (None, api.record(3000)["updated_at"])
+
+
+async def test_a_poller_cancelled_with_pages_read_ahead_is_replaced_without_loss_or_repeat(
+    store: Store, api: FakeApi
+) -> None:
+    # A reload replaces a poll source by cancelling it (daemon.supervisor); its commit in flight lands.
+    api.add(1000)
+    config = source(f"{api.url}/cursor/items?limit=50", **CURSOR, interval="1h")
+    go = first_request_waits(api)
+    async with trio.open_nursery() as nursery:
+        async with polling(store, config):
+            gate = await hold_writer(nursery, store)
+            go.set()
+            await requests_at_least(api, 5)
+        gate.set()  # the commit queued before the cancel still commits
+    first = len(api.snapshot())
+    assert 0 < len(await stored(store)) < 1000
+    async with polling(store, config) as poller:
+
+        async def complete() -> bool:
+            return poller.cycles >= 1
+
+        await until(complete, "the replacement's listing")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 1001))
+    resumed = api.snapshot()[first]
+    assert resumed.query.get("cursor") is not None, "the replacement began the listing again"
+
+
+async def test_a_pause_mid_listing_stops_after_the_listing_with_every_page_read_ahead_stored(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(500)
+    config = source(f"{api.url}/cursor/items?limit=50", **CURSOR, interval="1ms")
+    go = first_request_waits(api)
+    async with polling(store, config) as poller:
+        async with trio.open_nursery() as nursery:
+            gate = await hold_writer(nursery, store)
+            go.set()
+            await requests_at_least(api, 3)
+            poller.pause()
+            gate.set()
+
+        async def paused() -> bool:
+            return poller.status_name == "paused"
+
+        await until(paused, "the pause after the cycle under way")
+        assert poller.cycles == 1
+        served = len(api.snapshot())
+    assert served == 10  # the listing's ten pages, then no more requests
+    assert [item["id"] for item in await stored(store)] == list(range(1, 501))
+    assert (await state_of(store)).next_url is None
+
+
+async def test_a_page_with_a_bad_item_drops_the_page_asked_for_ahead_of_it(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(300)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR)
+
+    def second_page_without_key(request: Any) -> tuple[int, dict[str, str], bytes] | None:
+        if len(api.snapshot()) == 2:
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                b'{"data": [{"name": "x"}], "next_cursor": "ahead"}',
+            )
+        return None
+
+    api.responder = second_page_without_key
+    async with polling(store, config) as poller:
+
+        async def done() -> bool:
+            return poller.cycles >= 1
+
+        await until(done, "a complete listing after the bad item")
+        assert poller.errors == {"no_key": 1}
+    requests = api.snapshot()
+    # The next page's cursor was known before the items were keyed: it was asked for, and its
+    # answer dropped with the bad page; the retry asked for page 2 again with page 1's cursor.
+    assert "ahead" in cursors(requests)
+    retry = next(r for r in requests[2:] if r.query.get("cursor") != "ahead")
+    assert retry.query["cursor"] == requests[1].query["cursor"]
+    assert [item["id"] for item in await stored(store)] == list(range(1, 301))

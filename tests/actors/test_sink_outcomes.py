@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from actors.outcomes import IDS_PER_LINE, log_final_outcomes, outcome_log
+from actors.outcomes import IDS_PER_LINE, log_committed, log_final_outcomes, outcome_log
 from actors.sink import Answer, Sink
 from daemon.errors import PermanentDelivery
 from daemon.outbox import Due, Outcomes
@@ -118,3 +118,30 @@ def test_a_batch_logs_one_line_per_outcome_naming_every_delivery(
     outcome_log.setLevel(logging.ERROR)  # [telemetry] log_outcomes = "dead"
     log_final_outcomes("crm", batch, outcomes, 0.05, None)
     assert [r.getMessage() for r in caplog.records] == ["delivery dead-lettered"]
+
+
+def test_attempts_committed_together_share_lines_by_outcome_status_and_answer(
+    caplog: pytest.LogCaptureFixture, outcome_level: None
+) -> None:
+    caplog.set_level(logging.INFO, logger="ferry.sink")
+    [a, b, c, d] = dues("a", "b", "c", "d")
+    log_committed(
+        "crm",
+        [
+            ([a], Outcomes([(a.rowid, 200)], [], []), 0.010, '{"ok":true}'),
+            ([b], Outcomes([(b.rowid, 200)], [], []), 0.030, '{"ok":true}'),
+            ([c], Outcomes([(c.rowid, 200)], [], []), 0.020, '{"id":3}'),
+            ([d], Outcomes([], [], [(d.rowid, 422, "HTTP 422: no")]), 0.005, None),
+        ],
+    )
+    [(msg, _, shared), (_, _, alone), (dead_msg, _, dead)] = fields_of(caplog)
+    assert msg == "delivered"
+    assert (shared["deliveries"], shared["delivery_ids"], shared["event_ids"]) == (
+        2,
+        [a.id, b.id],
+        [a.event_id, b.event_id],
+    )
+    assert (shared["latency_ms"], shared["response"], shared["attempts_max"]) == (30.0, '{"ok":true}', 1)
+    # A delivery alone in its group keeps the single-delivery line, with its own attempt's figures.
+    assert (alone["delivery_id"], alone["latency_ms"], alone["response"]) == (c.id, 20.0, '{"id":3}')
+    assert (dead_msg, dead["delivery_id"], dead["error"]) == ("delivery dead-lettered", d.id, "HTTP 422: no")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from daemon.at_rest import PREFIX, Cipher
 from daemon.config_poll import PollSourceConfig
 from daemon.errors import PollError
 from daemon.poll import Page, PageReader, Watermark, first_url, link_targets, next_url, with_params
-from daemon.poll_store import PollState, commit_page, load_state
+from daemon.poll_store import PollState, commit_page, commit_pages, load_state
 from daemon.store import open_connection
 from daemon.units import dec_hook
 
@@ -246,6 +248,46 @@ def test_a_key_is_forgotten_only_dedup_window_after_it_was_last_seen(conn: sqlit
     assert seen > time.time() - 5  # refreshed by the repeat
     conn.execute("UPDATE dedup SET created_at = ?", (time.time() - 61,))
     assert len(commit_page(conn, "api", ["1"], [b"a"], [], PollState(), dedup_window=60).events) == 1
+
+
+def test_pages_committed_together_store_what_one_commit_per_page_would(tmp_path: Path) -> None:
+    pages = [
+        (["1", "2", "2"], [b"a", b"b", b"b2"], PollState(next_url="https://x/2", pages=1)),
+        (["2", "3"], [b"b", b"c"], PollState(next_url="https://x/3", pages=2)),  # "2" again: a repeat
+        (["4", "1"], [b"d", b"a"], PollState(mark="m", pages=0)),
+    ]
+    one = open_connection(tmp_path / "one.db", "normal")
+    one.execute("BEGIN")
+    each = [commit_page(one, "api", k, i, ["out"], s, dedup_window=60) for k, i, s in pages]
+    one.execute("COMMIT")
+    together = open_connection(tmp_path / "together.db", "normal")
+    together.execute("BEGIN")
+    batch = commit_pages(together, "api", pages, ["out"], dedup_window=60)
+    together.execute("COMMIT")
+    assert [[p for _, p in c.events] for c in batch] == [[b"a", b"b"], [b"c"], [b"d"]]
+    assert [c.duplicates for c in batch] == [1, 1, 1] == [c.duplicates for c in each]
+    rows = "SELECT seq, stream, payload FROM events ORDER BY seq"
+    assert together.execute(rows).fetchall() == one.execute(rows).fetchall()
+    keys = "SELECT key FROM dedup ORDER BY key"
+    assert (
+        together.execute(keys).fetchall() == one.execute(keys).fetchall() == [("1",), ("2",), ("3",), ("4",)]
+    )
+    stored_ids = [event_id for c in batch for event_id, _ in c.events]
+    assert [r[0] for r in together.execute("SELECT id FROM events ORDER BY seq")] == stored_ids
+    assert together.execute("SELECT count(*) FROM deliveries WHERE stage = 'out'").fetchone()[0] == 4
+    assert load_state(together, "api") == PollState(mark="m", pages=0)
+    assert commit_pages(together, "api", [], ["out"], dedup_window=60) == []
+
+
+def test_polled_items_are_sealed_when_the_store_is_encrypted(tmp_path: Path) -> None:
+    cipher = Cipher(os.urandom(32))
+    conn = open_connection(tmp_path / "ferry.db", "normal", cipher=cipher)
+    committed = commit_page(conn, "api", ["1"], [b'{"id": 1}'], [], PollState(), dedup_window=60)
+    assert [payload for _, payload in committed.events] == [b'{"id": 1}']  # in clear for taps
+    (stored,) = conn.execute("SELECT payload FROM events").fetchone()
+    assert stored.startswith(PREFIX)
+    assert b'{"id"' not in stored  # (a bare b"id" can turn up in the base64 by chance)
+    assert cipher.open(stored) == b'{"id": 1}'
 
 
 def test_a_bad_poll_source_is_refused_with_every_problem_and_its_path() -> None:

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -139,6 +140,54 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
     assert len({line["id"] for line in lines}) == 10_700
     assert status["polls"]["items"]["failures"] == 0
     assert status["polls"]["items"]["mark"] == api.record(5)["updated_at"]
+
+
+AHEAD = """
+[sources.items]
+type = "poll"
+url = "{url}/cursor/items?limit=50"
+items = ".data"
+key = ".id"
+interval = "1h"
+timeout = "10s"
+pagination = {{ style = "cursor", path = ".next_cursor" }}
+since = {{ field = ".updated_at", param = "updated_since", overlap = "5s" }}
+"""
+
+
+def test_a_kill_9_with_pages_read_ahead_and_their_commit_in_flight_loses_and_repeats_nothing(
+    tmp_path: Path, api: FakeApi
+) -> None:
+    api.add(6_000)
+    config = write_config(tmp_path, AHEAD.format(url=api.url))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    wait(lambda: len(stored_ids(db)) >= 500, "the first pages")
+    # Another connection takes the write lock: the daemon's next commit waits on it (up to its
+    # 5 s busy timeout) while the poller reads pages ahead; the kill lands in the middle of that.
+    blocker = sqlite3.connect(db, timeout=10)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        committed = len(stored_ids(db))
+        api.wait_for(lambda requests: len(requests) * 50 >= committed + 1_000, timeout=10)
+        daemon.kill9()
+        served = len(api.snapshot())
+    finally:
+        blocker.rollback()
+        blocker.close()
+    state = poll_state(db)
+    assert state["next_url"], "the kill was meant to land inside the listing"
+    assert len(stored_ids(db)) == committed
+    assert served * 50 >= committed + 1_000  # pages read ahead of their commit were lost with the process
+
+    daemon.start()
+    wait(lambda: len(stored_ids(db)) >= 6_000, "the rest of the listing")
+    daemon.stop()
+    resumed = api.snapshot()[served]
+    assert parse_qs(urlsplit(str(state["next_url"])).query)["cursor"] == [resumed.query["cursor"]]
+    ids = stored_ids(db)
+    assert sorted(ids) == list(range(1, 6_001)), Counter(ids).most_common(3)
+    assert ids == sorted(ids)  # and stored in the order listed
 
 
 BAD = """
