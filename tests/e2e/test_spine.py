@@ -120,6 +120,25 @@ async def test_thousand_concurrent_events_are_each_delivered_exactly_once(daemon
     assert first.path == "/contacts"
     assert first.headers["idempotency-key"] == f"{acked[7]}.shape.crm"
     assert len({r.headers["idempotency-key"] for r in requests}) == 1000
+    # Outcomes committed together share a line: still every delivery in exactly one line.
+    logged = wait_outcome_lines(daemon, 1000)
+    assert sorted(logged) == sorted(f"{acked[n]}.shape.crm" for n in range(1000))
+
+
+def wait_outcome_lines(daemon: Daemon, count: int, timeout: float = 30.0) -> list[str]:
+    """The delivery ids of the `delivered` outcome lines, once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [
+            delivery
+            for line in daemon.logs()
+            if line.get("logger") == "ferry.sink.outcome" and line.get("msg") == "delivered"
+            for delivery in line.get("delivery_ids", [line.get("delivery_id")])
+        ]
+        if len(ids) >= count:
+            return ids
+        assert time.monotonic() < deadline, f"{len(ids)} of {count} deliveries logged"
+        time.sleep(0.05)
 
 
 async def test_kill_9_during_a_burst_loses_no_acknowledged_event(tmp_path, receiver) -> None:
