@@ -197,7 +197,10 @@ class Poller:
         self.next_poll_at: float | None = None
         self.errors: Counter[str] = Counter()
         self.items = self.duplicates = self.requests = self.not_modified = self.cycles = 0
-        self._answered = 0  # 2xx answers not yet added to `ferry.poll.requests`
+        # Counts not yet added to `ferry.poll.requests` / `ferry.poll.items`: an OpenTelemetry
+        # `add` costs tens of µs, so they are added at most once a second and after each cycle.
+        self._answered = self._new = self._repeats = 0
+        self._counted_at = 0.0
         self._unstored, self._room = 0, trio.Event()  # bytes of items read ahead of their commit
 
     def __repr__(self) -> str:
@@ -273,7 +276,7 @@ class Poller:
                     self.last_success_at = time.time()
                     self.status_name = "waiting"
                     delay = config.interval * (1 + self._rng() * config.jitter)
-                self._count_answered()
+                self._add_counts()
                 gauges[self.name] = self.failures
                 self.next_poll_at = time.time() + delay
                 self._wake = trio.Event()
@@ -281,6 +284,7 @@ class Poller:
                     await self._wake.wait()
         finally:
             gauges.pop(self.name, None)
+            self._add_counts()
             with trio.CancelScope(shield=True):
                 await client.aclose()
                 if self._auth is not None:
@@ -377,7 +381,7 @@ class Poller:
                 f"({int(self._config.max_response)} bytes)",
                 kind="too_large",
             )
-        self._answered += 1  # counted in `ferry.poll.requests` once per commit: an add costs ~10 µs
+        self._answered += 1
         return response
 
     async def _send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
@@ -416,10 +420,19 @@ class Poller:
         if error is not None:
             raise error
 
-    def _count_answered(self) -> None:
+    def _add_counts(self, *, now: bool = True) -> None:
+        clock = time.monotonic()
+        if not now and clock - self._counted_at < 1.0:
+            return
+        self._counted_at = clock
+        current = metrics.current()
         if self._answered:
-            metrics.current().poll_requests.add(self._answered, {"source": self.name, "outcome": "ok"})
-            self._answered = 0
+            current.poll_requests.add(self._answered, {"source": self.name, "outcome": "ok"})
+        if self._new:
+            current.poll_items.add(self._new, {"source": self.name, "outcome": "new"})
+        if self._repeats:
+            current.poll_items.add(self._repeats, {"source": self.name, "outcome": "duplicate"})
+        self._answered = self._new = self._repeats = 0
 
     async def _list(self, pages: trio.MemorySendChannel[tuple[Page, PollState]]) -> None:
         """Fetch the listing's pages in order, each page's request sent before the page before it
@@ -580,11 +593,10 @@ class Poller:
         duplicates = sum(c.duplicates for c in committed)
         self.items += new
         self.duplicates += duplicates
-        self._count_answered()
-        current = metrics.current()
-        current.received[self.name] += new
-        current.poll_items.add(new, {"source": self.name, "outcome": "new"})
-        current.poll_items.add(duplicates, {"source": self.name, "outcome": "duplicate"})
+        metrics.current().received[self.name] += new
+        self._new += new
+        self._repeats += duplicates
+        self._add_counts(now=False)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({"ferry.new": new, "ferry.duplicates": duplicates})

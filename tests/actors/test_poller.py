@@ -562,3 +562,37 @@ async def test_a_page_with_a_bad_item_drops_the_page_asked_for_ahead_of_it(
     retry = next(r for r in requests[2:] if r.query.get("cursor") != "ahead")
     assert retry.query["cursor"] == requests[1].query["cursor"]
     assert [item["id"] for item in await stored(store)] == list(range(1, 301))
+
+
+async def test_requests_and_items_are_counted_in_the_metrics_by_the_end_of_each_cycle(
+    store: Store, api: FakeApi
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from daemon import metrics
+    from daemon.alert_expr import flatten
+
+    reader = InMemoryMetricReader()
+    previous = metrics.current()
+    metrics.install(metrics.Metrics(MeterProvider(metric_readers=[reader]).get_meter("test")))
+    try:
+        api.add(250)
+        config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, interval="1h")
+        async with polling(store, config) as poller:
+
+            async def counted() -> bool:
+                return poller.cycles >= 1 and poller.status_name == "waiting"
+
+            await until(counted, "one listing")
+            series = flatten(reader.get_metrics_data())
+    finally:
+        metrics.install(previous)
+
+    def total(name: str, outcome: str) -> float:
+        points = [value for labels, value in series[name] if labels == {"source": "api", "outcome": outcome}]
+        return sum(value for value in points if isinstance(value, float))
+
+    assert total("ferry.poll.requests", "ok") == poller.requests == 3
+    assert total("ferry.poll.items", "new") == 250
+    assert total("ferry.poll.items", "duplicate") == 0
