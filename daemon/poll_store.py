@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
+from itertools import chain
 from typing import Final
 
 from .at_rest import cipher_of
@@ -33,10 +34,36 @@ from .outbox import insert_rows, last_seq
 
 Connection = sqlite3.Connection
 
-_INSERT_EVENT: Final = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
 _INSERT_DELIVERY: Final = "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES "
-_INSERT_KEY: Final = "INSERT OR REPLACE INTO dedup(source, key, event_id, created_at) VALUES "
 _CHUNK: Final = 500
+
+# Multi-row inserts whose values shared by every row are bound once (?1, ?2, ?3) and the rest
+# per row, numbered: half the parameters to bind (with the GIL held) of one `?` per value.
+_EVENTS: Final = (
+    "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES ",
+    "(?{},?{},?1,?{},?2,?3)",  # source, trace, now; then seq, id, payload per row
+    3,
+)
+_KEYS: Final = (
+    "INSERT OR REPLACE INTO dedup(source, key, event_id, created_at) VALUES ",
+    "(?1,?{},?{},?2)",  # source, now; then key, event id per row
+    2,
+)
+_ROWS: Final = 256  # rows per statement: at most 3 + 3 * 256 parameters, under SQLite's old 999
+_statements: dict[tuple[str, int], str] = {}
+
+
+def _statement(kind: tuple[str, str, int], rows: int) -> str:
+    """The INSERT of `rows` rows of `kind` (`_EVENTS`, `_KEYS`)."""
+    insert, row, shared = kind
+    sql = _statements.get((insert, rows))
+    if sql is None:
+        width = row.count("{}")
+        values = ",".join(
+            row.format(*range(shared + 1 + width * n, shared + 1 + width * (n + 1))) for n in range(rows)
+        )
+        sql = _statements[(insert, rows)] = insert + values
+    return sql
 
 
 @dataclass
@@ -164,11 +191,11 @@ def commit_pages(
     cipher = cipher_of(conn)
     stored = payloads if cipher is None else [cipher.seal(payload) for payload in payloads]
     first = last_seq(conn) + 1
-    insert_rows(
-        conn,
-        _INSERT_EVENT,
-        [(first + n, ids[n], source, payload, trace, now) for n, payload in enumerate(stored)],
-    )
+    fresh_keys = [key for page_keys, _ in fresh for key in page_keys]
+    for start in range(0, total, _ROWS):
+        end = min(start + _ROWS, total)
+        rows = zip(range(first + start, first + end), ids[start:end], stored[start:end], strict=True)
+        conn.execute(_statement(_EVENTS, end - start), [source, trace, now, *chain.from_iterable(rows)])
     if sinks:
         insert_rows(
             conn,
@@ -179,14 +206,10 @@ def commit_pages(
                 for sink in sinks
             ],
         )
-    insert_rows(
-        conn,
-        _INSERT_KEY,
-        [
-            (source, key, event_id, now)
-            for key, event_id in zip((key for page_keys, _ in fresh for key in page_keys), ids, strict=True)
-        ],
-    )
+    for start in range(0, total, _ROWS):
+        end = min(start + _ROWS, total)
+        pairs = zip(fresh_keys[start:end], ids[start:end], strict=True)
+        conn.execute(_statement(_KEYS, end - start), [source, now, *chain.from_iterable(pairs)])
     repeated = list(known)
     for start in range(0, len(repeated), _CHUNK):
         chunk = repeated[start : start + _CHUNK]

@@ -331,3 +331,23 @@ pagination = { style = "sideways" }
         "$.sources.api.rate_limit: unknown rate limit 'nope'",
     ]:
         assert expected in problems, problems
+
+
+def test_many_pages_in_one_commit_span_several_statements_in_order(conn: sqlite3.Connection) -> None:
+    pages = [
+        (
+            [str(n) for n in range(p * 250, p * 250 + 250)],
+            [b"%d" % n for n in range(p * 250, p * 250 + 250)],
+            PollState(),
+        )
+        for p in range(3)
+    ]
+    committed = commit_pages(conn, "api", pages, [], dedup_window=60, trace="00-trace")
+    assert [len(c.events) for c in committed] == [250, 250, 250]
+    rows = conn.execute("SELECT seq, id, stream, payload, trace FROM events ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == list(range(1, 751))
+    assert [r[3] for r in rows] == [b"%d" % n for n in range(750)]
+    assert [r[1] for r in rows] == [event_id for c in committed for event_id, _ in c.events]
+    assert {(r[2], r[4]) for r in rows} == {("api", "00-trace")}
+    keys = dict(conn.execute("SELECT key, event_id FROM dedup WHERE source = 'api'").fetchall())
+    assert keys == {str(n): rows[n][1] for n in range(750)}
