@@ -91,7 +91,7 @@ class _Request(Generic[T]):
 
 PAGE_CACHE_KIB = 4096
 """SQLite's page cache, per connection. It fills as the database grows, so it is the daemon's
-resident memory that grows with a backlog; at 4 MiB it is full after ~15,000 events, and a bigger
+resident memory that grows with a backlog; at 4 MiB it is full after ~20,000 events, and a bigger
 one measured no faster (ingest, drain: docs/reliability.md#memory-during-an-outage). The kernel's
 file cache holds the rest of the hot pages."""
 
