@@ -596,3 +596,51 @@ async def test_requests_and_items_are_counted_in_the_metrics_by_the_end_of_each_
     assert total("ferry.poll.requests", "ok") == poller.requests == 3
     assert total("ferry.poll.items", "new") == 250
     assert total("ferry.poll.items", "duplicate") == 0
+
+
+async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goes_on_from_the_last_commit(
+    store: Store, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a full disk (retried, above) but a commit that raises: the poller stops (its supervisor
+    # starts a new one in the daemon) and nothing of the failed batch, nor after it, is stored.
+    import sqlite3
+
+    from daemon import poll_store
+
+    api.add(1000)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, since=SINCE, interval="1h")
+    real = poll_store.commit_pages
+    calls = 0
+
+    def second_call_fails(conn: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            conn.execute(
+                "INSERT INTO events(seq, id, stream, payload, received_at) VALUES (1, 'x', 'x', x'', 0)"
+            )
+        return real(conn, **kwargs)
+
+    monkeypatch.setattr("actors.poller.commit_pages", second_call_fails)
+    go = first_request_waits(api)
+    poller = Poller("api", config, store, sinks=["out"], consumers=["out"], dedup_window=86400)
+    with pytest.RaisesGroup(sqlite3.IntegrityError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(poller.run)
+            held = await hold_writer(nursery, store)  # page 1 alone in the first store call
+            go.set()
+            await requests_at_least(api, 2)
+            held.set()
+    first = await stored(store)
+    assert [item["id"] for item in first] == list(range(1, 101))
+    assert (await state_of(store)).pages == 1
+    monkeypatch.setattr("actors.poller.commit_pages", real)
+    served = len(api.snapshot())
+    async with polling(store, config) as again:
+
+        async def complete() -> bool:
+            return again.cycles >= 1
+
+        await until(complete, "the next incarnation's listing")
+    assert [item["id"] for item in await stored(store)] == list(range(1, 1001))
+    assert api.snapshot()[served].query["cursor"] == api.snapshot()[1].query["cursor"]
