@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
 from bench.harness import ensure_wrk
@@ -47,8 +46,7 @@ from bench.latency import latency
 from bench.peers import peers
 from bench.poll import poll_ingest
 from bench.ratelimit import ratelimit_overhead
-from bench.receiver import Receiver
-from bench.report import Row, machine, render, write
+from bench.report import Row, machine, write
 from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
@@ -102,23 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.2f} at start; other work here skews every figure")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as folder:
-        receiver = Receiver()
-        ctx = Context(args.quick, Path(folder), receiver)
-        try:
-            trio.run(run, ctx)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-            receiver.close()
+    with bench_context(args.quick) as ctx:
+        trio.run(run, ctx)
     rows = ctx.rows + ctx.memory
     print()
-    print(render(rows))
-    for anomaly in ctx.anomalies:
-        print(f"ANOMALY: {anomaly}")
+    status = report(ctx, rows)
     out = write(rows, {**ctx.details, "anomalies": ctx.anomalies}, ctx.settings())
     print(f"\n{time.monotonic() - started:.0f} s in all; written to {out.relative_to(Path.cwd())}")
-    return 0 if all(row.passed is not False for row in rows) else 1
+    return status
 
 
 if __name__ == "__main__":

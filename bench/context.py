@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.harness import Ferry
 from bench.receiver import Receiver
-from bench.report import Row
+from bench.report import Row, render
 
 
 @dataclass
@@ -48,3 +51,28 @@ class Context:
         peak = ferry.peak_rss_mib()
         self.memory.append(Row(f"daemon peak RSS (VmHWM): {case}", peak, "MiB"))
         return peak
+
+
+@contextmanager
+def bench_context(quick: bool, *, prefix: str = "ferry-bench-", receiver: bool = True) -> Iterator[Context]:
+    """A run's `Context` in a temporary folder, with a receiver unless told not to; on the way
+    out (also on failure or Ctrl-C) every daemon it started is stopped and the receiver closed."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        sink = Receiver() if receiver else None
+        ctx = Context(quick, Path(folder), sink)  # type: ignore[arg-type]  # None: a case without a sink
+        try:
+            yield ctx
+        finally:
+            for ferry in ctx.running:
+                ferry.stop()
+            if sink is not None:
+                sink.close()
+
+
+def report(ctx: Context, rows: list[Row] | None = None) -> int:
+    """Print `rows` (the run's rows by default) and its anomalies; the exit status their targets give."""
+    rows = ctx.rows if rows is None else rows
+    print(render(rows))
+    for anomaly in ctx.anomalies:
+        print(f"ANOMALY: {anomaly}")
+    return 0 if all(row.passed is not False for row in rows) else 1

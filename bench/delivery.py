@@ -21,15 +21,12 @@ import argparse
 import socket
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, write_config
-from bench.receiver import Receiver
-from bench.report import Row, render
+from bench.report import Row
 from daemon.http_client import HttpClient, HttpxClient, LeanClient
 from daemon.schema import PENDING
 
@@ -196,19 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer events (a smoke run)")
     parser.add_argument("--per-event-only", action="store_true", help="skip the backlog drain (case 4)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
-        receiver = Receiver()
-        ctx = Context(args.quick, Path(tmp), receiver)
-        try:
-            trio.run(_cases, ctx, args.per_event_only)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-            receiver.close()
-    print(render(ctx.rows))
-    for anomaly in ctx.anomalies:
-        print(f"ANOMALY: {anomaly}")
-    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+    with bench_context(args.quick) as ctx:
+        trio.run(_cases, ctx, args.per_event_only)
+    return report(ctx)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import timeit
 from pathlib import Path
 
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
-from bench.receiver import Receiver
-from bench.report import Row, machine, render, write
+from bench.report import Row, machine, write
 from daemon.at_rest import Cipher
 
 KEY = base64.b64encode(os.urandom(32)).decode()
@@ -178,19 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"machine: {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, Python {info['python']}")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-enc-") as folder:
-        receiver = Receiver()
-        ctx = Context(args.quick, Path(folder), receiver)
-        try:
-            trio.run(run, ctx)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-            receiver.close()
+    with bench_context(args.quick, prefix="ferry-bench-enc-") as ctx:
+        trio.run(run, ctx)
     print()
-    print(render(ctx.rows))
-    for anomaly in ctx.anomalies:
-        print(f"ANOMALY: {anomaly}")
+    report(ctx)  # no targets here: the exit status says whether anything went wrong
     out = write(
         ctx.rows,
         {**ctx.details, "anomalies": ctx.anomalies},

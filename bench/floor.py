@@ -112,6 +112,11 @@ def measure(events: int, repeats: int) -> dict[str, float]:
     return figures
 
 
+def _size(quick: bool) -> tuple[int, int]:
+    """(events, repeats) of a run."""
+    return (5_000, 3) if quick else (20_000, 5)
+
+
 def rows(figures: dict[str, float], bare_cpu: float | None, alone_cpu: float | None) -> list[Row]:
     """The floor's rows, and the ceiling they leave when case 2's CPU figures are known."""
     floor = sum(figures.values())
@@ -135,16 +140,15 @@ def rows(figures: dict[str, float], bare_cpu: float | None, alone_cpu: float | N
 
 async def pipeline_floor(ctx: Context) -> None:
     """`make bench` case 2c: appends its rows to `ctx.rows` (case 2's CPU figures, if it ran)."""
-    quick = ctx.quick
     cpu = ctx.details.get("durable_ingest", {}).get("cpu_us", {})
-    figures = measure(5_000 if quick else 20_000, 3 if quick else 5)
+    figures = measure(*_size(ctx.quick))
     ctx.details["pipeline_floor"] = figures
     ctx.rows.extend(rows(figures, cpu.get("bare"), cpu.get("store_only")))
 
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    figures = measure(5_000 if quick else 20_000, 3 if quick else 5)
+    figures = measure(*_size(quick))
     print(render(rows(figures, None, None)))
     return 0
 

@@ -16,17 +16,16 @@ import hmac
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_load, write_config, wrk_script
 from bench.listener_bench import PATH, measure, serve_bare
-from bench.report import Row, render
+from bench.report import Row
 
 PACE_TARGET_S = 0.5  # backlog at the end of the load, in seconds of ingest
 DRAIN_LIMIT_S = 30.0
@@ -312,19 +311,8 @@ async def verified_ingest(ctx: Context) -> None:
         ctx.rows.append(Row(f"  the same, verify = {name} (median)", value, "req/s", off, value / off))
 
 
-async def _verified_only(quick: bool) -> None:
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-verify-") as folder:
-        ctx = Context(quick, Path(folder), None)  # type: ignore[arg-type]  # no sink, no receiver
-        try:
-            await verified_ingest(ctx)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-        print(render(ctx.rows))
-        for anomaly in ctx.anomalies:
-            print(f"ANOMALY: {anomaly}")
-
-
 if __name__ == "__main__":
-    # `python -m bench.ingest [--quick]`: only the verification cost comparison.
-    trio.run(_verified_only, "--quick" in sys.argv)
+    # `python -m bench.ingest [--quick]`: only the verification cost comparison (no sink, no receiver).
+    with bench_context("--quick" in sys.argv, prefix="ferry-bench-verify-", receiver=False) as context:
+        trio.run(verified_ingest, context)
+    report(context)

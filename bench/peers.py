@@ -52,12 +52,12 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, write_config, wrk_script
 from bench.listener_bench import PATH, serve_bare
 from bench.listener_bench import measure as measure_bare
 from bench.receiver import Receiver
-from bench.report import Row, render
+from bench.report import Row
 from tests.fakes import free_port
 
 NODE_RED_VERSION = "4"
@@ -381,7 +381,7 @@ async def peers(ctx: Context) -> None:
 async def _measure_all(ctx: Context, folder: Path, events: int) -> None:
     results: dict[str, Figures] = {}
     for name, batch, concurrency, path in ((PER_EVENT, False, 16, "/"), (BATCHING, True, 8, "/batch")):
-        ferry_folder = ctx.tmp / f"peers-{name.split()[1].strip('(')}"
+        ferry_folder = ctx.tmp / ("peers-batching" if batch else "peers-per-event")
         config = write_config(ferry_folder, ctx.receiver.url + path, batch=batch, concurrency=concurrency)
         ferry = Ferry.start(ferry_folder, config, ctx.running)
         try:
@@ -478,19 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
-        receiver = Receiver()
-        ctx = Context(args.quick, Path(tmp), receiver)
-        try:
-            trio.run(peers, ctx)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-            receiver.close()
-    print(render(ctx.rows))
-    for anomaly in ctx.anomalies:
-        print(f"ANOMALY: {anomaly}")
-    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+    with bench_context(args.quick) as ctx:
+        trio.run(peers, ctx)
+    return report(ctx)
 
 
 if __name__ == "__main__":

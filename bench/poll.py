@@ -17,16 +17,15 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry
-from bench.report import Row, render
+from bench.report import Row
 
 TARGET = 0.7
 PAGE = 100
@@ -152,17 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-poll-") as folder:
-        ctx = Context(args.quick, Path(folder), receiver=None)  # type: ignore[arg-type]  # no sink here
-        try:
-            trio.run(poll_ingest, ctx, args.records)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-    print(render(ctx.rows + ctx.memory))
-    for anomaly in ctx.anomalies:
-        print(f"ANOMALY: {anomaly}")
-    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+    with bench_context(args.quick, prefix="ferry-bench-poll-", receiver=False) as ctx:
+        trio.run(poll_ingest, ctx, args.records)
+    return report(ctx, ctx.rows + ctx.memory)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
 
-from bench.context import Context
+from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_load, write_config, wrk_script
-from bench.receiver import Receiver
-from bench.report import Row, render
+from bench.report import Row
 from daemon.config import TelemetryConfig
 
 TARGET = 0.85
@@ -132,17 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s loads, 1 round")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-tracing-") as folder:
-        receiver = Receiver()
-        ctx = Context(args.quick, Path(folder), receiver)
-        try:
-            trio.run(tracing_cost, ctx)
-        finally:
-            for ferry in ctx.running:
-                ferry.stop()
-            receiver.close()
-    print(render(ctx.rows))
-    return 0 if all(row.passed is not False for row in ctx.rows) else 1
+    with bench_context(args.quick, prefix="ferry-bench-tracing-") as ctx:
+        trio.run(tracing_cost, ctx)
+    return report(ctx)
 
 
 if __name__ == "__main__":
