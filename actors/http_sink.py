@@ -20,6 +20,13 @@ first of `urls` whose circuit breaker lets it through); the guard also took a pe
 sink's `rate_limit` budget (a request repeated after a 401 takes another), and every answer
 is fed back to that budget (`Retry-After`, `RateLimit-*` pause it for all its users).
 
+Per-item outcomes: with `batch.item_outcomes`, every 2xx answer is read item by item
+(`daemon.item_outcomes`): the items it refused come back in `Answer.items`, each with the error
+its own status means, and are judged alone; the rest are delivered. An answer that cannot be
+read that way (not JSON, the program fails, an item it names is not in the batch) is a
+`RetryableDelivery` for the whole batch: nothing it may have refused counts as delivered, and
+the items it accepted are sent again under their delivery ids.
+
 Tracing: each request carries the `traceparent` of the attempt's `sink deliver` span (the
 span current while `send` runs) and sets its `http.*`/`url.full` attributes.
 """
@@ -38,6 +45,7 @@ from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_co
 from daemon.config import HttpSinkConfig
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
+from daemon.item_outcomes import ItemOutcomes, UnreadableAnswer
 from daemon.outbox import Due
 from daemon.store import Store
 from daemon.tokens import scrub
@@ -46,6 +54,9 @@ from .guard import SinkGuard, current_url
 from .sink import Answer
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+ANSWER_MAX = 64 * 1024
+ITEM_ANSWER_MAX = 16 * 1024 * 1024
+"""Bytes of an answer kept: an excerpt's worth, or with `item_outcomes` the whole of any sane one."""
 EXCERPT_CHARS = 200
 
 
@@ -91,15 +102,19 @@ class HttpSender:
         self._url = config.targets[0]
         self._limiter = guard.limiter if guard is not None else None
         self._batching = config.batch is not None
+        outcomes = config.batch.item_outcomes if config.batch is not None else None
+        self._items = ItemOutcomes(outcomes) if outcomes is not None else None
         envelope = config.batch.envelope if config.batch is not None else None
         # `{"inputs": [...]}` around a batch when the API wants an object (HubSpot's batch endpoints).
         self._open = b"{" + json.dumps(envelope).encode() + b":[" if envelope else b"["
         self._close = b"]}" if envelope else b"]"
         context = ssl_context(config.tls)
+        # Item outcomes need the whole answer (HubSpot echoes every record written), not an excerpt.
+        kept = ITEM_ANSWER_MAX if self._items is not None else ANSWER_MAX
         self._client: HttpClient = (
-            LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context)
+            LeanClient(max_idle_per_host=config.max_concurrency, ssl_context=context, max_body=kept)
             if config.client == "lean"
-            else HttpxClient(max_connections=config.max_concurrency, ssl_context=context)
+            else HttpxClient(max_connections=config.max_concurrency, ssl_context=context, max_body=kept)
         )
         self._auth: Auth | None = (
             build_auth(config.auth, owner=f"sinks.{name}", store=store) if config.auth is not None else None
@@ -146,14 +161,37 @@ class HttpSender:
         if recording:
             span.set_attribute("http.response.status_code", response.status)
         if self._auth is None:
-            return Answer(check_status(response), excerpt_of(response.body) or None)
+            status = check_status(response)
+            return Answer(status, excerpt_of(response.body) or None, self._refused(status, response, batch))
         # A receiver may echo the credentials it got: none in errors or in the stored answer.
         sent = credential_values(credentials, self._auth.query)
         try:
             status = check_status(response)
+            items = self._refused(status, response, batch)
         except DeliveryError as exc:
             raise scrub_error(exc, sent) from None
-        return Answer(status, scrub(excerpt_of(response.body), sent) or None)
+        if items:
+            items = {index: scrub_error(error, sent) for index, error in items.items()}
+        return Answer(status, scrub(excerpt_of(response.body), sent) or None, items)
+
+    def _refused(
+        self, status: int, response: Response, batch: Sequence[Due]
+    ) -> dict[int, DeliveryError] | None:
+        """The items a 2xx answer refused (`batch.item_outcomes`); raise when it cannot be read."""
+        if self._items is None:
+            return None
+        try:
+            return self._items.read(response.body, [due.payload for due in batch]) or None
+        except UnreadableAnswer as exc:
+            why = str(exc)
+            if len(response.body) >= ITEM_ANSWER_MAX:
+                why = f"the answer is larger than the {ITEM_ANSWER_MAX} bytes ferry reads"
+            excerpt = excerpt_of(response.body)
+            raise RetryableDelivery(
+                f"HTTP {status}, but its item outcomes cannot be read ({why}); the whole batch is retried"
+                + (f": {excerpt}" if excerpt else ""),
+                status=status,
+            ) from None
 
     async def _request(
         self, url: str, headers: list[tuple[str, str]], body: bytes, *, again: bool = False

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
@@ -84,10 +84,15 @@ log = logging.getLogger("ferry.sink")
 
 
 class Answer(NamedTuple):
-    """What the receiver said to a successful attempt: its status and the start of its body."""
+    """What the receiver said to a successful attempt: its status and the start of its body.
+
+    `items`: the items it refused all the same (by position in the batch; `batch.item_outcomes`),
+    each judged alone with its own error; the others are delivered.
+    """
 
     status: int | None
     excerpt: str | None = None
+    items: Mapping[int, DeliveryError] | None = None
 
 
 class Sender(Protocol):
@@ -115,12 +120,23 @@ def judge(
     now: float,
     *,
     hold: bool = False,
+    items: Mapping[int, DeliveryError] | None = None,
 ) -> Outcomes:
     """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
 
     `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
     circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
+    `items`: errors of single items of an otherwise successful attempt (`Answer.items`, by
+    position in `batch`): each item is judged alone, with its own error or with the attempt's.
     """
+    if items:
+        merged = Outcomes([], [], [])
+        for index, due in enumerate(batch):
+            one = judge([due], items.get(index, error), status, retry, now, hold=hold)
+            merged.delivered.extend(one.delivered)
+            merged.retry.extend(one.retry)
+            merged.dead.extend(one.dead)
+        return merged
     outcomes = Outcomes([], [], [])
     for due in batch:
         attempt = due.attempts + 1
@@ -385,12 +401,15 @@ class Sink:
         error: DeliveryError | None = None
         status: int | None = None
         response: str | None = None
+        items: Mapping[int, DeliveryError] | None = None
         began = time.monotonic()
         try:
             answer = await sender.send(batch)
             status, response = (
                 (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
             )
+            if isinstance(answer, Answer) and answer.items:
+                items = {index: _scrubbed(item, batch) for index, item in answer.items.items()}
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
         except BaseException:
@@ -401,7 +420,7 @@ class Sink:
         if response is not None:
             response = _scrubbed_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
-        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
+        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
         outcome = _outcome(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
@@ -410,7 +429,9 @@ class Sink:
                 span.set_status(StatusCode.ERROR, str(error)[:200])
             span.end()
         metrics.current().delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
-        await committer.commit(Finished(batch, outcomes, error, elapsed, response))
+        # A refused item stands for the attempt's error in the retry warning.
+        logged = error if error is not None or not items else next(iter(items.values()))
+        await committer.commit(Finished(batch, outcomes, logged, elapsed, response))
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]

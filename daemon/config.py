@@ -27,6 +27,7 @@ from . import metrics, secrets
 from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
 from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
 from .config_base import NAME_RE, ComponentName, Section, default
+from .config_items import ItemOutcomesConfig, check_item_outcomes
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_poll import PollSourceConfig, poll_errors
 from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
@@ -346,6 +347,14 @@ class BatchConfig(Section, frozen=True):
         Meta(
             description='Send `{"ENVELOPE": [...]}` instead of a bare array (e.g. `"inputs"` for '
             "HubSpot's batch APIs).",
+        ),
+    ] = None
+    item_outcomes: Annotated[
+        ItemOutcomesConfig | None,
+        Meta(
+            description="Read which items the receiver refused from its 2xx answer (HubSpot's 207, a "
+            "bulk answer): `{ preset = \"hubspot\" }` or `{ failed = '<jq>' }` (table below). Unset: "
+            "a 2xx delivers the whole batch."
         ),
     ] = None
 
@@ -688,6 +697,9 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             elif len(set(sink.urls)) != len(sink.urls):
                 yield f"$.sinks.{name}.urls: lists the same URL twice"
             yield from auth_errors(sink.auth, sink.tls, f"$.sinks.{name}")
+            if sink.batch is not None and sink.batch.item_outcomes is not None:
+                path = f"$.sinks.{name}.batch.item_outcomes"
+                yield from check_item_outcomes(path, sink.batch.item_outcomes)
     yield from limit_errors(
         config.rate_limits,
         {"sources": config.sources, "transforms": config.transforms, "sinks": config.sinks},

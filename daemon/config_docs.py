@@ -13,6 +13,7 @@ from msgspec import inspect
 from . import config as cfg
 from . import config_alerts, config_auth, config_poll, config_transforms
 from . import config_limits as limits
+from .config_items import ItemOutcomesConfig
 from .config_sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from .config_verify import DOCUMENTED as VERIFY_TABLES
 from .secrets import SecretRef
@@ -49,6 +50,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
     ("retry = { … } (in a sink)", cfg.RetryConfig),
     ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ("item_outcomes = { … } (in an http sink's batch)", ItemOutcomesConfig),
     ("ordering = { … } (in an http sink)", OrderingConfig),
     ("enrich = { … } (in a transform)", EnrichConfig),
     ("retry = { … } (in a transform's enrich)", LookupRetryConfig),
