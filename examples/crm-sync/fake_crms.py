@@ -4,7 +4,11 @@
                     "id": EMAIL, "properties": {...}}, ...]}: at most 100 inputs, no id twice,
                     100 requests per rolling 10 s (more: 429 with HubSpot's body and headers);
                     `storm(seconds)` answers 429 to everything for a while (another integration
-                    eating the shared quota).
+                    eating the shared quota). An email at a `.invalid` domain is refused as HubSpot
+                    refuses an invalid email, and `refuse_once(email)` refuses one input once with a
+                    transient error: with an `objectWriteTraceId` on every input (multi-status) the
+                    others are written and the answer is a 207 naming the refused inputs by trace
+                    id in `errors[]`; without, the whole batch is refused with a 400, as HubSpot does.
     FakeCrm         POST /api/contacts: one record `{"email", ...}` per request, upserted by email;
                     `outage(seconds)` answers 503 to everything for a while.
     FakeSalesforce  GET /services/data/v59.0/sobjects/Account/ID: `{"Id", "Name", "Industry"}`, 404
@@ -131,9 +135,16 @@ class FakeHubSpot(FakeApi):
         self._recent: deque[float] = deque()
         self._storm_until = 0.0
         self.max_in_window = 0
+        self._refuse_once: set[str] = set()
+        self.inputs: list[str] = []  # every input's id, in the order requests brought them
 
     def storm(self, seconds: float) -> None:
         self._storm_until = time.monotonic() + seconds
+
+    def refuse_once(self, email: str) -> None:
+        """Refuse the next input for `email` with a transient error (a category the preset retries)."""
+        with self.lock:
+            self._refuse_once.add(email)
 
     def handle(self, method: str, path: str, body: Any) -> Reply:
         if method != "POST" or path != self.PATH:
@@ -160,12 +171,26 @@ class FakeHubSpot(FakeApi):
         problem = _batch_problem(inputs)
         if problem is not None:
             return 400, {}, {"status": "error", "category": "VALIDATION_ERROR", "message": problem}
+        assert inputs is not None
+        with self.lock:
+            self.inputs.extend(item["id"] for item in inputs)
+            errors = [_refusal(item, self._refuse_once) for item in inputs]
+            self._refuse_once.difference_update(item["id"] for item in inputs)
+        refused = [error for error in errors if error is not None]
+        multi_status = all(isinstance(item.get("objectWriteTraceId"), str) for item in inputs)
+        if refused and not multi_status:
+            return 400, {}, {key: value for key, value in refused[0].items() if key != "context"}
         results = []
-        for item in inputs or []:
+        for item, error in zip(inputs, errors, strict=True):
+            if error is not None:
+                continue
             properties = item["properties"]
             self._store(item["id"], properties, properties.get("sf_last_modified", ""))
             results.append({"id": item["id"], "properties": properties, "new": False})
-        return 200, self._limit_headers(remaining, 0), {"status": "COMPLETE", "results": results}
+        reply: dict[str, Any] = {"status": "COMPLETE", "results": results}
+        if refused:
+            reply |= {"numErrors": len(refused), "errors": refused}
+        return (207 if refused else 200), self._limit_headers(remaining, 0), reply
 
     def _limit_headers(self, remaining: int, retry_after: int) -> dict[str, str]:
         headers = {
@@ -176,6 +201,20 @@ class FakeHubSpot(FakeApi):
         if retry_after:
             headers["Retry-After"] = str(retry_after)
         return headers
+
+
+def _refusal(item: dict[str, Any], once: set[str]) -> dict[str, Any] | None:
+    """HubSpot's error for one input it refuses (its documented multi-status shape), or None."""
+    email = item["id"]
+    trace = {"objectWriteTraceId": [item.get("objectWriteTraceId")]}
+    if email.endswith(".invalid"):
+        detail = {"isValid": False, "message": f"Email address {email} is invalid", "error": "INVALID_EMAIL"}
+        message = f"Property values were not valid: {json.dumps([{**detail, 'name': 'email'}])}"
+        return {"status": "error", "category": "VALIDATION_ERROR", "message": message, "context": trace}
+    if email in once:
+        message = "The contact is being updated by another request; try again"
+        return {"status": "error", "category": "INTERNAL_ERROR", "message": message, "context": trace}
+    return None
 
 
 def _batch_problem(inputs: Any) -> str | None:

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from actors.http_sink import HttpSender
+from actors.sink import Answer
 from daemon.config import HttpSinkConfig
 from daemon.outbox import Due
 from tests.fakes import FakeReceiver
@@ -39,7 +40,7 @@ async def test_a_batch_is_an_array_or_an_enveloped_array(
     )
     sender = HttpSender("crm", config)
     try:
-        assert await sender.send(dues(3)) == (200, '{"ok":true}')
+        assert await sender.send(dues(3)) == Answer(200, '{"ok":true}')
     finally:
         await sender.aclose()
     (request,) = receiver.snapshot()
