@@ -68,6 +68,7 @@ from daemon import masking, metrics, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.item_outcomes import scrubbed_items
 from daemon.ordering import Fetched, Ordering
 from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
 from daemon.store import Store
@@ -409,7 +410,7 @@ class Sink:
                 (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
             )
             if isinstance(answer, Answer) and answer.items:
-                items = {index: _scrubbed(item, batch) for index, item in answer.items.items()}
+                items = scrubbed_items(answer.items, [due.payload for due in batch])
         except DeliveryError as exc:
             error = _scrubbed(exc, batch)
         except BaseException:

@@ -29,6 +29,7 @@ from typing import Any, Final, final
 import jq
 import msgspec
 
+from . import masking
 from .config_items import ItemOutcomesConfig
 from .errors import DeliveryError, PermanentDelivery, RetryableDelivery
 
@@ -119,6 +120,24 @@ class ItemOutcomes:
             if len(values) == 1 and values[0] is not None:
                 keys.setdefault(_hashable(values[0]), []).append(index)
         return keys
+
+
+def scrubbed_items(
+    items: Mapping[int, DeliveryError], payloads: Sequence[bytes]
+) -> Mapping[int, DeliveryError]:
+    """`items` with the batch's masked values and every secret hidden in their messages (which
+    become dead letters' `last_error` and log fields), the payloads decoded once for them all."""
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return items
+    decoded = [masking.decode_payload(payload) for payload in payloads] if redactor.rules else None
+    scrubbed: dict[int, DeliveryError] = {}
+    for index, error in items.items():
+        message = str(error)
+        text = redactor.scrub(message, decoded) or message
+        kind = type(error)
+        scrubbed[index] = error if text == message else kind(text, status=error.status, retry_after=None)
+    return scrubbed
 
 
 def _status(entry: Mapping[str, Any]) -> int | None:

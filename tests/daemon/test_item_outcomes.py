@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from daemon import masking
 from daemon.config import HttpSinkConfig, parse
 from daemon.config_items import ItemOutcomesConfig
 from daemon.errors import ConfigError, PermanentDelivery, RetryableDelivery
-from daemon.item_outcomes import ItemOutcomes, UnreadableAnswer
+from daemon.item_outcomes import ItemOutcomes, UnreadableAnswer, scrubbed_items
 
 
 def payloads(*items: dict[str, Any]) -> list[bytes]:
@@ -301,3 +302,21 @@ def test_a_bad_table_is_a_config_error_naming_its_path(table: str, expected: str
     with pytest.raises(ConfigError) as info:
         parse(SINK.format(table=table))
     assert any(problem.startswith(expected) for problem in info.value.problems), info.value.problems
+
+
+def test_refusal_reasons_are_scrubbed_of_masked_values_and_secrets() -> None:
+    items = {
+        0: PermanentDelivery(
+            "item refused (HTTP 400): Email address ada@x.io is invalid (key tok-1)", status=400
+        ),
+        1: RetryableDelivery("item refused (HTTP 503): busy", status=503),
+    }
+    saved = masking.current()
+    masking.install(masking.Redactor.build(["email"], secrets=["tok-1"]))
+    try:
+        found = scrubbed_items(items, payloads({"email": "ada@x.io"}, {"email": "b@x.io"}))
+    finally:
+        masking.install(saved)
+    assert str(found[0]) == "item refused (HTTP 400): Email address *** is invalid (key ***)"
+    assert (type(found[0]), found[0].status) == (PermanentDelivery, 400)
+    assert found[1] is items[1]
