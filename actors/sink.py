@@ -425,6 +425,8 @@ class Sink:
         outcome = _outcome(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
+            if items:
+                span.set_attribute("ferry.batch.refused", len(items))
             if error is not None:
                 span.set_attribute("error.type", str(error.status) if error.status else type(error).__name__)
                 span.set_status(StatusCode.ERROR, str(error)[:200])
