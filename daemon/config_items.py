@@ -60,6 +60,14 @@ PRESETS: dict[str, tuple[str, str | None]] = {
 }
 
 
+PRESET_MEMBERS: dict[str, tuple[str, ...]] = {
+    "hubspot": ("errors",),
+    "jsonapi": ("errors",),
+    "elasticsearch": ("errors", "items"),
+}
+"""The top-level members of an answer each preset reads (`daemon.item_outcomes` hands jq no more)."""
+
+
 class ItemOutcomesConfig(Section, frozen=True):
     """Read which items of a batch the receiver refused from its 2xx answer (docs/reliability.md).
 

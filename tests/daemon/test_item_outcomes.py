@@ -155,6 +155,14 @@ THREE = payloads({}, {}, {})
             {},
             id="elasticsearch-no-errors",
         ),
+        pytest.param(
+            "elasticsearch",
+            {"items": [{"index": {"status": 200}}, {"index": {"status": 400, "error": {"type": "x"}}}, {}]},
+            THREE,
+            {1: ("dead", 400)},
+            id="elasticsearch-without-its-flag-reads-every-item",
+        ),
+        pytest.param("hubspot", {"errors": []}, CONTACTS, {}, id="hubspot-empty-errors"),
     ],
 )
 def test_presets_read_the_real_shapes(
