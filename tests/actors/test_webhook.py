@@ -701,7 +701,8 @@ async def test_head_is_answered_like_get_without_a_body(nursery: trio.Nursery) -
     client = await server.connect()
     await client.send(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
     head = await client.response(bodiless=True)
-    await client.send(b"HEAD /hooks/demo HTTP/1.1\r\nHost: t\r\n\r\nHEAD /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+    await client.send(b"HEAD /hooks/demo HTTP/1.1\r\nHost: t\r\n\r\n")
+    await client.send(b"HEAD /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
     hook, nowhere = await client.response(bodiless=True), await client.response(bodiless=True)
     await client.send(JSON_POST)  # the same connection still serves
     after = await client.response()
