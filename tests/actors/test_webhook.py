@@ -687,7 +687,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_closes(nursery: 
     smuggled = post("/hooks/demo", b'{"b": 2}', "Content-Type: application/json")
     await client.send(
         b"POST /hooks/demo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\": 1}\r\n0\r\n\r\n" + smuggled
+        b'Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{"a": 1}\r\n0\r\n\r\n' + smuggled
     )
     response = await client.response()
     assert (response.status, response.headers["connection"]) == (400, "close")
