@@ -85,7 +85,8 @@ class TransformProgram:
         if self.aggregate is not None:
             self._main = jq.compile(f"[({body}) | [., ({self.aggregate.key})]]")
             reduce = self.aggregate.reduce
-            self._reduce = jq.compile(f"[({reduce}) | {routed}]" if routed else f"[{reduce}]")
+            reduced = f"({reduce}) | {routed}" if routed else reduce
+            self._reduce = jq.compile(f"[limit(2; {reduced})]")  # one output allowed: stop at the second
         else:
             self._main = jq.compile(f"[({body}) | {routed}]" if routed else f"[{body}]")
         schema = config.schema
@@ -122,7 +123,7 @@ class TransformProgram:
         if isinstance(result, Failure):
             return result
         if len(result) > 1:
-            return Failure(f"aggregate reduce: gave {len(result)} outputs for one window; it must give one")
+            return Failure("aggregate reduce: gave more than one output for one window; it must give one")
         return self._routed(result) if self._routes else [Routed(_encode(value), None) for value in result]
 
     def _routed(self, values: list[Any]) -> list[Routed]:
