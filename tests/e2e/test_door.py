@@ -107,7 +107,7 @@ def test_deep_json_is_400_and_the_pipeline_keeps_delivering(daemon: Daemon, tmp_
     ("body", "status", "error"),
     [
         (b'{"n": 1' + b"0" * 5000 + b"}", 400, "JSON number out of range"),  # 10**5000
-        (b'{"n": 18446744073709551616}', 400, "JSON number out of range"),  # 2**64
+        (b'{"n": 18446744073709551616}', 202, None),  # 2**64: taken as a float (as jq would anyway)
         (b'{"n": 1e400}', 400, "JSON number out of range"),
         (b'{"s": "\\ud800"}', 400, "malformed JSON"),  # a lone surrogate escape
         (b'{"s": "\\udc00x"}', 400, "malformed JSON"),
