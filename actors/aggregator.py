@@ -116,27 +116,32 @@ class Aggregator:
                 position = events[-1].seq
                 tracer = telemetry.tracer()
                 if tracer is None:
-                    await self._join(events, position)
+                    position = await self._join(events, position)
                     continue
                 parent, links = batch_trace(events)
                 span = tracer.start_span(
                     "aggregator join", parent, attributes={"ferry.transform": self.name}, links=links
                 )
                 with trace.use_span(span, end_on_exit=True):
-                    await self._join(events, position)
+                    position = await self._join(events, position)
                 continue
             deadline = self._windows.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
                 await self._signal.wait()
 
-    async def _join(self, events: list[StoredEvent], position: int) -> None:
-        """Commit 1: place a batch's outputs in their windows, with its dead letters and the cursor."""
+    async def _join(self, events: list[StoredEvent], position: int) -> int:
+        """Commit 1: place a batch's outputs in their windows, with its dead letters and the cursor;
+        the cursor committed (short of `position` past `BATCH_OUTPUTS`, as in `Transformer`)."""
         name, windows = self.name, self._windows
+        results = self._program.items([e.payload for e in events])
+        if len(results) < len(events):
+            events = events[: len(results)]
+            position = events[-1].seq
         clock, wall = trio.current_time(), time.time()
         joined: list[Joined] = []
         touched: dict[int, Window] = {}
         failures: list[tuple[StoredEvent, str]] = []
-        for event, result in zip(events, self._program.items([e.payload for e in events]), strict=True):
+        for event, result in zip(events, results, strict=True):
             if isinstance(result, Failure):
                 failures.append((event, dead_letter(name, event, result)))
                 continue
@@ -161,6 +166,7 @@ class Aggregator:
         self.failed += len(failures)
         if failures:
             metrics.current().dead_letters.add(len(failures), {"stage": name})
+        return position
 
     async def _emit(self, closed: list[Window]) -> None:
         """Commit 2: reduce each closed window and store its event together with its removal."""

@@ -123,23 +123,29 @@ class Transformer:
             position = events[-1].seq
             tracer = telemetry.tracer()
             if tracer is None or not telemetry.any_sampled(event.trace for event in events):
-                await self._map(events, position)
+                position = await self._map(events, position)
                 continue
             parent, links = batch_trace(events)
             span = tracer.start_span(
                 "transformer map", parent, attributes={"ferry.transform": self.name}, links=links
             )
             with trace.use_span(span, end_on_exit=True):
-                await self._map(events, position)
+                position = await self._map(events, position)
 
-    async def _map(self, events: list[StoredEvent], position: int) -> None:
-        """Transform one batch and commit its outputs, deliveries, dead letters and cursor."""
+    async def _map(self, events: list[StoredEvent], position: int) -> int:
+        """Transform one batch and commit its outputs, deliveries, dead letters and cursor; the
+        cursor committed. That is `position` (the batch's last seq) unless the batch's outputs
+        passed `daemon.transform.BATCH_OUTPUTS`: then only the events up to there are committed,
+        and the next read starts after them (bounded memory whatever one event fans out to)."""
         looked_up: list[tuple[StoredEvent, str]] = []
         if self._enricher is not None:
             events, looked_up = await self._enricher.enrich(events)
             looked_up = [(event, dead_letter(self.name, event, Failure(why))) for event, why in looked_up]
-            self.failed += len(looked_up)
-        outputs, failures = self._transform(events)
+        outputs, failures, done = self._transform(events)
+        if done < len(events):
+            position = events[done - 1].seq
+            looked_up = [(event, error) for event, error in looked_up if event.seq <= position]
+        self.failed += len(looked_up)
         failures = looked_up + failures
         await self._store.call_until_committed(
             partial(
@@ -161,6 +167,7 @@ class Transformer:
             span.set_attributes(
                 {"ferry.events": len(events), "ferry.outputs": len(outputs), "ferry.failed": len(failures)}
             )
+        return position
 
     def _tap(self, outputs: list[Derived], failures: list[tuple[StoredEvent, str]]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
@@ -172,10 +179,15 @@ class Transformer:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
             TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
 
-    def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[tuple[StoredEvent, str]]]:
+    def _transform(
+        self, events: list[StoredEvent]
+    ) -> tuple[list[Derived], list[tuple[StoredEvent, str]], int]:
+        """(outputs, dead letters, how many of `events` they cover: a prefix past BATCH_OUTPUTS)."""
         failures: list[tuple[StoredEvent, str]] = []
         outputs: list[Derived] = []
-        for event, result in zip(events, self._program.map([e.payload for e in events]), strict=True):
+        results = self._program.map([e.payload for e in events])
+        events = events[: len(results)]
+        for event, result in zip(events, results, strict=True):
             if isinstance(result, Failure):
                 failures.append((event, dead_letter(self.name, event, result)))
                 continue
@@ -187,7 +199,7 @@ class Transformer:
                 outputs.append(Derived(event, nth, payload, sinks))
         self.transformed += len(events)
         self.failed += len(failures)
-        return outputs, failures
+        return outputs, failures, len(events)
 
 
 def dead_letter(transform: str, event: StoredEvent, failure: Failure) -> str:

@@ -52,6 +52,7 @@ from daemon.errors import StoreUnavailable
 from daemon.verify import Unverified, Verified, Verifier
 
 from .connections import ConnectionTable, Slot
+from .door import ProtocolErrors, framing_error, too_deep
 
 __all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
 
@@ -101,7 +102,8 @@ _REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus
 _JSON: Final = (b"content-type", b"application/json")
 _CLOSE: Final = (b"connection", b"close")
 _ALLOW_POST: Final = ((b"allow", b"POST"),)
-_ALLOW_GET: Final = ((b"allow", b"GET"),)
+_ALLOW_GET: Final = ((b"allow", b"GET, HEAD"),)
+_PROTOCOL_LOG_INTERVAL: Final = 10.0  # seconds between two log lines about protocol errors
 _RETRY_STORE: Final = ((b"retry-after", b"1"),)
 _NO_HEADERS: _Headers = ()
 _RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
@@ -244,6 +246,7 @@ class WebhookListener:
         self._metrics_page = metrics_page
         self._table = ConnectionTable(config.max_connections)
         self._tls = tls
+        self._protocol = ProtocolErrors(log, _PROTOCOL_LOG_INTERVAL, time.monotonic)
 
     def __repr__(self) -> str:
         return (
@@ -302,8 +305,9 @@ class WebhookListener:
                     await self._serve(served, slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the peer went away (or failed the TLS handshake); nothing left to answer
-            except Exception:
-                log.exception("webhook connection failed")
+            except Exception as exc:  # counted, one line per interval, no traceback (a peer may cause it)
+                self._protocol.note("connection_failed", f"connection failed: {type(exc).__name__}: {exc}")
+                log.debug("webhook connection failed", exc_info=True)
             finally:
                 await trio.aclose_forcefully(served)
 
@@ -344,9 +348,12 @@ class WebhookListener:
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             if status == 431:
-                message = f"request head larger than {config.max_header} bytes"
+                kind, message = "head_too_large", f"request head larger than {config.max_header} bytes"
+            elif status == 501:
+                kind, message = "unsupported_transfer_encoding", f"not implemented: {exc}"
             else:
-                message = f"malformed HTTP request: {exc}"
+                kind, message = "malformed_request", f"malformed HTTP request: {exc}"
+            self._protocol.note(kind, message)
             await self._fail(conn, stream, status, message)
 
     async def _read_head(
@@ -401,6 +408,11 @@ class WebhookListener:
         self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, slot: Slot
     ) -> bool:
         """Read the body and answer one request; False when the connection must close."""
+        ambiguous = framing_error(request.headers)
+        if ambiguous is not None:  # before h11 reads a body by Transfer-Encoding alone
+            self._protocol.note("ambiguous_framing", ambiguous)
+            await self._fail(conn, stream, 400, ambiguous)
+            return False
         target = request.target
         path = target.partition(b"?")[0] if b"?" in target else target
         route = self._routes.get(path)
@@ -425,6 +437,8 @@ class WebhookListener:
             await self._fail(conn, stream, 413, f"request body larger than {config.max_body} bytes")
             return False
 
+        if request.method == b"HEAD":
+            return await self._head(conn, stream, path, route is not None)
         refusal: _Refusal | None = None
         verified: Verified | None = None
         if route is None:
@@ -514,12 +528,20 @@ class WebhookListener:
     ) -> bytes:
         """Validate and ingest one event; the response to send."""
         status, answer, headers = 202, b"", _NO_HEADERS
-        event_id = ""
-        try:
-            _decode(body)
-        except msgspec.DecodeError as exc:
-            status, answer = 400, _error(f"malformed JSON: {exc}")
+        event_id, reason = "", ""
+        depth = self._config.max_depth
+        if too_deep(body, depth):  # before the decoder, which recurses per level
+            status, answer = 400, _error(f"JSON nested deeper than {depth} levels ([listener] max_depth)")
+            reason = "too_deep"
         else:
+            try:
+                _decode(body)
+            except msgspec.ValidationError as exc:  # valid syntax; a number no stage could carry
+                status, answer = 400, _error(f"JSON number out of range: {exc}")
+                reason = "number_out_of_range"
+            except msgspec.DecodeError as exc:
+                status, answer = 400, _error(f"malformed JSON: {exc}")
+        if status == 202:
             try:
                 if replay is None:
                     event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
@@ -541,7 +563,7 @@ class WebhookListener:
                     status, answer = 202, _encode({"id": event_id})
                     metrics.current().received[source] += 1
         if status >= 400 and status != 401:
-            _rejected(source, _REJECTION_REASONS[status])
+            _rejected(source, reason or _REJECTION_REASONS[status])
         if span is not None:
             span.set_attribute("http.response.status_code", status)
             if event_id:
@@ -549,6 +571,22 @@ class WebhookListener:
             if status >= 500:
                 span.set_status(StatusCode.ERROR)
         return _response(conn, status, answer, headers)
+
+    async def _head(self, conn: h11.Connection, stream: trio.abc.Stream, path: bytes, hook: bool) -> bool:
+        """Answer a HEAD as its GET would be answered, without the body: 200 for `/healthz` (and
+        the rest of `_HEALTH_PATHS`), 405 with `Allow: POST` for a webhook path, 404 elsewhere."""
+        headers: _Headers
+        if hook:
+            status, body, headers = 405, _error("method HEAD not allowed"), _ALLOW_POST
+        else:
+            status, body, headers = self._other(b"GET", path)
+        if await self._read_body(conn, stream, keep=False) is None:
+            return False
+        typed = any(name == b"content-type" for name, _ in headers)
+        head = [*headers, *(() if typed else (_JSON,)), (b"content-length", b"%d" % len(body))]
+        response = h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b""))
+        await stream.send_all(conn.send(response) + conn.send(_END))  # h11 frames a HEAD answer bodiless
+        return True
 
     def _other(self, method: bytes, path: bytes) -> tuple[int, bytes, _Headers]:
         """The answer for a path that is not a webhook route."""

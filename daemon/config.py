@@ -99,6 +99,17 @@ class ListenerConfig(Section, frozen=True):
     max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = (
         default(Size(16 * 1024))
     )
+    max_depth: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=256,
+            description="Deepest nesting of arrays and objects a JSON body may have; deeper bodies get "
+            "400 before they are decoded. Every stage that walks an event (decoding, jq, masking, "
+            "schema validation) recurses per level, so this keeps them far from Python's recursion "
+            "limit (docs/limits.md#limits-at-the-door).",
+        ),
+    ] = 64
     max_connections: Annotated[
         int,
         Meta(
@@ -289,6 +300,16 @@ class TransformConfig(Section, frozen=True):
 
     inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to read.")]
     map: Annotated[str, Meta(description="jq program; may emit zero, one or many outputs per event.")] = "."
+    max_outputs: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000,
+            description="Most outputs `map` may give for one event; jq is stopped at the next one and the "
+            "event is dead-lettered (`map produced more than N outputs`), so one sender cannot make a "
+            "transform hold an unbounded fan-out in memory (docs/limits.md#fan-out).",
+        ),
+    ] = 10_000
     filter: Annotated[
         str | None,
         Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),

@@ -10,6 +10,7 @@ Names (all prefixed `ferry.`):
 |---|---|---|
 | `events.received` | counter | `source` |
 | `events.rejected` | counter | `source`, `reason` |
+| `listener.protocol_errors` | counter (requests that broke HTTP/1.1, and failed connections) | `kind` |
 | `deliveries` | counter (deliveries finished or rescheduled) | `sink`, `outcome` = delivered / retry / dead |
 | `delivery.attempts` | counter (requests sent) | `sink` |
 | `delivery.duration` | histogram, s, one per attempt | `sink`, `outcome` |
@@ -81,6 +82,12 @@ class Metrics:
             "ferry.events.rejected",
             unit="{request}",
             description="Webhook requests answered with an error, by source and reason.",
+        )
+        self.protocol_errors = meter.create_counter(
+            "ferry.listener.protocol_errors",
+            unit="{request}",
+            description="Webhook listener requests that broke HTTP/1.1 (malformed, ambiguous framing, "
+            "oversized head) and connections that failed, by kind.",
         )
         self.deliveries = meter.create_counter(
             "ferry.deliveries",

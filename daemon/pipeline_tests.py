@@ -36,7 +36,7 @@ from msgspec import Meta
 
 from .config import Config, TransformConfig, downstream
 from .errors import ConfigError
-from .transform import Failure, Routed, TransformProgram
+from .transform import Failure, Routed, TransformProgram, every
 from .windows import Windows
 
 
@@ -146,7 +146,7 @@ def run_transform(transform: TransformConfig, sinks: Sequence[str], inputs: Sequ
 
     aggregate = transform.aggregate
     if aggregate is None:
-        for index, result in enumerate(program.map(payloads)):
+        for index, result in enumerate(every(program.map, payloads)):
             if isinstance(result, Failure):
                 outcome.dead.append((index, result.message))
             else:
@@ -165,7 +165,7 @@ def run_transform(transform: TransformConfig, sinks: Sequence[str], inputs: Sequ
                 for routed in result:
                     add(routed)
 
-    for index, keyed in enumerate(program.items(payloads)):
+    for index, keyed in enumerate(every(program.items, payloads)):
         if isinstance(keyed, Failure):
             outcome.dead.append((index, keyed.message))
             continue

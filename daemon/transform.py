@@ -13,6 +13,14 @@ Order:
        `default_route` (unset: no sink). Without routes an output goes to every sink reading
        the transform (`sinks` is None).
 
+Fan-out:
+    `map` may give at most `max_outputs` outputs per event: jq itself is stopped at the next one
+    (`limit`), so nothing beyond it is ever built, and the event fails
+    (`map produced more than N outputs`). A batch stops after the event whose outputs bring it
+    to `BATCH_OUTPUTS` or more: `map` and `items` then answer for a prefix of the payloads and
+    the caller runs the rest in another call. So one call holds at most
+    `BATCH_OUTPUTS + max_outputs` outputs in memory, whatever the events are.
+
 Errors:
     A failure is per event (`Failure` with the message a dead letter will carry): a schema
     violation, a jq error in any program, an event that is not UTF-8, a key that is not one
@@ -21,8 +29,8 @@ Errors:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple, final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple, TypeVar, final
 
 import jq
 import msgspec
@@ -31,6 +39,9 @@ from .config import TransformConfig
 from .validation import EventValidator, describe, load_schema
 
 _encode = msgspec.json.Encoder().encode
+
+BATCH_OUTPUTS: Final = 10_000
+"""A batch stops after the event whose outputs bring it to this many (see "Fan-out")."""
 
 
 class Failure(NamedTuple):
@@ -65,6 +76,8 @@ class TransformProgram:
 
     def __init__(self, config: TransformConfig) -> None:
         body = config.map if config.filter is None else f"select({config.filter}) | ({config.map})"
+        self.max_outputs = config.max_outputs
+        body = f"limit({config.max_outputs + 1}; {body})"  # jq stops one past the bound
         self._routes = [tuple(route.to) for route in config.routes]
         self._default = tuple(config.default_route or ())
         routed = f"[., {route_expression(config.routes)}]" if config.routes else None
@@ -72,24 +85,36 @@ class TransformProgram:
         if self.aggregate is not None:
             self._main = jq.compile(f"[({body}) | [., ({self.aggregate.key})]]")
             reduce = self.aggregate.reduce
-            self._reduce = jq.compile(f"[({reduce}) | {routed}]" if routed else f"[{reduce}]")
+            reduced = f"({reduce}) | {routed}" if routed else reduce
+            self._reduce = jq.compile(f"[limit(2; {reduced})]")  # one output allowed: stop at the second
         else:
             self._main = jq.compile(f"[({body}) | {routed}]" if routed else f"[{body}]")
         schema = config.schema
         self._validator = EventValidator(load_schema(schema)) if schema is not None else None
 
     def map(self, payloads: Sequence[bytes]) -> list[list[Routed] | Failure]:
-        """The routed outputs of each event (a transform without `aggregate`)."""
+        """The routed outputs of each event of a prefix of `payloads` (a transform without
+        `aggregate`); the prefix is shorter than `payloads` only past `BATCH_OUTPUTS`."""
         return [
             result if isinstance(result, Failure) else self._routed(result)
-            for result in self._run(self._main, payloads)
+            for result in self._bounded(self._run(self._main, payloads))
         ]
 
     def items(self, payloads: Sequence[bytes]) -> list[list[Keyed] | Failure]:
-        """Each event's outputs with their group keys (a transform with `aggregate`)."""
+        """Each event's outputs with their group keys (a transform with `aggregate`), for a
+        prefix of `payloads` as in `map`."""
         return [
             result if isinstance(result, Failure) else _keyed(result)
-            for result in self._run(self._main, payloads)
+            for result in self._bounded(self._run(self._main, payloads))
+        ]
+
+    def _bounded(self, results: list[list[Any] | Failure]) -> list[list[Any] | Failure]:
+        limit = self.max_outputs
+        return [
+            Failure(f"map produced more than {limit} outputs for one event (max_outputs)")
+            if not isinstance(result, Failure) and len(result) > limit
+            else result
+            for result in results
         ]
 
     def reduce(self, items: Sequence[bytes]) -> list[Routed] | Failure:
@@ -98,7 +123,7 @@ class TransformProgram:
         if isinstance(result, Failure):
             return result
         if len(result) > 1:
-            return Failure(f"aggregate reduce: gave {len(result)} outputs for one window; it must give one")
+            return Failure("aggregate reduce: gave more than one output for one window; it must give one")
         return self._routed(result) if self._routes else [Routed(_encode(value), None) for value in result]
 
     def _routed(self, values: list[Any]) -> list[Routed]:
@@ -130,9 +155,24 @@ class TransformProgram:
             texts.append(text)
             todo.append(index)
         if todo:
-            for index, outcome in zip(todo, _apply(program, texts), strict=True):
+            outcomes = _apply(program, texts)
+            for index, outcome in zip(todo, outcomes, strict=False):
                 results[index] = outcome
+            if len(outcomes) < len(todo):  # stopped at BATCH_OUTPUTS: answer for the prefix only
+                results = results[: todo[len(outcomes)]]
         return [result if result is not None else Failure("not transformed") for result in results]
+
+
+T = TypeVar("T")
+
+
+def every(step: Callable[[Sequence[bytes]], list[T]], payloads: Sequence[bytes]) -> list[T]:
+    """`step` (a program's `map` or `items`) over all of `payloads`, one prefix after another;
+    for callers that hold every result anyway (`ferry test`). Each call covers at least one."""
+    results: list[T] = []
+    while len(results) < len(payloads):
+        results.extend(step(payloads[len(results) :]))
+    return results
 
 
 def _keyed(pairs: list[list[Any]]) -> list[Keyed] | Failure:
@@ -143,18 +183,33 @@ def _keyed(pairs: list[list[Any]]) -> list[Keyed] | Failure:
 
 
 def _apply(program: Any, texts: list[str]) -> list[list[Any] | Failure]:
-    """One jq run over every text (a third cheaper per event than one run each); on an error, one each."""
+    """One jq run over every text (a third cheaper per event than one run each); on an error, one each.
+
+    Read as jq yields, and stopped after the text whose outputs bring the total to
+    `BATCH_OUTPUTS`: the answer then covers a prefix of `texts`. (Each text is one JSON value,
+    stored or encoded by ferry, so the n-th output is the n-th text's.)
+    """
+    batch: list[list[Any] | Failure] = []
+    total = 0
     try:
-        batch = program.input_text("\n".join(texts)).all()
+        for outputs in program.input_text("\n".join(texts)):
+            batch.append(outputs)
+            total += len(outputs)
+            if total >= BATCH_OUTPUTS and len(batch) < len(texts):
+                return batch
         if len(batch) == len(texts):
-            return list(batch)
+            return batch
     except ValueError:
         pass
     results: list[list[Any] | Failure] = []
+    total = 0
     for text in texts:
         try:
             (outputs,) = program.input_text(text).all()
             results.append(outputs)
+            total += len(outputs)
         except ValueError as exc:
             results.append(Failure("jq: " + " ".join(str(exc).split())))
+        if total >= BATCH_OUTPUTS:
+            break
     return results

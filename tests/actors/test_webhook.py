@@ -122,7 +122,8 @@ class RawClient:
         self._buffer += data
         return bool(data)
 
-    async def response(self) -> Response:
+    async def response(self, *, bodiless: bool = False) -> Response:
+        """The next response; `bodiless`: the answer to a HEAD (no body, whatever its content-length)."""
         while b"\r\n\r\n" not in self._buffer:
             assert await self._fill(), f"connection closed mid-response: {self._buffer!r}"
         head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
@@ -131,7 +132,7 @@ class RawClient:
         for line in lines:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
+        length = 0 if bodiless else int(headers["content-length"])
         while len(self._buffer) < length:
             assert await self._fill(), "connection closed mid-body"
         body, self._buffer = self._buffer[:length], self._buffer[length:]
@@ -340,7 +341,7 @@ async def test_other_methods_are_405_with_allow(nursery: trio.Nursery) -> None:
         health = await client.post("/healthz", content=b"{}")
     assert (response.status_code, response.headers["allow"]) == (405, "POST")
     assert response.json() == {"error": "method GET not allowed"}
-    assert (health.status_code, health.headers["allow"]) == (405, "GET")
+    assert (health.status_code, health.headers["allow"]) == (405, "GET, HEAD")
 
 
 async def test_declared_body_over_the_limit_is_413_without_reading_it(nursery: trio.Nursery) -> None:
@@ -648,3 +649,78 @@ async def test_a_route_removed_while_the_body_arrives_answers_404_and_stores_not
     await client.send(body)
     assert (await client.response()).status == 404
     assert server.ingest.calls == []
+
+
+# --- at the door: nesting, framing, HEAD, protocol errors --------------------------------------
+
+
+async def test_json_nested_past_max_depth_is_400_before_it_is_decoded(nursery: trio.Nursery) -> None:
+    server = await serve(nursery, max_depth=8)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        at_limit = await client.post("/hooks/demo", content=b"[" * 8 + b"]" * 8, headers=JSON)
+        past = await client.post("/hooks/demo", content=b'{"a":' * 9 + b"1" + b"}" * 9, headers=JSON)
+        strings = await client.post("/hooks/demo", content=b'["[[[[[[[[[[[[", "{{{{{{{{{{"]', headers=JSON)
+        # past Python's recursion limit: the decoder itself would raise RecursionError
+        huge = await client.post("/hooks/demo", content=b"[" * 100_000 + b"]" * 100_000, headers=JSON)
+    assert (at_limit.status_code, strings.status_code) == (202, 202)
+    for response in (past, huge):
+        assert (response.status_code, response.json()) == (
+            400,
+            {"error": "JSON nested deeper than 8 levels ([listener] max_depth)"},
+        )
+    assert len(server.ingest.calls) == 2
+
+
+async def test_a_number_out_of_range_is_400_with_the_reason(nursery: trio.Nursery) -> None:
+    server = await serve(nursery)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for body in (b'{"n": 1' + b"0" * 5000 + b"}", b'{"n": 1e400}'):
+            response = await client.post("/hooks/demo", content=body, headers=JSON)
+            assert response.status_code == 400
+            assert response.json()["error"].startswith("JSON number out of range")
+    assert server.ingest.calls == []
+
+
+async def test_content_length_with_transfer_encoding_is_400_and_closes(nursery: trio.Nursery) -> None:
+    server = await serve(nursery)
+    client = await server.connect()
+    smuggled = post("/hooks/demo", b'{"b": 2}', "Content-Type: application/json")
+    await client.send(
+        b"POST /hooks/demo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{"a": 1}\r\n0\r\n\r\n' + smuggled
+    )
+    response = await client.response()
+    assert (response.status, response.headers["connection"]) == (400, "close")
+    assert "both Content-Length and Transfer-Encoding" in response.json()["error"]
+    assert await client.closed()  # the pipelined request is never served
+    assert server.ingest.calls == []
+
+
+async def test_head_is_answered_like_get_without_a_body(nursery: trio.Nursery) -> None:
+    server = await serve(nursery)
+    client = await server.connect()
+    await client.send(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = await client.response(bodiless=True)
+    await client.send(b"HEAD /hooks/demo HTTP/1.1\r\nHost: t\r\n\r\n")
+    await client.send(b"HEAD /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+    hook, nowhere = await client.response(bodiless=True), await client.response(bodiless=True)
+    await client.send(JSON_POST)  # the same connection still serves
+    after = await client.response()
+    assert (head.status, head.headers["content-length"]) == (200, str(len(b'{"status":"ok"}')))
+    assert (hook.status, hook.headers["allow"]) == (405, "POST")
+    assert (nowhere.status, after.status) == (404, 202)
+
+
+async def test_protocol_errors_are_logged_at_a_bounded_rate_without_tracebacks(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve(nursery)
+    for _ in range(20):
+        client = await server.connect()
+        await client.send(b"\x16\x03\x01 this is not http\r\n\r\n")
+        assert (await client.response()).status == 400
+        await client.aclose()
+    records = [r for r in caplog.records if r.name == "ferry.webhook" and r.levelno >= logging.WARNING]
+    assert len(records) == 1  # the next line may come 10 s later, naming the 19 left out
+    assert "malformed HTTP request" in records[0].getMessage()
+    assert records[0].exc_info is None

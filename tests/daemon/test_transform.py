@@ -9,7 +9,7 @@ import pytest
 
 from daemon.config import TransformConfig
 from daemon.config_transforms import AggregateConfig, RouteConfig
-from daemon.transform import Failure, Keyed, Routed, TransformProgram
+from daemon.transform import Failure, Keyed, Routed, TransformProgram, every
 
 CONTACT = {
     "type": "object",
@@ -150,6 +150,33 @@ def test_reduce_errors_and_several_outputs_are_failures() -> None:
     assert result.message.startswith("jq: ")
     several = program(aggregate=AggregateConfig(key=".k", max_events=3, reduce=".[]"))
     assert several.reduce([b"1", b"2"]) == Failure(
-        "aggregate reduce: gave 2 outputs for one window; it must give one"
+        "aggregate reduce: gave more than one output for one window; it must give one"
     )
     assert program(aggregate=AggregateConfig(key=".k", max_events=3, reduce="empty")).reduce([b"1"]) == []
+
+
+# --- bounded fan-out -------------------------------------------------------------------------
+
+
+def test_an_event_past_max_outputs_fails_and_jq_is_stopped_while_it_yields() -> None:
+    bounded = program(map=".items[]", max_outputs=3)
+    three, four = bounded.map(encoded({"items": [1, 2, 3]}, {"items": [1, 2, 3, 4]}))
+    assert not isinstance(three, Failure)
+    assert [json.loads(routed.payload) for routed in three] == [1, 2, 3]
+    assert four == Failure("map produced more than 3 outputs for one event (max_outputs)")
+    # an endless generator ends too: jq stops at the 4th output rather than building them all
+    (endless,) = program(map="repeat(1)", max_outputs=3).map(encoded({}))
+    assert endless == Failure("map produced more than 3 outputs for one event (max_outputs)")
+    (keyed,) = program(map=".[]", max_outputs=2, aggregate=AggregateConfig(key=".")).items(encoded([1, 2, 3]))
+    assert isinstance(keyed, Failure)
+
+
+def test_a_batch_stops_after_the_event_that_brings_it_to_batch_outputs() -> None:
+    fan = program(map="range(.n)")
+    payloads = encoded(*({"n": 4000} for _ in range(5)))
+    first = fan.map(payloads)
+    assert [len(result) for result in first] == [4000] * 3
+    everything = every(fan.map, payloads)
+    assert [len(result) for result in everything] == [4000] * 5
+    small = fan.map(encoded(*({"n": 1} for _ in range(2000))))
+    assert len(small) == 2000  # the common case: one jq run for the whole batch
