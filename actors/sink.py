@@ -12,7 +12,8 @@ Delivery:
 Retries:
     Retryable failures (408, 425, 429, 5xx, timeouts, transport errors) are
     rows with a new `next_attempt_at` — exponential backoff with full jitter,
-    never earlier than the server's `Retry-After` — not sleeping tasks. Other
+    never earlier than the server's `Retry-After` (up to an hour) nor later than
+    the delivery's `max_age` (`daemon.backoff`) — not sleeping tasks. Other
     4xx, redirects and bad payloads are dead-lettered at once.
 
 Backpressure and memory:
@@ -65,7 +66,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from daemon import masking, metrics, telemetry
-from daemon.backoff import full_jitter
+from daemon.backoff import full_jitter, retry_at
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.ordering import Fetched, Ordering
@@ -118,6 +119,9 @@ def judge(
 ) -> Outcomes:
     """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
 
+    A retry is never scheduled after the delivery's `max_age` deadline (`daemon.backoff.retry_at`):
+    a backoff ending later is cut to it, and a `Retry-After` ending later dead-letters it now.
+
     `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
     circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
     """
@@ -137,8 +141,16 @@ def judge(
             outcomes.dead.append((due.rowid, error.status, f"gave up after {retry.max_age:g}s: {error}"))
         else:
             wait = next_attempt_wait(attempt, retry, error.retry_after)
-            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
+            at = retry_at(now, wait, error.retry_after, due.created_at + retry.max_age)
+            if at is None:
+                outcomes.dead.append((due.rowid, error.status, _past_max_age(error, retry.max_age)))
+            else:
+                outcomes.retry.append((due.rowid, at, error.status, str(error)))
     return outcomes
+
+
+def _past_max_age(error: DeliveryError, max_age: float) -> str:
+    return f"gave up: Retry-After {error.retry_after:g}s ends after max_age {max_age:g}s: {error}"
 
 
 @final
