@@ -55,7 +55,6 @@ Pausing:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -66,7 +65,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from daemon import masking, metrics, telemetry
-from daemon.backoff import full_jitter, retry_at
+from daemon.backoff import full_jitter, past_max_age, retry_at
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.ordering import Fetched, Ordering
@@ -76,12 +75,11 @@ from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
 from .outcomes import IDS_PER_LINE, log_committed, outcome_log
+from .retry_log import RetryLog
 from .sink_commit import Finished, OutcomeCommitter
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-
-log = logging.getLogger("ferry.sink")
 
 
 class Answer(NamedTuple):
@@ -118,9 +116,7 @@ def judge(
     hold: bool = False,
 ) -> Outcomes:
     """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
-
-    A retry is never scheduled after the delivery's `max_age` deadline (`daemon.backoff.retry_at`):
-    a backoff ending later is cut to it, and a `Retry-After` ending later dead-letters it now.
+    No retry is scheduled after the delivery's `max_age` deadline (`daemon.backoff.retry_at`).
 
     `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
     circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
@@ -143,14 +139,12 @@ def judge(
             wait = next_attempt_wait(attempt, retry, error.retry_after)
             at = retry_at(now, wait, error.retry_after, due.created_at + retry.max_age)
             if at is None:
-                outcomes.dead.append((due.rowid, error.status, _past_max_age(error, retry.max_age)))
+                outcomes.dead.append(
+                    (due.rowid, error.status, past_max_age(error.retry_after, retry.max_age, error))
+                )
             else:
                 outcomes.retry.append((due.rowid, at, error.status, str(error)))
     return outcomes
-
-
-def _past_max_age(error: DeliveryError, max_age: float) -> str:
-    return f"gave up: Retry-After {error.retry_after:g}s ends after max_age {max_age:g}s: {error}"
 
 
 @final
@@ -191,6 +185,7 @@ class Sink:
         self.retried = 0
         self.dead = 0
         self.stale = 0
+        self._retries = RetryLog(name)  # one warning per interval (actors/retry_log.py)
 
     def __repr__(self) -> str:
         in_flight = len(self._inflight - self._settled)
@@ -225,6 +220,7 @@ class Sink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
+        self._retries = retries = RetryLog(self.name)
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
@@ -240,6 +236,7 @@ class Sink:
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(committer.run)
+                outer.start_soon(retries.run)
                 try:
                     async with trio.open_nursery() as nursery:
                         async with receive_channel:
@@ -250,7 +247,9 @@ class Sink:
                             await self._fetch(send_channel)
                 finally:
                     committer.close()
+                    retries.close()
         finally:
+            retries.flush()
             if self.guard is not None:
                 self.guard.forget()  # a sink removed by a reload stops being reported
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -483,22 +482,7 @@ class Sink:
         log_committed(
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )
-        for entry in entries:
-            error, batch = entry.error, entry.batch
-            if entry.outcomes.retry and error is not None:
-                log.warning(
-                    "delivery will be retried",
-                    extra={
-                        "fields": {
-                            "sink": self.name,
-                            "deliveries": len(entry.outcomes.retry),
-                            "first_delivery_id": batch[0].id,
-                            "attempt": batch[0].attempts + 1,
-                            "status": error.status,
-                            "error": str(error),
-                        }
-                    },
-                )
+        self._retries.note(entries)
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

@@ -67,3 +67,8 @@ def retry_at(now: float, wait: float, retry_after: float | None, deadline: float
     if floor is not None and now + floor > deadline:
         return None
     return min(now + wait, deadline)
+
+
+def past_max_age(retry_after: float | None, max_age: float, error: object) -> str:
+    """The dead-letter reason when `retry_at` found the server's `Retry-After` past the deadline."""
+    return f"gave up: Retry-After {retry_after or 0:g}s ends after max_age {max_age:g}s: {error}"
