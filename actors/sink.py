@@ -65,11 +65,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from daemon import masking, metrics, telemetry
-from daemon.backoff import full_jitter, past_max_age, retry_at
+from daemon.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.ordering import Fetched, Ordering
-from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
+from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes, unpark
 from daemon.store import Store
 from daemon.tap import TAPS, Record
 
@@ -230,6 +230,9 @@ class Sink:
             wake=self._wake_on_commit,
             settle=self._settle,
             committed=self._committed,
+        )
+        await self._store.call_until_committed(
+            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
         )
         if self.guard is not None:
             self.guard.publish()

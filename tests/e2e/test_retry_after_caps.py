@@ -81,22 +81,30 @@ def test_an_absurd_retry_after_ends_dead_with_the_reason_and_can_be_retried(
         receiver.stop()
 
 
-def test_ctl_event_shows_any_stored_timestamp(tmp_path: Path, sock_dir: Path) -> None:
-    # Retry in 40 s: the sink leaves the row alone while the test rewrites it.
-    receiver = FakeReceiver(lambda request: (429, {"Retry-After": "40"}, b"later")).start()
+def test_a_row_parked_by_an_older_ferry_is_shown_and_unparked_at_start(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    answers = {"status": 429}
+    receiver = FakeReceiver(lambda request: (answers["status"], {"Retry-After": "40"}, b"later")).start()
     config = write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ferry.sock", url=receiver.url))
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     try:
         with httpx.Client(base_url=daemon.url, timeout=10) as client:
             event_id = client.post("/hooks/demo", json={"n": 0}).json()["id"]
-        until(lambda: states(tmp_path), lambda rows: rows.get(f"{event_id}.crm", (0, 0))[1] >= 1)
-        # A row scheduled by an older ferry for year 33715 (what `Retry-After: 1e12` used to store).
+        delivery = f"{event_id}.crm"
+        # Retry in 40 s: the sink leaves the row alone while the test rewrites it.
+        until(lambda: states(tmp_path), lambda rows: rows.get(delivery, (0, 0))[1] >= 1)
+        # What `Retry-After: 1e12` used to store: a retry in year 33,658.
         with contextlib.closing(sqlite3.connect(tmp_path / "state/ferry.db", timeout=10)) as conn:
-            conn.execute("UPDATE deliveries SET next_attempt_at = 1e12 WHERE id = ?", (f"{event_id}.crm",))
+            conn.execute("UPDATE deliveries SET next_attempt_at = 1e12 WHERE id = ?", (delivery,))
             conn.commit()
         shown = ctl(config, "event", event_id)
         assert shown.returncode == 0, shown.stderr
         assert "1000000000000.0 (out of range)" in shown.stdout
+        daemon.stop()
+        answers["status"] = 200
+        daemon = Daemon(config, tmp_path / "ferry.log").start()  # the upgrade: due again at once
+        until(lambda: states(tmp_path), lambda rows: rows[delivery][0] == 1)
     finally:
         daemon.stop()
         receiver.stop()
