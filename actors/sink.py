@@ -116,6 +116,7 @@ def judge(
     hold: bool = False,
 ) -> Outcomes:
     """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
+
     No retry is scheduled after the delivery's `max_age` deadline (`daemon.backoff.retry_at`).
 
     `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
