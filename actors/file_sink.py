@@ -13,7 +13,9 @@ Torn tails:
     Before each append, a file that does not end with a newline (a crash mid-write, or a cut
     back that itself failed) is truncated to its last newline, so a new line never starts in
     the middle of an old fragment. The fragment was never counted delivered (its `fsync` had
-    not returned), so its delivery is still pending and is written again whole.
+    not returned), so its delivery is still pending and is written again whole. A tail over
+    `MAX_TORN_TAIL` (64 MiB) without a newline is no line ferry left: the append fails
+    (retryable) and the file is left as it is.
 
 Duplicates:
     A crash after the write but before the outcome commits leaves a whole line that is written
@@ -28,6 +30,7 @@ Concurrency:
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Sequence
@@ -40,6 +43,8 @@ from daemon.errors import RetryableDelivery
 from daemon.outbox import Due
 
 _TAIL_CHUNK: Final = 64 * 1024
+MAX_TORN_TAIL: Final = 64 * 1024**2
+"""Longest torn tail cut back; a longer line without a newline is refused, never truncated."""
 _ONE_LINE: Final = bytes.maketrans(b"\r\n", b"  ")
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -60,11 +65,21 @@ def one_line(payload: bytes) -> bytes:
     return payload
 
 
-def whole_lines_end(fd: int, size: int) -> int:
+def whole_lines_end(fd: int, size: int, limit: int = MAX_TORN_TAIL) -> int:
     """The length of the file's whole lines: `size` when it ends with a newline (or is empty),
-    else the offset just after its last newline (0 when it holds none)."""
+    else the offset just after its last newline (0 when it holds none).
+
+    Raises `OSError` (EINVAL) rather than cut a tail longer than `limit` bytes: that is no line
+    ferry left half-written but a file that is not JSON lines, and it is not ours to truncate.
+    """
     end = size
     while end > 0:
+        if size - end >= limit:
+            raise OSError(
+                errno.EINVAL,
+                f"the file does not end with a newline and its last {limit} bytes hold none: "
+                "not cut back (not a JSON lines file? move it away)",
+            )
         start = max(0, end - _TAIL_CHUNK)
         chunk = os.pread(fd, end - start, start)
         if end == size and chunk.endswith(b"\n"):

@@ -103,3 +103,16 @@ def test_a_pretty_printed_payload_becomes_one_line_with_the_same_value() -> None
     assert b"\r" not in flat
     assert json.loads(flat) == json.loads(payload)
     assert one_line(b'{"a":1}') == b'{"a":1}'
+
+
+def test_a_file_that_is_not_json_lines_is_refused_not_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    content = b"a\n" + b"z" * 300_000
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="does not end with a newline"):
+            whole_lines_end(fd, len(content), limit=200_000)
+        assert whole_lines_end(fd, len(content), limit=400_000) == 2
+    finally:
+        os.close(fd)
