@@ -37,6 +37,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from typing import final
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 
@@ -76,7 +77,23 @@ def check_status(response: Response) -> int:
         raise RetryableDelivery(
             message, status=status, retry_after=parse_retry_after(response.header("retry-after"))
         )
+    if 300 <= status < 400:
+        message = redirect_message(status, response.header("location"))
     raise PermanentDelivery(message, status=status)
+
+
+def redirect_message(status: int, location: str | None) -> str:
+    """The dead-letter reason of a 3xx: redirects are never followed (docs/reliability.md#redirects).
+
+    Names where the receiver pointed, without the user info or query a URL may carry a secret in.
+    """
+    if location is None:
+        return f"HTTP {status} redirect without a Location (not followed)"
+    parts = urlsplit(location.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:EXCERPT_CHARS]
+    query = "?…" if parts.query else ""
+    return f"HTTP {status} redirect to {shown}{query} (not followed: point the sink's url there)"
 
 
 def batch_key(batch: Sequence[Due]) -> str:

@@ -19,7 +19,8 @@ Cost:
     A line costs ~15 us of CPU (the JSON formatter, masking included). One line per delivery
     would cost a batching sink more than the delivery itself, hence one line per batch outcome;
     `[telemetry] log_outcomes = "dead"` raises `ferry.sink.outcome` to errors, leaving only the
-    dead letters. Retries are not final outcomes: the sink logs one warning per failed attempt.
+    dead letters. Retries are not final outcomes: their warnings are summarised per interval
+    (`actors.retry_log`).
 
 Masking: `response` and `error` are scrubbed by the sink before they get here; the formatter
 applies `[telemetry] mask` to every field.

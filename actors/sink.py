@@ -12,7 +12,8 @@ Delivery:
 Retries:
     Retryable failures (408, 425, 429, 5xx, timeouts, transport errors) are
     rows with a new `next_attempt_at` — exponential backoff with full jitter,
-    never earlier than the server's `Retry-After` — not sleeping tasks. Other
+    never earlier than the server's `Retry-After` (up to an hour) nor later than
+    the delivery's `max_age` (`daemon.backoff`) — not sleeping tasks. Other
     4xx, redirects and bad payloads are dead-lettered at once.
 
 Backpressure and memory:
@@ -54,7 +55,6 @@ Pausing:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -65,23 +65,22 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from daemon import masking, metrics, telemetry
-from daemon.backoff import full_jitter
+from daemon.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.item_outcomes import scrubbed_items
 from daemon.ordering import Fetched, Ordering
-from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
+from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes, unpark
 from daemon.store import Store
 from daemon.tap import TAPS, Record
 
 from .guard import Admission, SinkGuard
 from .outcomes import IDS_PER_LINE, log_committed, outcome_log
+from .retry_log import RetryLog
 from .sink_commit import Finished, OutcomeCommitter
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-
-log = logging.getLogger("ferry.sink")
 
 
 class Answer(NamedTuple):
@@ -125,6 +124,8 @@ def judge(
 ) -> Outcomes:
     """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
 
+    No retry is scheduled after the delivery's `max_age` deadline (`daemon.backoff.retry_at`).
+
     `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
     circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
     `items`: errors of single items of an otherwise successful attempt (`Answer.items`, by
@@ -154,7 +155,13 @@ def judge(
             outcomes.dead.append((due.rowid, error.status, f"gave up after {retry.max_age:g}s: {error}"))
         else:
             wait = next_attempt_wait(attempt, retry, error.retry_after)
-            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
+            at = retry_at(now, wait, error.retry_after, due.created_at + retry.max_age)
+            if at is None:
+                outcomes.dead.append(
+                    (due.rowid, error.status, past_max_age(error.retry_after, retry.max_age, error))
+                )
+            else:
+                outcomes.retry.append((due.rowid, at, error.status, str(error)))
     return outcomes
 
 
@@ -196,6 +203,7 @@ class Sink:
         self.retried = 0
         self.dead = 0
         self.stale = 0
+        self._retries = RetryLog(name)  # one warning per interval (actors/retry_log.py)
 
     def __repr__(self) -> str:
         in_flight = len(self._inflight - self._settled)
@@ -230,6 +238,7 @@ class Sink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
+        self._retries = retries = RetryLog(self.name)
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
@@ -240,11 +249,15 @@ class Sink:
             settle=self._settle,
             committed=self._committed,
         )
+        await self._store.call_until_committed(
+            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
+        )
         if self.guard is not None:
             self.guard.publish()
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(committer.run)
+                outer.start_soon(retries.run)
                 try:
                     async with trio.open_nursery() as nursery:
                         async with receive_channel:
@@ -255,7 +268,9 @@ class Sink:
                             await self._fetch(send_channel)
                 finally:
                     committer.close()
+                    retries.close()
         finally:
+            retries.flush()
             if self.guard is not None:
                 self.guard.forget()  # a sink removed by a reload stops being reported
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -495,22 +510,7 @@ class Sink:
         log_committed(
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )
-        for entry in entries:
-            error, batch = entry.error, entry.batch
-            if entry.outcomes.retry and error is not None:
-                log.warning(
-                    "delivery will be retried",
-                    extra={
-                        "fields": {
-                            "sink": self.name,
-                            "deliveries": len(entry.outcomes.retry),
-                            "first_delivery_id": batch[0].id,
-                            "attempt": batch[0].attempts + 1,
-                            "status": error.status,
-                            "error": str(error),
-                        }
-                    },
-                )
+        self._retries.note(entries)
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

@@ -371,9 +371,13 @@ def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) ->
 
 
 def _ago(at: float | None) -> str:
+    """A stored Unix time in UTC; one beyond the calendar (year 9999) is shown as its number."""
     if at is None:
         return ""
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"{at!r} (out of range)"
 
 
 def _uptime(seconds: float) -> str:

@@ -295,6 +295,18 @@ def next_due_after(conn: Connection, stage: str, now: float) -> float | None:
     return None if row[0] is None else float(row[0])
 
 
+def unpark(conn: Connection, stage: str, now: float, horizon: float) -> int:
+    """Make due now the pending deliveries of `stage` scheduled more than `horizon` s ahead.
+
+    No retry computed today waits that long (`daemon.backoff.MAX_WAIT`): such a row was parked
+    by an older ferry honouring any `Retry-After` (year 33,000). Returns how many were moved.
+    """
+    return conn.execute(
+        "UPDATE deliveries SET next_attempt_at = ? WHERE stage = ? AND state = 0 AND next_attempt_at > ?",
+        (now, stage, now + horizon),
+    ).rowcount
+
+
 class Outcomes(NamedTuple):
     """What became of a set of attempts."""
 

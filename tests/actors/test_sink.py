@@ -136,6 +136,39 @@ def test_judge_treats_each_row_of_a_failed_batch_on_its_own() -> None:
     assert outcomes.dead == [(2, 503, "gave up after 5 attempts: HTTP 503")]
 
 
+@pytest.mark.parametrize("retry_after", [1e12, 3600.0, 3000.0])
+def test_judge_dead_letters_at_once_when_retry_after_ends_past_max_age(retry_after: float) -> None:
+    row = due(attempts=0, age=1000)  # 2,600 s of its 3,600 s max_age left
+    error = RetryableDelivery("HTTP 429", status=429, retry_after=retry_after)
+    outcomes = judge([row], error, None, RETRY, NOW)
+    reason = f"gave up: Retry-After {retry_after:g}s ends after max_age 3600s: HTTP 429"
+    assert outcomes == outbox.Outcomes(delivered=[], retry=[], dead=[(row.rowid, 429, reason)])
+
+
+def test_judge_caps_retry_after_at_an_hour_and_never_schedules_past_max_age() -> None:
+    week = RetryConfig(
+        max_attempts=5, initial_backoff=Duration(1), max_backoff=Duration(60), max_age=Duration(7 * 86400)
+    )
+    error = RetryableDelivery("HTTP 429", status=429, retry_after=1e12)
+    [(_, at, _, _)] = judge([due()], error, None, week, NOW).retry
+    assert at == NOW + 3600.0
+    # Backoff that would end after the deadline is cut to it: one last attempt then.
+    late = due(attempts=3, age=3599.5)
+    [(_, at, _, _)] = judge([late], RetryableDelivery("HTTP 503", status=503), None, RETRY, NOW).retry
+    assert NOW <= at <= late.created_at + 3600
+    huge = RetryConfig(
+        max_attempts=5, initial_backoff=Duration(1e15), max_backoff=Duration(1e15), max_age=Duration(1e15)
+    )
+    [(_, at, _, _)] = judge([due()], RetryableDelivery("HTTP 503", status=503), None, huge, NOW).retry
+    assert at <= NOW + 7 * 86400
+
+
+def test_judge_holds_a_failed_probe_within_the_caps() -> None:
+    error = RetryableDelivery("HTTP 429", status=429, retry_after=1e12)
+    [(_, at, _, _)] = judge([due(attempts=100, age=10**6)], error, None, RETRY, NOW, hold=True).retry
+    assert at == NOW + 3600.0
+
+
 # -- the actor ----------------------------------------------------------------------------------
 
 

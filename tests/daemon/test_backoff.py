@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.backoff import ceiling, full_jitter
+from daemon.backoff import MAX_RETRY_AFTER, MAX_WAIT, ceiling, full_jitter, retry_at
+from daemon.http_client import parse_retry_after
 
 
 @pytest.mark.parametrize(
@@ -51,3 +52,38 @@ def test_full_jitter_draws_below_the_ceiling_and_never_before_retry_after(
 def test_full_jitter_stays_in_range_with_the_default_rng() -> None:
     delays = [full_jitter(4, 0.5, 300.0) for _ in range(200)]
     assert all(0.0 <= delay < 4.0 for delay in delays)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "maximum", "expected"),
+    [
+        (1e12, 300.0, MAX_RETRY_AFTER),  # Retry-After: 1000000000000
+        (parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", 1.8e9), 300.0, MAX_RETRY_AFTER),
+        (3599.0, 300.0, 3599.0),
+        (None, 1e15, MAX_WAIT),  # max_backoff beyond the hard cap
+        (1e12, 1e15, MAX_WAIT),
+    ],
+)
+def test_full_jitter_caps_retry_after_and_every_wait(
+    retry_after: float | None, maximum: float, expected: float
+) -> None:
+    delay = full_jitter(60, 1.0, maximum, retry_after=retry_after, rng=lambda: 0.999999999)
+    assert delay == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("wait", "retry_after", "deadline", "expected"),
+    [
+        (10.0, None, 1_000.0, 110.0),
+        (10.0, 5.0, 1_000.0, 110.0),
+        (2_000.0, None, 1_000.0, 1_000.0),  # own backoff past the deadline: cut to it
+        (2_000.0, 2_000.0, 1_000.0, None),  # the server's Retry-After past the deadline: dead now
+        (3_600.0, 1e12, 10_000.0, 3_700.0),  # capped at an hour, which fits
+        (3_600.0, 1e12, 3_000.0, None),  # capped at an hour, which does not fit
+        (900.0, 900.0, 1_000.0, 1_000.0),  # ends exactly at the deadline
+    ],
+)
+def test_retry_at_never_schedules_past_the_deadline(
+    wait: float, retry_after: float | None, deadline: float, expected: float | None
+) -> None:
+    assert retry_at(100.0, wait, retry_after, deadline) == expected
