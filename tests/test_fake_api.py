@@ -66,7 +66,7 @@ def test_etag_and_last_modified_answer_304_until_the_data_changes(api: FakeApi) 
         etag, modified = first.headers["etag"], first.headers["last-modified"]
         assert client.get(f"{api.url}/page/items", headers={"if-none-match": etag}).status_code == 304
         assert client.get(f"{api.url}/page/items", headers={"if-modified-since": modified}).status_code == 304
-        api.add(1)
+        api.touch([5])  # record 5 leaves the first page
         assert client.get(f"{api.url}/page/items", headers={"if-none-match": etag}).status_code == 200
         assert client.get(f"{api.url}/page/items", headers={"if-modified-since": modified}).status_code == 200
 
