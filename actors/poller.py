@@ -11,8 +11,8 @@ Cycle:
     mark minus `overlap`; then it follows the pages (`link`, `cursor`, `page`, `offset`) to the
     end or to `max_pages` (the next cycle goes on from there). The mark moves only when a
     listing is complete. Each page's request carries the validators of that page's last answer
-    (`daemon.poll_checks`): a 304 reuses the stored next page, stores nothing of its own, and
-    with `newest_first` a 304 for the first page ends the cycle.
+    (`daemon.poll_checks`): a 304 reuses the stored next page and stores nothing of its own (a
+    listing of 304s writes nothing); with `newest_first` a 304 for the first page ends the cycle.
 
 Pipelining:
     A page's request goes out as soon as the page before it is decoded (its cursor, links or
@@ -496,6 +496,7 @@ class Poller:
         since = config.since
         fetched: set[str] = set()
         previous: list[str] | None = None
+        read = False  # a page of this cycle was read in full (or must be committed)
         response = await self._fetch(config.method, url, headers, self._body)
         for number in range(1, config.max_pages + 1):
             position, now = state.pages + 1, time.time()
@@ -504,7 +505,8 @@ class Poller:
                 unchanged = self._checks.not_modified(asked, f"{config.method} {_where(url)}")
                 self.not_modified += 1
                 if position == 1 and self._checks.may_stop(unchanged, self._state, now):
-                    return  # newest first: the whole listing is as it was; nothing to store
+                    self.cycles += 1  # newest first: the whole listing is as it was; nothing to store
+                    return
                 following, opened = unchanged.next_url, None
             else:
                 opened = self._reader.open(response.body, response.header("content-type"))
@@ -535,11 +537,15 @@ class Poller:
             if unchanged is None and not stuck:
                 check = self._checks.read(position, url, response, following, mark and mark.text, now)
             state = self._advance(state, mark, following, stuck, check, now if unchanged is None else None)
+            if unchanged is not None and not stuck and following is None and position == number and not read:
+                self.cycles += 1  # every page of the listing answered 304: nothing to store
+                return
             if unchanged is not None and not stuck and following is not None and ahead is not None:
                 # Nothing of its own to store: its position goes with the next page's commit.
                 response = await ahead.response()
                 url, previous, asked = following, None, ahead_asked
                 continue
+            read = True
             size = sum(map(len, page.items))
             while self._unstored and self._unstored + size > READ_AHEAD_BYTES:
                 self._room = trio.Event()

@@ -226,3 +226,24 @@ async def test_with_link_paging_the_page_that_ended_the_listing_is_always_read_i
     last = [r for r in api.snapshot() if r.query.get("after") and r.status in (200, 304)]
     assert not any("if-none-match" in r.headers for r in last if r.query["after"] == last[0].query["after"])
     assert [item["id"] for item in await stored(store)] == list(range(1, 202))
+
+
+async def test_a_listing_answered_304_page_after_page_writes_nothing(store: Store, api: FakeApi) -> None:
+    api.add(300)
+    config = source(f"{api.url}/cursor/items?limit=100", **CURSOR)
+    async with polling(store, config) as poller:
+
+        async def read() -> bool:
+            return poller.cycles >= 1 and poller.status_name == "waiting"
+
+        await until(read, "the first listing")
+        state = await state_of(store)
+        commits = store.commits  # (each store call counts, the one above too)
+
+        async def idle() -> bool:
+            return poller.cycles >= 4
+
+        await until(idle, "three unchanged listings")
+        assert store.commits == commits  # no transaction (no fsync) for a listing of 304s
+    assert poller.not_modified >= 9
+    assert await state_of(store) == state
