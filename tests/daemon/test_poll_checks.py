@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from daemon.errors import PollError
 from daemon.http_client import Response
 from daemon.poll_checks import CHECKED_PAGES, Checks, trusted_last_modified
-from daemon.poll_store import PageCheck, PollState
+from daemon.poll_store import PageCheck, PollState, commit_pages, load_checks, load_state
+from daemon.store import open_connection
 
 URL = "https://api.example.com/items?cursor=abc"
 NOW = 1_000_000.0
@@ -110,3 +113,17 @@ def test_an_unchanged_first_page_ends_the_cycle_only_when_safe(
 ) -> None:
     first = check(position=1, last_modified=None)
     assert checks(first, newest_first=newest_first).may_stop(first, state, NOW) is stops
+
+
+def test_checks_are_stored_with_their_pages_one_row_per_position_per_source(tmp_path: Path) -> None:
+    conn = open_connection(tmp_path / "ferry.db", "normal")
+    first = PageCheck(1, URL, '"a"', None, URL + "2", "2026-01-01T00:00:00Z", NOW)
+    second = PageCheck(2, URL + "2", None, "Mon, 05 Jan 2026 10:00:00 GMT", None, None, NOW)
+    state = PollState(refreshed=NOW, cycle_refreshed=NOW - 1)
+    commit_pages(conn, "api", [(["1"], [b"{}"], state)], [], dedup_window=60, checks=[first, second])
+    assert load_checks(conn, "api") == {1: first, 2: second}
+    assert load_state(conn, "api") == state
+    again = PageCheck(1, URL, '"b"', None, URL + "2", None, NOW + 1)
+    commit_pages(conn, "api", [([], [], PollState())], [], dedup_window=60, checks=[again])
+    assert load_checks(conn, "api") == {1: again, 2: second}  # replaced at its position
+    assert load_checks(conn, "other") == {}
