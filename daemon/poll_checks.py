@@ -11,8 +11,8 @@ What a page's request carries:
     `[store] dedup_window`: a 304 refreshes no key, so a page must be read in full again before
     the keys of its items could be forgotten), and, with `link` paging, not for the page that
     ended the listing (its `rel="next"` may appear without its body, hence a body-only ETag,
-    changing), unless `newest_first`. A `Last-Modified` is kept only when the answer's `Date`
-    is at least a second later (RFC 9110 8.8.2.2: otherwise a change in the same second would
+    changing), unless `newest_first`. A `Last-Modified` is kept only without an `ETag`, and when
+    the answer's `Date` is at least a second later (RFC 9110 8.8.2.2: otherwise a change in the same second would
     not move it). No validator is ever sent without the next URL it led to.
 
 What a 304 means:
@@ -112,9 +112,9 @@ class Checks:
         """Note a page read in full; the check to store with it (None: none kept for this page)."""
         if not self._enabled or position > CHECKED_PAGES:
             return None
-        check = PageCheck(
-            position, url, response.header("etag"), trusted_last_modified(response), next_url, mark, now
-        )
+        etag = response.header("etag")  # preferred: a `Last-Modified` is kept only without one
+        modified = None if etag else trusted_last_modified(response)
+        check = PageCheck(position, url, etag, modified, next_url, mark, now)
         self._checks[position] = check
         return check
 

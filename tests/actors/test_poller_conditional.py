@@ -247,3 +247,24 @@ async def test_a_listing_answered_304_page_after_page_writes_nothing(store: Stor
         assert store.commits == commits  # no transaction (no fsync) for a listing of 304s
     assert poller.not_modified >= 9
     assert await state_of(store) == state
+
+
+async def test_without_etags_last_modified_is_sent_once_it_is_a_second_older_than_the_answer(
+    store: Store, api: FakeApi
+) -> None:
+    api.add(250)
+    api.etags = "none"
+    config = source(f"{api.url}/page/items", items=".data", pagination={"style": "page", "size": 100})
+    async with polling(store, config) as poller:
+
+        async def unchanged() -> bool:
+            return poller.not_modified >= 3
+
+        await until(unchanged, "304s to If-Modified-Since")
+    asked = [r for r in api.snapshot() if "if-modified-since" in r.headers]
+    assert asked
+    assert all(r.status == 304 for r in asked)
+    # Answers given within the second of the last change carried a Last-Modified ferry did not keep.
+    first = api.snapshot()[0]
+    assert "if-modified-since" not in first.headers
+    assert len(await stored(store)) == 250
