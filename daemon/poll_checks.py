@@ -11,9 +11,10 @@ What a page's request carries:
     `[store] dedup_window`: a 304 refreshes no key, so a page must be read in full again before
     the keys of its items could be forgotten), and, with `link` paging, not for the page that
     ended the listing (its `rel="next"` may appear without its body, hence a body-only ETag,
-    changing), unless `newest_first`. A `Last-Modified` is kept only without an `ETag`, and when
-    the answer's `Date` is at least a second later (RFC 9110 8.8.2.2: otherwise a change in the same second would
-    not move it). No validator is ever sent without the next URL it led to.
+    changing), unless `newest_first`. A `Last-Modified` is kept only without an `ETag`, and
+    when the answer's `Date` is at least a second later (RFC 9110 8.8.2.2: otherwise a change
+    in the same second would not move it). No validator is ever sent without the next URL it
+    led to.
 
 What a 304 means:
     The page's body is the one read in full before: its items are stored, its next page is the
