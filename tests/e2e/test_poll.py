@@ -388,6 +388,15 @@ def test_a_12_page_listing_polled_5_times_spends_the_quota_of_one_and_a_change_o
         assert spent == len(first_five[0]) == 12  # five cycles cost the quota of the first
         assert sorted(stored_ids(db)) == list(range(1, 1_201))
 
+        # The validators are durable: after a kill -9 the next listing is 304s again.
+        daemon.kill9()
+        restarted = len(api.snapshot())
+        daemon.start()
+        api.wait_for(lambda requests: len(cycles_of(requests[restarted:])) >= 2)
+        again = cycles_of(api.snapshot()[restarted:])[0]
+        assert len(again) == 12
+        assert all(r.status == 304 for r in again)
+
         # One record on page 7 changes (its key carries its name): the next cycle reads page 7
         # in full, 304s for the other eleven, and stores the change once.
         api.edit([650])
@@ -396,8 +405,10 @@ def test_a_12_page_listing_polled_5_times_spends_the_quota_of_one_and_a_change_o
         api.wait_for(lambda requests: len(cycles_of(requests[seen:])) >= 2)
     finally:
         daemon.stop()
-    # Before the edit every cycle after the first was all 304s: the first with a 200 read the change.
-    changed = next(cycle for cycle in cycles_of(api.snapshot())[1:] if any(r.status == 200 for r in cycle))
+    # Before the edit every cycle since the restart was all 304s: the first with a 200 read the change.
+    changed = next(
+        cycle for cycle in cycles_of(api.snapshot()[restarted:]) if any(r.status == 200 for r in cycle)
+    )
     assert len(changed) == 12
     assert [position for position, r in enumerate(changed, 1) if r.status != 304] == [7]
     ids = stored_ids(db)
