@@ -20,21 +20,16 @@ an overlap window must cope with). `updated_since=T` keeps records with `updated
 `updated_at` (they move to the end), `edit()` renames records where they are; each changes
 the Last-Modified.
 
-Conditional requests: every 200 on an items path carries `Last-Modified` (the last change
-anywhere) and an `ETag` as `etags` says: "body" (default; a hash of the body and the `Link`
-header, so only a page whose answer changed gets a new one), "body_only" (the `Link` header
-left out, as servers that hash the body alone do), "version" (any change anywhere changes every
-page's), "changing" (a new one on every answer: nothing ever matches), "none"; `weak_etags`
-sends them as `W/"…"`. `If-None-Match` is compared weakly (RFC 9110 13.1.2: a list, `*`, `W/`
-ignored); a match, or with no `If-None-Match` an `If-Modified-Since` not older than the last
-change, gets 304 with no body.
+Conditional requests: a 200 on an items path carries `Last-Modified` (the last change) and an
+`ETag` as `etags` says (`fake_api_parts.etag_of`; default: a hash of the page's body and `Link`);
+`If-None-Match` is compared weakly (RFC 9110 13.1.2); a match, or with no `If-None-Match` an
+`If-Modified-Since` not older than the last change, gets 304 with no body.
 
-Quota, as GitHub counts it: every answered request but a 304 spends one (`spent` counts them
-all; `not_modified` the 304s). `quota = (n, seconds)` allows n spent in any sliding window of
-`seconds`; beyond it the answer is 429 with `Retry-After` (whole seconds, rounded up) and
-nothing else happens. `retry_after_date = True` sends an HTTP-date instead;
-`ratelimit_headers = True` adds `RateLimit-Limit/Remaining/Reset` (and the `X-RateLimit-*`
-twins) to every answer.
+Quota, as GitHub counts it: every answer but a 304 spends one (`spent`; `not_modified` counts
+304s). `quota = (n, seconds)` allows n spent in any sliding window of `seconds`; beyond it the
+answer is 429 with `Retry-After` (whole seconds, rounded up). `retry_after_date = True` sends an
+HTTP-date instead; `ratelimit_headers = True` adds `RateLimit-Limit/Remaining/Reset` (and the
+`X-RateLimit-*` twins) to every answer.
 
 Faults, consumed first in, first out by the next matching request (`fault(kind, times, path)`):
     "hang"          read the request, never answer (until `hang_seconds` or `stop()`)
@@ -56,17 +51,14 @@ process of its own; it prints its URL on the first line of stdout.
 from __future__ import annotations
 
 import argparse
-import base64
 import bisect
 import email.utils
-import hashlib
 import json
 import math
 import socket
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +66,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from tests.fake_api_parts import etag_of, newest_first, unkey, weak_match
+from tests.fake_api_parts import key as _key
 from tests.fakes import QuietHandler, serve, wait_requests
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -144,13 +138,10 @@ class FakeApi:
     """What a job ends as (`done`, `failed`, or anything else to stay there)."""
     responder: Callable[[ApiRequest], Reply | None] | None = None
     """Consulted first for every request; returning None falls through to the normal answer."""
-    etags: str = "body"
-    """How ETags are made: "body", "body_only", "version", "changing" or "none" (module docstring)."""
-    weak_etags: bool = False
-    spent: int = 0
-    """Answered requests that count against the quota (all but 304s), whether or not one is set."""
-    not_modified: int = 0
-    """304 answers (free, as on GitHub)."""
+    etags: str = "body"  # "body", "body_only" (without `Link`), "version", "changing" or "none"
+    weak_etags: bool = False  # sent as W/"…"
+    spent: int = 0  # answers that count against the quota (all but 304s), quota set or not
+    not_modified: int = 0  # 304 answers (free, as on GitHub)
     requests: list[ApiRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -411,20 +402,12 @@ class FakeApi:
             order = self._order
             first = bisect.bisect_left(order, (since, 0)) if since else 0
             after = {"link": query.get("after"), "cursor": query.get("cursor")}.get(style)
-            if query.get("direction") == "desc":  # newest first: pages count back from the end
-                end = len(order)
-                if after:
-                    end = min(end, bisect.bisect_left(order, _unkey(after)))
-                elif style == "page":
-                    end -= (page - 1) * size
-                elif style == "offset":
-                    end -= offset
-                start = max(first, end - size)
-                chosen = order[start:end][::-1]
-                more = start > first
+            if query.get("direction") == "desc":
+                skip = 0 if after else (page - 1) * size if style == "page" else offset
+                chosen, more = newest_first(order, first, unkey(after) if after else None, skip, size)
             else:
                 if after:
-                    first = max(first, bisect.bisect_right(order, _unkey(after)))
+                    first = max(first, bisect.bisect_right(order, unkey(after)))
                 elif style == "page":
                     first += (page - 1) * size
                 elif style == "offset":
@@ -450,10 +433,10 @@ class FakeApi:
             body = b'{"data":' + listing + b',"next_cursor":' + cursor + b"}"
         else:
             body = b'{"data":' + listing + b"}"
-        etag = self._etag(body, headers.get("Link", ""), query, version)
+        etag = etag_of(self.etags, self.weak_etags, body, headers.get("Link", ""), query, version)
         if etag is not None:
             headers["ETag"] = etag
-        if etag is not None and _weak_match(request.headers.get("if-none-match"), etag):
+        if etag is not None and weak_match(request.headers.get("if-none-match"), etag):
             return 304, headers, b""
         since_header = request.headers.get("if-modified-since")
         if since_header and "if-none-match" not in request.headers:
@@ -463,20 +446,6 @@ class FakeApi:
             except (TypeError, ValueError):
                 pass
         return 200, headers, body
-
-    def _etag(self, body: bytes, link: str, query: dict[str, str], version: int) -> str | None:
-        if self.etags == "none":
-            return None
-        if self.etags == "version":
-            tag = f"v{version}-{zlib.crc32(urlencode(sorted(query.items())).encode()):08x}"
-        elif self.etags == "changing":
-            tag = f"n{time.monotonic_ns()}"
-        else:
-            digest = hashlib.blake2b(body, digest_size=10)
-            if self.etags == "body":
-                digest.update(link.encode())
-            tag = digest.hexdigest()
-        return f'W/"{tag}"' if self.weak_etags else f'"{tag}"'
 
     def _job(self, request: ApiRequest, extra: dict[str, str]) -> Reply:
         headers = {"Content-Type": "application/json", **extra}
@@ -503,31 +472,6 @@ class FakeApi:
         if self.job_state == "done":
             answer["result"] = {"input": job.body}
         return 200, headers, json.dumps(answer).encode()
-
-
-def _weak_match(header: str | None, etag: str) -> bool:
-    """`If-None-Match: header` against `etag` by weak comparison (RFC 9110 13.1.2)."""
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    bare = etag.removeprefix("W/")
-    return any(tag.strip().removeprefix("W/") == bare for tag in header.split(","))
-
-
-def _key(entry: tuple[str, int]) -> str:
-    """An opaque keyset cursor for `(updated_at, id)`."""
-    return base64.urlsafe_b64encode(f"{entry[0]}|{entry[1]}".encode()).decode().rstrip("=")
-
-
-def _unkey(token: str) -> tuple[str, int]:
-    try:
-        updated, _, record_id = (
-            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().partition("|")
-        )
-        return updated, int(record_id)
-    except ValueError:
-        return "", 0
 
 
 def main(argv: list[str] | None = None) -> int:
