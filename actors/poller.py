@@ -8,10 +8,11 @@ Delivery:
 
 Cycle:
     Every `interval` (plus jitter) the poller lists what is new: the first page carries the
-    mark minus `overlap` and, when the last complete listing was a single page, its
-    `If-None-Match` / `If-Modified-Since` (a 304 ends the cycle, stores nothing); then it
-    follows the pages (`link`, `cursor`, `page`, `offset`) to the end or to `max_pages`
-    (the next cycle goes on from there). The mark moves only when a listing is complete.
+    mark minus `overlap`; then it follows the pages (`link`, `cursor`, `page`, `offset`) to the
+    end or to `max_pages` (the next cycle goes on from there). The mark moves only when a
+    listing is complete. Each page's request carries the validators of that page's last answer
+    (`daemon.poll_checks`): a 304 reuses the stored next page and stores nothing of its own (a
+    listing of 304s writes nothing); with `newest_first` a 304 for the first page ends the cycle.
 
 Pipelining:
     A page's request goes out as soon as the page before it is decoded (its cursor, links or
@@ -83,7 +84,8 @@ from daemon.poll import (
     next_url,
     without_params,
 )
-from daemon.poll_store import PollState, commit_pages, load_state, save_state
+from daemon.poll_checks import Checks
+from daemon.poll_store import PageCheck, PollState, commit_pages, load_checks, load_state, save_state
 from daemon.ratelimit import RateLimiter
 from daemon.store import Store
 from daemon.tap import TAPS, Record
@@ -94,6 +96,8 @@ PIPELINE = 32
 """Most pages read ahead of their commit (and most pages stored in one store call)."""
 READ_AHEAD_BYTES = 8 * 1024**2
 """Most bytes of items read ahead of their commit (one page always goes, however large)."""
+_Batch = tuple[Page, PollState, PageCheck | None]
+"""A page handed to the committer: its items, the state after it, the validators to store with it."""
 
 
 def _where(url: str) -> str:
@@ -182,6 +186,7 @@ class Poller:
         self._headers = list(headers.items())
         self._body = (config.body or "").encode()
         self._state = PollState()
+        self._checks = Checks({}, enabled=False, horizon=0, link=False, newest_first=False)
         self._client: HttpClient = LeanClient()
         self._sent: list[str] = []  # the credentials of the last request, scrubbed from its errors
         self._auth: Auth | None = (
@@ -232,6 +237,13 @@ class Poller:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        self._checks = Checks(
+            await self._store.call_until_committed(partial(load_checks, source=self.name)),
+            enabled=self._config.conditional,
+            horizon=self._dedup_window / 2,
+            link=isinstance(self._config.pagination, LinkPaging),
+            newest_first=self._config.newest_first,
+        )
         begun = self._state.cycle_url
         if (
             self._state.next_url is not None
@@ -247,7 +259,14 @@ class Poller:
                 },
             )
             self._state = replace(
-                self._state, next_url=None, cycle_mark=None, cycle_url=None, cycle_etag=None, pages=0
+                self._state,
+                next_url=None,
+                cycle_mark=None,
+                cycle_url=None,
+                cycle_etag=None,
+                cycle_last_modified=None,
+                cycle_refreshed=None,
+                pages=0,
             )
         config = self._config
         context = ssl_context(config.tls)
@@ -410,7 +429,7 @@ class Poller:
         self._unstored, self._room = 0, trio.Event()
         error: PollError | None = None
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel[tuple[Page, PollState]](PIPELINE)
+            send, receive = trio.open_memory_channel[_Batch](PIPELINE)
             nursery.start_soon(self._committer, receive)
             async with send:
                 try:
@@ -434,13 +453,12 @@ class Poller:
             current.poll_items.add(self._repeats, {"source": self.name, "outcome": "duplicate"})
         self._answered = self._new = self._repeats = 0
 
-    async def _list(self, pages: trio.MemorySendChannel[tuple[Page, PollState]]) -> None:
+    async def _list(self, pages: trio.MemorySendChannel[_Batch]) -> None:
         """Fetch the listing's pages in order, each page's request sent before the page before it
         is keyed, encoded and handed to the committer (see `_Ahead`)."""
         config = self._config
         state = self._state
         since = config.since
-        headers = list(self._headers)
         if state.next_url is not None:
             url = state.next_url
         else:
@@ -451,16 +469,12 @@ class Poller:
                 else (since.initial if since else None)
             )
             url = first_url(config, start)
-            if config.conditional and state.validated_url == url:
-                if state.etag:
-                    headers.append(("if-none-match", state.etag))
-                elif state.last_modified:
-                    headers.append(("if-modified-since", state.last_modified))
-            state = replace(state, cycle_mark=state.mark, cycle_url=url, pages=0)
+            state = replace(state, cycle_mark=state.mark, cycle_url=url, pages=0, cycle_refreshed=None)
+        validators, asked = self._checks.headers(state.pages + 1, url, time.time())
         error: PollError | None = None
         async with trio.open_nursery() as nursery:
             try:
-                await self._pages(nursery, pages, url, headers, state)
+                await self._pages(nursery, pages, url, [*self._headers, *validators], asked, state)
             except PollError as exc:
                 error = exc  # raised outside the nursery, not wrapped in an exception group
             finally:
@@ -471,42 +485,73 @@ class Poller:
     async def _pages(
         self,
         nursery: trio.Nursery,
-        pages: trio.MemorySendChannel[tuple[Page, PollState]],
+        pages: trio.MemorySendChannel[_Batch],
         url: str,
         headers: list[tuple[str, str]],
+        asked: PageCheck | None,
         state: PollState,
     ) -> None:
+        """The pages from `url` (asked with `headers`, the validators of `asked`); see `_list`."""
         config = self._config
+        since = config.since
         fetched: set[str] = set()
         previous: list[str] | None = None
+        read = False  # a page of this cycle was read in full (or must be committed)
         response = await self._fetch(config.method, url, headers, self._body)
         for number in range(1, config.max_pages + 1):
+            position, now = state.pages + 1, time.time()
+            unchanged = None
             if response.status == 304:
+                unchanged = self._checks.not_modified(asked, f"{config.method} {_where(url)}")
                 self.not_modified += 1
-                return
-            opened = self._reader.open(response.body, response.header("content-type"))
-            links = {}
-            if isinstance(config.pagination, LinkPaging):
-                values = [value for name, value in response.headers if name.lower() == "link"]
-                links = link_targets(values, url)
-            following = next_url(config.pagination, url, opened, links)
-            if following is not None and self._auth is not None and self._auth.query:
-                following = without_params(following, set(self._auth.query))  # never store a key
+                if position == 1 and self._checks.may_stop(unchanged, self._state, now):
+                    self.cycles += 1  # newest first: the whole listing is as it was; nothing to store
+                    return
+                following, opened = unchanged.next_url, None
+            else:
+                opened = self._reader.open(response.body, response.header("content-type"))
+                links = {}
+                if isinstance(config.pagination, LinkPaging):
+                    values = [value for name, value in response.headers if name.lower() == "link"]
+                    links = link_targets(values, url)
+                following = next_url(config.pagination, url, opened, links)
+                if following is not None and self._auth is not None and self._auth.query:
+                    following = without_params(following, set(self._auth.query))  # never store a key
             fetched.add(url)
             repeated = following is not None and following in fetched
-            ahead = None
+            ahead = ahead_asked = None
             if following is not None and not repeated and number < config.max_pages:
-                fetch = partial(self._fetch, config.method, following, list(self._headers), self._body)
+                validators, ahead_asked = self._checks.headers(position + 1, following, now)
+                fetch = partial(
+                    self._fetch, config.method, following, [*self._headers, *validators], self._body
+                )
                 ahead = await _Ahead.start(nursery, fetch)
-            page = self._reader.finish(opened)
+            if opened is None:
+                assert unchanged is not None
+                page = Page([], [], [unchanged.mark] if unchanged.mark is not None else [], None)
+            else:
+                page = self._reader.finish(opened)
             stuck = repeated or (following is not None and bool(previous) and page.keys == previous)
-            state = self._advance(state, page, response, following, stuck)
+            mark = Watermark.highest(page.marks, since.format, None) if since is not None else None
+            check = unchanged
+            if unchanged is None and not stuck:
+                check = self._checks.read(position, url, response, following, mark and mark.text, now)
+            state = self._advance(state, mark, following, stuck, check, now if unchanged is None else None)
+            if unchanged is not None and not stuck and following is None and position == number and not read:
+                self.cycles += 1  # every page of the listing answered 304: nothing to store
+                return
+            if unchanged is not None and not stuck and following is not None and ahead is not None:
+                # Nothing of its own to store: its position goes with the next page's commit.
+                response = await ahead.response()
+                url, previous, asked = following, None, ahead_asked
+                continue
+            read = True
             size = sum(map(len, page.items))
             while self._unstored and self._unstored + size > READ_AHEAD_BYTES:
                 self._room = trio.Event()
                 await self._room.wait()
             self._unstored += size
-            await pages.send((page, state))
+            await pages.send((page, state, None if unchanged is not None else check))
             if stuck:
                 what = (
                     "names a page already fetched in this cycle"
@@ -521,9 +566,9 @@ class Poller:
             if following is None or ahead is None:
                 return
             response = await ahead.response()
-            url, previous = following, page.keys
+            url, previous, asked = following, page.keys if unchanged is None else None, ahead_asked
 
-    async def _committer(self, pages: trio.MemoryReceiveChannel[tuple[Page, PollState]]) -> None:
+    async def _committer(self, pages: trio.MemoryReceiveChannel[_Batch]) -> None:
         """Commit pages in the order they come, all those waiting in one store call."""
         async with pages:
             async for first in pages:
@@ -534,38 +579,49 @@ class Poller:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._commit(batch)
-                self._unstored -= sum(len(item) for page, _ in batch for item in page.items)
+                self._unstored -= sum(len(item) for page, _, _ in batch for item in page.items)
                 self._room.set()
 
     def _advance(
-        self, state: PollState, page: Page, response: Response, following: str | None, stuck: bool
+        self,
+        state: PollState,
+        mark: Watermark | None,
+        following: str | None,
+        stuck: bool,
+        check: PageCheck | None,
+        refreshed: float | None,
     ) -> PollState:
-        """The state to commit with `page`."""
+        """The state to commit with a page whose items' highest mark is `mark`, whose validators
+        are in `check`, read in full at `refreshed` (None: a 304, read in full at `check`'s time)."""
         since = self._config.since
         state = replace(state, pages=state.pages + 1, next_url=following)
         if state.pages == 1:
-            state.cycle_etag = response.header("etag")
-            state.cycle_last_modified = response.header("last-modified")
-        if since is not None:
+            state.cycle_etag = check.etag if check is not None else None
+            state.cycle_last_modified = check.last_modified if check is not None else None
+        if refreshed is None:
+            assert check is not None
+            refreshed = check.refreshed_at
+        if state.cycle_refreshed is None or refreshed < state.cycle_refreshed:
+            state.cycle_refreshed = refreshed
+        if since is not None and mark is not None:
             current = Watermark.parse(state.cycle_mark, since.format) if state.cycle_mark else None
-            best = Watermark.highest(page.marks, since.format, current)
-            state.cycle_mark = best.text if best is not None else None
+            if current is None or mark.order > current.order:
+                state.cycle_mark = mark.text
         if following is None or stuck:
             state.next_url = None
             if not stuck:
                 state.mark = state.cycle_mark
                 state.cycles += 1
-                # A 304 for a first page says nothing about the pages after it: only a listing
-                # that was one page long may be skipped on its validators.
-                single = state.pages == 1
-                state.etag = state.cycle_etag if single else None
-                state.last_modified = state.cycle_last_modified if single else None
-                state.validated_url = state.cycle_url if single else None
+                # The first page's validators and the oldest full read of any page of this
+                # listing: what lets a 304 for that first page end a cycle (`newest_first`).
+                state.etag, state.last_modified = state.cycle_etag, state.cycle_last_modified
+                state.validated_url, state.refreshed = state.cycle_url, state.cycle_refreshed
             state.cycle_mark = state.cycle_etag = state.cycle_last_modified = state.cycle_url = None
+            state.cycle_refreshed = None
             state.pages = 0
         return state
 
-    async def _commit(self, batch: list[tuple[Page, PollState]]) -> None:
+    async def _commit(self, batch: list[_Batch]) -> None:
         tracer = telemetry.tracer()
         if tracer is None:
             await self._store_pages(batch, None)
@@ -574,15 +630,16 @@ class Poller:
             span.set_attribute("ferry.pages", len(batch))
             await self._store_pages(batch, telemetry.current_traceparent())
 
-    async def _store_pages(self, batch: list[tuple[Page, PollState]], traceparent: str | None) -> None:
+    async def _store_pages(self, batch: list[_Batch], traceparent: str | None) -> None:
         committed = await self._store.call_until_committed(
             partial(
                 commit_pages,
                 source=self.name,
-                pages=[(page.keys, page.items, state) for page, state in batch],
+                pages=[(page.keys, page.items, state) for page, state, _ in batch],
                 sinks=self._sinks,
                 dedup_window=self._dedup_window,
                 trace=traceparent,
+                checks=[check for _, _, check in batch if check is not None],
             ),
             wake=self._consumers,
         )
@@ -635,7 +692,7 @@ class Poller:
             if self._holds(self._until, answer, "job.until"):
                 page = self._reader.read(response.body, response.header("content-type"))
                 state = replace(self._state, job=None, cycles=self._state.cycles + 1)
-                await self._commit([(page, state)])
+                await self._commit([(page, state, None)])
                 return
             await trio.sleep(job.interval)
 

@@ -15,6 +15,8 @@ Cases (docs/performance.md explains each figure):
 5. webhook → sink latency at a steady 500 events/s;
 6. the rate limiter's overhead per permit (bench/ratelimit.py), against an empty checkpoint;
 7. polling a paginated API (tests/fake_api.py) into the store, beside a bare httpx loop (bench/poll.py);
+   7b. requests and quota spent per cycle on an unchanged 12-page listing, before/after per-page
+       validators and with `newest_first` (bench/quota.py);
 8. events/s through a typical jq map in ferry's transformer, against the `jq` command on the same
    events (bench/transform.py), and what routes and schema validation cost;
 9. the peers, Node-RED and a Huey relay, each installed into a scratch folder and under the
@@ -45,6 +47,7 @@ from bench.ingest import durable_ingest, verified_ingest
 from bench.latency import latency
 from bench.peers import peers
 from bench.poll import poll_ingest
+from bench.quota import poll_quota
 from bench.ratelimit import ratelimit_overhead
 from bench.report import Row, machine, write
 from bench.tracing import tracing_cost
@@ -64,6 +67,7 @@ async def run(ctx: Context) -> None:
             ("5. latency", latency),
             ("6. rate limiter overhead", ratelimit_overhead),
             ("7. polling", poll_ingest),
+            ("7b. polling: requests and quota per cycle", poll_quota),
             ("8. transform throughput vs jq", transform_throughput),
             ("9. peers: Node-RED, Huey relay", peers),
             ("10. tracing cost", tracing_cost),

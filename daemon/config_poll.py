@@ -155,10 +155,18 @@ class PollSourceConfig(Section, frozen=True, tag="poll", tag_field="type"):
     conditional: Annotated[
         bool,
         Meta(
-            description="Send `If-None-Match` / `If-Modified-Since` with the validators of the last "
-            "complete listing; a 304 ends the cycle at once."
+            description="Send each page's request with the `If-None-Match` / `If-Modified-Since` of that "
+            "page's last answer; a 304 reuses the stored next page and items (docs/polling.md)."
         ),
     ] = True
+    newest_first: Annotated[
+        bool,
+        Meta(
+            description="The API lists first whatever is new to ferry (sorted newest first by the time "
+            "that makes a `key` new: created for an id, updated for a versioned key), so any change "
+            "changes the first page: a 304 for the first page then ends the cycle."
+        ),
+    ] = False
     since: Annotated[SinceConfig | None, Meta(description="High-water mark (table below).")] = None
     job: Annotated[JobConfig | None, Meta(description="Job mode (table below).")] = None
     max_response: Annotated[Size, Meta(description="Largest response body accepted.")] = default(

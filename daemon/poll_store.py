@@ -10,7 +10,9 @@ Exactly once:
     the mark, the validators — in the one transaction of its call. A crash before it commits
     loses nothing (the page is fetched again from the stored position); a crash after it
     cannot repeat anything (the position has moved on, and an item seen again is found by
-    its key).
+    its key). The validators of each page read in full (`PageCheck`, table `poll_pages`) are
+    written in that same transaction, so a stored validator always stands for items that are
+    stored, and for the next cursor they led to.
 
 Keys:
     A poll source's keys live in `dedup` under the source's name (names are unique across
@@ -70,9 +72,11 @@ def _statement(kind: tuple[str, str, int], rows: int) -> str:
 class PollState:
     """A poll source's durable state (one `poll_state` row).
 
-    `mark`, `etag`, `last_modified` and `validated_url` belong to the last *complete* listing;
-    the `cycle_*` fields and `next_url` to the listing in progress (`next_url` None: none).
-    `job` is the submitted job being watched (JSON), in job mode.
+    `mark`, `etag`, `last_modified`, `validated_url` (the first page's URL and validators) and
+    `refreshed` belong to the last *complete* listing; the `cycle_*` fields, `pages` and
+    `next_url` to the listing in progress (`next_url` None: none). `refreshed` is the oldest
+    time at which a page of that listing was last read in full (its items' keys refreshed in
+    `dedup`). `job` is the submitted job being watched (JSON), in job mode.
     """
 
     mark: str | None = None
@@ -87,9 +91,52 @@ class PollState:
     pages: int = 0
     job: str | None = None
     cycles: int = 0
+    refreshed: float | None = None
+    cycle_refreshed: float | None = None
 
 
 _COLUMNS: Final = [f.name for f in fields(PollState)]
+
+
+@dataclass(frozen=True, slots=True)
+class PageCheck:
+    """What ferry knows of the page at `position` of a listing, last read in full from `url`.
+
+    Its validators (`etag`, `last_modified`; None: the answer had none ferry trusts), the next
+    page's URL that answer led to (`next_url`, None: it ended the listing), the highest mark of
+    its items as the API wrote it, and when it was read (`refreshed_at`: its items' keys were
+    refreshed then). One `poll_pages` row per (source, position), positions 1 to
+    `daemon.poll_checks.CHECKED_PAGES`: bounded whatever the listing's length.
+    """
+
+    position: int
+    url: str
+    etag: str | None
+    last_modified: str | None
+    next_url: str | None
+    mark: str | None
+    refreshed_at: float
+
+
+_CHECK_COLUMNS: Final = [f.name for f in fields(PageCheck)]
+
+
+def load_checks(conn: Connection, source: str) -> dict[int, PageCheck]:
+    """`source`'s stored page checks by position."""
+    rows = conn.execute(
+        f"SELECT {', '.join(_CHECK_COLUMNS)} FROM poll_pages WHERE source = ?", (source,)
+    ).fetchall()
+    return {row[0]: PageCheck(*row) for row in rows}
+
+
+def save_checks(conn: Connection, source: str, checks: Sequence[PageCheck]) -> None:
+    """Write `checks` (each replaces the one at its position), in the caller's transaction."""
+    if checks:
+        conn.executemany(
+            f"INSERT OR REPLACE INTO poll_pages(source, {', '.join(_CHECK_COLUMNS)}) "
+            f"VALUES (?, {', '.join('?' * len(_CHECK_COLUMNS))})",
+            [(source, *astuple(check)) for check in checks],
+        )
 
 
 def load_state(conn: Connection, source: str) -> PollState:
@@ -145,6 +192,7 @@ def commit_pages(
     *,
     dedup_window: float,
     trace: str | None = None,
+    checks: Sequence[PageCheck] = (),
 ) -> list[Committed]:
     """`commit_page` for each (keys, items, state) in order, in the caller's one transaction.
 
@@ -153,7 +201,8 @@ def commit_pages(
     writer thread re-takes the GIL after every statement, and the event loop's thread is busy
     fetching the next pages meanwhile. Only the last page's state is written (the earlier ones
     would be overwritten in this same transaction). Payloads are sealed when `[store]
-    encryption` is on; `Committed.events` holds them in clear.
+    encryption` is on; `Committed.events` holds them in clear. `checks` (the validators of the
+    pages read in full) are written in the same transaction.
     """
     if not pages:
         return []
@@ -218,6 +267,7 @@ def commit_pages(
             (now, source, *chunk),
         )
     save_state(conn, source, pages[-1][2])
+    save_checks(conn, source, checks)
     committed: list[Committed] = []
     position = 0
     for (keys, _, _), (page_keys, page_items) in zip(pages, fresh, strict=True):

@@ -19,6 +19,7 @@ Tables:
     window_events  the events in each open window, in order, with the id their output will take
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
+    poll_pages  each poll source's per-page validators and next URLs, positions 1..N (bounded)
     alerts      each alert rule's state (JSON), kept across restarts
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
@@ -182,5 +183,25 @@ MIGRATIONS: list[list[str]] = [
             state TEXT NOT NULL,
             updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
+    ],
+    [
+        # Conditional requests for every page of a listing (daemon/poll_checks.py): each page's
+        # validators, the next URL its answer led to and its highest mark, by position in the
+        # listing (at most `CHECKED_PAGES` rows a source); written with the page's items.
+        """CREATE TABLE poll_pages (
+            source TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            url TEXT NOT NULL,
+            etag TEXT,
+            last_modified TEXT,
+            next_url TEXT,
+            mark TEXT,
+            refreshed_at REAL NOT NULL,
+            PRIMARY KEY (source, position)
+        ) WITHOUT ROWID""",
+        # When the pages of the last complete listing (and of the one in progress) were last read
+        # in full: validators are trusted only while the keys they stand for are remembered.
+        "ALTER TABLE poll_state ADD COLUMN refreshed REAL",
+        "ALTER TABLE poll_state ADD COLUMN cycle_refreshed REAL",
     ],
 ]

@@ -7,6 +7,7 @@ poller meets, and misbehaves on cue:
     GET /cursor/items?limit=N[&cursor=C][&updated_since=T] `{"data": […], "next_cursor": C|null}`
     GET /page/items?per_page=N[&page=P][&updated_since=T]  `{"data": […]}`, pages from 1, short last page
     GET /offset/items?limit=N[&offset=O][&updated_since=T] `{"data": […]}`, short last page
+    (each also takes `direction=desc`: newest first, as GitHub's `sort=updated&direction=desc`)
     POST /jobs                 202 `{"id", "state": "queued", "status_url"}` (+ `Location`)
     GET /jobs/ID               `{"id", "state": "running"}` for `job_polls` polls, then
                                `{"id", "state": "done", "result": {"input": <posted body>}}`
@@ -16,16 +17,19 @@ Records are `{"id": n, "name": "item-n", "updated_at": "2026-01-01T00:00:07Z"}`;
 advances one second every `per_second` records, so several records share a timestamp (what
 an overlap window must cope with). `updated_since=T` keeps records with `updated_at >= T`
 (inclusive, as most APIs do). `add()` appends records, `touch()` gives records a new
-`updated_at` (they move to the end); both change the ETag and Last-Modified.
+`updated_at` (they move to the end), `edit()` renames records where they are; each changes
+the Last-Modified.
 
-Conditional requests: every 200 on an items path carries `ETag` (data version + query) and
-`Last-Modified`; a matching `If-None-Match`, or an `If-Modified-Since` not older than the last
-change, gets 304 with no body.
+Conditional requests: a 200 on an items path carries `Last-Modified` (the last change) and an
+`ETag` as `etags` says (`fake_api_parts.etag_of`; default: a hash of the page's body and `Link`);
+`If-None-Match` is compared weakly (RFC 9110 13.1.2); a match, or with no `If-None-Match` an
+`If-Modified-Since` not older than the last change, gets 304 with no body.
 
-Quota: `quota = (n, seconds)` allows n answered requests in any sliding window of `seconds`;
-beyond it the answer is 429 with `Retry-After` (whole seconds, rounded up) and nothing else
-happens. `retry_after_date = True` sends an HTTP-date instead; `ratelimit_headers = True`
-adds `RateLimit-Limit/Remaining/Reset` (and the `X-RateLimit-*` twins) to every answer.
+Quota, as GitHub counts it: every answer but a 304 spends one (`spent`; `not_modified` counts
+304s). `quota = (n, seconds)` allows n spent in any sliding window of `seconds`; beyond it the
+answer is 429 with `Retry-After` (whole seconds, rounded up). `retry_after_date = True` sends an
+HTTP-date instead; `ratelimit_headers = True` adds `RateLimit-Limit/Remaining/Reset` (and the
+`X-RateLimit-*` twins) to every answer.
 
 Faults, consumed first in, first out by the next matching request (`fault(kind, times, path)`):
     "hang"          read the request, never answer (until `hang_seconds` or `stop()`)
@@ -47,7 +51,6 @@ process of its own; it prints its URL on the first line of stdout.
 from __future__ import annotations
 
 import argparse
-import base64
 import bisect
 import email.utils
 import json
@@ -56,7 +59,6 @@ import socket
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from tests.fake_api_parts import etag_of, newest_first, unkey, weak_match
+from tests.fake_api_parts import key as _key
 from tests.fakes import QuietHandler, serve, wait_requests
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -134,6 +138,10 @@ class FakeApi:
     """What a job ends as (`done`, `failed`, or anything else to stay there)."""
     responder: Callable[[ApiRequest], Reply | None] | None = None
     """Consulted first for every request; returning None falls through to the normal answer."""
+    etags: str = "body"  # "body", "body_only" (without `Link`), "version", "changing" or "none"
+    weak_etags: bool = False  # sent as W/"…"
+    spent: int = 0  # answers that count against the quota (all but 304s), quota set or not
+    not_modified: int = 0  # 304 answers (free, as on GitHub)
     requests: list[ApiRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -170,6 +178,15 @@ class FakeApi:
                 old = (self._stamps[record_id], record_id)
                 del self._order[bisect.bisect_left(self._order, old)]
                 self._stamp(record_id)
+            self._bump()
+
+    def edit(self, ids: list[int]) -> None:
+        """Rename records where they stand (`name` gets a `'` more; `updated_at` and order kept)."""
+        with self.lock:
+            for record_id in ids:
+                record = json.loads(self._rows[record_id])
+                record["name"] += "'"
+                self._rows[record_id] = json.dumps(record, separators=(",", ":")).encode()
             self._bump()
 
     def record(self, record_id: int) -> dict[str, Any]:
@@ -286,8 +303,22 @@ class FakeApi:
         with self.lock:
             limited = self._over_quota()
             fault = None if limited else self._take_fault(request.path)
+            spending = time.monotonic()
+            if limited is None and self.quota is not None:
+                self._answered.append(spending)  # so that this answer's RateLimit-Remaining counts it
         if limited is not None:
             return limited
+        reply = self._served(request, fault)
+        with self.lock:
+            if reply is None or reply[0] != 304:
+                self.spent += 1
+                return reply
+            self.not_modified += 1
+            if self.quota is not None:
+                self._answered.remove(spending)  # a 304 is free
+        return 304, reply[1] | self._ratelimit_headers(), reply[2]
+
+    def _served(self, request: ApiRequest, fault: str | None) -> Reply | None:
         extra = self._ratelimit_headers()
         if fault is not None and fault != "repeat":
             return self._fault_reply(fault, extra)
@@ -299,7 +330,7 @@ class FakeApi:
         return 200, {"Content-Type": "application/json", **extra}, b'{"ok":true}'
 
     def _over_quota(self) -> Reply | None:
-        """429 when the quota is spent (counts the request otherwise); call with the lock held."""
+        """429 when the quota is spent (the answer spends it, unless a 304); call with the lock held."""
         if self.quota is None:
             return None
         limit, per = self.quota
@@ -307,7 +338,6 @@ class FakeApi:
         while self._answered and self._answered[0] <= now - per:
             self._answered.popleft()
         if len(self._answered) < limit:
-            self._answered.append(now)
             return None
         wait = max(1, math.ceil(self._answered[0] + per - now))
         retry_after = (
@@ -371,22 +401,42 @@ class FakeApi:
             since = query.get("updated_since")
             order = self._order
             first = bisect.bisect_left(order, (since, 0)) if since else 0
-            if style == "link" and "after" in query:
-                first = max(first, bisect.bisect_right(order, _unkey(query["after"])))
-            elif style == "cursor" and query.get("cursor"):
-                first = max(first, bisect.bisect_right(order, _unkey(query["cursor"])))
-            elif style == "page":
-                first += (page - 1) * size
-            elif style == "offset":
-                first += offset
-            chosen = order[first : first + size]
+            after = {"link": query.get("after"), "cursor": query.get("cursor")}.get(style)
+            if query.get("direction") == "desc":
+                skip = 0 if after else (page - 1) * size if style == "page" else offset
+                chosen, more = newest_first(order, first, unkey(after) if after else None, skip, size)
+            else:
+                if after:
+                    first = max(first, bisect.bisect_right(order, unkey(after)))
+                elif style == "page":
+                    first += (page - 1) * size
+                elif style == "offset":
+                    first += offset
+                chosen = order[first : first + size]
+                more = first + size < len(order)
             rows = [self._rows[record_id] for _, record_id in chosen]
-            more = first + size < len(order)
-            etag = f'"v{self._version}-{zlib.crc32(urlencode(sorted(query.items())).encode()):08x}"'
+            version = self._version
             changed = self._changed
         modified = email.utils.formatdate(changed, usegmt=True)
-        headers = {"Content-Type": "application/json", "ETag": etag, "Last-Modified": modified, **extra}
-        if request.headers.get("if-none-match") == etag:
+        headers = {"Content-Type": "application/json", "Last-Modified": modified, **extra}
+        listing = b"[" + b",".join(rows) + b"]"
+        token = _key(chosen[-1]) if chosen and more else None
+        if repeat and style in ("link", "cursor"):
+            token, more = query.get("cursor") or query.get("after") or _key(("", 0)), True
+        if style == "link":
+            body = listing
+            if more and token:
+                next_query = {k: v for k, v in query.items() if k != "after"} | {"after": token}
+                headers["Link"] = f'<{self.url}/link/items?{urlencode(next_query)}>; rel="next"'
+        elif style == "cursor":
+            cursor = json.dumps(token if more else None).encode()
+            body = b'{"data":' + listing + b',"next_cursor":' + cursor + b"}"
+        else:
+            body = b'{"data":' + listing + b"}"
+        etag = etag_of(self.etags, self.weak_etags, body, headers.get("Link", ""), query, version)
+        if etag is not None:
+            headers["ETag"] = etag
+        if etag is not None and weak_match(request.headers.get("if-none-match"), etag):
             return 304, headers, b""
         since_header = request.headers.get("if-modified-since")
         if since_header and "if-none-match" not in request.headers:
@@ -395,19 +445,7 @@ class FakeApi:
                     return 304, headers, b""
             except (TypeError, ValueError):
                 pass
-        listing = b"[" + b",".join(rows) + b"]"
-        token = _key(chosen[-1]) if chosen and more else None
-        if repeat and style in ("link", "cursor"):
-            token, more = query.get("cursor") or query.get("after") or _key(("", 0)), True
-        if style == "link":
-            if more and token:
-                next_query = {k: v for k, v in query.items() if k != "after"} | {"after": token}
-                headers["Link"] = f'<{self.url}/link/items?{urlencode(next_query)}>; rel="next"'
-            return 200, headers, listing
-        if style == "cursor":
-            cursor = json.dumps(token if more else None).encode()
-            return 200, headers, b'{"data":' + listing + b',"next_cursor":' + cursor + b"}"
-        return 200, headers, b'{"data":' + listing + b"}"
+        return 200, headers, body
 
     def _job(self, request: ApiRequest, extra: dict[str, str]) -> Reply:
         headers = {"Content-Type": "application/json", **extra}
@@ -434,21 +472,6 @@ class FakeApi:
         if self.job_state == "done":
             answer["result"] = {"input": job.body}
         return 200, headers, json.dumps(answer).encode()
-
-
-def _key(entry: tuple[str, int]) -> str:
-    """An opaque keyset cursor for `(updated_at, id)`."""
-    return base64.urlsafe_b64encode(f"{entry[0]}|{entry[1]}".encode()).decode().rstrip("=")
-
-
-def _unkey(token: str) -> tuple[str, int]:
-    try:
-        updated, _, record_id = (
-            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().partition("|")
-        )
-        return updated, int(record_id)
-    except ValueError:
-        return "", 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,7 @@ def test_etag_and_last_modified_answer_304_until_the_data_changes(api: FakeApi) 
         etag, modified = first.headers["etag"], first.headers["last-modified"]
         assert client.get(f"{api.url}/page/items", headers={"if-none-match": etag}).status_code == 304
         assert client.get(f"{api.url}/page/items", headers={"if-modified-since": modified}).status_code == 304
-        api.add(1)
+        api.touch([5])  # record 5 leaves the first page
         assert client.get(f"{api.url}/page/items", headers={"if-none-match": etag}).status_code == 200
         assert client.get(f"{api.url}/page/items", headers={"if-modified-since": modified}).status_code == 200
 
@@ -123,3 +123,56 @@ def test_a_job_runs_then_is_done_with_its_input(api: FakeApi) -> None:
             "state": "done",
             "result": {"input": {"report": "daily"}},
         }
+
+
+@pytest.mark.parametrize("style", ["link", "cursor", "page", "offset"])
+def test_direction_desc_serves_newest_first_in_every_style(api: FakeApi, style: str) -> None:
+    api.touch([5])
+    with httpx.Client() as client:
+        ids, requests = read_all(client, api, style, direction="desc")
+    assert ids == [5, *range(250, 5, -1), *range(4, 0, -1)]
+    assert requests == 3
+
+
+def test_a_304_is_free_as_on_github_and_counted_apart(api: FakeApi) -> None:
+    api.quota = (2, 30.0)
+    with httpx.Client() as client:
+        first = client.get(f"{api.url}/cursor/items")
+        etag = first.headers["etag"]
+        statuses = [client.get(f"{api.url}/cursor/items", headers={"if-none-match": etag}).status_code]
+        statuses += [client.get(f"{api.url}/cursor/items").status_code for _ in range(2)]
+    assert statuses == [304, 200, 429]
+    assert (api.spent, api.not_modified) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("etags", "weak", "same_after_append", "same_twice"),
+    [
+        ("body", False, True, True),  # the first page did not change: same ETag
+        ("version", False, False, True),  # any change anywhere: a new ETag on every page
+        ("changing", False, False, False),
+        ("body", True, True, True),
+    ],
+)
+def test_etag_modes(api: FakeApi, etags: str, weak: bool, same_after_append: bool, same_twice: bool) -> None:
+    api.etags, api.weak_etags = etags, weak
+    with httpx.Client() as client:
+        first = client.get(f"{api.url}/page/items").headers["etag"]
+        twice = client.get(f"{api.url}/page/items").headers["etag"]
+        api.add(1)  # lands on the last page
+        after = client.get(f"{api.url}/page/items").headers["etag"]
+        weakly = client.get(
+            f"{api.url}/page/items", headers={"if-none-match": f'"x", {after.removeprefix("W/")}'}
+        )
+    assert first.startswith('W/"') == weak
+    assert (first == twice) == same_twice
+    assert (first == after) == same_after_append
+    assert weakly.status_code == (304 if same_twice else 200)  # a list, compared weakly
+
+
+def test_no_etag_leaves_last_modified(api: FakeApi) -> None:
+    api.etags = "none"
+    with httpx.Client() as client:
+        answer = client.get(f"{api.url}/page/items")
+    assert "etag" not in answer.headers
+    assert answer.headers["last-modified"]

@@ -340,3 +340,81 @@ def test_drain_stops_poll_sources_too(tmp_path: Path, sock_dir: Path, api: FakeA
         json.loads(line) for line in (tmp_path / "ferry.log").read_text().splitlines() if line.startswith("{")
     ]
     assert any(line["msg"] == "poll source paused" and line.get("source") == "items" for line in lines)
+
+
+TWELVE = """
+[sources.items]
+type = "poll"
+url = "{url}/cursor/items?limit=100"
+items = ".data"
+key = '"\\(.id)@\\(.name)"'
+interval = "100ms"
+jitter = 0
+timeout = "5s"
+pagination = {{ style = "cursor", path = ".next_cursor" }}
+"""
+
+
+def cycles_of(requests: list[ApiRequest]) -> list[list[ApiRequest]]:
+    """The requests grouped by cycle (each begins with the first page: no `cursor`; any before the
+    first of them are left out)."""
+    cycles: list[list[ApiRequest]] = []
+    for request in requests:
+        if "cursor" not in request.query:
+            cycles.append([])
+        if cycles:
+            cycles[-1].append(request)
+    return cycles
+
+
+def test_a_12_page_listing_polled_5_times_spends_the_quota_of_one_and_a_change_on_page_7_is_read(
+    tmp_path: Path, api: FakeApi
+) -> None:
+    api.add(1_200)  # twelve pages of 100; the twelfth ends the listing
+    config = write_config(tmp_path, TWELVE.format(url=api.url))
+    db = tmp_path / "state" / "ferry.db"
+    daemon = Daemon(config, tmp_path / "ferry.log").start()
+    try:
+        api.wait_for(lambda requests: len(cycles_of(requests)) >= 6)  # five cycles done, a sixth begun
+        first_five = cycles_of(api.snapshot())[:5]
+        assert [len(cycle) for cycle in first_five] == [12] * 5
+        assert all(r.status == 200 and "if-none-match" not in r.headers for r in first_five[0])
+        # Every later page went out with the validator of its last answer and came back 304 (free).
+        for cycle in first_five[1:]:
+            assert all(r.headers.get("if-none-match") and r.status == 304 for r in cycle), [
+                (r.query, r.status) for r in cycle
+            ]
+        spent = sum(r.status != 304 for cycle in first_five for r in cycle)
+        assert spent == len(first_five[0]) == 12  # five cycles cost the quota of the first
+        assert sorted(stored_ids(db)) == list(range(1, 1_201))
+
+        # The validators are durable: after a kill -9 the next listing is 304s again.
+        daemon.kill9()
+        restarted = len(api.snapshot())
+        daemon.start()
+        api.wait_for(lambda requests: len(cycles_of(requests[restarted:])) >= 2)
+        again = cycles_of(api.snapshot()[restarted:])[0]
+        assert len(again) == 12
+        assert all(r.status == 304 for r in again)
+
+        # One record on page 7 changes (its key carries its name): the next cycle reads page 7
+        # in full, 304s for the other eleven, and stores the change once.
+        api.edit([650])
+        seen = len(api.snapshot())
+        wait(lambda: len(stored_ids(db)) == 1_201, "the changed record")
+        api.wait_for(lambda requests: len(cycles_of(requests[seen:])) >= 2)
+    finally:
+        daemon.stop()
+    # Before the edit every cycle since the restart was all 304s: the first with a 200 read the change.
+    changed = next(
+        cycle for cycle in cycles_of(api.snapshot()[restarted:]) if any(r.status == 200 for r in cycle)
+    )
+    assert len(changed) == 12
+    assert [position for position, r in enumerate(changed, 1) if r.status != 304] == [7]
+    ids = stored_ids(db)
+    assert sorted(ids) == sorted([*range(1, 1_201), 650])
+    with sqlite3.connect(db) as conn:
+        names = [json.loads(p)["name"] for (p,) in conn.execute("SELECT payload FROM events ORDER BY seq")]
+        pages = conn.execute("SELECT count(*) FROM poll_pages WHERE source = 'items'").fetchone()[0]
+    assert names[-1] == "item-650'"
+    assert pages == 12  # one row of validators per page
