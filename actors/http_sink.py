@@ -41,6 +41,7 @@ from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, pa
 from daemon.outbox import Due
 from daemon.store import Store
 from daemon.tokens import scrub
+from daemon.url_credentials import redact_url
 
 from .guard import SinkGuard, current_url
 from .sink import Answer
@@ -133,7 +134,7 @@ class HttpSender:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": url})
+            span.set_attributes({"http.request.method": self._config.method, "url.full": redact_url(url)})
         send_url = self._send_urls[url]
         if self._auth is None:
             response = await self._request(send_url, headers, body)
