@@ -10,6 +10,7 @@ tap), log lines and errors. Spans carry the URL with its user information replac
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from typing import Any, Final
@@ -29,17 +30,22 @@ def _userinfo(url: str) -> str | None:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The user information of `url` and its password (as written and percent-decoded), if any."""
+    """The user information of `url`, its password (as written and percent-decoded) and the Basic
+    credential the HTTP client sends for them (`base64(user:password)`), if any."""
     userinfo = _userinfo(url)
     if userinfo is None:
         return []
     found = [userinfo]
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
     except ValueError:
-        password = None
+        return found
     if password:
         found.extend({password, unquote(password)})
+    if username is not None:
+        pair = f"{unquote(username)}:{unquote(password or '')}"
+        found.append(base64.b64encode(pair.encode()).decode())
     return found
 
 
