@@ -52,6 +52,7 @@ import trio
 from msgspec import Meta, Struct
 
 from .config import ControlConfig, LoadedConfig
+from .control_input import asked_command, shown
 from .errors import ControlUnavailable
 
 log = logging.getLogger("ferry.control")
@@ -446,7 +447,7 @@ class ControlServer:
         # (hang up, reset), the refusal is recorded: only the command's name is taken from it.
         with trio.move_on_after(min(2.0, self._idle_timeout)), contextlib.suppress(Exception):
             line = await self._read_line(stream, bytearray())
-            command = _asked_command(line or b"") or command
+            command = asked_command(line or b"", COMMANDS) or command
         outcome = f"refused: uid {peer.uid} is not allowed"
         log.warning("control connection refused", extra={"fields": {"uid": peer.uid, "pid": peer.pid}})
         with trio.move_on_after(self._request_timeout):
@@ -517,11 +518,11 @@ class ControlServer:
         if not isinstance(raw, dict):
             return Failed("a request must be a JSON object")
         if raw.get("v") != VERSION:
-            return Failed(f"unsupported protocol version {raw.get('v')!r}; this daemon speaks {VERSION}")
+            return Failed(f"unsupported protocol version {shown(raw.get('v'))}; this daemon speaks {VERSION}")
         command = raw.get("cmd")
         if not isinstance(command, str) or command not in COMMANDS:
             known = ", ".join(sorted(COMMANDS))
-            return Failed(f"unknown command {command!r}; known: {known}")
+            return Failed(f"unknown command {shown(command)}; known: {known}")
         try:
             request = msgspec.convert(raw, COMMANDS[command])
         except msgspec.ValidationError as exc:
@@ -536,16 +537,6 @@ class ControlServer:
                 log.exception("control command failed", extra={"fields": {"command": command}})
                 return Failed(f"internal error: {type(exc).__name__}: {exc}")
         return Failed(f"{command} timed out after {timeout:g}s")
-
-
-def _asked_command(line: bytes) -> str | None:
-    """The known command a request line names, if any (for the audit row of a refused peer)."""
-    try:
-        raw = msgspec.json.decode(line)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    asked = raw.get("cmd") if isinstance(raw, dict) else None
-    return asked if isinstance(asked, str) and asked in COMMANDS else None
 
 
 async def _check_stale(path: Path) -> None:
