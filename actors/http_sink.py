@@ -50,6 +50,7 @@ from daemon.item_outcomes import ItemOutcomes, UnreadableAnswer
 from daemon.outbox import Due
 from daemon.store import Store
 from daemon.tokens import scrub
+from daemon.url_credentials import redact_url
 
 from .guard import SinkGuard, current_url
 from .sink import Answer
@@ -165,7 +166,7 @@ class HttpSender:
             headers.append(("traceparent", traceparent))
         recording = span.is_recording()
         if recording:
-            span.set_attributes({"http.request.method": self._config.method, "url.full": url})
+            span.set_attributes({"http.request.method": self._config.method, "url.full": redact_url(url)})
         send_url = self._send_urls[url]
         if self._auth is None:
             response = await self._request(send_url, headers, body)

@@ -491,8 +491,9 @@ class Commands:
         for name, c in counts.items():
             if name not in stages:
                 stages[name] = StageStatus("unconfigured", c["pending"], c["delivered"], c["dead"])
+        redactor = self._redactor  # secrets (URL credentials too) never shown in a status
         actors = [
-            ActorStatus(a.name, a.state, a.restarts, a.last_error)
+            ActorStatus(a.name, a.state, a.restarts, redactor.scrub(a.last_error))
             for a in self._running.supervisor.actors.values()
         ]
         throughput = self._running.throughput
@@ -511,7 +512,7 @@ class Commands:
             delivered_per_s=None if delivered_rate is None else round(delivered_rate, 2),
             polls=self._polls(),
             rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
-            guards=self._guards(),
+            guards=redactor.mask(msgspec.to_builtins(self._guards())),
         )
 
     def _guards(self) -> dict[str, Any]:

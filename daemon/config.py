@@ -30,12 +30,14 @@ from .config_base import NAME_RE, ComponentName, Section, default
 from .config_items import ItemOutcomesConfig, check_item_outcomes
 from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
 from .config_poll import PollSourceConfig, poll_errors
+from .config_sanity import MAX_DEPTH, depth_error, host_errors, shape_errors
 from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
 from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
 from .config_verify import ListenerTlsConfig, VerifyConfig, resolve_jwks, verify_errors
 from .errors import ConfigError
 from .masking import RULE_PATTERN
 from .units import Duration, Size, dec_hook, schema_hook
+from .url_credentials import credential_paths
 
 
 class StoreConfig(Section, frozen=True):
@@ -507,10 +509,18 @@ class LoadedConfig:
 
     @property
     def warnings(self) -> list[str]:
-        """What is valid but unwise: literal secrets in the file."""
+        """What is valid but unwise: literal secrets in the file, credentials written into a URL."""
         return [
-            f"{path}: a literal secret in the config file; use env:NAME, file:PATH or credential:NAME"
-            for path in secrets.literal_paths(self.config)
+            *(
+                f"{path}: a literal secret in the config file; use env:NAME, file:PATH or credential:NAME"
+                for path in secrets.literal_paths(self.config)
+            ),
+            *(
+                f"{path}: credentials in a URL; put them in `auth` with a secret reference "
+                '(auth = { type = "basic", username = …, password = "env:NAME" }); they are scrubbed '
+                "from what ferry shows, but stay in the file"
+                for path, _ in credential_paths(self.config)
+            ),
         ]
 
 
@@ -561,7 +571,11 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"$: invalid TOML: {exc}"]) from None
-    errors: list[str] = []
+    except RecursionError:
+        raise ConfigError([f"$: invalid TOML: nested more than {MAX_DEPTH} levels deep"]) from None
+    errors: list[str] = [problem for problem in [depth_error(raw)] if problem]
+    if errors:
+        raise ConfigError(errors)
     known = set(_SECTIONS) | set(_COLLECTIONS)
     errors.extend(f"$.{key}: unknown section" for key in raw if key not in known)
     parts: dict[str, Any] = {}
@@ -592,6 +606,8 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
     errors.extend(_semantic_errors(config))
     if read_secrets:
         errors.extend(secrets.bind(config, base_dir=base_dir))
+        errors.extend(host_errors(config))
+    errors.extend(shape_errors(config))
     if errors:
         raise ConfigError(errors)
     if read_secrets:

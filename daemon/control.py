@@ -14,11 +14,15 @@ Access:
     is replaced; a live one is not (startup fails with `ControlUnavailable`). Each
     connection's peer credentials (`SO_PEERCRED`, `SO_PEERGROUPS`) must show the
     daemon's own uid, root, or membership of `[control] group`; anyone else gets an
-    error answer, an audit row, and the connection closed.
+    error answer, an audit row, and the connection closed. The audit row (the peer's uid
+    and pid, the command named by its first line when that is a known one, else `connect`)
+    is written whatever the peer sent or did: nothing, garbage, JSON nested too deeply, a
+    line too long, a hang-up.
 
 Bad input:
-    Malformed JSON, an unknown command, a wrong version or bad arguments get an error
-    answer and the connection stays usable. A line longer than `max_line` gets an error
+    Malformed JSON (JSON nested too deeply included), a request that is not an object, an
+    unknown command, a wrong version or bad arguments get an error answer and the
+    connection stays usable. A line longer than `max_line` gets an error
     answer and the connection is closed (what follows cannot be framed). A command
     runs for at most `request_timeout` (drain: its own timeout plus that); an exception
     inside a command is answered as an internal error and logged, never raised.
@@ -48,6 +52,7 @@ import trio
 from msgspec import Meta, Struct
 
 from .config import ControlConfig, LoadedConfig
+from .control_input import asked_command, shown
 from .errors import ControlUnavailable
 
 log = logging.getLogger("ferry.control")
@@ -438,16 +443,21 @@ class ControlServer:
     async def _refuse(self, stream: trio.SocketStream, peer: Peer) -> None:
         """Read (briefly) what the peer wanted, record the refusal, answer it."""
         command = "connect"
-        with trio.move_on_after(min(2.0, self._idle_timeout)), contextlib.suppress(_Oversized):
+        # Whatever the peer sends (nothing, garbage, a line too long, JSON nested too deep) or does
+        # (hang up, reset), the refusal is recorded: only the command's name is taken from it.
+        with trio.move_on_after(min(2.0, self._idle_timeout)), contextlib.suppress(Exception):
             line = await self._read_line(stream, bytearray())
-            with contextlib.suppress(msgspec.DecodeError, AttributeError):
-                asked = msgspec.json.decode(line or b"").get("cmd")
-                if isinstance(asked, str) and asked in COMMANDS:
-                    command = asked
+            command = asked_command(line or b"", COMMANDS) or command
         outcome = f"refused: uid {peer.uid} is not allowed"
         log.warning("control connection refused", extra={"fields": {"uid": peer.uid, "pid": peer.pid}})
         with trio.move_on_after(self._request_timeout):
-            await self._refused(peer, command, outcome)
+            try:
+                await self._refused(peer, command, outcome)
+            except Exception as exc:
+                log.error(
+                    "cannot record a refused control connection",
+                    extra={"fields": {"uid": peer.uid, "pid": peer.pid, "error": str(exc)}},
+                )
         await stream.send_all(
             encode_line(Failed(f"permission denied: uid {peer.uid} may not use this socket"))
         )
@@ -468,7 +478,7 @@ class ControlServer:
                 continue
             call = _Call(peer, stream)
             try:
-                await stream.send_all(encode_line(await self._answer(line, call)))
+                await stream.send_all(await self._answer_line(line, call))
             finally:  # even if the client has gone: a drain must still end in a stop
                 for hook in call.hooks:
                     hook()
@@ -490,19 +500,29 @@ class ControlServer:
                 return None
             buffer += data
 
+    async def _answer_line(self, line: bytes, call: _Call) -> bytes:
+        """The encoded answer to one request line: every request gets one, whatever it holds."""
+        try:
+            return encode_line(await self._answer(line, call))
+        except Exception as exc:  # a bug of ours: answered and logged, the connection stays usable
+            log.exception("control request failed")
+            return encode_line(Failed(f"internal error: {type(exc).__name__}"))
+
     async def _answer(self, line: bytes, call: _Call) -> Ok | Failed:
         try:
             raw = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:
             return Failed(f"malformed JSON: {exc}")
+        except RecursionError:
+            return Failed("malformed JSON: nested too deeply")
         if not isinstance(raw, dict):
             return Failed("a request must be a JSON object")
         if raw.get("v") != VERSION:
-            return Failed(f"unsupported protocol version {raw.get('v')!r}; this daemon speaks {VERSION}")
+            return Failed(f"unsupported protocol version {shown(raw.get('v'))}; this daemon speaks {VERSION}")
         command = raw.get("cmd")
         if not isinstance(command, str) or command not in COMMANDS:
             known = ", ".join(sorted(COMMANDS))
-            return Failed(f"unknown command {command!r}; known: {known}")
+            return Failed(f"unknown command {shown(command)}; known: {known}")
         try:
             request = msgspec.convert(raw, COMMANDS[command])
         except msgspec.ValidationError as exc:

@@ -1,7 +1,8 @@
 """`ferry ctl`: steer a running daemon over its control socket (see `daemon.control`).
 
-Output is for people by default and one JSON document per command with `--json`
-(the `result` of the daemon's answer; `drain --json` prints each progress line too).
+Output is for people by default and one JSON document per command with `--json`, given
+before or after the subcommand (`ferry ctl --json audit` or `ferry ctl audit --json`; the
+`result` of the daemon's answer; `drain --json` prints each progress line too).
 `replay` draws a progress bar when its output is a terminal.
 
 Exit codes: 0 done; 1 the daemon refused or failed the command (or a drain timed
@@ -182,6 +183,16 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     from . import ctl_alerts
 
     ctl_alerts.configure(commands)
+    _json_anywhere(commands)
+
+
+def _json_anywhere(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Accept `--json` after the subcommand too (`ferry ctl audit --json`), as well as before it."""
+    for sub in set(commands.choices.values()):
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _json_anywhere(action)
 
 
 def _resolve_socket(args: argparse.Namespace) -> Path:

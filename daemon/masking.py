@@ -15,8 +15,12 @@ Where:
 
 Secrets:
     Header values are never shown: `authorization`, `proxy-authorization`, `cookie`,
-    `x-api-key` and every header a sink's config sets (`redact_headers`); the values a sink's
-    config sets are also scrubbed from log lines and control answers (`Redactor.secrets`).
+    `x-api-key` and every header a sink's config sets (`redact_headers`). Scrubbed from log
+    lines and control answers (`Redactor.secrets`): every secret reference's value, the value of
+    each secret header a sink's config sets (`secret_header`: the names above and any name with
+    auth, token, secret, key, password, session, signature or credential in it; not `Accept`
+    or `X-Source`), and credentials written into a URL (`daemon.url_credentials`). A value
+    shorter than `SHORT` characters is scrubbed only as a whole word.
 
 Cost:
     Rules are compiled once (`compile_rules`); with no rules `mask` returns its argument
@@ -28,9 +32,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final
 
 import msgspec
+
+from .url_credentials import config_url_secrets
 
 MASKED: Final = "***"
 SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
@@ -147,19 +154,40 @@ class Redactor:
         return _scrub_strings(masked, self.secrets) if self.secrets else masked
 
     def scrub(self, text: str | None, payload: Any = None) -> str | None:
-        """`text` with the masked values of `payload` and every secret replaced by `"***"`."""
+        """`text` with the masked values of `payload` and every secret replaced by `"***"`.
+
+        A value shorter than `SHORT` is replaced only where it stands as a word of its own, never
+        inside a longer word (a masked `"v"` leaves "delivery" alone).
+        """
         if not text:
             return text
-        for secret in (*masked_values(payload, self.rules), *self.secrets):
-            text = text.replace(secret, MASKED)
-        return text
+        masked = masked_values(payload, self.rules)
+        if masked:  # a payload's values: compiled for this text only, not cached
+            return _compile((*masked, *self.secrets)).sub(MASKED, text)
+        return _pattern(self.secrets).sub(MASKED, text) if self.secrets else text
+
+
+SHORT: Final = 8
+"""Secrets and masked values shorter than this are scrubbed only as whole words."""
+
+
+def _compile(values: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex replacing every value, longest first; a short one only outside a word."""
+    ordered = sorted({value for value in values if value}, key=lambda value: (-len(value), value))
+    return re.compile(
+        "|".join(
+            re.escape(value) if len(value) >= SHORT else rf"(?<!\w){re.escape(value)}(?!\w)"
+            for value in ordered
+        )
+    )
+
+
+_pattern = lru_cache(maxsize=16)(_compile)  # the configured secrets: the same few tuples
 
 
 def _scrub_strings(value: Any, secrets: Sequence[str]) -> Any:
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, MASKED)
-        return value
+        return _pattern(tuple(secrets)).sub(MASKED, value)
     if isinstance(value, Mapping):
         return {key: _scrub_strings(item, secrets) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -177,9 +205,23 @@ def decode_payload(payload: bytes | str | None) -> Any:
         return payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
 
 
+_SECRET_NAME: Final = re.compile(r"auth|token|secret|key|password|passwd|session|signature|credential", re.I)
+
+
+def secret_header(name: str) -> bool:
+    """Whether a header's value is a secret: `SECRET_HEADERS`, or a name that says so (`X-Auth-Token`)."""
+    return name.lower() in SECRET_HEADERS or _SECRET_NAME.search(name) is not None
+
+
 def sink_secrets(sinks: Mapping[str, Any]) -> list[str]:
-    """The header values every sink's config sets (all treated as secrets)."""
-    return [value for sink in sinks.values() for value in getattr(sink, "headers", {}).values()]
+    """The values of the secret headers (`secret_header`) every sink's config sets; other header
+    values (`Accept`, `X-Source`) are not secrets."""
+    return [
+        value
+        for sink in sinks.values()
+        for name, value in getattr(sink, "headers", {}).items()
+        if secret_header(name)
+    ]
 
 
 def config_redactor(config: Any, keep: Redactor | None = None) -> Redactor:
@@ -188,7 +230,12 @@ def config_redactor(config: Any, keep: Redactor | None = None) -> Redactor:
     secret rotated out by a reload stays hidden for the life of the process."""
     from . import secrets
 
-    values = [*sink_secrets(config.sinks), *secrets.values(config), *(keep.secrets if keep else ())]
+    values = [
+        *sink_secrets(config.sinks),
+        *config_url_secrets(config),
+        *secrets.values(config),
+        *(keep.secrets if keep else ()),
+    ]
     return Redactor.build(config.telemetry.mask, values)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -346,10 +347,11 @@ def open_connection(
         except OSError as exc:
             raise StoreUnavailable(f"{path.parent}: cannot create state directory: {exc.strerror}") from None
     try:
+        _create_private(path)
         conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=5.0, factory=CipherConnection
         )
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StoreUnavailable(f"{path}: cannot open database ({exc}); {_OWNERSHIP}") from None
     try:
         _identify(conn, path)
@@ -377,6 +379,13 @@ def open_connection(
         raise
     conn.cipher = cipher
     return conn
+
+
+def _create_private(path: Path) -> None:
+    """Create a missing database file mode 0600, whatever the umask: SQLite gives its `-wal` and
+    `-shm` files the database file's mode, so they are private too. An existing file keeps its mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 _OWNERSHIP = (

@@ -13,6 +13,7 @@ from daemon.masking import (
     MASKED,
     Redactor,
     compile_rules,
+    config_redactor,
     mask,
     masked_values,
     redact_headers,
@@ -176,3 +177,37 @@ def test_log_lines_mask_payload_fields_and_scrub_secrets() -> None:
     assert line["payload"] == {"email": MASKED, "card": {"number": MASKED}}  # paths from the payload's root
     assert line["error"] == "auth ***"
     assert line["email"] == MASKED
+
+
+@pytest.mark.parametrize(
+    ("secret", "text", "expected"),
+    [
+        ("v", "delivery v failed", "delivery *** failed"),
+        ("v", "v.", "***."),
+        ("e", "every level", "every level"),
+        ("pw7", "http://u:pw7@h", "http://u:***@h"),
+        ("pw7", "pw7x xpw7", "pw7x xpw7"),
+        ("long-secret", "xlong-secretx", "x***x"),  # 8 characters or more: replaced anywhere
+        ("3", "age 3, 13 left", "age ***, 13 left"),
+    ],
+)
+def test_a_short_secret_is_scrubbed_only_as_a_whole_word(secret: str, text: str, expected: str) -> None:
+    assert Redactor.build([], [secret]).scrub(text) == expected
+    assert Redactor.build([], [secret]).mask({"note": text}) == {"note": expected}
+
+
+def test_a_short_masked_value_is_scrubbed_only_as_a_whole_word() -> None:
+    redactor = Redactor.build(["age"])
+    assert redactor.scrub("age 3 is not 13 or 30", {"age": 3}) == "age *** is not 13 or 30"
+
+
+def test_only_secret_headers_of_a_sink_are_secrets() -> None:
+    config = parse(
+        '[sources.s]\ntype = "webhook"\n[sinks.k]\ntype = "http"\ninputs = ["s"]\n'
+        'url = "http://ferry:pw@127.0.0.1:9/x"\n'
+        'headers = { Accept = "application/json", "X-Source" = "v", "X-Auth-Token" = "t0k", '
+        'Authorization = "Bearer abc" }\n'
+    )
+    secrets = set(config_redactor(config).secrets)
+    assert {"t0k", "Bearer abc", "ferry:pw", "pw"} <= secrets
+    assert not {"application/json", "v"} & secrets

@@ -92,6 +92,8 @@ def servers(tmp_path: Path) -> Iterator[dict[str, object]]:
         server.stop()  # type: ignore[attr-defined]
 
 
+URL_PASSWORD = "url-pass-12ab34cd"  # written into a sink's URL: a secret all the same
+
 SINK = """
 [sinks.{name}]
 type = "http"
@@ -114,6 +116,7 @@ def _config(servers: dict[str, object], otlp: OtlpReceiver, socket: Path, jwt_ke
             'auth = { type = "basic", username = "u", password = "env:FT_BASIC_PASSWORD" }',
         ),
         ("bearer", f"{api}/bearer", 'auth = { type = "bearer", token = "env:FT_BEARER" }'),
+        ("userinfo", api.replace("://", f"://ferry:{URL_PASSWORD}@") + "/userinfo", ""),
         (
             "cc",
             f"{api}/cc",
@@ -263,7 +266,7 @@ def test_no_secret_reaches_logs_spans_ctl_or_errors(
         daemon.stop()
 
     # What the daemon sent as credentials counts too: access tokens, Basic pairs, signed JWTs.
-    sent: set[str] = set(SECRETS.values())
+    sent: set[str] = {*SECRETS.values(), URL_PASSWORD}
     for server in (servers["api"], servers["tls"]):
         for request in server.snapshot():  # type: ignore[attr-defined]
             for name in ("authorization", "x-api-key"):
