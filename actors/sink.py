@@ -64,7 +64,7 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from daemon import masking, metrics, telemetry
+from daemon import masking, metrics, poison, telemetry
 from daemon.backoff import full_jitter
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
@@ -392,14 +392,17 @@ class Sink:
                 (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
             )
         except DeliveryError as exc:
-            error = _scrubbed(exc, batch)
-        except BaseException:
+            error = _guarded_error(exc, batch)
+        except BaseException as exc:
             if admission is not None:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
-            raise
+            if not poison.isolable(exc):
+                raise
+            await self._isolate(sender, committer, batch, exc, span)
+            return
         elapsed = time.monotonic() - began
         if response is not None:
-            response = _scrubbed_text(response, batch)
+            response = _guarded_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold)
         outcome = _outcome(outcomes)
@@ -411,6 +414,29 @@ class Sink:
             span.end()
         metrics.current().delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
         await committer.commit(Finished(batch, outcomes, error, elapsed, response))
+
+    async def _isolate(
+        self,
+        sender: Sender,
+        committer: OutcomeCommitter,
+        batch: list[Due],
+        exc: BaseException,
+        span: Span | None,
+    ) -> None:
+        """Sending `batch` raised something that is no delivery error (a payload the sender or the
+        masking cannot handle): dead-letter a single delivery with the reason; bisect a batch, each
+        half sent again, down to the deliveries that fail alone (docs/reliability.md)."""
+        if span is not None:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            span.end()
+        if len(batch) > 1:
+            middle = len(batch) // 2
+            await self._attempt(sender, committer, batch[:middle], None)
+            await self._attempt(sender, committer, batch[middle:], None)
+            return
+        reason = poison.reason(f"sink {self.name}", exc)
+        outcomes = Outcomes([], [], [(batch[0].rowid, None, reason)])
+        await committer.commit(Finished(batch, outcomes, PermanentDelivery(reason), 0.0, None))
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -487,6 +513,27 @@ class Sink:
                         }
                     },
                 )
+
+
+def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+    """`_scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed(error, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        hidden = f"(error hidden: could not be masked: {type(exc).__name__})"
+        return type(error)(hidden, status=error.status, retry_after=error.retry_after)
+
+
+def _guarded_text(text: str, batch: Sequence[Due]) -> str:
+    """`_scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed_text(text, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        return f"(hidden: could not be masked: {type(exc).__name__})"
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

@@ -258,7 +258,13 @@ def transformer(config: Config, name: str, running: Running) -> Transformer | Ag
         else None
     )
     return Transformer(
-        name, config.transforms[name], running.store, transforms=transforms, sinks=sinks, enricher=enricher
+        name,
+        config.transforms[name],
+        running.store,
+        transforms=transforms,
+        sinks=sinks,
+        enricher=enricher,
+        quarantine_after=config.supervisor.quarantine_after,
     )
 
 

@@ -20,6 +20,7 @@ Tables:
     key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
     poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
     alerts      each alert rule's state (JSON), kept across restarts
+    stage_heads the event each stage was working on when it last (re)started (daemon/quarantine.py)
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
 end in state 3, stale: never sent, because a newer version of its record was delivered first.
@@ -181,6 +182,16 @@ MIGRATIONS: list[list[str]] = [
             rule TEXT PRIMARY KEY,
             state TEXT NOT NULL,
             updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ],
+    [
+        # Crash quarantine (daemon/quarantine.py): the event at the head of each stage when an
+        # incarnation began work on it, and how many incarnations did so without passing it.
+        """CREATE TABLE stage_heads (
+            stage TEXT PRIMARY KEY,
+            head INTEGER NOT NULL,
+            until INTEGER NOT NULL,
+            attempts INTEGER NOT NULL
         ) WITHOUT ROWID""",
     ],
 ]

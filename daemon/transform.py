@@ -16,18 +16,21 @@ Order:
 Errors:
     A failure is per event (`Failure` with the message a dead letter will carry): a schema
     violation, a jq error in any program, an event that is not UTF-8, a key that is not one
-    value. The other events of the batch are unaffected.
+    value. The other events of the batch are unaffected. Anything else one event makes these
+    programs raise (`RecursionError` encoding 1,000 nested arrays, …) is that event's `Failure`
+    too (`daemon.poison.reason`), so one event never fails the batch; `MemoryError` is not caught.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, final
 
 import jq
 import msgspec
 
 from .config import TransformConfig
+from .poison import isolable, reason
 from .validation import EventValidator, describe, load_schema
 
 _encode = msgspec.json.Encoder().encode
@@ -81,14 +84,14 @@ class TransformProgram:
     def map(self, payloads: Sequence[bytes]) -> list[list[Routed] | Failure]:
         """The routed outputs of each event (a transform without `aggregate`)."""
         return [
-            result if isinstance(result, Failure) else self._routed(result)
+            result if isinstance(result, Failure) else _guarded(self._routed, result)
             for result in self._run(self._main, payloads)
         ]
 
     def items(self, payloads: Sequence[bytes]) -> list[list[Keyed] | Failure]:
         """Each event's outputs with their group keys (a transform with `aggregate`)."""
         return [
-            result if isinstance(result, Failure) else _keyed(result)
+            result if isinstance(result, Failure) else _guarded(_keyed, result)
             for result in self._run(self._main, payloads)
         ]
 
@@ -123,7 +126,13 @@ class TransformProgram:
                 results[index] = Failure(f"event is not UTF-8: {exc}")
                 continue
             if validate and self._validator is not None:
-                violations = self._validator.violations(msgspec.json.decode(payload))
+                try:
+                    violations = self._validator.violations(msgspec.json.decode(payload))
+                except Exception as exc:
+                    if not isolable(exc):
+                        raise
+                    results[index] = Failure(reason("schema", exc))
+                    continue
                 if violations:
                     results[index] = Failure(describe(violations))
                     continue
@@ -133,6 +142,16 @@ class TransformProgram:
             for index, outcome in zip(todo, _apply(program, texts), strict=True):
                 results[index] = outcome
         return [result if result is not None else Failure("not transformed") for result in results]
+
+
+def _guarded(fn: Callable[[list[Any]], list[Routed] | list[Keyed] | Failure], values: list[Any]) -> Any:
+    """`fn(values)`, or the event's `Failure` when it raises (encoding a too deep output, …)."""
+    try:
+        return fn(values)
+    except Exception as exc:
+        if not isolable(exc):
+            raise
+        return Failure(reason("transform output", exc))
 
 
 def _keyed(pairs: list[list[Any]]) -> list[Keyed] | Failure:
@@ -148,8 +167,9 @@ def _apply(program: Any, texts: list[str]) -> list[list[Any] | Failure]:
         batch = program.input_text("\n".join(texts)).all()
         if len(batch) == len(texts):
             return list(batch)
-    except ValueError:
-        pass
+    except Exception as exc:
+        if not isolable(exc):
+            raise
     results: list[list[Any] | Failure] = []
     for text in texts:
         try:
@@ -157,4 +177,8 @@ def _apply(program: Any, texts: list[str]) -> list[list[Any] | Failure]:
             results.append(outputs)
         except ValueError as exc:
             results.append(Failure("jq: " + " ".join(str(exc).split())))
+        except Exception as exc:
+            if not isolable(exc):
+                raise
+            results.append(Failure(reason("jq", exc)))
     return results
