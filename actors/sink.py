@@ -45,6 +45,13 @@ Admission (actors/guard.py):
     probe is rescheduled whatever the attempt and age limits. `stop()` and `pause()` release
     the workers waiting there (their rows stay pending), so neither waits for a cool-down.
 
+Poison (docs/reliability.md, "Poison events"):
+    A send that raises anything but a `DeliveryError` (a payload the sender or the masking
+    cannot handle) dead-letters that delivery with the reason; a batch is bisected, each half
+    sent again, down to the deliveries that fail alone. Text that cannot be masked is hidden.
+    A delivery at the head of the stage across repeated crashes is quarantined
+    (`actors.sink_quarantine`).
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -76,6 +83,7 @@ from daemon.tap import TAPS, Record
 from .guard import Admission, SinkGuard
 from .outcomes import IDS_PER_LINE, log_committed, outcome_log
 from .sink_commit import Finished, OutcomeCommitter
+from .sink_quarantine import quarantine_head
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -156,8 +164,10 @@ class Sink:
         batch: BatchConfig | None = None,
         ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
+        quarantine_after: int = 3,
     ) -> None:
         self.name = name
+        self._quarantine_after = quarantine_after
         self.guard = guard
         self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
         self._store = store
@@ -247,6 +257,8 @@ class Sink:
     async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
         store, name, chunk = self._store, self.name, self._batch_items
         ahead = self._concurrency * chunk
+        if self._ordering is None:  # before this incarnation sends anything (actors.sink_quarantine)
+            await quarantine_head(store, name, self._quarantine_after)
         while not self._stopping.is_set():
             if not self._resumed.is_set():
                 await self._wait_resumed()

@@ -177,7 +177,7 @@ class SupervisorConfig(Section, frozen=True):
             ge=1,
             description="A stage that crashed (or whose process died) this many times while working "
             "on the same event dead-letters that event as `poison` instead of trying it again "
-            "(docs/reliability.md, \"Poison events\").",
+            '(docs/reliability.md, "Poison events").',
         ),
     ] = 3
     shutdown_grace: Annotated[

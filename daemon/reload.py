@@ -337,7 +337,13 @@ async def _reload(running: Running) -> ReloadResult:
         return _refused(running, exc.problems)
     running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(name, new.sinks[name], store, running.rate_limits)
+        name: build_sink(
+            name,
+            new.sinks[name],
+            store,
+            running.rate_limits,
+            quarantine_after=new.supervisor.quarantine_after,
+        )
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {

@@ -102,7 +102,9 @@ class TransformProgram:
             return result
         if len(result) > 1:
             return Failure(f"aggregate reduce: gave {len(result)} outputs for one window; it must give one")
-        return self._routed(result) if self._routes else [Routed(_encode(value), None) for value in result]
+        if self._routes:
+            return _guarded(self._routed, result)  # type: ignore[no-any-return]
+        return _guarded(lambda values: [Routed(_encode(value), None) for value in values], result)  # type: ignore[no-any-return]
 
     def _routed(self, values: list[Any]) -> list[Routed]:
         if not self._routes:
