@@ -17,8 +17,9 @@ import time
 from functools import partial
 
 from daemon import metrics
-from daemon.outbox import Connection, Due, Outcomes, due_deliveries, record_outcomes
+from daemon.outbox import Connection, Due, due_deliveries
 from daemon.quarantine import attempt_head, quarantine_reason
+from daemon.schema import DEAD
 from daemon.store import Store
 
 log = logging.getLogger("ferry.sink")
@@ -26,7 +27,7 @@ log = logging.getLogger("ferry.sink")
 
 def check_head(conn: Connection, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
     """Record the head delivery of `stage`; quarantine it (and return it with its count) when
-    it was the head of more than `quarantine_after` incarnations."""
+    it was the head of more than `quarantine_after` incarnations (its attempts count those)."""
     rows = due_deliveries(conn, stage, time.time(), 1)
     if not rows:
         return None
@@ -34,9 +35,13 @@ def check_head(conn: Connection, stage: str, quarantine_after: int) -> tuple[Due
     head = attempt_head(conn, stage, due.rowid, due.rowid)
     if head.attempts <= quarantine_after:
         return None
-    reason = quarantine_reason(f"sink {stage}", head.attempts - 1)
-    record_outcomes(conn, Outcomes([], [], [(due.rowid, None, reason)]))
-    return due, head.attempts - 1
+    crashes = head.attempts - 1
+    conn.execute(
+        f"UPDATE deliveries SET state = {DEAD}, attempts = attempts + ?, finished_at = ?, last_error = ? "
+        "WHERE rowid = ?",
+        (crashes, time.time(), quarantine_reason(f"sink {stage}", crashes), due.rowid),
+    )
+    return due, crashes
 
 
 async def quarantine_head(store: Store, stage: str, quarantine_after: int) -> None:

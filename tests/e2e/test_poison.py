@@ -7,6 +7,7 @@ deep JSON is made by the transform's jq, or the crash is injected into the daemo
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.outbox import Incoming, insert_events
 from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
 
 PIPELINE = """
@@ -115,31 +117,99 @@ def test_a_deep_output_is_dead_lettered_and_the_pipeline_flows(
         daemon.stop()
 
 
-KILLER = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-from daemon import transform
+DIRECT = """
+[telemetry]
+traces = false
+metrics = false
+mask = ["email"]
 
-_map = transform.TransformProgram.map
+[control]
+socket = "{socket}"
 
-def map(self, payloads):
-    if any(b"KILLME" in payload for payload in payloads):
-        os.kill(os.getpid(), signal.SIGKILL)  # a segfault or an OOM kill on this one event
-    return _map(self, payloads)
+[sources.in]
+type = "webhook"
 
-transform.TransformProgram.map = map
+[sinks.out]
+type = "http"
+inputs = ["in"]
+url = "{url}/x"
 """
 
 
-def test_an_event_that_kills_the_process_is_quarantined_across_restarts(
+def test_a_delivery_too_deep_to_mask_never_crash_loops_the_sink(
     tmp_path: Path, sock_dir: Path, receiver: FakeReceiver
 ) -> None:
-    """An event whose transform kills the process (no Python code can catch that) is quarantined
-    after `quarantine_after` deaths at the head of the stage; systemd's restarts (here: the test's)
-    then deliver the rest. Old code: every restart died on the same event, for ever."""
+    """A payload nested 2,000 levels, already in the store (whatever the listener lets in):
+    the old recursive masking of the receiver's answer (`masking._collect`) raised
+    `RecursionError` and the sink crash-looped until `TooManyRestarts`."""
+    config = write_config(tmp_path, DIRECT.format(socket=sock_dir / "ctl.sock", url=receiver.url))
+    Daemon(config, tmp_path / "log.jsonl").start().stop()  # creates the store
+    deep = ('{"email":"a@b.c","d":[' * 1000 + "1" + "]}" * 1000).encode()
+    conn = sqlite3.connect(tmp_path / "state" / "ferry.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        incoming = [Incoming("in", deep, None, ["out"])]
+        incoming += [Incoming("in", json.dumps({"n": n}).encode(), None, ["out"]) for n in range(5)]
+        insert_events(conn, incoming)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    daemon = Daemon(config, tmp_path / "log.jsonl").start()
+    try:
+        wait_for(lambda: set(range(5)) <= delivered_ns(receiver))
+
+        def finished() -> bool:
+            out = ctl_json(config, "status")["stages"]["out"]
+            return bool(out["pending"] == 0 and out["delivered"] + out["dead"] == 6)
+
+        wait_for(finished)
+        with receiver.lock:
+            deeps = [request for request in receiver.requests if request.body == deep]
+        assert len(deeps) == 1  # delivered once; the echoed answer hidden, not a crash
+        actors = ctl_json(config, "status")["actors"]
+        assert all(actor["restarts"] == 0 for actor in actors), actors
+    finally:
+        daemon.stop()
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from actors import http_sink
+from daemon import transform
+
+def kill(payloads):
+    if any(b"KILLME" in payload for payload in payloads):
+        os.kill(os.getpid(), signal.SIGKILL)  # a segfault or an OOM kill on this one event
+
+_map = transform.TransformProgram.map
+_send = http_sink.HttpSender.send
+
+def map(self, payloads):
+    if {stage!r} == "transform":
+        kill(payloads)
+    return _map(self, payloads)
+
+async def send(self, batch):
+    if {stage!r} == "sink":
+        kill([due.payload for due in batch])
+    return await _send(self, batch)
+
+transform.TransformProgram.map = map
+http_sink.HttpSender.send = send
+"""
+
+
+@pytest.mark.parametrize("stage", ["transform", "sink"])
+def test_an_event_that_kills_the_process_is_quarantined_across_restarts(
+    tmp_path: Path, sock_dir: Path, receiver: FakeReceiver, stage: str
+) -> None:
+    """An event whose transform (or delivery) kills the process (no Python code can catch that) is
+    quarantined after `quarantine_after` deaths at the head of the stage; systemd's restarts (here:
+    the test's) then deliver the rest. Old code: every restart died on the same event, for ever."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILLER.format(root=str(ROOT)), encoding="utf-8")
+    (hook / "sitecustomize.py").write_text(KILLER.format(root=str(ROOT), stage=stage), encoding="utf-8")
     config = write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ctl.sock", map=".", url=receiver.url))
     env = {"PYTHONPATH": str(hook)}
     daemon = Daemon(config, tmp_path / "log.jsonl", env=env).start()
@@ -171,6 +241,7 @@ def test_an_event_that_kills_the_process_is_quarantined_across_restarts(
         dead = wait_for(lambda: ctl_json(config, "dlq", "list")["items"])
         (letter,) = dead
         assert letter["last_error"].startswith("poison: quarantined"), letter
+        assert letter["id"].endswith(".shape" if stage == "transform" else ".shape.out")
         assert letter["attempts"] == 3
         shown = ctl_json(config, "dlq", "show", letter["id"])
         assert "KILLME" in json.dumps(shown)
