@@ -168,6 +168,7 @@ class Sink:
     ) -> None:
         self.name = name
         self._quarantine_after = quarantine_after
+        self._proven = False
         self.guard = guard
         self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
         self._store = store
@@ -223,6 +224,7 @@ class Sink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
+        self._proven = False  # no send of this incarnation has worked yet (see `_isolate`)
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
@@ -392,8 +394,11 @@ class Sink:
         batch: list[Due],
         span: Span | None,
         admission: Admission | None = None,
+        suspects: list[tuple[Due, BaseException]] | None = None,
     ) -> None:
-        """Send one batch, judge the result, end the attempt's span, record the outcomes."""
+        """Send one batch, judge the result, end the attempt's span, record the outcomes.
+
+        `suspects`: within `_isolate`, where the deliveries that raise alone are gathered."""
         error: DeliveryError | None = None
         status: int | None = None
         response: str | None = None
@@ -410,8 +415,9 @@ class Sink:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
             if not poison.isolable(exc):
                 raise
-            await self._isolate(sender, committer, batch, exc, span)
+            await self._isolate(sender, committer, batch, exc, span, suspects)
             return
+        self._proven = True
         elapsed = time.monotonic() - began
         if response is not None:
             response = _guarded_text(response, batch)
@@ -434,21 +440,34 @@ class Sink:
         batch: list[Due],
         exc: BaseException,
         span: Span | None,
+        suspects: list[tuple[Due, BaseException]] | None,
     ) -> None:
         """Sending `batch` raised something that is no delivery error (a payload the sender or the
-        masking cannot handle): dead-letter a single delivery with the reason; bisect a batch, each
-        half sent again, down to the deliveries that fail alone (docs/reliability.md)."""
+        masking cannot handle): bisect it, each half sent again, down to the deliveries that fail
+        alone, and dead-letter those with the reason (docs/reliability.md, "Poison events").
+
+        Blame falls on the data only once a send of this incarnation has worked (here or in
+        another worker): until then the error is raised, as a bug or a broken environment is
+        (the actor restarts; `TooManyRestarts`; a delivery at the head across the crashes is
+        quarantined by `actors.sink_quarantine`)."""
         if span is not None:
             span.set_status(StatusCode.ERROR, type(exc).__name__)
             span.end()
+        found: list[tuple[Due, BaseException]] = [] if suspects is None else suspects
         if len(batch) > 1:
             middle = len(batch) // 2
-            await self._attempt(sender, committer, batch[:middle], None)
-            await self._attempt(sender, committer, batch[middle:], None)
+            await self._attempt(sender, committer, batch[:middle], None, suspects=found)
+            await self._attempt(sender, committer, batch[middle:], None, suspects=found)
+        else:
+            found.append((batch[0], exc))
+        if suspects is not None:
             return
-        reason = poison.reason(f"sink {self.name}", exc)
-        outcomes = Outcomes([], [], [(batch[0].rowid, None, reason)])
-        await committer.commit(Finished(batch, outcomes, PermanentDelivery(reason), 0.0, None))
+        if not self._proven:
+            raise found[0][1]
+        for due, error in found:
+            reason = poison.reason(f"sink {self.name}", error)
+            outcomes = Outcomes([], [], [(due.rowid, None, reason)])
+            await committer.commit(Finished([due], outcomes, PermanentDelivery(reason), 0.0, None))
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]

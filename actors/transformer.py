@@ -122,6 +122,7 @@ class Transformer:
         self.unrouted = 0
         self.failed = 0
         self.poisoned = 0
+        self._proven = False
 
     def __repr__(self) -> str:
         counts = f"in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}"
@@ -142,6 +143,7 @@ class Transformer:
         careful = careful_until(
             await store.call_until_committed(partial(read_head, stage=self.name)), position
         )
+        self._proven = False  # a batch of this incarnation has committed (see `_map`)
         task_status.started()
         marked = False  # this incarnation has recorded its head (daemon.quarantine)
         revive_at = 0.0
@@ -183,12 +185,18 @@ class Transformer:
                 await self._map(events)
 
     async def _map(self, events: list[StoredEvent]) -> None:
-        """Transform one batch and commit it; bisect it when that raises (`daemon.poison`)."""
+        """Transform one batch and commit it; bisect it when that raises (`daemon.poison`).
+
+        An event that raises alone is dead-lettered only once a batch of this incarnation has
+        committed; until then the error is raised, as a bug or a broken environment is (the actor
+        restarts; after `quarantine_after` restarts at the same head, the head is quarantined)."""
 
         async def run(part: Sequence[StoredEvent]) -> None:
             await self._map_batch(list(part), part[-1].seq)
 
         async def dead(event: StoredEvent, exc: Exception) -> None:
+            if not self._proven:  # nothing has worked yet: blame the code, not the data
+                raise exc
             await self._dead([(event, poison.reason(f"transform {self.name}", exc), 1)], event.seq)
 
         self.poisoned += await poison.bisect(events, run, dead)
@@ -250,6 +258,7 @@ class Transformer:
             ),
             wake=self._wake,
         )
+        self._proven = True
         self.transformed += len(events)
         self.failed += len(failures)
         self.dropped += dropped
