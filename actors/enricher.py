@@ -64,7 +64,12 @@ MISSING = object()
 
 
 class LookupFailed(Exception):
-    """A lookup gave up; the message is the event's dead-letter reason."""
+    """A lookup gave up; the message is the event's dead-letter reason, `attempts` how many
+    requests it made (the dead letter's attempt count)."""
+
+    def __init__(self, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 @final
@@ -105,6 +110,7 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     value: Any = MISSING
     error: str | None = None
+    attempts: int = 1
 
 
 @final
@@ -159,16 +165,17 @@ class Enricher:
 
     async def enrich(
         self, events: Sequence[StoredEvent]
-    ) -> tuple[list[StoredEvent], list[tuple[StoredEvent, str]]]:
-        """(the events, merged, in order; the events dead-lettered with their reasons)."""
+    ) -> tuple[list[StoredEvent], list[tuple[StoredEvent, str, int]]]:
+        """(the events, merged, in order; the events dead-lettered with their reasons and the
+        number of lookup requests made for each)."""
         urls: list[str | None] = []
-        failures: dict[int, str] = {}
+        failures: dict[int, tuple[str, int]] = {}
         for index, event in enumerate(events):
             try:
                 urls.append(self.url_of(event.payload))
             except LookupFailed as exc:
                 urls.append(None)
-                failures[index] = str(exc)
+                failures[index] = (str(exc), exc.attempts)
         answers: dict[int, Any] = {}
         slots = trio.CapacityLimiter(self._config.concurrency)
 
@@ -177,7 +184,7 @@ class Enricher:
                 try:
                     answers[index] = await self.lookup(url)
                 except LookupFailed as exc:
-                    failures[index] = str(exc)
+                    failures[index] = (str(exc), exc.attempts)
 
         async with trio.open_nursery() as nursery:
             for index, url in enumerate(urls):
@@ -193,9 +200,9 @@ class Enricher:
             try:
                 merged.append(event._replace(payload=self._merged(event.payload, answers[index])))
             except LookupFailed as exc:
-                failures[index] = str(exc)
+                failures[index] = (str(exc), exc.attempts)
         self.failed += len(failures)
-        return merged, [(events[index], failures[index]) for index in sorted(failures)]
+        return merged, [(events[index], *failures[index]) for index in sorted(failures)]
 
     def url_of(self, payload: bytes) -> str:
         """The lookup URL for one event; "" when `when` says to skip it. Raises `LookupFailed`."""
@@ -236,7 +243,7 @@ class Enricher:
             _count(self.name, "shared")
             await flight.done.wait()
             if flight.error is not None:
-                raise LookupFailed(flight.error)
+                raise LookupFailed(flight.error, flight.attempts)
             if flight.value is not MISSING:
                 return flight.value
             # The leader was cancelled before it had an answer: take over.
@@ -245,7 +252,7 @@ class Enricher:
             flight.value = await self._fetch(url)
             return flight.value
         except LookupFailed as exc:
-            flight.error = str(exc)
+            flight.error, flight.attempts = str(exc), exc.attempts
             raise
         finally:
             del self._flights[url]
@@ -260,7 +267,9 @@ class Enricher:
             except RetryableDelivery as exc:
                 if attempt >= retry.max_attempts:
                     _count(self.name, "error")
-                    raise LookupFailed(f"lookup {url} failed after {attempt} attempts: {exc}") from None
+                    raise LookupFailed(
+                        f"lookup {url} failed after {attempt} attempts: {exc}", attempt
+                    ) from None
                 wait = full_jitter(
                     attempt, retry.initial_backoff, retry.max_backoff, retry_after=exc.retry_after
                 )

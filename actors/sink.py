@@ -46,6 +46,13 @@ Admission (actors/guard.py):
     probe is rescheduled whatever the attempt and age limits. `stop()` and `pause()` release
     the workers waiting there (their rows stay pending), so neither waits for a cool-down.
 
+Poison (docs/reliability.md, "Poison events"):
+    A send that raises anything but a `DeliveryError` (a payload the sender or the masking
+    cannot handle) dead-letters that delivery with the reason; a batch is bisected, each half
+    sent again, down to the deliveries that fail alone. Text that cannot be masked is hidden.
+    A delivery at the head of the stage across repeated crashes is quarantined
+    (`actors.sink_quarantine`).
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -64,7 +71,7 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from daemon import masking, metrics, telemetry
+from daemon import masking, metrics, poison, telemetry
 from daemon.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
 from daemon.config import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
@@ -78,6 +85,7 @@ from .guard import Admission, SinkGuard
 from .outcomes import IDS_PER_LINE, log_committed, outcome_log
 from .retry_log import RetryLog
 from .sink_commit import Finished, OutcomeCommitter
+from .sink_quarantine import quarantine_head
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -180,8 +188,11 @@ class Sink:
         batch: BatchConfig | None = None,
         ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
+        quarantine_after: int = 3,
     ) -> None:
         self.name = name
+        self._quarantine_after = quarantine_after
+        self._proven = False
         self.guard = guard
         self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
         self._store = store
@@ -239,6 +250,7 @@ class Sink:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sender = self._sender_factory()
         self._retries = retries = RetryLog(self.name)
+        self._proven = False  # no send of this incarnation has worked yet (see `_isolate`)
         self._inflight.clear()
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
@@ -279,6 +291,8 @@ class Sink:
     async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
         store, name, chunk = self._store, self.name, self._batch_items
         ahead = self._concurrency * chunk
+        if self._ordering is None:  # before this incarnation sends anything (actors.sink_quarantine)
+            await quarantine_head(store, name, self._quarantine_after)
         while not self._stopping.is_set():
             if not self._resumed.is_set():
                 await self._wait_resumed()
@@ -412,8 +426,11 @@ class Sink:
         batch: list[Due],
         span: Span | None,
         admission: Admission | None = None,
+        suspects: list[tuple[Due, BaseException]] | None = None,
     ) -> None:
-        """Send one batch, judge the result, end the attempt's span, record the outcomes."""
+        """Send one batch, judge the result, end the attempt's span, record the outcomes.
+
+        `suspects`: within `_isolate`, where the deliveries that raise alone are gathered."""
         error: DeliveryError | None = None
         status: int | None = None
         response: str | None = None
@@ -427,14 +444,18 @@ class Sink:
             if isinstance(answer, Answer) and answer.items:
                 items = scrubbed_items(answer.items, [due.payload for due in batch])
         except DeliveryError as exc:
-            error = _scrubbed(exc, batch)
-        except BaseException:
+            error = _guarded_error(exc, batch)
+        except BaseException as exc:
             if admission is not None:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
-            raise
+            if not poison.isolable(exc):
+                raise
+            await self._isolate(sender, committer, batch, exc, span, suspects)
+            return
+        self._proven = True
         elapsed = time.monotonic() - began
         if response is not None:
-            response = _scrubbed_text(response, batch)
+            response = _guarded_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
         outcome = _outcome(outcomes)
@@ -450,6 +471,42 @@ class Sink:
         # A refused item stands for the attempt's error in the retry warning.
         logged = error if error is not None or not items else next(iter(items.values()))
         await committer.commit(Finished(batch, outcomes, logged, elapsed, response))
+
+    async def _isolate(
+        self,
+        sender: Sender,
+        committer: OutcomeCommitter,
+        batch: list[Due],
+        exc: BaseException,
+        span: Span | None,
+        suspects: list[tuple[Due, BaseException]] | None,
+    ) -> None:
+        """Sending `batch` raised something that is no delivery error (a payload the sender or the
+        masking cannot handle): bisect it, each half sent again, down to the deliveries that fail
+        alone, and dead-letter those with the reason (docs/reliability.md, "Poison events").
+
+        Blame falls on the data only once a send of this incarnation has worked (here or in
+        another worker): until then the error is raised, as a bug or a broken environment is
+        (the actor restarts; `TooManyRestarts`; a delivery at the head across the crashes is
+        quarantined by `actors.sink_quarantine`)."""
+        if span is not None:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            span.end()
+        found: list[tuple[Due, BaseException]] = [] if suspects is None else suspects
+        if len(batch) > 1:
+            middle = len(batch) // 2
+            await self._attempt(sender, committer, batch[:middle], None, suspects=found)
+            await self._attempt(sender, committer, batch[middle:], None, suspects=found)
+        else:
+            found.append((batch[0], exc))
+        if suspects is not None:
+            return
+        if not self._proven:
+            raise found[0][1]
+        for due, error in found:
+            reason = poison.reason(f"sink {self.name}", error)
+            outcomes = Outcomes([], [], [(due.rowid, None, reason)])
+            await committer.commit(Finished([due], outcomes, PermanentDelivery(reason), 0.0, None))
 
     async def _fill(
         self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
@@ -511,6 +568,27 @@ class Sink:
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )
         self._retries.note(entries)
+
+
+def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+    """`_scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed(error, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        hidden = f"(error hidden: could not be masked: {type(exc).__name__})"
+        return type(error)(hidden, status=error.status, retry_after=error.retry_after)
+
+
+def _guarded_text(text: str, batch: Sequence[Due]) -> str:
+    """`_scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed_text(text, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        return f"(hidden: could not be masked: {type(exc).__name__})"
 
 
 def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:

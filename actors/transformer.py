@@ -14,6 +14,20 @@ Bad input:
     emits nothing, are counted in `dropped`; outputs no route sends anywhere in
     `unrouted` (they are stored, for transforms reading this one, without deliveries).
 
+Poison events (docs/reliability.md, "Poison events"):
+    Anything else that raises on a batch — enrichment, jq, encoding an output, the commit —
+    is bisected (`daemon.poison`): the event(s) that still raise alone are dead-lettered
+    (`poison: … raised …`) and the rest of the batch commits. A crash or a killed process
+    while working on an event is counted at the head of the stage (`daemon.quarantine`); after
+    `[supervisor] quarantine_after` of them the event is dead-lettered as quarantined instead of
+    being tried again. A store that is unavailable is waited out, never blamed on an event.
+
+Retried dead letters:
+    `ferry ctl dlq retry` makes this stage's dead letters pending again; the transformer runs
+    their events through the transform again (they are looked for every `REVIVE_INTERVAL`
+    seconds): the outputs commit and the row counts as delivered,
+    or it dies again with the new reason and one more attempt.
+
 Programs:
     `daemon.transform.TransformProgram` (validation, jq, routes), shared with `ferry test`.
 
@@ -39,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -46,18 +61,26 @@ import trio
 from opentelemetry import trace
 
 from actors.enricher import Enricher
-from daemon import masking, metrics, telemetry
+from daemon import masking, metrics, poison, telemetry
 from daemon.config import TransformConfig
 from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
+from daemon.quarantine import attempt_head, careful_until, quarantine_reason, read_head
 from daemon.store import Store
 from daemon.tap import TAPS, Record
 from daemon.transform import Failure, TransformProgram
+from daemon.transform_retry import Revived, commit_revived, revived
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Link
 
 log = logging.getLogger("ferry.transformer")
+
+REVIVE_INTERVAL = 5.0
+"""Seconds between looks for retried dead letters while events keep coming."""
+
+Failed = tuple[StoredEvent, str, int]
+"""An event dead-lettered by the transform: the event, the reason, the attempts it took."""
 
 
 def batch_trace(events: list[StoredEvent]) -> tuple[Context | None, list[Link]]:
@@ -82,8 +105,10 @@ class Transformer:
         transforms: list[str],
         batch_size: int = 1000,
         enricher: Enricher | None = None,
+        quarantine_after: int = 3,
     ) -> None:
         self.name = name
+        self._quarantine_after = quarantine_after
         self._enricher = enricher
         self._inputs = list(config.inputs)
         self._store = store
@@ -96,6 +121,8 @@ class Transformer:
         self.dropped = 0
         self.unrouted = 0
         self.failed = 0
+        self.poisoned = 0
+        self._proven = False
 
     def __repr__(self) -> str:
         counts = f"in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}"
@@ -111,42 +138,125 @@ class Transformer:
                 await self._enricher.aclose()
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        position = await self._store.call_until_committed(partial(cursor, name=self.name))
+        store = self._store
+        position = await store.call_until_committed(partial(cursor, name=self.name))
+        careful = careful_until(
+            await store.call_until_committed(partial(read_head, stage=self.name)), position
+        )
+        self._proven = False  # a batch of this incarnation has committed (see `_map`)
         task_status.started()
+        marked = False  # this incarnation has recorded its head (daemon.quarantine)
+        revive_at = 0.0
         while True:
-            events = await self._store.call_until_committed(
-                partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)
+            if trio.current_time() >= revive_at:
+                revive_at = trio.current_time() + REVIVE_INTERVAL
+                if await self._revive():
+                    continue
+            limit = 1 if position < careful else self._batch_size
+            events = await store.call_until_committed(
+                partial(read_events, streams=self._inputs, after=position, limit=limit)
             )
             if not events:
-                await self._signal.wait()
+                with trio.move_on_at(revive_at):
+                    await self._signal.wait()
                 continue
+            if not marked or position < careful:
+                marked = True
+                head = await store.call_until_committed(
+                    partial(attempt_head, stage=self.name, head=events[0].seq, until=events[-1].seq)
+                )
+                if head.attempts > self._quarantine_after:
+                    await self._quarantine(events[0], head.attempts - 1)
+                    position = events[0].seq
+                    continue
+                if head.attempts > 1:  # the last incarnation did not get past it: one at a time
+                    careful = max(careful, head.until)
+                    events = events[:1]
             position = events[-1].seq
             tracer = telemetry.tracer()
             if tracer is None or not telemetry.any_sampled(event.trace for event in events):
-                position = await self._map(events, position)
+                await self._map(events)
                 continue
             parent, links = batch_trace(events)
             span = tracer.start_span(
                 "transformer map", parent, attributes={"ferry.transform": self.name}, links=links
             )
             with trace.use_span(span, end_on_exit=True):
-                position = await self._map(events, position)
+                await self._map(events)
 
-    async def _map(self, events: list[StoredEvent], position: int) -> int:
+    async def _map(self, events: list[StoredEvent]) -> None:
+        """Transform one batch and commit it; bisect it when that raises (`daemon.poison`).
+
+        An event that raises alone is dead-lettered only once a batch of this incarnation has
+        committed; until then the error is raised, as a bug or a broken environment is (the actor
+        restarts; after `quarantine_after` restarts at the same head, the head is quarantined)."""
+
+        async def run(part: Sequence[StoredEvent]) -> None:
+            rest = list(part)
+            while rest:  # a part whose outputs pass BATCH_OUTPUTS commits a prefix at a time
+                committed = await self._map_batch(rest, rest[-1].seq)
+                rest = [event for event in rest if event.seq > committed]
+
+        async def dead(event: StoredEvent, exc: Exception) -> None:
+            if not self._proven:  # nothing has worked yet: blame the code, not the data
+                raise exc
+            await self._dead([(event, poison.reason(f"transform {self.name}", exc), 1)], event.seq)
+
+        self.poisoned += await poison.bisect(events, run, dead)
+
+    async def _quarantine(self, event: StoredEvent, attempts: int) -> None:
+        """Dead-letter the event at the head after `attempts` crashes on it (`daemon.quarantine`)."""
+        reason = quarantine_reason(f"transform {self.name}", attempts)
+        log.error(
+            "event quarantined",
+            extra={"fields": {"transform": self.name, "event_id": event.id, "attempts": attempts}},
+        )
+        self.poisoned += 1
+        await self._dead([(event, reason, attempts)], event.seq)
+
+    async def _dead(self, failures: list[Failed], position: int) -> None:
+        """Commit dead letters alone, with the cursor moved to `position`."""
+        log.warning(
+            "event dead-lettered by transform",
+            extra={
+                "fields": {"transform": self.name, "event_id": failures[0][0].id, "error": failures[0][1]}
+            },
+        )
+        await self._store.call_until_committed(
+            partial(
+                commit_transform,
+                name=self.name,
+                position=position,
+                outputs=[],
+                failures=failures,
+                sinks=self._sinks,
+            ),
+            wake=self._wake,
+        )
+        self.failed += len(failures)
+        metrics.current().dead_letters.add(len(failures), {"stage": self.name})
+
+    async def _map_batch(self, events: list[StoredEvent], position: int) -> int:
         """Transform one batch and commit its outputs, deliveries, dead letters and cursor; the
         cursor committed. That is `position` (the batch's last seq) unless the batch's outputs
-        passed `daemon.transform.BATCH_OUTPUTS`: then only the events up to there are committed,
-        and the next read starts after them (bounded memory whatever one event fans out to)."""
-        looked_up: list[tuple[StoredEvent, str]] = []
+        passed `daemon.transform.BATCH_OUTPUTS`: then only the events up to there are committed
+        (bounded memory whatever one event fans out to), and the caller goes on after them.
+
+        All or nothing: the counters move only once the commit has returned.
+        """
+        failures: list[Failed] = []
         if self._enricher is not None:
             events, looked_up = await self._enricher.enrich(events)
-            looked_up = [(event, dead_letter(self.name, event, Failure(why))) for event, why in looked_up]
-        outputs, failures, done = self._transform(events)
+            failures = [
+                (event, dead_letter(self.name, event, Failure(why)), attempts)
+                for event, why, attempts in looked_up
+            ]
+        outputs, failed, dropped, unrouted, done = self._transform(events)
         if done < len(events):
             position = events[done - 1].seq
-            looked_up = [(event, error) for event, error in looked_up if event.seq <= position]
-        self.failed += len(looked_up)
-        failures = looked_up + failures
+            events = events[:done]
+            failures = [failure for failure in failures if failure[0].seq <= position]
+        failures.extend(failed)
         await self._store.call_until_committed(
             partial(
                 commit_transform,
@@ -158,6 +268,11 @@ class Transformer:
             ),
             wake=self._wake,
         )
+        self._proven = True
+        self.transformed += len(events)
+        self.failed += len(failures)
+        self.dropped += dropped
+        self.unrouted += unrouted
         if failures:
             metrics.current().dead_letters.add(len(failures), {"stage": self.name})
         if self.name in TAPS.taps:
@@ -169,37 +284,79 @@ class Transformer:
             )
         return position
 
-    def _tap(self, outputs: list[Derived], failures: list[tuple[StoredEvent, str]]) -> None:
+    async def _revive(self) -> bool:
+        """Run retried dead letters (`dlq retry`) through the transform again; whether any were."""
+        rows = await self._store.call_until_committed(
+            partial(revived, stage=self.name, limit=self._batch_size)
+        )
+        for row in rows:
+            await self._revive_one(row)
+        return bool(rows)
+
+    async def _revive_one(self, row: Revived) -> None:
+        error: str | None = None
+        outputs: list[Derived] = []
+        try:
+            events = [row.event]
+            if self._enricher is not None:
+                events, looked_up = await self._enricher.enrich(events)
+                if looked_up:
+                    error = dead_letter(self.name, row.event, Failure(looked_up[0][1]))
+            if error is None:
+                outputs, failed, _, _, _ = self._transform(events)
+                if failed:
+                    error = failed[0][1]
+        except Exception as exc:
+            if not poison.isolable(exc):
+                raise
+            error = poison.reason(f"transform {self.name}", exc)
+        try:
+            await self._store.call_until_committed(
+                partial(
+                    commit_revived, name=self.name, row=row, outputs=outputs, error=error, sinks=self._sinks
+                ),
+                wake=self._wake,
+            )
+        except Exception as exc:
+            if not poison.isolable(exc) or error is not None:
+                raise
+            error = poison.reason(f"transform {self.name} (commit)", exc)
+            await self._store.call_until_committed(
+                partial(commit_revived, name=self.name, row=row, outputs=[], error=error, sinks=self._sinks),
+                wake=self._wake,
+            )
+        if error is not None:
+            self.failed += 1
+            metrics.current().dead_letters.add(1, {"stage": self.name})
+
+    def _tap(self, outputs: list[Derived], failures: list[Failed]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
         name, now = self.name, time.time()
         for parent, nth, payload, _ in outputs:
             event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
             TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
-        for event, error in failures:
+        for event, error, _ in failures:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
             TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
 
-    def _transform(
-        self, events: list[StoredEvent]
-    ) -> tuple[list[Derived], list[tuple[StoredEvent, str]], int]:
-        """(outputs, dead letters, how many of `events` they cover: a prefix past BATCH_OUTPUTS)."""
-        failures: list[tuple[StoredEvent, str]] = []
+    def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[Failed], int, int, int]:
+        """(outputs, dead letters, events that gave no output, outputs no route sends anywhere, how
+        many of `events` they cover: a prefix, past `BATCH_OUTPUTS`)."""
+        failures: list[Failed] = []
         outputs: list[Derived] = []
+        dropped = unrouted = 0
         results = self._program.map([e.payload for e in events])
-        events = events[: len(results)]
-        for event, result in zip(events, results, strict=True):
+        for event, result in zip(events[: len(results)], results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(self.name, event, result)))
+                failures.append((event, dead_letter(self.name, event, result), 1))
                 continue
             if not result:
-                self.dropped += 1
+                dropped += 1
             for nth, (payload, sinks) in enumerate(result):
                 if sinks is not None and not sinks:
-                    self.unrouted += 1
+                    unrouted += 1
                 outputs.append(Derived(event, nth, payload, sinks))
-        self.transformed += len(events)
-        self.failed += len(failures)
-        return outputs, failures, len(events)
+        return outputs, failures, dropped, unrouted, len(results)
 
 
 def dead_letter(transform: str, event: StoredEvent, failure: Failure) -> str:

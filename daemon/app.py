@@ -232,7 +232,13 @@ async def serve(
                 outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
                 sinks = {
-                    name: build_sink(name, sink, store, running.rate_limits)
+                    name: build_sink(
+                        name,
+                        sink,
+                        store,
+                        running.rate_limits,
+                        quarantine_after=config.supervisor.quarantine_after,
+                    )
                     for name, sink in config.sinks.items()
                 }
                 for name, sink in sinks.items():

@@ -597,9 +597,15 @@ class Commands:
         )
 
     async def _retry(self, request: DlqRetryRequest) -> DlqRetryResult:
-        sinks = list(self._config.sinks)
+        # A sink's dead letters are sent again; a transform's (not an aggregating one's) are run
+        # through the transform again (`daemon.transform_retry`).
+        transforms = [name for name, each in self._config.transforms.items() if each.aggregate is None]
+        sinks = [*self._config.sinks, *transforms]
         if request.sink is not None and request.sink not in sinks:
-            raise CommandError(f"no sink named {request.sink!r} (only a sink's dead letters can be retried)")
+            raise CommandError(
+                f"no sink or transform named {request.sink!r} "
+                "(only a sink's or a transform's dead letters can be retried)"
+            )
         if not (request.ids or request.all):
             raise CommandError("name the dead letters to retry by id, or pass all (with filters)")
         selection = self._selection(request)._replace(stages=[request.sink] if request.sink else sinks)

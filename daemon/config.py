@@ -185,6 +185,15 @@ class SupervisorConfig(Section, frozen=True):
         default(Duration(0.1))
     )
     max_backoff: Annotated[Duration, Meta(description="Longest restart delay.")] = default(Duration(10))
+    quarantine_after: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="A stage that crashed (or whose process died) this many times while working "
+            "on the same event dead-letters that event as `poison` instead of trying it again "
+            '(docs/reliability.md, "Poison events").',
+        ),
+    ] = 3
     shutdown_grace: Annotated[
         Duration,
         Meta(

@@ -86,10 +86,16 @@ def compile_rules(rules: Iterable[str]) -> Rules:
 
 
 def mask(value: Any, rules: Rules) -> Any:
-    """`value` with every place `rules` names replaced by `"***"`; `value` itself is not changed."""
+    """`value` with every place `rules` names replaced by `"***"`; `value` itself is not changed.
+
+    A value nested too deep to walk (`RecursionError`) is hidden whole: masking fails closed.
+    """
     if not rules:
         return value
-    return _mask(value, rules.names, rules.paths)
+    try:
+        return _mask(value, rules.names, rules.paths)
+    except RecursionError:
+        return MASKED
 
 
 def _mask(value: Any, names: frozenset[str], tree: _Tree | None) -> Any:
@@ -116,16 +122,20 @@ def masked_values(value: Any, rules: Rules) -> list[str]:
 
 
 def _collect(value: Any, names: frozenset[str], tree: _Tree | None, found: set[str], *, hidden: bool) -> None:
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            subtree = tree.get(key, {}) if tree and isinstance(key, str) else {}
-            hide = hidden or subtree is None or (isinstance(key, str) and key.lower() in names)
-            _collect(item, names, subtree or None, found, hidden=hide)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _collect(item, names, tree, found, hidden=hidden)
-    elif hidden and value is not None and not isinstance(value, bool):
-        found.add(str(value))
+    # A loop over an explicit stack, not recursion: a payload nested deeper than Python's
+    # recursion limit must not make a sink or a log line raise (docs/reliability.md, "Poison events").
+    stack: list[tuple[Any, _Tree | None, bool]] = [(value, tree, hidden)]
+    while stack:
+        value, tree, hidden = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                subtree = tree.get(key, {}) if tree and isinstance(key, str) else {}
+                hide = hidden or subtree is None or (isinstance(key, str) and key.lower() in names)
+                stack.append((item, subtree or None, hide))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, tree, hidden) for item in value)
+        elif hidden and value is not None and not isinstance(value, bool):
+            found.add(str(value))
 
 
 def redact_headers(
@@ -151,7 +161,10 @@ class Redactor:
     def mask(self, value: Any) -> Any:
         """`mask(value, rules)`, then secrets scrubbed from its strings."""
         masked = mask(value, self.rules)
-        return _scrub_strings(masked, self.secrets) if self.secrets else masked
+        try:
+            return _scrub_strings(masked, self.secrets) if self.secrets else masked
+        except RecursionError:  # too deep to walk: hidden whole, as `mask` does
+            return MASKED
 
     def scrub(self, text: str | None, payload: Any = None) -> str | None:
         """`text` with the masked values of `payload` and every secret replaced by `"***"`.
@@ -201,7 +214,7 @@ def decode_payload(payload: bytes | str | None) -> Any:
         return None
     try:
         return msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
 
 

@@ -63,12 +63,14 @@ def _where(selection: DeadFilter, now: float) -> tuple[str, list[Any]]:
 
 
 def list_dead(conn: Connection, selection: DeadFilter, limit: int) -> tuple[int, list[DeadLetter]]:
-    """How many dead letters match, and the newest `limit` of them (without payloads)."""
+    """How many dead letters match, and the newest `limit` of them with their event ids (without
+    payloads: `show_delivery` has the payload)."""
     where, params = _where(selection, time.time())
     (total,) = conn.execute(f"SELECT count(*) FROM deliveries d WHERE {where}", params).fetchone()
     rows = conn.execute(
-        "SELECT d.id, d.stage, d.attempts, d.created_at, d.finished_at, d.last_status, d.last_error "
-        f"FROM deliveries d WHERE {where} ORDER BY d.finished_at DESC, d.rowid DESC LIMIT ?",
+        "SELECT d.id, d.stage, d.attempts, d.created_at, d.finished_at, d.last_status, d.last_error, e.id "
+        f"FROM deliveries d LEFT JOIN events e ON e.seq = d.event_seq WHERE {where} "
+        "ORDER BY d.finished_at DESC, d.rowid DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
     return int(total), [_letter(*row) for row in rows]

@@ -232,11 +232,14 @@ def commit_transform(
     name: str,
     position: int,
     outputs: Iterable[Derived],
-    failures: Iterable[tuple[StoredEvent, str]],
+    failures: Iterable[tuple[StoredEvent, str] | tuple[StoredEvent, str, int]],
     sinks: Sequence[str],
 ) -> int:
     """Store a transform's outputs as events of stream `name`, their deliveries, its dead letters,
     and its new cursor, all in the caller's transaction. Returns how many events were stored.
+
+    A dead letter is (event, reason) or (event, reason, attempts); its reason is stored as valid
+    UTF-8 whatever text it quotes.
 
     Output ids derive from the parent's (`PARENT.NAME[.INDEX]`), so re-running a
     transform after a crash produces the same ids and the same idempotency keys.
@@ -257,8 +260,20 @@ def commit_transform(
     insert_rows(conn, _INSERT_DELIVERY, deliveries)
     conn.executemany(
         "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
-        "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
-        [(f"{event.id}.{name}", event.seq, name, now, now, now, error) for event, error in failures],
+        "finished_at, last_error) VALUES (?, ?, ?, 2, ?, ?, ?, ?, ?)",
+        [
+            (
+                f"{failure[0].id}.{name}",
+                failure[0].seq,
+                name,
+                failure[2] if len(failure) > 2 else 1,
+                now,
+                now,
+                now,
+                failure[1].encode("utf-8", "replace").decode("utf-8"),
+            )
+            for failure in failures
+        ],
     )
     conn.execute("INSERT OR REPLACE INTO cursors(name, position) VALUES (?, ?)", (name, position))
     return len(events)

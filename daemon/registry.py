@@ -35,8 +35,16 @@ __all__ = [
 FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
 
 
-def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLimits | None = None) -> Sink:
-    """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name."""
+def build_sink(
+    name: str,
+    config: SinkConfig,
+    store: Store,
+    rate_limits: RateLimits | None = None,
+    *,
+    quarantine_after: int = 3,
+) -> Sink:
+    """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name,
+    `quarantine_after` is `[supervisor] quarantine_after`."""
     factory: Callable[[], Sender]
     if isinstance(config, HttpSinkConfig):
         guard = SinkGuard(
@@ -58,8 +66,17 @@ def build_sink(name: str, config: SinkConfig, store: Store, rate_limits: RateLim
             batch=config.batch,
             ordering=ordering,
             guard=guard,
+            quarantine_after=quarantine_after,
         )
     if isinstance(config, FileSinkConfig):
         factory = lambda: FileSender(name, config)  # noqa: E731
-        return Sink(name, store, factory, retry=config.retry, concurrency=1, batch=FILE_SINK_BATCH)
+        return Sink(
+            name,
+            store,
+            factory,
+            retry=config.retry,
+            concurrency=1,
+            batch=FILE_SINK_BATCH,
+            quarantine_after=quarantine_after,
+        )
     raise TypeError(f"no sink for {type(config).__name__}")

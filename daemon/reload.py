@@ -258,7 +258,13 @@ def transformer(config: Config, name: str, running: Running) -> Transformer | Ag
         else None
     )
     return Transformer(
-        name, config.transforms[name], running.store, transforms=transforms, sinks=sinks, enricher=enricher
+        name,
+        config.transforms[name],
+        running.store,
+        transforms=transforms,
+        sinks=sinks,
+        enricher=enricher,
+        quarantine_after=config.supervisor.quarantine_after,
     )
 
 
@@ -331,7 +337,13 @@ async def _reload(running: Running) -> ReloadResult:
         return _refused(running, exc.problems)
     running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(name, new.sinks[name], store, running.rate_limits)
+        name: build_sink(
+            name,
+            new.sinks[name],
+            store,
+            running.rate_limits,
+            quarantine_after=new.supervisor.quarantine_after,
+        )
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {

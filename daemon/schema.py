@@ -21,6 +21,7 @@ Tables:
     poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
     poll_pages  each poll source's per-page validators and next URLs, positions 1..N (bounded)
     alerts      each alert rule's state (JSON), kept across restarts
+    stage_heads the event each stage was working on when it last (re)started (daemon/quarantine.py)
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
 end in state 3, stale: never sent, because a newer version of its record was delivered first.
@@ -203,5 +204,15 @@ MIGRATIONS: list[list[str]] = [
         # in full: validators are trusted only while the keys they stand for are remembered.
         "ALTER TABLE poll_state ADD COLUMN refreshed REAL",
         "ALTER TABLE poll_state ADD COLUMN cycle_refreshed REAL",
+    ],
+    [
+        # Crash quarantine (daemon/quarantine.py): the event at the head of each stage when an
+        # incarnation began work on it, and how many incarnations did so without passing it.
+        """CREATE TABLE stage_heads (
+            stage TEXT PRIMARY KEY,
+            head INTEGER NOT NULL,
+            until INTEGER NOT NULL,
+            attempts INTEGER NOT NULL
+        ) WITHOUT ROWID""",
     ],
 ]

@@ -24,7 +24,9 @@ Fan-out:
 Errors:
     A failure is per event (`Failure` with the message a dead letter will carry): a schema
     violation, a jq error in any program, an event that is not UTF-8, a key that is not one
-    value. The other events of the batch are unaffected.
+    value. The other events of the batch are unaffected. Anything else one event makes these
+    programs raise (`RecursionError` encoding 1,000 nested arrays, …) is that event's `Failure`
+    too (`daemon.poison.reason`), so one event never fails the batch; `MemoryError` is not caught.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import jq
 import msgspec
 
 from .config import TransformConfig
+from .poison import isolable, reason
 from .validation import EventValidator, describe, load_schema
 
 _encode = msgspec.json.Encoder().encode
@@ -96,7 +99,7 @@ class TransformProgram:
         """The routed outputs of each event of a prefix of `payloads` (a transform without
         `aggregate`); the prefix is shorter than `payloads` only past `BATCH_OUTPUTS`."""
         return [
-            result if isinstance(result, Failure) else self._routed(result)
+            result if isinstance(result, Failure) else _guarded(self._routed, result)
             for result in self._bounded(self._run(self._main, payloads))
         ]
 
@@ -104,7 +107,7 @@ class TransformProgram:
         """Each event's outputs with their group keys (a transform with `aggregate`), for a
         prefix of `payloads` as in `map`."""
         return [
-            result if isinstance(result, Failure) else _keyed(result)
+            result if isinstance(result, Failure) else _guarded(_keyed, result)
             for result in self._bounded(self._run(self._main, payloads))
         ]
 
@@ -124,7 +127,9 @@ class TransformProgram:
             return result
         if len(result) > 1:
             return Failure("aggregate reduce: gave more than one output for one window; it must give one")
-        return self._routed(result) if self._routes else [Routed(_encode(value), None) for value in result]
+        if self._routes:
+            return _guarded(self._routed, result)  # type: ignore[no-any-return]
+        return _guarded(lambda values: [Routed(_encode(value), None) for value in values], result)  # type: ignore[no-any-return]
 
     def _routed(self, values: list[Any]) -> list[Routed]:
         if not self._routes:
@@ -148,7 +153,13 @@ class TransformProgram:
                 results[index] = Failure(f"event is not UTF-8: {exc}")
                 continue
             if validate and self._validator is not None:
-                violations = self._validator.violations(msgspec.json.decode(payload))
+                try:
+                    violations = self._validator.violations(msgspec.json.decode(payload))
+                except Exception as exc:
+                    if not isolable(exc):
+                        raise
+                    results[index] = Failure(reason("schema", exc))
+                    continue
                 if violations:
                     results[index] = Failure(describe(violations))
                     continue
@@ -175,6 +186,16 @@ def every(step: Callable[[Sequence[bytes]], list[T]], payloads: Sequence[bytes])
     return results
 
 
+def _guarded(fn: Callable[[list[Any]], list[Routed] | list[Keyed] | Failure], values: list[Any]) -> Any:
+    """`fn(values)`, or the event's `Failure` when it raises (encoding a too deep output, …)."""
+    try:
+        return fn(values)
+    except Exception as exc:
+        if not isolable(exc):
+            raise
+        return Failure(reason("transform output", exc))
+
+
 def _keyed(pairs: list[list[Any]]) -> list[Keyed] | Failure:
     for pair in pairs:
         if len(pair) != 2:
@@ -199,8 +220,9 @@ def _apply(program: Any, texts: list[str]) -> list[list[Any] | Failure]:
                 return batch
         if len(batch) == len(texts):
             return batch
-    except ValueError:
-        pass
+    except Exception as exc:
+        if not isolable(exc):
+            raise
     results: list[list[Any] | Failure] = []
     total = 0
     for text in texts:
@@ -210,6 +232,10 @@ def _apply(program: Any, texts: list[str]) -> list[list[Any] | Failure]:
             total += len(outputs)
         except ValueError as exc:
             results.append(Failure("jq: " + " ".join(str(exc).split())))
+        except Exception as exc:
+            if not isolable(exc):
+                raise
+            results.append(Failure(reason("jq", exc)))
         if total >= BATCH_OUTPUTS:
             break
     return results

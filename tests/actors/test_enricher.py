@@ -164,10 +164,11 @@ async def test_failed_lookups_dead_letter_that_event_only(
     )
 
     assert bodies(merged) == [{"path": "accounts", "account": "Acme"}]
-    ((event, why),) = failed
+    ((event, why, attempts),) = failed
     assert event.id == "e0"
     assert why == reason.replace("{url}", server.url + "/bad/x")
     assert len([r for r in server.snapshot() if r.path.startswith("/bad/")]) == requests
+    assert attempts == requests  # the dead letter's attempt count (issue 13)
 
 
 async def test_a_lookup_that_never_answers_times_out_and_is_retried(server: FakeReceiver) -> None:

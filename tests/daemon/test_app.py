@@ -27,6 +27,9 @@ address = "127.0.0.1:0"
 
 [supervisor]
 max_restarts = {max_restarts}
+# These tests are about restarts; the quarantine of the head delivery (3 crashes) is tested in
+# tests/e2e/test_poison.py.
+quarantine_after = 1000
 window = "1m"
 initial_backoff = "10ms"
 max_backoff = "50ms"

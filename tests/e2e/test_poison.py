@@ -1,0 +1,250 @@
+"""Poison events through the real daemon process: one event never stops a stage for good.
+
+The events here are small at the door (the listener's own limits never see a deep body): the
+deep JSON is made by the transform's jq, or the crash is injected into the daemon process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemon.outbox import Incoming, insert_events
+from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
+
+PIPELINE = """
+[telemetry]
+traces = false
+metrics = false
+mask = ["email"]
+
+[control]
+socket = "{socket}"
+
+[sources.in]
+type = "webhook"
+
+[transforms.shape]
+inputs = ["in"]
+map = '{map}'
+
+[sinks.out]
+type = "http"
+inputs = ["shape"]
+url = "{url}/x"
+retry = {{ max_attempts = 3, initial_backoff = "50ms", max_backoff = "100ms" }}
+"""
+
+# An event {"deep": N} becomes an output nested N arrays deep; any other passes unchanged.
+DEEPEN = 'if .deep then (reduce range(.deep) as $i ({email: "a@b.c"}; [.])) else . end'
+
+
+def echo(request: Received) -> Reply:
+    # Echoes the body: the sink scrubs masked values out of the answer it stores and logs.
+    return 200, {}, request.body
+
+
+@pytest.fixture
+def receiver() -> Iterator[FakeReceiver]:
+    fake = FakeReceiver(echo).start()
+    yield fake
+    fake.stop()
+
+
+def post(daemon: Daemon, body: Any) -> str:
+    answer = httpx.post(f"{daemon.url}/hooks/in", json=body, timeout=10)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout}s")
+
+
+def delivered_ns(receiver: FakeReceiver) -> set[int]:
+    with receiver.lock:
+        return {json.loads(r.body)["n"] for r in receiver.requests if b'"n"' in r.body[:20]}
+
+
+def test_a_deep_output_is_dead_lettered_and_the_pipeline_flows(
+    tmp_path: Path, sock_dir: Path, receiver: FakeReceiver
+) -> None:
+    """The issue's critical case: the transform re-serialises ~1,000 nested levels.
+
+    Old code: `RecursionError` crash-looped the transformer until `TooManyRestarts`.
+    """
+    config = write_config(
+        tmp_path, PIPELINE.format(socket=sock_dir / "ctl.sock", map=DEEPEN, url=receiver.url)
+    )
+    daemon = Daemon(config, tmp_path / "log.jsonl").start()
+    try:
+        for depth in (400, 990, 5000):
+            post(daemon, {"deep": depth})
+        for n in range(20):
+            post(daemon, {"n": n})
+        wait_for(lambda: delivered_ns(receiver) == set(range(20)))
+        dead = wait_for(
+            lambda: (
+                len(ctl_json(config, "dlq", "list")["items"]) >= 2
+                and ctl_json(config, "dlq", "list")["items"]
+            )
+        )
+        assert len(dead) == 2, dead  # 990 and 5000 deep; 400 deep is delivered, masked on its way
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
+        reasons = [letter["last_error"] for letter in dead]
+        assert all("RecursionError" in reason for reason in reasons), reasons
+        assert all(letter["event_id"] for letter in dead)
+        # Still flowing afterwards, and no actor restarted on the poison.
+        post(daemon, {"n": 99})
+        wait_for(lambda: 99 in delivered_ns(receiver))
+        status = ctl_json(config, "status")
+        assert sum(actor["restarts"] for actor in status["actors"]) == 0, status["actors"]
+    finally:
+        daemon.stop()
+
+
+DIRECT = """
+[telemetry]
+traces = false
+metrics = false
+mask = ["email"]
+
+[control]
+socket = "{socket}"
+
+[sources.in]
+type = "webhook"
+
+[sinks.out]
+type = "http"
+inputs = ["in"]
+url = "{url}/x"
+"""
+
+
+def test_a_delivery_too_deep_to_mask_never_crash_loops_the_sink(
+    tmp_path: Path, sock_dir: Path, receiver: FakeReceiver
+) -> None:
+    """A payload nested 2,000 levels, already in the store (whatever the listener lets in):
+    the old recursive masking of the receiver's answer (`masking._collect`) raised
+    `RecursionError` and the sink crash-looped until `TooManyRestarts`."""
+    config = write_config(tmp_path, DIRECT.format(socket=sock_dir / "ctl.sock", url=receiver.url))
+    Daemon(config, tmp_path / "log.jsonl").start().stop()  # creates the store
+    deep = ('{"email":"a@b.c","d":[' * 1000 + "1" + "]}" * 1000).encode()
+    conn = sqlite3.connect(tmp_path / "state" / "ferry.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        incoming = [Incoming("in", deep, None, ["out"])]
+        incoming += [Incoming("in", json.dumps({"n": n}).encode(), None, ["out"]) for n in range(5)]
+        insert_events(conn, incoming)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    daemon = Daemon(config, tmp_path / "log.jsonl").start()
+    try:
+        wait_for(lambda: set(range(5)) <= delivered_ns(receiver))
+
+        def finished() -> bool:
+            out = ctl_json(config, "status")["stages"]["out"]
+            return bool(out["pending"] == 0 and out["delivered"] + out["dead"] == 6)
+
+        wait_for(finished)
+        with receiver.lock:
+            deeps = [request for request in receiver.requests if request.body == deep]
+        assert len(deeps) == 1  # delivered once; the echoed answer hidden, not a crash
+        actors = ctl_json(config, "status")["actors"]
+        assert all(actor["restarts"] == 0 for actor in actors), actors
+    finally:
+        daemon.stop()
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from actors import http_sink
+from daemon import transform
+
+def kill(payloads):
+    if any(b"KILLME" in payload for payload in payloads):
+        os.kill(os.getpid(), signal.SIGKILL)  # a segfault or an OOM kill on this one event
+
+_map = transform.TransformProgram.map
+_send = http_sink.HttpSender.send
+
+def map(self, payloads):
+    if {stage!r} == "transform":
+        kill(payloads)
+    return _map(self, payloads)
+
+async def send(self, batch):
+    if {stage!r} == "sink":
+        kill([due.payload for due in batch])
+    return await _send(self, batch)
+
+transform.TransformProgram.map = map
+http_sink.HttpSender.send = send
+"""
+
+
+@pytest.mark.parametrize("stage", ["transform", "sink"])
+def test_an_event_that_kills_the_process_is_quarantined_across_restarts(
+    tmp_path: Path, sock_dir: Path, receiver: FakeReceiver, stage: str
+) -> None:
+    """An event whose transform (or delivery) kills the process (no Python code can catch that) is
+    quarantined after `quarantine_after` deaths at the head of the stage; systemd's restarts (here:
+    the test's) then deliver the rest. Old code: every restart died on the same event, for ever."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLER.format(root=str(ROOT), stage=stage), encoding="utf-8")
+    config = write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ctl.sock", map=".", url=receiver.url))
+    env = {"PYTHONPATH": str(hook)}
+    daemon = Daemon(config, tmp_path / "log.jsonl", env=env).start()
+    unsent = [{"n": n, "text": "KILLME" if n == 3 else "ok"} for n in range(6)]
+    deaths = 0
+    deadline = time.monotonic() + 60
+    while unsent or delivered_ns(receiver) != {0, 1, 2, 4, 5}:
+        assert time.monotonic() < deadline, (deaths, delivered_ns(receiver))
+        assert daemon.proc is not None
+        if daemon.proc.poll() is not None:  # what systemd would do: start it again
+            deaths += 1
+            assert deaths <= 6, "the poison event was never quarantined"
+            daemon = Daemon(config, tmp_path / "log.jsonl", env=env)
+            try:
+                daemon.start()
+            except AssertionError:  # killed again before it logged "ready"
+                assert daemon.proc is not None
+                assert daemon.proc.returncode == -9
+            continue
+        if unsent:
+            try:
+                post(daemon, unsent[0])
+            except httpx.TransportError:
+                continue  # it died meanwhile; the event was not acked
+            unsent.pop(0)
+            continue
+        time.sleep(0.05)
+    try:
+        dead = wait_for(lambda: ctl_json(config, "dlq", "list")["items"])
+        (letter,) = dead
+        assert letter["last_error"].startswith("poison: quarantined"), letter
+        assert letter["id"].endswith(".shape" if stage == "transform" else ".shape.out")
+        assert letter["attempts"] == 3
+        shown = ctl_json(config, "dlq", "show", letter["id"])
+        assert "KILLME" in json.dumps(shown)
+        assert deaths >= 3
+    finally:
+        daemon.stop()
