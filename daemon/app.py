@@ -27,22 +27,23 @@ from typing import Any, Protocol
 
 import trio
 
-from . import at_rest, metrics, ops, outbox
-from .commands import Commands, Pauses
-from .config import Config, LoadedConfig, downstream
-from .config_poll import PollSourceConfig
-from .control import Access, ControlServer, group_id, socket_path
-from .errors import StoreUnavailable
-from .ingest import IngestBatcher
-from .ratelimit import RateLimits
-from .rates import Throughput
-from .registry import Alerter, WebhookListener, build_sink
-from .reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
-from .store import Store
-from .supervisor import Supervisor
-from .systemd import ActivatedSockets, Notifier
-from .telemetry import Telemetry
-from .tls_server import server_context
+from actors.poll.config import PollSourceConfig
+from actors.webhook.ingest import IngestBatcher
+from actors.webhook.tls import server_context
+from daemon.config.root import Config, LoadedConfig, downstream
+from daemon.control.commands import Commands, Pauses
+from daemon.control.server import Access, ControlServer, group_id, socket_path
+from daemon.errors import StoreUnavailable
+from daemon.limits.ratelimit import RateLimits
+from daemon.registry import Alerter, WebhookListener, build_sink
+from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
+from daemon.store import at_rest, ops, outbox
+from daemon.store.sqlite import Store
+from daemon.supervisor import Supervisor
+from daemon.systemd import ActivatedSockets, Notifier
+from daemon.telemetry import metrics
+from daemon.telemetry.otel import Telemetry
+from daemon.telemetry.throughput import Throughput
 
 log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
@@ -85,7 +86,7 @@ async def _maintain(store: Store, running: Running) -> None:
     while True:
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
-        # A failed aggregation window's contents (`NAME/windows`, daemon/windows.py) have no reader.
+        # A failed aggregation window's contents (`NAME/windows`, daemon/store/windows.py) have no reader.
         readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.call_until_committed(

@@ -2,7 +2,7 @@
 
 Every `[alerting] interval` it reads every metric at once (`collect`, the in-memory metric
 reader: the same instruments OTLP and `/metrics` see, whoever registered them), computes each
-rule's value (`daemon.alert_expr`), advances the rule's state machine (`daemon.alerts`), sends
+rule's value (`actors.alerting.expr`), advances the rule's state machine (`actors.alerting.rules`), sends
 the notifications now due, concurrently, each bounded by its channel's timeout, and then
 stores every rule's state in one transaction.
 
@@ -32,15 +32,14 @@ from typing import Any, final
 import httpx
 import trio
 
-from daemon import metrics
-from daemon.alert_expr import Snapshot, Tracker
-from daemon.alert_store import load_states, save_states
-from daemon.alerts import AlertState, AlertView, Notice, Rule, compile_rule, evaluate, sent, view
-from daemon.config import Config
+from actors.alerting.expr import Snapshot, Tracker
+from actors.alerting.notifiers import Notification, Notifiers, NotifyError
+from actors.alerting.rules import AlertState, AlertView, Notice, Rule, compile_rule, evaluate, sent, view
+from daemon.config.root import Config
 from daemon.errors import StoreUnavailable
-from daemon.store import Store
-
-from .notifiers import Notification, Notifiers, NotifyError
+from daemon.store.alerts import load_states, save_states
+from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
 
 __all__ = ["Alerter"]
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from .alert_expr import ExprError, parse_expr
-from .config_base import ComponentName, Section, default
-from .secrets import SecretRef
-from .units import Duration
+from actors.alerting.expr import ExprError, parse_expr
+from daemon.config.base import ComponentName, Section, default
+from daemon.config.secrets import SecretRef
+from daemon.config.units import Duration
 
 if TYPE_CHECKING:
-    from .config import Config
+    from daemon.config.root import Config
 
 BUILTIN_LOG = "log"
 

@@ -12,7 +12,7 @@ Grammar (whitespace free between tokens):
                | avg(selector, DURATION)         mean of a histogram's observations in the window
     selector  := NAME [ { LABEL = "v" , LABEL != "v" ... } ]
 
-A NAME is an instrument of `daemon.metrics` (`ferry.queue.depth`); the `ferry.` prefix may be
+A NAME is an instrument of `daemon.telemetry.metrics` (`ferry.queue.depth`); the `ferry.` prefix may be
 left out and `_` may stand for `.` (`queue_depth`, `ferry_dead_letters`). A selector sums every
 series whose attributes match; a counter with no series yet reads 0 (counters start at 0), a
 gauge or a histogram with none reads as no data.
@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from .units import Duration
+from daemon.config.units import Duration
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricsData

@@ -25,7 +25,7 @@ import httpx
 import msgspec
 import trio
 
-from daemon.config_alerts import (
+from actors.alerting.config import (
     BUILTIN_LOG,
     ChannelConfig,
     CommandChannelConfig,

@@ -22,7 +22,7 @@ variance *before* it is folded in; the condition is the z-score beyond `z` (in `
 never during `warmup` after the first reading.
 
 State (`AlertState`) is a msgspec Struct persisted in the store after every evaluation that
-changed it (`daemon.alert_store`), so a restart resumes each rule where it was: a firing alert
+changed it (`daemon.store.alerts`), so a restart resumes each rule where it was: a firing alert
 stays firing, notified steps are not notified again.
 """
 
@@ -34,8 +34,8 @@ from typing import Final, Literal
 
 import msgspec
 
-from .alert_expr import Expr, parse_expr
-from .config_alerts import AlertRuleConfig, AnomalyConfig
+from actors.alerting.config import AlertRuleConfig, AnomalyConfig
+from actors.alerting.expr import Expr, parse_expr
 
 __all__ = ["AlertState", "AlertView", "Notice", "Rule", "compile_rule", "evaluate", "sent", "view"]
 

@@ -1,6 +1,6 @@
 """`[sources.NAME] type = "poll"`: a REST API polled into a stream of events (docs/polling.md).
 
-Defined here on `config_base` and assembled into `daemon.config.SourceConfig`; `poll_errors`
+Defined here on `config_base` and assembled into `daemon.config.root.SourceConfig`; `poll_errors`
 holds the cross-field checks (jq programs compile, job mode excludes paging) that
 `daemon.config` runs with the others.
 """
@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import jq
 from msgspec import Meta
 
-from .config_auth import AuthConfig, TlsConfig, auth_errors
-from .config_base import Section, default
-from .units import Duration, Size
+from daemon.config.auth import AuthConfig, TlsConfig, auth_errors
+from daemon.config.base import Section, default
+from daemon.config.units import Duration, Size
 
 URL = Annotated[str, Meta(pattern=r"^https?://")]
 
@@ -219,7 +219,7 @@ def poll_errors(name: str, source: PollSourceConfig) -> Iterator[str]:
     if source.initial_backoff > source.max_backoff:
         yield f"{where}.initial_backoff: larger than max_backoff"
     if source.since is not None and source.since.initial is not None:
-        from .poll import Watermark
+        from actors.poll.pages import Watermark
 
         if Watermark.parse(source.since.initial, source.since.format) is None:
             yield f"{where}.since.initial: not a {source.since.format} value"

@@ -1,7 +1,7 @@
 """The pure parts of polling: reading a page, finding the next one, moving the high-water mark.
 
-Nothing here does I/O or keeps state; `actors/poller.py` strings these together and the
-store keeps what must survive (`daemon/poll_store.py`). Every failure is a `PollError`
+Nothing here does I/O or keeps state; `actors/poll/poller.py` strings these together and the
+store keeps what must survive (`daemon/store/poll.py`). Every failure is a `PollError`
 whose `kind` is the short name counted in metrics and shown by `ferry ctl status`.
 """
 
@@ -17,8 +17,8 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import jq
 import msgspec
 
-from .config_poll import CursorPaging, OffsetPaging, PagePaging, Paging, PollSourceConfig
-from .errors import PollError
+from actors.poll.config import CursorPaging, OffsetPaging, PagePaging, Paging, PollSourceConfig
+from daemon.errors import PollError
 
 __all__ = [
     "Opened",

@@ -3,7 +3,7 @@
 Delivery:
     Exactly once per item key. Each page's new items, their keys and the poller's position
     (next page, high-water mark, validators) commit in one transaction
-    (`daemon.poll_store.commit_page`); an item whose key is already stored is dropped. A
+    (`daemon.store.poll.commit_page`); an item whose key is already stored is dropped. A
     crash at any point resumes from the last committed page and repeats nothing.
 
 Cycle:
@@ -66,13 +66,8 @@ import msgspec
 import trio
 from opentelemetry import trace
 
-from daemon import masking, metrics, telemetry
-from daemon.auth import Auth, build_auth, credential_values, ssl_context, with_query
-from daemon.backoff import ceiling
-from daemon.config_poll import LinkPaging, PollSourceConfig
-from daemon.errors import DeliveryError, PollError
-from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
-from daemon.poll import (
+from actors.poll.config import LinkPaging, PollSourceConfig
+from actors.poll.pages import (
     Page,
     PageReader,
     PollStatus,
@@ -83,11 +78,17 @@ from daemon.poll import (
     next_url,
     without_params,
 )
-from daemon.poll_store import PollState, commit_pages, load_state, save_state
-from daemon.ratelimit import RateLimiter
-from daemon.store import Store
-from daemon.tap import TAPS, Record
-from daemon.tokens import scrub
+from daemon.errors import DeliveryError, PollError
+from daemon.http.auth import Auth, build_auth, credential_values, ssl_context, with_query
+from daemon.http.client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
+from daemon.http.tokens import scrub
+from daemon.limits.backoff import ceiling
+from daemon.limits.ratelimit import RateLimiter
+from daemon.store.poll import PollState, commit_pages, load_state, save_state
+from daemon.store.sqlite import Store
+from daemon.telemetry import masking, metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
 
 log = logging.getLogger("ferry.poller")
 PIPELINE = 32

@@ -41,8 +41,8 @@ from typing import final
 import trio
 
 from daemon.errors import DeliveryError
-from daemon.outbox import Connection, Due, Outcomes
-from daemon.store import Store
+from daemon.store.outbox import Connection, Due, Outcomes
+from daemon.store.sqlite import Store
 
 Recorder = Callable[[Connection, Outcomes, "float | None", "str | None"], None]
 

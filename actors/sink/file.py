@@ -14,9 +14,9 @@ from typing import final
 
 import trio
 
-from daemon.config import FileSinkConfig
+from daemon.config.root import FileSinkConfig
 from daemon.errors import RetryableDelivery
-from daemon.outbox import Due
+from daemon.store.outbox import Due
 
 
 def _append(path: str, data: bytes) -> None:

@@ -5,7 +5,7 @@ elapsed)` after it (or `admission.cancel()` when it does not send after all). `a
 waits, in this order, for:
 
 1. a concurrency slot, with `concurrency = "adaptive"`: at most `Aimd.current` attempts in
-   flight (daemon/concurrency.py);
+   flight (daemon/limits/concurrency.py);
 2. a usable URL (failover): the first of `urls` whose breaker is closed, or whose cool-down
    is over (that request is the breaker's one probe). While every breaker is open it sleeps
    until the soonest cool-down ends or a probe's result arrives;
@@ -37,12 +37,12 @@ from typing import final
 import trio
 from msgspec import Struct
 
-from daemon import metrics
-from daemon.breaker import Admit, Breaker, State
-from daemon.concurrency import Aimd
-from daemon.config_limits import AdaptiveConfig, BreakerConfig
+from daemon.config.limits import AdaptiveConfig, BreakerConfig
 from daemon.errors import DeliveryError, DeliveryTimeout, RetryableDelivery
-from daemon.ratelimit import RateLimiter
+from daemon.limits.breaker import Admit, Breaker, State
+from daemon.limits.concurrency import Aimd
+from daemon.limits.ratelimit import RateLimiter
+from daemon.telemetry import metrics
 
 __all__ = ["Admission", "GuardStatus", "SinkGuard", "current_url"]
 

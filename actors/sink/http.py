@@ -33,17 +33,16 @@ from typing import final
 
 from opentelemetry import trace
 
-from daemon import telemetry
-from daemon.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
-from daemon.config import HttpSinkConfig
+from actors.sink.guard import SinkGuard, current_url
+from actors.sink.sink import Answer
+from daemon.config.root import HttpSinkConfig
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
-from daemon.http_client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
-from daemon.outbox import Due
-from daemon.store import Store
-from daemon.tokens import scrub
-
-from .guard import SinkGuard, current_url
-from .sink import Answer
+from daemon.http.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
+from daemon.http.client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
+from daemon.http.tokens import scrub
+from daemon.store.outbox import Due
+from daemon.store.sqlite import Store
+from daemon.telemetry import otel as telemetry
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 EXCERPT_CHARS = 200

@@ -10,7 +10,7 @@ Shape:
     lines), `attempts_max` and `age_ms_max`. Either way every finalised delivery id appears in
     exactly one line, so `grep ID` finds its fate.
 
-    Deliveries whose outcomes commit together (`actors.sink_commit`: attempts that finished
+    Deliveries whose outcomes commit together (`actors.sink.commit`: attempts that finished
     while the previous group was being committed) share lines the same way, one line per
     outcome, status and answer: a group of one delivery logs the single-delivery line; a
     larger one the batch line, whose `latency_ms` is then the longest of its attempts'.
@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from daemon.outbox import Due, Outcomes
+from daemon.store.outbox import Due, Outcomes
 
 outcome_log = logging.getLogger("ferry.sink.outcome")
 IDS_PER_LINE: Final = 100

@@ -6,7 +6,7 @@ Delivery:
     of attempts or age) or a retry scheduled at `next_attempt_at`. A crash at
     any point leaves the delivery pending, to be sent again with the same id
     (its idempotency key), so a receiver can drop the duplicate. Attempts that finish while
-    the previous outcomes are being committed share one store request (`actors.sink_commit`);
+    the previous outcomes are being committed share one store request (`actors.sink.commit`);
     each worker still waits for its own outcomes' commit before taking the next row.
 
 Retries:
@@ -27,7 +27,7 @@ Tracing and metrics:
     of a trace that sampling left out has no span, yet its request carries the stored
     `traceparent` (sampled flag 00), as W3C trace context asks. Attempts,
     outcomes, attempt durations, delivery latency and dead letters are counted on
-    `daemon.metrics`.
+    `daemon.telemetry.metrics`.
 
 Shutdown:
     `stop()` ends fetching; workers finish what they hold and return. A
@@ -35,10 +35,10 @@ Shutdown:
 
 Ordering:
     With an `Ordering` (`[sinks.NAME] ordering`), fetches return only each record key's next
-    delivery and outcomes raise the key's delivered version (see `daemon.ordering`); rows
+    delivery and outcomes raise the key's delivered version (see `daemon.store.ordering`); rows
     found stale or unkeyable on the way are counted (`stale`, `dead`) and logged.
 
-Admission (actors/guard.py):
+Admission (actors/sink/guard.py):
     With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
     slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
     result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
@@ -64,18 +64,18 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from daemon import masking, metrics, telemetry
-from daemon.backoff import full_jitter
-from daemon.config import BatchConfig, RetryConfig
+from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.guard import Admission, SinkGuard
+from actors.sink.outcomes import IDS_PER_LINE, log_committed, outcome_log
+from daemon.config.root import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
-from daemon.ordering import Fetched, Ordering
-from daemon.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
-from daemon.store import Store
-from daemon.tap import TAPS, Record
-
-from .guard import Admission, SinkGuard
-from .outcomes import IDS_PER_LINE, log_committed, outcome_log
-from .sink_commit import Finished, OutcomeCommitter
+from daemon.limits.backoff import full_jitter
+from daemon.store.ordering import Fetched, Ordering
+from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes
+from daemon.store.sqlite import Store
+from daemon.telemetry import masking, metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

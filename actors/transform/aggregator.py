@@ -5,7 +5,7 @@ Delivery:
     transform; each output joins its group's window in the transaction that moves the
     cursor (commit 1). A closed window's `reduce` result is stored as one event, with its
     deliveries, in the transaction that removes the window (commit 2). Both live in the
-    store (`daemon.windows`), so a restart — even `kill -9` — loses nothing and emits
+    store (`daemon.store.windows`), so a restart — even `kill -9` — loses nothing and emits
     nothing twice; a window closed but not yet emitted is emitted when the actor starts.
 
 Time:
@@ -16,7 +16,7 @@ Time:
 Bad input:
     An event that breaks the schema or on which jq fails (map, filter, key) is dead-lettered as
     in `Transformer`; a window whose `reduce` fails is dead-lettered with its contents
-    (`daemon.windows.commit_emitted`). A `reduce` that emits nothing drops the window (counted).
+    (`daemon.store.windows.commit_emitted`). A `reduce` that emits nothing drops the window (counted).
 
 Backpressure:
     Reads at most `batch_size` events at a time and waits for each commit. Open windows cost
@@ -37,13 +37,12 @@ from typing import final
 import trio
 from opentelemetry import trace
 
-from daemon import metrics, telemetry
-from daemon.config import TransformConfig
-from daemon.outbox import StoredEvent, cursor, read_events
-from daemon.store import Store
-from daemon.tap import TAPS, Record
-from daemon.transform import Failure, TransformProgram
-from daemon.windows import (
+from actors.transform.program import Failure, TransformProgram
+from actors.transform.transformer import batch_trace, dead_letter
+from daemon.config.root import TransformConfig
+from daemon.store.outbox import StoredEvent, cursor, read_events
+from daemon.store.sqlite import Store
+from daemon.store.windows import (
     Emitted,
     Joined,
     Window,
@@ -53,8 +52,9 @@ from daemon.windows import (
     stored_windows,
     window_contents,
 )
-
-from .transformer import batch_trace, dead_letter
+from daemon.telemetry import metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
 
 EMIT_CHUNK = 256
 """Most windows reduced and committed in one transaction."""

@@ -18,9 +18,9 @@ from typing import Annotated, Any
 import jq
 from msgspec import Meta
 
-from .config_base import ComponentName, Section
-from .units import Duration
-from .validation import SchemaProblem, load_schema
+from actors.transform.validation import SchemaProblem, load_schema
+from daemon.config.base import ComponentName, Section
+from daemon.config.units import Duration
 
 SchemaSpec = str | dict[str, Any]
 SCHEMA = Meta(

@@ -45,16 +45,16 @@ import jq
 import msgspec
 import trio
 
-from actors.http_sink import check_status
-from daemon import metrics
-from daemon.auth import Auth, build_auth, with_query
-from daemon.backoff import full_jitter
-from daemon.config_sync import PLACEHOLDER, EnrichConfig, merge_program
+from actors.sink.http import check_status
+from daemon.config.sync import PLACEHOLDER, EnrichConfig, merge_program
 from daemon.errors import PermanentDelivery, RetryableDelivery
-from daemon.http_client import HttpClient, LeanClient
-from daemon.outbox import StoredEvent
-from daemon.ratelimit import RateLimiter
-from daemon.store import Store
+from daemon.http.auth import Auth, build_auth, with_query
+from daemon.http.client import HttpClient, LeanClient
+from daemon.limits.backoff import full_jitter
+from daemon.limits.ratelimit import RateLimiter
+from daemon.store.outbox import StoredEvent
+from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
 
 log = logging.getLogger("ferry.enrich")
 _encode = msgspec.json.Encoder().encode

@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, final
 import jq
 import msgspec
 
-from .config import TransformConfig
-from .validation import EventValidator, describe, load_schema
+from actors.transform.validation import EventValidator, describe, load_schema
+from daemon.config.root import TransformConfig
 
 _encode = msgspec.json.Encoder().encode
 

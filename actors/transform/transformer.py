@@ -15,11 +15,11 @@ Bad input:
     `unrouted` (they are stored, for transforms reading this one, without deliveries).
 
 Programs:
-    `daemon.transform.TransformProgram` (validation, jq, routes), shared with `ferry test`.
+    `actors.transform.program.TransformProgram` (validation, jq, routes), shared with `ferry test`.
 
 Enrichment:
     With an `Enricher` (`enrich`), each batch is first looked up and merged (see
-    `actors.enricher`); the batch commits once every lookup has an answer or has given up,
+    `actors.transform.enricher`); the batch commits once every lookup has an answer or has given up,
     and the events whose lookup failed are dead-lettered with the reason.
 
 Tracing:
@@ -45,13 +45,14 @@ from typing import TYPE_CHECKING, final
 import trio
 from opentelemetry import trace
 
-from actors.enricher import Enricher
-from daemon import masking, metrics, telemetry
-from daemon.config import TransformConfig
-from daemon.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
-from daemon.store import Store
-from daemon.tap import TAPS, Record
-from daemon.transform import Failure, TransformProgram
+from actors.transform.enricher import Enricher
+from actors.transform.program import Failure, TransformProgram
+from daemon.config.root import TransformConfig
+from daemon.store.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
+from daemon.store.sqlite import Store
+from daemon.telemetry import masking, metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

@@ -1,10 +1,10 @@
 """Inbound security config: `[sources.NAME.verify]` (is this request from its sender?) and
 `[listener] tls` (the listener's certificate).
 
-One table per source, tagged by `scheme`. Every secret is a reference (`daemon.secrets`), and
+One table per source, tagged by `scheme`. Every secret is a reference (`daemon.config.secrets`), and
 every scheme that takes secrets takes a list, so a new secret can be added before the sender
 switches to it and the old one removed after (rotation without a refused request).
-The checks themselves live in `daemon.verify`; docs/security.md shows each scheme's config.
+The checks themselves live in `actors.webhook.verify`; docs/security.md shows each scheme's config.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from .config_base import Section, default
-from .secrets import SecretRef
-from .units import Duration
+from daemon.config.base import Section, default
+from daemon.config.secrets import SecretRef
+from daemon.config.units import Duration
 
 _HEADER = Annotated[str, Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 _SECRETS_DOC = "Secret references (env:, file:, credential:); a request signed with any one of them passes."

@@ -36,11 +36,11 @@ from typing import final
 import trio
 from opentelemetry.trace import StatusCode
 
-from . import telemetry
-from .errors import StoreUnavailable
-from .outbox import Incoming, insert_events
-from .store import Store
-from .tap import TAPS, Record
+from daemon.errors import StoreUnavailable
+from daemon.store.outbox import Incoming, insert_events
+from daemon.store.sqlite import Store
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
 
 FLUSHERS = 2
 

@@ -16,7 +16,7 @@ Guarantees:
   of it is stored, so accepted requests keep a bounded wait.
 - Connections: at most `max_connections`. At the limit a new connection closes the one
   that has waited longest for its client (idle, or sending its head or body slowly;
-  see `actors.connections`), so slow or idle clients cannot lock out prompt ones; only
+  see `actors.webhook.connections`), so slow or idle clients cannot lock out prompt ones; only
   when every connection has a request being stored is the new one answered 503.
 - Limits: a request head larger than `max_header` gets 431, a body larger than
   `max_body` gets 413 without being read to its end, a head or body that does not
@@ -46,12 +46,12 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
-from daemon import metrics, telemetry
-from daemon.config import ListenerConfig
+from actors.webhook.connections import ConnectionTable, Slot
+from actors.webhook.verify import Unverified, Verified, Verifier
+from daemon.config.root import ListenerConfig
 from daemon.errors import StoreUnavailable
-from daemon.verify import Unverified, Verified, Verifier
-
-from .connections import ConnectionTable, Slot
+from daemon.telemetry import metrics
+from daemon.telemetry import otel as telemetry
 
 __all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
 
@@ -89,7 +89,7 @@ class WebhookRoute:
     idempotency_header: str | None
     """Header (any case) whose value de-duplicates deliveries of the same webhook, or None."""
     verifier: Verifier | None = None
-    """Checks each request's signature or credentials before its body is parsed (`daemon.verify`)."""
+    """Checks each request's signature or credentials before its body is parsed (`actors.webhook.verify`)."""
 
 
 _Headers = Sequence[tuple[bytes, bytes]]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import ssl
 
-from .config_verify import ListenerTlsConfig
-from .errors import ConfigError
+from actors.webhook.config import ListenerTlsConfig
+from daemon.errors import ConfigError
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 

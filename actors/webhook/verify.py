@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
 
-from .config_verify import (
+from actors.webhook.config import (
     ApiKeyVerify,
     BasicVerify,
     GithubVerify,
@@ -49,7 +49,7 @@ from .config_verify import (
     StripeVerify,
     VerifyConfig,
 )
-from .errors import ConfigError
+from daemon.errors import ConfigError
 
 __all__ = ["Unverified", "Verified", "Verifier", "build"]
 
@@ -365,7 +365,9 @@ def build(config: VerifyConfig, where: str = "verify") -> Verifier:
             replay_by_id="{id}" in config.signed,  # an id that is not signed could be changed at will
         )
     if isinstance(config, JwtVerify):
-        from .verify_jwt import build_jwt  # PyJWT (and cryptography) load only when a source uses it
+        from actors.webhook.verify_jwt import (
+            build_jwt,  # PyJWT (and cryptography) load only when a source uses it
+        )
 
         return build_jwt(config, where)
     if isinstance(config, BasicVerify):

@@ -16,9 +16,9 @@ from typing import Any, final
 
 import jwt
 
-from .config_verify import JwtVerify
-from .errors import ConfigError
-from .verify import PASSED, Headers, Unverified, Verified, header_value, replay_key
+from actors.webhook.config import JwtVerify
+from actors.webhook.verify import PASSED, Headers, Unverified, Verified, header_value, replay_key
+from daemon.errors import ConfigError
 
 __all__ = ["JwtVerifier", "build_jwt"]
 

@@ -22,10 +22,10 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .config import load
-from .control import DEFAULT_SOCKET, VERSION, Answer, socket_path
-from .errors import ConfigError
-from .units import Duration
+from daemon.config.root import load
+from daemon.config.units import Duration
+from daemon.control.server import DEFAULT_SOCKET, VERSION, Answer, socket_path
+from daemon.errors import ConfigError
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 SYSTEMD_SOCKET = Path("/run/ferry/ferry.sock")
@@ -175,11 +175,11 @@ def configure(ctl: argparse.ArgumentParser) -> None:
     replay.add_argument("--to", metavar="SINK", help="only this sink (default: every sink downstream)")
     drain = commands.add_parser("drain", help="stop intake, deliver what is due, then stop the daemon")
     drain.add_argument("--timeout", type=_duration, default=60.0, help="default: %(default)ss")
-    from . import ctl_event, ctl_live
+    from daemon.cli import ctl_event, ctl_live
 
     ctl_live.configure(commands)
     ctl_event.configure(commands)
-    from . import ctl_alerts
+    from daemon.cli import ctl_alerts
 
     ctl_alerts.configure(commands)
 
@@ -237,15 +237,15 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
     elif command == "dlq":
         return _dlq(client, args, out, err, emit)
     elif command == "event":
-        from . import ctl_event
+        from daemon.cli import ctl_event
 
         emit(client.request("event", id=args.id), lambda result, out: ctl_event.show(result, out, args))
     elif command == "alerts":
-        from . import ctl_alerts
+        from daemon.cli import ctl_alerts
 
         return ctl_alerts.alerts(client, args, out)
     elif command in ("tap", "top"):
-        from . import ctl_live
+        from daemon.cli import ctl_live
 
         return ctl_live.tap(client, args, out, err) if command == "tap" else ctl_live.top(client, args, out)
     return 0

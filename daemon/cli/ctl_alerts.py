@@ -1,4 +1,4 @@
-"""`ferry ctl alerts`: every alert rule's state, firing first (see `actors.alerter`).
+"""`ferry ctl alerts`: every alert rule's state, firing first (see `actors.alerting.alerter`).
 
 Human output is one row per rule: its state and since when, its value at the last evaluation,
 the channels told about the current firing and the next escalation step; `--json` prints the
@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .ctl import Client, _ago, _short, _table
+from daemon.cli.ctl import Client, _ago, _short, _table
 
 
 def configure(commands: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .ctl import _ago, _short, _table
+from daemon.cli.ctl import _ago, _short, _table
 
 
 def configure(commands: Any) -> None:

@@ -1,4 +1,4 @@
-"""`ferry ctl tap` and `ferry ctl top`: the live views of `ferry ctl` (see `daemon.ctl`).
+"""`ferry ctl tap` and `ferry ctl top`: the live views of `ferry ctl` (see `daemon.cli.ctl`).
 
 tap:
     Prints each event passing a source, transform or sink as one JSON line on stdout
@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .ctl import Client, _table, _uptime
+from daemon.cli.ctl import Client, _table, _uptime
 
 TAP_WAIT = 30.0  # the daemon sends at least a heartbeat line every second
 _CLEAR = "\x1b[H\x1b[2J"

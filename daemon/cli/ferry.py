@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the daemon failed at run time (store unusable,
 too many actor restarts); 2 a usage or config error; `ferry ctl` adds
-3, the daemon is not running (see `daemon/ctl.py`).
+3, the daemon is not running (see `daemon/cli/ctl.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import msgspec
 import trio
 
-from . import masking
-from .config import LoadedConfig, json_schema, load
-from .errors import ConfigError, FerryError
-from .telemetry import setup_logging
+from daemon.config.root import LoadedConfig, json_schema, load
+from daemon.errors import ConfigError, FerryError
+from daemon.telemetry import masking
+from daemon.telemetry.otel import setup_logging
 
 log = logging.getLogger("ferry.cli")
 DEFAULT_CONFIG = "config.toml"
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     tests.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     tests.add_argument("files", nargs="+", metavar="TESTS", help="test files (TOML, or .json)")
     commands.add_parser("config-schema", help="print the JSON Schema of the config file")
-    from .ctl import configure
+    from daemon.cli.ctl import configure
 
     configure(commands.add_parser("ctl", help="steer a running daemon over its control socket"))
     docs = commands.add_parser("config-docs", help="print the config reference (Markdown)")
@@ -73,7 +73,7 @@ def _run(path: str, level: str | None) -> int:
         logging.getLogger("ferry.sink.outcome").setLevel(logging.ERROR)
     for warning in loaded.warnings:
         log.warning("config warning", extra={"fields": {"warning": warning}})
-    from .app import serve
+    from daemon.app import serve
 
     try:
         trio.run(serve, loaded)
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "test":
-        from .pipeline_tests import run
+        from daemon.cli.pipeline_tests import run
 
         return run(args.config, args.files, sys.stdout, sys.stderr)
     if args.command == "ctl":
-        from . import ctl
+        from daemon.cli import ctl
 
         try:
             return ctl.main(args)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(json_schema())).decode() + "\n")
         return 0
     if args.command == "config-docs":
-        from .config_docs import render
+        from daemon.cli.config_docs import render
 
         text = render()
         if args.output:

@@ -11,7 +11,7 @@ dead-letter:
     outputs = [{ event = { kind = "lead", email = "ada@example.com" }, to = ["crm"] }]
     dead = [{ input = 1, error = "schema" }]        # input #1 (from 0), error text contains "schema"
 
-The transform runs through the same programs as in the daemon (`daemon.transform`): schema,
+The transform runs through the same programs as in the daemon (`actors.transform.program`): schema,
 filter, map, routes. `to` (optional) is the set of sinks an output goes to: those of its route,
 or every sink reading the transform when it has no routes. An aggregating transform's windows
 close by count as the inputs fill them; at the end of the inputs every window still open closes
@@ -34,10 +34,10 @@ from typing import Annotated, Any, TextIO
 import msgspec
 from msgspec import Meta
 
-from .config import Config, TransformConfig, downstream
-from .errors import ConfigError
-from .transform import Failure, Routed, TransformProgram
-from .windows import Windows
+from actors.transform.program import Failure, Routed, TransformProgram
+from daemon.config.root import Config, TransformConfig, downstream
+from daemon.errors import ConfigError
+from daemon.store.windows import Windows
 
 
 class ExpectedOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -219,7 +219,7 @@ def _diff(expected: list[Any], actual: list[Any]) -> str:
 
 def run(config_path: str, test_paths: Sequence[str], out: TextIO, err: TextIO) -> int:
     """`ferry test`: run every case of every file; see the module docstring for exit codes."""
-    from .config import load
+    from daemon.config.root import load
 
     try:
         config = load(config_path, read_secrets=False).config

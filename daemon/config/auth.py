@@ -1,9 +1,9 @@
 """Config of outbound authentication and TLS: `auth = { type = … }` and `tls = { … }`.
 
 Any component that calls out over HTTP (the http sink, pollers, enrichment lookups) adds
-`auth: AuthConfig | None = None` and `tls: TlsConfig | None = None`; `daemon.auth.build_auth`
-turns the first into headers, `daemon.auth.ssl_context` the second into an `ssl.SSLContext`.
-Every secret is a reference (`env:`, `file:`, `credential:`), see `daemon.secrets`.
+`auth: AuthConfig | None = None` and `tls: TlsConfig | None = None`; `daemon.http.auth.build_auth`
+turns the first into headers, `daemon.http.auth.ssl_context` the second into an `ssl.SSLContext`.
+Every secret is a reference (`env:`, `file:`, `credential:`), see `daemon.config.secrets`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from .config_base import Section, default
-from .secrets import SecretRef
-from .units import Duration
+from daemon.config.base import Section, default
+from daemon.config.secrets import SecretRef
+from daemon.config.units import Duration
 
 _URL = Meta(pattern=r"^https?://", description="Token endpoint URL (http or https).")
 _HEADER = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"

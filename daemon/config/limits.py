@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
-from .config_base import Section, default
-from .units import Duration
+from daemon.config.base import Section, default
+from daemon.config.units import Duration
 
 __all__ = ["AdaptiveConfig", "BreakerConfig", "RateLimitConfig", "limit_errors"]
 

@@ -23,18 +23,19 @@ import jq
 import msgspec
 from msgspec import Meta
 
-from . import metrics, secrets
-from .config_alerts import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
-from .config_auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
-from .config_base import NAME_RE, ComponentName, Section, default
-from .config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
-from .config_poll import PollSourceConfig, poll_errors
-from .config_sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
-from .config_transforms import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
-from .config_verify import ListenerTlsConfig, VerifyConfig, resolve_jwks, verify_errors
-from .errors import ConfigError
-from .masking import RULE_PATTERN
-from .units import Duration, Size, dec_hook, schema_hook
+from actors.alerting.config import AlertingConfig, AlertRuleConfig, ChannelConfig, check_alerts
+from actors.poll.config import PollSourceConfig, poll_errors
+from actors.transform.config import SCHEMA, AggregateConfig, RouteConfig, SchemaSpec, check_transform
+from actors.webhook.config import ListenerTlsConfig, VerifyConfig, resolve_jwks, verify_errors
+from daemon.config import secrets
+from daemon.config.auth import AuthConfig, EncryptionConfig, TlsConfig, auth_errors, resolve_tls
+from daemon.config.base import NAME_RE, ComponentName, Section, default
+from daemon.config.limits import AdaptiveConfig, BreakerConfig, RateLimitConfig, limit_errors
+from daemon.config.sync import EnrichConfig, OrderingConfig, check_enrich, check_ordering
+from daemon.config.units import Duration, Size, dec_hook, schema_hook
+from daemon.errors import ConfigError
+from daemon.telemetry import metrics
+from daemon.telemetry.masking import RULE_PATTERN
 
 
 class StoreConfig(Section, frozen=True):
@@ -524,7 +525,7 @@ def _convert(value: Any, type_: Any, path: str, errors: list[str]) -> Any:
 def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True) -> Config:
     """Decode and validate config TOML; raise `ConfigError` listing every problem found.
 
-    With `read_secrets` every secret reference is read (`daemon.secrets.bind`); one that
+    With `read_secrets` every secret reference is read (`daemon.config.secrets.bind`); one that
     cannot be is an error. Without it references stay unread (`ferry ctl` needs none).
     """
     try:
@@ -566,7 +567,7 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
         raise ConfigError(errors)
     if read_secrets:
         errors.extend(_verifier_errors(config))
-        from .auth import secret_errors
+        from daemon.http.auth import secret_errors
 
         errors.extend(secret_errors(config.store.encryption, _outbound(config)))
         if errors:
@@ -576,8 +577,8 @@ def parse(text: str, *, base_dir: Path | None = None, read_secrets: bool = True)
 
 def _verifier_errors(config: Config) -> Iterator[str]:
     """Keys that read fine but cannot be used (a PEM that is not a key, a JWKS file that is not one)."""
-    from .tls_server import server_context
-    from .verify import build
+    from actors.webhook.tls import server_context
+    from actors.webhook.verify import build
 
     try:
         server_context(config.listener.tls)

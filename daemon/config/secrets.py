@@ -13,7 +13,7 @@ One trailing newline (`\\n` or `\\r\\n`) of a file or credential is dropped, sin
 `$CREDENTIALS_DIRECTORY` is a config error naming the TOML path and the reference, never a value.
 
 Resolution:
-    `daemon.config.load()` decodes every `SecretRef` in the config and then binds it: it reads
+    `daemon.config.root.load()` decodes every `SecretRef` in the config and then binds it: it reads
     the value once, keeps it as a `Secret` inside the reference, and reports every reference it
     could not read. `ferry ctl` loads the config only to find its socket and does not read
     secrets (`load(..., secrets=False)`), so an operator needs no access to them.
@@ -44,7 +44,7 @@ from typing import Any, Final, Literal, NoReturn, final
 
 import msgspec
 
-from .errors import ConfigError
+from daemon.errors import ConfigError
 
 __all__ = ["Secret", "SecretRef", "bind", "literal_paths", "resolve", "values"]
 

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import jq
 from msgspec import Meta
 
-from .config_auth import AuthConfig, auth_errors
-from .config_base import Section, default
-from .units import Duration
+from daemon.config.auth import AuthConfig, auth_errors
+from daemon.config.base import Section, default
+from daemon.config.units import Duration
 
 PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 """A `{jq}` placeholder in an enrichment URL."""

@@ -10,8 +10,8 @@ import math
 import re
 from typing import Any
 
-from .secrets import SecretRef
-from .secrets import schema as secret_schema
+from daemon.config.secrets import SecretRef
+from daemon.config.secrets import schema as secret_schema
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

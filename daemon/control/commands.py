@@ -22,11 +22,11 @@ Drain:
 
 Masking:
     `dlq list/show` payloads and error texts, and the audit trail's arguments, go through
-    `[telemetry] mask` and the sinks' header secrets (`daemon.masking`) before they are
+    `[telemetry] mask` and the sinks' header secrets (`daemon.telemetry.masking`) before they are
     answered or recorded.
 
 Tap:
-    `tap` subscribes to `daemon.tap` and answers with progress lines `{"events": [...],
+    `tap` subscribes to `daemon.telemetry.tap` and answers with progress lines `{"events": [...],
     "dropped": N}`: one at once (subscribed), then one per chunk of events, or an empty one
     every `TAP_HEARTBEAT` s, which is how a client that went away is noticed. Lossy by
     design; not audited (a read).
@@ -58,10 +58,10 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import confirmations, masking, metrics, ops, outbox
-from .alerts import AlertView
-from .config import Config, LoadedConfig, WebhookSourceConfig, downstream
-from .control import (
+from actors.alerting.rules import AlertView
+from actors.poll.pages import PollStatus
+from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream
+from daemon.control.server import (
     MUTATING,
     AlertsRequest,
     AuditRequest,
@@ -82,16 +82,17 @@ from .control import (
     StatusRequest,
     TapRequest,
 )
-from .errors import StoreUnavailable
-from .masking import Redactor, config_redactor, decode_payload
-from .ops import AuditRow, DeadFilter, DeadLetter
-from .poll import PollStatus
-from .ratelimit import RateLimitStatus
-from .reload import ReloadResult, config_sha256, reload
-from .tap import TAPS, Record
+from daemon.errors import StoreUnavailable
+from daemon.limits.ratelimit import RateLimitStatus
+from daemon.reload import ReloadResult, config_sha256, reload
+from daemon.store import confirmations, ops, outbox
+from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
+from daemon.telemetry import masking, metrics
+from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
+from daemon.telemetry.tap import TAPS, Record
 
 if TYPE_CHECKING:
-    from .app import Running
+    from daemon.app import Running
 
 DRAIN_POLL = 0.2
 TAP_HEARTBEAT = 1.0  # an idle tap sends an empty progress line this often: a gone client is noticed
@@ -153,7 +154,7 @@ class StatusResult(Struct, frozen=True):
     delivered_per_s: float | None = None
     polls: dict[str, PollStatus] = {}  # per poll source (docs/polling.md)
     rate_limits: dict[str, RateLimitStatus] = {}
-    guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/guard.py)
+    guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/sink/guard.py)
 
 
 class PauseResult(Struct, frozen=True):

@@ -47,8 +47,8 @@ import msgspec
 import trio
 from msgspec import Meta, Struct
 
-from .config import ControlConfig, LoadedConfig
-from .errors import ControlUnavailable
+from daemon.config.root import ControlConfig, LoadedConfig
+from daemon.errors import ControlUnavailable
 
 log = logging.getLogger("ferry.control")
 

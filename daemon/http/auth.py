@@ -9,7 +9,7 @@
                                              # an ordinary failure
 
 Static kinds (`api_key`, `basic`, `bearer`) cost nothing per request. Token kinds (`oauth2`,
-`jwt_bearer`) keep one token in memory, fetched by a `daemon.tokens` source:
+`jwt_bearer`) keep one token in memory, fetched by a `daemon.http.tokens` source:
 
 Caching and refresh:
     A token is used until `refresh_before` its expiry (from `expires_in`; at most half its
@@ -55,8 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
-from . import at_rest
-from .config_auth import (
+from daemon.config.auth import (
     ApiKeyAuth,
     AuthConfig,
     BasicAuth,
@@ -66,10 +65,11 @@ from .config_auth import (
     OAuth2Auth,
     TlsConfig,
 )
-from .errors import DeliveryError, RetryableDelivery
-from .http_client import HttpClient, LeanClient
-from .store import Store
-from .tokens import JwtSource, OAuth2Source, Token, TokenSource, load_private_key, scrub
+from daemon.errors import DeliveryError, RetryableDelivery
+from daemon.http.client import HttpClient, LeanClient
+from daemon.http.tokens import JwtSource, OAuth2Source, Token, TokenSource, load_private_key, scrub
+from daemon.store import at_rest
+from daemon.store.sqlite import Store
 
 log = logging.getLogger("ferry.auth")
 

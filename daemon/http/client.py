@@ -8,7 +8,7 @@ returns a `Response`; `aclose()` releases its connections.
 - `HttpxClient` wraps `httpx.AsyncClient` for what the lean one leaves out:
   proxies and CA bundles from the environment (`trust_env`), content decoding.
 
-Both take an `ssl_context` (built by `daemon.auth.ssl_context` from a `tls` table: a custom CA
+Both take an `ssl_context` (built by `daemon.http.auth.ssl_context` from a `tls` table: a custom CA
 bundle, a client certificate for mTLS); without one, the system's CAs are trusted.
 
 Guarantees, for both:

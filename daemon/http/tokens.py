@@ -1,6 +1,6 @@
 """Where access tokens come from: OAuth 2.0 token endpoints and locally signed JWTs.
 
-`daemon.auth.TokenAuth` caches and refreshes what a `TokenSource` fetches; this module does the
+`daemon.http.auth.TokenAuth` caches and refreshes what a `TokenSource` fetches; this module does the
 fetching. `OAuth2Source` asks a token endpoint (client_credentials or refresh_token grant) and
 keeps a rotated refresh token in the store (table `auth_tokens`) before the access token that
 came with it is used. `JwtSource` signs a JWT (PyJWT) that is the token itself or is traded at a
@@ -26,12 +26,12 @@ from urllib.parse import quote, urlencode, urlsplit
 import jwt
 import msgspec
 
-from . import at_rest
-from .config_auth import JwtBearerAuth, OAuth2Auth
-from .errors import DeliveryError, RetryableDelivery, StoreError
-from .http_client import HttpClient
-from .secrets import SecretRef
-from .store import Store
+from daemon.config.auth import JwtBearerAuth, OAuth2Auth
+from daemon.config.secrets import SecretRef
+from daemon.errors import DeliveryError, RetryableDelivery, StoreError
+from daemon.http.client import HttpClient
+from daemon.store import at_rest
+from daemon.store.sqlite import Store
 
 log = logging.getLogger("ferry.auth")
 

@@ -8,7 +8,7 @@ Only the probe decides in HALF_OPEN; results of requests admitted while it was s
 that arrive after it opened are ignored (they say nothing about the service now). A probe
 given up without being sent (`cancel_probe`) lets the next caller probe instead.
 
-Used by `actors/guard.py`, which keeps one breaker per target URL of a sink; see
+Used by `actors/sink/guard.py`, which keeps one breaker per target URL of a sink; see
 docs/limits.md for what a failure is and what waits while a breaker is open.
 """
 
@@ -19,7 +19,7 @@ import math
 from collections import deque
 from typing import final
 
-from .config_limits import BreakerConfig
+from daemon.config.limits import BreakerConfig
 
 __all__ = ["Admit", "Breaker", "State"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import final
 
-from .config_limits import AdaptiveConfig
+from daemon.config.limits import AdaptiveConfig
 
 __all__ = ["Aimd"]
 

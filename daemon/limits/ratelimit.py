@@ -44,9 +44,9 @@ from typing import Final, final
 import trio
 from msgspec import Struct
 
-from . import metrics
-from .config_limits import RateLimitConfig
-from .http_client import parse_retry_after
+from daemon.config.limits import RateLimitConfig
+from daemon.http.client import parse_retry_after
+from daemon.telemetry import metrics
 
 __all__ = ["MAX_PAUSE", "RateLimitStatus", "RateLimiter", "RateLimits", "TokenBucket", "pause_from"]
 

@@ -1,6 +1,6 @@
 """Alert rule states in the store (`alerts` table): plain functions of a connection.
 
-They run on the store's writer thread like `daemon.ops`. A row whose JSON no longer decodes
+They run on the store's writer thread like `daemon.store.ops`. A row whose JSON no longer decodes
 (written by a newer ferry, or damaged) is ignored and its rule starts from `ok`, so a bad row
 can cost at most one repeated notification, never the alerter.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from .alerts import AlertState
+from actors.alerting.rules import AlertState
 
 __all__ = ["load_states", "save_states"]
 

@@ -10,7 +10,7 @@ What is encrypted:
 Format:
     `!fe1.` + key id (16 hex digits) + `.` + base64(nonce ‖ ciphertext ‖ tag), as the row's
     payload. It is ASCII, so every read that passes payloads through SQLite's JSON functions
-    (`CAST(payload AS TEXT)` inside `json_array`, see `daemon.outbox`) carries it unchanged, and
+    (`CAST(payload AS TEXT)` inside `json_array`, see `daemon.store.outbox`) carries it unchanged, and
     the reader opens it in Python afterwards. A payload without the prefix is plaintext (written
     before encryption was turned on) and is read as it is; JSON never starts with `!`.
     The key id is HMAC-SHA256(key, "ferry store key id"), cut to 8 bytes: it names a key without
@@ -47,8 +47,8 @@ from typing import Any, Final, final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .config_auth import EncryptionConfig
-from .errors import StoreCorrupt, StoreKeyMissing
+from daemon.config.auth import EncryptionConfig
+from daemon.errors import StoreCorrupt, StoreKeyMissing
 
 PREFIX: Final = b"!fe1."
 _KID_LEN: Final = 16

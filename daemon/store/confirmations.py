@@ -22,15 +22,15 @@ from typing import Any
 
 import msgspec
 
-from .at_rest import opened
-from .schema import PENDING, STATE_NAMES
+from daemon.store.at_rest import opened
+from daemon.store.schema import PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
 _ROOT_ID = re.compile(r"^([0-9a-f]{11})[0-9a-f]{16}")
 CLOCK_SLACK = 5.0
 """Seconds the lookup starts before the id's time: clock steps may reorder `received_at` slightly."""
 MAX_EVENTS = 1000
-_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.ordering)
+_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.store.ordering)
 
 
 class DeliveryOutcome(msgspec.Struct, frozen=True, kw_only=True):

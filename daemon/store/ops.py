@@ -1,6 +1,6 @@
 """What `ferry ctl` reads from and changes in the store: plain functions of a connection.
 
-Like `daemon.outbox`, each runs on the store's writer thread inside a group
+Like `daemon.store.outbox`, each runs on the store's writer thread inside a group
 transaction, so a retry or a purge is all-or-nothing. Filters select dead
 letters (`state = 2`) by stage, by age of their last attempt and by a
 case-insensitive substring of their last error.
@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from .at_rest import cipher_of
-from .schema import DEAD, DELIVERED, PENDING, STATE_NAMES
+from daemon.store.at_rest import cipher_of
+from daemon.store.schema import DEAD, DELIVERED, PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
 
@@ -206,7 +206,7 @@ def percentile(sorted_values: list[float], share: float) -> float:
 
 
 # The error type of a failed attempt: its HTTP status, else what the transport or jq said
-# (the messages come from daemon.http_client and actors.transformer).
+# (the messages come from daemon.http.client and actors.transform.transformer).
 _ERROR_TYPE = """CASE
     WHEN last_status IS NOT NULL THEN 'http_' || last_status
     WHEN last_error LIKE '%timed out%' THEN 'timeout'

@@ -42,10 +42,10 @@ from typing import Any, NamedTuple, final
 import jq
 import msgspec
 
-from .at_rest import cipher_of
-from .config_sync import OrderingConfig
-from .outbox import Due, Outcomes, record_outcomes
-from .schema import DEAD, STALE
+from daemon.config.sync import OrderingConfig
+from daemon.store.at_rest import cipher_of
+from daemon.store.outbox import Due, Outcomes, record_outcomes
+from daemon.store.schema import DEAD, STALE
 
 Connection = sqlite3.Connection
 Version = float | str

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from .at_rest import cipher_of
-from .schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
+from daemon.store.at_rest import cipher_of
+from daemon.store.schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
 
 Connection = sqlite3.Connection
 

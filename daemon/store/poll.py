@@ -1,7 +1,7 @@
 """What a poll source keeps in the store: its state row, and each page's items with that state.
 
 Plain functions of a connection, run on the store's writer thread inside a group transaction
-(`daemon.store`), like `daemon.outbox`.
+(`daemon.store`), like `daemon.store.outbox`.
 
 Exactly once:
     `commit_page` (`commit_pages`: several, in order) stores a page's new items (events +
@@ -29,8 +29,8 @@ from dataclasses import astuple, dataclass, fields
 from itertools import chain
 from typing import Final
 
-from .at_rest import cipher_of
-from .outbox import insert_rows, last_seq
+from daemon.store.at_rest import cipher_of
+from daemon.store.outbox import insert_rows, last_seq
 
 Connection = sqlite3.Connection
 

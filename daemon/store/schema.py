@@ -13,12 +13,12 @@ Tables:
     audit       control commands (who, what, outcome)
     replays     one row per `ferry ctl replay`; its number `n` goes into the new delivery ids
     auth_tokens each OAuth2 owner's current (rotated) refresh token, encrypted with the payloads
-    store_keys  ids of the encryption keys ever used to write (`daemon.at_rest`)
+    store_keys  ids of the encryption keys ever used to write (`daemon.store.at_rest`)
     replay_keys what verified webhooks signed, remembered within their tolerance to refuse replays
     windows     an aggregating transform's open windows: group key (JSON), opened at, size
     window_events  the events in each open window, in order, with the id their output will take
-    key_versions  per (ordered sink, record key): the highest version delivered (daemon/ordering.py)
-    poll_state  each poll source's mark, validators and the cycle in progress (daemon/poll_store.py)
+    key_versions  per (ordered sink, record key): the highest version delivered (daemon/store/ordering.py)
+    poll_state  each poll source's mark, validators and the cycle in progress (daemon/store/poll.py)
     alerts      each alert rule's state (JSON), kept across restarts
 
 A delivery of a sink with `ordering` carries `order_key`/`order_version` (NULL elsewhere) and may
@@ -94,7 +94,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX deliveries_dead ON deliveries(id) WHERE state = 2",
     ],
     [
-        # A rotated OAuth2 refresh token must survive a crash (daemon.auth); `seed` fingerprints the
+        # A rotated OAuth2 refresh token must survive a crash (daemon.http.auth); `seed` fingerprints the
         # configured token it descends from, so a new one in the config wins over the stored one.
         """CREATE TABLE auth_tokens (
             owner TEXT PRIMARY KEY,
@@ -105,7 +105,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE store_keys (kid TEXT PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
     ],
     [
-        # Replay protection of verified webhooks (daemon/verify.py): a digest of what the sender
+        # Replay protection of verified webhooks (actors/webhook/verify.py): a digest of what the sender
         # signed, remembered until its signed timestamp leaves the tolerance; pruned past `until`.
         """CREATE TABLE replay_keys (
             source TEXT NOT NULL,
@@ -116,7 +116,7 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX replay_keys_until ON replay_keys(until)",
     ],
     [
-        # Per-key ordering (daemon/ordering.py). Both indexes are partial: rows of sinks without
+        # Per-key ordering (daemon/store/ordering.py). Both indexes are partial: rows of sinks without
         # `ordering` never enter them, so the unordered path maintains nothing new.
         "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
         "ALTER TABLE deliveries ADD COLUMN order_version",  # no affinity: REAL or TEXT as stored
@@ -136,7 +136,7 @@ MIGRATIONS: list[list[str]] = [
         # Confirmation: what the receiver answered to the last attempt, and how long it took.
         "ALTER TABLE deliveries ADD COLUMN last_latency REAL",
         "ALTER TABLE deliveries ADD COLUMN last_response TEXT",
-        # Aggregation windows (daemon/windows.py): open windows and the events in them.
+        # Aggregation windows (daemon/store/windows.py): open windows and the events in them.
         """CREATE TABLE windows (
             transform TEXT NOT NULL,
             id INTEGER NOT NULL,
@@ -175,7 +175,7 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
     ],
     [
-        # One row per alert rule: its state as JSON (daemon.alerts.AlertState), so a restart
+        # One row per alert rule: its state as JSON (actors.alerting.rules.AlertState), so a restart
         # resumes a firing alert without notifying again.
         """CREATE TABLE alerts (
             rule TEXT PRIMARY KEY,

@@ -49,9 +49,9 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
-from .at_rest import Cipher, CipherConnection, check_keys
-from .errors import StoreCorrupt, StoreUnavailable
-from .schema import APPLICATION_ID, MIGRATIONS
+from daemon.errors import StoreCorrupt, StoreUnavailable
+from daemon.store.at_rest import Cipher, CipherConnection, check_keys
+from daemon.store.schema import APPLICATION_ID, MIGRATIONS
 
 log = logging.getLogger("ferry.store")
 T = TypeVar("T")
@@ -140,7 +140,7 @@ class Store:
 
         Raises `StoreCorrupt` for a foreign, damaged or newer file and `StoreUnavailable` for one
         that cannot be created, read or written. Never overwrites or "repairs" a file it does not
-        recognise. With `cipher`, payloads are encrypted (`daemon.at_rest`); rows that need a key
+        recognise. With `cipher`, payloads are encrypted (`daemon.store.at_rest`); rows that need a key
         `cipher` lacks (or any key, without one) raise `StoreKeyMissing` before anything is written.
         """
         store = cls(Path(path), durability=durability, max_batch=max_batch, cipher=cipher)

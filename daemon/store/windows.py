@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .at_rest import opened, seal
-from .outbox import Connection, StoredEvent, commit_transform, insert_rows, last_seq
+from daemon.store.at_rest import opened, seal
+from daemon.store.outbox import Connection, StoredEvent, commit_transform, insert_rows, last_seq
 
 
 @dataclass

@@ -184,9 +184,9 @@ def sink_secrets(sinks: Mapping[str, Any]) -> list[str]:
 
 def config_redactor(config: Any, keep: Redactor | None = None) -> Redactor:
     """The redactor a config asks for: its `[telemetry] mask`, every sink header value and every
-    secret it references (`daemon.secrets`); with `keep`, that redactor's secrets as well, so a
+    secret it references (`daemon.config.secrets`); with `keep`, that redactor's secrets as well, so a
     secret rotated out by a reload stays hidden for the life of the process."""
-    from . import secrets
+    from daemon.config import secrets
 
     values = [*sink_secrets(config.sinks), *secrets.values(config), *(keep.secrets if keep else ())]
     return Redactor.build(config.telemetry.mask, values)

@@ -47,8 +47,8 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
-from . import procstat
-from .schema import PENDING
+from daemon.store.schema import PENDING
+from daemon.telemetry import procstat
 
 __all__ = ["LATENCY_BUCKETS", "NOOP", "Metrics", "catalogue", "current", "install", "pending_by_stage"]
 
@@ -63,7 +63,7 @@ class Metrics:
 
     def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
         self.queue_depths: dict[str, int] = {}
-        # Set by the sinks' guards on every change (daemon/config_limits.py, actors/guard.py).
+        # Set by the sinks' guards on every change (daemon/config/limits.py, actors/sink/guard.py).
         self.breaker_states: dict[tuple[str, str], int] = {}
         self.concurrency_limits: dict[str, int] = {}
         self.poll_failures: dict[str, int] = {}  # set by each poller after every cycle

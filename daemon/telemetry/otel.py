@@ -59,9 +59,9 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
 from prometheus_client import CollectorRegistry, generate_latest
 
-from . import metrics as _metrics
-from .config import TelemetryConfig
-from .masking import Redactor
+from daemon.config.root import TelemetryConfig
+from daemon.telemetry import metrics as _metrics
+from daemon.telemetry.masking import Redactor
 
 __all__ = [
     "JsonFormatter",

@@ -90,4 +90,4 @@ class Taps:
 
 
 TAPS: Final = Taps()
-"""The daemon's taps (one per process, like `daemon.metrics.current()`)."""
+"""The daemon's taps (one per process, like `daemon.telemetry.metrics.current()`)."""

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 
-from actors.http_sink import HttpSender
-from daemon.config import HttpSinkConfig
-from daemon.outbox import Due
+from actors.sink.http import HttpSender
+from daemon.config.root import HttpSinkConfig
+from daemon.store.outbox import Due
 from tests.fakes import FakeReceiver
 
 

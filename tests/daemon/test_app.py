@@ -12,11 +12,11 @@ import httpx
 import pytest
 import trio
 
-from actors import http_sink
+from actors.sink import http as http_sink
 from daemon.app import Running, _serving, serve
-from daemon.config import load
+from daemon.config.root import load
 from daemon.errors import TooManyRestarts
-from daemon.outbox import Due
+from daemon.store.outbox import Due
 
 CONFIG = """
 [store]

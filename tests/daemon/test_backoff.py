@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.backoff import ceiling, full_jitter
+from daemon.limits.backoff import ceiling, full_jitter
 
 
 @pytest.mark.parametrize(

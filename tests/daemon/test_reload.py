@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from daemon.app import Running, serve
-from daemon.config import load, parse
+from daemon.config.root import load, parse
 from daemon.reload import frozen_changes, plan, reload
 from tests.daemon.test_control import connect
 from tests.fakes import FakeReceiver, Received, Reply
