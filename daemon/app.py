@@ -21,9 +21,8 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -31,12 +30,12 @@ from actors.poll.config import PollSourceConfig
 from actors.webhook.ingest import IngestBatcher
 from actors.webhook.tls import server_context
 from daemon.config.root import Config, LoadedConfig, downstream
-from daemon.control.commands import Commands, Pauses
+from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
-from daemon.limits.ratelimit import RateLimits
-from daemon.registry import Alerter, WebhookListener, build_sink
+from daemon.registry import WebhookListener, build_sink
 from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
+from daemon.running import Running
 from daemon.store import at_rest, ops, outbox
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
@@ -47,39 +46,6 @@ from daemon.telemetry.throughput import Throughput
 
 log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
-
-
-@dataclass
-class Running:
-    """What `serve` hands back once every actor has started."""
-
-    addresses: list[tuple[str, int]]
-    store: Store
-    supervisor: Supervisor
-    config: Config
-    stop: trio.Event = field(default_factory=trio.Event)
-    actors: dict[str, Any] = field(default_factory=dict)
-    pauses: Pauses = field(default_factory=Pauses)
-    control: ControlServer | None = None
-    loaded: LoadedConfig = field(kw_only=True)
-    """The config file as last loaded (at startup or by a reload)."""
-    notifier: Notifier = field(kw_only=True)
-    reload_lock: trio.Lock = field(default_factory=trio.Lock)
-    # What a reload swaps or starts actors into; set once every actor has started.
-    sinks_nursery: trio.Nursery | None = None
-    intake_nursery: trio.Nursery | None = None
-    batcher: IngestBatcher | None = None
-    listener: WebhookListener | None = None
-    throughput: Throughput | None = None
-    rate_limits: RateLimits = field(default_factory=RateLimits)
-    """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
-    telemetry: Telemetry | None = None
-    alerter: Alerter | None = None
-
-    @property
-    def sinks(self) -> list[Any]:
-        """The sink actors of the current config."""
-        return [self.actors[name] for name in self.config.sinks if name in self.actors]
 
 
 async def _maintain(store: Store, running: Running) -> None:

@@ -79,7 +79,7 @@ from daemon.telemetry import masking
 from daemon.telemetry.otel import use_redactor
 
 if TYPE_CHECKING:
-    from daemon.app import Running
+    from daemon.running import Running
 
 log = logging.getLogger("ferry.reload")
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol, final
@@ -92,7 +91,7 @@ from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
 from daemon.telemetry.tap import TAPS, Record
 
 if TYPE_CHECKING:
-    from daemon.app import Running
+    from daemon.running import Running
 
 DRAIN_POLL = 0.2
 TAP_HEARTBEAT = 1.0  # an idle tap sends an empty progress line this often: a gone client is noticed
@@ -109,17 +108,6 @@ class Pausable(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
-
-
-@dataclass
-class Pauses:
-    """Which webhook sources are paused, and whether the daemon is draining (every source paused)."""
-
-    sources: set[str] = field(default_factory=set)
-    draining: bool = False
-
-    def source_paused(self, source: str) -> bool:
-        return self.draining or source in self.sources
 
 
 # -- results ---------------------------------------------------------------------------------

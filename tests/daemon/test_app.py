@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from actors.sink import http as http_sink
-from daemon.app import Running, _serving, serve
+from daemon.app import _serving, serve
 from daemon.config.root import load
 from daemon.errors import TooManyRestarts
+from daemon.running import Running
 from daemon.store.outbox import Due
 
 CONFIG = """
