@@ -13,7 +13,7 @@ declaring `[channels.log]` replaces it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
@@ -22,9 +22,6 @@ from actors.alerting.expr import ExprError, parse_expr
 from daemon.config.base import ComponentName, Section, default
 from daemon.config.secrets import SecretRef
 from daemon.config.units import Duration
-
-if TYPE_CHECKING:
-    from daemon.config.root import Config
 
 BUILTIN_LOG = "log"
 
@@ -149,7 +146,17 @@ class AlertRuleConfig(Section, frozen=True):
     ] = None
 
 
-def check_alerts(config: Config, known: Mapping[str, str]) -> Iterator[str]:
+class AlertsDeclared(Protocol):
+    """What `check_alerts` reads of the root config (named here, so this module need not import it)."""
+
+    @property
+    def alerts(self) -> Mapping[str, AlertRuleConfig]: ...
+
+    @property
+    def channels(self) -> Mapping[str, ChannelConfig]: ...
+
+
+def check_alerts(config: AlertsDeclared, known: Mapping[str, str]) -> Iterator[str]:
     """Rule errors with their TOML paths: expressions, channels named, step order."""
     for name, rule in config.alerts.items():
         path = f"$.alerts.{name}"
