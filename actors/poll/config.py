@@ -219,7 +219,7 @@ def poll_errors(name: str, source: PollSourceConfig) -> Iterator[str]:
     if source.initial_backoff > source.max_backoff:
         yield f"{where}.initial_backoff: larger than max_backoff"
     if source.since is not None and source.since.initial is not None:
-        from actors.poll.pages import Watermark
+        from actors.poll.watermark import Watermark
 
         if Watermark.parse(source.since.initial, source.since.format) is None:
             yield f"{where}.since.initial: not a {source.since.format} value"
