@@ -17,7 +17,7 @@ from typing import Any, final
 import jwt
 
 from actors.webhook.config import JwtVerify
-from actors.webhook.verify import PASSED, Headers, Unverified, Verified, header_value, replay_key
+from actors.webhook.verifier import PASSED, Headers, Unverified, Verified, header_value, replay_key
 from daemon.errors import ConfigError
 
 __all__ = ["JwtVerifier", "build_jwt"]
