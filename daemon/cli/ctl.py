@@ -13,93 +13,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
 
+from daemon.cli.ctl_client import Client, CommandFailed, NotRunning
+from daemon.cli.ctl_format import ago as _ago
+from daemon.cli.ctl_format import short as _short
+from daemon.cli.ctl_format import table as _table
+from daemon.cli.ctl_format import uptime as _uptime
 from daemon.config.root import load
 from daemon.config.units import Duration
-from daemon.control.server import DEFAULT_SOCKET, VERSION, Answer, socket_path
+from daemon.control.server import DEFAULT_SOCKET, socket_path
 from daemon.errors import ConfigError
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 SYSTEMD_SOCKET = Path("/run/ferry/ferry.sock")
-_decode_answer = msgspec.json.Decoder(Answer).decode
-
-
-class NotRunning(Exception):
-    """Nothing answers on the control socket."""
-
-
-class CommandFailed(Exception):
-    """The daemon answered `ok: false`."""
-
-
-class Client:
-    """One connection to the control socket; `request()` sends a command and returns its result."""
-
-    def __init__(self, path: Path, *, timeout: float = 60.0) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            self._sock.close()
-            raise NotRunning(f"ferry is not running (nothing listens on {path}: {exc.strerror})") from None
-        except PermissionError:
-            self._sock.close()
-            raise CommandFailed(f"permission denied connecting to {path}") from None
-        self._file = self._sock.makefile("rb")
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def request(
-        self,
-        cmd: str,
-        *,
-        on_progress: Callable[[Any], None] | None = None,
-        wait: float | None = None,
-        **args: Any,
-    ) -> Any:
-        """Send `{"v": 1, "cmd": cmd, **args}`; return the answer's `result` or raise `CommandFailed`.
-
-        `wait` overrides the client's timeout for this answer (a drain takes its own time).
-        """
-        if wait is not None:
-            self._sock.settimeout(wait)
-        message = {"v": VERSION, "cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
-        try:
-            self._sock.sendall(msgspec.json.encode(message) + b"\n")
-            while True:
-                line = self._file.readline()
-                if not line:
-                    raise CommandFailed("the daemon closed the connection without answering")
-                answer = _decode_answer(line)
-                if not answer.ok:
-                    raise CommandFailed(answer.error or "unknown error")
-                if answer.progress is not None and answer.result is None:
-                    if on_progress is not None:
-                        on_progress(answer.progress)
-                    continue
-                return answer.result
-        except TimeoutError:
-            raise CommandFailed(f"no answer from the daemon within {self._sock.gettimeout():g}s") from None
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise CommandFailed(f"connection to the daemon lost: {exc.strerror}") from None
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -359,34 +292,6 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 # -- human output ----------------------------------------------------------------------------
 
 
-def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) if c is not None else "" for c in row] for row in rows]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)] if cells else []
-    if not cells:
-        widths = [len(h) for h in header]
-    for row in [list(header), *cells]:
-        out.write(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
-        )
-
-
-def _ago(at: float | None) -> str:
-    if at is None:
-        return ""
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _uptime(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d{hours}h{minutes}m"
-    if hours:
-        return f"{hours}h{minutes}m"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
 def _show_status(status: Any, out: TextIO) -> None:
     out.write(f"ferry {status['version']} (pid {status['pid']}), up {_uptime(status['uptime_s'])}\n")
     out.write(f"config   {status['config_path']}  sha256:{status['config_sha256'][:12]}\n")
@@ -502,13 +407,6 @@ def _show_dlq_list(result: Any, out: TextIO) -> None:
         ],
     )
     out.write(f"{len(items)} of {result['total']} dead letter(s)\n")
-
-
-def _short(text: str | None, width: int = 60) -> str:
-    if not text:
-        return ""
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _show_dlq_show(result: Any, out: TextIO) -> None:

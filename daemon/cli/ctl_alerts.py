@@ -12,7 +12,10 @@ from typing import Any, TextIO
 
 import msgspec
 
-from daemon.cli.ctl import Client, _ago, _short, _table
+from daemon.cli.ctl_client import Client
+from daemon.cli.ctl_format import ago as _ago
+from daemon.cli.ctl_format import short as _short
+from daemon.cli.ctl_format import table as _table
 
 
 def configure(commands: Any) -> None:

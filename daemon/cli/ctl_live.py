@@ -30,7 +30,9 @@ from typing import Any, TextIO
 
 import msgspec
 
-from daemon.cli.ctl import Client, _table, _uptime
+from daemon.cli.ctl_client import Client
+from daemon.cli.ctl_format import table as _table
+from daemon.cli.ctl_format import uptime as _uptime
 
 TAP_WAIT = 30.0  # the daemon sends at least a heartbeat line every second
 _CLEAR = "\x1b[H\x1b[2J"
