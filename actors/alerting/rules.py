@@ -36,36 +36,12 @@ import msgspec
 
 from actors.alerting.config import AlertRuleConfig, AnomalyConfig
 from actors.alerting.expr import Expr, parse_expr
+from daemon.store.alerts import AlertState
 
 __all__ = ["AlertState", "AlertView", "Notice", "Rule", "compile_rule", "evaluate", "sent", "view"]
 
 RESOLVE_TRIES: Final = 3
 Status = Literal["firing", "resolved"]
-
-
-class AlertState(msgspec.Struct, kw_only=True):
-    """One rule's state; persisted as JSON, so every field has a default (older rows still load)."""
-
-    state: Literal["ok", "pending", "firing"] = "ok"
-    since: float | None = None
-    """When the current state began (pending: the condition first held; firing: it fired)."""
-    value: float | None = None
-    """The rule's value at the last evaluation (None: no data)."""
-    evaluated_at: float | None = None
-    notified: list[int] = []
-    """Escalation steps told about the current firing."""
-    resolving: dict[str, int] = {}
-    """Channels still owed a resolved notice -> tries so far."""
-    last_firing: float | None = None
-    """When the last firing began (kept after it resolves, for the resolved notice)."""
-    last_error: str | None = None
-    fired: int = 0
-    """How many times the rule has fired."""
-    # anomaly rules
-    mean: float | None = None
-    variance: float = 0.0
-    first_seen: float | None = None
-    z: float | None = None
 
 
 @dataclass(frozen=True)
