@@ -135,7 +135,7 @@ async def test_a_live_socket_is_not_taken_over(daemon: Running) -> None:
     async def refused(peer: Peer, command: str, outcome: str) -> None:
         raise AssertionError
 
-    second = ControlServer(daemon.control.server.path, never, access=Access(os.getuid()), refused=refused)
+    second = ControlServer(daemon.control.path, never, access=Access(os.getuid()), refused=refused)
     with pytest.raises(ControlUnavailable, match="another process"):
         await second.run()
     conn = await connect(daemon)
