@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deep check check-systemd lint types bench chaos clean
+.PHONY: run test deep check check-systemd lint types imports bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,17 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# The architecture's rules (docs/architecture.md, "Layout"): the import contract in pyproject.toml
+# (import-linter), no import cycle between modules, no SQL outside daemon/store/.
+imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/pytest -q -p no:cacheprovider -n 0 tests/test_architecture.py
+
 # Verifies the systemd units and prints their security exposure; skips without systemd-analyze.
 check-systemd: $(STAMP)
 	VENV=$(VENV) systemd/check.sh
 
-check: lint types test check-systemd
+check: lint types imports test check-systemd
 
 # Full-size reliability scenarios (tests/chaos; short versions run in `make test`): kill -9 loop,
 # long sink outage. Bounded in count and time, traffic to 127.0.0.1 only; takes tens of minutes.

@@ -20,7 +20,7 @@ import h11
 import httpx
 import trio
 
-from daemon.http_client import HttpClient, HttpxClient, LeanClient
+from daemon.http.client import HttpClient, HttpxClient, LeanClient
 
 BODY = b'{"id":"evt_0001","type":"contact.updated","data":{"email":"a@example.com"}}' + b" " * 120
 HEADERS = [("Content-Type", "application/json"), ("Idempotency-Key", "d-0001")]

@@ -27,8 +27,8 @@ import trio
 from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, write_config
 from bench.report import Row
-from daemon.http_client import HttpClient, HttpxClient, LeanClient
-from daemon.schema import PENDING
+from daemon.http.client import HttpClient, HttpxClient, LeanClient
+from daemon.store.schema import PENDING
 
 PER_EVENT_TARGET = 1500.0
 DRAIN_TARGET = 20_000.0

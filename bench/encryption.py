@@ -26,7 +26,7 @@ import trio
 from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
 from bench.report import Row, machine, write
-from daemon.at_rest import Cipher
+from daemon.store.at_rest import Cipher
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 PAYLOAD = b'{"id": 123456, "first": "Ada", "last": "Lovelace", "email": "ada@example.com"}'

@@ -7,7 +7,7 @@ server. This case measures, in this process and by thread CPU time (so other wor
 machine hardly moves it), the work each event *must* cost once stored, with nothing of ferry's
 orchestration (tasks, wake-ups, channels, metrics, logs, the HTTP request) around it:
 
-- **jq**: the benchmark's map through `daemon.transform.TransformProgram`, batches of 50
+- **jq**: the benchmark's map through `actors.transform.program.TransformProgram`, batches of 50
   (the batch size case 2's transformer sees under load);
 - **transform bookkeeping**: `read_events` + `commit_transform` for those batches — reading the
   events, storing the outputs, their deliveries and the cursor — each batch its own
@@ -31,15 +31,15 @@ from pathlib import Path
 
 import msgspec
 
+from actors.transform.program import TransformProgram
 from bench.context import Context
 from bench.harness import RESHAPE, SOURCE
 from bench.listener_bench import BODY
 from bench.report import Row, render
-from daemon import outbox
-from daemon.config import TransformConfig
-from daemon.outbox import Derived, Incoming, Outcomes
-from daemon.store import open_connection
-from daemon.transform import TransformProgram
+from daemon.config.root import TransformConfig
+from daemon.store import outbox
+from daemon.store.outbox import Derived, Incoming, Outcomes
+from daemon.store.sqlite import open_connection
 
 BATCH = 50
 TARGET = 0.75

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from bench.listener_bench import PATH, WRK_SCRIPT, WrkResult, parse_wrk, run_wrk
-from daemon.schema import DEAD, DELIVERED, PENDING
+from daemon.store.schema import DEAD, DELIVERED, PENDING
 from tests.fakes import Daemon
 
 TRACES = os.environ.get("FERRY_BENCH_TRACES", "0") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false

@@ -29,9 +29,9 @@ import trio.testing
 
 from bench.context import Context
 from bench.report import Row
-from daemon.config_limits import RateLimitConfig
-from daemon.ratelimit import RateLimiter, TokenBucket
-from daemon.units import Duration
+from daemon.config.limits import RateLimitConfig
+from daemon.config.units import Duration
+from daemon.limits.ratelimit import RateLimiter, TokenBucket
 
 TARGET_US = 20.0
 USERS, TASKS_PER_USER = 4, 4

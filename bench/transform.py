@@ -5,7 +5,7 @@
 The same events (Salesforce-style contact webhooks, ~600 bytes each) and the same jq program
 in the same run:
 
-- ferry: `daemon.transform.TransformProgram.map` over batches of 1,000 events, as the
+- ferry: `actors.transform.program.TransformProgram.map` over batches of 1,000 events, as the
   transformer actor runs it (one jq run per batch, outputs encoded, ready to store); the store
   is not included (its group commit is measured by the ingest and drain cases);
 - ferry with three `routes`, and with a JSON Schema check (`schema`) in front: what each costs;
@@ -37,11 +37,11 @@ from typing import Any
 import jq
 import trio
 
+from actors.transform.config import RouteConfig
+from actors.transform.program import TransformProgram
 from bench.context import Context
 from bench.report import Row
-from daemon.config import TransformConfig
-from daemon.config_transforms import RouteConfig
-from daemon.transform import TransformProgram
+from daemon.config.root import TransformConfig
 
 MAP = (
     '{id: .Id, email: (.Email | ascii_downcase), name: (.FirstName + " " + .LastName), '

@@ -21,71 +21,38 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
-from . import at_rest, metrics, ops, outbox
-from .commands import Commands, Pauses
-from .config import Config, LoadedConfig, downstream
-from .config_poll import PollSourceConfig
-from .control import Access, ControlServer, group_id, socket_path
-from .errors import StoreUnavailable
-from .ingest import IngestBatcher
-from .ratelimit import RateLimits
-from .rates import Throughput
-from .registry import Alerter, WebhookListener, build_sink
-from .reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
-from .store import Store
-from .supervisor import Supervisor
-from .systemd import ActivatedSockets, Notifier
-from .telemetry import Telemetry
-from .tls_server import server_context
+from actors.poll.config import PollSourceConfig
+from actors.webhook.ingest import IngestBatcher
+from actors.webhook.tls import server_context
+from daemon.config.root import Config, LoadedConfig, downstream
+from daemon.control.commands import Commands
+from daemon.control.server import Access, ControlServer, group_id, socket_path
+from daemon.errors import StoreUnavailable
+from daemon.registry import WebhookListener, build_sink
+from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
+from daemon.running import Running
+from daemon.store import at_rest, ops, outbox
+from daemon.store.sqlite import Store
+from daemon.supervisor import Supervisor
+from daemon.systemd import ActivatedSockets, Notifier
+from daemon.telemetry import metrics
+from daemon.telemetry.otel import Telemetry
+from daemon.telemetry.throughput import Throughput
 
 log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
-
-
-@dataclass
-class Running:
-    """What `serve` hands back once every actor has started."""
-
-    addresses: list[tuple[str, int]]
-    store: Store
-    supervisor: Supervisor
-    config: Config
-    stop: trio.Event = field(default_factory=trio.Event)
-    actors: dict[str, Any] = field(default_factory=dict)
-    pauses: Pauses = field(default_factory=Pauses)
-    control: ControlServer | None = None
-    loaded: LoadedConfig = field(kw_only=True)
-    """The config file as last loaded (at startup or by a reload)."""
-    notifier: Notifier = field(kw_only=True)
-    reload_lock: trio.Lock = field(default_factory=trio.Lock)
-    # What a reload swaps or starts actors into; set once every actor has started.
-    sinks_nursery: trio.Nursery | None = None
-    intake_nursery: trio.Nursery | None = None
-    batcher: IngestBatcher | None = None
-    listener: WebhookListener | None = None
-    throughput: Throughput | None = None
-    rate_limits: RateLimits = field(default_factory=RateLimits)
-    """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
-    telemetry: Telemetry | None = None
-    alerter: Alerter | None = None
-
-    @property
-    def sinks(self) -> list[Any]:
-        """The sink actors of the current config."""
-        return [self.actors[name] for name in self.config.sinks if name in self.actors]
 
 
 async def _maintain(store: Store, running: Running) -> None:
     while True:
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
-        # A failed aggregation window's contents (`NAME/windows`, daemon/windows.py) have no reader.
+        # A failed aggregation window's contents (`NAME/windows`, daemon/store/windows.py) have no reader.
         readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.call_until_committed(

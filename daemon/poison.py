@@ -12,7 +12,7 @@ Not isolated:
     the data: it is waited out or ends the actor, and never dead-letters a good event.
     `MemoryError` is most often the process, not one event: it ends the actor like a bug
     would; should one event cause it again and again, the crash quarantine
-    (`daemon.quarantine`) dead-letters that event after `[supervisor] quarantine_after` crashes.
+    (`daemon.store.quarantine`) dead-letters that event after `[supervisor] quarantine_after` crashes.
     `trio.Cancelled` is a `BaseException` and is never caught.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
-from .errors import StoreError
+from daemon.errors import StoreError
 
 T = TypeVar("T")
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from actors.aggregator import Aggregator
-from actors.alerter import Alerter
-from actors.enricher import Enricher
-from actors.file_sink import FileSender
-from actors.guard import SinkGuard
-from actors.http_sink import HttpSender
-from actors.poller import Poller
-from actors.sink import Sender, Sink
-from actors.transformer import Transformer
-from actors.webhook import WebhookListener, WebhookRoute
-
-from .config import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
-from .ordering import Ordering
-from .ratelimit import RateLimits
-from .store import Store
-from .units import Duration
+from actors.alerting.alerter import Alerter
+from actors.poll.poller import Poller
+from actors.sink.file import FileSender
+from actors.sink.guard import SinkGuard
+from actors.sink.http import HttpSender
+from actors.sink.sink import Sender, Sink
+from actors.transform.aggregator import Aggregator
+from actors.transform.enricher import Enricher
+from actors.transform.transformer import Transformer
+from actors.webhook.listener import WebhookListener, WebhookRoute
+from daemon.config.root import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
+from daemon.config.units import Duration
+from daemon.limits.ratelimit import RateLimits
+from daemon.store.ordering import Ordering
+from daemon.store.sqlite import Store
 
 __all__ = [
     "Aggregator",

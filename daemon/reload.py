@@ -67,26 +67,19 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from . import masking
-from .alert_expr import flatten
-from .config import (
-    Config,
-    LoadedConfig,
-    WebhookSourceConfig,
-    downstream,
-    load,
-    webhook_path,
-)
-from .config_poll import PollSourceConfig
-from .errors import ConfigError
-from .registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
-from .supervisor import Actor
-from .telemetry import use_redactor
-from .tls_server import server_context
-from .verify import build as build_verifier
+from actors.alerting.expr import flatten
+from actors.poll.config import PollSourceConfig
+from actors.webhook.tls import server_context
+from actors.webhook.verify import build as build_verifier
+from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
+from daemon.errors import ConfigError
+from daemon.registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
+from daemon.supervisor import Actor
+from daemon.telemetry import masking
+from daemon.telemetry.otel import use_redactor
 
 if TYPE_CHECKING:
-    from .app import Running
+    from daemon.running import Running
 
 log = logging.getLogger("ferry.reload")
 

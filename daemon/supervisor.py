@@ -43,10 +43,10 @@ from typing import Any, Protocol, final
 
 import trio
 
-from . import metrics
-from .backoff import ceiling
-from .config import SupervisorConfig
-from .errors import TooManyRestarts
+from daemon.config.root import SupervisorConfig
+from daemon.errors import TooManyRestarts
+from daemon.limits.backoff import ceiling
+from daemon.telemetry import metrics
 
 log = logging.getLogger("ferry.supervisor")
 

@@ -31,7 +31,7 @@ from typing import Final, NamedTuple, final
 
 import trio
 
-from .errors import ActivationError
+from daemon.errors import ActivationError
 
 __all__ = [
     "LISTEN_FDS_START",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.store import Store
+from daemon.store.sqlite import Store
 
 
 @pytest.fixture

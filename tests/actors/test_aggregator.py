@@ -10,14 +10,14 @@ from typing import Any
 import trio
 import trio.testing
 
-from actors.aggregator import Aggregator
-from daemon import outbox
-from daemon.config import TransformConfig
-from daemon.config_transforms import AggregateConfig, RouteConfig
-from daemon.schema import DEAD
-from daemon.store import Connection, Store
-from daemon.units import Duration
-from daemon.windows import Joined, Window, commit_joined
+from actors.transform.aggregator import Aggregator
+from actors.transform.config import AggregateConfig, RouteConfig
+from daemon.config.root import TransformConfig
+from daemon.config.units import Duration
+from daemon.store import outbox
+from daemon.store.schema import DEAD
+from daemon.store.sqlite import Connection, Store
+from daemon.store.windows import Joined, Window, commit_joined
 
 NAME = "totals"
 REDUCE = "{category: .[0].category, count: length, total: (map(.amount) | add)}"

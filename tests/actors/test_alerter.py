@@ -19,11 +19,11 @@ import trio.testing
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from actors.alerter import Alerter
-from daemon.alert_expr import flatten
-from daemon.config import Config, parse
-from daemon.metrics import Metrics
-from daemon.store import Store
+from actors.alerting.alerter import Alerter
+from actors.alerting.expr import flatten
+from daemon.config.root import Config, parse
+from daemon.store.sqlite import Store
+from daemon.telemetry.metrics import Metrics
 from tests.fakes import FakeReceiver, Received, Reply
 
 INTERVAL = 15

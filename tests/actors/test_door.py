@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from actors.door import ProtocolErrors, framing_error, too_deep
+from actors.webhook.door import ProtocolErrors, framing_error, too_deep
 
 
 @pytest.mark.parametrize(

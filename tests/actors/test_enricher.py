@@ -13,12 +13,12 @@ import msgspec
 import pytest
 import trio
 
-from actors.enricher import MISSING, Enricher, TtlCache
-from daemon.config_limits import RateLimitConfig
-from daemon.config_sync import EnrichConfig
-from daemon.outbox import StoredEvent
-from daemon.ratelimit import RateLimiter
-from daemon.units import Duration, dec_hook
+from actors.transform.enricher import MISSING, Enricher, TtlCache
+from daemon.config.limits import RateLimitConfig
+from daemon.config.sync import EnrichConfig
+from daemon.config.units import Duration, dec_hook
+from daemon.limits.ratelimit import RateLimiter
+from daemon.store.outbox import StoredEvent
 from tests.fakes import FakeReceiver, Received, Reply
 
 ACCOUNTS = {"a1": {"name": "Acme", "tier": "gold"}, "a 2/x": {"name": "Slash & Co", "tier": "silver"}}

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from actors.file_sink import append_whole, one_line, whole_lines_end
+from actors.sink.file import append_whole, one_line, whole_lines_end
 from tests.fakes import ROOT
 
 # A child process with a file-size limit (RLIMIT_FSIZE): a write crossing it is cut short by the
 # kernel and the next one fails with EFBIG (Python ignores SIGXFSZ). No root needed.
 CHILD = """
 import json, sys
-from actors.file_sink import append_whole
+from actors.sink.file import append_whole
 path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 results = []
 for n in range(count):

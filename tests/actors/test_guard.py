@@ -8,12 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from actors.guard import SinkGuard, current_url
-from daemon import metrics
-from daemon.config_limits import AdaptiveConfig, BreakerConfig, RateLimitConfig
+from actors.sink.guard import SinkGuard, current_url
+from daemon.config.limits import AdaptiveConfig, BreakerConfig, RateLimitConfig
+from daemon.config.units import Duration
 from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
-from daemon.ratelimit import RateLimiter
-from daemon.units import Duration
+from daemon.limits.ratelimit import RateLimiter
+from daemon.telemetry import metrics
 
 PRIMARY, SECONDARY = "http://a.test/x", "http://b.test/x"
 BREAKER = BreakerConfig(failures=2, cool_down=Duration(10))

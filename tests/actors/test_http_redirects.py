@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.http_sink import redirect_message
+from actors.sink.http import redirect_message
 
 TAIL = " (not followed: point the sink's url there)"
 

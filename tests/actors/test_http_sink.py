@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 
-from actors.http_sink import HttpSender
-from actors.sink import Answer
-from daemon.config import HttpSinkConfig
-from daemon.outbox import Due
+from actors.sink.http import HttpSender
+from actors.sink.sink import Answer
+from daemon.config.root import HttpSinkConfig
+from daemon.store.outbox import Due
 from tests.fakes import FakeReceiver
 
 

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import trio
 
-from actors import transformer as transformer_module
-from actors.sink import Sink
-from daemon import outbox
-from daemon.config import BatchConfig
+from actors.sink.sink import Sink
+from actors.transform import transformer as transformer_module
+from daemon.config.root import BatchConfig
+from daemon.config.units import Duration
 from daemon.errors import StoreUnavailable
 from daemon.poison import bisect, reason
-from daemon.schema import DEAD, DELIVERED
-from daemon.store import Connection, Store
-from daemon.units import Duration
+from daemon.store import outbox
+from daemon.store.schema import DEAD, DELIVERED
+from daemon.store.sqlite import Connection, Store
 from tests.actors.test_sink import RETRY, FakeSender, settled
 from tests.actors.test_sink import ingest as ingest_for_sink
 from tests.actors.test_sink import until as until_sink

@@ -18,10 +18,10 @@ import msgspec
 import pytest
 import trio
 
-from actors.poller import PIPELINE, Poller
-from daemon.config_poll import PollSourceConfig
-from daemon.poll_store import PollState, load_state, save_state
-from daemon.store import Store
+from actors.poll.config import PollSourceConfig
+from actors.poll.poller import PIPELINE, Poller
+from daemon.store.poll import PollState, load_state, save_state
+from daemon.store.sqlite import Store
 from tests.fake_api import FakeApi
 
 DEADLINE = 20.0
@@ -40,7 +40,7 @@ def source(url: str, **fields: Any) -> PollSourceConfig:
 
 
 def _dec_hook(type_: type, value: Any) -> Any:
-    from daemon.units import dec_hook
+    from daemon.config.units import dec_hook
 
     return dec_hook(type_, value)
 
@@ -573,8 +573,8 @@ async def test_requests_and_items_are_counted_in_the_metrics_by_the_end_of_each_
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from daemon import metrics
-    from daemon.alert_expr import flatten
+    from actors.alerting.expr import flatten
+    from daemon.telemetry import metrics
 
     reader = InMemoryMetricReader()
     previous = metrics.current()
@@ -608,7 +608,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
     # starts a new one in the daemon) and nothing of the failed batch, nor after it, is stored.
     import sqlite3
 
-    from daemon import poll_store
+    from daemon.store import poll as poll_store
 
     api.add(1000)
     config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, since=SINCE, interval="1h")
@@ -624,7 +624,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
             )
         return real(conn, **kwargs)
 
-    monkeypatch.setattr("actors.poller.commit_pages", second_call_fails)
+    monkeypatch.setattr("actors.poll.poller.commit_pages", second_call_fails)
     go = first_request_waits(api)
     poller = Poller("api", config, store, sinks=["out"], consumers=["out"], dedup_window=86400)
     with pytest.RaisesGroup(sqlite3.IntegrityError, flatten_subgroups=True):
@@ -637,7 +637,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
     first = await stored(store)
     assert [item["id"] for item in first] == list(range(1, 101))
     assert (await state_of(store)).pages == 1
-    monkeypatch.setattr("actors.poller.commit_pages", real)
+    monkeypatch.setattr("actors.poll.poller.commit_pages", real)
     served = len(api.snapshot())
     async with polling(store, config) as again:
 

@@ -1,4 +1,4 @@
-"""Conditional requests for every page (daemon/poll_checks.py) against the fake API: what a 304
+"""Conditional requests for every page (actors/poll/checks.py) against the fake API: what a 304
 saves, and the upstreams that misuse it. Real HTTP on 127.0.0.1, a real SQLite store, trio in process.
 """
 
@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from actors.poller import Poller
-from daemon.config_poll import PollSourceConfig
-from daemon.store import Store
+from actors.poll.config import PollSourceConfig
+from actors.poll.poller import Poller
+from daemon.store.sqlite import Store
 from tests.actors.test_poller import CURSOR, source, state_of, stored, until
 from tests.fake_api import ApiRequest, FakeApi
 

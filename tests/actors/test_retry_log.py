@@ -9,10 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from actors.retry_log import MAX_KINDS, SUMMARY_INTERVAL, RetryLog
-from actors.sink_commit import Finished
+from actors.sink.commit import Finished
+from actors.sink.retry_log import MAX_KINDS, SUMMARY_INTERVAL, RetryLog
 from daemon.errors import DeliveryTimeout, RetryableDelivery
-from daemon.outbox import Due, Outcomes
+from daemon.store.outbox import Due, Outcomes
 
 
 def failed(n: int, error: RetryableDelivery, size: int = 1) -> Finished:

@@ -14,16 +14,16 @@ import pytest
 import trio
 import trio.testing
 
-from actors.guard import SinkGuard
-from actors.sink import Sink, judge
-from daemon import outbox
-from daemon.config import BatchConfig, RetryConfig
-from daemon.config_limits import BreakerConfig
+from actors.sink.guard import SinkGuard
+from actors.sink.sink import Sink, judge
+from daemon.config.limits import BreakerConfig
+from daemon.config.root import BatchConfig, RetryConfig
+from daemon.config.units import Duration
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
-from daemon.outbox import Due
-from daemon.schema import DEAD, DELIVERED, PENDING
-from daemon.store import Connection, Store
-from daemon.units import Duration
+from daemon.store import outbox
+from daemon.store.outbox import Due
+from daemon.store.schema import DEAD, DELIVERED, PENDING
+from daemon.store.sqlite import Connection, Store
 
 NOW = 1_000_000.0
 RETRY = RetryConfig(

@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from actors.sink import Sink
-from actors.sink_commit import Finished, OutcomeCommitter
-from daemon import outbox
-from daemon.outbox import Connection, Due, Outcomes
-from daemon.schema import DELIVERED, PENDING
-from daemon.store import Store
+from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.sink import Sink
+from daemon.store import outbox
+from daemon.store.outbox import Connection, Due, Outcomes
+from daemon.store.schema import DELIVERED, PENDING
+from daemon.store.sqlite import Store
 from tests.actors.test_sink import RETRY, FakeSender, ingest
 
 WORKERS = 8

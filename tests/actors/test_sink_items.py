@@ -12,15 +12,15 @@ import msgspec
 import pytest
 import trio
 
-from actors.http_sink import HttpSender
-from actors.sink import Answer, Sink, judge
-from daemon import outbox
-from daemon.config import HttpSinkConfig, RetryConfig
+from actors.sink.http import HttpSender
+from actors.sink.sink import Answer, Sink, judge
+from daemon.config.root import HttpSinkConfig, RetryConfig
+from daemon.config.units import Duration, dec_hook
 from daemon.errors import PermanentDelivery, RetryableDelivery
-from daemon.outbox import Due
-from daemon.schema import DEAD, DELIVERED, PENDING
-from daemon.store import Store
-from daemon.units import Duration, dec_hook
+from daemon.store import outbox
+from daemon.store.outbox import Due
+from daemon.store.schema import DEAD, DELIVERED, PENDING
+from daemon.store.sqlite import Store
 from tests.actors.test_sink import NOW, RETRY, due
 from tests.fakes import FakeReceiver, Received, Reply
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import trio
 
-from actors.outcomes import IDS_PER_LINE, log_committed, log_final_outcomes, outcome_log
-from actors.sink import Answer, Sink
+from actors.sink.outcomes import IDS_PER_LINE, log_committed, log_final_outcomes, outcome_log
+from actors.sink.sink import Answer, Sink
 from daemon.errors import PermanentDelivery
-from daemon.outbox import Due, Outcomes
-from daemon.schema import DEAD, DELIVERED
-from daemon.store import Store
+from daemon.store.outbox import Due, Outcomes
+from daemon.store.schema import DEAD, DELIVERED
+from daemon.store.sqlite import Store
 from tests.actors.test_sink import RETRY, FakeSender, ingest
 
 

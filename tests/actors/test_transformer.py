@@ -9,12 +9,12 @@ from typing import Any
 
 import trio
 
-from actors.transformer import Transformer
-from daemon import outbox
-from daemon.config import TransformConfig
-from daemon.config_transforms import RouteConfig
-from daemon.schema import DEAD, PENDING
-from daemon.store import Connection, Store
+from actors.transform.config import RouteConfig
+from actors.transform.transformer import Transformer
+from daemon.config.root import TransformConfig
+from daemon.store import outbox
+from daemon.store.schema import DEAD, PENDING
+from daemon.store.sqlite import Connection, Store
 
 NAME = "shape"
 

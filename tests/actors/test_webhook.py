@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from actors.webhook import IngestResult, WebhookListener, WebhookRoute
-from daemon.config import ListenerConfig
+from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
+from daemon.config.root import ListenerConfig
+from daemon.config.units import Duration, Size
 from daemon.errors import StoreUnavailable
-from daemon.units import Duration, Size
 
 ROUTES = {
     "/hooks/demo": WebhookRoute("demo", "Idempotency-Key"),

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from actors.webhook import WebhookListener, WebhookRoute
-from daemon.config import ListenerConfig, parse
+from actors.webhook.listener import WebhookListener, WebhookRoute
+from actors.webhook.tls import server_context
+from daemon.config.root import ListenerConfig, parse
 from daemon.errors import ConfigError
-from daemon.tls_server import server_context
 
 JSON = {"Content-Type": "application/json"}
 

@@ -28,12 +28,12 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from actors.webhook import WebhookListener
-from daemon import metrics
-from daemon.config import parse
-from daemon.ingest import IngestBatcher
+from actors.webhook.ingest import IngestBatcher
+from actors.webhook.listener import WebhookListener
+from daemon.config.root import parse
 from daemon.reload import fan_out, routes
-from daemon.store import Store
+from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
 
 OLD, NEW = "old-secret-0123456789abcdef0123456789", "new-secret-fedcba9876543210fedcba9876"
 WHSEC_OLD = "whsec_" + base64.b64encode(b"standard-webhooks-old-key-32byte").decode()

@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from daemon.schema import DEAD
+from daemon.store.schema import DEAD
 from tests.chaos.load import FULL, post_until_acked
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
 

@@ -3,7 +3,7 @@
 The sink's receiver is down (connection refused; a circuit breaker, as in test_sink_outage.py)
 while WARM events arrive, then 3 x WARM more. The backlog quadruples; the daemon's peak RSS
 (VmHWM) after the warm-up may grow by at most GROWTH_LIMIT_MB. Pending rows live on disk;
-what the daemon holds in memory is bounded: SQLite's page cache (`daemon.store.PAGE_CACHE_KIB`,
+what the daemon holds in memory is bounded: SQLite's page cache (`daemon.store.sqlite.PAGE_CACHE_KIB`,
 which is what grew with the backlog before it was cut from 32 MiB to 4 MiB), the sink's
 read-ahead, and the span queue (`[telemetry] max_queue`, here 256: with no collector it fills
 up, and its warm-up is a matter of traffic, not of backlog; docs/reliability.md has its cost).
@@ -18,7 +18,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from daemon.schema import DEAD, PENDING
+from daemon.store.schema import DEAD, PENDING
 from tests.chaos.load import FULL, post_until_acked
 from tests.chaos.test_sink_outage import PIPELINE, body
 from tests.fakes import Daemon, free_port, write_config

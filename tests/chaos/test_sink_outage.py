@@ -35,7 +35,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from daemon.schema import DEAD, PENDING
+from daemon.store.schema import DEAD, PENDING
 from tests.chaos.load import FULL, RssSampler, post_until_acked
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, free_port, ok, write_config
 

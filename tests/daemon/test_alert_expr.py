@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.alert_expr import EMPTY_HIST, ExprError, HistPoint, Snapshot, Tracker, parse_expr
-from daemon.metrics import catalogue
+from actors.alerting.expr import EMPTY_HIST, ExprError, HistPoint, Snapshot, Tracker, parse_expr
+from daemon.telemetry.metrics import catalogue
 
 KNOWN = catalogue()
 
@@ -159,4 +159,4 @@ def test_a_gap_in_a_gauge_restarts_its_window() -> None:
     ],
 )
 def test_metrics_registered_by_other_parts_of_ferry_can_be_alerted_on(text: str) -> None:
-    assert parse_expr(text, KNOWN).text == text  # the catalogue is read from daemon.metrics itself
+    assert parse_expr(text, KNOWN).text == text  # the catalogue is read from daemon.telemetry.metrics itself

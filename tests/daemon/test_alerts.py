@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from daemon.alerts import RESOLVE_TRIES, AlertState, Notice, Rule, compile_rule, evaluate, sent, view
-from daemon.config import parse
-from daemon.metrics import catalogue
+from actors.alerting.rules import RESOLVE_TRIES, AlertState, Notice, Rule, compile_rule, evaluate, sent, view
+from daemon.config.root import parse
+from daemon.telemetry.metrics import catalogue
 
 KNOWN = catalogue()
 

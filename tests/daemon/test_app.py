@@ -12,11 +12,12 @@ import httpx
 import pytest
 import trio
 
-from actors import http_sink
-from daemon.app import Running, _serving, serve
-from daemon.config import load
+from actors.sink import http as http_sink
+from daemon.app import _serving, serve
+from daemon.config.root import load
 from daemon.errors import TooManyRestarts
-from daemon.outbox import Due
+from daemon.running import Running
+from daemon.store.outbox import Due
 
 CONFIG = """
 [store]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import at_rest, ops, outbox
-from daemon.at_rest import Cipher, key_id, parse_key
 from daemon.errors import StoreCorrupt, StoreKeyMissing
-from daemon.store import Store
+from daemon.store import at_rest, ops, outbox
+from daemon.store.at_rest import Cipher, key_id, parse_key
+from daemon.store.sqlite import Store
 
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
 MARK = b"PLAINTEXT-MARKER-4711"
@@ -150,7 +150,7 @@ async def test_a_plain_store_turned_encrypted_keeps_reading_its_old_rows(tmp_pat
 def test_a_malformed_store_key_is_a_config_error_naming_the_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from daemon import config as cfg
+    from daemon.config import root as cfg
     from daemon.errors import ConfigError
 
     monkeypatch.setenv("FERRY_TEST_STORE_KEY", "too-short-to-be-a-key")

@@ -14,13 +14,13 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from daemon import config as cfg
-from daemon.auth import Auth, build_auth, with_query
-from daemon.config_auth import AuthConfig
+from daemon.config import root as cfg
+from daemon.config.auth import AuthConfig
+from daemon.config.units import dec_hook
 from daemon.errors import ConfigError, RetryableDelivery
-from daemon.store import Store
-from daemon.tokens import make_token
-from daemon.units import dec_hook
+from daemon.http.auth import Auth, build_auth, with_query
+from daemon.http.tokens import make_token
+from daemon.store.sqlite import Store
 from tests.fake_oauth import TokenServer
 
 SECRET = "s3cret-client-value"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.backoff import MAX_RETRY_AFTER, MAX_WAIT, ceiling, full_jitter, retry_at
-from daemon.http_client import parse_retry_after
+from daemon.http.client import parse_retry_after
+from daemon.limits.backoff import MAX_RETRY_AFTER, MAX_WAIT, ceiling, full_jitter, retry_at
 
 
 @pytest.mark.parametrize(

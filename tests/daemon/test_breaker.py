@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.breaker import Admit, Breaker, State
-from daemon.concurrency import Aimd
-from daemon.config_limits import AdaptiveConfig, BreakerConfig
-from daemon.units import Duration
+from daemon.config.limits import AdaptiveConfig, BreakerConfig
+from daemon.config.units import Duration
+from daemon.limits.breaker import Admit, Breaker, State
+from daemon.limits.concurrency import Aimd
 
 POLICY = BreakerConfig(failures=3, rate=0.5, window=Duration(10), min_requests=6, cool_down=Duration(5))
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import FileSinkConfig, HttpSinkConfig, load, parse, webhook_path
+from daemon.cli.ferry import main
+from daemon.config.root import FileSinkConfig, HttpSinkConfig, load, parse, webhook_path
 from daemon.errors import ConfigError
 
 # The sample from DESIGN.md, verbatim.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError
 
 GOOD = """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon import config
-from daemon.config_docs import render
+from daemon.cli.config_docs import render
+from daemon.config import root as config
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import HttpSinkConfig, parse
-from daemon.config_limits import AdaptiveConfig, BreakerConfig
+from daemon.cli.ferry import main
+from daemon.config.limits import AdaptiveConfig, BreakerConfig
+from daemon.config.root import HttpSinkConfig, parse
 from daemon.errors import ConfigError
 
 BASE = """

@@ -1,11 +1,11 @@
-"""The load-time checks of `daemon.config_sanity` and `daemon.url_credentials`, table-driven."""
+"""The load-time checks of `daemon.config.sanity` and `daemon.config.url_credentials`, table-driven."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.config_sanity import MAX_DEPTH, depth_error
-from daemon.url_credentials import redact_url, url_secrets
+from daemon.config.sanity import MAX_DEPTH, depth_error
+from daemon.config.url_credentials import redact_url, url_secrets
 
 
 @pytest.mark.parametrize(

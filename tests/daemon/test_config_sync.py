@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import HttpSinkConfig, parse
+from daemon.config.root import HttpSinkConfig, parse
 from daemon.errors import ConfigError
 
 BASE = """

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import parse
-from daemon.config_transforms import AggregateConfig, RouteConfig
+from actors.transform.config import AggregateConfig, RouteConfig
+from daemon.cli.ferry import main
+from daemon.config.root import parse
+from daemon.config.units import Duration
 from daemon.errors import ConfigError
-from daemon.units import Duration
 
 BASE = """
 [sources.sf]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import load, parse
+from daemon.cli.ferry import main
+from daemon.config.root import load, parse
 from daemon.errors import ConfigError
 
 SECRET_VALUE = "do-not-print-me-0123456789"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import outbox
-from daemon.at_rest import Cipher
-from daemon.confirmations import event_outcomes, first_seq_since
-from daemon.outbox import Outcomes, StoredEvent, record_outcomes
-from daemon.store import Connection, Store
-from daemon.windows import Joined, Window, commit_joined, window_contents
+from daemon.store import outbox
+from daemon.store.at_rest import Cipher
+from daemon.store.confirmations import event_outcomes, first_seq_since
+from daemon.store.outbox import Outcomes, StoredEvent, record_outcomes
+from daemon.store.sqlite import Connection, Store
+from daemon.store.windows import Joined, Window, commit_joined, window_contents
 
 
 def fill(conn: Connection, times: list[float]) -> None:

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import trio
 
-from daemon.app import Running, serve
-from daemon.config import load
-from daemon.control import Access, ControlServer, Peer, socket_path
+from daemon.app import serve
+from daemon.config.root import load
+from daemon.control.server import Access, ControlServer, Peer, socket_path
 from daemon.errors import ControlUnavailable
+from daemon.running import Running
 
 CONFIG = """
 [store]

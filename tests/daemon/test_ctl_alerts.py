@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from daemon.ctl_alerts import show
+from daemon.cli.ctl_alerts import show
 
 
 def view(**fields: Any) -> dict[str, Any]:

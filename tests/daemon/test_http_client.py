@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from daemon.errors import PermanentDelivery, RetryableDelivery
-from daemon.http_client import HttpClient, LeanClient, make_client, parse_retry_after
+from daemon.http.client import HttpClient, LeanClient, make_client, parse_retry_after
 
 KINDS = ["lean", "httpx"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from daemon.ingest import IngestBatcher
-from daemon.store import Store
+from actors.webhook.ingest import IngestBatcher
+from daemon.store.sqlite import Store
 
 
 async def test_events_counts_stored_events_not_duplicates(store: Store, nursery: trio.Nursery) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from daemon import masking
-from daemon.config import HttpSinkConfig, parse
-from daemon.config_items import ItemOutcomesConfig
+from actors.sink.items import ItemOutcomes, UnreadableAnswer, scrubbed_items
+from actors.sink.items_config import ItemOutcomesConfig
+from daemon.config.root import HttpSinkConfig, parse
 from daemon.errors import ConfigError, PermanentDelivery, RetryableDelivery
-from daemon.item_outcomes import ItemOutcomes, UnreadableAnswer, scrubbed_items
+from daemon.telemetry import masking
 
 
 def payloads(*items: dict[str, Any]) -> list[bytes]:

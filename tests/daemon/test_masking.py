@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from daemon.config import parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError
-from daemon.masking import (
+from daemon.telemetry.masking import (
     MASKED,
     Redactor,
     compile_rules,
@@ -163,7 +163,7 @@ def test_log_lines_mask_payload_fields_and_scrub_secrets() -> None:
     import json
     import logging
 
-    from daemon.telemetry import JsonFormatter
+    from daemon.telemetry.otel import JsonFormatter
 
     formatter = JsonFormatter(Redactor.build(["email", "$.card.number"], secrets=["tok-123"]))
     record = logging.LogRecord("ferry.test", logging.WARNING, __file__, 1, "sent with tok-123", None, None)

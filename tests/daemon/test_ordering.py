@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from daemon import outbox
-from daemon.at_rest import Cipher
-from daemon.config_sync import OrderingConfig
-from daemon.ordering import Ordering, OrderingError, number_version, rfc3339_version, string_version
-from daemon.outbox import Due, Outcomes
-from daemon.schema import STALE
-from daemon.store import Connection, open_connection
+from daemon.config.sync import OrderingConfig
+from daemon.store import outbox
+from daemon.store.at_rest import Cipher
+from daemon.store.ordering import Ordering, OrderingError, number_version, rfc3339_version, string_version
+from daemon.store.outbox import Due, Outcomes
+from daemon.store.schema import STALE
+from daemon.store.sqlite import Connection, open_connection
 
 
 @pytest.fixture

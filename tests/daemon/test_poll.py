@@ -11,13 +11,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from daemon.at_rest import PREFIX, Cipher
-from daemon.config_poll import PollSourceConfig
+from actors.poll.config import PollSourceConfig
+from actors.poll.pages import Page, PageReader, Watermark, first_url, link_targets, next_url, with_params
+from daemon.config.units import dec_hook
 from daemon.errors import PollError
-from daemon.poll import Page, PageReader, Watermark, first_url, link_targets, next_url, with_params
-from daemon.poll_store import PollState, commit_page, commit_pages, load_state
-from daemon.store import open_connection
-from daemon.units import dec_hook
+from daemon.store.at_rest import PREFIX, Cipher
+from daemon.store.poll import PollState, commit_page, commit_pages, load_state
+from daemon.store.sqlite import open_connection
 
 BASE = "https://api.example.com/v1/items?limit=100"
 
@@ -291,7 +291,7 @@ def test_polled_items_are_sealed_when_the_store_is_encrypted(tmp_path: Path) -> 
 
 
 def test_a_bad_poll_source_is_refused_with_every_problem_and_its_path() -> None:
-    from daemon.config import parse
+    from daemon.config.root import parse
     from daemon.errors import ConfigError
 
     text = """

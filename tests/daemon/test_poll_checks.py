@@ -1,4 +1,4 @@
-"""The pure rules of per-page conditional requests (daemon/poll_checks.py), table-driven."""
+"""The pure rules of per-page conditional requests (actors/poll/checks.py), table-driven."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from actors.poll.checks import CHECKED_PAGES, Checks, trusted_last_modified
 from daemon.errors import PollError
-from daemon.http_client import Response
-from daemon.poll_checks import CHECKED_PAGES, Checks, trusted_last_modified
-from daemon.poll_store import PageCheck, PollState, commit_pages, load_checks, load_state
-from daemon.store import open_connection
+from daemon.http.client import Response
+from daemon.store.poll import PageCheck, PollState, commit_pages, load_checks, load_state
+from daemon.store.sqlite import open_connection
 
 URL = "https://api.example.com/items?cursor=abc"
 NOW = 1_000_000.0

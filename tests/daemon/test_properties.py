@@ -18,9 +18,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import Config, TransformConfig, parse
+from actors.transform.program import Failure, TransformProgram
+from daemon.config.root import Config, TransformConfig, parse
 from daemon.errors import ConfigError
-from daemon.transform import Failure, TransformProgram
 from tests.depth import examples
 
 SETTINGS = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,11 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.config import parse
-from daemon.config_limits import RateLimitConfig
+from daemon.config.limits import RateLimitConfig
+from daemon.config.root import parse
+from daemon.config.units import Duration
 from daemon.errors import ConfigError
-from daemon.ratelimit import MAX_PAUSE, RateLimiter, RateLimits, TokenBucket, pause_from
-from daemon.units import Duration
+from daemon.limits.ratelimit import MAX_PAUSE, RateLimiter, RateLimits, TokenBucket, pause_from
 
 # -- the pure core -----------------------------------------------------------------------------
 

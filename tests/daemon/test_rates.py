@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.rates import Throughput
+from daemon.telemetry.throughput import Throughput
 
 
 def feed(samples: list[tuple[float, int, int]], window: float = 60.0) -> Throughput:

@@ -14,9 +14,10 @@ import httpx
 import pytest
 import trio
 
-from daemon.app import Running, serve
-from daemon.config import load, parse
+from daemon.app import serve
+from daemon.config.root import load, parse
 from daemon.reload import frozen_changes, plan, reload
+from daemon.running import Running
 from tests.daemon.test_control import connect
 from tests.fakes import FakeReceiver, Received, Reply
 

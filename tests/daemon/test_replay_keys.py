@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import outbox
-from daemon.outbox import Incoming
-from daemon.store import Connection, open_connection
+from daemon.store import outbox
+from daemon.store.outbox import Incoming
+from daemon.store.sqlite import Connection, open_connection
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from daemon import secrets
-from daemon.config_base import Section
+from daemon.config import secrets
+from daemon.config.base import Section
+from daemon.config.secrets import Secret, SecretRef, resolve
+from daemon.config.units import dec_hook
 from daemon.errors import ConfigError
-from daemon.secrets import Secret, SecretRef, resolve
-from daemon.units import dec_hook
 
 VALUE = "s3cr3t-VALUE-never-shown"
 

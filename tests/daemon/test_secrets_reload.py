@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon import masking
 from daemon.reload import reload
-from daemon.telemetry import setup_logging
+from daemon.telemetry import masking
+from daemon.telemetry.otel import setup_logging
 from tests.daemon.test_reload import Daemon
 
 OLD, NEW = "rotation-old-secret-4f1d2c", "rotation-new-secret-9a8b7c"

@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from daemon import ops, outbox
 from daemon.errors import StoreCorrupt, StoreUnavailable
-from daemon.schema import APPLICATION_ID, DEAD, DELIVERED, MIGRATIONS, PENDING
-from daemon.store import Connection, Store, open_connection
+from daemon.store import ops, outbox
+from daemon.store.schema import APPLICATION_ID, DEAD, DELIVERED, MIGRATIONS, PENDING
+from daemon.store.sqlite import Connection, Store, open_connection
 
 
 @pytest.fixture

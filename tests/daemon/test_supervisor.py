@@ -9,10 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.config import SupervisorConfig
+from daemon.config.root import SupervisorConfig
+from daemon.config.units import Duration
 from daemon.errors import TooManyRestarts
 from daemon.supervisor import Supervisor
-from daemon.units import Duration
 
 
 def policy(

@@ -14,10 +14,11 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from daemon import metrics, telemetry
-from daemon.config import TelemetryConfig
-from daemon.telemetry import JsonFormatter, Telemetry, format_traceparent, parse_traceparent
-from daemon.units import Duration
+from daemon.config.root import TelemetryConfig
+from daemon.config.units import Duration
+from daemon.telemetry import metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.otel import JsonFormatter, Telemetry, format_traceparent, parse_traceparent
 from tests.fakes import free_port
 from tests.otlp import OtlpReceiver
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from daemon.config import TransformConfig
-from daemon.config_transforms import AggregateConfig, RouteConfig
-from daemon.transform import Failure, Keyed, Routed, TransformProgram, every
+from actors.transform.config import AggregateConfig, RouteConfig
+from actors.transform.program import Failure, Keyed, Routed, TransformProgram, every
+from daemon.config.root import TransformConfig
 
 CONTACT = {
     "type": "object",

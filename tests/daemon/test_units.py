@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from daemon.units import Duration, Size
+from daemon.config.units import Duration, Size
 
 
 @pytest.mark.parametrize(

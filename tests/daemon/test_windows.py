@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.windows import Windows
+from daemon.store.windows import Windows
 
 
 def keys_of(windows: Windows) -> list[tuple[int, str, int]]:

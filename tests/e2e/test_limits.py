@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon.schema import DEAD, DELIVERED, PENDING
+from daemon.store.schema import DEAD, DELIVERED, PENDING
 from tests.fake_api import FakeApi
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl_json, ok, write_config
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.outbox import Incoming, insert_events
+from daemon.store.outbox import Incoming, insert_events
 from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
 
 PIPELINE = """

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import outbox
-from daemon.schema import MIGRATIONS
-from daemon.store import open_connection
+from daemon.store import outbox
+from daemon.store.schema import MIGRATIONS
+from daemon.store.sqlite import open_connection
 from tests.fakes import ROOT
 
 NOBODY = 65534

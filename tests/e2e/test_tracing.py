@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon import telemetry
+from daemon.telemetry import otel as telemetry
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
 from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
 

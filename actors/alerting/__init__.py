@@ -1,0 +1,1 @@
+"""Alerting: the alerter actor, rule expressions and state machine, notifiers, its config."""

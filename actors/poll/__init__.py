@@ -1,0 +1,1 @@
+"""The poll source: the poller actor, its pure paging and watermark parts, its config."""

@@ -1,0 +1,1 @@
+"""Sinks: the delivery actor, its admission guard, outcome grouping, and the http and file senders."""

@@ -1,0 +1,39 @@
+"""The crash quarantine of a sink (`daemon.store.quarantine`, applied to deliveries).
+
+Each incarnation of a sink, before it sends anything, records the delivery at the head of its
+stage (the first due row, in the order the sink fetches) in the same transaction that checks it:
+when that same row has been the head of `quarantine_after` incarnations already without an outcome
+(the sink crashed, or the process died, each time), it is dead-lettered as quarantined instead of
+being sent again. Poison that raises while sending is isolated without a crash (`Sink._isolate`);
+this is for what is not (a crash outside that net, a killed process).
+
+Sinks with `ordering` are left out: a dead row there must go through the ordering's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from daemon.store.quarantine import check_head
+from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
+
+log = logging.getLogger("ferry.sink")
+
+
+async def quarantine_head(store: Store, stage: str, quarantine_after: int) -> None:
+    """`check_head` in its own transaction, then log and count a quarantined delivery."""
+    found = await store.call_until_committed(
+        partial(check_head, stage=stage, quarantine_after=quarantine_after)
+    )
+    if found is None:
+        return
+    due, attempts = found
+    metrics.current().dead_letters.add(1, {"stage": stage})
+    log.error(
+        "delivery quarantined",
+        extra={
+            "fields": {"sink": stage, "delivery_id": due.id, "event_id": due.event_id, "attempts": attempts}
+        },
+    )

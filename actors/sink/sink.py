@@ -1,0 +1,701 @@
+"""The sink: delivers one stage's pending deliveries with retries and a dead-letter queue.
+
+Delivery:
+    At least once. A delivery leaves the store's pending set only when its
+    outcome has committed: `delivered` (2xx), `dead` (a permanent error, or out
+    of attempts or age) or a retry scheduled at `next_attempt_at`. A crash at
+    any point leaves the delivery pending, to be sent again with the same id
+    (its idempotency key), so a receiver can drop the duplicate. Attempts that finish while
+    the previous outcomes are being committed share one store request (`actors.sink.commit`);
+    each worker still waits for its own outcomes' commit before taking the next row.
+
+Retries:
+    Retryable failures (408, 425, 429, 5xx, timeouts, transport errors) are
+    rows with a new `next_attempt_at` — exponential backoff with full jitter,
+    never earlier than the server's `Retry-After` (up to an hour) nor later than
+    the delivery's `max_age` (`daemon.limits.backoff`) — not sleeping tasks. Other
+    4xx, redirects and bad payloads are dead-lettered at once.
+
+Backpressure and memory:
+    One fetcher reads due rows (at most `concurrency` x batch size ahead) into a
+    bounded channel; `concurrency` workers send them. Rows beyond that stay on
+    disk, so a backlog of millions costs no memory.
+
+Tracing and metrics:
+    Each attempt is a CLIENT span `sink deliver`, child of the event's stored trace
+    context (a batch of many: its own trace, linking every event's context), current
+    while the sender runs so that it can inject `traceparent` into the request. An attempt
+    of a trace that sampling left out has no span, yet its request carries the stored
+    `traceparent` (sampled flag 00), as W3C trace context asks. Attempts,
+    outcomes, attempt durations, delivery latency and dead letters are counted on
+    `daemon.telemetry.metrics`.
+
+Shutdown:
+    `stop()` ends fetching; workers finish what they hold and return. A
+    worker cancelled mid-request leaves its delivery pending.
+
+Ordering:
+    With an `Ordering` (`[sinks.NAME] ordering`), fetches return only each record key's next
+    delivery and outcomes raise the key's delivered version (see `daemon.store.ordering`); rows
+    found stale or unkeyable on the way are counted (`stale`, `dead`) and logged.
+
+Admission (actors/sink/guard.py):
+    With a guard, each attempt first waits for `guard.admit()` — an adaptive concurrency
+    slot, a URL whose circuit breaker lets it through, a rate-limit permit — and reports its
+    result to it. While it waits nothing is sent and no attempt is counted; a failed breaker
+    probe is rescheduled whatever the attempt and age limits. `stop()` and `pause()` release
+    the workers waiting there (their rows stay pending), so neither waits for a cool-down.
+
+Poison (docs/reliability.md, "Poison events"):
+    A send that raises anything but a `DeliveryError` (a payload the sender or the masking
+    cannot handle) dead-letters that delivery with the reason; a batch is bisected, each half
+    sent again, down to the deliveries that fail alone. Text that cannot be masked is hidden.
+    A delivery at the head of the stage across repeated crashes is quarantined
+    (`actors.sink.quarantine`).
+
+Pausing:
+    `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
+    have not started sending; requests already on the wire finish. Deliveries stay
+    pending in the store; `resume()` fetches them again. The pause outlives a restart
+    of the actor (the supervisor reuses this object), not of the daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, NamedTuple, Protocol, final
+
+import trio
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind, StatusCode
+
+from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.guard import Admission, SinkGuard
+from actors.sink.items import scrubbed_items
+from actors.sink.outcomes import IDS_PER_LINE, log_committed, outcome_log
+from actors.sink.quarantine import quarantine_head
+from actors.sink.retry_log import RetryLog
+from daemon import poison
+from daemon.config.root import BatchConfig, RetryConfig
+from daemon.errors import DeliveryError, PermanentDelivery
+from daemon.limits.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
+from daemon.store.ordering import Fetched, Ordering
+from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes, unpark
+from daemon.store.sqlite import Store
+from daemon.telemetry import masking, metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+
+class Answer(NamedTuple):
+    """What the receiver said to a successful attempt: its status and the start of its body.
+
+    `items`: the items it refused all the same (by position in the batch; `batch.item_outcomes`),
+    each judged alone with its own error; the others are delivered.
+    """
+
+    status: int | None
+    excerpt: str | None = None
+    items: Mapping[int, DeliveryError] | None = None
+
+
+class Sender(Protocol):
+    """Sends a batch of deliveries (one, unless batching) in one attempt.
+
+    Returns the HTTP status (or None, or an `Answer` with an excerpt of the body) on success;
+    raises `RetryableDelivery` or `PermanentDelivery` on failure. Must bound every call with a timeout.
+    """
+
+    async def send(self, batch: Sequence[Due]) -> int | Answer | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def next_attempt_wait(attempt: int, retry: RetryConfig, retry_after: float | None) -> float:
+    """Seconds until the next try after failed attempt number `attempt`."""
+    return full_jitter(attempt, retry.initial_backoff, retry.max_backoff, retry_after=retry_after)
+
+
+def judge(
+    batch: Sequence[Due],
+    error: DeliveryError | None,
+    status: int | None,
+    retry: RetryConfig,
+    now: float,
+    *,
+    hold: bool = False,
+    items: Mapping[int, DeliveryError] | None = None,
+) -> Outcomes:
+    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
+
+    No retry is scheduled after the delivery's `max_age` deadline (`daemon.limits.backoff.retry_at`).
+
+    `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
+    circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
+    `items`: errors of single items of an otherwise successful attempt (`Answer.items`, by
+    position in `batch`): each item is judged alone, with its own error or with the attempt's.
+    """
+    if items:
+        merged = Outcomes([], [], [])
+        for index, due in enumerate(batch):
+            one = judge([due], items.get(index, error), status, retry, now, hold=hold)
+            merged.delivered.extend(one.delivered)
+            merged.retry.extend(one.retry)
+            merged.dead.extend(one.dead)
+        return merged
+    outcomes = Outcomes([], [], [])
+    for due in batch:
+        attempt = due.attempts + 1
+        if error is None:
+            outcomes.delivered.append((due.rowid, status))
+        elif isinstance(error, PermanentDelivery):
+            outcomes.dead.append((due.rowid, error.status, str(error)))
+        elif hold:
+            wait = next_attempt_wait(attempt, retry, error.retry_after)
+            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
+        elif attempt >= retry.max_attempts:
+            outcomes.dead.append((due.rowid, error.status, f"gave up after {attempt} attempts: {error}"))
+        elif now - due.created_at >= retry.max_age:
+            outcomes.dead.append((due.rowid, error.status, f"gave up after {retry.max_age:g}s: {error}"))
+        else:
+            wait = next_attempt_wait(attempt, retry, error.retry_after)
+            at = retry_at(now, wait, error.retry_after, due.created_at + retry.max_age)
+            if at is None:
+                outcomes.dead.append(
+                    (due.rowid, error.status, past_max_age(error.retry_after, retry.max_age, error))
+                )
+            else:
+                outcomes.retry.append((due.rowid, at, error.status, str(error)))
+    return outcomes
+
+
+@final
+class Sink:
+    """Delivers the deliveries of stage `name` through a `Sender`; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        sender_factory: Callable[[], Sender],
+        *,
+        retry: RetryConfig,
+        concurrency: int = 1,
+        batch: BatchConfig | None = None,
+        ordering: Ordering | None = None,
+        guard: SinkGuard | None = None,
+        quarantine_after: int = 3,
+    ) -> None:
+        self.name = name
+        self._quarantine_after = quarantine_after
+        self._proven = False
+        self.guard = guard
+        self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
+        self._store = store
+        self._sender_factory = sender_factory
+        self._retry = retry
+        self._concurrency = concurrency
+        self._batch = batch
+        self._batch_items = batch.max_items if batch else 1
+        self._ordering = ordering
+        self._signal = store.signal(name)
+        self._inflight: set[int] = set()
+        # Rows whose outcome has committed but which a fetch issued *before* that commit may
+        # still return as pending; they leave `_inflight` only once a later fetch has begun.
+        self._settled: set[int] = set()
+        self._stopping = trio.Event()
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self.delivered = 0
+        self.retried = 0
+        self.dead = 0
+        self.stale = 0
+        self._retries = RetryLog(name)  # one warning per interval (actors/sink/retry_log.py)
+
+    def __repr__(self) -> str:
+        in_flight = len(self._inflight - self._settled)
+        counts = f"delivered: {self.delivered}, retried: {self.retried}, dead: {self.dead}"
+        return f"<Sink {self.name} [in flight: {in_flight}, {counts}]>"
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    def pause(self) -> None:
+        """Stop fetching and sending until `resume()`; see "Pausing" in the module docstring."""
+        if self._resumed.is_set():
+            self._resumed = trio.Event()
+            self._signal.fire()
+            self._release_admitting()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    def stop(self) -> None:
+        """Stop fetching; `run` returns once the workers have finished what they hold."""
+        self._stopping.set()
+        self._signal.fire()
+        self._release_admitting()
+
+    def _release_admitting(self) -> None:
+        """Workers waiting for admission (an open breaker, the rate limit) give up and hand back
+        their rows, unsent: stopping or pausing never waits for a breaker's cool-down."""
+        for scope in self._admitting:
+            scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sender = self._sender_factory()
+        self._retries = retries = RetryLog(self.name)
+        self._proven = False  # no send of this incarnation has worked yet (see `_isolate`)
+        self._inflight.clear()
+        self._settled.clear()
+        send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
+        committer = OutcomeCommitter(
+            self._store,
+            self._ordering.record if self._ordering else record_outcomes,
+            wake=self._wake_on_commit,
+            settle=self._settle,
+            committed=self._committed,
+        )
+        await self._store.call_until_committed(
+            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
+        )
+        if self.guard is not None:
+            self.guard.publish()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(committer.run)
+                outer.start_soon(retries.run)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        async with receive_channel:
+                            for _ in range(self._concurrency):
+                                nursery.start_soon(self._worker, sender, committer, receive_channel.clone())
+                        task_status.started()
+                        async with send_channel:
+                            await self._fetch(send_channel)
+                finally:
+                    committer.close()
+                    retries.close()
+        finally:
+            retries.flush()
+            if self.guard is not None:
+                self.guard.forget()  # a sink removed by a reload stops being reported
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await sender.aclose()
+
+    async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
+        store, name, chunk = self._store, self.name, self._batch_items
+        ahead = self._concurrency * chunk
+        if self._ordering is None:  # before this incarnation sends anything (actors.sink.quarantine)
+            await quarantine_head(store, name, self._quarantine_after)
+        while not self._stopping.is_set():
+            if not self._resumed.is_set():
+                await self._wait_resumed()
+                continue
+            now = time.time()
+            settled, self._settled = self._settled, set()
+            self._inflight.difference_update(settled)
+            limit = len(self._inflight) + ahead
+            more = False
+            if self._ordering is None:
+                rows = await store.call_until_committed(
+                    partial(due_deliveries, stage=name, now=now, limit=limit)
+                )
+            else:
+                fetched = await store.call_until_committed(
+                    partial(self._ordering.due, stage=name, now=now, limit=limit)
+                )
+                rows, more = fetched.rows, fetched.more
+                if fetched.stale or fetched.dead:
+                    self._settled_in_fetch(fetched)
+            inflight = self._inflight
+            fresh = [row for row in rows if row.rowid not in inflight]
+            inflight.update(row.rowid for row in fresh)
+            # Chunks of one batch each: a channel op per batch, not per row.
+            for start in range(0, len(fresh), chunk):
+                await channel.send(fresh[start : start + chunk])
+            if more or len(fresh) >= ahead:
+                continue
+            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
+            with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
+                await self._signal.wait()
+
+    def _settled_in_fetch(self, fetched: Fetched) -> None:
+        """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable.
+
+        Final outcomes, so they go to `ferry.sink.outcome` like the others: every id in a line.
+        """
+        meter = metrics.current()
+        self.stale += fetched.stale
+        self.dead += fetched.dead
+        if fetched.stale:
+            meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
+            for start in range(0, fetched.stale, IDS_PER_LINE):
+                ids = fetched.stale_ids[start : start + IDS_PER_LINE]
+                outcome_log.info(
+                    "deliveries dropped as stale",
+                    extra={"fields": {"sink": self.name, "deliveries": len(ids), "delivery_ids": ids}},
+                )
+        if fetched.dead:
+            meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
+            meter.dead_letters.add(fetched.dead, {"stage": self.name})
+            for delivery_id, reason in fetched.dead_letters:
+                outcome_log.error(
+                    "delivery dead-lettered",
+                    extra={"fields": {"sink": self.name, "delivery_id": delivery_id, "error": reason}},
+                )
+
+    async def _wait_resumed(self) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, self._resumed)
+            nursery.start_soon(until, self._stopping)
+
+    async def _worker(
+        self, sender: Sender, committer: OutcomeCommitter, channel: trio.MemoryReceiveChannel[list[Due]]
+    ) -> None:
+        leftover: list[Due] = []
+        async with channel:
+            while True:
+                if leftover:
+                    rows, leftover = leftover, []
+                else:
+                    try:
+                        rows = await channel.receive()
+                    except trio.EndOfChannel:
+                        return
+                batch, leftover = await self._fill(rows, channel)
+                admission = await self._admit() if self.guard is not None else None
+                released = self.guard is not None and admission is None
+                if released or not self._resumed.is_set():  # stopping or paused: hand back unsent
+                    if admission is not None:
+                        admission.cancel()
+                    self._settled.update(due.rowid for due in (*batch, *leftover))
+                    leftover = []
+                    continue
+                tracer = telemetry.tracer()
+                if tracer is None or not telemetry.any_sampled(due.trace for due in batch):
+                    # Left out by sampling: no span, but the request still carries the stored
+                    # context (flag 00) so that the receiver's trace decision follows ours.
+                    unrecorded = (
+                        telemetry.unrecorded_span(batch[0].trace) if tracer and len(batch) == 1 else None
+                    )
+                    if unrecorded is None:
+                        await self._attempt(sender, committer, batch, None, admission)
+                    else:
+                        with trace.use_span(unrecorded):
+                            await self._attempt(sender, committer, batch, None, admission)
+                    continue
+                parent, links = _batch_trace(batch)
+                span = tracer.start_span(
+                    "sink deliver", parent, SpanKind.CLIENT, _span_attributes(self.name, batch), links
+                )
+                try:
+                    with trace.use_span(span):
+                        await self._attempt(sender, committer, batch, span, admission)
+                finally:
+                    if span.is_recording():  # cut short before `_attempt` ended it
+                        span.end()
+
+    async def _admit(self) -> Admission | None:
+        """The guard's admission; None when `stop()` or `pause()` released the wait."""
+        assert self.guard is not None
+        if self._stopping.is_set() or not self._resumed.is_set():
+            return None
+        with trio.CancelScope() as scope:
+            self._admitting.add(scope)
+            try:
+                return await self.guard.admit()
+            finally:
+                self._admitting.discard(scope)
+        return None
+
+    async def _attempt(
+        self,
+        sender: Sender,
+        committer: OutcomeCommitter,
+        batch: list[Due],
+        span: Span | None,
+        admission: Admission | None = None,
+        suspects: list[tuple[Due, BaseException]] | None = None,
+    ) -> None:
+        """Send one batch, judge the result, end the attempt's span, record the outcomes.
+
+        `suspects`: within `_isolate`, where the deliveries that raise alone are gathered."""
+        error: DeliveryError | None = None
+        status: int | None = None
+        response: str | None = None
+        items: Mapping[int, DeliveryError] | None = None
+        began = time.monotonic()
+        try:
+            answer = await sender.send(batch)
+            status, response = (
+                (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
+            )
+            if isinstance(answer, Answer) and answer.items:
+                items = scrubbed_items(answer.items, [due.payload for due in batch])
+        except DeliveryError as exc:
+            error = _guarded_error(exc, batch)
+        except BaseException as exc:
+            if admission is not None:
+                admission.cancel()  # cut short (cancelled, crashed): no result to learn from
+            if not poison.isolable(exc):
+                raise
+            await self._isolate(sender, committer, batch, exc, span, suspects)
+            return
+        self._proven = True
+        elapsed = time.monotonic() - began
+        if response is not None:
+            response = _guarded_text(response, batch)
+        hold = admission.done(error, elapsed) if admission is not None else False
+        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
+        outcome = _outcome(outcomes)
+        if span is not None:
+            span.set_attribute("ferry.outcome", outcome)
+            if items:
+                span.set_attribute("ferry.batch.refused", len(items))
+            if error is not None:
+                span.set_attribute("error.type", str(error.status) if error.status else type(error).__name__)
+                span.set_status(StatusCode.ERROR, str(error)[:200])
+            span.end()
+        metrics.current().delivery_duration.record(elapsed, {"sink": self.name, "outcome": outcome})
+        # A refused item stands for the attempt's error in the retry warning.
+        logged = error if error is not None or not items else next(iter(items.values()))
+        await committer.commit(Finished(batch, outcomes, logged, elapsed, response))
+
+    async def _isolate(
+        self,
+        sender: Sender,
+        committer: OutcomeCommitter,
+        batch: list[Due],
+        exc: BaseException,
+        span: Span | None,
+        suspects: list[tuple[Due, BaseException]] | None,
+    ) -> None:
+        """Sending `batch` raised something that is no delivery error (a payload the sender or the
+        masking cannot handle): bisect it, each half sent again, down to the deliveries that fail
+        alone, and dead-letter those with the reason (docs/reliability.md, "Poison events").
+
+        Blame falls on the data only once a send of this incarnation has worked (here or in
+        another worker): until then the error is raised, as a bug or a broken environment is
+        (the actor restarts; `TooManyRestarts`; a delivery at the head across the crashes is
+        quarantined by `actors.sink.quarantine`)."""
+        if span is not None:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            span.end()
+        found: list[tuple[Due, BaseException]] = [] if suspects is None else suspects
+        if len(batch) > 1:
+            middle = len(batch) // 2
+            await self._attempt(sender, committer, batch[:middle], None, suspects=found)
+            await self._attempt(sender, committer, batch[middle:], None, suspects=found)
+        else:
+            found.append((batch[0], exc))
+        if suspects is not None:
+            return
+        if not self._proven:
+            raise found[0][1]
+        for due, error in found:
+            reason = poison.reason(f"sink {self.name}", error)
+            outcomes = Outcomes([], [], [(due.rowid, None, reason)])
+            await committer.commit(Finished([due], outcomes, PermanentDelivery(reason), 0.0, None))
+
+    async def _fill(
+        self, rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]
+    ) -> tuple[list[Due], list[Due]]:
+        """Top `rows` up to a full batch within `max_wait`; return (batch to send now, rows left over)."""
+        config = self._batch
+        if config is None:
+            return rows[:1], rows[1:]
+        with trio.move_on_after(config.max_wait):
+            while len(rows) < config.max_items:
+                try:
+                    rows = rows + channel.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        rows = rows + await channel.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
+                    break
+        size, cut = 0, 0
+        for row in rows[: config.max_items]:
+            size += len(row.payload) + 1
+            if cut and size > config.max_bytes:
+                break
+            cut += 1
+        return rows[:cut], rows[cut:]
+
+    def _wake_on_commit(self, entries: Sequence[Finished]) -> Sequence[str]:
+        return [self.name] if self._ordering or any(entry.outcomes.retry for entry in entries) else ()
+
+    def _settle(self, entries: Sequence[Finished]) -> None:
+        """After a commit (or a failed one): the rows leave `_inflight` at the next fetch.
+
+        The attempts are counted here, committed or not: their requests were sent.
+        """
+        metrics.current().attempts.add(len(entries), {"sink": self.name})
+        for entry in entries:
+            self._settled.update(due.rowid for due in entry.batch)
+        if any(entry.outcomes.retry for entry in entries):
+            # The commit's wake-up can reach the fetcher before these rows are settled; it
+            # then skips them as in flight and, none being due later, sleeps for an hour.
+            self._signal.fire()
+
+    def _committed(self, entries: Sequence[Finished]) -> None:
+        """Count, tap and log attempts whose outcomes committed together."""
+        delivered = retried = dead = 0
+        for entry in entries:
+            delivered += len(entry.outcomes.delivered)
+            retried += len(entry.outcomes.retry)
+            dead += len(entry.outcomes.dead)
+        self.delivered += delivered
+        self.retried += retried
+        self.dead += dead
+        _count(self.name, entries, delivered, retried, dead)
+        if self.name in TAPS.taps:
+            for entry in entries:
+                _tap(self.name, entry.batch, entry.outcomes)
+        log_committed(
+            self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
+        )
+        self._retries.note(entries)
+
+
+def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+    """`_scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed(error, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        hidden = f"(error hidden: could not be masked: {type(exc).__name__})"
+        return type(error)(hidden, status=error.status, retry_after=error.retry_after)
+
+
+def _guarded_text(text: str, batch: Sequence[Due]) -> str:
+    """`_scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
+    try:
+        return _scrubbed_text(text, batch)
+    except Exception as exc:
+        if not poison.isolable(exc):
+            raise
+        return f"(hidden: could not be masked: {type(exc).__name__})"
+
+
+def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
+    """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return text
+    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
+    return redactor.scrub(text, payloads) or text
+
+
+def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+    """`error` with the masked values of the batch's payloads and the secrets hidden in its message.
+
+    The message becomes the delivery's `last_error` and a log field; a receiver's answer may
+    quote the payload (or a header) it refused.
+    """
+    redactor = masking.current()
+    if not (redactor.rules or redactor.secrets):
+        return error
+    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
+    message = str(error)
+    scrubbed = redactor.scrub(message, payloads) or message
+    if scrubbed == message:
+        return error
+    return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
+
+
+def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
+    """Hand an attempt's committed outcomes to the taps on `sink`, one record per delivery."""
+    results: dict[int, tuple[str, int | None, str | None]] = {}
+    for rowid, code in outcomes.delivered:
+        results[rowid] = ("delivered", code, None)
+    for rowid, code, message in outcomes.dead:
+        results[rowid] = ("dead", code, message)
+    for rowid, _, code, message in outcomes.retry:
+        results[rowid] = ("retry", code, message)
+    now = time.time()
+    for due in batch:
+        outcome, status, error = results.get(due.rowid, ("unknown", None, None))
+        extra = {
+            "delivery_id": due.id,
+            "attempt": due.attempts + 1,
+            "outcome": outcome,
+            "status": status,
+            "error": error,
+        }
+        TAPS.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
+
+
+def _outcome(outcomes: Outcomes) -> str:
+    """`ferry.outcome` of an attempt: delivered, retry, dead, or mixed (a batch split by its limits)."""
+    kinds = [name for name, size in _sizes(outcomes) if size]
+    return kinds[0] if len(kinds) == 1 else "mixed"
+
+
+def _sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
+    return (
+        ("delivered", len(outcomes.delivered)),
+        ("retry", len(outcomes.retry)),
+        ("dead", len(outcomes.dead)),
+    )
+
+
+LATENCY_SAMPLES_PER_BATCH = 16
+
+
+def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
+    """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
+    meter = metrics.current()
+    for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
+        if size:
+            meter.deliveries.add(size, {"sink": sink, "outcome": name})
+    if dead:
+        meter.dead_letters.add(dead, {"stage": sink})
+    if delivered:
+        now, attributes = time.time(), {"sink": sink}
+        for entry in entries:
+            if not entry.outcomes.delivered:
+                continue
+            if len(entry.batch) == 1:
+                meter.delivery_latency.record(max(0.0, now - entry.batch[0].created_at), attributes)
+                continue
+            rowids = {rowid for rowid, _ in entry.outcomes.delivered}
+            rows = [due for due in entry.batch if due.rowid in rowids]
+            # A histogram record costs ~4 us: a batch contributes an even sample of at most 16 rows
+            # (a ceiling step: a floor one recorded up to 31 of a 31-row batch).
+            for due in rows[:: -(-len(rows) // LATENCY_SAMPLES_PER_BATCH)]:
+                meter.delivery_latency.record(max(0.0, now - due.created_at), attributes)
+
+
+def _batch_trace(batch: Sequence[Due]) -> tuple[Context | None, list[Link]]:
+    """(parent, links) of an attempt's span: the one event's context, or links to each event's."""
+    if len(batch) == 1:
+        return telemetry.parent_context(batch[0].trace), []
+    links = [telemetry.link_to(due.trace) for due in batch]
+    return None, [link for link in links if link is not None]
+
+
+def _span_attributes(sink: str, batch: Sequence[Due]) -> dict[str, str | int]:
+    first = batch[0]
+    if len(batch) == 1:
+        return {
+            "ferry.sink": sink,
+            "ferry.event_id": first.event_id,
+            "ferry.delivery_id": first.id,
+            "ferry.attempt": first.attempts + 1,
+        }
+    return {"ferry.sink": sink, "ferry.batch.size": len(batch), "ferry.attempt": first.attempts + 1}

@@ -1,0 +1,1 @@
+"""Transforms: the transformer and aggregator actors, the jq program, enrichment, event schemas."""

@@ -1,0 +1,211 @@
+"""The aggregator: a transform with `aggregate`, grouping its outputs into tumbling windows.
+
+Delivery:
+    Exactly once per window. Input events are validated, filtered and mapped as in any
+    transform; each output joins its group's window in the transaction that moves the
+    cursor (commit 1). A closed window's `reduce` result is stored as one event, with its
+    deliveries, in the transaction that removes the window (commit 2). Both live in the
+    store (`daemon.store.windows`), so a restart — even `kill -9` — loses nothing and emits
+    nothing twice; a window closed but not yet emitted is emitted when the actor starts.
+
+Time:
+    Windows close by age on trio's clock (`trio.current_time()`), which is what tests drive
+    with `MockClock`; a window's opening is also stored on the wall clock, so after a restart
+    its remaining age is what is left of `max_age` since then.
+
+Bad input:
+    An event that breaks the schema or on which jq fails (map, filter, key) is dead-lettered as
+    in `Transformer`; a window whose `reduce` fails is dead-lettered with its contents
+    (`daemon.store.windows.commit_emitted`). A `reduce` that emits nothing drops the window (counted).
+
+Backpressure:
+    Reads at most `batch_size` events at a time and waits for each commit. Open windows cost
+    one small record each in memory (their events are on disk).
+
+Tracing:
+    One `aggregator join` span per batch read (parent or links as in `Transformer`). The
+    emitted event carries the stored trace context of the window's first event, so its
+    deliveries join that event's trace.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import final
+
+import trio
+from opentelemetry import trace
+
+from actors.transform.program import Failure, TransformProgram
+from actors.transform.transformer import batch_trace, dead_letter
+from daemon.config.root import TransformConfig
+from daemon.store.outbox import StoredEvent, cursor, read_events
+from daemon.store.sqlite import Store
+from daemon.store.windows import (
+    Emitted,
+    Joined,
+    Window,
+    Windows,
+    commit_emitted,
+    commit_joined,
+    stored_windows,
+    window_contents,
+)
+from daemon.telemetry import metrics
+from daemon.telemetry import otel as telemetry
+from daemon.telemetry.tap import TAPS, Record
+
+EMIT_CHUNK = 256
+"""Most windows reduced and committed in one transaction."""
+
+
+@final
+class Aggregator:
+    """Runs one aggregating transform; see the module docstring for its guarantees."""
+
+    def __init__(
+        self,
+        name: str,
+        config: TransformConfig,
+        store: Store,
+        *,
+        sinks: list[str],
+        transforms: list[str],
+        batch_size: int = 1000,
+    ) -> None:
+        assert config.aggregate is not None
+        self.name = name
+        self._inputs = list(config.inputs)
+        self._store = store
+        self._sinks = sinks
+        self._wake = [*sinks, *transforms]
+        self._batch_size = batch_size
+        self._program = TransformProgram(config)
+        self._windows = Windows(config.aggregate.max_events, config.aggregate.max_age)
+        self._signal = store.signal(name)
+        self.transformed = 0
+        self.emitted = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def __repr__(self) -> str:
+        counts = (
+            f"in: {self.transformed}, open windows: {len(self._windows.open)}, emitted: {self.emitted}, "
+            f"dropped: {self.dropped}, dead: {self.failed}"
+        )
+        return f"<Aggregator {self.name} [{counts}]>"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        store = self._store
+        position = await store.call_until_committed(partial(cursor, name=self.name))
+        stored = await store.call_until_committed(partial(stored_windows, transform=self.name))
+        self._windows.restore(stored, trio.current_time(), time.time())
+        task_status.started()
+        while True:
+            self._windows.expire(trio.current_time())
+            closed = self._windows.take_closed()
+            if closed:
+                for start in range(0, len(closed), EMIT_CHUNK):  # bounded transactions and memory
+                    await self._emit(closed[start : start + EMIT_CHUNK])
+                continue
+            events = await store.call_until_committed(
+                partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)
+            )
+            if events:
+                position = events[-1].seq
+                tracer = telemetry.tracer()
+                if tracer is None:
+                    position = await self._join(events, position)
+                    continue
+                parent, links = batch_trace(events)
+                span = tracer.start_span(
+                    "aggregator join", parent, attributes={"ferry.transform": self.name}, links=links
+                )
+                with trace.use_span(span, end_on_exit=True):
+                    position = await self._join(events, position)
+                continue
+            deadline = self._windows.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
+                await self._signal.wait()
+
+    async def _join(self, events: list[StoredEvent], position: int) -> int:
+        """Commit 1: place a batch's outputs in their windows, with its dead letters and the cursor;
+        the cursor committed (short of `position` past `BATCH_OUTPUTS`, as in `Transformer`)."""
+        name, windows = self.name, self._windows
+        results = self._program.items([e.payload for e in events])
+        if len(results) < len(events):
+            events = events[: len(results)]
+            position = events[-1].seq
+        clock, wall = trio.current_time(), time.time()
+        joined: list[Joined] = []
+        touched: dict[int, Window] = {}
+        failures: list[tuple[StoredEvent, str]] = []
+        for event, result in zip(events, results, strict=True):
+            if isinstance(result, Failure):
+                failures.append((event, dead_letter(name, event, result)))
+                continue
+            if not result:
+                self.dropped += 1
+            for nth, (payload, key) in enumerate(result):
+                window, n = windows.join(key, clock, wall)
+                touched[window.id] = window
+                item_id = f"{event.id}.{name}" if nth == 0 else f"{event.id}.{name}.{nth}"
+                joined.append(Joined(window.id, n, item_id, payload, event.trace))
+        await self._store.call_until_committed(
+            partial(
+                commit_joined,
+                transform=name,
+                position=position,
+                joined=joined,
+                windows=list(touched.values()),
+                failures=failures,
+            )
+        )
+        self.transformed += len(events)
+        self.failed += len(failures)
+        if failures:
+            metrics.current().dead_letters.add(len(failures), {"stage": name})
+        return position
+
+    async def _emit(self, closed: list[Window]) -> None:
+        """Commit 2: reduce each closed window and store its event together with its removal."""
+        name = self.name
+        contents = await self._store.call_until_committed(
+            partial(window_contents, transform=name, window_ids=[w.id for w in closed])
+        )
+        emitted: list[Emitted] = []
+        for window in closed:
+            items = contents[window.id]
+            if not items:  # nothing of it reached the store (cannot happen after commit 1; harmless)
+                emitted.append(Emitted(window.id, "", None, None, ()))
+                continue
+            first_id, _, first_trace = items[0]
+            result = self._program.reduce([payload for _, payload, _ in items])
+            if isinstance(result, Failure):
+                array = b"[" + b",".join(payload for _, payload, _ in items) + b"]"
+                event = StoredEvent(0, first_id, name, array, first_trace)
+                error = dead_letter(name, event, result)
+                emitted.append(Emitted(window.id, first_id, None, first_trace, (), error, array))
+            elif not result:
+                emitted.append(Emitted(window.id, first_id, None, first_trace, ()))
+            else:
+                (payload, sinks) = result[0]
+                targets = self._sinks if sinks is None else sinks
+                emitted.append(Emitted(window.id, first_id, payload, first_trace, targets))
+        stored = await self._store.call_until_committed(
+            partial(commit_emitted, transform=name, emitted=emitted), wake=self._wake
+        )
+        failed = sum(item.error is not None for item in emitted)
+        self.emitted += stored
+        self.failed += failed
+        self.dropped += len(emitted) - stored - failed
+        if failed:
+            metrics.current().dead_letters.add(failed, {"stage": name})
+        if name in TAPS.taps:
+            now = time.time()
+            for item in emitted:
+                if item.payload is not None:
+                    TAPS.publish(
+                        name, Record("transform", item.id, item.payload, now, {"window": item.window})
+                    )

@@ -1,0 +1,1 @@
+"""`ferry ...` and `ferry ctl ...`: the command line. Never imported by the runtime."""

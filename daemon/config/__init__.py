@@ -1,0 +1,1 @@
+"""The root config, its shared building blocks (units, secrets, auth, limits) and its loader."""

@@ -1,0 +1,1 @@
+"""The control socket: its server (access, protocol) and the commands it runs."""

@@ -1,0 +1,1 @@
+"""Outbound HTTP: the lean client, authentication, token sources."""

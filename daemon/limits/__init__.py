@@ -1,0 +1,1 @@
+"""Admission limits: rate budgets, circuit breakers, adaptive concurrency, backoff schedules."""

@@ -1,0 +1,74 @@
+"""Alert rule states in the store (`alerts` table): plain functions of a connection.
+
+They run on the store's writer thread like `daemon.store.ops`. A row whose JSON no longer decodes
+(written by a newer ferry, or damaged) is ignored and its rule starts from `ok`, so a bad row
+can cost at most one repeated notification, never the alerter.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+import msgspec
+
+__all__ = ["AlertState", "load_states", "save_states"]
+
+
+class AlertState(msgspec.Struct, kw_only=True):
+    """One rule's state; persisted as JSON, so every field has a default (older rows still load)."""
+
+    state: Literal["ok", "pending", "firing"] = "ok"
+    since: float | None = None
+    """When the current state began (pending: the condition first held; firing: it fired)."""
+    value: float | None = None
+    """The rule's value at the last evaluation (None: no data)."""
+    evaluated_at: float | None = None
+    notified: list[int] = []
+    """Escalation steps told about the current firing."""
+    resolving: dict[str, int] = {}
+    """Channels still owed a resolved notice -> tries so far."""
+    last_firing: float | None = None
+    """When the last firing began (kept after it resolves, for the resolved notice)."""
+    last_error: str | None = None
+    fired: int = 0
+    """How many times the rule has fired."""
+    # anomaly rules
+    mean: float | None = None
+    variance: float = 0.0
+    first_seen: float | None = None
+    z: float | None = None
+
+
+log = logging.getLogger("ferry.alerts")
+_decode = msgspec.json.Decoder(AlertState).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def load_states(conn: sqlite3.Connection) -> dict[str, AlertState]:
+    """Every stored rule's state."""
+    states = {}
+    for rule, text in conn.execute("SELECT rule, state FROM alerts").fetchall():
+        try:
+            states[rule] = _decode(text)
+        except msgspec.DecodeError as exc:
+            log.warning(
+                "stored alert state unreadable; the rule starts afresh",
+                extra={"fields": {"rule": rule, "error": str(exc)}},
+            )
+    return states
+
+
+def save_states(conn: sqlite3.Connection, states: Mapping[str, AlertState], keep: frozenset[str]) -> None:
+    """Write `states` and delete the rows of rules not in `keep` (rules no longer configured)."""
+    now = time.time()
+    conn.executemany(
+        "INSERT INTO alerts(rule, state, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(rule) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+        [(rule, _encode(state).decode(), now) for rule, state in states.items()],
+    )
+    stored = [row[0] for row in conn.execute("SELECT rule FROM alerts").fetchall()]
+    conn.executemany("DELETE FROM alerts WHERE rule = ?", [(rule,) for rule in stored if rule not in keep])

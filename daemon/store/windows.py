@@ -1,0 +1,217 @@
+"""Tumbling windows of an aggregating transform: which window each output joins, and the store rows.
+
+Model:
+    Per group key at most one window is open. An output joins its key's open window, or opens a
+    new one. A window closes when it holds `max_events`, or `max_age` after it opened (on trio's
+    clock, so tests drive it with `MockClock`), whichever comes first; the next output of that
+    key opens a new window. A closed window is emitted once: the `reduce` of its events, as one
+    event whose id is the id of the window's first event (`PARENT.TRANSFORM[.N]`, the id that
+    output would have had), so a re-emission after a crash carries the same idempotency keys.
+
+Durability (the two commits):
+    1. A batch of input events: the outputs join their windows (`window_events`, `windows`) in
+       the transaction that also moves the transform's cursor past the batch.
+    2. A closed window: its emitted event, the event's deliveries and the removal of the window
+       and its events commit in one transaction.
+    A crash between the two leaves a closed window in the store; the actor emits it when it
+    starts (`Windows.restore` finds it full or past its age). So a restart — even `kill -9` —
+    loses no event and emits no window twice.
+
+Payloads in `window_events` are sealed like event payloads (`[store] encryption`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from daemon.store.at_rest import opened, seal
+from daemon.store.outbox import Connection, StoredEvent, commit_transform, insert_rows, last_seq
+
+
+@dataclass
+class Window:
+    """One window as the actor tracks it (the store holds the same, durably)."""
+
+    id: int
+    key: str
+    opened_at: float
+    """Wall-clock time its first event joined (stored: survives restarts)."""
+    deadline: float | None
+    """When it closes by age, on trio's clock (None: it closes only by count)."""
+    size: int = 0
+
+
+class Joined(NamedTuple):
+    """One output placed in a window: the `window_events` row to store."""
+
+    window: int
+    n: int
+    id: str
+    payload: bytes
+    trace: str | None
+
+
+class Windows:
+    """The open and closed-but-not-emitted windows of one transform (pure: no I/O, no clock reads)."""
+
+    def __init__(self, max_events: int | None, max_age: float | None) -> None:
+        self.max_events = max_events
+        self.max_age = max_age
+        self.open: dict[str, Window] = {}
+        """Open windows by group key."""
+        self.closed: list[Window] = []
+        """Closed windows waiting to be emitted, in the order they closed."""
+        self._next_id = 1
+
+    def restore(self, stored: Iterable[tuple[int, str, float, int]], clock: float, wall: float) -> None:
+        """Rebuild from the store's rows (id, key, opened_at, size) at start, oldest first.
+
+        A window's remaining age counts from its stored `opened_at` on the wall clock; one that
+        is full or past its age closes at once.
+        """
+        self.open.clear()
+        self.closed.clear()
+        for window_id, key, opened_at, size in stored:
+            deadline = None if self.max_age is None else clock + max(0.0, self.max_age - (wall - opened_at))
+            window = Window(window_id, key, opened_at, deadline, size)
+            self._next_id = max(self._next_id, window_id + 1)
+            if key in self.open:  # an older window of this key never closed: close it now
+                self.closed.append(self.open.pop(key))
+            if self.max_events is not None and size >= self.max_events:
+                self.closed.append(window)
+            else:
+                self.open[key] = window
+        self.expire(clock)
+
+    def join(self, key: str, clock: float, wall: float) -> tuple[Window, int]:
+        """Place one output of group `key`: its window and its position in it."""
+        window = self.open.get(key)
+        if window is None:
+            deadline = None if self.max_age is None else clock + self.max_age
+            window = self.open[key] = Window(self._next_id, key, wall, deadline)
+            self._next_id += 1
+        n = window.size
+        window.size += 1
+        if self.max_events is not None and window.size >= self.max_events:
+            self.closed.append(self.open.pop(key))
+        return window, n
+
+    def expire(self, clock: float) -> None:
+        """Close every open window whose deadline has come."""
+        for key in [key for key, w in self.open.items() if w.deadline is not None and w.deadline <= clock]:
+            self.closed.append(self.open.pop(key))
+
+    def close_all(self) -> None:
+        """Close every open window (oldest first), as at the end of `ferry test`'s inputs."""
+        self.closed.extend(sorted(self.open.values(), key=lambda w: w.id))
+        self.open.clear()
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of an open window (trio clock), or None."""
+        deadlines = [w.deadline for w in self.open.values() if w.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def take_closed(self) -> list[Window]:
+        closed, self.closed = self.closed, []
+        return closed
+
+
+# -- store functions (run on the writer thread, inside its transaction) -----------------------
+
+
+def stored_windows(conn: Connection, transform: str) -> list[tuple[int, str, float, int]]:
+    """The transform's windows (id, key, opened_at, size), oldest first."""
+    rows = conn.execute(
+        "SELECT id, key, opened_at, size FROM windows WHERE transform = ? ORDER BY id", (transform,)
+    ).fetchall()
+    return [(int(i), str(k), float(o), int(s)) for i, k, o, s in rows]
+
+
+def commit_joined(
+    conn: Connection,
+    transform: str,
+    position: int,
+    joined: Sequence[Joined],
+    windows: Sequence[Window],
+    failures: Sequence[tuple[StoredEvent, str]],
+) -> None:
+    """Commit 1: the batch's outputs into their windows, the windows' new sizes, dead letters, cursor."""
+    commit_transform(conn, transform, position, outputs=(), failures=failures, sinks=())
+    insert_rows(
+        conn,
+        "INSERT INTO window_events(transform, window, n, id, payload, trace) VALUES ",
+        [(transform, j.window, j.n, j.id, seal(conn, j.payload), j.trace) for j in joined],
+    )
+    conn.executemany(
+        "INSERT INTO windows(transform, id, key, opened_at, size) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT(transform, id) DO UPDATE SET size = excluded.size",
+        [(transform, w.id, w.key, w.opened_at, w.size) for w in windows],
+    )
+
+
+def window_contents(
+    conn: Connection, transform: str, window_ids: Sequence[int]
+) -> dict[int, list[tuple[str, bytes, str | None]]]:
+    """Each window's events (id, payload, trace), in the order they joined."""
+    contents: dict[int, list[tuple[str, bytes, str | None]]] = {window: [] for window in window_ids}
+    for window in window_ids:
+        for id_, payload, trace in conn.execute(
+            "SELECT id, payload, trace FROM window_events WHERE transform = ? AND window = ? ORDER BY n",
+            (transform, window),
+        ).fetchall():
+            contents[window].append((id_, opened(conn, bytes(payload)), trace))
+    return contents
+
+
+class Emitted(NamedTuple):
+    """A closed window's result: the event to store (None: `reduce` gave nothing) or its failure."""
+
+    window: int
+    id: str
+    payload: bytes | None
+    trace: str | None
+    sinks: Sequence[str]
+    error: str | None = None
+    contents: bytes = b""
+
+
+def commit_emitted(conn: Connection, transform: str, emitted: Sequence[Emitted]) -> int:
+    """Commit 2: each window's event and deliveries (or dead letter), and the window's removal.
+
+    A window whose `reduce` failed is kept as an event of stream `TRANSFORM/windows` (no
+    component reads it; its payload is the window's events as an array) with a dead delivery of
+    stage `TRANSFORM`, so `ferry ctl dlq show` shows the error and what the window held.
+    Returns how many events were stored for downstream.
+    """
+    now = time.time()
+    seq = last_seq(conn)
+    events: list[tuple[int, str, str, bytes, str | None, float]] = []
+    deliveries: list[tuple[str, int, str, float, float]] = []
+    dead: list[tuple[str, int, str, float, float, float, str]] = []
+    stored = 0
+    for item in emitted:
+        if item.error is not None:
+            seq += 1
+            events.append((seq, item.id, f"{transform}/windows", seal(conn, item.contents), item.trace, now))
+            dead.append((f"{item.id}.{transform}", seq, transform, now, now, now, item.error))
+        elif item.payload is not None:
+            seq += 1
+            stored += 1
+            events.append((seq, item.id, transform, seal(conn, item.payload), item.trace, now))
+            deliveries.extend((f"{item.id}.{sink}", seq, sink, now, now) for sink in item.sinks)
+    insert_rows(conn, "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES ", events)
+    insert_rows(
+        conn, "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES ", deliveries
+    )
+    conn.executemany(
+        "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
+        "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
+        dead,
+    )
+    ids = [(transform, item.window) for item in emitted]
+    conn.executemany("DELETE FROM window_events WHERE transform = ? AND window = ?", ids)
+    conn.executemany("DELETE FROM windows WHERE transform = ? AND id = ?", ids)
+    return stored

@@ -1,0 +1,1 @@
+"""What ferry tells about itself: OpenTelemetry, metrics, logs, masking, taps, throughput."""

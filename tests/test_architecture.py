@@ -1,0 +1,138 @@
+"""The tree is the architecture: these tests keep it so (docs/architecture.md, "Layout").
+
+- no import cycle between any two modules of daemon/ and actors/ (type-checking imports count);
+- the import contract in pyproject.toml (`[tool.importlinter]`) holds: the runtime imports actors
+  only where it assembles them, nothing but the command line imports `daemon.cli`, the store is
+  the bottom layer, no cycles between sibling packages;
+- SQL lives in `daemon/store/` only. The modules that still hold SQL elsewhere are listed in
+  `SQL_OUTSIDE_THE_STORE`; the list may only shrink (a module leaving it must be removed from it).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Left for the store interface (issue 14's next step): it moves these statements behind it.
+SQL_OUTSIDE_THE_STORE = {
+    "daemon/http/tokens.py": "the rotated OAuth2 refresh tokens (auth_tokens)",
+    "daemon/telemetry/metrics.py": "the pending/dead gauges' count of deliveries",
+}
+
+# A string is SQL when it starts with a statement keyword and goes on like a statement (upper-case
+# keywords, as ferry writes its SQL), so prose and log messages do not match.
+_STATEMENT = re.compile(
+    r"^\s*(?:SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|REPLACE|WITH)\b[\s\S]*"
+    r"\b(?:FROM|INTO|SET|TABLE|INDEX|WHERE|VALUES|AS)\b"
+    r"|^\s*(?:BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE|VACUUM|ANALYZE|PRAGMA)\b"
+)
+_CALLS = {"execute", "executemany", "executescript"}
+
+
+def _modules() -> list[Path]:
+    return sorted(p for top in ("daemon", "actors") for p in (ROOT / top).rglob("*.py"))
+
+
+def sql_in(path: Path) -> list[str]:
+    """Where `path` holds an SQL statement or runs one: `LINE: text` for each."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _STATEMENT.search(node.value):
+            found.append(f"{node.lineno}: {' '.join(node.value.split())[:70]}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CALLS:
+            found.append(f"{node.lineno}: .{node.func.attr}(...)")
+    return found
+
+
+def test_sql_lives_in_the_store() -> None:
+    outside = {}
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("daemon/store/"):
+            continue
+        if found := sql_in(path):
+            outside[rel] = found
+    new = {rel: lines for rel, lines in outside.items() if rel not in SQL_OUTSIDE_THE_STORE}
+    assert not new, f"SQL outside daemon/store/ (move it into the store): {new}"
+    gone = set(SQL_OUTSIDE_THE_STORE) - set(outside)
+    assert not gone, f"no SQL left in {sorted(gone)}: remove them from SQL_OUTSIDE_THE_STORE"
+
+
+def test_the_sql_check_sees_the_store_sql() -> None:
+    """The check is not blind: the store's own modules are found to hold SQL."""
+    assert sql_in(ROOT / "daemon/store/outbox.py")
+    assert sql_in(ROOT / "daemon/store/schema.py")
+    assert not sql_in(ROOT / "daemon/supervisor.py")
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycles() -> None:
+    graph = grimp.build_graph("daemon", "actors", exclude_type_checking_imports=False)
+    edges = {module: set(graph.find_modules_directly_imported_by(module)) for module in graph.modules}
+    assert _cycles(edges) == []
+
+
+def test_cycle_finder_finds_cycles() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_contract_holds() -> None:
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run(
+        [str(lint), "--no-cache", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
