@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deep check check-systemd lint types bench chaos clean
+.PHONY: run test deep check check-systemd lint types bench chaos clean wheel deb container-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(STAMP)
 # dirs, so they do not collide. WORKERS=0 runs it in one process.
 WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS)
+	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup
 
 # The property tests (hypothesis, schemathesis) with 25 times their CI-sized example counts.
 deep: $(STAMP)
@@ -48,5 +48,14 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# The wheel, for `pipx install dist/ferry-*.whl`.
+wheel: $(STAMP)
+	rm -f dist/ferry-*.whl
+	$(BIN)/python -m build --wheel --outdir dist .
+
+# The Debian package dist/ferry_VERSION_ARCH.deb (debian/build.py says how and why); needs dpkg-deb.
+deb: wheel
+	$(BIN)/python debian/build.py dist/ferry-*.whl
+
 clean:
-	rm -rf $(VENV) var/*.db* var/*.jsonl
+	rm -rf $(VENV) var/*.db* var/*.jsonl build dist
