@@ -18,10 +18,26 @@ run: $(STAMP)
 
 # Two workers (pytest-xdist): most tests wait on a daemon process, so two at a time roughly halve
 # the wall time on two cores. Every test takes its ports from free_port() and its files from tmp
-# dirs, so they do not collide. WORKERS=0 runs it in one process.
+# dirs, so they do not collide. WORKERS=0 runs it in one process. `--dist loadgroup` keeps the
+# tests of one booted container (tests/debian, `xdist_group`) on one worker, in order.
 WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) container-tools
 	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup
+
+# What tests/debian needs to build the package and boot a Debian 12 container with systemd-nspawn:
+# installed with apt-get when missing and we are root (CI is); otherwise those tests skip and say why.
+CONTAINER_TOOLS := systemd-nspawn:systemd-container debootstrap:debootstrap dpkg-deb:dpkg nsenter:util-linux
+container-tools:
+	@missing=$$(for pair in $(CONTAINER_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing $$missing"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+	            || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+	    else \
+	        echo "container-tools: missing $$missing (not root or no apt-get): tests/debian will skip"; \
+	    fi; \
+	fi
 
 # The property tests (hypothesis, schemathesis) with 25 times their CI-sized example counts.
 deep: $(STAMP)
