@@ -44,8 +44,8 @@ deep: $(STAMP)
 	FERRY_HYPOTHESIS=deep $(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS) -k "properties or openapi"
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon actors tests bench
-	$(BIN)/ruff format --check daemon actors tests bench
+	$(BIN)/ruff check daemon actors tests bench debian
+	$(BIN)/ruff format --check daemon actors tests bench debian
 
 types: $(STAMP)
 	$(BIN)/mypy

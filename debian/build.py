@@ -70,7 +70,8 @@ def install(stage: Path, source: Path) -> Path:
     subprocess.run([*map(str, argv), str(source)], check=True)
     shutil.rmtree(site / "bin", ignore_errors=True)  # pip's scripts name the build machine's Python
     (venv / "pyvenv.cfg").write_text(
-        f"home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11\nexecutable = /usr/bin/{PYTHON}\n"
+        "home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11\n"
+        f"executable = /usr/bin/{PYTHON}\n"
     )
     bin_dir = venv / "bin"
     bin_dir.mkdir()
@@ -81,7 +82,8 @@ def install(stage: Path, source: Path) -> Path:
         module, _, function = target.partition(":")
         script = bin_dir / name
         script.write_text(
-            f"#!{PREFIX}/bin/{PYTHON}\nimport sys\nfrom {module} import {function}\n\nsys.exit({function}())\n"
+            f"#!{PREFIX}/bin/{PYTHON}\nimport sys\n"
+            f"from {module} import {function}\n\nsys.exit({function}())\n"
         )
         script.chmod(0o755)
     return site

@@ -3,10 +3,11 @@
 The root is `debootstrap --variant=minbase bookworm` plus what it needs to boot (systemd,
 systemd-sysv) and ferry's Depends (python3.11): nothing else, no package lists, so an `apt
 install ./ferry_*.deb` in it can only use what is already there (it installs offline, or
-fails). It is built once into `.cache/debian-bookworm/` (about 2.5 minutes, ~300 MB) and
-reused while its recipe is unchanged; every boot runs on a throw-away overlay of it
-(`--volatile=overlay`), so each test run starts from the same fresh system and the cache is
-never written by a container.
+fails). It is built once into `.cache/debian-bookworm/` (or `$FERRY_CONTAINER_CACHE`, to share
+it between clones; 2-4 minutes, ~300 MB) and reused while its recipe is unchanged, for 30 days
+at most. Caching it is safe because no container ever writes to it: every boot runs on a
+throw-away overlay (`--volatile=overlay`), so each test run starts from the same fresh system.
+A build that did not finish is never used (it is renamed into place at the end).
 
 The container shares the host's network namespace (ferry's listener on 127.0.0.1:PORT is
 reached from the test, and a sink reaches the test's fake receiver), but not its processes,
@@ -33,7 +34,8 @@ from tests.fakes import ROOT
 SUITE = "bookworm"
 MIRROR = os.environ.get("FERRY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = ("systemd", "systemd-sysv", "python3.11")
-CACHE = ROOT / ".cache" / f"debian-{SUITE}"
+CACHE = Path(os.environ.get("FERRY_CONTAINER_CACHE") or ROOT / ".cache") / f"debian-{SUITE}"
+MAX_AGE = 30 * 86400  # then built again, to follow bookworm's point releases and security fixes
 RECIPE = f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} {MIRROR}; no apt lists\n"
 TOOLS = {
     "systemd-nspawn": "systemd-container",
@@ -63,7 +65,8 @@ def cached_root() -> Path:
     with (CACHE / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.exists() and stamp.read_text() == RECIPE and root.is_dir():
-            return root
+            if time.time() - stamp.stat().st_mtime < MAX_AGE:
+                return root
         building = CACHE / "building"
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -54,7 +54,8 @@ def attempt(name, call):
         print("probe:", name, "allowed")
     except PermissionError:
         print("probe:", name, "refused")
-attempt("write+execute mapping", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
+wx = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+attempt("write+execute mapping", lambda: mmap.mmap(-1, 4096, prot=wx))
 attempt("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, 0, 5))
 attempt("chown", lambda: os.chown(tempfile.mkstemp()[1], -1, os.getgid()))
 """
