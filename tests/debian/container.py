@@ -64,9 +64,9 @@ def cached_root() -> Path:
     stamp, root = CACHE / "recipe", CACHE / "root"
     with (CACHE / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.exists() and stamp.read_text() == RECIPE and root.is_dir():
-            if time.time() - stamp.stat().st_mtime < MAX_AGE:
-                return root
+        fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < MAX_AGE
+        if fresh and stamp.read_text() == RECIPE and root.is_dir():
+            return root
         building = CACHE / "building"
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
