@@ -64,9 +64,10 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# The wheel, for `pipx install dist/ferry-*.whl`.
+# The wheel, for `pipx install dist/ferry-*.whl`. setuptools never deletes what it copied into
+# build/lib, so a module moved or removed since the last build would ship in the wheel: start clean.
 wheel: $(STAMP)
-	rm -f dist/ferry-*.whl
+	rm -rf dist/ferry-*.whl build/lib build/bdist.*
 	$(BIN)/python -m build --wheel --outdir dist .
 
 # The Debian package dist/ferry_VERSION_ARCH.deb (debian/build.py says how and why); needs dpkg-deb.

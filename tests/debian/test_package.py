@@ -131,6 +131,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
     (ROOT / ".cache").mkdir(exist_ok=True)
     with (ROOT / ".cache" / "deb-build.lock").open("w") as lock:  # build/ is shared by builds
         fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(ROOT / "build" / "lib", ignore_errors=True)  # as `make wheel`: no stale modules
         subprocess.run(
             [sys.executable, "-m", "build", "--wheel", "--outdir", out, ROOT],
             check=True,
