@@ -9,13 +9,15 @@ the same unit.
 
 The tests share one container and run in file order on one xdist worker (`xdist_group`;
 `make test` runs with `--dist loadgroup`); the last one removes the package. They skip, saying
-why, only where no container can be booted (not root, tools missing: `make container-tools`).
+why, only where no container can be booted (not root, tools missing: `make container-tools`);
+with FERRY_REQUIRE_CONTAINER set (.ci/run sets it) that is an error instead, so CI cannot skip.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -33,8 +35,12 @@ import pytest
 from tests.debian.container import Container, booted, unavailable
 from tests.fakes import ROOT, FakeReceiver, Received, Reply, free_port
 
+UNAVAILABLE = unavailable()
+if UNAVAILABLE is not None and os.environ.get("FERRY_REQUIRE_CONTAINER"):  # set by .ci/run
+    raise RuntimeError(f"FERRY_REQUIRE_CONTAINER is set, but {UNAVAILABLE}")
+
 pytestmark = [
-    pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)),
     pytest.mark.xdist_group("debian-container"),
     pytest.mark.timeout(900),  # a cold cache (debootstrap) takes a few minutes on its own
 ]
