@@ -18,11 +18,10 @@ run: $(STAMP)
 
 # Two workers (pytest-xdist): most tests wait on a daemon process, so two at a time roughly halve
 # the wall time on two cores. Every test takes its ports from free_port() and its files from tmp
-# dirs, so they do not collide. WORKERS=0 runs it in one process. `--dist loadgroup` keeps the
-# tests of one booted container (tests/debian, `xdist_group`) on one worker, in order.
+# dirs, so they do not collide. WORKERS=0 runs it in one process.
 WORKERS ?= 2
 test: $(STAMP) container-tools
-	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS)
 
 # What tests/debian needs to build the package and boot a Debian 12 container with systemd-nspawn:
 # installed with apt-get when missing and we are root (CI is); otherwise those tests skip and say why.

@@ -7,10 +7,14 @@ started by hand, reloaded, killed, stopped by its watchdog, socket-activated, st
 filter and MemoryDenyWriteExecute are enforced by systemd on the daemon and on a probe run in
 the same unit.
 
-The tests share one container and run in file order on one xdist worker (`xdist_group`;
-`make test` runs with `--dist loadgroup`); the last one removes the package. They skip, saying
-why, only where no container can be booted (not root, tools missing: `make container-tools`);
-with FERRY_REQUIRE_CONTAINER set (.ci/run sets it) that is an error instead, so CI cannot skip.
+One test walks the whole life of the package in one container, step by step (each step is a
+function below, named for what it proves; a failure names its step). It is one test rather
+than one per step because the steps build on each other's state and must run in order on one
+xdist worker: `xdist_group` would do that, but pytest-xdist 3.8's `--dist loadgroup` has no
+effect under pytest 9.2 (it renames `item._nodeid`, which pytest 9 no longer reads). It skips,
+saying why, only where no container can be booted (not root, tools missing: `make
+container-tools`); with FERRY_REQUIRE_CONTAINER set (.ci/run sets it) that is an error instead,
+so CI cannot skip it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ if UNAVAILABLE is not None and os.environ.get("FERRY_REQUIRE_CONTAINER"):  # set
 
 pytestmark = [
     pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)),
-    pytest.mark.xdist_group("debian-container"),
     pytest.mark.timeout(900),  # a cold cache (debootstrap) takes a few minutes on its own
 ]
 
@@ -233,7 +236,7 @@ class System:
         assert response.status_code == 202, response.text
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def system(packages: Packages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """A booted container with the package installed (nothing configured or started yet)."""
     logs = tmp_path_factory.mktemp("container")
@@ -247,10 +250,10 @@ def system(packages: Packages, tmp_path_factory: pytest.TempPathFactory) -> Iter
     receiver.stop()
 
 
-# -- the tests, in the order an operator meets these things ---------------------------------
+# -- the steps, in the order an operator meets these things ---------------------------------
 
 
-def test_install_creates_the_user_and_directories_and_starts_nothing(system: System) -> None:
+def step_install_creates_the_user_and_directories_and_starts_nothing(system: System) -> None:
     run = system.sh
     assert "uid=" in run("id ferry")
     assert run("stat -c '%U:%G %a' /var/lib/ferry /etc/ferry/config.toml /etc/ferry/credentials").split("\n")[
@@ -266,7 +269,7 @@ def test_install_creates_the_user_and_directories_and_starts_nothing(system: Sys
     assert "ok (1 source(s), 1 transform(s), 1 sink(s))" in run("ferry check -c /etc/ferry/config.toml")
 
 
-def test_enable_now_returns_once_ready_and_a_webhook_reaches_both_sinks(system: System) -> None:
+def step_enable_now_returns_once_ready_and_a_webhook_reaches_both_sinks(system: System) -> None:
     container = system.container
     system.write_config(system.config())
     container.write("/etc/ferry/credentials/crm-token", TOKEN + "\n", mode="0600")
@@ -293,7 +296,7 @@ def test_enable_now_returns_once_ready_and_a_webhook_reaches_both_sinks(system: 
     assert [line for line in logs if line.get("level") not in ("info", "debug")] == []
 
 
-def test_the_units_sandbox_is_enforced_for_real(system: System) -> None:
+def step_the_units_sandbox_is_enforced_for_real(system: System) -> None:
     pid = system.main_pid()
     status = system.sh(f"cat /proc/{pid}/status")
     assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), status  # a seccomp filter is loaded
@@ -307,7 +310,7 @@ def test_the_units_sandbox_is_enforced_for_real(system: System) -> None:
     ]
 
 
-def test_ferry_ctl_is_allowed_for_group_ferry_and_refused_for_others(system: System) -> None:
+def step_ferry_ctl_is_allowed_for_group_ferry_and_refused_for_others(system: System) -> None:
     system.sh("useradd --groups ferry alice && useradd bob")
     allowed = system.container.run("ferry", "ctl", "-c", "/etc/ferry/config.toml", "status", user="alice")
     assert "demo" in allowed.stdout
@@ -319,7 +322,7 @@ def test_ferry_ctl_is_allowed_for_group_ferry_and_refused_for_others(system: Sys
         assert "permission denied" in refused.stderr
 
 
-def test_systemctl_reload_applies_a_good_config_and_fails_on_a_bad_one(system: System) -> None:
+def step_systemctl_reload_applies_a_good_config_and_fails_on_a_bad_one(system: System) -> None:
     pid = system.main_pid()
     more = '\n[sinks.more]\ntype = "file"\ninputs = ["demo"]\npath = "/var/lib/ferry/more.jsonl"\n'
     system.write_config(system.config(more))
@@ -351,7 +354,7 @@ def _restarted(system: System, old: int) -> int:
     return wait(new_pid, "systemd to restart ferry", timeout=WATCHDOG_SEC + 40)
 
 
-def test_kill_9_is_restarted_by_systemd_and_loses_nothing(system: System) -> None:
+def step_kill_9_is_restarted_by_systemd_and_loses_nothing(system: System) -> None:
     system.receiver.down.set()
     sent = range(100, 130)
     for n in sent:
@@ -364,7 +367,7 @@ def test_kill_9_is_restarted_by_systemd_and_loses_nothing(system: System) -> Non
     assert set(sent) <= {line["event"]["id"] for line in system.lines("/var/lib/ferry/demo-out.jsonl")}  # type: ignore[index]
 
 
-def test_a_stopped_event_loop_is_killed_by_the_watchdog_and_restarted(system: System) -> None:
+def step_a_stopped_event_loop_is_killed_by_the_watchdog_and_restarted(system: System) -> None:
     system.receiver.down.set()
     sent = range(200, 220)
     for n in sent:
@@ -381,7 +384,7 @@ def test_a_stopped_event_loop_is_killed_by_the_watchdog_and_restarted(system: Sy
     system.receiver.wait_for(lambda _: set(sent) <= system.receiver.ids())
 
 
-def test_socket_activation_starts_ferry_on_the_first_connection(system: System) -> None:
+def step_socket_activation_starts_ferry_on_the_first_connection(system: System) -> None:
     port = free_port()
     system.sh("systemctl disable --now ferry.service")
     system.container.write(
@@ -400,7 +403,7 @@ def test_socket_activation_starts_ferry_on_the_first_connection(system: System) 
     system.sh("systemctl daemon-reload && systemctl enable --now ferry.service")
 
 
-def test_upgrade_keeps_the_database_and_pending_deliveries_remove_keeps_it_and_purge_deletes_it(
+def step_upgrade_keeps_the_database_and_pending_deliveries_remove_keeps_it_and_purge_deletes_it(
     system: System,
 ) -> None:
     run = system.sh
@@ -424,3 +427,15 @@ def test_upgrade_keeps_the_database_and_pending_deliveries_remove_keeps_it_and_p
     assert run("test -e /opt/ferry || echo gone") == "gone\n"  # nothing left behind (bytecode)
     run("apt-get purge --yes ferry", timeout=120)
     assert run("test -e /var/lib/ferry || test -e /etc/ferry/config.toml || echo purged") == "purged\n"
+
+
+def test_the_package_installs_and_runs_under_a_real_systemd(system: System) -> None:
+    step_install_creates_the_user_and_directories_and_starts_nothing(system)
+    step_enable_now_returns_once_ready_and_a_webhook_reaches_both_sinks(system)
+    step_the_units_sandbox_is_enforced_for_real(system)
+    step_ferry_ctl_is_allowed_for_group_ferry_and_refused_for_others(system)
+    step_systemctl_reload_applies_a_good_config_and_fails_on_a_bad_one(system)
+    step_kill_9_is_restarted_by_systemd_and_loses_nothing(system)
+    step_a_stopped_event_loop_is_killed_by_the_watchdog_and_restarted(system)
+    step_socket_activation_starts_ferry_on_the_first_connection(system)
+    step_upgrade_keeps_the_database_and_pending_deliveries_remove_keeps_it_and_purge_deletes_it(system)

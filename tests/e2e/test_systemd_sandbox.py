@@ -4,7 +4,7 @@
 kernel's `PR_SET_MDWE` (Linux 6.3+) enforces the same rule on a process and its exec, so this
 runs without systemd, on every test run. The unit's own sandbox, seccomp filter
 (`SystemCallFilter=`) included, is enforced by a real systemd on the installed package in
-tests/debian/test_package.py (`test_the_units_sandbox_is_enforced_for_real`); the seccomp
+tests/debian/test_package.py (`step_the_units_sandbox_is_enforced_for_real`); the seccomp
 emulation that stood here (and skipped without python3-seccomp) gave way to it.
 """
 
