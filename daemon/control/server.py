@@ -403,7 +403,9 @@ class ControlServer:
                 os.unlink(temporary)
             await sock.bind(str(temporary))
             os.chmod(temporary, 0o660)
-            if self._group is not None:
+            # Under systemd the file usually has the group already (the service's own): chown(2)
+            # is then skipped, as the unit's seccomp filter refuses it (`~@privileged`).
+            if self._group is not None and os.stat(temporary).st_gid != self._group:
                 try:
                     os.chown(temporary, -1, self._group)
                 except OSError as exc:
