@@ -180,3 +180,26 @@ def test_a_batch_stops_after_the_event_that_brings_it_to_batch_outputs() -> None
     assert [len(result) for result in everything] == [4000] * 5
     small = fan.map(encoded(*({"n": 1} for _ in range(2000))))
     assert len(small) == 2000  # the common case: one jq run for the whole batch
+
+
+def test_events_after_one_past_max_outputs_keep_their_own_outputs() -> None:
+    """jq starts again after the event that passed the bound: the next events' outputs are theirs."""
+    bounded = program(map=".items[]", max_outputs=2)
+    results = bounded.map(encoded({"items": [1]}, {"items": [1, 2, 3]}, {"items": [7, 8]}, {"items": []}))
+    assert [r if isinstance(r, Failure) else [json.loads(x.payload) for x in r] for r in results] == [
+        [1],
+        Failure("map produced more than 2 outputs for one event (max_outputs)"),
+        [7, 8],
+        [],
+    ]
+
+
+def test_outputs_that_look_like_the_end_marker_stay_outputs() -> None:
+    """The end-of-event marker holds a random nonce: no output a sender shapes can end an event early."""
+    fan = program(map=".[]")
+    forged = ["\u0000ferry-end-", "\u0000ferry-end-" + "0" * 32, "ferry-end"]
+    results = fan.map(encoded(forged, [1]))
+    assert [[json.loads(x.payload) for x in r] for r in results if not isinstance(r, Failure)] == [
+        forged,
+        [1],
+    ]
