@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -351,3 +351,14 @@ def insert_replay(
                 (f".{sink}.r{number}", sink, now, now, *chunk),
             ).rowcount
     return created
+
+
+def pending_by_stage(conn: Connection, stages: Iterable[str]) -> dict[str, int]:
+    """Pending deliveries per stage (0 for a stage with none); reads the `deliveries_due` index."""
+    depths = dict.fromkeys(stages, 0)
+    for stage, count in conn.execute(
+        f"SELECT stage, count(*) FROM deliveries WHERE state = {PENDING} GROUP BY stage"
+    ).fetchall():
+        if stage in depths:
+            depths[stage] = int(count)
+    return depths
