@@ -21,7 +21,7 @@ Pipelining:
     store call, in the order read, one call at a time. A failed page ends the listing only
     after the pages before it are committed; an answer asked for ahead of it is dropped
     unread. A kill loses the pages not yet committed, which the next incarnation fetches again
-    from the stored position; a commit that fails is retried (`Store.call_until_committed`)
+    from the stored position; a commit that fails is retried (`Outbox.commit_pages` waits it out)
     while the listing waits, reading at most `PIPELINE` pages more.
 
 Errors:
@@ -86,8 +86,8 @@ from daemon.http.client import HttpClient, HttpxClient, LeanClient, Response, pa
 from daemon.http.tokens import scrub
 from daemon.limits.backoff import ceiling
 from daemon.limits.ratelimit import RateLimiter
-from daemon.store.poll import PageCheck, PollState, commit_pages, load_checks, load_state, save_state
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
+from daemon.store.poll import PageCheck, PollState
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
@@ -159,7 +159,7 @@ class Poller:
         self,
         name: str,
         config: PollSourceConfig,
-        store: Store,
+        store: Outbox,
         *,
         sinks: list[str],
         consumers: list[str],
@@ -237,9 +237,9 @@ class Poller:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        self._state = await self._store.load_poll_state(self.name)
         self._checks = Checks(
-            await self._store.call_until_committed(partial(load_checks, source=self.name)),
+            await self._store.load_page_checks(self.name),
             enabled=self._config.conditional,
             horizon=self._dedup_window / 2,
             link=isinstance(self._config.pagination, LinkPaging),
@@ -632,16 +632,13 @@ class Poller:
             await self._store_pages(batch, telemetry.current_traceparent())
 
     async def _store_pages(self, batch: list[_Batch], traceparent: str | None) -> None:
-        committed = await self._store.call_until_committed(
-            partial(
-                commit_pages,
-                source=self.name,
-                pages=[(page.keys, page.items, state) for page, state, _ in batch],
-                sinks=self._sinks,
-                dedup_window=self._dedup_window,
-                trace=traceparent,
-                checks=[check for _, _, check in batch if check is not None],
-            ),
+        committed = await self._store.commit_pages(
+            self.name,
+            [(page.keys, page.items, state) for page, state, _ in batch],
+            self._sinks,
+            dedup_window=self._dedup_window,
+            trace=traceparent,
+            checks=[check for _, _, check in batch if check is not None],
             wake=self._consumers,
         )
         state = batch[-1][1]
@@ -716,12 +713,12 @@ class Poller:
             )
         job = json.dumps({"status_url": urljoin(config.url, target), "submitted_at": time.time()})
         state = replace(self._state, job=job)
-        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
+        await self._store.save_poll_state(self.name, state)
         self._state = state
 
     async def _forget_job(self) -> None:
         state = replace(self._state, job=None, cycles=self._state.cycles + 1)
-        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
+        await self._store.save_poll_state(self.name, state)
         self._state = state
 
     @staticmethod

@@ -64,14 +64,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
 import trio
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.commit import Finished, OutcomeCommitter, recorder
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
 from actors.sink.outcomes import IDS_PER_LINE, log_committed, outcome_log
@@ -81,9 +80,9 @@ from daemon import poison
 from daemon.config.root import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.limits.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
+from daemon.store.api import Outbox
 from daemon.store.ordering import Fetched, Ordering
-from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes, unpark
-from daemon.store.sqlite import Store
+from daemon.store.outbox import Due, Outcomes
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
@@ -181,7 +180,7 @@ class Sink:
     def __init__(
         self,
         name: str,
-        store: Store,
+        store: Outbox,
         sender_factory: Callable[[], Sender],
         *,
         retry: RetryConfig,
@@ -256,15 +255,12 @@ class Sink:
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
         committer = OutcomeCommitter(
-            self._store,
-            self._ordering.record if self._ordering else record_outcomes,
+            recorder(self._store, self._ordering),
             wake=self._wake_on_commit,
             settle=self._settle,
             committed=self._committed,
         )
-        await self._store.call_until_committed(
-            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
-        )
+        await self._store.unpark(self.name, time.time(), MAX_WAIT)
         if self.guard is not None:
             self.guard.publish()
         try:
@@ -304,13 +300,9 @@ class Sink:
             limit = len(self._inflight) + ahead
             more = False
             if self._ordering is None:
-                rows = await store.call_until_committed(
-                    partial(due_deliveries, stage=name, now=now, limit=limit)
-                )
+                rows = await store.due_deliveries(name, now, limit)
             else:
-                fetched = await store.call_until_committed(
-                    partial(self._ordering.due, stage=name, now=now, limit=limit)
-                )
+                fetched = await store.due_ordered(self._ordering, name, now, limit)
                 rows, more = fetched.rows, fetched.more
                 if fetched.stale or fetched.dead:
                     self._settled_in_fetch(fetched)
@@ -322,7 +314,7 @@ class Sink:
                 await channel.send(fresh[start : start + chunk])
             if more or len(fresh) >= ahead:
                 continue
-            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
+            wake_at = await store.next_due_after(name, now)
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 

@@ -191,16 +191,12 @@ class SqliteOperations:
         return await self.call_until_committed(partial(outbox.next_due_after, stage=stage, now=now))
 
     async def unpark(self, stage: str, now: float, horizon: float) -> int:
-        return await self.call_until_committed(
-            partial(outbox.unpark, stage=stage, now=now, horizon=horizon)
-        )
+        return await self.call_until_committed(partial(outbox.unpark, stage=stage, now=now, horizon=horizon))
 
     async def record_outcomes(
         self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Iterable[str] = ()
     ) -> None:
-        await self.call_until_committed(
-            partial(_record_all, attempts=attempts, ordering=ordering), wake=wake
-        )
+        await self.call_until_committed(partial(_record_all, attempts=attempts, ordering=ordering), wake=wake)
 
     async def quarantine_head(self, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
         return await self.call_until_committed(
@@ -297,12 +293,16 @@ class SqliteOperations:
     async def start_replay(
         self, *, source: str, since: float | None, until: float | None, sinks: Sequence[str]
     ) -> int:
-        return await self.call(partial(ops.start_replay, source=source, since=since, until=until, sinks=sinks))
+        return await self.call(
+            partial(ops.start_replay, source=source, since=since, until=until, sinks=sinks)
+        )
 
     async def insert_replay(
         self, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]], wake: Iterable[str] = ()
     ) -> dict[str, int]:
-        return await self.call(partial(ops.insert_replay, number=number, seqs_by_sink=seqs_by_sink), wake=wake)
+        return await self.call(
+            partial(ops.insert_replay, number=number, seqs_by_sink=seqs_by_sink), wake=wake
+        )
 
     # -- small state (fail fast) ---------------------------------------------------------------
 
@@ -330,13 +330,9 @@ class SqliteOperations:
         audit_retention: float,
     ) -> int:
         removed = await self.call_until_committed(
-            partial(
-                _prune, retention=retention, archive=archive, dedup_window=dedup_window, readers=readers
-            )
+            partial(_prune, retention=retention, archive=archive, dedup_window=dedup_window, readers=readers)
         )
-        return removed + await self.call_until_committed(
-            partial(ops.prune_audit, retention=audit_retention)
-        )
+        return removed + await self.call_until_committed(partial(ops.prune_audit, retention=audit_retention))
 
     async def pending_by_stage(self, stages: Iterable[str]) -> dict[str, int]:
         return await self.call_until_committed(partial(ops.pending_by_stage, stages=list(stages)))
