@@ -40,7 +40,7 @@ from actors.transform.program import Failure, TransformProgram
 from actors.transform.transformer import batch_trace, dead_letter
 from daemon.config.root import TransformConfig
 from daemon.store.api import Outbox
-from daemon.store.outbox import StoredEvent
+from daemon.store.outbox import StoredEvent, derived_id
 from daemon.store.windows import Emitted, Joined, Window, Windows
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
@@ -138,7 +138,7 @@ class Aggregator:
             for nth, (payload, key) in enumerate(result):
                 window, n = windows.join(key, clock, wall)
                 touched[window.id] = window
-                item_id = f"{event.id}.{name}" if nth == 0 else f"{event.id}.{name}.{nth}"
+                item_id = derived_id(event.id, name, nth)
                 joined.append(Joined(window.id, n, item_id, payload, event.trace))
         await self._store.commit_joined(name, position, joined, list(touched.values()), failures)
         self.transformed += len(events)

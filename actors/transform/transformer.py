@@ -64,7 +64,7 @@ from actors.transform.program import Failure, TransformProgram
 from daemon import poison
 from daemon.config.root import TransformConfig
 from daemon.store.api import Outbox
-from daemon.store.outbox import Derived, StoredEvent
+from daemon.store.outbox import Derived, StoredEvent, delivery_id, derived_id
 from daemon.store.quarantine import careful_until, quarantine_reason
 from daemon.store.transform_retry import Revived
 from daemon.telemetry import masking, metrics
@@ -300,11 +300,11 @@ class Transformer:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
         name, now = self.name, time.time()
         for parent, nth, payload, _ in outputs:
-            event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
+            event_id = derived_id(parent.id, name, nth)
             TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
         for event, error, _ in failures:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
-            TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
+            TAPS.publish(name, Record("transform", delivery_id(event.id, name), event.payload, now, extra))
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[Failed], int, int, int]:
         """(outputs, dead letters, events that gave no output, outputs no route sends anywhere, how

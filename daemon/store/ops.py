@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from daemon.store.at_rest import cipher_of
+from daemon.store.outbox import delivery_id
 from daemon.store.schema import DEAD, DELIVERED, PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
@@ -348,7 +349,7 @@ def insert_replay(
             created[sink] += conn.execute(
                 "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) "
                 f"SELECT id || ?, seq, ?, ?, ? FROM events WHERE seq IN ({','.join('?' * len(chunk))})",
-                (f".{sink}.r{number}", sink, now, now, *chunk),
+                (delivery_id("", sink) + f".r{number}", sink, now, now, *chunk),
             ).rowcount
     return created
 
