@@ -57,7 +57,7 @@ Failed = tuple[StoredEvent, str] | tuple[StoredEvent, str, int]
 """A transform's dead letter: (event, reason) or (event, reason, attempts)."""
 
 Failure = tuple[str, str, "int | None", int, str]
-"""(stage, error type, last status, count, last error) of dead letters, for `ferry ctl stats`."""
+"""(stage, "retrying" or "dead", last status, count, error type) of failed deliveries (`ferry ctl stats`)."""
 
 
 @final
