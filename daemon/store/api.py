@@ -20,7 +20,8 @@ Wake-ups (`wake=`):
 Failure policies (decided per operation, by who calls it; stated on each protocol):
     *fail fast* — the operation raises `StoreUnavailable` when the commit fails (disk full, I/O
     error, server gone): the webhook's `insert_events` (answered 503), the control commands,
-    the alerter's state, the OAuth2 refresh tokens. Somebody is waiting for an answer.
+    the OAuth2 refresh tokens (the delivery is retried), the alerter's state (stored again at
+    its next evaluation). Somebody is waiting for an answer, or a retry is already built in.
     *wait it out* — the operation retries with capped backoff until it commits (or the store is
     stopping, then `StoreUnavailable`): everything the stages do (transforms, windows,
     deliveries, polling, quarantine, maintenance). Nobody can be answered there, and a stage
