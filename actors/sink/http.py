@@ -43,7 +43,7 @@ from opentelemetry import trace
 
 from actors.sink.guard import SinkGuard, current_url
 from actors.sink.items import ItemOutcomes, UnreadableAnswer
-from actors.sink.sink import Answer
+from actors.sink.judge import Answer
 from daemon.config.root import HttpSinkConfig
 from daemon.config.url_credentials import redact_url
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
