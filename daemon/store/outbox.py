@@ -102,14 +102,9 @@ def insert_rows(conn: Connection, insert: str, rows: Sequence[tuple[Any, ...]]) 
         conn.execute(sql, [value for row in chunk for value in row])
 
 
-class NewEvent(NamedTuple):
-    """An event to store (`payload` in clear) with a pending delivery for each of `sinks`."""
-
-    id: str
-    stream: str
-    payload: bytes
-    trace: str | None
-    sinks: Sequence[str]
+NewEvent = tuple[str, str, bytes, "str | None", Sequence[str]]
+"""An event to store: (id, stream, payload in clear, trace, the sinks of its pending deliveries).
+A plain tuple, not a NamedTuple: building one per event is on the pipeline's hot paths."""
 
 
 class NewDeadLetter(NamedTuple):
@@ -224,7 +219,7 @@ def insert_events(
             results.append(("", True))
             continue
         event_id = new_event_id(now)
-        events.append(NewEvent(event_id, stream, payload, trace, sinks))
+        events.append((event_id, stream, payload, trace, sinks))
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
         if replay is not None:
@@ -310,10 +305,8 @@ def commit_transform(
     Output ids derive from the parent's (`PARENT.NAME[.INDEX]`), so re-running a
     transform after a crash produces the same ids and the same idempotency keys.
     """
-    events = [
-        NewEvent(
-            derived_id(parent.id, name, nth), name, payload, parent.trace, sinks if routed is None else routed
-        )
+    events: list[NewEvent] = [
+        (derived_id(parent.id, name, nth), name, payload, parent.trace, sinks if routed is None else routed)
         for parent, nth, payload, routed in outputs
     ]
     dead = [

@@ -201,10 +201,10 @@ def commit_emitted(conn: Connection, transform: str, emitted: Sequence[Emitted])
     for item in emitted:
         if item.error is not None:
             failed.append((len(events), item.id, item.error))
-            events.append(NewEvent(item.id, f"{transform}/windows", item.contents, item.trace, ()))
+            events.append((item.id, f"{transform}/windows", item.contents, item.trace, ()))
         elif item.payload is not None:
             stored += 1
-            events.append(NewEvent(item.id, transform, item.payload, item.trace, item.sinks))
+            events.append((item.id, transform, item.payload, item.trace, item.sinks))
     # The failed windows' dead letters refer to their events' seqs: `store_events` numbers in order.
     first = last_seq(conn) + 1
     dead = [NewDeadLetter(id_, first + index, transform, error) for index, id_, error in failed]
