@@ -36,7 +36,7 @@ from daemon.errors import StoreUnavailable
 from daemon.registry import WebhookListener, build_sink
 from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
 from daemon.running import Running
-from daemon.store import at_rest, ops, outbox
+from daemon.store import at_rest
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import ActivatedSockets, Notifier
@@ -55,17 +55,12 @@ async def _maintain(store: Store, running: Running) -> None:
         # A failed aggregation window's contents (`NAME/windows`, daemon/store/windows.py) have no reader.
         readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
         await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
-        removed = await store.call_until_committed(
-            partial(
-                outbox.prune,
-                retention=config.store.retention,
-                archive=config.store.archive,
-                dedup_window=config.store.dedup_window,
-                readers=readers,
-            )
-        )
-        removed += await store.call_until_committed(
-            partial(ops.prune_audit, retention=config.store.audit_retention)
+        removed = await store.prune(
+            retention=config.store.retention,
+            archive=config.store.archive,
+            dedup_window=config.store.dedup_window,
+            readers=readers,
+            audit_retention=config.store.audit_retention,
         )
         if removed:
             log.info("store pruned", extra={"fields": {"rows": removed}})
@@ -82,9 +77,7 @@ async def _sample_queue_depths(store: Store, running: Running) -> None:
         interval = config.telemetry.metrics_interval
         if config.alerts:
             interval = min(interval, config.alerting.interval)
-        depths = await store.call_until_committed(
-            partial(metrics.pending_by_stage, stages=list(running.config.sinks))
-        )
+        depths = await store.pending_by_stage(running.config.sinks)
         gauges = metrics.current().queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
         gauges.update(depths)
@@ -154,7 +147,7 @@ async def _status_line(running: Running, store: Store, sinks: Callable[[], Itera
     for sink in sinks():
         delivered, dead = delivered + sink.delivered, dead + sink.dead
     try:
-        pending = f"{await store.call(outbox.pending_total)} pending"
+        pending = f"{await store.pending_total()} pending"
     except StoreUnavailable:
         pending = "store unavailable"
     return f"{received} events received, {delivered} delivered, {dead} dead-lettered since start; " + pending

@@ -5,7 +5,10 @@
   only where it assembles them, nothing but the command line imports `daemon.cli`, the store is
   the bottom layer, no cycles between sibling packages;
 - SQL lives in `daemon/store/` only. The modules that still hold SQL elsewhere are listed in
-  `SQL_OUTSIDE_THE_STORE`; the list may only shrink (a module leaving it must be removed from it).
+  `SQL_OUTSIDE_THE_STORE`; the list may only shrink (a module leaving it must be removed from it);
+- the store is reached through its interface (`daemon.store.api.Outbox`): outside
+  `daemon/store/` nothing imports `sqlite3` or a `Connection`, nor runs a function in the
+  store's transaction (`store.call(...)`, `call_until_committed(...)`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,8 @@ import grimp
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Left for the store interface (issue 14's next step): it moves these statements behind it.
-SQL_OUTSIDE_THE_STORE = {
-    "daemon/http/tokens.py": "the rotated OAuth2 refresh tokens (auth_tokens)",
-    "daemon/telemetry/metrics.py": "the pending/dead gauges' count of deliveries",
-}
+# Modules outside daemon/store/ allowed to hold SQL: none (the store interface took the last two).
+SQL_OUTSIDE_THE_STORE: dict[str, str] = {}
 
 # A string is SQL when it starts with a statement keyword and goes on like a statement (upper-case
 # keywords, as ferry writes its SQL), so prose and log messages do not match.
@@ -63,6 +63,41 @@ def test_sql_lives_in_the_store() -> None:
     assert not new, f"SQL outside daemon/store/ (move it into the store): {new}"
     gone = set(SQL_OUTSIDE_THE_STORE) - set(outside)
     assert not gone, f"no SQL left in {sorted(gone)}: remove them from SQL_OUTSIDE_THE_STORE"
+
+
+def store_internals_in(path: Path) -> list[str]:
+    """Where `path` reaches under the store interface: `LINE: what` for each."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import) and any(alias.name == "sqlite3" for alias in node.names):
+            found.append(f"{node.lineno}: import sqlite3")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("daemon.store"):
+            if any(alias.name == "Connection" for alias in node.names):
+                found.append(f"{node.lineno}: imports a Connection")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and (
+                node.func.attr == "call_until_committed"
+                or (node.func.attr == "call" and "store" in ast.unparse(node.func.value))
+            )
+        ):
+            found.append(f"{node.lineno}: {ast.unparse(node.func)}(...)")
+    return found
+
+
+def test_the_store_is_reached_through_its_interface() -> None:
+    outside = {}
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("daemon/store/") and (found := store_internals_in(path)):
+            outside[rel] = found
+    assert not outside, f"use the store's domain operations (daemon/store/api.py): {outside}"
+
+
+def test_the_interface_check_is_not_blind() -> None:
+    assert store_internals_in(ROOT / "daemon/store/sqlite_ops.py")
+    assert store_internals_in(ROOT / "tests/actors/test_sink_commit.py")
 
 
 def test_the_sql_check_sees_the_store_sql() -> None:

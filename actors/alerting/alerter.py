@@ -26,7 +26,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, final
 
 import httpx
@@ -37,8 +36,7 @@ from actors.alerting.notifiers import Notification, Notifiers, NotifyError
 from actors.alerting.rules import AlertState, AlertView, Notice, Rule, compile_rule, evaluate, sent, view
 from daemon.config.root import Config
 from daemon.errors import StoreUnavailable
-from daemon.store.alerts import load_states, save_states
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 from daemon.telemetry import metrics
 
 __all__ = ["Alerter"]
@@ -53,7 +51,7 @@ class Alerter:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: Outbox,
         collect: Callable[[], Snapshot],
         *,
         clock: Callable[[], float] = time.time,
@@ -85,7 +83,7 @@ class Alerter:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the stored states, report started, then evaluate every interval until cancelled."""
-        stored = await self._store.call(load_states)
+        stored = await self._store.load_alert_states()
         self.states = {name: stored.get(name) or AlertState() for name in self.rules}
         async with httpx.AsyncClient(follow_redirects=False) as client:
             notifiers = Notifiers(self._config.channels, client)
@@ -111,7 +109,7 @@ class Alerter:
                 for rule, state, notice in due:
                     nursery.start_soon(self._send, notifiers, rule, state, notice)
         try:
-            await self._store.call(partial(save_states, states=dict(self.states), keep=frozenset(self.rules)))
+            await self._store.save_alert_states(self.states, frozenset(self.rules))
         except StoreUnavailable as exc:
             log.warning(
                 "alert states not stored; retrying next evaluation", extra={"fields": {"error": str(exc)}}

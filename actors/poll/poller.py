@@ -21,7 +21,7 @@ Pipelining:
     store call, in the order read, one call at a time. A failed page ends the listing only
     after the pages before it are committed; an answer asked for ahead of it is dropped
     unread. A kill loses the pages not yet committed, which the next incarnation fetches again
-    from the stored position; a commit that fails is retried (`Store.call_until_committed`)
+    from the stored position; a commit that fails is retried (`Outbox.commit_pages` waits it out)
     while the listing waits, reading at most `PIPELINE` pages more.
 
 Errors:
@@ -33,11 +33,7 @@ Errors:
     kept, the listing is abandoned, and the next cycle starts again from the mark.
     Each error is logged, counted (`ferry.poll.errors`) and shown by `ferry ctl status`.
 
-Job mode (`job = {…}`):
-    A cycle submits the request (`Idempotency-Key: SOURCE-CYCLE`), stores the status URL,
-    then polls it every `job.interval` until `until` holds — the answer is then read like a
-    page — or `fail` holds, or `job.timeout` has passed since the submission (counted
-    errors). A restart resumes watching the stored job instead of submitting again.
+Job mode (`job = {…}`): see `actors.poll.job`.
 
 Pause:
     `ferry ctl pause NAME` stops polling after the cycle under way (a listing's pages so far are
@@ -51,43 +47,42 @@ Cancellation:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import Any, final
-from urllib.parse import urljoin, urlsplit
+from typing import final
 
 import jq
-import msgspec
 import trio
 from opentelemetry import trace
 
 from actors.poll.checks import Checks
 from actors.poll.config import LinkPaging, PollSourceConfig
+from actors.poll.fetcher import Ahead, Fetcher, where
+from actors.poll.job import Batch, JobMode
 from actors.poll.pages import (
     Page,
     PageReader,
     PollStatus,
     Watermark,
-    excerpt,
     first_url,
     link_targets,
     next_url,
     without_params,
 )
-from daemon.errors import DeliveryError, PollError
-from daemon.http.auth import Auth, build_auth, credential_values, ssl_context, with_query
-from daemon.http.client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
+from actors.poll.progress import advance, dropped_listing
+from daemon.errors import PollError
+from daemon.http.auth import Auth, build_auth, ssl_context
+from daemon.http.client import HttpClient, HttpxClient, LeanClient
 from daemon.http.tokens import scrub
 from daemon.limits.backoff import ceiling
 from daemon.limits.ratelimit import RateLimiter
-from daemon.store.poll import PageCheck, PollState, commit_pages, load_checks, load_state, save_state
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
+from daemon.store.poll import PageCheck, PollState
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
@@ -97,69 +92,17 @@ PIPELINE = 32
 """Most pages read ahead of their commit (and most pages stored in one store call)."""
 READ_AHEAD_BYTES = 8 * 1024**2
 """Most bytes of items read ahead of their commit (one page always goes, however large)."""
-_Batch = tuple[Page, PollState, PageCheck | None]
-"""A page handed to the committer: its items, the state after it, the validators to store with it."""
-
-
-def _where(url: str) -> str:
-    """A URL without its query (which may hold a key) for messages."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 @final
-class _Ahead:
-    """The request for the next page, sent while the current one is keyed, encoded and committed.
-
-    The next page's URL is known once a page is decoded; its request goes out at once, so the
-    upstream's answer time overlaps ferry's work on the page in hand instead of adding to it.
-    Nothing is stored from the answer before the page in hand was handed to the committer;
-    when that page ends the listing (a bad item, a stuck cursor) the answer is dropped unread.
-    """
-
-    def __init__(self) -> None:
-        self._done = trio.Event()
-        self._sent = False
-        self._response: Response | None = None
-        self._error: PollError | None = None
-
-    @classmethod
-    async def start(cls, nursery: trio.Nursery, fetch: Callable[[], Awaitable[Response]]) -> _Ahead:
-        ahead = cls()
-        nursery.start_soon(ahead._run, fetch)
-        # The task runs without a pause from its start to writing the request: once it has
-        # started, the request is out (or waiting for a permit of the rate limit).
-        while not ahead._sent:
-            await trio.lowlevel.checkpoint()
-        return ahead
-
-    async def _run(self, fetch: Callable[[], Awaitable[Response]]) -> None:
-        self._sent = True
-        try:
-            self._response = await fetch()
-        except PollError as exc:
-            self._error = exc
-        finally:
-            self._done.set()
-
-    async def response(self) -> Response:
-        """The answer, or the `PollError` fetching it raised."""
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._response is not None
-        return self._response
-
-
-@final
-class Poller:
+class Poller(JobMode):
     """Polls one source; see the module docstring for its guarantees."""
 
     def __init__(
         self,
         name: str,
         config: PollSourceConfig,
-        store: Store,
+        store: Outbox,
         *,
         sinks: list[str],
         consumers: list[str],
@@ -188,11 +131,11 @@ class Poller:
         self._body = (config.body or "").encode()
         self._state = PollState()
         self._checks = Checks({}, enabled=False, horizon=0, link=False, newest_first=False)
-        self._client: HttpClient = LeanClient()
-        self._sent: list[str] = []  # the credentials of the last request, scrubbed from its errors
         self._auth: Auth | None = (
             build_auth(config.auth, owner=f"sources.{name}", store=store) if config.auth is not None else None
         )
+        self._fetcher = Fetcher(name, config, self._auth, limiter)
+        self._fetch = self._fetcher.fetch
         self.status_name = "starting"
         self._resumed: trio.Event | None = None  # set while paused; fired by `resume()`
         self._wake = trio.Event()  # cuts the wait before the next cycle short (a resume)
@@ -202,12 +145,17 @@ class Poller:
         self.last_success_at: float | None = None
         self.next_poll_at: float | None = None
         self.errors: Counter[str] = Counter()
-        self.items = self.duplicates = self.requests = self.not_modified = self.cycles = 0
+        self.items = self.duplicates = self.not_modified = self.cycles = 0
         # Counts not yet added to `ferry.poll.requests` / `ferry.poll.items`: an OpenTelemetry
         # `add` costs tens of µs, so they are added at most once a second and after each cycle.
-        self._answered = self._new = self._repeats = 0
+        self._new = self._repeats = 0
         self._counted_at = 0.0
         self._unstored, self._room = 0, trio.Event()  # bytes of items read ahead of their commit
+
+    @property
+    def requests(self) -> int:
+        """Requests sent (each try of each page, submit or status check)."""
+        return self._fetcher.requests
 
     def __repr__(self) -> str:
         return (
@@ -237,38 +185,23 @@ class Poller:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._state = await self._store.call_until_committed(partial(load_state, source=self.name))
+        self._state = await self._store.load_poll_state(self.name)
         self._checks = Checks(
-            await self._store.call_until_committed(partial(load_checks, source=self.name)),
+            await self._store.load_page_checks(self.name),
             enabled=self._config.conditional,
             horizon=self._dedup_window / 2,
             link=isinstance(self._config.pagination, LinkPaging),
             newest_first=self._config.newest_first,
         )
         begun = self._state.cycle_url
-        if (
-            self._state.next_url is not None
-            and begun is not None
-            and _where(begun) != _where(self._config.url)
-        ):
+        if self._state.next_url is not None and begun is not None and where(begun) != where(self._config.url):
             # The listing in progress was begun from another `url` (the config changed): its next
             # page would go on reading the old listing. Start over from the mark; keys catch repeats.
             log.info(
                 "listing of a previous url dropped",
-                extra={
-                    "fields": {"source": self.name, "was": _where(begun), "now": _where(self._config.url)}
-                },
+                extra={"fields": {"source": self.name, "was": where(begun), "now": where(self._config.url)}},
             )
-            self._state = replace(
-                self._state,
-                next_url=None,
-                cycle_mark=None,
-                cycle_url=None,
-                cycle_etag=None,
-                cycle_last_modified=None,
-                cycle_refreshed=None,
-                pages=0,
-            )
+            self._state = dropped_listing(self._state)
         config = self._config
         context = ssl_context(config.tls)
         limit = int(config.max_response) + 1  # one byte more than allowed tells "too large" from "just fits"
@@ -277,7 +210,7 @@ class Poller:
             if config.client == "lean"
             else HttpxClient(max_connections=2, max_body=limit, ssl_context=context)
         )
-        self._client = client
+        self._fetcher.client = client
         gauges = metrics.current().poll_failures
         gauges[self.name] = 0
         task_status.started()
@@ -335,7 +268,7 @@ class Poller:
         self.status_name = "backoff"
         # An upstream may echo the credentials it refused: none in `ferry ctl status` or the log.
         message = str(exc)
-        message = scrub(masking.current().scrub(message) or message, self._sent)
+        message = scrub(masking.current().scrub(message) or message, self._fetcher.sent)
         self.last_error, self.last_error_kind = message, exc.kind
         self.errors[exc.kind] += 1
         metrics.current().poll_errors.add(1, {"source": self.name, "error": exc.kind})
@@ -357,65 +290,6 @@ class Poller:
         )
         return delay
 
-    # -- HTTP ------------------------------------------------------------------------------
-
-    async def _fetch(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b""
-    ) -> Response:
-        """One request (with `auth`, and once more after a 401 that a new token may fix);
-        any answer but 2xx or 304 raises `PollError`."""
-        recorder = metrics.current().poll_requests
-        auth = self._auth
-        try:
-            if auth is None:
-                response = await self._send(method, url, headers, body)
-            else:
-                url = with_query(url, auth.query)
-                credentials = await auth.headers()
-                self._sent = credential_values(credentials, auth.query)
-                response = await self._send(method, url, [*headers, *credentials.items()], body)
-                if response.status == 401 and await auth.unauthorized(credentials):
-                    credentials = await auth.headers()
-                    self._sent = [*self._sent, *credential_values(credentials, auth.query)]
-                    response = await self._send(method, url, [*headers, *credentials.items()], body)
-        except DeliveryError as exc:
-            recorder.add(1, {"source": self.name, "outcome": "error"})
-            kind = "timeout" if str(exc).startswith("timed out") else "transport"
-            raise PollError(f"{method} {_where(url)}: {exc}", kind=kind) from None
-        status = response.status
-        if status == 304:
-            recorder.add(1, {"source": self.name, "outcome": "not_modified"})
-            return response
-        if not 200 <= status < 300:
-            recorder.add(1, {"source": self.name, "outcome": "error"})
-            text = excerpt(response.body)
-            raise PollError(
-                f"{method} {_where(url)}: HTTP {status}" + (f": {text}" if text else ""),
-                kind=f"http_{status}",
-                retry_after=parse_retry_after(response.header("retry-after")),
-            )
-        if len(response.body) > self._config.max_response:
-            recorder.add(1, {"source": self.name, "outcome": "error"})
-            raise PollError(
-                f"{method} {_where(url)}: response larger than max_response "
-                f"({int(self._config.max_response)} bytes)",
-                kind="too_large",
-            )
-        self._answered += 1
-        return response
-
-    async def _send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
-        """One request under the rate limit, its answer fed back to it. Raises `DeliveryError`."""
-        if self._limiter is not None:
-            await self._limiter.acquire(self.name)
-        self.requests += 1
-        response = await self._client.request(
-            method, url, headers=headers, body=body, timeout=self._config.timeout
-        )
-        if self._limiter is not None:
-            self._limiter.feedback(response.status, dict(response.headers))
-        return response
-
     # -- listing ---------------------------------------------------------------------------
 
     async def _cycle(self) -> None:
@@ -430,7 +304,7 @@ class Poller:
         self._unstored, self._room = 0, trio.Event()
         error: PollError | None = None
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel[_Batch](PIPELINE)
+            send, receive = trio.open_memory_channel[Batch](PIPELINE)
             nursery.start_soon(self._committer, receive)
             async with send:
                 try:
@@ -446,17 +320,17 @@ class Poller:
             return
         self._counted_at = clock
         current = metrics.current()
-        if self._answered:
-            current.poll_requests.add(self._answered, {"source": self.name, "outcome": "ok"})
+        if self._fetcher.answered:
+            current.poll_requests.add(self._fetcher.answered, {"source": self.name, "outcome": "ok"})
         if self._new:
             current.poll_items.add(self._new, {"source": self.name, "outcome": "new"})
         if self._repeats:
             current.poll_items.add(self._repeats, {"source": self.name, "outcome": "duplicate"})
-        self._answered = self._new = self._repeats = 0
+        self._fetcher.answered = self._new = self._repeats = 0
 
-    async def _list(self, pages: trio.MemorySendChannel[_Batch]) -> None:
+    async def _list(self, pages: trio.MemorySendChannel[Batch]) -> None:
         """Fetch the listing's pages in order, each page's request sent before the page before it
-        is keyed, encoded and handed to the committer (see `_Ahead`)."""
+        is keyed, encoded and handed to the committer (see `Ahead`)."""
         config = self._config
         state = self._state
         since = config.since
@@ -486,7 +360,7 @@ class Poller:
     async def _pages(
         self,
         nursery: trio.Nursery,
-        pages: trio.MemorySendChannel[_Batch],
+        pages: trio.MemorySendChannel[Batch],
         url: str,
         headers: list[tuple[str, str]],
         asked: PageCheck | None,
@@ -503,7 +377,7 @@ class Poller:
             position, now = state.pages + 1, time.time()
             unchanged = None
             if response.status == 304:
-                unchanged = self._checks.not_modified(asked, f"{config.method} {_where(url)}")
+                unchanged = self._checks.not_modified(asked, f"{config.method} {where(url)}")
                 self.not_modified += 1
                 if position == 1 and self._checks.may_stop(unchanged, self._state, now):
                     self.cycles += 1  # newest first: the whole listing is as it was; nothing to store
@@ -526,7 +400,7 @@ class Poller:
                 fetch = partial(
                     self._fetch, config.method, following, [*self._headers, *validators], self._body
                 )
-                ahead = await _Ahead.start(nursery, fetch)
+                ahead = await Ahead.start(nursery, fetch)
             if opened is None:
                 assert unchanged is not None
                 page = Page([], [], [unchanged.mark] if unchanged.mark is not None else [], None)
@@ -537,7 +411,9 @@ class Poller:
             check = unchanged
             if unchanged is None and not stuck:
                 check = self._checks.read(position, url, response, following, mark and mark.text, now)
-            state = self._advance(state, mark, following, stuck, check, now if unchanged is None else None)
+            state = advance(
+                state, config.since, mark, following, stuck, check, now if unchanged is None else None
+            )
             if unchanged is not None and not stuck and following is None and position == number and not read:
                 self.cycles += 1  # every page of the listing answered 304: nothing to store
                 return
@@ -560,7 +436,7 @@ class Poller:
                     else "repeats the items of the last"
                 )
                 raise PollError(
-                    f"cursor stopped advancing: page {number} of this cycle ({_where(url)}) {what}; "
+                    f"cursor stopped advancing: page {number} of this cycle ({where(url)}) {what}; "
                     "listing abandoned, the next cycle starts again from the mark",
                     kind="stuck_cursor",
                 )
@@ -569,7 +445,7 @@ class Poller:
             response = await ahead.response()
             url, previous, asked = following, page.keys if unchanged is None else None, ahead_asked
 
-    async def _committer(self, pages: trio.MemoryReceiveChannel[_Batch]) -> None:
+    async def _committer(self, pages: trio.MemoryReceiveChannel[Batch]) -> None:
         """Commit pages in the order they come, all those waiting in one store call."""
         async with pages:
             async for first in pages:
@@ -583,46 +459,7 @@ class Poller:
                 self._unstored -= sum(len(item) for page, _, _ in batch for item in page.items)
                 self._room.set()
 
-    def _advance(
-        self,
-        state: PollState,
-        mark: Watermark | None,
-        following: str | None,
-        stuck: bool,
-        check: PageCheck | None,
-        refreshed: float | None,
-    ) -> PollState:
-        """The state to commit with a page whose items' highest mark is `mark`, whose validators
-        are in `check`, read in full at `refreshed` (None: a 304, read in full at `check`'s time)."""
-        since = self._config.since
-        state = replace(state, pages=state.pages + 1, next_url=following)
-        if state.pages == 1:
-            state.cycle_etag = check.etag if check is not None else None
-            state.cycle_last_modified = check.last_modified if check is not None else None
-        if refreshed is None:
-            assert check is not None
-            refreshed = check.refreshed_at
-        if state.cycle_refreshed is None or refreshed < state.cycle_refreshed:
-            state.cycle_refreshed = refreshed
-        if since is not None and mark is not None:
-            current = Watermark.parse(state.cycle_mark, since.format) if state.cycle_mark else None
-            if current is None or mark.order > current.order:
-                state.cycle_mark = mark.text
-        if following is None or stuck:
-            state.next_url = None
-            if not stuck:
-                state.mark = state.cycle_mark
-                state.cycles += 1
-                # The first page's validators and the oldest full read of any page of this
-                # listing: what lets a 304 for that first page end a cycle (`newest_first`).
-                state.etag, state.last_modified = state.cycle_etag, state.cycle_last_modified
-                state.validated_url, state.refreshed = state.cycle_url, state.cycle_refreshed
-            state.cycle_mark = state.cycle_etag = state.cycle_last_modified = state.cycle_url = None
-            state.cycle_refreshed = None
-            state.pages = 0
-        return state
-
-    async def _commit(self, batch: list[_Batch]) -> None:
+    async def _commit(self, batch: list[Batch]) -> None:
         tracer = telemetry.tracer()
         if tracer is None:
             await self._store_pages(batch, None)
@@ -631,17 +468,14 @@ class Poller:
             span.set_attribute("ferry.pages", len(batch))
             await self._store_pages(batch, telemetry.current_traceparent())
 
-    async def _store_pages(self, batch: list[_Batch], traceparent: str | None) -> None:
-        committed = await self._store.call_until_committed(
-            partial(
-                commit_pages,
-                source=self.name,
-                pages=[(page.keys, page.items, state) for page, state, _ in batch],
-                sinks=self._sinks,
-                dedup_window=self._dedup_window,
-                trace=traceparent,
-                checks=[check for _, _, check in batch if check is not None],
-            ),
+    async def _store_pages(self, batch: list[Batch], traceparent: str | None) -> None:
+        committed = await self._store.commit_pages(
+            self.name,
+            [(page.keys, page.items, state) for page, state, _ in batch],
+            self._sinks,
+            dedup_window=self._dedup_window,
+            trace=traceparent,
+            checks=[check for _, _, check in batch if check is not None],
             wake=self._consumers,
         )
         state = batch[-1][1]
@@ -663,81 +497,3 @@ class Poller:
             for result in committed:
                 for event_id, payload in result.events:
                     TAPS.publish(self.name, Record("source", event_id, payload, now))
-
-    # -- job mode --------------------------------------------------------------------------
-
-    async def _job_cycle(self) -> None:
-        """Submit a job (unless one is stored), watch it, store its result; see "Job mode"."""
-        config = self._config
-        job = config.job
-        assert job is not None
-        if self._state.job is None:
-            await self._submit()
-        watched = json.loads(self._state.job or "{}")
-        status_url, submitted_at = str(watched["status_url"]), float(watched["submitted_at"])
-        while True:
-            if time.time() - submitted_at > job.timeout:
-                await self._forget_job()
-                raise PollError(
-                    f"job {_where(status_url)} not done within {job.timeout:g}s of its submission; given up",
-                    kind="job_timeout",
-                )
-            self.status_name = "job"
-            response = await self._fetch("GET", status_url, list(self._headers))
-            answer = self._decode(response)
-            if self._fail is not None and self._holds(self._fail, answer, "job.fail"):
-                await self._forget_job()
-                raise PollError(
-                    f"job {_where(status_url)} failed: {excerpt(response.body)}", kind="job_failed"
-                )
-            if self._holds(self._until, answer, "job.until"):
-                page = self._reader.read(response.body, response.header("content-type"))
-                state = replace(self._state, job=None, cycles=self._state.cycles + 1)
-                await self._commit([(page, state, None)])
-                return
-            await trio.sleep(job.interval)
-
-    async def _submit(self) -> None:
-        config = self._config
-        headers = [*self._headers, ("idempotency-key", f"{self.name}-{self._state.cycles + 1}")]
-        response = await self._fetch(config.method, config.url, headers, self._body)
-        if self._status_url is not None:
-            try:
-                (target,) = self._status_url.input_value(self._decode(response)).all()
-            except ValueError as exc:
-                raise PollError(f"job.status_url: jq failed on the submit answer: {exc}", kind="jq") from None
-        else:
-            target = response.header("location")
-        if not isinstance(target, str) or not target:
-            raise PollError(
-                f"no status URL in the submit answer (job.status_url gave {target!r}): "
-                + excerpt(response.body),
-                kind="bad_shape",
-            )
-        job = json.dumps({"status_url": urljoin(config.url, target), "submitted_at": time.time()})
-        state = replace(self._state, job=job)
-        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
-        self._state = state
-
-    async def _forget_job(self) -> None:
-        state = replace(self._state, job=None, cycles=self._state.cycles + 1)
-        await self._store.call_until_committed(partial(save_state, source=self.name, state=state))
-        self._state = state
-
-    @staticmethod
-    def _decode(response: Response) -> Any:
-        try:
-            return msgspec.json.decode(response.body)
-        except msgspec.DecodeError as exc:
-            kind = response.header("content-type") or "no content-type"
-            raise PollError(
-                f"response is not JSON ({kind}): {exc}: {excerpt(response.body)!r}", kind="not_json"
-            ) from None
-
-    @staticmethod
-    def _holds(program: Any, answer: Any, key: str) -> bool:
-        try:
-            (value,) = program.input_value(answer).all()
-        except ValueError as exc:
-            raise PollError(f"{key}: jq failed on the status answer: {exc}", kind="jq") from None
-        return value is not False and value is not None

@@ -20,31 +20,41 @@ Latency:
     (an fsync), not with a wait chosen here.
 
 Errors:
-    A store outage is waited out (`Store.call_until_committed`). If recording the group raises
+    A store outage is waited out (`Outbox.record_outcomes` waits it out). If recording the group raises
     (a bug, a constraint), each entry is committed alone so that only the failing one's worker
     gets the error, as the store's own group commit does.
 
 Cancellation and shutdown:
     A worker cancelled while it waits stops waiting; its outcomes still go out with the group
-    (as with `Store.call`). `close()` once the workers have returned: `run` commits what is
+    (as with any store operation). `close()` once the workers have returned: `run` commits what is
     left and returns. Cancelled itself, `run` answers nobody: the waiting workers are in the
     same cancelled scope, and their deliveries stay pending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import final
 
 import trio
 
 from daemon.errors import DeliveryError
-from daemon.store.outbox import Connection, Due, Outcomes
-from daemon.store.sqlite import Store
+from daemon.store.api import Attempt, Outbox
+from daemon.store.ordering import Ordering
+from daemon.store.outbox import Due, Outcomes
 
-Recorder = Callable[[Connection, Outcomes, "float | None", "str | None"], None]
+Recorder = Callable[[Sequence[Attempt], Sequence[str]], Awaitable[None]]
+"""Commits attempts' outcomes in one transaction, then wakes the named consumers."""
+
+
+def recorder(store: Outbox, ordering: Ordering | None) -> Recorder:
+    """`store.record_outcomes`, with the sink's `ordering` (None: the sink does not order)."""
+
+    async def record(attempts: Sequence[Attempt], wake: Sequence[str]) -> None:
+        await store.record_outcomes(attempts, ordering=ordering, wake=wake)
+
+    return record
 
 
 @dataclass(slots=True, eq=False)
@@ -64,22 +74,20 @@ class Finished:
 class OutcomeCommitter:
     """Commits `Finished` attempts in groups; see the module docstring.
 
-    `record(conn, outcomes, latency, response)` writes one attempt's outcomes (`record_outcomes`
-    or an ordering's `record`); `wake(entries)` names the consumers to wake after the commit;
-    `settle(entries)` runs after every try, committed or not; `committed(entries)` runs once
-    for the entries that committed, before their workers resume.
+    `record(attempts, wake)` commits attempts' outcomes in one transaction (`recorder`);
+    `wake(entries)` names the consumers to wake after the commit; `settle(entries)` runs after
+    every try, committed or not; `committed(entries)` runs once for the entries that committed,
+    before their workers resume.
     """
 
     def __init__(
         self,
-        store: Store,
         record: Recorder,
         *,
         wake: Callable[[Sequence[Finished]], Sequence[str]],
         settle: Callable[[Sequence[Finished]], None],
         committed: Callable[[Sequence[Finished]], None],
     ) -> None:
-        self._store = store
         self._record = record
         self._wake = wake
         self._settle = settle
@@ -122,21 +130,17 @@ class OutcomeCommitter:
             done.set()
 
     async def _write(self, entries: list[Finished]) -> None:
-        store, wake = self._store, self._wake(entries)
+        record, wake = self._record, self._wake(entries)
         try:
             try:
-                await store.call_until_committed(
-                    partial(_record_all, record=self._record, entries=entries), wake=wake
-                )
+                await record([(e.outcomes, e.latency, e.response) for e in entries], wake)
             except Exception as exc:
                 if len(entries) == 1:
                     entries[0].failure = exc
                 else:
                     for entry in entries:
                         try:
-                            await store.call_until_committed(
-                                partial(_record_all, record=self._record, entries=[entry]), wake=wake
-                            )
+                            await record([(entry.outcomes, entry.latency, entry.response)], wake)
                         except Exception as one:
                             entry.failure = one
         finally:
@@ -146,8 +150,3 @@ class OutcomeCommitter:
         committed = [entry for entry in entries if entry.failure is None]
         if committed:
             self._committed(committed)
-
-
-def _record_all(conn: Connection, record: Recorder, entries: Sequence[Finished]) -> None:
-    for entry in entries:
-        record(conn, entry.outcomes, entry.latency, entry.response)

@@ -43,15 +43,15 @@ from opentelemetry import trace
 
 from actors.sink.guard import SinkGuard, current_url
 from actors.sink.items import ItemOutcomes, UnreadableAnswer
-from actors.sink.sink import Answer
+from actors.sink.judge import Answer
 from daemon.config.root import HttpSinkConfig
 from daemon.config.url_credentials import redact_url
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query
 from daemon.http.client import HttpClient, HttpxClient, LeanClient, Response, parse_retry_after
 from daemon.http.tokens import scrub
+from daemon.store.api import Outbox
 from daemon.store.outbox import Due
-from daemon.store.sqlite import Store
 from daemon.telemetry import otel as telemetry
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -112,7 +112,7 @@ class HttpSender:
         config: HttpSinkConfig,
         *,
         guard: SinkGuard | None = None,
-        store: Store | None = None,
+        store: Outbox | None = None,
     ) -> None:
         self.name = name
         self._config = config

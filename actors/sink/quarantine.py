@@ -13,20 +13,16 @@ Sinks with `ordering` are left out: a dead row there must go through the orderin
 from __future__ import annotations
 
 import logging
-from functools import partial
 
-from daemon.store.quarantine import check_head
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 from daemon.telemetry import metrics
 
 log = logging.getLogger("ferry.sink")
 
 
-async def quarantine_head(store: Store, stage: str, quarantine_after: int) -> None:
-    """`check_head` in its own transaction, then log and count a quarantined delivery."""
-    found = await store.call_until_committed(
-        partial(check_head, stage=stage, quarantine_after=quarantine_after)
-    )
+async def quarantine_head(store: Outbox, stage: str, quarantine_after: int) -> None:
+    """`Outbox.quarantine_head` (its own transaction), then log and count a quarantined delivery."""
+    found = await store.quarantine_head(stage, quarantine_after)
     if found is None:
         return
     due, attempts = found

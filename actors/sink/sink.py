@@ -64,44 +64,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
-from typing import TYPE_CHECKING, NamedTuple, Protocol, final
+from typing import Protocol, final
 
 import trio
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
-from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.bookkeeping import (
+    batch_trace,
+    count,
+    guarded_error,
+    guarded_text,
+    outcome_of,
+    settled_in_fetch,
+    span_attributes,
+    tap,
+)
+from actors.sink.commit import Finished, OutcomeCommitter, recorder
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
-from actors.sink.outcomes import IDS_PER_LINE, log_committed, outcome_log
+from actors.sink.judge import Answer, judge
+from actors.sink.outcomes import log_committed
 from actors.sink.quarantine import quarantine_head
 from actors.sink.retry_log import RetryLog
 from daemon import poison
 from daemon.config.root import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
-from daemon.limits.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
+from daemon.limits.backoff import MAX_WAIT
+from daemon.store.api import Outbox
 from daemon.store.ordering import Fetched, Ordering
-from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, record_outcomes, unpark
-from daemon.store.sqlite import Store
-from daemon.telemetry import masking, metrics
+from daemon.store.outbox import Due, Outcomes
+from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
-
-if TYPE_CHECKING:
-    from opentelemetry.context import Context
-
-
-class Answer(NamedTuple):
-    """What the receiver said to a successful attempt: its status and the start of its body.
-
-    `items`: the items it refused all the same (by position in the batch; `batch.item_outcomes`),
-    each judged alone with its own error; the others are delivered.
-    """
-
-    status: int | None
-    excerpt: str | None = None
-    items: Mapping[int, DeliveryError] | None = None
+from daemon.telemetry.tap import TAPS
 
 
 class Sender(Protocol):
@@ -116,64 +111,6 @@ class Sender(Protocol):
     async def aclose(self) -> None: ...
 
 
-def next_attempt_wait(attempt: int, retry: RetryConfig, retry_after: float | None) -> float:
-    """Seconds until the next try after failed attempt number `attempt`."""
-    return full_jitter(attempt, retry.initial_backoff, retry.max_backoff, retry_after=retry_after)
-
-
-def judge(
-    batch: Sequence[Due],
-    error: DeliveryError | None,
-    status: int | None,
-    retry: RetryConfig,
-    now: float,
-    *,
-    hold: bool = False,
-    items: Mapping[int, DeliveryError] | None = None,
-) -> Outcomes:
-    """Turn one attempt's result into outcomes for each delivery in it (pure: no I/O).
-
-    No retry is scheduled after the delivery's `max_age` deadline (`daemon.limits.backoff.retry_at`).
-
-    `hold`: a retryable failure is rescheduled whatever the attempt and age limits (a failed
-    circuit-breaker probe: the service is down, which is no reason to give up on the delivery).
-    `items`: errors of single items of an otherwise successful attempt (`Answer.items`, by
-    position in `batch`): each item is judged alone, with its own error or with the attempt's.
-    """
-    if items:
-        merged = Outcomes([], [], [])
-        for index, due in enumerate(batch):
-            one = judge([due], items.get(index, error), status, retry, now, hold=hold)
-            merged.delivered.extend(one.delivered)
-            merged.retry.extend(one.retry)
-            merged.dead.extend(one.dead)
-        return merged
-    outcomes = Outcomes([], [], [])
-    for due in batch:
-        attempt = due.attempts + 1
-        if error is None:
-            outcomes.delivered.append((due.rowid, status))
-        elif isinstance(error, PermanentDelivery):
-            outcomes.dead.append((due.rowid, error.status, str(error)))
-        elif hold:
-            wait = next_attempt_wait(attempt, retry, error.retry_after)
-            outcomes.retry.append((due.rowid, now + wait, error.status, str(error)))
-        elif attempt >= retry.max_attempts:
-            outcomes.dead.append((due.rowid, error.status, f"gave up after {attempt} attempts: {error}"))
-        elif now - due.created_at >= retry.max_age:
-            outcomes.dead.append((due.rowid, error.status, f"gave up after {retry.max_age:g}s: {error}"))
-        else:
-            wait = next_attempt_wait(attempt, retry, error.retry_after)
-            at = retry_at(now, wait, error.retry_after, due.created_at + retry.max_age)
-            if at is None:
-                outcomes.dead.append(
-                    (due.rowid, error.status, past_max_age(error.retry_after, retry.max_age, error))
-                )
-            else:
-                outcomes.retry.append((due.rowid, at, error.status, str(error)))
-    return outcomes
-
-
 @final
 class Sink:
     """Delivers the deliveries of stage `name` through a `Sender`; see the module docstring."""
@@ -181,7 +118,7 @@ class Sink:
     def __init__(
         self,
         name: str,
-        store: Store,
+        store: Outbox,
         sender_factory: Callable[[], Sender],
         *,
         retry: RetryConfig,
@@ -256,15 +193,12 @@ class Sink:
         self._settled.clear()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
         committer = OutcomeCommitter(
-            self._store,
-            self._ordering.record if self._ordering else record_outcomes,
+            recorder(self._store, self._ordering),
             wake=self._wake_on_commit,
             settle=self._settle,
             committed=self._committed,
         )
-        await self._store.call_until_committed(
-            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
-        )
+        await self._store.unpark(self.name, time.time(), MAX_WAIT)
         if self.guard is not None:
             self.guard.publish()
         try:
@@ -304,13 +238,9 @@ class Sink:
             limit = len(self._inflight) + ahead
             more = False
             if self._ordering is None:
-                rows = await store.call_until_committed(
-                    partial(due_deliveries, stage=name, now=now, limit=limit)
-                )
+                rows = await store.due_deliveries(name, now, limit)
             else:
-                fetched = await store.call_until_committed(
-                    partial(self._ordering.due, stage=name, now=now, limit=limit)
-                )
+                fetched = await store.due_ordered(self._ordering, name, now, limit)
                 rows, more = fetched.rows, fetched.more
                 if fetched.stale or fetched.dead:
                     self._settled_in_fetch(fetched)
@@ -322,7 +252,7 @@ class Sink:
                 await channel.send(fresh[start : start + chunk])
             if more or len(fresh) >= ahead:
                 continue
-            wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
+            wake_at = await store.next_due_after(name, now)
             with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
@@ -331,25 +261,9 @@ class Sink:
 
         Final outcomes, so they go to `ferry.sink.outcome` like the others: every id in a line.
         """
-        meter = metrics.current()
         self.stale += fetched.stale
         self.dead += fetched.dead
-        if fetched.stale:
-            meter.deliveries.add(fetched.stale, {"sink": self.name, "outcome": "stale"})
-            for start in range(0, fetched.stale, IDS_PER_LINE):
-                ids = fetched.stale_ids[start : start + IDS_PER_LINE]
-                outcome_log.info(
-                    "deliveries dropped as stale",
-                    extra={"fields": {"sink": self.name, "deliveries": len(ids), "delivery_ids": ids}},
-                )
-        if fetched.dead:
-            meter.deliveries.add(fetched.dead, {"sink": self.name, "outcome": "dead"})
-            meter.dead_letters.add(fetched.dead, {"stage": self.name})
-            for delivery_id, reason in fetched.dead_letters:
-                outcome_log.error(
-                    "delivery dead-lettered",
-                    extra={"fields": {"sink": self.name, "delivery_id": delivery_id, "error": reason}},
-                )
+        settled_in_fetch(self.name, fetched)
 
     async def _wait_resumed(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -396,9 +310,9 @@ class Sink:
                         with trace.use_span(unrecorded):
                             await self._attempt(sender, committer, batch, None, admission)
                     continue
-                parent, links = _batch_trace(batch)
+                parent, links = batch_trace(batch)
                 span = tracer.start_span(
-                    "sink deliver", parent, SpanKind.CLIENT, _span_attributes(self.name, batch), links
+                    "sink deliver", parent, SpanKind.CLIENT, span_attributes(self.name, batch), links
                 )
                 try:
                     with trace.use_span(span):
@@ -445,7 +359,7 @@ class Sink:
             if isinstance(answer, Answer) and answer.items:
                 items = scrubbed_items(answer.items, [due.payload for due in batch])
         except DeliveryError as exc:
-            error = _guarded_error(exc, batch)
+            error = guarded_error(exc, batch)
         except BaseException as exc:
             if admission is not None:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
@@ -456,10 +370,10 @@ class Sink:
         self._proven = True
         elapsed = time.monotonic() - began
         if response is not None:
-            response = _guarded_text(response, batch)
+            response = guarded_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
-        outcome = _outcome(outcomes)
+        outcome = outcome_of(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
             if items:
@@ -561,141 +475,11 @@ class Sink:
         self.delivered += delivered
         self.retried += retried
         self.dead += dead
-        _count(self.name, entries, delivered, retried, dead)
+        count(self.name, entries, delivered, retried, dead)
         if self.name in TAPS.taps:
             for entry in entries:
-                _tap(self.name, entry.batch, entry.outcomes)
+                tap(self.name, entry.batch, entry.outcomes)
         log_committed(
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )
         self._retries.note(entries)
-
-
-def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
-    """`_scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
-    try:
-        return _scrubbed(error, batch)
-    except Exception as exc:
-        if not poison.isolable(exc):
-            raise
-        hidden = f"(error hidden: could not be masked: {type(exc).__name__})"
-        return type(error)(hidden, status=error.status, retry_after=error.retry_after)
-
-
-def _guarded_text(text: str, batch: Sequence[Due]) -> str:
-    """`_scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
-    try:
-        return _scrubbed_text(text, batch)
-    except Exception as exc:
-        if not poison.isolable(exc):
-            raise
-        return f"(hidden: could not be masked: {type(exc).__name__})"
-
-
-def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
-    """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
-    redactor = masking.current()
-    if not (redactor.rules or redactor.secrets):
-        return text
-    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
-    return redactor.scrub(text, payloads) or text
-
-
-def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
-    """`error` with the masked values of the batch's payloads and the secrets hidden in its message.
-
-    The message becomes the delivery's `last_error` and a log field; a receiver's answer may
-    quote the payload (or a header) it refused.
-    """
-    redactor = masking.current()
-    if not (redactor.rules or redactor.secrets):
-        return error
-    payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
-    message = str(error)
-    scrubbed = redactor.scrub(message, payloads) or message
-    if scrubbed == message:
-        return error
-    return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
-
-
-def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
-    """Hand an attempt's committed outcomes to the taps on `sink`, one record per delivery."""
-    results: dict[int, tuple[str, int | None, str | None]] = {}
-    for rowid, code in outcomes.delivered:
-        results[rowid] = ("delivered", code, None)
-    for rowid, code, message in outcomes.dead:
-        results[rowid] = ("dead", code, message)
-    for rowid, _, code, message in outcomes.retry:
-        results[rowid] = ("retry", code, message)
-    now = time.time()
-    for due in batch:
-        outcome, status, error = results.get(due.rowid, ("unknown", None, None))
-        extra = {
-            "delivery_id": due.id,
-            "attempt": due.attempts + 1,
-            "outcome": outcome,
-            "status": status,
-            "error": error,
-        }
-        TAPS.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
-
-
-def _outcome(outcomes: Outcomes) -> str:
-    """`ferry.outcome` of an attempt: delivered, retry, dead, or mixed (a batch split by its limits)."""
-    kinds = [name for name, size in _sizes(outcomes) if size]
-    return kinds[0] if len(kinds) == 1 else "mixed"
-
-
-def _sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
-    return (
-        ("delivered", len(outcomes.delivered)),
-        ("retry", len(outcomes.retry)),
-        ("dead", len(outcomes.dead)),
-    )
-
-
-LATENCY_SAMPLES_PER_BATCH = 16
-
-
-def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
-    """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
-    meter = metrics.current()
-    for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
-        if size:
-            meter.deliveries.add(size, {"sink": sink, "outcome": name})
-    if dead:
-        meter.dead_letters.add(dead, {"stage": sink})
-    if delivered:
-        now, attributes = time.time(), {"sink": sink}
-        for entry in entries:
-            if not entry.outcomes.delivered:
-                continue
-            if len(entry.batch) == 1:
-                meter.delivery_latency.record(max(0.0, now - entry.batch[0].created_at), attributes)
-                continue
-            rowids = {rowid for rowid, _ in entry.outcomes.delivered}
-            rows = [due for due in entry.batch if due.rowid in rowids]
-            # A histogram record costs ~4 us: a batch contributes an even sample of at most 16 rows
-            # (a ceiling step: a floor one recorded up to 31 of a 31-row batch).
-            for due in rows[:: -(-len(rows) // LATENCY_SAMPLES_PER_BATCH)]:
-                meter.delivery_latency.record(max(0.0, now - due.created_at), attributes)
-
-
-def _batch_trace(batch: Sequence[Due]) -> tuple[Context | None, list[Link]]:
-    """(parent, links) of an attempt's span: the one event's context, or links to each event's."""
-    if len(batch) == 1:
-        return telemetry.parent_context(batch[0].trace), []
-    links = [telemetry.link_to(due.trace) for due in batch]
-    return None, [link for link in links if link is not None]
-
-
-def _span_attributes(sink: str, batch: Sequence[Due]) -> dict[str, str | int]:
-    first = batch[0]
-    if len(batch) == 1:
-        return {
-            "ferry.sink": sink,
-            "ferry.event_id": first.event_id,
-            "ferry.delivery_id": first.id,
-            "ferry.attempt": first.attempts + 1,
-        }
-    return {"ferry.sink": sink, "ferry.batch.size": len(batch), "ferry.attempt": first.attempts + 1}

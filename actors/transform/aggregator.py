@@ -31,7 +31,6 @@ Tracing:
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import final
 
 import trio
@@ -40,18 +39,9 @@ from opentelemetry import trace
 from actors.transform.program import Failure, TransformProgram
 from actors.transform.transformer import batch_trace, dead_letter
 from daemon.config.root import TransformConfig
-from daemon.store.outbox import StoredEvent, cursor, read_events
-from daemon.store.sqlite import Store
-from daemon.store.windows import (
-    Emitted,
-    Joined,
-    Window,
-    Windows,
-    commit_emitted,
-    commit_joined,
-    stored_windows,
-    window_contents,
-)
+from daemon.store.api import Outbox
+from daemon.store.outbox import StoredEvent, derived_id
+from daemon.store.windows import Emitted, Joined, Window, Windows
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
@@ -68,7 +58,7 @@ class Aggregator:
         self,
         name: str,
         config: TransformConfig,
-        store: Store,
+        store: Outbox,
         *,
         sinks: list[str],
         transforms: list[str],
@@ -98,8 +88,8 @@ class Aggregator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         store = self._store
-        position = await store.call_until_committed(partial(cursor, name=self.name))
-        stored = await store.call_until_committed(partial(stored_windows, transform=self.name))
+        position = await store.cursor(self.name)
+        stored = await store.stored_windows(self.name)
         self._windows.restore(stored, trio.current_time(), time.time())
         task_status.started()
         while True:
@@ -109,9 +99,7 @@ class Aggregator:
                 for start in range(0, len(closed), EMIT_CHUNK):  # bounded transactions and memory
                     await self._emit(closed[start : start + EMIT_CHUNK])
                 continue
-            events = await store.call_until_committed(
-                partial(read_events, streams=self._inputs, after=position, limit=self._batch_size)
-            )
+            events = await store.read_events(self._inputs, position, self._batch_size)
             if events:
                 position = events[-1].seq
                 tracer = telemetry.tracer()
@@ -150,18 +138,9 @@ class Aggregator:
             for nth, (payload, key) in enumerate(result):
                 window, n = windows.join(key, clock, wall)
                 touched[window.id] = window
-                item_id = f"{event.id}.{name}" if nth == 0 else f"{event.id}.{name}.{nth}"
+                item_id = derived_id(event.id, name, nth)
                 joined.append(Joined(window.id, n, item_id, payload, event.trace))
-        await self._store.call_until_committed(
-            partial(
-                commit_joined,
-                transform=name,
-                position=position,
-                joined=joined,
-                windows=list(touched.values()),
-                failures=failures,
-            )
-        )
+        await self._store.commit_joined(name, position, joined, list(touched.values()), failures)
         self.transformed += len(events)
         self.failed += len(failures)
         if failures:
@@ -171,9 +150,7 @@ class Aggregator:
     async def _emit(self, closed: list[Window]) -> None:
         """Commit 2: reduce each closed window and store its event together with its removal."""
         name = self.name
-        contents = await self._store.call_until_committed(
-            partial(window_contents, transform=name, window_ids=[w.id for w in closed])
-        )
+        contents = await self._store.window_contents(name, [w.id for w in closed])
         emitted: list[Emitted] = []
         for window in closed:
             items = contents[window.id]
@@ -193,9 +170,7 @@ class Aggregator:
                 (payload, sinks) = result[0]
                 targets = self._sinks if sinks is None else sinks
                 emitted.append(Emitted(window.id, first_id, payload, first_trace, targets))
-        stored = await self._store.call_until_committed(
-            partial(commit_emitted, transform=name, emitted=emitted), wake=self._wake
-        )
+        stored = await self._store.commit_emitted(name, emitted, wake=self._wake)
         failed = sum(item.error is not None for item in emitted)
         self.emitted += stored
         self.failed += failed

@@ -52,8 +52,8 @@ from daemon.http.auth import Auth, build_auth, with_query
 from daemon.http.client import HttpClient, LeanClient
 from daemon.limits.backoff import full_jitter
 from daemon.limits.ratelimit import RateLimiter
+from daemon.store.api import Outbox
 from daemon.store.outbox import StoredEvent
-from daemon.store.sqlite import Store
 from daemon.telemetry import metrics
 
 log = logging.getLogger("ferry.enrich")
@@ -125,7 +125,7 @@ class Enricher:
         limiter: RateLimiter | None = None,
         client: HttpClient | None = None,
         auth: Auth | None = None,
-        store: Store | None = None,
+        store: Outbox | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.name = name

@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -64,10 +63,10 @@ from actors.transform.enricher import Enricher
 from actors.transform.program import Failure, TransformProgram
 from daemon import poison
 from daemon.config.root import TransformConfig
-from daemon.store.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
-from daemon.store.quarantine import attempt_head, careful_until, quarantine_reason, read_head
-from daemon.store.sqlite import Store
-from daemon.store.transform_retry import Revived, commit_revived, revived
+from daemon.store.api import Outbox
+from daemon.store.outbox import Derived, StoredEvent, delivery_id, derived_id
+from daemon.store.quarantine import careful_until, quarantine_reason
+from daemon.store.transform_retry import Revived
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
@@ -101,7 +100,7 @@ class Transformer:
         self,
         name: str,
         config: TransformConfig,
-        store: Store,
+        store: Outbox,
         *,
         sinks: list[str],
         transforms: list[str],
@@ -141,10 +140,8 @@ class Transformer:
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         store = self._store
-        position = await store.call_until_committed(partial(cursor, name=self.name))
-        careful = careful_until(
-            await store.call_until_committed(partial(read_head, stage=self.name)), position
-        )
+        position = await store.cursor(self.name)
+        careful = careful_until(await store.read_head(self.name), position)
         self._proven = False  # a batch of this incarnation has committed (see `_map`)
         task_status.started()
         marked = False  # this incarnation has recorded its head (daemon.store.quarantine)
@@ -155,18 +152,14 @@ class Transformer:
                 if await self._revive():
                     continue
             limit = 1 if position < careful else self._batch_size
-            events = await store.call_until_committed(
-                partial(read_events, streams=self._inputs, after=position, limit=limit)
-            )
+            events = await store.read_events(self._inputs, position, limit)
             if not events:
                 with trio.move_on_at(revive_at):
                     await self._signal.wait()
                 continue
             if not marked or position < careful:
                 marked = True
-                head = await store.call_until_committed(
-                    partial(attempt_head, stage=self.name, head=events[0].seq, until=events[-1].seq)
-                )
+                head = await store.attempt_head(self.name, events[0].seq, events[-1].seq)
                 if head.attempts > self._quarantine_after:
                     await self._quarantine(events[0], head.attempts - 1)
                     position = events[0].seq
@@ -224,17 +217,7 @@ class Transformer:
                 "fields": {"transform": self.name, "event_id": failures[0][0].id, "error": failures[0][1]}
             },
         )
-        await self._store.call_until_committed(
-            partial(
-                commit_transform,
-                name=self.name,
-                position=position,
-                outputs=[],
-                failures=failures,
-                sinks=self._sinks,
-            ),
-            wake=self._wake,
-        )
+        await self._store.commit_transform(self.name, position, [], failures, self._sinks, wake=self._wake)
         self.failed += len(failures)
         metrics.current().dead_letters.add(len(failures), {"stage": self.name})
 
@@ -259,16 +242,8 @@ class Transformer:
             events = events[:done]
             failures = [failure for failure in failures if failure[0].seq <= position]
         failures.extend(failed)
-        await self._store.call_until_committed(
-            partial(
-                commit_transform,
-                name=self.name,
-                position=position,
-                outputs=outputs,
-                failures=failures,
-                sinks=self._sinks,
-            ),
-            wake=self._wake,
+        await self._store.commit_transform(
+            self.name, position, outputs, failures, self._sinks, wake=self._wake
         )
         self._proven = True
         self.transformed += len(events)
@@ -288,9 +263,7 @@ class Transformer:
 
     async def _revive(self) -> bool:
         """Run retried dead letters (`dlq retry`) through the transform again; whether any were."""
-        rows = await self._store.call_until_committed(
-            partial(revived, stage=self.name, limit=self._batch_size)
-        )
+        rows = await self._store.revived(self.name, self._batch_size)
         for row in rows:
             await self._revive_one(row)
         return bool(rows)
@@ -313,20 +286,12 @@ class Transformer:
                 raise
             error = poison.reason(f"transform {self.name}", exc)
         try:
-            await self._store.call_until_committed(
-                partial(
-                    commit_revived, name=self.name, row=row, outputs=outputs, error=error, sinks=self._sinks
-                ),
-                wake=self._wake,
-            )
+            await self._store.commit_revived(self.name, row, outputs, error, self._sinks, wake=self._wake)
         except Exception as exc:
             if not poison.isolable(exc) or error is not None:
                 raise
             error = poison.reason(f"transform {self.name} (commit)", exc)
-            await self._store.call_until_committed(
-                partial(commit_revived, name=self.name, row=row, outputs=[], error=error, sinks=self._sinks),
-                wake=self._wake,
-            )
+            await self._store.commit_revived(self.name, row, [], error, self._sinks, wake=self._wake)
         if error is not None:
             self.failed += 1
             metrics.current().dead_letters.add(1, {"stage": self.name})
@@ -335,11 +300,11 @@ class Transformer:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
         name, now = self.name, time.time()
         for parent, nth, payload, _ in outputs:
-            event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
+            event_id = derived_id(parent.id, name, nth)
             TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
         for event, error, _ in failures:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
-            TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
+            TAPS.publish(name, Record("transform", delivery_id(event.id, name), event.payload, now, extra))
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[Failed], int, int, int]:
         """(outputs, dead letters, events that gave no output, outputs no route sends anywhere, how

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import final
 
 import trio
 from opentelemetry.trace import StatusCode
 
 from daemon.errors import StoreUnavailable
-from daemon.store.outbox import Incoming, insert_events
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
+from daemon.store.outbox import Incoming
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import TAPS, Record
 
@@ -60,7 +59,7 @@ class IngestBatcher:
 
     def __init__(
         self,
-        store: Store,
+        store: Outbox,
         *,
         sinks: Mapping[str, Sequence[str]],
         consumers: Mapping[str, Sequence[str]],
@@ -157,9 +156,7 @@ class IngestBatcher:
         consumers = self._consumers
         wake = {consumer for item in incoming for consumer in consumers.get(item.stream, ())}
         try:
-            results = await self._store.call(
-                partial(insert_events, incoming=incoming, dedup_window=self._dedup_window), wake=wake
-            )
+            results = await self._store.insert_events(incoming, dedup_window=self._dedup_window, wake=wake)
             for (_, waiter), result in zip(batch, results, strict=True):
                 waiter.result = result
             self.events += sum(1 for _, duplicate in results if not duplicate)

@@ -49,9 +49,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from functools import partial
+from collections.abc import Awaitable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Protocol, final
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, final
 
 import msgspec
 import trio
@@ -84,7 +84,7 @@ from daemon.control.server import (
 from daemon.errors import StoreUnavailable
 from daemon.limits.ratelimit import RateLimitStatus
 from daemon.reload import ReloadResult, config_sha256, reload
-from daemon.store import confirmations, ops, outbox
+from daemon.store import confirmations, ops
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
 from daemon.telemetry import masking, metrics
 from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
@@ -93,6 +93,7 @@ from daemon.telemetry.tap import TAPS, Record
 if TYPE_CHECKING:
     from daemon.running import Running
 
+T = TypeVar("T")
 DRAIN_POLL = 0.2
 TAP_HEARTBEAT = 1.0  # an idle tap sends an empty progress line this often: a gone client is noticed
 TAP_CHUNK = 256  # most events in one progress line
@@ -296,8 +297,8 @@ class Commands:
     async def refused(self, peer: Peer, command: str, outcome: str) -> None:
         """Record a connection the access check turned away."""
         await self._store_call(
-            partial(
-                ops.record_audit, uid=peer.uid, pid=peer.pid, command=command, arguments="{}", outcome=outcome
+            self._running.store.record_audit(
+                uid=peer.uid, pid=peer.pid, command=command, arguments="{}", outcome=outcome
             )
         )
 
@@ -311,11 +312,11 @@ class Commands:
                 return self._pause(name, pause=False)
             case DlqListRequest():
                 total, items = await self._store_call(
-                    partial(ops.list_dead, selection=self._selection(request), limit=request.limit)
+                    self._running.store.list_dead(self._selection(request), request.limit)
                 )
                 return DlqListResult(total, [self._masked(item) for item in items])
             case DlqShowRequest(id=delivery_id):
-                found = await self._store_call(partial(ops.show_delivery, delivery_id=delivery_id))
+                found = await self._store_call(self._running.store.show_delivery(delivery_id))
                 if found is None:
                     raise CommandError(f"no delivery with id {delivery_id!r}")
                 return DlqShowResult(found[0], self._masked(found[1]))
@@ -325,7 +326,7 @@ class Commands:
                 if not (request.ids or request.all):
                     raise CommandError("name the dead letters to purge by id, or pass all (with filters)")
                 purged = await self._store_call(
-                    partial(ops.purge_dead, selection=self._selection(request), dry_run=request.dry_run)
+                    self._running.store.purge_dead(self._selection(request), dry_run=request.dry_run)
                 )
                 return DlqPurgeResult(purged, request.dry_run)
             case EventRequest(id=event_id):
@@ -333,7 +334,7 @@ class Commands:
             case StatsRequest():
                 return await self._stats()
             case AuditRequest(limit=limit):
-                return AuditResult(await self._store_call(partial(ops.read_audit, limit=limit)))
+                return AuditResult(await self._store_call(self._running.store.read_audit(limit)))
             case DrainRequest(timeout=timeout):
                 return await self._drain(timeout, call)
             case ReloadRequest():
@@ -347,9 +348,10 @@ class Commands:
                 return AlertsResult(alerter.views() if alerter is not None else [])
         raise CommandError(f"unhandled command {type(request).__name__}")
 
-    async def _store_call(self, fn: Any, wake: list[str] | None = None) -> Any:
+    async def _store_call(self, operation: Awaitable[T]) -> T:
+        """Await a store operation; a store outage becomes the command's error."""
         try:
-            return await self._running.store.call(fn, wake=wake or ())
+            return await operation
         except StoreUnavailable as exc:
             raise CommandError(str(exc)) from None
 
@@ -357,21 +359,14 @@ class Commands:
         fields = {k: v for k, v in msgspec.structs.asdict(request).items() if k != "v" and v is not None}
         arguments = msgspec.json.encode(self._redactor.mask(fields)).decode()
         await self._store_call(
-            partial(
-                ops.record_audit,
-                uid=peer.uid,
-                pid=peer.pid,
-                command=command,
-                arguments=arguments,
-                outcome=outcome,
+            self._running.store.record_audit(
+                uid=peer.uid, pid=peer.pid, command=command, arguments=arguments, outcome=outcome
             )
         )
 
     async def _event(self, event_id: str) -> confirmations.EventReport:
         """`ferry ctl event`: payloads masked, and their masked values gone from answers and errors."""
-        report: confirmations.EventReport | None = await self._store_call(
-            partial(confirmations.event_outcomes, event_id=event_id)
-        )
+        report = await self._store_call(self._running.store.event_outcomes(event_id))
         if report is None:
             raise CommandError(f"no stored event with id {event_id!r} (or derived from it)")
         redactor = self._redactor
@@ -464,9 +459,9 @@ class Commands:
 
     async def status(self) -> StatusResult:
         config = self._config
-        counts = await self._store_call(outbox.counts)
+        counts = await self._store_call(self._running.store.counts())
         backlog = await self._store_call(
-            partial(ops.transform_backlog, inputs={n: t.inputs for n, t in config.transforms.items()})
+            self._running.store.transform_backlog({n: t.inputs for n, t in config.transforms.items()})
         )
         empty = {"pending": 0, "delivered": 0, "dead": 0}
         stages: dict[str, StageStatus] = {}
@@ -514,8 +509,8 @@ class Commands:
         return guards
 
     async def _stats(self) -> StatsResult:
-        counts = await self._store_call(outbox.counts)
-        failures = [Failure(*row) for row in await self._store_call(ops.error_counts)]
+        counts = await self._store_call(self._running.store.counts())
+        failures = [Failure(*row) for row in await self._store_call(self._running.store.error_counts())]
         since_start = {}
         for name in self._config.sinks:
             sink = self._running.actors.get(name)
@@ -524,7 +519,7 @@ class Commands:
                 since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, stale)
         latency = {}
         for name in self._config.sinks:
-            samples = sorted(await self._store_call(partial(ops.delivery_latencies, stage=name)))
+            samples = sorted(await self._store_call(self._running.store.delivery_latencies(name)))
             if samples:
                 ms = [round(ops.percentile(samples, share) * 1000, 3) for share in (0.5, 0.9, 0.99, 1.0)]
                 latency[name] = Latency(len(samples), *ms)
@@ -598,7 +593,7 @@ class Commands:
         if not (request.ids or request.all):
             raise CommandError("name the dead letters to retry by id, or pass all (with filters)")
         selection = self._selection(request)._replace(stages=[request.sink] if request.sink else sinks)
-        by_sink = await self._store_call(partial(ops.retry_dead, selection=selection), wake=sinks)
+        by_sink = await self._store_call(self._running.store.retry_dead(selection, wake=sinks))
         retried = sum(by_sink.values())
         return DlqRetryResult(retried, by_sink, max(0, len(request.ids) - retried))
 
@@ -618,9 +613,9 @@ class Commands:
         active = [
             name for name in config.sinks if name in self._running.actors and not self._sink(name).paused
         ]
-        due = await self._store_call(partial(ops.due_counts, stages=active, now=time.time()))
+        due = await self._store_call(self._running.store.due_counts(active, time.time()))
         backlog = await self._store_call(
-            partial(ops.transform_backlog, inputs={n: t.inputs for n, t in config.transforms.items()})
+            self._running.store.transform_backlog({n: t.inputs for n, t in config.transforms.items()})
         )
         return {name: count for name, count in {**backlog, **due}.items() if count}
 
@@ -679,19 +674,14 @@ class Commands:
         if request.since is not None and request.until is not None and request.since >= request.until:
             raise CommandError("--since must be before --until")
         sinks = sorted({sink for chosen in routes.values() for sink in chosen})
-        selected: list[tuple[int, str]] = await self._store_call(
-            partial(
-                ops.replay_selection,
-                source=request.source,
-                since=request.since,
-                until=request.until,
-                streams=list(routes),
+        store = self._running.store
+        selected = await self._store_call(
+            store.replay_selection(
+                source=request.source, since=request.since, until=request.until, streams=list(routes)
             )
         )
-        number: int = await self._store_call(
-            partial(
-                ops.start_replay, source=request.source, since=request.since, until=request.until, sinks=sinks
-            )
+        number = await self._store_call(
+            store.start_replay(source=request.source, since=request.since, until=request.until, sinks=sinks)
         )
         by_sink = dict.fromkeys(sinks, 0)
         for start in range(0, len(selected), REPLAY_CHUNK):
@@ -700,7 +690,7 @@ class Commands:
                 for sink in routes[stream]:
                     seqs_by_sink[sink].append(seq)
             created = await self._store_call(
-                partial(ops.insert_replay, number=number, seqs_by_sink=seqs_by_sink), wake=sinks
+                store.insert_replay(number=number, seqs_by_sink=seqs_by_sink, wake=sinks)
             )
             for sink, count in created.items():
                 by_sink[sink] += count

@@ -69,7 +69,7 @@ from daemon.errors import DeliveryError, RetryableDelivery
 from daemon.http.client import HttpClient, LeanClient
 from daemon.http.tokens import JwtSource, OAuth2Source, Token, TokenSource, load_private_key, scrub
 from daemon.store import at_rest
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 
 log = logging.getLogger("ferry.auth")
 
@@ -97,7 +97,7 @@ def build_auth(
     config: AuthConfig,
     *,
     owner: str,
-    store: Store | None = None,
+    store: Outbox | None = None,
     clock: Callable[[], float] = time.monotonic,
     client: HttpClient | None = None,
 ) -> Auth:

@@ -30,8 +30,7 @@ from daemon.config.auth import JwtBearerAuth, OAuth2Auth
 from daemon.config.secrets import SecretRef
 from daemon.errors import DeliveryError, RetryableDelivery, StoreError
 from daemon.http.client import HttpClient
-from daemon.store import at_rest
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 
 log = logging.getLogger("ferry.auth")
 
@@ -155,7 +154,7 @@ def _fingerprint(value: str) -> str:
 class OAuth2Source:
     """Tokens from an OAuth 2.0 token endpoint (client_credentials or refresh_token grant)."""
 
-    def __init__(self, config: OAuth2Auth, owner: str, store: Store | None, client: HttpClient) -> None:
+    def __init__(self, config: OAuth2Auth, owner: str, store: Outbox | None, client: HttpClient) -> None:
         self._config = config
         self._owner = owner
         self._store = store
@@ -207,7 +206,7 @@ class OAuth2Source:
             assert self._seed is not None  # config validation requires it for this grant
             stored = None
             if self._store is not None:
-                stored = await self._store.call(lambda conn: load_refresh_token(conn, self._owner))
+                stored = await self._store.load_refresh_token(self._owner)
             if stored is not None and stored[1] == _fingerprint(self._seed):
                 self._refresh = stored[0]
             else:
@@ -220,7 +219,7 @@ class OAuth2Source:
             assert self._seed is not None
             seed = _fingerprint(self._seed)
             try:
-                await self._store.call(lambda conn: save_refresh_token(conn, self._owner, token, seed))
+                await self._store.save_refresh_token(self._owner, token, seed)
             except StoreError as exc:
                 raise RetryableDelivery(
                     f"{self.description}: cannot store the rotated refresh token: {exc}"
@@ -293,22 +292,3 @@ def load_private_key(ref: SecretRef) -> Any:
 
 def _reveal(ref: SecretRef | None) -> str | None:
     return ref.value.reveal() if ref is not None else None
-
-
-# -- persisted refresh tokens (table auth_tokens) -------------------------------------------------
-
-
-def load_refresh_token(conn: Any, owner: str) -> tuple[str, str] | None:
-    """The stored refresh token of `owner` and the fingerprint of the configured one it descends from."""
-    row = conn.execute("SELECT token, seed FROM auth_tokens WHERE owner = ?", (owner,)).fetchone()
-    if row is None:
-        return None
-    return at_rest.open_text(conn, row[0], f"auth_tokens:{owner}"), row[1]
-
-
-def save_refresh_token(conn: Any, owner: str, token: str, seed: str) -> None:
-    """Store `owner`'s current refresh token (encrypted when the store encrypts)."""
-    conn.execute(
-        "INSERT OR REPLACE INTO auth_tokens(owner, token, seed, updated_at) VALUES (?, ?, ?, ?)",
-        (owner, at_rest.seal_text(conn, token, f"auth_tokens:{owner}"), seed, time.time()),
-    )

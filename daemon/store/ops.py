@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 
 from daemon.store.at_rest import cipher_of
+from daemon.store.outbox import delivery_id
 from daemon.store.schema import DEAD, DELIVERED, PENDING, STATE_NAMES
 
 Connection = sqlite3.Connection
@@ -348,6 +349,17 @@ def insert_replay(
             created[sink] += conn.execute(
                 "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) "
                 f"SELECT id || ?, seq, ?, ?, ? FROM events WHERE seq IN ({','.join('?' * len(chunk))})",
-                (f".{sink}.r{number}", sink, now, now, *chunk),
+                (delivery_id("", sink) + f".r{number}", sink, now, now, *chunk),
             ).rowcount
     return created
+
+
+def pending_by_stage(conn: Connection, stages: Iterable[str]) -> dict[str, int]:
+    """Pending deliveries per stage (0 for a stage with none); reads the `deliveries_due` index."""
+    depths = dict.fromkeys(stages, 0)
+    for stage, count in conn.execute(
+        f"SELECT stage, count(*) FROM deliveries WHERE state = {PENDING} GROUP BY stage"
+    ).fetchall():
+        if stage in depths:
+            depths[stage] = int(count)
+    return depths

@@ -63,8 +63,17 @@ def new_event_id(now: float) -> str:
 
 
 def delivery_id(event_id: str, stage: str) -> str:
-    """The stable id of an event's delivery to one sink; sent as its idempotency key."""
+    """The stable id of an event's delivery to one sink; sent as its idempotency key.
+
+    The one place this formula is written (a dead letter of a transform is its delivery id
+    for the transform's stage; a replay's is this plus `.rN`, `ops.insert_replay`)."""
     return f"{event_id}.{stage}"
+
+
+def derived_id(parent_id: str, transform: str, nth: int) -> str:
+    """The id of a transform's `nth` output of an event: `PARENT.TRANSFORM[.N]`, so a re-run after
+    a crash reproduces it (and the delivery ids, the idempotency keys, downstream)."""
+    return f"{parent_id}.{transform}" if nth == 0 else f"{parent_id}.{transform}.{nth}"
 
 
 _INSERT_EVENT = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
@@ -91,6 +100,65 @@ def insert_rows(conn: Connection, insert: str, rows: Sequence[tuple[Any, ...]]) 
             group = "(" + ",".join("?" * width) + ")"
             sql = _statements[key] = insert + ",".join([group] * len(chunk))
         conn.execute(sql, [value for row in chunk for value in row])
+
+
+NewEvent = tuple[str, str, bytes, "str | None", Sequence[str]]
+"""An event to store: (id, stream, payload in clear, trace, the sinks of its pending deliveries).
+A plain tuple, not a NamedTuple: building one per event is on the pipeline's hot paths."""
+
+
+class NewDeadLetter(NamedTuple):
+    """A stage's dead letter of a stored event (its delivery id is `delivery_id(event_id, stage)`)."""
+
+    event_id: str
+    seq: int
+    stage: str
+    error: str
+    attempts: int = 1
+
+
+def store_events(
+    conn: Connection, events: Sequence[NewEvent], now: float, dead: Sequence[NewDeadLetter] = ()
+) -> int:
+    """The outbox's write contract, written once: number `events` after the last seq, seal their
+    payloads (`[store] encryption`), insert them with one pending delivery per sink, due now, then
+    the `dead` letters (state `DEAD`, reason stored as valid UTF-8). Returns the first new seq
+    (the events have `first`, `first + 1`, … in order).
+
+    Every write of new events goes through here (`insert_events`, `commit_transform`,
+    `windows.commit_emitted`) except `poll.commit_pages`, which writes the same rows with
+    statements that bind a page's shared columns once (docs/performance.md) and takes its
+    delivery ids from `delivery_id` too.
+    """
+    first = seq = last_seq(conn) + 1
+    cipher = cipher_of(conn)
+    rows: list[tuple[int, str, str, bytes, str | None, float]] = []
+    deliveries: list[tuple[str, int, str, float, float]] = []
+    for event_id, stream, payload, trace, sinks in events:
+        rows.append((seq, event_id, stream, payload if cipher is None else cipher.seal(payload), trace, now))
+        deliveries.extend((delivery_id(event_id, sink), seq, sink, now, now) for sink in sinks)
+        seq += 1
+    insert_rows(conn, _INSERT_EVENT, rows)
+    insert_rows(conn, _INSERT_DELIVERY, deliveries)
+    if dead:
+        conn.executemany(
+            "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
+            f"finished_at, last_error) VALUES (?, ?, ?, {DEAD}, ?, ?, ?, ?, ?)",
+            [
+                (
+                    delivery_id(letter.event_id, letter.stage),
+                    letter.seq,
+                    letter.stage,
+                    letter.attempts,
+                    now,
+                    now,
+                    now,
+                    letter.error.encode("utf-8", "replace").decode("utf-8"),
+                )
+                for letter in dead
+            ],
+        )
+    return first
 
 
 def last_seq(conn: Connection) -> int:
@@ -131,13 +199,10 @@ def insert_events(
     as a duplicate, while a replay under a changed idempotency key is still caught.)
     """
     now = time.time()
-    seq = last_seq(conn)
     results: list[tuple[str, bool]] = []
-    events: list[tuple[int, str, str, bytes, str | None, float]] = []
-    deliveries: list[tuple[str, int, str, float, float]] = []
+    events: list[NewEvent] = []
     keys: dict[tuple[str, str], str] = {}
     replays: dict[tuple[str, str], float] = {}
-    cipher = cipher_of(conn)
     for stream, payload, trace, sinks, dedup_key, replay in incoming:
         if dedup_key is not None:
             original = keys.get((stream, dedup_key))
@@ -153,18 +218,14 @@ def insert_events(
         if replay is not None and _replayed(conn, stream, replay[0], now, replays):
             results.append(("", True))
             continue
-        seq += 1
         event_id = new_event_id(now)
-        stored = payload if cipher is None else cipher.seal(payload)
-        events.append((seq, event_id, stream, stored, trace, now))
-        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in sinks)
+        events.append((event_id, stream, payload, trace, sinks))
         if dedup_key is not None:
             keys[(stream, dedup_key)] = event_id
         if replay is not None:
             replays[(stream, replay[0])] = replay[1]
         results.append((event_id, False))
-    insert_rows(conn, _INSERT_EVENT, events)
-    insert_rows(conn, _INSERT_DELIVERY, deliveries)
+    store_events(conn, events, now)
     if keys:
         conn.executemany(
             "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
@@ -244,37 +305,15 @@ def commit_transform(
     Output ids derive from the parent's (`PARENT.NAME[.INDEX]`), so re-running a
     transform after a crash produces the same ids and the same idempotency keys.
     """
-    now = time.time()
-    seq = last_seq(conn)
-    events: list[tuple[int, str, str, bytes, str | None, float]] = []
-    deliveries: list[tuple[str, int, str, float, float]] = []
-    cipher = cipher_of(conn)
-    for parent, index, payload, routed in outputs:
-        seq += 1
-        event_id = f"{parent.id}.{name}" if index == 0 else f"{parent.id}.{name}.{index}"
-        stored = payload if cipher is None else cipher.seal(payload)
-        events.append((seq, event_id, name, stored, parent.trace, now))
-        targets = sinks if routed is None else routed
-        deliveries.extend((f"{event_id}.{sink}", seq, sink, now, now) for sink in targets)
-    insert_rows(conn, _INSERT_EVENT, events)
-    insert_rows(conn, _INSERT_DELIVERY, deliveries)
-    conn.executemany(
-        "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
-        "finished_at, last_error) VALUES (?, ?, ?, 2, ?, ?, ?, ?, ?)",
-        [
-            (
-                f"{failure[0].id}.{name}",
-                failure[0].seq,
-                name,
-                failure[2] if len(failure) > 2 else 1,
-                now,
-                now,
-                now,
-                failure[1].encode("utf-8", "replace").decode("utf-8"),
-            )
-            for failure in failures
-        ],
-    )
+    events: list[NewEvent] = [
+        (derived_id(parent.id, name, nth), name, payload, parent.trace, sinks if routed is None else routed)
+        for parent, nth, payload, routed in outputs
+    ]
+    dead = [
+        NewDeadLetter(failure[0].id, failure[0].seq, name, failure[1], failure[2] if len(failure) > 2 else 1)
+        for failure in failures
+    ]
+    store_events(conn, events, time.time(), dead)
     conn.execute("INSERT OR REPLACE INTO cursors(name, position) VALUES (?, ?)", (name, position))
     return len(events)
 

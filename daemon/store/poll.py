@@ -32,7 +32,7 @@ from itertools import chain
 from typing import Final
 
 from daemon.store.at_rest import cipher_of
-from daemon.store.outbox import insert_rows, last_seq
+from daemon.store.outbox import delivery_id, insert_rows, last_seq
 
 Connection = sqlite3.Connection
 
@@ -250,7 +250,7 @@ def commit_pages(
             conn,
             _INSERT_DELIVERY,
             [
-                (f"{event_id}.{sink}", first + n, sink, now, now)
+                (delivery_id(event_id, sink), first + n, sink, now, now)
                 for n, event_id in enumerate(ids)
                 for sink in sinks
             ],

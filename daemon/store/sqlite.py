@@ -51,32 +51,14 @@ from typing import Any, Generic, TypeVar, final
 import trio
 
 from daemon.errors import StoreCorrupt, StoreUnavailable
+from daemon.store.api import Outbox, Signal
 from daemon.store.at_rest import Cipher, CipherConnection, check_keys
 from daemon.store.schema import APPLICATION_ID, MIGRATIONS
+from daemon.store.sqlite_ops import SqliteOperations
 
 log = logging.getLogger("ferry.store")
 T = TypeVar("T")
 Connection = sqlite3.Connection
-
-
-@final
-class Signal:
-    """A coalescing wake-up for one consumer: many `fire()`s before a `wait()` count once."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()
-
-    def __repr__(self) -> str:
-        return f"<Signal {'fired' if self._event.is_set() else 'idle'}>"
 
 
 class _Request(Generic[T]):
@@ -102,11 +84,13 @@ READY_HOLD_SECONDS = 1.0
 
 
 @final
-class Store:
+class Store(SqliteOperations):
     """The outbox. Open with `Store.open(path, ...)`, serve with `await nursery.start(store.run)`.
 
-    Every read and write goes through `await store.call(fn)`, where `fn(conn)`
-    runs on the writer thread inside a group transaction.
+    Components use its domain operations (`daemon.store.api.Outbox`, implemented in
+    `daemon.store.sqlite_ops`); each runs its store function `fn(conn)` through `call` (or
+    `call_until_committed`) on the writer thread, inside a group transaction. Tests may call
+    `store.call(fn)` directly; nothing outside `daemon/store/` does.
     """
 
     def __init__(
@@ -448,3 +432,8 @@ def _migrate(conn: Connection, path: Path) -> None:
             _rollback(conn)
             raise
         log.info("store migrated", extra={"fields": {"version": number}})
+
+
+def _implements_outbox(store: Store) -> Outbox:
+    """mypy checks here that `Store` implements the whole interface."""
+    return store

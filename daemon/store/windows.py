@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from daemon.store.at_rest import opened, seal
-from daemon.store.outbox import Connection, StoredEvent, commit_transform, insert_rows, last_seq
+from daemon.store.outbox import (
+    Connection,
+    NewDeadLetter,
+    NewEvent,
+    StoredEvent,
+    commit_transform,
+    insert_rows,
+    last_seq,
+    store_events,
+)
 
 
 @dataclass
@@ -186,31 +195,20 @@ def commit_emitted(conn: Connection, transform: str, emitted: Sequence[Emitted])
     stage `TRANSFORM`, so `ferry ctl dlq show` shows the error and what the window held.
     Returns how many events were stored for downstream.
     """
-    now = time.time()
-    seq = last_seq(conn)
-    events: list[tuple[int, str, str, bytes, str | None, float]] = []
-    deliveries: list[tuple[str, int, str, float, float]] = []
-    dead: list[tuple[str, int, str, float, float, float, str]] = []
+    events: list[NewEvent] = []
+    failed: list[tuple[int, str, str]] = []  # (index in events, id, error)
     stored = 0
     for item in emitted:
         if item.error is not None:
-            seq += 1
-            events.append((seq, item.id, f"{transform}/windows", seal(conn, item.contents), item.trace, now))
-            dead.append((f"{item.id}.{transform}", seq, transform, now, now, now, item.error))
+            failed.append((len(events), item.id, item.error))
+            events.append((item.id, f"{transform}/windows", item.contents, item.trace, ()))
         elif item.payload is not None:
-            seq += 1
             stored += 1
-            events.append((seq, item.id, transform, seal(conn, item.payload), item.trace, now))
-            deliveries.extend((f"{item.id}.{sink}", seq, sink, now, now) for sink in item.sinks)
-    insert_rows(conn, "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES ", events)
-    insert_rows(
-        conn, "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) VALUES ", deliveries
-    )
-    conn.executemany(
-        "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
-        "finished_at, last_error) VALUES (?, ?, ?, 2, 1, ?, ?, ?, ?)",
-        dead,
-    )
+            events.append((item.id, transform, item.payload, item.trace, item.sinks))
+    # The failed windows' dead letters refer to their events' seqs: `store_events` numbers in order.
+    first = last_seq(conn) + 1
+    dead = [NewDeadLetter(id_, first + index, transform, error) for index, id_, error in failed]
+    store_events(conn, events, time.time(), dead)
     ids = [(transform, item.window) for item in emitted]
     conn.executemany("DELETE FROM window_events WHERE transform = ? AND window = ?", ids)
     conn.executemany("DELETE FROM windows WHERE transform = ? AND id = ?", ids)

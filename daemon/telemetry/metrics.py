@@ -41,17 +41,15 @@ quantiles (`p99(...)`) resolve milliseconds; the SDK's default buckets are meant
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
-from daemon.store.schema import PENDING
 from daemon.telemetry import procstat
 
-__all__ = ["LATENCY_BUCKETS", "NOOP", "Metrics", "catalogue", "current", "install", "pending_by_stage"]
+__all__ = ["LATENCY_BUCKETS", "NOOP", "Metrics", "catalogue", "current", "install"]
 
 LATENCY_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
@@ -266,14 +264,3 @@ def install(metrics: Metrics) -> None:
     """Make `metrics` the live instruments (telemetry's start and shutdown call this)."""
     global _current
     _current = metrics
-
-
-def pending_by_stage(conn: sqlite3.Connection, stages: Iterable[str]) -> dict[str, int]:
-    """Pending deliveries per stage (0 for a stage with none); reads the `deliveries_due` index."""
-    depths = dict.fromkeys(stages, 0)
-    for stage, count in conn.execute(
-        f"SELECT stage, count(*) FROM deliveries WHERE state = {PENDING} GROUP BY stage"
-    ).fetchall():
-        if stage in depths:
-            depths[stage] = int(count)
-    return depths

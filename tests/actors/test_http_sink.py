@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from actors.sink.http import HttpSender
-from actors.sink.sink import Answer
+from actors.sink.judge import Answer
 from daemon.config.root import HttpSinkConfig
 from daemon.store.outbox import Due
 from tests.fakes import FakeReceiver

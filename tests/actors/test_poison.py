@@ -12,7 +12,6 @@ import pytest
 import trio
 
 from actors.sink.sink import Sink
-from actors.transform import transformer as transformer_module
 from daemon.config.root import BatchConfig
 from daemon.config.units import Duration
 from daemon.errors import StoreUnavailable
@@ -83,7 +82,7 @@ async def test_a_commit_that_fails_on_one_events_data_is_bisected(
 ) -> None:
     """Old code: the error ended the actor, and its restart met the same batch again."""
     bad = sqlite3.IntegrityError("one event's data")
-    monkeypatch.setattr(transformer_module, "commit_transform", failing_commit(b'"BAD"', bad))
+    monkeypatch.setattr(outbox, "commit_transform", failing_commit(b'"BAD"', bad))
     transformer = make(store)
     transformer._batch_size = 10
     await ingest(store, *({"n": n, "v": "BAD" if n == 2 else "ok"} for n in range(5)))
@@ -103,7 +102,7 @@ async def test_an_unavailable_store_is_waited_out_and_no_event_is_dead_lettered(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unavailable = StoreUnavailable("store write failed: database or disk is full")
-    monkeypatch.setattr(transformer_module, "commit_transform", failing_commit(b'"n"', unavailable, times=3))
+    monkeypatch.setattr(outbox, "commit_transform", failing_commit(b'"n"', unavailable, times=3))
     transformer = make(store)
     await ingest(store, *({"n": n} for n in range(4)))
     async with trio.open_nursery() as nursery:

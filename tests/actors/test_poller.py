@@ -624,7 +624,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
             )
         return real(conn, **kwargs)
 
-    monkeypatch.setattr("actors.poll.poller.commit_pages", second_call_fails)
+    monkeypatch.setattr(poll_store, "commit_pages", second_call_fails)
     go = first_request_waits(api)
     poller = Poller("api", config, store, sinks=["out"], consumers=["out"], dedup_window=86400)
     with pytest.RaisesGroup(sqlite3.IntegrityError, flatten_subgroups=True):
@@ -637,7 +637,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
     first = await stored(store)
     assert [item["id"] for item in first] == list(range(1, 101))
     assert (await state_of(store)).pages == 1
-    monkeypatch.setattr("actors.poll.poller.commit_pages", real)
+    monkeypatch.setattr(poll_store, "commit_pages", real)
     served = len(api.snapshot())
     async with polling(store, config) as again:
 

@@ -15,7 +15,8 @@ import trio
 import trio.testing
 
 from actors.sink.guard import SinkGuard
-from actors.sink.sink import Sink, judge
+from actors.sink.judge import judge
+from actors.sink.sink import Sink
 from daemon.config.limits import BreakerConfig
 from daemon.config.root import BatchConfig, RetryConfig
 from daemon.config.units import Duration

@@ -14,9 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.commit import Finished, OutcomeCommitter, recorder
 from actors.sink.sink import Sink
 from daemon.store import outbox
+from daemon.store.api import Attempt
 from daemon.store.outbox import Connection, Due, Outcomes
 from daemon.store.schema import DELIVERED, PENDING
 from daemon.store.sqlite import Store
@@ -73,8 +74,7 @@ async def test_outcomes_finishing_together_share_a_commit_and_wait_for_it(
     dues = await pending_dues(store)
     groups: list[list[int]] = []
     committer = OutcomeCommitter(
-        store,
-        outbox.record_outcomes,
+        recorder(store, None),
         wake=lambda entries: (),
         settle=lambda entries: None,
         committed=lambda entries: groups.append([entry.batch[0].rowid for entry in entries]),
@@ -114,14 +114,18 @@ async def test_a_failing_entry_fails_alone(store: Store) -> None:
     dues = await pending_dues(store)
     bad = dues[1].rowid
 
-    def record(conn: Connection, outcomes: Outcomes, latency: float | None, response: str | None) -> None:
-        if outcomes.delivered[0][0] == bad:
-            raise ValueError("no such row")
-        outbox.record_outcomes(conn, outcomes, latency, response)
+    def record_in(conn: Connection, attempts: Sequence[Attempt]) -> None:
+        for outcomes, latency, response in attempts:
+            if outcomes.delivered[0][0] == bad:
+                raise ValueError("no such row")
+            outbox.record_outcomes(conn, outcomes, latency, response)
+
+    async def record(attempts: Sequence[Attempt], wake: Sequence[str]) -> None:
+        # Raises inside the store's transaction, as a constraint would: the group rolls back.
+        await store.call(lambda conn: record_in(conn, attempts), wake=wake)
 
     settled: list[int] = []
     committer = OutcomeCommitter(
-        store,
         record,
         wake=lambda entries: (),
         settle=lambda entries: settled.extend(entry.batch[0].rowid for entry in entries),
@@ -212,8 +216,7 @@ async def test_close_commits_what_is_left_and_returns(store: Store, count: int) 
     await ingest(store, *(f"e{n}" for n in range(count)))
     dues = await pending_dues(store)
     committer = OutcomeCommitter(
-        store,
-        outbox.record_outcomes,
+        recorder(store, None),
         wake=lambda entries: (),
         settle=lambda entries: None,
         committed=lambda entries: None,

@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from actors.sink.http import HttpSender
-from actors.sink.sink import Answer, Sink, judge
+from actors.sink.judge import Answer, judge
+from actors.sink.sink import Sink
 from daemon.config.root import HttpSinkConfig, RetryConfig
 from daemon.config.units import Duration, dec_hook
 from daemon.errors import PermanentDelivery, RetryableDelivery

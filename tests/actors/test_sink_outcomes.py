@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import trio
 
+from actors.sink.judge import Answer
 from actors.sink.outcomes import IDS_PER_LINE, log_committed, log_final_outcomes, outcome_log
-from actors.sink.sink import Answer, Sink
+from actors.sink.sink import Sink
 from daemon.errors import PermanentDelivery
 from daemon.store.outbox import Due, Outcomes
 from daemon.store.schema import DEAD, DELIVERED
