@@ -26,15 +26,13 @@ from typing import Protocol
 
 import trio
 
-from actors.poll.config import PollSourceConfig
-from actors.webhook.ingest import IngestBatcher
-from actors.webhook.tls import server_context
+from daemon.config.kinds import PollSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
-from daemon.registry import WebhookListener, build_sink
-from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
+from daemon.registry import IngestBatcher, WebhookListener, build_sink, server_context
+from daemon.reload import build_alerter, deps, fan_out, poller, pollers, reload, routes, transformer
 from daemon.running import Running
 from daemon.store import at_rest, ops, outbox
 from daemon.store.sqlite import Store
@@ -199,14 +197,7 @@ async def serve(
                 outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
                 sinks = {
-                    name: build_sink(
-                        name,
-                        sink,
-                        store,
-                        running.rate_limits,
-                        quarantine_after=config.supervisor.quarantine_after,
-                    )
-                    for name, sink in config.sinks.items()
+                    name: build_sink(name, sink, deps(config, running)) for name, sink in config.sinks.items()
                 }
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)

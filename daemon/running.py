@@ -11,11 +11,10 @@ from typing import Any
 
 import trio
 
-from actors.webhook.ingest import IngestBatcher
 from daemon.config.root import Config, LoadedConfig
 from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
-from daemon.registry import Alerter, WebhookListener
+from daemon.registry import Alerter, IngestBatcher, WebhookListener
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier

@@ -72,13 +72,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.config import BatchConfig, RetryConfig
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
 from actors.sink.outcomes import IDS_PER_LINE, log_committed, outcome_log
 from actors.sink.quarantine import quarantine_head
 from actors.sink.retry_log import RetryLog
 from daemon import poison
-from daemon.config.root import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.limits.backoff import MAX_WAIT, full_jitter, past_max_age, retry_at
 from daemon.store.ordering import Fetched, Ordering

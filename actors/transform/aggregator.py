@@ -37,9 +37,9 @@ from typing import final
 import trio
 from opentelemetry import trace
 
+from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
 from actors.transform.transformer import batch_trace, dead_letter
-from daemon.config.root import TransformConfig
 from daemon.store.outbox import StoredEvent, cursor, read_events
 from daemon.store.sqlite import Store
 from daemon.store.windows import (

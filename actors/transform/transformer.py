@@ -60,10 +60,10 @@ from typing import TYPE_CHECKING, final
 import trio
 from opentelemetry import trace
 
+from actors.transform.config import TransformConfig
 from actors.transform.enricher import Enricher
 from actors.transform.program import Failure, TransformProgram
 from daemon import poison
-from daemon.config.root import TransformConfig
 from daemon.store.outbox import Derived, StoredEvent, commit_transform, cursor, read_events
 from daemon.store.quarantine import attempt_head, careful_until, quarantine_reason, read_head
 from daemon.store.sqlite import Store

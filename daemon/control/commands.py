@@ -57,9 +57,8 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from actors.alerting.rules import AlertView
-from actors.poll.pages import PollStatus
-from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream
+from daemon.config.kinds import WebhookSourceConfig
+from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.server import (
     MUTATING,
     AlertsRequest,
@@ -83,6 +82,7 @@ from daemon.control.server import (
 )
 from daemon.errors import StoreUnavailable
 from daemon.limits.ratelimit import RateLimitStatus
+from daemon.registry import AlertView, PollStatus
 from daemon.reload import ReloadResult, config_sha256, reload
 from daemon.store import confirmations, ops, outbox
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter

@@ -59,7 +59,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
 from prometheus_client import CollectorRegistry, generate_latest
 
-from daemon.config.root import TelemetryConfig
+from daemon.config.sections import TelemetryConfig
 from daemon.telemetry import metrics as _metrics
 from daemon.telemetry.masking import Redactor
 

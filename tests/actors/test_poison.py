@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 
+from actors.sink.config import BatchConfig
 from actors.sink.sink import Sink
 from actors.transform import transformer as transformer_module
-from daemon.config.root import BatchConfig
 from daemon.config.units import Duration
 from daemon.errors import StoreUnavailable
 from daemon.poison import bisect, reason

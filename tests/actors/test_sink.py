@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
+from actors.sink.config import BatchConfig, RetryConfig
 from actors.sink.guard import SinkGuard
 from actors.sink.sink import Sink, judge
 from daemon.config.limits import BreakerConfig
-from daemon.config.root import BatchConfig, RetryConfig
 from daemon.config.units import Duration
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.store import outbox

@@ -9,9 +9,8 @@ from typing import Any
 
 import trio
 
-from actors.transform.config import RouteConfig
+from actors.transform.config import RouteConfig, TransformConfig
 from actors.transform.transformer import Transformer
-from daemon.config.root import TransformConfig
 from daemon.store import outbox
 from daemon.store.schema import DEAD, PENDING
 from daemon.store.sqlite import Connection, Store

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from actors.sink.config import HttpSinkConfig
 from actors.sink.items import ItemOutcomes, UnreadableAnswer, scrubbed_items
 from actors.sink.items_config import ItemOutcomesConfig
-from daemon.config.root import HttpSinkConfig, parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError, PermanentDelivery, RetryableDelivery
 from daemon.telemetry import masking
 

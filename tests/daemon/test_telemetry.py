@@ -14,7 +14,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from daemon.config.root import TelemetryConfig
+from daemon.config.sections import TelemetryConfig
 from daemon.config.units import Duration
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
