@@ -124,7 +124,7 @@ def _totals(running: Running) -> tuple[int, int]:
     """(events received, deliveries delivered) since start, for `Throughput`."""
     received = running.batcher.events if running.batcher is not None else 0
     # Pollers count the items they stored (`Poller.items`); webhook sources go through the batcher.
-    received += sum(getattr(running.actors.get(name), "items", 0) for name in running.config.sources)
+    received += sum(poller.items for poller in running.actors.pollers.values())
     return received, sum(sink.delivered for sink in running.sinks)
 
 
@@ -201,17 +201,17 @@ async def serve(
                 }
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
-                running.actors.update(sinks)
+                running.actors.sinks.update(sinks)
                 running.control = _control_server(loaded, running)
                 await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
                     for name in config.transforms:
                         actor = transformer(config, name, running)
-                        running.actors[name] = actor
+                        running.actors.transforms[name] = actor
                         await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
                     for name in pollers(config):
                         source = poller(config, name, running)
-                        running.actors[name] = source
+                        running.actors.pollers[name] = source
                         await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
                     running.telemetry = telemetry
                     if config.alerts:

@@ -337,10 +337,11 @@ async def _reload(running: Running) -> ReloadResult:
         for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
     }
     for name, source in polls.items():
-        if getattr(running.actors.get(name), "paused", False):
+        held = running.actors.pollers.get(name)
+        if held is not None and held.paused:
             source.pause()  # an operator's hold outlives a reload, as a sink's does
     for name, sink in sinks.items():
-        previous = running.actors.get(name)
+        previous = running.actors.sinks.get(name)
         if previous is not None and previous.paused:
             sink.pause()  # an operator's hold outlives a reload (not a restart)
 
@@ -354,12 +355,12 @@ async def _reload(running: Running) -> ReloadResult:
     use_redactor(redactor)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:
-        running.actors.pop(name, None)
+        running.actors.remove(name)
     for name in pollers(old, changes.sources.changed):
-        running.actors.pop(name, None)  # a poll source that became a webhook one
-    running.actors.update(sinks)
-    running.actors.update(transforms)
-    running.actors.update(polls)
+        running.actors.remove(name)  # a poll source that became a webhook one
+    running.actors.sinks.update(sinks)
+    running.actors.transforms.update(transforms)
+    running.actors.pollers.update(polls)
     running.config, running.loaded = new, loaded
 
     # 3. Transforms.

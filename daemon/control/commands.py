@@ -459,7 +459,7 @@ class Commands:
         return sorted([*running.pauses.sources, *polls]) + sinks
 
     def _sink(self, name: str) -> Pausable:
-        sink: Pausable = self._running.actors[name]
+        sink: Pausable = self._running.actors.pausable(name)
         return sink
 
     async def status(self) -> StatusResult:
@@ -508,9 +508,9 @@ class Commands:
         """Each http sink's admission state: concurrency limit, circuit breaker per URL."""
         guards = {}
         for name in self._config.sinks:
-            guard = getattr(self._running.actors.get(name), "guard", None)
-            if guard is not None:
-                guards[name] = guard.status()
+            sink = self._running.actors.sinks.get(name)
+            if sink is not None and sink.guard is not None:
+                guards[name] = sink.guard.status()
         return guards
 
     async def _stats(self) -> StatsResult:
@@ -518,10 +518,9 @@ class Commands:
         failures = [Failure(*row) for row in await self._store_call(ops.error_counts)]
         since_start = {}
         for name in self._config.sinks:
-            sink = self._running.actors.get(name)
+            sink = self._running.actors.sinks.get(name)
             if sink is not None:
-                stale = getattr(sink, "stale", 0)
-                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, stale)
+                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, sink.stale)
         latency = {}
         for name in self._config.sinks:
             samples = sorted(await self._store_call(partial(ops.delivery_latencies, stage=name)))
@@ -535,9 +534,9 @@ class Commands:
     def _polls(self) -> dict[str, PollStatus]:
         """Each running poller's state and counters (docs/polling.md)."""
         return {
-            name: actor.status()
-            for name, actor in self._running.actors.items()
-            if name in self._config.sources and callable(getattr(actor, "status", None))
+            name: poller.status()
+            for name, poller in self._running.actors.pollers.items()
+            if name in self._config.sources
         }
 
     # -- pause / resume ----------------------------------------------------------------------

@@ -22,7 +22,9 @@ def tag(struct: type[msgspec.Struct]) -> str:
 
 
 def test_every_sink_kind_in_the_config_has_a_constructor_of_the_same_struct() -> None:
-    assert {tag(struct) for struct in get_args(SinkConfig)} == set(kinds.SINK_KINDS) == set(registry.SINK_KINDS)
+    assert (
+        {tag(struct) for struct in get_args(SinkConfig)} == set(kinds.SINK_KINDS) == set(registry.SINK_KINDS)
+    )
     for name, struct in kinds.SINK_KINDS.items():
         assert registry.SINK_KINDS[name].config is struct
         assert tag(struct) == name
