@@ -86,7 +86,7 @@ from daemon.registry import (
 )
 from daemon.supervisor import Actor
 from daemon.telemetry import masking
-from daemon.telemetry.otel import use_redactor
+from daemon.telemetry.logs import use_redactor
 
 if TYPE_CHECKING:
     from daemon.running import Running

@@ -19,7 +19,7 @@ import trio
 from daemon.config.root import LoadedConfig, json_schema, load
 from daemon.errors import ConfigError, FerryError
 from daemon.telemetry import masking
-from daemon.telemetry.otel import setup_logging
+from daemon.telemetry.logs import setup_logging
 
 log = logging.getLogger("ferry.cli")
 DEFAULT_CONFIG = "config.toml"

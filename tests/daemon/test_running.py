@@ -16,9 +16,11 @@ def test_a_sink_is_pausable_and_forgotten_by_name(tmp_path: Path) -> None:
     deps = Deps(Store(tmp_path / "ferry.db"), RateLimits())
     sink = registry.build_sink("out", FileSinkConfig(inputs=["in"], path=str(tmp_path / "o.jsonl")), deps)
     actors = Actors(sinks={"out": sink})
-    assert "out" in actors and "in" not in actors
+    assert "out" in actors
+    assert "in" not in actors
     actors.pausable("out").pause()
     assert sink.paused
     actors.remove("out")
     actors.remove("never-there")
-    assert "out" not in actors and actors.sinks == {}
+    assert "out" not in actors
+    assert actors.sinks == {}

@@ -16,7 +16,7 @@ import trio
 
 from daemon.reload import reload
 from daemon.telemetry import masking
-from daemon.telemetry.otel import setup_logging
+from daemon.telemetry.logs import setup_logging
 from tests.daemon.test_reload import Daemon
 
 OLD, NEW = "rotation-old-secret-4f1d2c", "rotation-new-secret-9a8b7c"
