@@ -219,7 +219,11 @@ async def serve(
                         await intake.start(supervisor.supervise, "alerter", lambda: alerter)
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
-                        store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window
+                        store,
+                        sinks=sink_map,
+                        consumers=consumers,
+                        dedup_window=config.store.dedup_window,
+                        taps=running.taps,
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(

@@ -8,12 +8,14 @@ Constructors build an actor and start nothing: the supervisor runs it (`run(task
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from daemon.limits.ratelimit import RateLimits
 from daemon.store.sqlite import Store
+from daemon.telemetry.tap import Taps
 
 C = TypeVar("C")
 A = TypeVar("A")
@@ -30,6 +32,10 @@ class Deps:
     """`[supervisor] quarantine_after`: crashes on one event before it is dead-lettered as poison."""
     dedup_window: float = 86400.0
     """`[store] dedup_window` in seconds: how long an idempotency key is remembered."""
+    clock: Callable[[], float] = time.time
+    """The wall clock (epoch seconds) time-based actors read; tests hand one that a `MockClock` moves."""
+    taps: Taps = field(default_factory=Taps)
+    """The daemon's live taps (`ferry ctl tap`), which actors publish to after each commit."""
 
 
 class Wiring(NamedTuple):

@@ -219,6 +219,7 @@ def deps(config: Config, running: Running) -> Deps:
         running.rate_limits,
         quarantine_after=config.supervisor.quarantine_after,
         dedup_window=config.store.dedup_window,
+        taps=running.taps,
     )
 
 

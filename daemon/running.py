@@ -18,6 +18,7 @@ from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 from daemon.telemetry.otel import Telemetry
+from daemon.telemetry.tap import Taps
 from daemon.telemetry.throughput import Throughput
 
 
@@ -86,6 +87,8 @@ class Running:
     """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
     telemetry: Telemetry | None = None
     alerter: Alerter | None = None
+    taps: Taps = field(default_factory=Taps)
+    """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
 
     @property
     def sinks(self) -> list[Sink]:

@@ -19,6 +19,7 @@ def poller(name: str, config: PollSourceConfig, deps: Deps, wiring: Wiring) -> P
         consumers=[*wiring.transforms, *wiring.sinks],
         dedup_window=deps.dedup_window,
         limiter=deps.rate_limits.limiter(config.rate_limit),
+        taps=deps.taps,
     )
 
 

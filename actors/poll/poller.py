@@ -90,7 +90,7 @@ from daemon.store.poll import PageCheck, PollState, commit_pages, load_checks, l
 from daemon.store.sqlite import Store
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 log = logging.getLogger("ferry.poller")
 PIPELINE = 32
@@ -166,7 +166,9 @@ class Poller:
         dedup_window: float,
         limiter: RateLimiter | None = None,
         rng: Callable[[], float] = random.random,
+        taps: Taps | None = None,
     ) -> None:
+        self._taps = taps if taps is not None else Taps()
         self.name = name
         self._config = config
         self._store = store
@@ -658,11 +660,11 @@ class Poller:
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({"ferry.new": new, "ferry.duplicates": duplicates})
-        if self.name in TAPS.taps:
+        if self.name in self._taps.taps:
             now = time.time()
             for result in committed:
                 for event_id, payload in result.events:
-                    TAPS.publish(self.name, Record("source", event_id, payload, now))
+                    self._taps.publish(self.name, Record("source", event_id, payload, now))
 
     # -- job mode --------------------------------------------------------------------------
 

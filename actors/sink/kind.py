@@ -37,6 +37,8 @@ def http_sink(name: str, config: HttpSinkConfig, deps: Deps, _: Wiring) -> Sink:
         ordering=Ordering(config.ordering) if config.ordering is not None else None,
         guard=guard,
         quarantine_after=deps.quarantine_after,
+        clock=deps.clock,
+        taps=deps.taps,
     )
 
 
@@ -50,6 +52,8 @@ def file_sink(name: str, config: FileSinkConfig, deps: Deps, _: Wiring) -> Sink:
         concurrency=1,
         batch=FILE_SINK_BATCH,
         quarantine_after=deps.quarantine_after,
+        clock=deps.clock,
+        taps=deps.taps,
     )
 
 

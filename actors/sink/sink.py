@@ -53,6 +53,11 @@ Poison (docs/reliability.md, "Poison events"):
     A delivery at the head of the stage across repeated crashes is quarantined
     (`actors.sink.quarantine`).
 
+Clock:
+    Due times, backoff and delivery latency are wall-clock seconds from the injected `clock`
+    (`time.time` by default); a test hands it `trio.current_time` plus an offset, so retries come
+    due when a `MockClock` jumps. Request durations are measured with `time.monotonic` (real I/O).
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -86,7 +91,7 @@ from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, r
 from daemon.store.sqlite import Store
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -190,8 +195,12 @@ class Sink:
         ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
         quarantine_after: int = 3,
+        clock: Callable[[], float] = time.time,
+        taps: Taps | None = None,
     ) -> None:
         self.name = name
+        self._clock = clock
+        self._taps = taps if taps is not None else Taps()
         self._quarantine_after = quarantine_after
         self._proven = False
         self.guard = guard
@@ -263,7 +272,7 @@ class Sink:
             committed=self._committed,
         )
         await self._store.call_until_committed(
-            partial(unpark, stage=self.name, now=time.time(), horizon=MAX_WAIT)
+            partial(unpark, stage=self.name, now=self._clock(), horizon=MAX_WAIT)
         )
         if self.guard is not None:
             self.guard.publish()
@@ -298,7 +307,7 @@ class Sink:
             if not self._resumed.is_set():
                 await self._wait_resumed()
                 continue
-            now = time.time()
+            now = self._clock()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
             limit = len(self._inflight) + ahead
@@ -323,7 +332,7 @@ class Sink:
             if more or len(fresh) >= ahead:
                 continue
             wake_at = await store.call_until_committed(partial(next_due_after, stage=name, now=now))
-            with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
+            with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
@@ -458,7 +467,7 @@ class Sink:
         if response is not None:
             response = _guarded_text(response, batch)
         hold = admission.done(error, elapsed) if admission is not None else False
-        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
+        outcomes = judge(batch, error, status, self._retry, self._clock(), hold=hold, items=items)
         outcome = _outcome(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
@@ -561,10 +570,11 @@ class Sink:
         self.delivered += delivered
         self.retried += retried
         self.dead += dead
-        _count(self.name, entries, delivered, retried, dead)
-        if self.name in TAPS.taps:
+        now = self._clock()
+        _count(self.name, entries, delivered, retried, dead, now)
+        if self.name in self._taps.taps:
             for entry in entries:
-                _tap(self.name, entry.batch, entry.outcomes)
+                _tap(self._taps, self.name, entry.batch, entry.outcomes, now)
         log_committed(
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )
@@ -618,7 +628,7 @@ def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
     return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
 
 
-def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
+def _tap(taps: Taps, sink: str, batch: Sequence[Due], outcomes: Outcomes, now: float) -> None:
     """Hand an attempt's committed outcomes to the taps on `sink`, one record per delivery."""
     results: dict[int, tuple[str, int | None, str | None]] = {}
     for rowid, code in outcomes.delivered:
@@ -627,7 +637,6 @@ def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
         results[rowid] = ("dead", code, message)
     for rowid, _, code, message in outcomes.retry:
         results[rowid] = ("retry", code, message)
-    now = time.time()
     for due in batch:
         outcome, status, error = results.get(due.rowid, ("unknown", None, None))
         extra = {
@@ -637,7 +646,7 @@ def _tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
             "status": status,
             "error": error,
         }
-        TAPS.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
+        taps.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
 
 
 def _outcome(outcomes: Outcomes) -> str:
@@ -657,7 +666,9 @@ def _sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
 LATENCY_SAMPLES_PER_BATCH = 16
 
 
-def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
+def _count(
+    sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int, now: float
+) -> None:
     """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
     meter = metrics.current()
     for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
@@ -666,7 +677,7 @@ def _count(sink: str, entries: Sequence[Finished], delivered: int, retried: int,
     if dead:
         meter.dead_letters.add(dead, {"stage": sink})
     if delivered:
-        now, attributes = time.time(), {"sink": sink}
+        attributes = {"sink": sink}
         for entry in entries:
             if not entry.outcomes.delivered:
                 continue

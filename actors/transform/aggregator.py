@@ -54,7 +54,7 @@ from daemon.store.windows import (
 )
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 EMIT_CHUNK = 256
 """Most windows reduced and committed in one transaction."""
@@ -73,8 +73,10 @@ class Aggregator:
         sinks: list[str],
         transforms: list[str],
         batch_size: int = 1000,
+        taps: Taps | None = None,
     ) -> None:
         assert config.aggregate is not None
+        self._taps = taps if taps is not None else Taps()
         self.name = name
         self._inputs = list(config.inputs)
         self._store = store
@@ -202,10 +204,10 @@ class Aggregator:
         self.dropped += len(emitted) - stored - failed
         if failed:
             metrics.current().dead_letters.add(failed, {"stage": name})
-        if name in TAPS.taps:
+        if name in self._taps.taps:
             now = time.time()
             for item in emitted:
                 if item.payload is not None:
-                    TAPS.publish(
+                    self._taps.publish(
                         name, Record("transform", item.id, item.payload, now, {"window": item.window})
                     )

@@ -43,6 +43,10 @@ Tracing:
     link). Outputs keep their parent's stored context, so their deliveries join the
     parent's trace.
 
+Clock:
+    Retried dead letters are looked for on trio's clock; what it stamps (tap records) reads the
+    injected wall `clock` (`time.time` by default), so both run on a `MockClock` in tests.
+
 Backpressure:
     Reads at most `batch_size` events at a time and waits for each commit
     before reading more; an idle transformer sleeps until the store signals a
@@ -53,7 +57,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, final
 
@@ -70,7 +74,7 @@ from daemon.store.sqlite import Store
 from daemon.store.transform_retry import Revived, commit_revived, revived
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -108,8 +112,12 @@ class Transformer:
         batch_size: int = 1000,
         enricher: Enricher | None = None,
         quarantine_after: int = 3,
+        clock: Callable[[], float] = time.time,
+        taps: Taps | None = None,
     ) -> None:
         self.name = name
+        self._clock = clock
+        self._taps = taps if taps is not None else Taps()
         self._quarantine_after = quarantine_after
         self._enricher = enricher
         self._inputs = list(config.inputs)
@@ -277,7 +285,7 @@ class Transformer:
         self.unrouted += unrouted
         if failures:
             metrics.current().dead_letters.add(len(failures), {"stage": self.name})
-        if self.name in TAPS.taps:
+        if self.name in self._taps.taps:
             self._tap(outputs, failures)
         span = trace.get_current_span()
         if span.is_recording():
@@ -333,13 +341,13 @@ class Transformer:
 
     def _tap(self, outputs: list[Derived], failures: list[Failed]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
-        name, now = self.name, time.time()
+        name, now = self.name, self._clock()
         for parent, nth, payload, _ in outputs:
             event_id = f"{parent.id}.{name}" if nth == 0 else f"{parent.id}.{name}.{nth}"
-            TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
+            self._taps.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
         for event, error, _ in failures:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
-            TAPS.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
+            self._taps.publish(name, Record("transform", f"{event.id}.{name}", event.payload, now, extra))
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[Failed], int, int, int]:
         """(outputs, dead letters, events that gave no output, outputs no route sends anywhere, how

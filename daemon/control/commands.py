@@ -88,7 +88,7 @@ from daemon.store import confirmations, ops, outbox
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
 from daemon.telemetry import masking, metrics
 from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record
 
 if TYPE_CHECKING:
     from daemon.running import Running
@@ -412,7 +412,7 @@ class Commands:
             raise CommandError(f"no source, transform or sink named {name!r}")
         limit = request.limit
         sent = 0
-        with TAPS.subscribe(name, request.buffer) as tap:
+        with self._running.taps.subscribe(name, request.buffer) as tap:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await call.progress(TapProgress([], 0))  # tapping from now on
             while limit is None or sent < limit:
