@@ -38,7 +38,7 @@ from daemon.store import at_rest, ops, outbox
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import ActivatedSockets, Notifier
-from daemon.telemetry import metrics
+from daemon.telemetry import masking, metrics
 from daemon.telemetry.otel import Telemetry
 from daemon.telemetry.throughput import Throughput
 
@@ -186,6 +186,7 @@ async def serve(
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
+            running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
             if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running)

@@ -15,6 +15,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 
 from daemon.limits.ratelimit import RateLimits
 from daemon.store.sqlite import Store
+from daemon.telemetry.masking import Masking
 from daemon.telemetry.tap import Taps
 
 C = TypeVar("C")
@@ -36,6 +37,8 @@ class Deps:
     """The wall clock (epoch seconds) time-based actors read; tests hand one that a `MockClock` moves."""
     taps: Taps = field(default_factory=Taps)
     """The daemon's live taps (`ferry ctl tap`), which actors publish to after each commit."""
+    redaction: Masking = field(default_factory=Masking)
+    """The daemon's redactor (`[telemetry] mask`, secrets), swapped by a reload: what actors hide."""
 
 
 class Wiring(NamedTuple):

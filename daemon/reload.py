@@ -220,6 +220,7 @@ def deps(config: Config, running: Running) -> Deps:
         quarantine_after=config.supervisor.quarantine_after,
         dedup_window=config.store.dedup_window,
         taps=running.taps,
+        redaction=running.redaction,
     )
 
 
@@ -351,8 +352,8 @@ async def _reload(running: Running) -> ReloadResult:
     running.batcher.rewire(sinks=sink_map, consumers=consumers)
     running.listener.reroute(new_routes)
     running.listener.retls(tls)
-    redactor = masking.config_redactor(new, keep=masking.current())  # secrets just read: hidden too
-    masking.install(redactor)
+    redactor = masking.config_redactor(new, keep=running.redaction.redactor)  # secrets just read too
+    running.redaction.redactor = redactor
     use_redactor(redactor)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:

@@ -17,6 +17,7 @@ from daemon.registry import Aggregator, Alerter, IngestBatcher, Poller, Sink, Tr
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
+from daemon.telemetry.masking import Masking
 from daemon.telemetry.otel import Telemetry
 from daemon.telemetry.tap import Taps
 from daemon.telemetry.throughput import Throughput
@@ -89,6 +90,8 @@ class Running:
     alerter: Alerter | None = None
     taps: Taps = field(default_factory=Taps)
     """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
+    redaction: Masking = field(default_factory=Masking)
+    """This daemon's redactor (`serve` builds it from the config, a reload swaps it); actors hold it."""
 
     @property
     def sinks(self) -> list[Sink]:

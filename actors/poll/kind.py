@@ -20,6 +20,7 @@ def poller(name: str, config: PollSourceConfig, deps: Deps, wiring: Wiring) -> P
         dedup_window=deps.dedup_window,
         limiter=deps.rate_limits.limiter(config.rate_limit),
         taps=deps.taps,
+        redaction=deps.redaction,
     )
 
 

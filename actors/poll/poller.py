@@ -167,8 +167,10 @@ class Poller:
         limiter: RateLimiter | None = None,
         rng: Callable[[], float] = random.random,
         taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
         self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self.name = name
         self._config = config
         self._store = store
@@ -337,7 +339,7 @@ class Poller:
         self.status_name = "backoff"
         # An upstream may echo the credentials it refused: none in `ferry ctl status` or the log.
         message = str(exc)
-        message = scrub(masking.current().scrub(message) or message, self._sent)
+        message = scrub(self._redaction.redactor.scrub(message) or message, self._sent)
         self.last_error, self.last_error_kind = message, exc.kind
         self.errors[exc.kind] += 1
         metrics.current().poll_errors.add(1, {"source": self.name, "error": exc.kind})

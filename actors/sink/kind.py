@@ -39,6 +39,7 @@ def http_sink(name: str, config: HttpSinkConfig, deps: Deps, _: Wiring) -> Sink:
         quarantine_after=deps.quarantine_after,
         clock=deps.clock,
         taps=deps.taps,
+        redaction=deps.redaction,
     )
 
 
@@ -54,6 +55,7 @@ def file_sink(name: str, config: FileSinkConfig, deps: Deps, _: Wiring) -> Sink:
         quarantine_after=deps.quarantine_after,
         clock=deps.clock,
         taps=deps.taps,
+        redaction=deps.redaction,
     )
 
 

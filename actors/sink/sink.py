@@ -91,6 +91,7 @@ from daemon.store.outbox import Due, Outcomes, due_deliveries, next_due_after, r
 from daemon.store.sqlite import Store
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
+from daemon.telemetry.masking import Redactor
 from daemon.telemetry.tap import Record, Taps
 
 if TYPE_CHECKING:
@@ -197,10 +198,12 @@ class Sink:
         quarantine_after: int = 3,
         clock: Callable[[], float] = time.time,
         taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
         self.name = name
         self._clock = clock
         self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self._quarantine_after = quarantine_after
         self._proven = False
         self.guard = guard
@@ -445,6 +448,7 @@ class Sink:
         status: int | None = None
         response: str | None = None
         items: Mapping[int, DeliveryError] | None = None
+        redactor = self._redaction.redactor  # read per attempt: a reload swaps it
         began = time.monotonic()
         try:
             answer = await sender.send(batch)
@@ -452,9 +456,9 @@ class Sink:
                 (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
             )
             if isinstance(answer, Answer) and answer.items:
-                items = scrubbed_items(answer.items, [due.payload for due in batch])
+                items = scrubbed_items(answer.items, [due.payload for due in batch], redactor)
         except DeliveryError as exc:
-            error = _guarded_error(exc, batch)
+            error = _guarded_error(exc, batch, redactor)
         except BaseException as exc:
             if admission is not None:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
@@ -465,7 +469,7 @@ class Sink:
         self._proven = True
         elapsed = time.monotonic() - began
         if response is not None:
-            response = _guarded_text(response, batch)
+            response = _guarded_text(response, batch, redactor)
         hold = admission.done(error, elapsed) if admission is not None else False
         outcomes = judge(batch, error, status, self._retry, self._clock(), hold=hold, items=items)
         outcome = _outcome(outcomes)
@@ -581,10 +585,10 @@ class Sink:
         self._retries.note(entries)
 
 
-def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+def _guarded_error(error: DeliveryError, batch: Sequence[Due], redactor: Redactor) -> DeliveryError:
     """`_scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
     try:
-        return _scrubbed(error, batch)
+        return _scrubbed(error, batch, redactor)
     except Exception as exc:
         if not poison.isolable(exc):
             raise
@@ -592,32 +596,30 @@ def _guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
         return type(error)(hidden, status=error.status, retry_after=error.retry_after)
 
 
-def _guarded_text(text: str, batch: Sequence[Due]) -> str:
+def _guarded_text(text: str, batch: Sequence[Due], redactor: Redactor) -> str:
     """`_scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
     try:
-        return _scrubbed_text(text, batch)
+        return _scrubbed_text(text, batch, redactor)
     except Exception as exc:
         if not poison.isolable(exc):
             raise
         return f"(hidden: could not be masked: {type(exc).__name__})"
 
 
-def _scrubbed_text(text: str, batch: Sequence[Due]) -> str:
+def _scrubbed_text(text: str, batch: Sequence[Due], redactor: Redactor) -> str:
     """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
-    redactor = masking.current()
     if not (redactor.rules or redactor.secrets):
         return text
     payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
     return redactor.scrub(text, payloads) or text
 
 
-def _scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+def _scrubbed(error: DeliveryError, batch: Sequence[Due], redactor: Redactor) -> DeliveryError:
     """`error` with the masked values of the batch's payloads and the secrets hidden in its message.
 
     The message becomes the delivery's `last_error` and a log field; a receiver's answer may
     quote the payload (or a header) it refused.
     """
-    redactor = masking.current()
     if not (redactor.rules or redactor.secrets):
         return error
     payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None

@@ -54,6 +54,7 @@ from daemon.store.windows import (
 )
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
+from daemon.telemetry.masking import Masking
 from daemon.telemetry.tap import Record, Taps
 
 EMIT_CHUNK = 256
@@ -74,9 +75,11 @@ class Aggregator:
         transforms: list[str],
         batch_size: int = 1000,
         taps: Taps | None = None,
+        redaction: Masking | None = None,
     ) -> None:
         assert config.aggregate is not None
         self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else Masking()
         self.name = name
         self._inputs = list(config.inputs)
         self._store = store
@@ -145,7 +148,7 @@ class Aggregator:
         failures: list[tuple[StoredEvent, str]] = []
         for event, result in zip(events, results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(name, event, result)))
+                failures.append((event, dead_letter(name, event, result, self._redaction.redactor)))
                 continue
             if not result:
                 self.dropped += 1
@@ -187,7 +190,7 @@ class Aggregator:
             if isinstance(result, Failure):
                 array = b"[" + b",".join(payload for _, payload, _ in items) + b"]"
                 event = StoredEvent(0, first_id, name, array, first_trace)
-                error = dead_letter(name, event, result)
+                error = dead_letter(name, event, result, self._redaction.redactor)
                 emitted.append(Emitted(window.id, first_id, None, first_trace, (), error, array))
             elif not result:
                 emitted.append(Emitted(window.id, first_id, None, first_trace, ()))

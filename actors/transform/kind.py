@@ -16,7 +16,15 @@ def transform(name: str, config: TransformConfig, deps: Deps, wiring: Wiring) ->
     when it has `enrich`)."""
     transforms, sinks = list(wiring.transforms), list(wiring.sinks)
     if config.aggregate is not None:
-        return Aggregator(name, config, deps.store, transforms=transforms, sinks=sinks, taps=deps.taps)
+        return Aggregator(
+            name,
+            config,
+            deps.store,
+            transforms=transforms,
+            sinks=sinks,
+            taps=deps.taps,
+            redaction=deps.redaction,
+        )
     enrich = config.enrich
     enricher = (
         Enricher(name, enrich, limiter=deps.rate_limits.limiter(enrich.rate_limit), store=deps.store)
@@ -33,6 +41,7 @@ def transform(name: str, config: TransformConfig, deps: Deps, wiring: Wiring) ->
         quarantine_after=deps.quarantine_after,
         clock=deps.clock,
         taps=deps.taps,
+        redaction=deps.redaction,
     )
 
 

@@ -114,10 +114,12 @@ class Transformer:
         quarantine_after: int = 3,
         clock: Callable[[], float] = time.time,
         taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
         self.name = name
         self._clock = clock
         self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self._quarantine_after = quarantine_after
         self._enricher = enricher
         self._inputs = list(config.inputs)
@@ -258,7 +260,7 @@ class Transformer:
         if self._enricher is not None:
             events, looked_up = await self._enricher.enrich(events)
             failures = [
-                (event, dead_letter(self.name, event, Failure(why)), attempts)
+                (event, dead_letter(self.name, event, Failure(why), self._redaction.redactor), attempts)
                 for event, why, attempts in looked_up
             ]
         outputs, failed, dropped, unrouted, done = self._transform(events)
@@ -311,7 +313,9 @@ class Transformer:
             if self._enricher is not None:
                 events, looked_up = await self._enricher.enrich(events)
                 if looked_up:
-                    error = dead_letter(self.name, row.event, Failure(looked_up[0][1]))
+                    error = dead_letter(
+                        self.name, row.event, Failure(looked_up[0][1]), self._redaction.redactor
+                    )
             if error is None:
                 outputs, failed, _, _, _ = self._transform(events)
                 if failed:
@@ -358,7 +362,7 @@ class Transformer:
         results = self._program.map([e.payload for e in events])
         for event, result in zip(events[: len(results)], results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(self.name, event, result), 1))
+                failures.append((event, dead_letter(self.name, event, result, self._redaction.redactor), 1))
                 continue
             if not result:
                 dropped += 1
@@ -369,12 +373,11 @@ class Transformer:
         return outputs, failures, dropped, unrouted, len(results)
 
 
-def dead_letter(transform: str, event: StoredEvent, failure: Failure) -> str:
+def dead_letter(transform: str, event: StoredEvent, failure: Failure, redactor: masking.Redactor) -> str:
     """Log an event a transform dead-letters; its error text, with masked values and secrets hidden.
 
     A jq message may quote the event (`error(.)`), and a schema violation quotes the value.
     """
-    redactor = masking.current()
     message = failure.message
     if redactor.rules or redactor.secrets:
         message = redactor.scrub(message, masking.decode_payload(event.payload)) or message

@@ -86,7 +86,7 @@ from daemon.registry import AlertView, PollStatus
 from daemon.reload import ReloadResult, config_sha256, reload
 from daemon.store import confirmations, ops, outbox
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
-from daemon.telemetry import masking, metrics
+from daemon.telemetry import metrics
 from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
 from daemon.telemetry.tap import Record
 
@@ -277,7 +277,7 @@ class Commands:
         """Masking rules and secrets of the current config (rebuilt after a reload)."""
         config = self._config
         if self._redactor_of is not config:
-            self._redactor_cache = config_redactor(config, keep=masking.current())
+            self._redactor_cache = config_redactor(config, keep=self._running.redaction.redactor)
             self._redactor_of = config
         return self._redactor_cache
 
