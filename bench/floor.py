@@ -31,12 +31,12 @@ from pathlib import Path
 
 import msgspec
 
+from actors.transform.config import TransformConfig
 from actors.transform.program import TransformProgram
 from bench.context import Context
 from bench.harness import RESHAPE, SOURCE
 from bench.listener_bench import BODY
 from bench.report import Row, render
-from daemon.config.root import TransformConfig
 from daemon.store import outbox
 from daemon.store.outbox import Derived, Incoming, Outcomes
 from daemon.store.sqlite import open_connection

@@ -24,8 +24,8 @@ from pathlib import Path
 import h11
 import trio
 
+from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
-from daemon.config.root import ListenerConfig
 
 PATH = "/hooks/bench"
 BODY = '{"id": 1, "first": "Ada", "last": "Lovelace", "email": "ada@example.com"}'

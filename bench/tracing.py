@@ -24,7 +24,7 @@ import trio
 from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_load, write_config, wrk_script
 from bench.report import Row
-from daemon.config.root import TelemetryConfig
+from daemon.config.sections import TelemetryConfig
 
 TARGET = 0.85
 DEFAULT_RATIO = TelemetryConfig().sample_ratio

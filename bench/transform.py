@@ -37,11 +37,10 @@ from typing import Any
 import jq
 import trio
 
-from actors.transform.config import RouteConfig
+from actors.transform.config import RouteConfig, TransformConfig
 from actors.transform.program import TransformProgram
 from bench.context import Context
 from bench.report import Row
-from daemon.config.root import TransformConfig
 
 MAP = (
     '{id: .Id, email: (.Email | ascii_downcase), name: (.FirstName + " " + .LastName), '

@@ -26,21 +26,19 @@ from typing import Protocol
 
 import trio
 
-from actors.poll.config import PollSourceConfig
-from actors.webhook.ingest import IngestBatcher
-from actors.webhook.tls import server_context
+from daemon.config.kinds import PollSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
-from daemon.registry import WebhookListener, build_sink
-from daemon.reload import build_alerter, fan_out, poller, pollers, reload, routes, transformer
+from daemon.registry import IngestBatcher, WebhookListener, build_sink, server_context
+from daemon.reload import build_alerter, deps, fan_out, poller, pollers, reload, routes, transformer
 from daemon.running import Running
 from daemon.store import at_rest
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import ActivatedSockets, Notifier
-from daemon.telemetry import metrics
+from daemon.telemetry import masking, metrics
 from daemon.telemetry.otel import Telemetry
 from daemon.telemetry.throughput import Throughput
 
@@ -119,7 +117,7 @@ def _totals(running: Running) -> tuple[int, int]:
     """(events received, deliveries delivered) since start, for `Throughput`."""
     received = running.batcher.events if running.batcher is not None else 0
     # Pollers count the items they stored (`Poller.items`); webhook sources go through the batcher.
-    received += sum(getattr(running.actors.get(name), "items", 0) for name in running.config.sources)
+    received += sum(poller.items for poller in running.actors.pollers.values())
     return received, sum(sink.delivered for sink in running.sinks)
 
 
@@ -181,6 +179,7 @@ async def serve(
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
+            running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
             if telemetry.metrics_live:
                 outer.start_soon(_sample_queue_depths, store, running)
@@ -192,28 +191,21 @@ async def serve(
                 outer.start_soon(_watch_signals, running, outer)
             async with trio.open_nursery() as sinks_nursery:
                 sinks = {
-                    name: build_sink(
-                        name,
-                        sink,
-                        store,
-                        running.rate_limits,
-                        quarantine_after=config.supervisor.quarantine_after,
-                    )
-                    for name, sink in config.sinks.items()
+                    name: build_sink(name, sink, deps(config, running)) for name, sink in config.sinks.items()
                 }
                 for name, sink in sinks.items():
                     await sinks_nursery.start(supervisor.supervise, f"sink.{name}", lambda s=sink: s)
-                running.actors.update(sinks)
+                running.actors.sinks.update(sinks)
                 running.control = _control_server(loaded, running)
                 await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
                     for name in config.transforms:
                         actor = transformer(config, name, running)
-                        running.actors[name] = actor
+                        running.actors.transforms[name] = actor
                         await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
                     for name in pollers(config):
                         source = poller(config, name, running)
-                        running.actors[name] = source
+                        running.actors.pollers[name] = source
                         await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
                     running.telemetry = telemetry
                     if config.alerts:
@@ -221,7 +213,11 @@ async def serve(
                         await intake.start(supervisor.supervise, "alerter", lambda: alerter)
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
-                        store, sinks=sink_map, consumers=consumers, dedup_window=config.store.dedup_window
+                        store,
+                        sinks=sink_map,
+                        consumers=consumers,
+                        dedup_window=config.store.dedup_window,
+                        taps=running.taps,
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(

@@ -1,81 +1,88 @@
-"""The one place where the runtime meets concrete actors: config `type` → actor class."""
+"""The one place where the runtime meets concrete actors: config `type` → the kind's registration.
+
+Each component kind registers where it is defined (`actors/KIND/kind.py`: its `type` name, config
+struct and constructor, a `daemon.component.Kind`); this module maps the names to them and hands the
+runtime (app, reload, Running, the control commands) the actor classes it holds and reports on. The
+config half of the same map is `daemon.config.kinds` (the structs the root config is assembled from);
+a test checks that both list the same kinds. Nothing else in `daemon/` imports `actors/` (the import
+contract in pyproject.toml).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Final
+
+from msgspec import Struct
 
 from actors.alerting.alerter import Alerter
+from actors.alerting.expr import flatten
+from actors.alerting.rules import AlertView
+from actors.poll.config import PollSourceConfig
+from actors.poll.kind import POLL_SOURCE
+from actors.poll.pages import PollStatus
 from actors.poll.poller import Poller
-from actors.sink.file import FileSender
-from actors.sink.guard import SinkGuard
-from actors.sink.http import HttpSender
-from actors.sink.sink import Sender, Sink
+from actors.sink.config import FileSinkConfig, HttpSinkConfig, SinkConfig
+from actors.sink.kind import FILE_SINK, HTTP_SINK
+from actors.sink.sink import Sink
 from actors.transform.aggregator import Aggregator
-from actors.transform.enricher import Enricher
+from actors.transform.config import TransformConfig
+from actors.transform.kind import TRANSFORM
 from actors.transform.transformer import Transformer
+from actors.webhook.ingest import IngestBatcher
 from actors.webhook.listener import WebhookListener, WebhookRoute
-from daemon.config.root import BatchConfig, FileSinkConfig, HttpSinkConfig, SinkConfig
-from daemon.config.units import Duration
-from daemon.limits.ratelimit import RateLimits
-from daemon.store.ordering import Ordering
-from daemon.store.sqlite import Store
+from actors.webhook.tls import server_context
+from actors.webhook.verify import build as build_verifier
+from daemon.component import Deps, Kind, Wiring
 
 __all__ = [
+    "SINK_KINDS",
+    "SOURCE_KINDS",
     "Aggregator",
+    "AlertView",
     "Alerter",
-    "Enricher",
+    "IngestBatcher",
+    "PollStatus",
     "Poller",
+    "Sink",
     "Transformer",
     "WebhookListener",
     "WebhookRoute",
+    "build_poller",
     "build_sink",
+    "build_transform",
+    "build_verifier",
+    "flatten",
+    "server_context",
 ]
 
-FILE_SINK_BATCH = BatchConfig(max_items=512, max_wait=Duration(0))
+SinkKind = Kind[HttpSinkConfig, Sink] | Kind[FileSinkConfig, Sink]
+
+SINK_KINDS: Final[Mapping[str, SinkKind]] = {kind.tag: kind for kind in (HTTP_SINK, FILE_SINK)}
+"""`[sinks.NAME] type = …` → its registration."""
+
+SOURCE_KINDS: Final[Mapping[str, Kind[PollSourceConfig, Poller]]] = {POLL_SOURCE.tag: POLL_SOURCE}
+"""`[sources.NAME] type = …` → its registration, for the kinds that run an actor of their own
+(a webhook source is a route of the one listener, built by `daemon.reload.routes`)."""
 
 
-def build_sink(
-    name: str,
-    config: SinkConfig,
-    store: Store,
-    rate_limits: RateLimits | None = None,
-    *,
-    quarantine_after: int = 3,
-) -> Sink:
-    """The delivery actor for one configured sink; `rate_limits` holds the budgets it may name,
-    `quarantine_after` is `[supervisor] quarantine_after`."""
-    factory: Callable[[], Sender]
-    if isinstance(config, HttpSinkConfig):
-        guard = SinkGuard(
-            name,
-            config.targets,
-            concurrency=config.max_concurrency,
-            adaptive=config.adaptive if config.concurrency == "adaptive" else None,
-            breaker=config.breaker_policy,
-            limiter=(rate_limits or RateLimits()).limiter(config.rate_limit),
-        )
-        factory = lambda: HttpSender(name, config, guard=guard, store=store)  # noqa: E731
-        ordering = Ordering(config.ordering) if config.ordering is not None else None
-        return Sink(
-            name,
-            store,
-            factory,
-            retry=config.retry,
-            concurrency=config.max_concurrency,
-            batch=config.batch,
-            ordering=ordering,
-            guard=guard,
-            quarantine_after=quarantine_after,
-        )
-    if isinstance(config, FileSinkConfig):
-        factory = lambda: FileSender(name, config)  # noqa: E731
-        return Sink(
-            name,
-            store,
-            factory,
-            retry=config.retry,
-            concurrency=1,
-            batch=FILE_SINK_BATCH,
-            quarantine_after=quarantine_after,
-        )
-    raise TypeError(f"no sink for {type(config).__name__}")
+def _tag(config: Struct) -> str:
+    """The `type` name a tagged config struct was decoded from."""
+    return str(config.__struct_config__.tag)
+
+
+def build_sink(name: str, config: SinkConfig, deps: Deps) -> Sink:
+    """The delivery actor for one configured sink, by its `type`."""
+    return SINK_KINDS[_tag(config)].create(name, config, deps)
+
+
+def build_poller(name: str, config: PollSourceConfig, deps: Deps, wiring: Wiring) -> Poller:
+    """The actor of one poll source, sending to `wiring`."""
+    return SOURCE_KINDS[_tag(config)].create(name, config, deps, wiring)
+
+
+def build_transform(
+    name: str, config: TransformConfig, deps: Deps, wiring: Wiring
+) -> Transformer | Aggregator:
+    """The actor of one transform, sending to `wiring`."""
+    return TRANSFORM.create(name, config, deps, wiring)

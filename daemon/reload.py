@@ -67,16 +67,26 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from actors.alerting.expr import flatten
-from actors.poll.config import PollSourceConfig
-from actors.webhook.tls import server_context
-from actors.webhook.verify import build as build_verifier
-from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream, load, webhook_path
+from daemon.component import Deps, Wiring
+from daemon.config.kinds import PollSourceConfig, WebhookSourceConfig, webhook_path
+from daemon.config.root import Config, LoadedConfig, downstream, load
 from daemon.errors import ConfigError
-from daemon.registry import Aggregator, Alerter, Enricher, Poller, Transformer, WebhookRoute, build_sink
+from daemon.registry import (
+    Aggregator,
+    Alerter,
+    Poller,
+    Transformer,
+    WebhookRoute,
+    build_poller,
+    build_sink,
+    build_transform,
+    build_verifier,
+    flatten,
+    server_context,
+)
 from daemon.supervisor import Actor
 from daemon.telemetry import masking
-from daemon.telemetry.otel import use_redactor
+from daemon.telemetry.logs import use_redactor
 
 if TYPE_CHECKING:
     from daemon.running import Running
@@ -202,19 +212,22 @@ def pollers(config: Config, names: list[str] | None = None) -> list[str]:
     return [name for name in chosen if isinstance(config.sources.get(name), PollSourceConfig)]
 
 
+def deps(config: Config, running: Running) -> Deps:
+    """What every actor of `config` is built with in this running daemon."""
+    return Deps(
+        running.store,
+        running.rate_limits,
+        quarantine_after=config.supervisor.quarantine_after,
+        dedup_window=config.store.dedup_window,
+        taps=running.taps,
+        redaction=running.redaction,
+    )
+
+
 def poller(config: Config, name: str, running: Running) -> Poller:
     source = config.sources[name]
     assert isinstance(source, PollSourceConfig)
-    sinks, consumers = fan_out(config)
-    return Poller(
-        name,
-        source,
-        running.store,
-        sinks=sinks[name],
-        consumers=consumers[name],
-        dedup_window=config.store.dedup_window,
-        limiter=running.rate_limits.limiter(source.rate_limit),
-    )
+    return build_poller(name, source, deps(config, running), Wiring(*downstream(config)[name]))
 
 
 def build_alerter(config: Config, running: Running) -> Alerter:
@@ -241,24 +254,8 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
 
 def transformer(config: Config, name: str, running: Running) -> Transformer | Aggregator:
     """The actor of one transform: an `Aggregator` when it has `aggregate`, else a `Transformer`."""
-    transforms, sinks = downstream(config)[name]
-    if config.transforms[name].aggregate is not None:
-        return Aggregator(name, config.transforms[name], running.store, transforms=transforms, sinks=sinks)
-    enrich = config.transforms[name].enrich
-    enricher = (
-        Enricher(name, enrich, limiter=running.rate_limits.limiter(enrich.rate_limit), store=running.store)
-        if enrich is not None
-        else None
-    )
-    return Transformer(
-        name,
-        config.transforms[name],
-        running.store,
-        transforms=transforms,
-        sinks=sinks,
-        enricher=enricher,
-        quarantine_after=config.supervisor.quarantine_after,
-    )
+    wiring = Wiring(*downstream(config)[name])
+    return build_transform(name, config.transforms[name], deps(config, running), wiring)
 
 
 async def reload(running: Running) -> ReloadResult:
@@ -318,7 +315,7 @@ async def _reload(running: Running) -> ReloadResult:
     if refusals:
         return _refused(running, refusals)
     changes = plan(old, new)
-    store, supervisor = running.store, running.supervisor
+    supervisor = running.supervisor
     grace = new.supervisor.shutdown_grace
 
     # 1. Replacement actors and routes (verifiers with the secrets just read), built before
@@ -330,13 +327,7 @@ async def _reload(running: Running) -> ReloadResult:
         return _refused(running, exc.problems)
     running.rate_limits.update(new.rate_limits)
     sinks = {
-        name: build_sink(
-            name,
-            new.sinks[name],
-            store,
-            running.rate_limits,
-            quarantine_after=new.supervisor.quarantine_after,
-        )
+        name: build_sink(name, new.sinks[name], deps(new, running))
         for name in [*changes.sinks.added, *changes.sinks.changed]
     }
     transforms = {
@@ -348,10 +339,11 @@ async def _reload(running: Running) -> ReloadResult:
         for name in pollers(new, [*changes.sources.added, *changes.sources.changed])
     }
     for name, source in polls.items():
-        if getattr(running.actors.get(name), "paused", False):
+        held = running.actors.pollers.get(name)
+        if held is not None and held.paused:
             source.pause()  # an operator's hold outlives a reload, as a sink's does
     for name, sink in sinks.items():
-        previous = running.actors.get(name)
+        previous = running.actors.sinks.get(name)
         if previous is not None and previous.paused:
             sink.pause()  # an operator's hold outlives a reload (not a restart)
 
@@ -360,17 +352,17 @@ async def _reload(running: Running) -> ReloadResult:
     running.batcher.rewire(sinks=sink_map, consumers=consumers)
     running.listener.reroute(new_routes)
     running.listener.retls(tls)
-    redactor = masking.config_redactor(new, keep=masking.current())  # secrets just read: hidden too
-    masking.install(redactor)
+    redactor = masking.config_redactor(new, keep=running.redaction.redactor)  # secrets just read too
+    running.redaction.redactor = redactor
     use_redactor(redactor)
     running.pauses.sources.intersection_update(new.sources)
     for name in [*changes.sinks.removed, *changes.transforms.removed, *changes.sources.removed]:
-        running.actors.pop(name, None)
+        running.actors.remove(name)
     for name in pollers(old, changes.sources.changed):
-        running.actors.pop(name, None)  # a poll source that became a webhook one
-    running.actors.update(sinks)
-    running.actors.update(transforms)
-    running.actors.update(polls)
+        running.actors.remove(name)  # a poll source that became a webhook one
+    running.actors.sinks.update(sinks)
+    running.actors.transforms.update(transforms)
+    running.actors.pollers.update(polls)
     running.config, running.loaded = new, loaded
 
     # 3. Transforms.

@@ -7,19 +7,19 @@ Its own module so that the control commands and reload can name it without impor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
-from actors.webhook.ingest import IngestBatcher
 from daemon.config.root import Config, LoadedConfig
 from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
-from daemon.registry import Alerter, WebhookListener
+from daemon.registry import Aggregator, Alerter, IngestBatcher, Poller, Sink, Transformer, WebhookListener
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
+from daemon.telemetry.masking import Masking
 from daemon.telemetry.otel import Telemetry
+from daemon.telemetry.tap import Taps
 from daemon.telemetry.throughput import Throughput
 
 
@@ -35,6 +35,34 @@ class Pauses:
 
 
 @dataclass
+class Actors:
+    """The component actors of the current config, by name and by kind.
+
+    Typed by what reload and the control commands need of each kind: a sink's counters, guard and
+    pause; a poller's status, item count and pause; a transform only exists (the supervisor reports
+    its state). A webhook source has no actor of its own (it is a route of the listener).
+    """
+
+    sinks: dict[str, Sink] = field(default_factory=dict)
+    transforms: dict[str, Transformer | Aggregator] = field(default_factory=dict)
+    pollers: dict[str, Poller] = field(default_factory=dict)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sinks or name in self.transforms or name in self.pollers
+
+    def pausable(self, name: str) -> Sink | Poller:
+        """The sink or poller called `name` (`KeyError` if there is none): what `pause` holds."""
+        sink = self.sinks.get(name)
+        return sink if sink is not None else self.pollers[name]
+
+    def remove(self, name: str) -> None:
+        """Forget the actor called `name`, whatever its kind (nothing if there is none)."""
+        self.sinks.pop(name, None)
+        self.transforms.pop(name, None)
+        self.pollers.pop(name, None)
+
+
+@dataclass
 class Running:
     """What `serve` hands back once every actor has started."""
 
@@ -43,7 +71,7 @@ class Running:
     supervisor: Supervisor
     config: Config
     stop: trio.Event = field(default_factory=trio.Event)
-    actors: dict[str, Any] = field(default_factory=dict)
+    actors: Actors = field(default_factory=Actors)
     pauses: Pauses = field(default_factory=Pauses)
     control: ControlServer | None = None
     loaded: LoadedConfig = field(kw_only=True)
@@ -60,8 +88,12 @@ class Running:
     """Every `[rate_limits.NAME]` budget, shared by all its users; a reload updates it in place."""
     telemetry: Telemetry | None = None
     alerter: Alerter | None = None
+    taps: Taps = field(default_factory=Taps)
+    """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
+    redaction: Masking = field(default_factory=Masking)
+    """This daemon's redactor (`serve` builds it from the config, a reload swaps it); actors hold it."""
 
     @property
-    def sinks(self) -> list[Any]:
+    def sinks(self) -> list[Sink]:
         """The sink actors of the current config."""
-        return [self.actors[name] for name in self.config.sinks if name in self.actors]
+        return [self.actors.sinks[name] for name in self.config.sinks if name in self.actors.sinks]

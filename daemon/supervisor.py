@@ -43,7 +43,7 @@ from typing import Any, Protocol, final
 
 import trio
 
-from daemon.config.root import SupervisorConfig
+from daemon.config.sections import SupervisorConfig
 from daemon.errors import TooManyRestarts
 from daemon.limits.backoff import ceiling
 from daemon.telemetry import metrics

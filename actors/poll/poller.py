@@ -85,7 +85,7 @@ from daemon.store.api import Outbox
 from daemon.store.poll import PageCheck, PollState
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 log = logging.getLogger("ferry.poller")
 PIPELINE = 32
@@ -109,7 +109,11 @@ class Poller(JobMode):
         dedup_window: float,
         limiter: RateLimiter | None = None,
         rng: Callable[[], float] = random.random,
+        taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
+        self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self.name = name
         self._config = config
         self._store = store
@@ -268,7 +272,7 @@ class Poller(JobMode):
         self.status_name = "backoff"
         # An upstream may echo the credentials it refused: none in `ferry ctl status` or the log.
         message = str(exc)
-        message = scrub(masking.current().scrub(message) or message, self._fetcher.sent)
+        message = scrub(self._redaction.redactor.scrub(message) or message, self._fetcher.sent)
         self.last_error, self.last_error_kind = message, exc.kind
         self.errors[exc.kind] += 1
         metrics.current().poll_errors.add(1, {"source": self.name, "error": exc.kind})
@@ -492,8 +496,8 @@ class Poller(JobMode):
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({"ferry.new": new, "ferry.duplicates": duplicates})
-        if self.name in TAPS.taps:
+        if self.name in self._taps.taps:
             now = time.time()
             for result in committed:
                 for event_id, payload in result.events:
-                    TAPS.publish(self.name, Record("source", event_id, payload, now))
+                    self._taps.publish(self.name, Record("source", event_id, payload, now))

@@ -6,7 +6,6 @@ Pure bookkeeping, called by `actors.sink.sink.Sink` (no store, no I/O but the te
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,16 +19,17 @@ from daemon.store.ordering import Fetched
 from daemon.store.outbox import Due, Outcomes
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.masking import Redactor
+from daemon.telemetry.tap import Record, Taps
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 
-def guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+def guarded_error(error: DeliveryError, batch: Sequence[Due], redactor: Redactor) -> DeliveryError:
     """`scrubbed(error, batch)`; a message that cannot be scrubbed is hidden, never a crash."""
     try:
-        return scrubbed(error, batch)
+        return scrubbed(error, batch, redactor)
     except Exception as exc:
         if not poison.isolable(exc):
             raise
@@ -37,32 +37,30 @@ def guarded_error(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
         return type(error)(hidden, status=error.status, retry_after=error.retry_after)
 
 
-def guarded_text(text: str, batch: Sequence[Due]) -> str:
+def guarded_text(text: str, batch: Sequence[Due], redactor: Redactor) -> str:
     """`scrubbed_text(text, batch)`; text that cannot be scrubbed is hidden, never a crash."""
     try:
-        return scrubbed_text(text, batch)
+        return scrubbed_text(text, batch, redactor)
     except Exception as exc:
         if not poison.isolable(exc):
             raise
         return f"(hidden: could not be masked: {type(exc).__name__})"
 
 
-def scrubbed_text(text: str, batch: Sequence[Due]) -> str:
+def scrubbed_text(text: str, batch: Sequence[Due], redactor: Redactor) -> str:
     """`text` (a receiver's answer) without the batch payloads' masked values or any secret."""
-    redactor = masking.current()
     if not (redactor.rules or redactor.secrets):
         return text
     payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
     return redactor.scrub(text, payloads) or text
 
 
-def scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
+def scrubbed(error: DeliveryError, batch: Sequence[Due], redactor: Redactor) -> DeliveryError:
     """`error` with the masked values of the batch's payloads and the secrets hidden in its message.
 
     The message becomes the delivery's `last_error` and a log field; a receiver's answer may
     quote the payload (or a header) it refused.
     """
-    redactor = masking.current()
     if not (redactor.rules or redactor.secrets):
         return error
     payloads = [masking.decode_payload(due.payload) for due in batch] if redactor.rules else None
@@ -73,7 +71,7 @@ def scrubbed(error: DeliveryError, batch: Sequence[Due]) -> DeliveryError:
     return type(error)(scrubbed, status=error.status, retry_after=error.retry_after)
 
 
-def tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
+def tap(taps: Taps, sink: str, batch: Sequence[Due], outcomes: Outcomes, now: float) -> None:
     """Hand an attempt's committed outcomes to the taps on `sink`, one record per delivery."""
     results: dict[int, tuple[str, int | None, str | None]] = {}
     for rowid, code in outcomes.delivered:
@@ -82,7 +80,6 @@ def tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
         results[rowid] = ("dead", code, message)
     for rowid, _, code, message in outcomes.retry:
         results[rowid] = ("retry", code, message)
-    now = time.time()
     for due in batch:
         outcome, status, error = results.get(due.rowid, ("unknown", None, None))
         extra = {
@@ -92,7 +89,7 @@ def tap(sink: str, batch: Sequence[Due], outcomes: Outcomes) -> None:
             "status": status,
             "error": error,
         }
-        TAPS.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
+        taps.publish(sink, Record("sink", due.event_id, due.payload, now, extra))
 
 
 def outcome_of(outcomes: Outcomes) -> str:
@@ -112,7 +109,9 @@ def sizes(outcomes: Outcomes) -> tuple[tuple[str, int], ...]:
 LATENCY_SAMPLES_PER_BATCH = 16
 
 
-def count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int) -> None:
+def count(
+    sink: str, entries: Sequence[Finished], delivered: int, retried: int, dead: int, now: float
+) -> None:
     """Count committed attempts' outcomes, the dead letters and each delivered row's latency."""
     meter = metrics.current()
     for name, size in (("delivered", delivered), ("retry", retried), ("dead", dead)):
@@ -121,7 +120,7 @@ def count(sink: str, entries: Sequence[Finished], delivered: int, retried: int, 
     if dead:
         meter.dead_letters.add(dead, {"stage": sink})
     if delivered:
-        now, attributes = time.time(), {"sink": sink}
+        attributes = {"sink": sink}
         for entry in entries:
             if not entry.outcomes.delivered:
                 continue

@@ -38,7 +38,7 @@ from typing import Final, final
 
 import trio
 
-from daemon.config.root import FileSinkConfig
+from actors.sink.config import FileSinkConfig
 from daemon.errors import RetryableDelivery
 from daemon.store.outbox import Due
 

@@ -41,10 +41,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 
+from actors.sink.config import HttpSinkConfig
 from actors.sink.guard import SinkGuard, current_url
 from actors.sink.items import ItemOutcomes, UnreadableAnswer
 from actors.sink.judge import Answer
-from daemon.config.root import HttpSinkConfig
 from daemon.config.url_credentials import redact_url
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.http.auth import Auth, build_auth, credential_values, scrub_error, ssl_context, with_query

@@ -134,11 +134,10 @@ class ItemOutcomes:
 
 
 def scrubbed_items(
-    items: Mapping[int, DeliveryError], payloads: Sequence[bytes]
+    items: Mapping[int, DeliveryError], payloads: Sequence[bytes], redactor: masking.Redactor
 ) -> Mapping[int, DeliveryError]:
     """`items` with the batch's masked values and every secret hidden in their messages (which
     become dead letters' `last_error` and log fields), the payloads decoded once for them all."""
-    redactor = masking.current()
     if not (redactor.rules or redactor.secrets):
         return items
     decoded = [masking.decode_payload(payload) for payload in payloads] if redactor.rules else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from daemon.config.root import RetryConfig
+from actors.sink.config import RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.limits.backoff import full_jitter, past_max_age, retry_at
 from daemon.store.outbox import Due, Outcomes

@@ -53,6 +53,11 @@ Poison (docs/reliability.md, "Poison events"):
     A delivery at the head of the stage across repeated crashes is quarantined
     (`actors.sink.quarantine`).
 
+Clock:
+    Due times, backoff and delivery latency are wall-clock seconds from the injected `clock`
+    (`time.time` by default); a test hands it `trio.current_time` plus an offset, so retries come
+    due when a `MockClock` jumps. Request durations are measured with `time.monotonic` (real I/O).
+
 Pausing:
     `pause()` stops the fetcher and makes workers hand back (unsent) the rows they
     have not started sending; requests already on the wire finish. Deliveries stay
@@ -81,6 +86,7 @@ from actors.sink.bookkeeping import (
     tap,
 )
 from actors.sink.commit import Finished, OutcomeCommitter, recorder
+from actors.sink.config import BatchConfig, RetryConfig
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
 from actors.sink.judge import Answer, judge
@@ -88,15 +94,14 @@ from actors.sink.outcomes import log_committed
 from actors.sink.quarantine import quarantine_head
 from actors.sink.retry_log import RetryLog
 from daemon import poison
-from daemon.config.root import BatchConfig, RetryConfig
 from daemon.errors import DeliveryError, PermanentDelivery
 from daemon.limits.backoff import MAX_WAIT
 from daemon.store.api import Outbox
 from daemon.store.ordering import Fetched, Ordering
 from daemon.store.outbox import Due, Outcomes
-from daemon.telemetry import metrics
+from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS
+from daemon.telemetry.tap import Taps
 
 
 class Sender(Protocol):
@@ -127,8 +132,14 @@ class Sink:
         ordering: Ordering | None = None,
         guard: SinkGuard | None = None,
         quarantine_after: int = 3,
+        clock: Callable[[], float] = time.time,
+        taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
         self.name = name
+        self._clock = clock
+        self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self._quarantine_after = quarantine_after
         self._proven = False
         self.guard = guard
@@ -198,7 +209,7 @@ class Sink:
             settle=self._settle,
             committed=self._committed,
         )
-        await self._store.unpark(self.name, time.time(), MAX_WAIT)
+        await self._store.unpark(self.name, self._clock(), MAX_WAIT)
         if self.guard is not None:
             self.guard.publish()
         try:
@@ -232,7 +243,7 @@ class Sink:
             if not self._resumed.is_set():
                 await self._wait_resumed()
                 continue
-            now = time.time()
+            now = self._clock()
             settled, self._settled = self._settled, set()
             self._inflight.difference_update(settled)
             limit = len(self._inflight) + ahead
@@ -253,7 +264,7 @@ class Sink:
             if more or len(fresh) >= ahead:
                 continue
             wake_at = await store.next_due_after(name, now)
-            with trio.move_on_after(max(0.0, wake_at - time.time()) if wake_at is not None else 3600):
+            with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else 3600):
                 await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
@@ -350,6 +361,7 @@ class Sink:
         status: int | None = None
         response: str | None = None
         items: Mapping[int, DeliveryError] | None = None
+        redactor = self._redaction.redactor  # read per attempt: a reload swaps it
         began = time.monotonic()
         try:
             answer = await sender.send(batch)
@@ -357,9 +369,9 @@ class Sink:
                 (answer.status, answer.excerpt) if isinstance(answer, Answer) else (answer, None)
             )
             if isinstance(answer, Answer) and answer.items:
-                items = scrubbed_items(answer.items, [due.payload for due in batch])
+                items = scrubbed_items(answer.items, [due.payload for due in batch], redactor)
         except DeliveryError as exc:
-            error = guarded_error(exc, batch)
+            error = guarded_error(exc, batch, redactor)
         except BaseException as exc:
             if admission is not None:
                 admission.cancel()  # cut short (cancelled, crashed): no result to learn from
@@ -370,9 +382,9 @@ class Sink:
         self._proven = True
         elapsed = time.monotonic() - began
         if response is not None:
-            response = guarded_text(response, batch)
+            response = guarded_text(response, batch, redactor)
         hold = admission.done(error, elapsed) if admission is not None else False
-        outcomes = judge(batch, error, status, self._retry, time.time(), hold=hold, items=items)
+        outcomes = judge(batch, error, status, self._retry, self._clock(), hold=hold, items=items)
         outcome = outcome_of(outcomes)
         if span is not None:
             span.set_attribute("ferry.outcome", outcome)
@@ -475,10 +487,11 @@ class Sink:
         self.delivered += delivered
         self.retried += retried
         self.dead += dead
-        count(self.name, entries, delivered, retried, dead)
-        if self.name in TAPS.taps:
+        now = self._clock()
+        count(self.name, entries, delivered, retried, dead, now)
+        if self.name in self._taps.taps:
             for entry in entries:
-                tap(self.name, entry.batch, entry.outcomes)
+                tap(self._taps, self.name, entry.batch, entry.outcomes, now)
         log_committed(
             self.name, [(entry.batch, entry.outcomes, entry.latency, entry.response) for entry in entries]
         )

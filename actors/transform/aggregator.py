@@ -36,15 +36,21 @@ from typing import final
 import trio
 from opentelemetry import trace
 
+from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
 from actors.transform.transformer import batch_trace, dead_letter
-from daemon.config.root import TransformConfig
 from daemon.store.api import Outbox
 from daemon.store.outbox import StoredEvent, derived_id
-from daemon.store.windows import Emitted, Joined, Window, Windows
+from daemon.store.windows import (
+    Emitted,
+    Joined,
+    Window,
+    Windows,
+)
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.masking import Masking
+from daemon.telemetry.tap import Record, Taps
 
 EMIT_CHUNK = 256
 """Most windows reduced and committed in one transaction."""
@@ -63,8 +69,12 @@ class Aggregator:
         sinks: list[str],
         transforms: list[str],
         batch_size: int = 1000,
+        taps: Taps | None = None,
+        redaction: Masking | None = None,
     ) -> None:
         assert config.aggregate is not None
+        self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else Masking()
         self.name = name
         self._inputs = list(config.inputs)
         self._store = store
@@ -131,7 +141,7 @@ class Aggregator:
         failures: list[tuple[StoredEvent, str]] = []
         for event, result in zip(events, results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(name, event, result)))
+                failures.append((event, dead_letter(name, event, result, self._redaction.redactor)))
                 continue
             if not result:
                 self.dropped += 1
@@ -162,7 +172,7 @@ class Aggregator:
             if isinstance(result, Failure):
                 array = b"[" + b",".join(payload for _, payload, _ in items) + b"]"
                 event = StoredEvent(0, first_id, name, array, first_trace)
-                error = dead_letter(name, event, result)
+                error = dead_letter(name, event, result, self._redaction.redactor)
                 emitted.append(Emitted(window.id, first_id, None, first_trace, (), error, array))
             elif not result:
                 emitted.append(Emitted(window.id, first_id, None, first_trace, ()))
@@ -177,10 +187,10 @@ class Aggregator:
         self.dropped += len(emitted) - stored - failed
         if failed:
             metrics.current().dead_letters.add(failed, {"stage": name})
-        if name in TAPS.taps:
+        if name in self._taps.taps:
             now = time.time()
             for item in emitted:
                 if item.payload is not None:
-                    TAPS.publish(
+                    self._taps.publish(
                         name, Record("transform", item.id, item.payload, now, {"window": item.window})
                     )

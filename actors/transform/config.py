@@ -20,6 +20,7 @@ from msgspec import Meta
 
 from actors.transform.validation import SchemaProblem, load_schema
 from daemon.config.base import ComponentName, Section
+from daemon.config.sync import EnrichConfig
 from daemon.config.units import Duration
 
 SchemaSpec = str | dict[str, Any]
@@ -131,3 +132,48 @@ def _target_error(where: str, name: str, target: str, sinks: Mapping[str, Sequen
         yield f"{where}: unknown sink {target!r} (routes send to sinks)"
     elif name not in sinks[target]:
         yield f"{where}: sink {target!r} does not read {name!r} (add {name!r} to its inputs)"
+
+
+class TransformConfig(Section, frozen=True):
+    """A jq program applied to every event from `inputs`; each output is one event downstream."""
+
+    inputs: Annotated[list[ComponentName], Meta(min_length=1, description="Sources or transforms to read.")]
+    map: Annotated[str, Meta(description="jq program; may emit zero, one or many outputs per event.")] = "."
+    max_outputs: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000,
+            description="Most outputs `map` may give for one event; jq is stopped at the next one and the "
+            "event is dead-lettered (`map produced more than N outputs`), so one sender cannot make a "
+            "transform hold an unbounded fan-out in memory (docs/limits.md#fan-out).",
+        ),
+    ] = 10_000
+    filter: Annotated[
+        str | None,
+        Meta(description="jq predicate; events for which it is false or null are dropped (counted)."),
+    ] = None
+    schema: Annotated[SchemaSpec | None, SCHEMA] = None
+    routes: Annotated[
+        list[RouteConfig],
+        Meta(
+            description="Send each output only to some of the sinks reading this transform, by jq "
+            'predicate: `[{ when = \'.type == "lead"\', to = ["crm"] }, …]`; the first route whose '
+            "`when` is true wins (docs/transforms.md). Empty: every reader gets every output."
+        ),
+    ] = []
+    default_route: Annotated[
+        list[ComponentName] | None,
+        Meta(description="Sinks for outputs no route matches; unset: those outputs go nowhere (counted)."),
+    ] = None
+    aggregate: Annotated[
+        AggregateConfig | None,
+        Meta(description="Group outputs into tumbling windows and emit one event per window."),
+    ] = None
+    enrich: Annotated[
+        EnrichConfig | None,
+        Meta(
+            description="An HTTP lookup per event, merged in by jq before `schema`, `filter` and `map` "
+            "(docs/enrichment-and-ordering.md)."
+        ),
+    ] = None

@@ -41,8 +41,8 @@ from typing import Any, Final, NamedTuple, TypeVar, final
 import jq
 import msgspec
 
+from actors.transform.config import TransformConfig
 from actors.transform.validation import EventValidator, describe, load_schema
-from daemon.config.root import TransformConfig
 from daemon.poison import isolable, reason
 
 _encode = msgspec.json.Encoder().encode

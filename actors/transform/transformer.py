@@ -43,6 +43,10 @@ Tracing:
     link). Outputs keep their parent's stored context, so their deliveries join the
     parent's trace.
 
+Clock:
+    Retried dead letters are looked for on trio's clock; what it stamps (tap records) reads the
+    injected wall `clock` (`time.time` by default), so both run on a `MockClock` in tests.
+
 Backpressure:
     Reads at most `batch_size` events at a time and waits for each commit
     before reading more; an idle transformer sleeps until the store signals a
@@ -53,23 +57,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, final
 
 import trio
 from opentelemetry import trace
 
+from actors.transform.config import TransformConfig
 from actors.transform.enricher import Enricher
 from actors.transform.program import Failure, TransformProgram
 from daemon import poison
-from daemon.config.root import TransformConfig
 from daemon.store.api import Outbox
-from daemon.store.outbox import Derived, StoredEvent, delivery_id, derived_id
+from daemon.store.outbox import (
+    Derived,
+    StoredEvent,
+    delivery_id,
+    derived_id,
+)
 from daemon.store.quarantine import careful_until, quarantine_reason
 from daemon.store.transform_retry import Revived
 from daemon.telemetry import masking, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -107,8 +116,14 @@ class Transformer:
         batch_size: int = 1000,
         enricher: Enricher | None = None,
         quarantine_after: int = 3,
+        clock: Callable[[], float] = time.time,
+        taps: Taps | None = None,
+        redaction: masking.Masking | None = None,
     ) -> None:
         self.name = name
+        self._clock = clock
+        self._taps = taps if taps is not None else Taps()
+        self._redaction = redaction if redaction is not None else masking.Masking()
         self._quarantine_after = quarantine_after
         self._enricher = enricher
         self._inputs = list(config.inputs)
@@ -233,7 +248,7 @@ class Transformer:
         if self._enricher is not None:
             events, looked_up = await self._enricher.enrich(events)
             failures = [
-                (event, dead_letter(self.name, event, Failure(why)), attempts)
+                (event, dead_letter(self.name, event, Failure(why), self._redaction.redactor), attempts)
                 for event, why, attempts in looked_up
             ]
         outputs, failed, dropped, unrouted, done = self._transform(events)
@@ -252,7 +267,7 @@ class Transformer:
         self.unrouted += unrouted
         if failures:
             metrics.current().dead_letters.add(len(failures), {"stage": self.name})
-        if self.name in TAPS.taps:
+        if self.name in self._taps.taps:
             self._tap(outputs, failures)
         span = trace.get_current_span()
         if span.is_recording():
@@ -276,7 +291,9 @@ class Transformer:
             if self._enricher is not None:
                 events, looked_up = await self._enricher.enrich(events)
                 if looked_up:
-                    error = dead_letter(self.name, row.event, Failure(looked_up[0][1]))
+                    error = dead_letter(
+                        self.name, row.event, Failure(looked_up[0][1]), self._redaction.redactor
+                    )
             if error is None:
                 outputs, failed, _, _, _ = self._transform(events)
                 if failed:
@@ -298,13 +315,15 @@ class Transformer:
 
     def _tap(self, outputs: list[Derived], failures: list[Failed]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
-        name, now = self.name, time.time()
+        name, now = self.name, self._clock()
         for parent, nth, payload, _ in outputs:
             event_id = derived_id(parent.id, name, nth)
-            TAPS.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
+            self._taps.publish(name, Record("transform", event_id, payload, now, {"parent": parent.id}))
         for event, error, _ in failures:
             extra = {"parent": event.id, "outcome": "dead", "error": error}
-            TAPS.publish(name, Record("transform", delivery_id(event.id, name), event.payload, now, extra))
+            self._taps.publish(
+                name, Record("transform", delivery_id(event.id, name), event.payload, now, extra)
+            )
 
     def _transform(self, events: list[StoredEvent]) -> tuple[list[Derived], list[Failed], int, int, int]:
         """(outputs, dead letters, events that gave no output, outputs no route sends anywhere, how
@@ -315,7 +334,7 @@ class Transformer:
         results = self._program.map([e.payload for e in events])
         for event, result in zip(events[: len(results)], results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(self.name, event, result), 1))
+                failures.append((event, dead_letter(self.name, event, result, self._redaction.redactor), 1))
                 continue
             if not result:
                 dropped += 1
@@ -326,12 +345,11 @@ class Transformer:
         return outputs, failures, dropped, unrouted, len(results)
 
 
-def dead_letter(transform: str, event: StoredEvent, failure: Failure) -> str:
+def dead_letter(transform: str, event: StoredEvent, failure: Failure, redactor: masking.Redactor) -> str:
     """Log an event a transform dead-letters; its error text, with masked values and secrets hidden.
 
     A jq message may quote the event (`error(.)`), and a schema violation quotes the value.
     """
-    redactor = masking.current()
     message = failure.message
     if redactor.rules or redactor.secrets:
         message = redactor.scrub(message, masking.decode_payload(event.payload)) or message

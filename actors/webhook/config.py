@@ -19,7 +19,7 @@ from msgspec import Meta
 
 from daemon.config.base import Section, default
 from daemon.config.secrets import SecretRef
-from daemon.config.units import Duration
+from daemon.config.units import Duration, Size
 
 _HEADER = Annotated[str, Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 _SECRETS_DOC = "Secret references (env:, file:, credential:); a request signed with any one of them passes."
@@ -252,3 +252,90 @@ def resolve_jwks(verify: VerifyConfig, base_dir: Path) -> VerifyConfig:
     if isinstance(verify, JwtVerify) and verify.jwks_file and not Path(verify.jwks_file).is_absolute():
         return msgspec.structs.replace(verify, jwks_file=str(base_dir / verify.jwks_file))
     return verify
+
+
+class ListenerConfig(Section, frozen=True):
+    """The HTTP/1.1 listener serving every webhook source at `POST /hooks/NAME`."""
+
+    address: Annotated[str, Meta(description="`host:port` to listen on; port 0 picks a free port.")] = (
+        "127.0.0.1:8080"
+    )
+    max_body: Annotated[Size, Meta(description="Largest request body accepted (413 above).")] = default(
+        Size(1024**2)
+    )
+    max_header: Annotated[Size, Meta(description="Largest request head (line + headers) accepted.")] = (
+        default(Size(16 * 1024))
+    )
+    max_depth: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=256,
+            description="Deepest nesting of arrays and objects a JSON body may have; deeper bodies get "
+            "400 before they are decoded. Every stage that walks an event (decoding, jq, masking, "
+            "schema validation) recurses per level, so this keeps them far from Python's recursion "
+            "limit (docs/limits.md#limits-at-the-door).",
+        ),
+    ] = 64
+    max_connections: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="Open connections at once. At the limit a new connection closes the one that "
+            "has waited longest for its client (idle, or sending slowly); when every one has a request "
+            "being stored, the new one is answered 503 and closed.",
+        ),
+    ] = 1024
+    max_pending: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="Requests waiting for their commit at once; beyond it a request is answered "
+            "503 with `Retry-After: 1` and nothing of it is stored (load shedding: accepted requests "
+            "keep a bounded wait when the store falls behind).",
+        ),
+    ] = 512
+    header_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's head.")] = (
+        default(Duration(10))
+    )
+    body_timeout: Annotated[Duration, Meta(description="Time allowed to receive a request's body.")] = (
+        default(Duration(30))
+    )
+    idle_timeout: Annotated[
+        Duration, Meta(description="How long a keep-alive connection may sit idle between requests.")
+    ] = default(Duration(60))
+    tls: Annotated[
+        ListenerTlsConfig | None,
+        Meta(
+            description="Serve HTTPS with this certificate and key (table below); a reload re-reads "
+            "them (the one `[listener]` key a reload applies). Unset: plain HTTP."
+        ),
+    ] = None
+
+
+class WebhookSourceConfig(Section, frozen=True, tag="webhook", tag_field="type"):
+    """Receives events at `POST /hooks/NAME` (or `path`); answers 202 once the event is committed."""
+
+    path: (
+        Annotated[str, Meta(pattern=r"^/[A-Za-z0-9/_.-]*$", description="URL path; default `/hooks/NAME`.")]
+        | None
+    ) = None
+    idempotency_header: Annotated[
+        str | None,
+        Meta(
+            description="Request header whose value de-duplicates deliveries of the same webhook; "
+            "a repeat answers the original event id and stores nothing. Empty to disable."
+        ),
+    ] = "Idempotency-Key"
+    verify: Annotated[
+        VerifyConfig | None,
+        Meta(
+            description="Check each request's signature or credentials before it is read further "
+            "(401 and nothing stored when it fails); see the `verify` tables below and docs/security.md."
+        ),
+    ] = None
+
+
+def webhook_path(name: str, source: WebhookSourceConfig) -> str:
+    """The URL path a webhook source is served at."""
+    return source.path or f"/hooks/{name}"

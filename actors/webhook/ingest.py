@@ -39,7 +39,7 @@ from daemon.errors import StoreUnavailable
 from daemon.store.api import Outbox
 from daemon.store.outbox import Incoming
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record, Taps
 
 FLUSHERS = 2
 
@@ -64,11 +64,13 @@ class IngestBatcher:
         sinks: Mapping[str, Sequence[str]],
         consumers: Mapping[str, Sequence[str]],
         dedup_window: float,
+        taps: Taps | None = None,
     ) -> None:
         self._store = store
         self._sinks = sinks
         self._consumers = consumers
         self._dedup_window = dedup_window
+        self._taps = taps if taps is not None else Taps()
         self._pending: list[tuple[Incoming, _Waiter]] = []
         self._wakeup = trio.Event()
         self.writes = 0
@@ -160,8 +162,8 @@ class IngestBatcher:
             for (_, waiter), result in zip(batch, results, strict=True):
                 waiter.result = result
             self.events += sum(1 for _, duplicate in results if not duplicate)
-            if TAPS.taps:
-                _tap(incoming, results)
+            if self._taps.taps:
+                _tap(self._taps, incoming, results)
         except StoreUnavailable as exc:
             for _, waiter in batch:
                 waiter.error = exc
@@ -175,9 +177,9 @@ class IngestBatcher:
         self.writes += 1
 
 
-def _tap(incoming: list[Incoming], results: list[tuple[str, bool]]) -> None:
+def _tap(taps: Taps, incoming: list[Incoming], results: list[tuple[str, bool]]) -> None:
     """Hand committed events (not duplicates) to the taps on their source."""
-    taps, now = TAPS.taps, time.time()
+    now = time.time()
     for item, (event_id, duplicate) in zip(incoming, results, strict=True):
-        if not duplicate and item.stream in taps:
-            TAPS.publish(item.stream, Record("source", event_id, item.payload, now))
+        if not duplicate and item.stream in taps.taps:
+            taps.publish(item.stream, Record("source", event_id, item.payload, now))

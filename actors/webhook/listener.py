@@ -46,10 +46,10 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
+from actors.webhook.config import ListenerConfig
 from actors.webhook.connections import ConnectionTable, Slot
 from actors.webhook.door import ProtocolErrors, framing_error, too_deep
 from actors.webhook.verify import Unverified, Verified, Verifier
-from daemon.config.root import ListenerConfig
 from daemon.errors import StoreUnavailable
 from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry

@@ -12,12 +12,13 @@ from msgspec import inspect
 
 from actors.alerting import config as config_alerts
 from actors.poll import config as config_poll
+from actors.sink import config as config_sink
 from actors.sink.items_config import ItemOutcomesConfig
 from actors.transform import config as config_transforms
+from actors.webhook import config as config_webhook
 from actors.webhook.config import DOCUMENTED as VERIFY_TABLES
 from daemon.config import auth as config_auth
-from daemon.config import limits
-from daemon.config import root as cfg
+from daemon.config import limits, sections
 from daemon.config.secrets import SecretRef
 from daemon.config.sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from daemon.config.units import Duration, Size
@@ -35,24 +36,24 @@ names are unique across all three kinds.
 """
 
 _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
-    ("[store]", cfg.StoreConfig),
-    ("[listener]", cfg.ListenerConfig),
-    ("[control]", cfg.ControlConfig),
-    ("[supervisor]", cfg.SupervisorConfig),
-    ("[telemetry]", cfg.TelemetryConfig),
-    ('[sources.NAME] type = "webhook"', cfg.WebhookSourceConfig),
+    ("[store]", sections.StoreConfig),
+    ("[listener]", config_webhook.ListenerConfig),
+    ("[control]", sections.ControlConfig),
+    ("[supervisor]", sections.SupervisorConfig),
+    ("[telemetry]", sections.TelemetryConfig),
+    ('[sources.NAME] type = "webhook"', config_webhook.WebhookSourceConfig),
     *[
         (title if title.startswith("tls") else f"{title} (in a webhook source)", struct)
         for title, struct in VERIFY_TABLES
     ],
     *config_poll.poll_tables().items(),
-    ("[transforms.NAME]", cfg.TransformConfig),
+    ("[transforms.NAME]", config_transforms.TransformConfig),
     ("routes = [{ … }] (in a transform)", config_transforms.RouteConfig),
     ("aggregate = { … } (in a transform)", config_transforms.AggregateConfig),
-    ('[sinks.NAME] type = "http"', cfg.HttpSinkConfig),
-    ('[sinks.NAME] type = "file"', cfg.FileSinkConfig),
-    ("retry = { … } (in a sink)", cfg.RetryConfig),
-    ("batch = { … } (in an http sink)", cfg.BatchConfig),
+    ('[sinks.NAME] type = "http"', config_sink.HttpSinkConfig),
+    ('[sinks.NAME] type = "file"', config_sink.FileSinkConfig),
+    ("retry = { … } (in a sink)", config_sink.RetryConfig),
+    ("batch = { … } (in an http sink)", config_sink.BatchConfig),
     ("item_outcomes = { … } (in an http sink's batch)", ItemOutcomesConfig),
     ("ordering = { … } (in an http sink)", OrderingConfig),
     ("enrich = { … } (in a transform)", EnrichConfig),

@@ -19,7 +19,7 @@ import trio
 from daemon.config.root import LoadedConfig, json_schema, load
 from daemon.errors import ConfigError, FerryError
 from daemon.telemetry import masking
-from daemon.telemetry.otel import setup_logging
+from daemon.telemetry.logs import setup_logging
 
 log = logging.getLogger("ferry.cli")
 DEFAULT_CONFIG = "config.toml"
@@ -66,8 +66,7 @@ def _run(path: str, level: str | None) -> int:
     if loaded is None:
         return 2
     config = loaded.config
-    redactor = masking.config_redactor(config)
-    masking.install(redactor)
+    redactor = masking.config_redactor(config)  # serve builds the same one for its actors
     setup_logging(level or config.telemetry.log_level, redactor)
     if config.telemetry.log_outcomes == "dead":
         logging.getLogger("ferry.sink.outcome").setLevel(logging.ERROR)

@@ -34,8 +34,9 @@ from typing import Annotated, Any, TextIO
 import msgspec
 from msgspec import Meta
 
+from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, Routed, TransformProgram, every
-from daemon.config.root import Config, TransformConfig, downstream
+from daemon.config.root import Config, downstream
 from daemon.errors import ConfigError
 from daemon.store.windows import Windows
 

@@ -57,9 +57,8 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from actors.alerting.rules import AlertView
-from actors.poll.pages import PollStatus
-from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream
+from daemon.config.kinds import WebhookSourceConfig
+from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.server import (
     MUTATING,
     AlertsRequest,
@@ -83,12 +82,13 @@ from daemon.control.server import (
 )
 from daemon.errors import StoreUnavailable
 from daemon.limits.ratelimit import RateLimitStatus
+from daemon.registry import AlertView, PollStatus
 from daemon.reload import ReloadResult, config_sha256, reload
 from daemon.store import confirmations, ops
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
-from daemon.telemetry import masking, metrics
+from daemon.telemetry import metrics
 from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
-from daemon.telemetry.tap import TAPS, Record
+from daemon.telemetry.tap import Record
 
 if TYPE_CHECKING:
     from daemon.running import Running
@@ -278,7 +278,7 @@ class Commands:
         """Masking rules and secrets of the current config (rebuilt after a reload)."""
         config = self._config
         if self._redactor_of is not config:
-            self._redactor_cache = config_redactor(config, keep=masking.current())
+            self._redactor_cache = config_redactor(config, keep=self._running.redaction.redactor)
             self._redactor_of = config
         return self._redactor_cache
 
@@ -407,7 +407,7 @@ class Commands:
             raise CommandError(f"no source, transform or sink named {name!r}")
         limit = request.limit
         sent = 0
-        with TAPS.subscribe(name, request.buffer) as tap:
+        with self._running.taps.subscribe(name, request.buffer) as tap:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await call.progress(TapProgress([], 0))  # tapping from now on
             while limit is None or sent < limit:
@@ -454,7 +454,7 @@ class Commands:
         return sorted([*running.pauses.sources, *polls]) + sinks
 
     def _sink(self, name: str) -> Pausable:
-        sink: Pausable = self._running.actors[name]
+        sink: Pausable = self._running.actors.pausable(name)
         return sink
 
     async def status(self) -> StatusResult:
@@ -503,9 +503,9 @@ class Commands:
         """Each http sink's admission state: concurrency limit, circuit breaker per URL."""
         guards = {}
         for name in self._config.sinks:
-            guard = getattr(self._running.actors.get(name), "guard", None)
-            if guard is not None:
-                guards[name] = guard.status()
+            sink = self._running.actors.sinks.get(name)
+            if sink is not None and sink.guard is not None:
+                guards[name] = sink.guard.status()
         return guards
 
     async def _stats(self) -> StatsResult:
@@ -513,10 +513,9 @@ class Commands:
         failures = [Failure(*row) for row in await self._store_call(self._running.store.error_counts())]
         since_start = {}
         for name in self._config.sinks:
-            sink = self._running.actors.get(name)
+            sink = self._running.actors.sinks.get(name)
             if sink is not None:
-                stale = getattr(sink, "stale", 0)
-                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, stale)
+                since_start[name] = SinkCounters(sink.delivered, sink.retried, sink.dead, sink.stale)
         latency = {}
         for name in self._config.sinks:
             samples = sorted(await self._store_call(self._running.store.delivery_latencies(name)))
@@ -530,9 +529,9 @@ class Commands:
     def _polls(self) -> dict[str, PollStatus]:
         """Each running poller's state and counters (docs/polling.md)."""
         return {
-            name: actor.status()
-            for name, actor in self._running.actors.items()
-            if name in self._config.sources and callable(getattr(actor, "status", None))
+            name: poller.status()
+            for name, poller in self._running.actors.pollers.items()
+            if name in self._config.sources
         }
 
     # -- pause / resume ----------------------------------------------------------------------

@@ -51,7 +51,8 @@ import msgspec
 import trio
 from msgspec import Meta, Struct
 
-from daemon.config.root import ControlConfig, LoadedConfig
+from daemon.config.root import LoadedConfig
+from daemon.config.sections import ControlConfig
 from daemon.control.input import asked_command, shown
 from daemon.errors import ControlUnavailable
 

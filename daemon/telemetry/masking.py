@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, final
 
 import msgspec
 
@@ -252,15 +252,10 @@ def config_redactor(config: Any, keep: Redactor | None = None) -> Redactor:
     return Redactor.build(config.telemetry.mask, values)
 
 
-_current = Redactor()
+@final
+@dataclass
+class Masking:
+    """One daemon's redactor, handed to its actors at construction and swapped whole by a reload
+    (so the holders read `redactor` at each use, never keep it). The default masks nothing."""
 
-
-def current() -> Redactor:
-    """The daemon's redactor (`ferry run` installs one from the config; none: nothing masked)."""
-    return _current
-
-
-def install(redactor: Redactor) -> None:
-    """Make `redactor` the one `current()` returns."""
-    global _current
-    _current = redactor
+    redactor: Redactor = field(default_factory=Redactor)

@@ -15,14 +15,7 @@ Export and memory:
     (`ferry.telemetry.spans_dropped`), so memory stays bounded. `Telemetry.shutdown()`
     flushes within `export_timeout` per signal and never waits longer.
 
-Logs:
-    Log calls pass their fields as `extra={"fields": {...}}` (an event's JSON, if any, as
-    `payload`: `[telemetry] mask` paths apply from its root); each line carries `ts`,
-    `level`, `logger`, `msg`, those fields, `trace_id`/`span_id` when emitted inside a
-    span, and for errors `traceback`. The SDK's own warnings (a collector that is down) go
-    through the same format, each distinct message once: again only after an export has
-    succeeded since (the collector came back and went away again), or as an hourly reminder
-    while the collector stays away.
+Logs: `daemon.telemetry.logs`.
 """
 
 from __future__ import annotations
@@ -30,14 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sys
 import threading
-import time
-import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, final
 
-import msgspec
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -59,12 +48,11 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags, Tracer
 from prometheus_client import CollectorRegistry, generate_latest
 
-from daemon.config.root import TelemetryConfig
+from daemon.config.sections import TelemetryConfig
 from daemon.telemetry import metrics as _metrics
-from daemon.telemetry.masking import Redactor
+from daemon.telemetry.logs import sdk_log_filter
 
 __all__ = [
-    "JsonFormatter",
     "Telemetry",
     "any_sampled",
     "current_traceparent",
@@ -73,17 +61,14 @@ __all__ = [
     "parent_context",
     "parse_traceparent",
     "sampled",
-    "setup_logging",
     "tracer",
     "unrecorded_span",
     "unsampled_traceparent",
 ]
 
 log = logging.getLogger("ferry.telemetry")
-_encoder = msgspec.json.Encoder()
 _tracer: Tracer | None = None
 _MAX_LINKS: Final = 1024  # a transform batch (1,000 events) links every event
-_SDK_LOG_EVERY_S: Final = 3600.0
 _ODD_HEX: Final = frozenset("13579bdfBDF")
 _LOW_64: Final = (1 << 64) - 1
 
@@ -269,7 +254,7 @@ class _CountingExporter(SpanExporter):
         result = self._inner.export(spans)
         self.reachable = result is SpanExportResult.SUCCESS
         if self.reachable:
-            _sdk_log_filter.rearm()
+            sdk_log_filter.rearm()
         else:
             self.failed += len(spans)
         return result
@@ -290,7 +275,7 @@ class _RearmingMetricExporter(OTLPMetricExporter):
     ) -> MetricExportResult:
         result = super().export(metrics_data, timeout_millis, **kwargs)
         if result is MetricExportResult.SUCCESS:
-            _sdk_log_filter.rearm()
+            sdk_log_filter.rearm()
         return result
 
 
@@ -427,109 +412,3 @@ class Telemetry:
         _metrics.install(_metrics.NOOP)
         if self.spans_dropped:
             log.warning("spans dropped", extra={"fields": {"spans": self.spans_dropped}})
-
-
-# -- logs --------------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line, with the current span's ids when there is one.
-
-    With a `redactor`, the record's fields are masked (`[telemetry] mask`) and configured
-    secrets are scrubbed from the message, the fields and the traceback.
-    """
-
-    def __init__(self, redactor: Redactor | None = None) -> None:
-        super().__init__()
-        self._redactor = redactor if redactor is not None and (redactor.rules or redactor.secrets) else None
-
-    def format(self, record: logging.LogRecord) -> str:
-        redactor = self._redactor
-        message = record.getMessage()
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": message if redactor is None else redactor.scrub(message),
-        }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            line["trace_id"] = f"{span_context.trace_id:032x}"
-            line["span_id"] = f"{span_context.span_id:016x}"
-        fields = getattr(record, "fields", None)
-        if fields:
-            line.update(fields if redactor is None else _redact_fields(redactor, fields))
-        if record.exc_info and record.exc_info[1] is not None:
-            text = "".join(traceback.format_exception(record.exc_info[1])).rstrip()
-            line["traceback"] = text if redactor is None else redactor.scrub(text)
-        return _encoder.encode(line).decode()
-
-
-def _redact_fields(redactor: Redactor, fields: dict[str, Any]) -> Any:
-    """Fields masked (bare names at any depth); a `payload` field is masked as a payload's root."""
-    masked = redactor.mask(fields)
-    if "payload" in fields:
-        masked["payload"] = redactor.mask(fields["payload"])
-    return masked
-
-
-@final
-class _OncePerInterval(logging.Filter):
-    """Lets each distinct message template through once per `interval` seconds, or after `rearm()`.
-
-    A collector that is down makes the SDK warn on every export (every few seconds, every
-    metrics interval): the first warning is logged, the repeats are not until an export has
-    succeeded (`rearm()`, called from the exporter threads) and one fails again.
-    """
-
-    def __init__(self, interval: float) -> None:
-        super().__init__()
-        self._interval = interval
-        self._last: dict[str, float] = {}
-
-    def rearm(self) -> None:
-        """An export succeeded: the next failure is news again."""
-        if self._last:
-            self._last = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.WARNING:
-            # a collector that is down is not an error of ferry's: the spans are counted as dropped
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        now = time.monotonic()
-        key = str(record.msg)
-        if now - self._last.get(key, -self._interval) < self._interval:
-            return False
-        self._last[key] = now
-        return True
-
-
-_sdk_log_filter: Final = _OncePerInterval(_SDK_LOG_EVERY_S)
-
-
-def use_redactor(redactor: Redactor) -> None:
-    """Scrub `redactor`'s secrets from every `ferry.*` line from now on (a reload read new ones)."""
-    for handler in logging.getLogger("ferry").handlers:
-        if isinstance(handler.formatter, JsonFormatter):
-            handler.setFormatter(JsonFormatter(redactor))
-
-
-def setup_logging(level: str = "info", redactor: Redactor | None = None) -> None:
-    """Send every `ferry.*` log record (and the OTel SDK's warnings) to stderr as JSON lines.
-
-    `redactor` masks payload fields and scrubs secrets from every `ferry.*` line.
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(redactor))
-    root = logging.getLogger("ferry")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-    sdk_handler = logging.StreamHandler(sys.stderr)
-    sdk_handler.setFormatter(JsonFormatter())
-    sdk_handler.addFilter(_sdk_log_filter)
-    sdk = logging.getLogger("opentelemetry")
-    sdk.handlers[:] = [sdk_handler]
-    sdk.setLevel(logging.WARNING)
-    sdk.propagate = False

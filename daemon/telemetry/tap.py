@@ -8,7 +8,9 @@ Hook points (each after its commit, so a tapped event is a stored one):
       id, attempt, outcome, status, error).
 
 Cost:
-    With nobody tapping a component, a hook costs one dict lookup (`TAPS.taps.get(name)`).
+    With nobody tapping a component, a hook costs one dict lookup (`taps.taps.get(name)`).
+    Each running daemon has its own `Taps` (`Running.taps`), handed to its actors at construction
+    (`daemon.component.Deps`); an actor built without one gets a private one nobody subscribes to.
     While tapped, a hook puts a raw record (bytes, ids) into each subscriber's bounded buffer
     with `send_nowait`; decoding, masking and encoding happen in the subscriber's own task.
 
@@ -87,7 +89,3 @@ class Taps:
                 self.taps.pop(name, None)
             send.close()
             receive.close()
-
-
-TAPS: Final = Taps()
-"""The daemon's taps (one per process, like `daemon.telemetry.metrics.current()`)."""

@@ -11,8 +11,7 @@ import trio
 import trio.testing
 
 from actors.transform.aggregator import Aggregator
-from actors.transform.config import AggregateConfig, RouteConfig
-from daemon.config.root import TransformConfig
+from actors.transform.config import AggregateConfig, RouteConfig, TransformConfig
 from daemon.config.units import Duration
 from daemon.store import outbox
 from daemon.store.schema import DEAD

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 
+from actors.sink.config import HttpSinkConfig
 from actors.sink.http import HttpSender
 from actors.sink.judge import Answer
-from daemon.config.root import HttpSinkConfig
 from daemon.store.outbox import Due
 from tests.fakes import FakeReceiver
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import trio
 
+from actors.sink.config import BatchConfig
 from actors.sink.sink import Sink
-from daemon.config.root import BatchConfig
 from daemon.config.units import Duration
 from daemon.errors import StoreUnavailable
 from daemon.poison import bisect, reason

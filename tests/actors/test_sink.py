@@ -14,11 +14,11 @@ import pytest
 import trio
 import trio.testing
 
+from actors.sink.config import BatchConfig, RetryConfig
 from actors.sink.guard import SinkGuard
 from actors.sink.judge import judge
 from actors.sink.sink import Sink
 from daemon.config.limits import BreakerConfig
-from daemon.config.root import BatchConfig, RetryConfig
 from daemon.config.units import Duration
 from daemon.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from daemon.store import outbox
@@ -414,3 +414,31 @@ async def test_stop_and_pause_do_not_wait_for_an_open_breaker(store: Store, rele
     assert [found[name][0:2] for name in "abc"] == [(PENDING, 0)] * 3
     assert sender.sends_of("a") + sender.sends_of("b") + sender.sends_of("c") == 0
     assert guard.status().in_flight == 0
+
+
+async def real_time_until(check: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until `check()` holds, bounded in real time (a MockClock's time only moves on a jump)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in real time"
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_retry_comes_due_when_the_injected_clock_says_so(
+    store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """The sink's due times and its wait for the next one read its clock: a MockClock jump of ten
+    minutes, not ten minutes of real time, brings a `Retry-After: 600` retry due."""
+    sender = FakeSender(failures={"a": [RetryableDelivery("HTTP 503", status=503, retry_after=600)]})
+    sink = make(store, sender, clock=lambda: time.time() + trio.current_time())
+    await ingest(store, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await real_time_until(lambda: sink.retried == 1)
+        mock_clock.jump(300)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sender.sends_of("a") == 1  # not due yet on the sink's clock
+        mock_clock.jump(301)
+        await real_time_until(lambda: sink.delivered == 1)
+        assert sender.sends_of("a") == 2
+        sink.stop()

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 import trio
 
+from actors.sink.config import HttpSinkConfig, RetryConfig
 from actors.sink.http import HttpSender
 from actors.sink.judge import Answer, judge
 from actors.sink.sink import Sink
-from daemon.config.root import HttpSinkConfig, RetryConfig
 from daemon.config.units import Duration, dec_hook
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.store import outbox

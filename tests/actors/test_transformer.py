@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import trio
+import trio.testing
 
-from actors.transform.config import RouteConfig
+from actors.transform.config import RouteConfig, TransformConfig
 from actors.transform.transformer import Transformer
-from daemon.config.root import TransformConfig
 from daemon.store import outbox
 from daemon.store.schema import DEAD, PENDING
 from daemon.store.sqlite import Connection, Store
+from daemon.telemetry.tap import Record, Taps
 
 NAME = "shape"
 
@@ -255,3 +257,37 @@ async def test_routes_create_deliveries_only_for_their_sinks(store: Store) -> No
     ]
     assert transformer.unrouted == 1
     assert repr(transformer) == "<Transformer shape [in: 3, dropped: 0, dead: 0, unrouted: 1]>"
+
+
+async def test_tap_records_are_stamped_by_the_injected_clock(
+    store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """What the transformer stamps reads its clock: on a `MockClock` moved 42 s, a wall clock of
+    `1_000_000 + trio.current_time()` stamps exactly 1_000_042, whatever real time it is."""
+    taps = Taps()
+    transformer = Transformer(
+        NAME,
+        TransformConfig(inputs=["demo"], map="{n: .n}"),
+        store,
+        sinks=["crm"],
+        transforms=[],
+        clock=lambda: 1_000_000.0 + trio.current_time(),
+        taps=taps,
+    )
+    mock_clock.jump(42)
+    records: list[Record] = []
+    with taps.subscribe(NAME) as tap:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transformer.run)
+            await ingest(store, {"n": 1})
+            deadline = time.monotonic() + 10  # real time: the mock clock only moves on a jump
+            while not records:
+                assert time.monotonic() < deadline, "no tap record in real time"
+                try:
+                    records.append(tap.receive.receive_nowait())
+                except trio.WouldBlock:
+                    await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert [(r.kind, json.loads(r.payload or b"null"), r.at) for r in records] == [
+        ("transform", {"n": 1}, 1_000_042.0)
+    ]

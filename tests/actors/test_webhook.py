@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
+from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
-from daemon.config.root import ListenerConfig
 from daemon.config.units import Duration, Size
 from daemon.errors import StoreUnavailable
 

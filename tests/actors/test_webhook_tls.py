@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import WebhookListener, WebhookRoute
 from actors.webhook.tls import server_context
-from daemon.config.root import ListenerConfig, parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError
 
 JSON = {"Content-Type": "application/json"}

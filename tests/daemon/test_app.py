@@ -65,8 +65,8 @@ class ExplodingSender:
 
 @pytest.fixture
 def exploding_http_sink(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("daemon.registry.HttpSender", ExplodingSender)
-    assert http_sink.HttpSender is not ExplodingSender  # only the registry's view is replaced
+    monkeypatch.setattr("actors.sink.kind.HttpSender", ExplodingSender)
+    assert http_sink.HttpSender is not ExplodingSender  # only the sink kind's view is replaced
 
 
 def write(tmp_path: Path, max_restarts: int) -> Path:

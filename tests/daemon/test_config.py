@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from actors.sink.config import FileSinkConfig, HttpSinkConfig
+from actors.webhook.config import webhook_path
 from daemon.cli.ferry import main
-from daemon.config.root import FileSinkConfig, HttpSinkConfig, load, parse, webhook_path
+from daemon.config.root import load, parse
 from daemon.errors import ConfigError
 
 # The sample from DESIGN.md, verbatim.

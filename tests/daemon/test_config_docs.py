@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actors.sink.config import HttpSinkConfig, RetryConfig
+from actors.webhook.config import ListenerConfig
 from daemon.cli.config_docs import render
-from daemon.config import root as config
+from daemon.config.sections import StoreConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -19,7 +21,7 @@ def test_configuration_reference_matches_the_config_structs() -> None:
 
 def test_configuration_reference_documents_every_key() -> None:
     text = render()
-    for struct in (config.StoreConfig, config.ListenerConfig, config.RetryConfig, config.HttpSinkConfig):
+    for struct in (StoreConfig, ListenerConfig, RetryConfig, HttpSinkConfig):
         for name in struct.__struct_fields__:
             if name != "type":
                 assert f"| `{name}` |" in text, f"{struct.__name__}.{name} is missing from the reference"

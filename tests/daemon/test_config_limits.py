@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from actors.sink.config import HttpSinkConfig
 from daemon.cli.ferry import main
 from daemon.config.limits import AdaptiveConfig, BreakerConfig
-from daemon.config.root import HttpSinkConfig, parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError
 
 BASE = """

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config.root import HttpSinkConfig, parse
+from actors.sink.config import HttpSinkConfig
+from daemon.config.root import parse
 from daemon.errors import ConfigError
 
 BASE = """

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from actors.sink.config import HttpSinkConfig
 from actors.sink.items import ItemOutcomes, UnreadableAnswer, scrubbed_items
 from actors.sink.items_config import ItemOutcomesConfig
-from daemon.config.root import HttpSinkConfig, parse
+from daemon.config.root import parse
 from daemon.errors import ConfigError, PermanentDelivery, RetryableDelivery
 from daemon.telemetry import masking
 
@@ -319,12 +320,8 @@ def test_refusal_reasons_are_scrubbed_of_masked_values_and_secrets() -> None:
         ),
         1: RetryableDelivery("item refused (HTTP 503): busy", status=503),
     }
-    saved = masking.current()
-    masking.install(masking.Redactor.build(["email"], secrets=["tok-1"]))
-    try:
-        found = scrubbed_items(items, payloads({"email": "ada@x.io"}, {"email": "b@x.io"}))
-    finally:
-        masking.install(saved)
+    redactor = masking.Redactor.build(["email"], secrets=["tok-1"])
+    found = scrubbed_items(items, payloads({"email": "ada@x.io"}, {"email": "b@x.io"}), redactor)
     assert str(found[0]) == "item refused (HTTP 400): Email address *** is invalid (key ***)"
     assert (type(found[0]), found[0].status) == (PermanentDelivery, 400)
     assert found[1] is items[1]

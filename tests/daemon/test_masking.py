@@ -163,7 +163,7 @@ def test_log_lines_mask_payload_fields_and_scrub_secrets() -> None:
     import json
     import logging
 
-    from daemon.telemetry.otel import JsonFormatter
+    from daemon.telemetry.logs import JsonFormatter
 
     formatter = JsonFormatter(Redactor.build(["email", "$.card.number"], secrets=["tok-123"]))
     record = logging.LogRecord("ferry.test", logging.WARNING, __file__, 1, "sent with tok-123", None, None)

@@ -18,8 +18,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
-from daemon.config.root import Config, TransformConfig, parse
+from daemon.config.root import Config, parse
 from daemon.errors import ConfigError
 from tests.depth import examples
 

@@ -179,7 +179,7 @@ def test_sections_that_cannot_change_live_are_named() -> None:
 async def test_an_added_sink_gets_new_events_and_the_old_sink_is_untouched(daemon: Daemon) -> None:
     async with trio.open_nursery() as nursery:
         running = await daemon.start(nursery, DEMO)
-        raw = running.actors["raw"]
+        raw = running.actors.sinks["raw"]
         raw_state = running.supervisor.actors["sink.raw"]
         began = raw_state.started_at
         for n in range(3):
@@ -194,7 +194,7 @@ async def test_an_added_sink_gets_new_events_and_the_old_sink_is_untouched(daemo
             assert (await daemon.post("/hooks/demo", {"n": n})).status_code == 202
         assert [e["n"] for e in await daemon.until_lines("new.jsonl", 3)] == [3, 4, 5]
         assert [e["n"] for e in await daemon.until_lines("raw.jsonl", 6)] == list(range(6))
-        assert running.actors["raw"] is raw
+        assert running.actors.sinks["raw"] is raw
         assert running.supervisor.actors["sink.raw"] is raw_state
         assert (raw_state.restarts, raw_state.started_at, raw_state.state) == (0, began, "running")
         assert running.supervisor.actors["sink.new"].state == "running"
@@ -272,7 +272,7 @@ async def test_a_bad_file_changes_nothing_and_its_errors_are_answered(
 ) -> None:
     async with trio.open_nursery() as nursery:
         running = await daemon.start(nursery, DEMO)
-        config, raw, actors = running.config, running.actors["raw"], dict(running.supervisor.actors)
+        config, raw, actors = running.config, running.actors.sinks["raw"], dict(running.supervisor.actors)
         daemon.write(body)
         conn = await connect(running)
         answer = await conn.ask({"v": 1, "cmd": "reload"})
@@ -280,7 +280,7 @@ async def test_a_bad_file_changes_nothing_and_its_errors_are_answered(
         assert answer["error"].startswith("reload refused, nothing changed:\n  ")
         assert expected in answer["error"]
         assert running.config is config
-        assert running.actors["raw"] is raw
+        assert running.actors.sinks["raw"] is raw
         assert running.supervisor.actors == actors
         assert (await daemon.post("/hooks/demo", {"n": 1})).status_code == 202
         await daemon.until_lines("raw.jsonl", 1)
@@ -364,7 +364,7 @@ async def test_an_unchanged_sinks_delivery_in_flight_is_not_interrupted(
     body = DEMO + f'\n[sinks.crm]\ntype = "http"\ninputs = ["demo"]\nurl = "{gated.url}/c"\n'
     async with trio.open_nursery() as nursery:
         running = await daemon.start(nursery, body)
-        crm, state = running.actors["crm"], running.supervisor.actors["sink.crm"]
+        crm, state = running.actors.sinks["crm"], running.supervisor.actors["sink.crm"]
         began = state.started_at
         assert (await daemon.post("/hooks/demo", {"n": 1})).status_code == 202
         await trio.to_thread.run_sync(gated.arrived.wait, 10)
@@ -377,7 +377,7 @@ async def test_an_unchanged_sinks_delivery_in_flight_is_not_interrupted(
             while crm.delivered < 1:
                 await trio.sleep(0.01)
         assert len(gated.snapshot()) == 1  # sent once, not cut off and sent again
-        assert running.actors["crm"] is crm
+        assert running.actors.sinks["crm"] is crm
         assert running.supervisor.actors["sink.crm"] is state
         assert (state.restarts, state.started_at, state.incarnation) == (0, began, crm)
         running.stop.set()

@@ -40,7 +40,7 @@ async def test_a_changed_budget_applies_in_place_without_restarting_its_users(
 ) -> None:
     async with trio.open_nursery() as nursery:
         running = await daemon.start(nursery, BODY.format(rate=1, extra="", url=receiver.url))
-        limiter, sink = running.rate_limits["api"], running.actors["crm"]
+        limiter, sink = running.rate_limits["api"], running.actors.sinks["crm"]
         assert (await daemon.post("/hooks/demo", {"n": 1})).status_code == 202
         extra = "[rate_limits.spare]\nrate = 5\n"
         daemon.write(BODY.format(rate=500, extra=extra, url=receiver.url))
@@ -49,12 +49,12 @@ async def test_a_changed_budget_applies_in_place_without_restarting_its_users(
         assert (result.added, result.changed, result.removed) == ([], [], [])
         assert running.rate_limits["api"] is limiter, "its users hold it: same object, new settings"
         assert limiter.config.rate == 500
-        assert running.actors["crm"] is sink
+        assert running.actors.sinks["crm"] is sink
         assert sorted(running.rate_limits) == ["api", "spare"]
 
         daemon.write(BODY.format(rate=500, extra="", url=receiver.url).replace('rate_limit = "api"\n', ""))
         result = await reload(running)
         assert result.applied, result.errors
         assert result.changed == ["sinks.crm"]
-        assert running.actors["crm"].guard.limiter is None
+        assert running.actors.sinks["crm"].guard.limiter is None
         running.stop.set()

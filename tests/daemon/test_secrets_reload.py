@@ -16,7 +16,7 @@ import trio
 
 from daemon.reload import reload
 from daemon.telemetry import masking
-from daemon.telemetry.otel import setup_logging
+from daemon.telemetry.logs import setup_logging
 from tests.daemon.test_reload import Daemon
 
 OLD, NEW = "rotation-old-secret-4f1d2c", "rotation-new-secret-9a8b7c"
@@ -44,15 +44,14 @@ def sock_dir() -> Iterator[Path]:
 def ferry_log() -> Iterator[io.StringIO]:
     """The `ferry.*` JSON log lines, as `ferry run` sets them up; the logging setup restored after."""
     logger = logging.getLogger("ferry")
-    saved = (logger.handlers[:], logger.level, logger.propagate, masking.current())
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     stream = io.StringIO()
     setup_logging("info", masking.Redactor.build([], [OLD]))
     handler = logger.handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(stream)
     yield stream
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-    masking.install(saved[3])
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def signed(secret: str, body: bytes) -> dict[str, str]:
@@ -67,7 +66,7 @@ async def test_a_rotated_secret_is_used_and_hidden_and_the_old_one_stays_hidden(
     (tmp_path / "gh.secret").write_text(OLD)
     async with trio.open_nursery() as nursery:
         running = await daemon.start(nursery, BODY)
-        masking.install(masking.config_redactor(running.config))
+        assert OLD in running.redaction.redactor.secrets  # serve built it from the config
         body = b'{"n": 1}'
         answer = await daemon.client.post("/hooks/gh", content=body, headers=signed(OLD, body))
         assert answer.status_code == 202
@@ -75,7 +74,7 @@ async def test_a_rotated_secret_is_used_and_hidden_and_the_old_one_stays_hidden(
         result = await reload(running)
         assert result.applied
         assert result.changed == ["sources.gh"]
-        assert {OLD, NEW} <= set(masking.current().secrets)
+        assert {OLD, NEW} <= set(running.redaction.redactor.secrets)
         logging.getLogger("ferry.test").warning("echoed %s and %s", OLD, NEW)
         body = b'{"n": 2}'
         assert (

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.config.root import SupervisorConfig
+from daemon.config.sections import SupervisorConfig
 from daemon.config.units import Duration
 from daemon.errors import TooManyRestarts
 from daemon.supervisor import Supervisor

@@ -14,11 +14,12 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from daemon.config.root import TelemetryConfig
+from daemon.config.sections import TelemetryConfig
 from daemon.config.units import Duration
-from daemon.telemetry import metrics
+from daemon.telemetry import logs, metrics
 from daemon.telemetry import otel as telemetry
-from daemon.telemetry.otel import JsonFormatter, Telemetry, format_traceparent, parse_traceparent
+from daemon.telemetry.logs import JsonFormatter
+from daemon.telemetry.otel import Telemetry, format_traceparent, parse_traceparent
 from tests.fakes import free_port
 from tests.otlp import OtlpReceiver
 
@@ -151,8 +152,8 @@ def test_links_and_batches_skip_traces_sampling_left_out() -> None:
 def test_collector_warnings_are_logged_once_then_again_only_after_an_export_succeeded(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    telemetry.setup_logging("info")
-    telemetry._sdk_log_filter.rearm()  # module state: start as a fresh daemon does
+    logs.setup_logging("info")
+    logs.sdk_log_filter.rearm()  # module state: start as a fresh daemon does
     port = free_port()
     down = f"http://127.0.0.1:{port}/v1/traces"  # nothing listens there
     failing = telemetry._CountingExporter(OTLPSpanExporter(endpoint=down, timeout=0.3))

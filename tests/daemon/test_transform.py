@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from actors.transform.config import AggregateConfig, RouteConfig
+from actors.transform.config import AggregateConfig, RouteConfig, TransformConfig
 from actors.transform.program import Failure, Keyed, Routed, TransformProgram, every
-from daemon.config.root import TransformConfig
 
 CONTACT = {
     "type": "object",
