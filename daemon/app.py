@@ -49,12 +49,17 @@ MAINTENANCE_INTERVAL = 60.0
 
 
 async def _maintain(store: Store, running: Running) -> None:
+    """Prune the store every `MAINTENANCE_INTERVAL` (or `retention / 4`, when shorter).
+
+    Who reads which stream is taken from the config current when a prune starts, after the
+    sleep: a reload during the sleep that adds a transform keeps the events it has yet to read.
+    """
     while True:
+        await trio.sleep(min(MAINTENANCE_INTERVAL, running.config.store.retention / 4 or 1))
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
         # A failed aggregation window's contents (`NAME/windows`, daemon/store/windows.py) have no reader.
         readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
-        await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.call_until_committed(
             partial(
                 outbox.prune,

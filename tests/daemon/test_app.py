@@ -6,18 +6,22 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from actors.sink import http as http_sink
-from daemon.app import _serving, serve
-from daemon.config.root import load
+from daemon.app import _maintain, _serving, serve
+from daemon.config.root import Config, load, parse
 from daemon.errors import TooManyRestarts
 from daemon.running import Running
-from daemon.store.outbox import Due
+from daemon.store.outbox import Due, Incoming, insert_events
+from daemon.store.sqlite import Store
 
 CONFIG = """
 [store]
@@ -261,3 +265,56 @@ path = "out.jsonl"
     assert _serving(load(path).config) == "serving 1 poll source(s)"
     path.write_text(sources + sink.format(inputs='"a", "b"'))
     assert _serving(load(path).config) == "serving 2 webhook source(s)"
+
+
+PRUNED = """
+[store]
+retention = "1s"
+
+[sources.demo]
+type = "webhook"
+
+[sources.other]
+type = "webhook"
+
+[sinks.out]
+type = "file"
+inputs = ["demo", "other"]
+path = "out.jsonl"
+"""
+READ_BY_A_NEW_TRANSFORM = """
+[transforms.late]
+inputs = ["demo"]
+map = "."
+"""
+
+
+class _Reloadable:
+    """What `_maintain` reads of `Running`: the config, which a reload replaces."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
+async def test_pruning_reads_who_reads_what_after_its_sleep_so_a_reload_meanwhile_keeps_unread_events(
+    store: Store, tmp_path: Path
+) -> None:
+    before = parse(PRUNED, base_dir=tmp_path)
+    after = parse(PRUNED + READ_BY_A_NEW_TRANSFORM, base_dir=tmp_path)
+    incoming = [Incoming("demo", b"{}", None, []), Incoming("other", b"{}", None, [])]
+    await store.call(partial(insert_events, incoming=incoming))
+    await store.call(lambda conn: conn.execute("UPDATE events SET received_at = received_at - 60"))
+
+    def streams(conn: sqlite3.Connection) -> list[str]:
+        return [stream for (stream,) in conn.execute("SELECT stream FROM events ORDER BY seq")]
+
+    running = _Reloadable(before)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_maintain, store, cast(Running, running))
+        await trio.testing.wait_all_tasks_blocked()  # the loop sleeps until its first prune
+        running.config = after  # a reload adds a transform that has read nothing of `demo` yet
+        with trio.fail_after(10):  # `other` has no reader in either config: its event goes
+            while "other" in await store.call(streams):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert await store.call(streams) == ["demo"]
