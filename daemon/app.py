@@ -76,17 +76,21 @@ async def _maintain(store: Store, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, running: Running) -> None:
+async def _sample_queue_depths(store: Store, running: Running, telemetry: Telemetry) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
 
     The interval is the metrics interval, or the alert interval when rules are configured and it
-    is shorter (a backlog rule must not read a count older than its own interval).
+    is shorter (a backlog rule must not read a count older than its own interval). Nothing is
+    counted while no reader reads metrics (a reload adding alert rules may start one).
     """
     while True:
         config = running.config
         interval = config.telemetry.metrics_interval
         if config.alerts:
             interval = min(interval, config.alerting.interval)
+        if not telemetry.metrics_live:
+            await trio.sleep(interval)
+            continue
         depths = await store.call_until_committed(
             partial(metrics.pending_by_stage, stages=list(running.config.sinks))
         )
@@ -188,14 +192,14 @@ async def serve(
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    telemetry = Telemetry.start(config.telemetry, collect=True)
+    # Only the alerter reads `collect()`; a reload that adds rules starts collecting then (reload.py).
+    telemetry = Telemetry.start(config.telemetry, collect=bool(config.alerts))
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
             running.rate_limits.update(config.rate_limits)
-            if telemetry.metrics_live:
-                outer.start_soon(_sample_queue_depths, store, running)
+            outer.start_soon(_sample_queue_depths, store, running, telemetry)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)

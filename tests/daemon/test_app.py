@@ -19,9 +19,11 @@ from actors.sink import http as http_sink
 from daemon.app import _maintain, _serving, serve
 from daemon.config.root import Config, load, parse
 from daemon.errors import TooManyRestarts
+from daemon.reload import reload
 from daemon.running import Running
 from daemon.store.outbox import Due, Incoming, insert_events
 from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
 
 CONFIG = """
 [store]
@@ -318,3 +320,39 @@ async def test_pruning_reads_who_reads_what_after_its_sleep_so_a_reload_meanwhil
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert await store.call(streams) == ["demo"]
+
+
+QUIET = (
+    PLAIN.format(retention="1h", audit_retention="90d")
+    + """
+[telemetry]
+metrics = false
+"""
+)
+BACKLOG_RULE = """
+[channels.ops]
+type = "log"
+
+[alerts.backlog]
+expr = 'ferry.queue.depth{stage="out"} > 100'
+notify = [{ channel = "ops" }]
+"""
+
+
+async def test_metrics_are_collected_only_while_alert_rules_read_them(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text(QUIET)
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(
+            lambda task_status: serve(load(path), handle_signals=False, task_status=task_status)
+        )
+        assert running.telemetry is not None
+        assert running.telemetry.collect() is None
+        assert metrics.current() is metrics.NOOP  # instruments record nothing: nobody reads them
+        path.write_text(QUIET + BACKLOG_RULE)
+        assert (await reload(running)).applied
+        assert metrics.current() is not metrics.NOOP
+        data = running.telemetry.collect()
+        assert data is not None
+        assert data.resource_metrics
+        running.stop.set()
