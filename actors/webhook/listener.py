@@ -463,19 +463,25 @@ class WebhookListener:
         body = await self._read_body(conn, stream, keep=refusal is None)
         if body is None or not slot.busy():
             return False
-        if refusal is None and route is not None and route.verifier is not None and verified is None:
-            refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
+        if refusal is None and route is not None:
+            current = self._routes.get(path)  # a reload may have changed the routes while the body arrived
+            if current is None:
+                await stream.send_all(_response(conn, *self._other(request.method, path)))
+                return True
+            if current is not route:  # verify and de-duplicate by the route now served
+                if current.header != route.header:
+                    dedup_key = _header_text(request.headers, current.header)
+                if current.verifier is not route.verifier:
+                    verified = None
+                route = current
+            if route.verifier is not None and verified is None:
+                refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
         if refusal is not None:
             if route is not None and refusal[0] != 401:  # a 401 was counted with its reason
                 _rejected(route.source, "paused" if refusal[0] == 503 else _REJECTION_REASONS[refusal[0]])
             await stream.send_all(_response(conn, *refusal))
             return True
         assert route is not None  # every request without a route got a refusal above
-        current = self._routes.get(path)  # a reload may have changed the routes while the body arrived
-        if current is None:
-            await stream.send_all(_response(conn, *self._other(request.method, path)))
-            return True
-        route = current
         if self._overloaded():
             _rejected(route.source, "overloaded")
             await stream.send_all(_response(conn, 503, _OVERLOADED, _RETRY_OVERLOADED))
@@ -642,6 +648,16 @@ def _verify(route: _Route, headers: _Headers, body: bytes) -> tuple[_Refusal | N
         challenge = route.verifier.challenge
         extra: _Headers = ((b"www-authenticate", challenge),) if challenge else ()
         return (401, _unauthorized(failure), extra), None
+
+
+def _header_text(headers: _Headers, name: bytes | None) -> str | None:
+    """The last non-empty value of header `name` (lower-case), as text, as `_exchange` reads it."""
+    found = None
+    if name is not None:
+        for key, value in headers:
+            if key == name and value:
+                found = value.decode("latin-1")
+    return found
 
 
 def _rejected(source: str, reason: str) -> None:
