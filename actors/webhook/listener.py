@@ -67,8 +67,9 @@ class Ingest(Protocol):
 
     `replay` = (key, until), given only for a verified source: if the key was stored for the
     source and has not expired, nothing is stored and the answer is `("", True)`; otherwise the
-    key is stored with the event, in the same transaction. Raises `StoreUnavailable` when the
-    event was not committed.
+    key is stored with the event, in the same transaction. `parent`: the request's span (given
+    only while tracing it), whose context `traceparent` is, handed on as the object rather than
+    parsed back from the string. Raises `StoreUnavailable` when the event was not committed.
     """
 
     async def __call__(
@@ -78,6 +79,8 @@ class Ingest(Protocol):
         dedup_key: str | None,
         traceparent: str | None,
         replay: tuple[str, float] | None = None,
+        *,
+        parent: Span | None = None,
     ) -> IngestResult: ...
 
 
@@ -549,10 +552,12 @@ class WebhookListener:
                 status, answer = 400, _error(f"malformed JSON: {exc}")
         if status == 202:
             try:
-                if replay is None:
+                if replay is None and span is None:
                     event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
                 else:
-                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent, replay)
+                    event_id, duplicate = await self._ingest(
+                        source, body, dedup_key, traceparent, replay, parent=span
+                    )
             except StoreUnavailable:
                 status, answer = 503, _error("store unavailable, event not accepted; retry")
                 headers = _RETRY_STORE
