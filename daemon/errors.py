@@ -19,7 +19,9 @@
 
 A jq error is not in this tree: a transform's program returns it as a value
 (`actors.transform.program.Failure`) and the transform dead-letters that one event
-under its own stage; no exception is raised. Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
+under its own stage; no exception is raised.
+
+Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
 the edge that meets them, so the rest of the code catches by level.
 """
 
