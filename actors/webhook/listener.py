@@ -543,7 +543,7 @@ class WebhookListener:
             status, answer = 400, _error(f"JSON nested deeper than {depth} levels ([listener] max_depth)")
             reason = "too_deep"
         else:
-            try:
+            try:  # the cheapest check that covers syntax, UTF-8 and range (docs/architecture.md)
                 _decode(body)
             except msgspec.ValidationError as exc:  # valid syntax; a number no stage could carry
                 status, answer = 400, _error(f"JSON number out of range: {exc}")
