@@ -60,11 +60,10 @@ from msgspec import Struct
 from actors.alerting.rules import AlertView
 from actors.poll.pages import PollStatus
 from daemon.config.root import Config, LoadedConfig, WebhookSourceConfig, downstream
-from daemon.control.server import (
+from daemon.control.protocol import (
     MUTATING,
     AlertsRequest,
     AuditRequest,
-    Call,
     CommandError,
     DlqListRequest,
     DlqPurgeRequest,
@@ -73,7 +72,6 @@ from daemon.control.server import (
     DrainRequest,
     EventRequest,
     PauseRequest,
-    Peer,
     ReloadRequest,
     ReplayRequest,
     ResumeRequest,
@@ -81,6 +79,7 @@ from daemon.control.server import (
     StatusRequest,
     TapRequest,
 )
+from daemon.control.server import Call, Peer
 from daemon.errors import StoreUnavailable
 from daemon.limits.ratelimit import RateLimitStatus
 from daemon.reload import ReloadResult, config_sha256, reload
