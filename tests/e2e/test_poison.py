@@ -175,8 +175,8 @@ def test_a_delivery_too_deep_to_mask_never_crash_loops_the_sink(
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from actors import http_sink
-from daemon import transform
+from actors.sink import http as http_sink
+from actors.transform import program as transform
 
 def kill(payloads):
     if any(b"KILLME" in payload for payload in payloads):
