@@ -47,12 +47,17 @@ MAINTENANCE_INTERVAL = 60.0
 
 
 async def _maintain(store: Store, running: Running) -> None:
+    """Prune the store every `MAINTENANCE_INTERVAL` (or `retention / 4`, when shorter).
+
+    Who reads which stream is taken from the config current when a prune starts, after the
+    sleep: a reload during the sleep that adds a transform keeps the events it has yet to read.
+    """
     while True:
+        await trio.sleep(min(MAINTENANCE_INTERVAL, running.config.store.retention / 4 or 1))
         config = running.config  # a reload may change who reads what
         readers = {name: transforms for name, (transforms, _) in downstream(config).items()}
         # A failed aggregation window's contents (`NAME/windows`, daemon/store/windows.py) have no reader.
         readers |= {f"{name}/windows": [] for name, t in config.transforms.items() if t.aggregate is not None}
-        await trio.sleep(min(MAINTENANCE_INTERVAL, config.store.retention / 4 or 1))
         removed = await store.prune(
             retention=config.store.retention,
             archive=config.store.archive,
@@ -64,17 +69,21 @@ async def _maintain(store: Store, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, running: Running) -> None:
+async def _sample_queue_depths(store: Store, running: Running, telemetry: Telemetry) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
 
     The interval is the metrics interval, or the alert interval when rules are configured and it
-    is shorter (a backlog rule must not read a count older than its own interval).
+    is shorter (a backlog rule must not read a count older than its own interval). Nothing is
+    counted while no reader reads metrics (a reload adding alert rules may start one).
     """
     while True:
         config = running.config
         interval = config.telemetry.metrics_interval
         if config.alerts:
             interval = min(interval, config.alerting.interval)
+        if not telemetry.metrics_live:
+            await trio.sleep(interval)
+            continue
         depths = await store.pending_by_stage(running.config.sinks)
         gauges = metrics.current().queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
@@ -174,15 +183,15 @@ async def serve(
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    telemetry = Telemetry.start(config.telemetry, collect=True)
+    # Only the alerter reads `collect()`; a reload that adds rules starts collecting then (reload.py).
+    telemetry = Telemetry.start(config.telemetry, collect=bool(config.alerts))
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
             running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
             running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
-            if telemetry.metrics_live:
-                outer.start_soon(_sample_queue_depths, store, running)
+            outer.start_soon(_sample_queue_depths, store, running, telemetry)
             outer.start_soon(_maintain, store, running)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)

@@ -14,7 +14,12 @@
     └── DeliveryError               one delivery attempt failed
         ├── RetryableDelivery       408, 425, 429, 5xx, timeouts, transport errors: scheduled again
         │   └── DeliveryTimeout     no complete answer within the request's timeout
-        └── PermanentDelivery       other 4xx, redirects, jq errors: dead-lettered at once
+        └── PermanentDelivery       other 4xx, redirects, unusable URLs, a lookup answer that is
+                                    not JSON: dead-lettered at once
+
+A jq error is not in this tree: a transform's program returns it as a value
+(`actors.transform.program.Failure`) and the transform dead-letters that one event
+under its own stage; no exception is raised.
 
 Foreign exceptions (sqlite3, h11, httpx, OSError) are translated into these at
 the edge that meets them, so the rest of the code catches by level.

@@ -234,6 +234,7 @@ def build_alerter(config: Config, running: Running) -> Alerter:
     """The alerter for `config`'s rules, reading the running daemon's metrics."""
     telemetry = running.telemetry
     assert telemetry is not None
+    telemetry.start_collecting()  # metrics are collected only while alert rules read them
     return Alerter(
         config, running.store, lambda: flatten(telemetry.collect()), service=config.telemetry.service_name
     )

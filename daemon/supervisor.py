@@ -2,7 +2,7 @@
 
 Restart policy:
     An actor whose `run` raises is logged with its traceback, counted, and
-    started again — a fresh incarnation from its factory — after an
+    started again — `factory()` is called and what it returns is run — after an
     exponential backoff with jitter (`initial_backoff` doubling to
     `max_backoff`; the streak resets once an incarnation has run for
     `max_backoff`). Other actors are not touched: a crashing sink never stops
@@ -11,6 +11,14 @@ Restart policy:
     with a non-zero exit so that systemd restarts the whole process.
 
     An actor that returns normally has finished on purpose and is not restarted.
+
+    What an incarnation is: the supervisor hands an actor nothing (no channels, no clones of
+    them; actors meet through the store and its wake-up `Signal`s), and every factory the
+    daemon passes (`daemon.app`, `daemon.reload`) returns the same actor object. So a restart
+    is a new `run()` on that object: what `run` builds (its nursery and the memory channels
+    inside it, a sink's sender and HTTP client, its position and windows read back from the
+    store) is built afresh; what the object holds outside `run` (its counters, a sink's pause,
+    the rate limiters it was given) carries over.
 
 Readiness:
     `await nursery.start(supervisor.supervise, name, factory)` returns once the

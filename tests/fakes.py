@@ -177,6 +177,11 @@ def serve(
 
 
 def free_port() -> int:
+    """A port free a moment ago; another process may take it before it is used (the race xdist
+    makes likely). Only for a port that must be known before a server starts, e.g. a sink URL
+    that nothing listens on yet, or a listener that must keep its address across a restart;
+    a listener otherwise binds `127.0.0.1:0` and the test reads the bound address back
+    (`Daemon.address`, from the daemon's `ready` line)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -263,7 +268,10 @@ class Daemon:
 
 
 def write_config(directory: Path, body: str, *, port: int | None = None) -> Path:
-    """A config file with a listener on 127.0.0.1 and the store under `directory`, plus `body`."""
+    """A config file with a listener on 127.0.0.1 and the store under `directory`, plus `body`.
+
+    The listener binds port 0 (the kernel picks a free one; `Daemon.start` reads it back) unless
+    `port` is given: a test that restarts the daemon and keeps sending to one address gives it."""
     path = directory / "ferry.toml"
     path.write_text(
         f"""
@@ -272,7 +280,7 @@ path = "state/ferry.db"
 retention = "1h"
 
 [listener]
-address = "127.0.0.1:{port if port is not None else free_port()}"
+address = "127.0.0.1:{port if port is not None else 0}"
 
 [supervisor]
 shutdown_grace = "5s"

@@ -4,6 +4,8 @@
 - the import contract in pyproject.toml (`[tool.importlinter]`) holds: the runtime imports actors
   only where it assembles them, nothing but the command line imports `daemon.cli`, the store is
   the bottom layer, no cycles between sibling packages;
+- every runtime dependency in pyproject.toml is declared once and imported (or listed in
+  `LOADED_BY_ANOTHER` with what loads it);
 - SQL lives in `daemon/store/` only. The modules that still hold SQL elsewhere are listed in
   `SQL_OUTSIDE_THE_STORE`; the list may only shrink (a module leaving it must be removed from it);
 - the store is reached through its interface (`daemon.store.api.Outbox`): outside
@@ -14,9 +16,11 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grimp
@@ -171,3 +175,30 @@ def test_import_contract_holds() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Declared, never imported by name: what loads them, and why they are declared.
+LOADED_BY_ANOTHER = {
+    "rfc3339-validator": "jsonschema's FormatChecker checks `date-time` with it when installed",
+}
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_runtime_dependency_is_declared_once_and_imported() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [_requirement_name(requirement) for requirement in project["dependencies"]]
+    assert sorted(name for name in set(declared) if declared.count(name) > 1) == []
+    imported: set[str] = set()
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.partition(".")[0])
+    providers = importlib.metadata.packages_distributions()
+    used = {dist.lower().replace("_", "-") for name in imported for dist in providers.get(name, [])}
+    unused = sorted(name for name in declared if name not in used and name not in LOADED_BY_ANOTHER)
+    assert unused == []

@@ -23,7 +23,8 @@ Backpressure:
     one small record each in memory (their events are on disk).
 
 Tracing:
-    One `aggregator join` span per batch read (parent or links as in `Transformer`). The
+    One `aggregator join` span per batch read (parent or links as in `Transformer`); none for a
+    batch whose traces sampling left out, as in `Transformer`. The
     emitted event carries the stored trace context of the window's first event, so its
     deliveries join that event's trace.
 """
@@ -113,7 +114,7 @@ class Aggregator:
             if events:
                 position = events[-1].seq
                 tracer = telemetry.tracer()
-                if tracer is None:
+                if tracer is None or not telemetry.any_sampled(event.trace for event in events):
                     position = await self._join(events, position)
                     continue
                 parent, links = batch_trace(events)

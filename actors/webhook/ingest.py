@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import final
 
 import trio
-from opentelemetry.trace import StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode
 
 from daemon.errors import StoreUnavailable
 from daemon.store.api import Outbox
@@ -95,17 +96,21 @@ class IngestBatcher:
         dedup_key: str | None,
         traceparent: str | None,
         replay: tuple[str, float] | None = None,
+        *,
+        parent: Span | None = None,
     ) -> tuple[str, bool]:
-        """Store one event; with tracing, inside a `store commit` span, child of `traceparent`.
+        """Store one event; with tracing, inside a `store commit` span, child of `parent` (the
+        caller's span, whose context `traceparent` is; without it, `traceparent` is parsed).
 
         `replay` (key, until): see `outbox.insert_events`; a replay answers `("", True)`.
         """
         tracer = telemetry.tracer()
         if tracer is None or not telemetry.sampled(traceparent):
             return await self._commit(source, body, dedup_key, traceparent, replay)
-        span = tracer.start_span(
-            "store commit", telemetry.parent_context(traceparent), attributes={"ferry.source": source}
+        context = (
+            trace.set_span_in_context(parent) if parent is not None else telemetry.parent_context(traceparent)
         )
+        span = tracer.start_span("store commit", context, attributes={"ferry.source": source})
         try:
             event_id, duplicate = await self._commit(source, body, dedup_key, traceparent, replay)
             span.set_attribute("ferry.event_id", event_id)

@@ -31,54 +31,26 @@ Guarantees:
 
 from __future__ import annotations
 
-import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Final, Protocol, cast, final
+from typing import Final, cast, final
 
 import h11
-import msgspec
 import trio
-from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
 
+from actors.webhook import answers
+from actors.webhook.accept import Ingest, IngestResult, accept
 from actors.webhook.config import ListenerConfig
 from actors.webhook.connections import ConnectionTable, Slot
-from actors.webhook.door import ProtocolErrors, framing_error, too_deep
+from actors.webhook.door import ProtocolErrors, framing_error
 from actors.webhook.verify import Unverified, Verified, Verifier
-from daemon.errors import StoreUnavailable
-from daemon.telemetry import metrics
-from daemon.telemetry import otel as telemetry
 
 __all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
 
 log = logging.getLogger("ferry.webhook")
-
-IngestResult = tuple[str, bool]
-"""What `Ingest` returns: (event id, whether the request was a duplicate of that event)."""
-
-
-class Ingest(Protocol):
-    """Store one event; return once it is committed (or found to be a duplicate).
-
-    `replay` = (key, until), given only for a verified source: if the key was stored for the
-    source and has not expired, nothing is stored and the answer is `("", True)`; otherwise the
-    key is stored with the event, in the same transaction. Raises `StoreUnavailable` when the
-    event was not committed.
-    """
-
-    async def __call__(
-        self,
-        source: str,
-        body: bytes,
-        dedup_key: str | None,
-        traceparent: str | None,
-        replay: tuple[str, float] | None = None,
-    ) -> IngestResult: ...
 
 
 @dataclass(frozen=True)
@@ -93,48 +65,7 @@ class WebhookRoute:
     """Checks each request's signature or credentials before its body is parsed (`actors.webhook.verify`)."""
 
 
-_Headers = Sequence[tuple[bytes, bytes]]
-
-_CHUNK: Final = 64 * 1024
-_LINGER_SECONDS: Final = 1.0  # after an error, drain the peer briefly so our answer is not lost to a RST
-_LINGER_BYTES: Final = 1024 * 1024
-_REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
-_JSON: Final = (b"content-type", b"application/json")
-_CLOSE: Final = (b"connection", b"close")
-_ALLOW_POST: Final = ((b"allow", b"POST"),)
-_ALLOW_GET: Final = ((b"allow", b"GET, HEAD"),)
 _PROTOCOL_LOG_INTERVAL: Final = 10.0  # seconds between two log lines about protocol errors
-_RETRY_STORE: Final = ((b"retry-after", b"1"),)
-_NO_HEADERS: _Headers = ()
-_RETRY_PAUSED: Final = ((b"retry-after", b"5"),)
-_RETRY_OVERLOADED: Final = ((b"retry-after", b"1"),)
-_HEALTH_PATHS: Final = (b"/healthz", b"/readyz", b"/metrics")
-_PROMETHEUS: Final = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
-_REJECTION_REASONS: Final = {  # `ferry.events.rejected{reason}` by status
-    400: "malformed_json",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    500: "internal_error",
-    503: "store_unavailable",
-}
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
-
-
-def _error(message: str) -> bytes:
-    return _encode({"error": message})
-
-
-_OK: Final = _encode({"status": "ok"})
-_READY: Final = _encode({"status": "ready"})
-_NOT_READY: Final = _encode({"status": "not ready"})
-_TOO_MANY_BODY: Final = _error("too many connections")
-_OVERLOADED: Final = _error("overloaded: too many requests waiting for the store, event not accepted; retry")
-_TOO_MANY: Final = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,48 +82,6 @@ def _compile(routes: Mapping[str, WebhookRoute]) -> dict[bytes, _Route]:
         )
         for path, r in routes.items()
     }
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    """`host:port` (IPv6 hosts in brackets, empty host for all interfaces) as (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listener address must be host:port, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _is_json(content_type: bytes | None) -> bool:
-    """`application/json` or `application/*+json`, parameters ignored."""
-    if content_type is None:
-        return False
-    media = content_type.partition(b";")[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
-
-
-def _response(conn: h11.Connection, status: int, body: bytes, headers: _Headers = ()) -> bytes:
-    """The bytes of a whole JSON response."""
-    if headers:
-        typed = any(name == b"content-type" for name, _ in headers)
-        head = [*headers, *(() if typed else (_JSON,)), (b"content-length", b"%d" % len(body))]
-        response = h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b""))
-    else:
-        response = _plain_head(status, len(body))
-    return conn.send(response) + conn.send(h11.Data(data=body)) + conn.send(_END)
-
-
-@functools.lru_cache(maxsize=256)
-def _plain_head(status: int, length: int) -> h11.Response:
-    """The head of a JSON response without extra headers, built (and validated by h11) once.
-
-    h11 events are immutable, so one serves every connection; building one validates each
-    header, which was a tenth of the listener's time per request. Every 202 has the same
-    length (event ids have a fixed length), so the cache holds a handful of heads.
-    """
-    head = [_JSON, (b"content-length", b"%d" % length)]
-    return h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b""))
-
-
-_END: Final = h11.EndOfMessage()
 
 
 @final
@@ -280,7 +169,7 @@ class WebhookListener:
         """Bind, report the bound addresses through `task_status.started()`, serve until cancelled."""
         listeners = self._listeners() if self._listeners is not None else None
         if listeners is None:
-            host, port = _split_address(self._config.address)
+            host, port = answers.split_address(self._config.address)
             listeners = await trio.open_tcp_listeners(port, host=host)
         names = [listener.socket.getsockname() for listener in listeners]
         bound = [(str(name[0]), int(name[1])) for name in names]
@@ -323,8 +212,8 @@ class WebhookListener:
             await trio.aclose_forcefully(stream)
             return
         try:
-            await stream.send_all(_TOO_MANY)
-            await _linger(stream, min(_LINGER_SECONDS, self._config.header_timeout))
+            await stream.send_all(answers.TOO_MANY)
+            await answers.linger(stream, min(answers.LINGER_SECONDS, self._config.header_timeout))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -369,7 +258,7 @@ class WebhookListener:
             if idle and conn.trailing_data[0]:  # the next request has begun: its head is now timed
                 idle, deadline = False, trio.current_time() + self._config.header_timeout
             with trio.move_on_at(deadline) as scope:
-                data = await stream.receive_some(_CHUNK)
+                data = await stream.receive_some(answers.CHUNK)
             if scope.cancelled_caught:
                 if conn.trailing_data[0]:
                     await self._fail(conn, stream, 408, "timed out receiving the request head")
@@ -396,7 +285,7 @@ class WebhookListener:
                 if deadline is None:
                     deadline = trio.current_time() + self._config.body_timeout
                 with trio.move_on_at(deadline) as scope:
-                    data = await stream.receive_some(_CHUNK)
+                    data = await stream.receive_some(answers.CHUNK)
                 if scope.cancelled_caught:
                     await self._fail(conn, stream, 408, "timed out receiving the request body")
                     return None
@@ -439,21 +328,25 @@ class WebhookListener:
 
         if request.method == b"HEAD":
             return await self._head(conn, stream, path, route is not None)
-        refusal: _Refusal | None = None
+        refusal: answers.Refusal | None = None
         verified: Verified | None = None
         if route is None:
             refusal = self._other(request.method, path)
         elif request.method != b"POST":
-            refusal = 405, _error(f"method {request.method.decode('latin-1')} not allowed"), _ALLOW_POST
+            refusal = (
+                405,
+                answers.error(f"method {request.method.decode('latin-1')} not allowed"),
+                answers.ALLOW_POST,
+            )
         elif self._paused(route.source):
-            refusal = 503, _error(f"source {route.source} is paused"), _RETRY_PAUSED
+            refusal = 503, answers.error(f"source {route.source} is paused"), answers.RETRY_PAUSED
         else:
             verifier = route.verifier
             if verifier is not None and not verifier.needs_body:  # the head decides: before the body
                 refusal, verified = _verify(route, request.headers, b"")
-            if refusal is None and not _is_json(content_type):
+            if refusal is None and not answers.is_json(content_type):
                 got = content_type.decode("latin-1") if content_type else "none"
-                refusal = 415, _error(f"content type must be application/json, got {got}"), ()
+                refusal = 415, answers.error(f"content type must be application/json, got {got}"), ()
 
         if conn.they_are_waiting_for_100_continue:
             if refusal is not None:  # answer now rather than read a body we will drop
@@ -463,145 +356,81 @@ class WebhookListener:
         body = await self._read_body(conn, stream, keep=refusal is None)
         if body is None or not slot.busy():
             return False
-        if refusal is None and route is not None and route.verifier is not None and verified is None:
-            refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
+        if refusal is None and route is not None:
+            current = self._routes.get(path)  # a reload may have changed the routes while the body arrived
+            if current is None:
+                await stream.send_all(answers.json_response(conn, *self._other(request.method, path)))
+                return True
+            if current is not route:  # verify and de-duplicate by the route now served
+                if current.header != route.header:
+                    dedup_key = answers.header_text(request.headers, current.header)
+                if current.verifier is not route.verifier:
+                    verified = None
+                route = current
+            if route.verifier is not None and verified is None:
+                refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
         if refusal is not None:
             if route is not None and refusal[0] != 401:  # a 401 was counted with its reason
-                _rejected(route.source, "paused" if refusal[0] == 503 else _REJECTION_REASONS[refusal[0]])
-            await stream.send_all(_response(conn, *refusal))
+                answers.rejected(
+                    route.source, "paused" if refusal[0] == 503 else answers.REJECTION_REASONS[refusal[0]]
+                )
+            await stream.send_all(answers.json_response(conn, *refusal))
             return True
         assert route is not None  # every request without a route got a refusal above
-        current = self._routes.get(path)  # a reload may have changed the routes while the body arrived
-        if current is None:
-            await stream.send_all(_response(conn, *self._other(request.method, path)))
-            return True
-        route = current
         if self._overloaded():
-            _rejected(route.source, "overloaded")
-            await stream.send_all(_response(conn, 503, _OVERLOADED, _RETRY_OVERLOADED))
+            answers.rejected(route.source, "overloaded")
+            await stream.send_all(
+                answers.json_response(conn, 503, answers.OVERLOADED, answers.RETRY_OVERLOADED)
+            )
             return True
         replay = (verified.replay_key, verified.replay_until) if verified and verified.replay_key else None
         await stream.send_all(
-            await self._accept(conn, route.source, path, body, dedup_key, traceparent, replay)
+            await accept(
+                self._ingest,
+                self._config.max_depth,
+                conn,
+                route.source,
+                path,
+                body,
+                dedup_key,
+                traceparent,
+                replay,
+            )
         )
         return True
 
-    async def _accept(
-        self,
-        conn: h11.Connection,
-        source: str,
-        path: bytes,
-        body: bytes,
-        dedup_key: str | None,
-        traceparent: str | None,
-        replay: tuple[str, float] | None = None,
-    ) -> bytes:
-        """Ingest one event inside its `webhook receive` span (when tracing); the response to send.
-
-        The event stores the server span's own context, so every later hop joins this trace.
-        """
-        tracer = telemetry.tracer()
-        if tracer is None:
-            return await self._store(conn, source, body, dedup_key, traceparent, None, replay)
-        unsampled = telemetry.unsampled_traceparent(traceparent)
-        if unsampled is not None:  # sampling left this trace out: no span work on any hop
-            return await self._store(conn, source, body, dedup_key, unsampled, None, replay)
-        span = tracer.start_span(
-            "webhook receive",
-            telemetry.parent_context(traceparent),
-            SpanKind.SERVER,
-            {"http.request.method": "POST", "url.path": path.decode("latin-1"), "ferry.source": source},
-        )
-        with trace.use_span(span, end_on_exit=True):
-            own = telemetry.format_traceparent(span.get_span_context())
-            return await self._store(conn, source, body, dedup_key, own, span, replay)
-
-    async def _store(
-        self,
-        conn: h11.Connection,
-        source: str,
-        body: bytes,
-        dedup_key: str | None,
-        traceparent: str | None,
-        span: Span | None,
-        replay: tuple[str, float] | None = None,
-    ) -> bytes:
-        """Validate and ingest one event; the response to send."""
-        status, answer, headers = 202, b"", _NO_HEADERS
-        event_id, reason = "", ""
-        depth = self._config.max_depth
-        if too_deep(body, depth):  # before the decoder, which recurses per level
-            status, answer = 400, _error(f"JSON nested deeper than {depth} levels ([listener] max_depth)")
-            reason = "too_deep"
-        else:
-            try:
-                _decode(body)
-            except msgspec.ValidationError as exc:  # valid syntax; a number no stage could carry
-                status, answer = 400, _error(f"JSON number out of range: {exc}")
-                reason = "number_out_of_range"
-            except msgspec.DecodeError as exc:
-                status, answer = 400, _error(f"malformed JSON: {exc}")
-        if status == 202:
-            try:
-                if replay is None:
-                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent)
-                else:
-                    event_id, duplicate = await self._ingest(source, body, dedup_key, traceparent, replay)
-            except StoreUnavailable:
-                status, answer = 503, _error("store unavailable, event not accepted; retry")
-                headers = _RETRY_STORE
-            except Exception:
-                log.exception("webhook ingest failed for source %s", source)
-                status, answer = 500, _error("internal error, event not accepted")
-            else:
-                if duplicate and not event_id:
-                    status, answer = 401, _unauthorized(_REPLAYED)
-                    _rejected(source, _REPLAYED.reason)
-                elif duplicate:
-                    status, answer = 200, _encode({"id": event_id, "duplicate": True})
-                else:
-                    status, answer = 202, _encode({"id": event_id})
-                    metrics.current().received[source] += 1
-        if status >= 400 and status != 401:
-            _rejected(source, reason or _REJECTION_REASONS[status])
-        if span is not None:
-            span.set_attribute("http.response.status_code", status)
-            if event_id:
-                span.set_attribute("ferry.event_id", event_id)
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
-        return _response(conn, status, answer, headers)
-
     async def _head(self, conn: h11.Connection, stream: trio.abc.Stream, path: bytes, hook: bool) -> bool:
         """Answer a HEAD as its GET would be answered, without the body: 200 for `/healthz` (and
-        the rest of `_HEALTH_PATHS`), 405 with `Allow: POST` for a webhook path, 404 elsewhere."""
-        headers: _Headers
+        the rest of `answers.HEALTH_PATHS`), 405 with `Allow: POST` for a webhook path, 404 elsewhere."""
+        headers: answers.Headers
         if hook:
-            status, body, headers = 405, _error("method HEAD not allowed"), _ALLOW_POST
+            status, body, headers = 405, answers.error("method HEAD not allowed"), answers.ALLOW_POST
         else:
             status, body, headers = self._other(b"GET", path)
         if await self._read_body(conn, stream, keep=False) is None:
             return False
         typed = any(name == b"content-type" for name, _ in headers)
-        head = [*headers, *(() if typed else (_JSON,)), (b"content-length", b"%d" % len(body))]
-        response = h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b""))
-        await stream.send_all(conn.send(response) + conn.send(_END))  # h11 frames a HEAD answer bodiless
+        head = [*headers, *(() if typed else (answers.JSON,)), (b"content-length", b"%d" % len(body))]
+        response = h11.Response(status_code=status, headers=head, reason=answers.REASONS.get(status, b""))
+        await stream.send_all(
+            conn.send(response) + conn.send(answers.END)
+        )  # h11 frames a HEAD answer bodiless
         return True
 
-    def _other(self, method: bytes, path: bytes) -> tuple[int, bytes, _Headers]:
+    def _other(self, method: bytes, path: bytes) -> tuple[int, bytes, answers.Headers]:
         """The answer for a path that is not a webhook route."""
-        if path not in _HEALTH_PATHS:
-            return 404, _error(f"no webhook at {path.decode('latin-1')}"), ()
+        if path not in answers.HEALTH_PATHS:
+            return 404, answers.error(f"no webhook at {path.decode('latin-1')}"), ()
         if method != b"GET":
-            return 405, _error(f"method {method.decode('latin-1')} not allowed"), _ALLOW_GET
+            return 405, answers.error(f"method {method.decode('latin-1')} not allowed"), answers.ALLOW_GET
         if path == b"/healthz":
-            return 200, _OK, ()
+            return 200, answers.OK, ()
         if path == b"/metrics":
             page = self._metrics_page() if self._metrics_page is not None else None
             if page is None:
-                return 404, _error("no metrics here: set [telemetry] prometheus = true"), ()
-            return 200, page, _PROMETHEUS
-        return (200, _READY, ()) if self._readiness() else (503, _NOT_READY, ())
+                return 404, answers.error("no metrics here: set [telemetry] prometheus = true"), ()
+            return 200, page, answers.PROMETHEUS
+        return (200, answers.READY, ()) if self._readiness() else (503, answers.NOT_READY, ())
 
     async def _fail(
         self,
@@ -611,24 +440,18 @@ class WebhookListener:
         message: str = "",
         *,
         body: bytes | None = None,
-        headers: _Headers = (),
+        headers: answers.Headers = (),
     ) -> None:
         """Answer an error that ends the connection (if an answer can still be sent), then drain it."""
         if conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE:
-            payload = body if body is not None else _error(message)
-            await stream.send_all(_response(conn, status, payload, [*headers, _CLOSE]))
-        await _linger(stream, _LINGER_SECONDS)
+            payload = body if body is not None else answers.error(message)
+            await stream.send_all(answers.json_response(conn, status, payload, [*headers, answers.CLOSE]))
+        await answers.linger(stream, answers.LINGER_SECONDS)
 
 
-_Refusal = tuple[int, bytes, _Headers]
-_REPLAYED: Final = Unverified("replayed", "request already received (replay)")
-
-
-def _unauthorized(failure: Unverified) -> bytes:
-    return _encode({"error": failure.message, "reason": failure.reason})
-
-
-def _verify(route: _Route, headers: _Headers, body: bytes) -> tuple[_Refusal | None, Verified | None]:
+def _verify(
+    route: _Route, headers: answers.Headers, body: bytes
+) -> tuple[answers.Refusal | None, Verified | None]:
     """Run the route's verifier: (None, verified) if the request passes, else (401 refusal, None).
 
     A failure is counted (`ferry.events.rejected{reason}`) here; its answer names the check that
@@ -638,29 +461,7 @@ def _verify(route: _Route, headers: _Headers, body: bytes) -> tuple[_Refusal | N
     try:
         return None, route.verifier.check(headers, body, time.time())
     except Unverified as failure:
-        _rejected(route.source, failure.reason)
+        answers.rejected(route.source, failure.reason)
         challenge = route.verifier.challenge
-        extra: _Headers = ((b"www-authenticate", challenge),) if challenge else ()
-        return (401, _unauthorized(failure), extra), None
-
-
-def _rejected(source: str, reason: str) -> None:
-    """Count a request for `source` answered with an error."""
-    metrics.current().events_rejected.add(1, {"source": source, "reason": reason})
-
-
-async def _linger(stream: trio.abc.Stream, seconds: float) -> None:
-    """Half-close, then discard what the peer still sends (bounded), so it reads our answer.
-
-    Closing a socket with unread input makes the kernel send a RST, which can destroy
-    the response before the client reads it. (A TLS stream cannot half-close: it only drains.)
-    """
-    with trio.move_on_after(seconds):
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        drained = 0
-        while drained < _LINGER_BYTES:
-            data = await stream.receive_some(_CHUNK)
-            if not data:
-                return
-            drained += len(data)
+        extra: answers.Headers = ((b"www-authenticate", challenge),) if challenge else ()
+        return (401, answers.unauthorized(failure), extra), None

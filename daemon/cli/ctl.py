@@ -23,10 +23,18 @@ from typing import Any, TextIO
 import msgspec
 
 from daemon.cli.ctl_client import Client, CommandFailed, NotRunning
-from daemon.cli.ctl_format import ago as _ago
-from daemon.cli.ctl_format import short as _short
-from daemon.cli.ctl_format import table as _table
-from daemon.cli.ctl_format import uptime as _uptime
+from daemon.cli.ctl_show import (
+    progress_bar,
+    show_audit,
+    show_dlq_list,
+    show_dlq_show,
+    show_pause,
+    show_purge,
+    show_reload,
+    show_retry,
+    show_stats,
+    show_status,
+)
 from daemon.config.root import load
 from daemon.config.units import Duration
 from daemon.control.server import DEFAULT_SOCKET, socket_path
@@ -165,15 +173,15 @@ def _command(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO)
     command = args.ctl_command
     emit = _emitter(args.json, out)
     if command == "status":
-        emit(client.request("status"), _show_status)
+        emit(client.request("status"), show_status)
     elif command in ("pause", "resume"):
-        emit(client.request(command, name=args.name), _show_pause)
+        emit(client.request(command, name=args.name), show_pause)
     elif command == "stats":
-        emit(client.request("stats"), _show_stats)
+        emit(client.request("stats"), show_stats)
     elif command == "audit":
-        emit(client.request("audit", limit=args.limit), _show_audit)
+        emit(client.request("audit", limit=args.limit), show_audit)
     elif command == "reload":
-        emit(client.request("reload"), _show_reload)
+        emit(client.request("reload"), show_reload)
     elif command == "drain":
         return _drain(client, args, out)
     elif command == "replay":
@@ -218,14 +226,14 @@ def _dlq(
 ) -> int:
     sub = args.dlq_command
     if sub == "list":
-        emit(client.request("dlq.list", limit=args.limit, **_selection(args)), _show_dlq_list)
+        emit(client.request("dlq.list", limit=args.limit, **_selection(args)), show_dlq_list)
     elif sub == "show":
-        emit(client.request("dlq.show", id=args.id), _show_dlq_show)
+        emit(client.request("dlq.show", id=args.id), show_dlq_show)
     elif sub == "retry":
         if not args.ids and not args.all:
             print("dlq retry: name delivery ids, or pass --all (with optional filters)", file=err)
             return EXIT_USAGE
-        emit(client.request("dlq.retry", ids=args.ids, all=not args.ids, **_selection(args)), _show_retry)
+        emit(client.request("dlq.retry", ids=args.ids, all=not args.ids, **_selection(args)), show_retry)
     elif sub == "purge":
         selection = {"ids": args.ids, "all": not args.ids, **_selection(args)}
         if not args.yes:
@@ -237,7 +245,7 @@ def _dlq(
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing purged", file=err)
                 return EXIT_FAILED
-        emit(client.request("dlq.purge", **selection), _show_purge)
+        emit(client.request("dlq.purge", **selection), show_purge)
     return 0
 
 
@@ -269,7 +277,7 @@ def _replay(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     bar = not args.json and out.isatty()
 
     def progress(value: Any) -> None:
-        out.write(f"\r{_bar(value['events'], value['total'])}")
+        out.write(f"\r{progress_bar(value['events'], value['total'])}")
         out.flush()
 
     result = client.request(
@@ -293,237 +301,3 @@ def _replay(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             f"deliveries ({per_sink}), ids ending .r{result['replay']}\n"
         )
     return 0
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // total if total else width
-    return f"replaying [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events"
-
-
-# -- human output ----------------------------------------------------------------------------
-
-
-def _show_status(status: Any, out: TextIO) -> None:
-    out.write(f"ferry {status['version']} (pid {status['pid']}), up {_uptime(status['uptime_s'])}\n")
-    out.write(f"config   {status['config_path']}  sha256:{status['config_sha256'][:12]}\n")
-    out.write(f"paused   {', '.join(status['paused']) or '-'}\n")
-    rates = [status.get("received_per_s"), status.get("delivered_per_s")]
-    shown = ["-" if rate is None else f"{rate:g}/s" for rate in rates]
-    out.write(f"rates    received {shown[0]}, delivered {shown[1]} (last minute)\n")
-    if status["draining"]:
-        out.write("DRAINING: intake stopped, the daemon stops once the backlog is delivered\n")
-    out.write("\n")
-    _table(
-        out,
-        ["ACTOR", "STATE", "RESTARTS", "LAST ERROR"],
-        [(a["name"], a["state"], a["restarts"], a["last_error"]) for a in status["actors"]],
-    )
-    out.write("\n")
-    _table(
-        out,
-        ["STAGE", "KIND", "PENDING", "DELIVERED", "DEAD", ""],
-        [
-            (name, s["kind"], s["pending"], s["delivered"], s["dead"], "paused" if s["paused"] else "")
-            for name, s in status["stages"].items()
-        ],
-    )
-    polls = status.get("polls") or {}
-    if polls:
-        out.write("\n")
-        _table(
-            out,
-            ["SOURCE", "STATE", "NEXT IN", "ITEMS", "REPEATS", "304s", "FAILURES", "MARK", "LAST ERROR"],
-            [
-                (
-                    name,
-                    p["state"] + (" (listing)" if p["listing"] else "") + (" (job)" if p["job"] else ""),
-                    "-" if p["next_poll_in_s"] is None else f"{p['next_poll_in_s']:.1f}s",
-                    p["items"],
-                    p["duplicates"],
-                    p["not_modified"],
-                    p["failures"],
-                    p["mark"] or "-",
-                    _short(p["last_error"]),
-                )
-                for name, p in polls.items()
-            ],
-        )
-    _show_limits(status, out)
-
-
-def _show_limits(status: Any, out: TextIO) -> None:
-    """The rate-limit budgets and each http sink's concurrency and breakers (docs/limits.md)."""
-    budgets = status.get("rate_limits") or {}
-    if budgets:
-        out.write("\n")
-        _table(
-            out,
-            ["RATE LIMIT", "BUDGET", "BURST", "AVAILABLE", "WAITING", "PAUSED", "GRANTED"],
-            [
-                (
-                    name,
-                    f"{b['rate']:g}/{b['per_s']:g}s",
-                    b["burst"],
-                    f"{b['available']:g}",
-                    b["waiting"],
-                    f"{b['paused_for_s']:g}s" if b["paused_for_s"] else "-",
-                    ", ".join(f"{user} {count}" for user, count in b["granted"].items()) or "-",
-                )
-                for name, b in budgets.items()
-            ],
-        )
-    guards = status.get("guards") or {}
-    if guards:
-        out.write("\n")
-        rows = []
-        for name, g in guards.items():
-            limit = f"{g['concurrency']}{' (adaptive)' if g['adaptive'] else ''}"
-            for index, e in enumerate(g["endpoints"]):
-                retry = f" (probe in {e['retry_in_s']:g}s)" if e["retry_in_s"] is not None else ""
-                first = index == 0
-                rows.append(
-                    (
-                        name if first else "",
-                        limit if first else "",
-                        g["in_flight"] if first else "",
-                        e["url"],
-                        e["state"] + retry,
-                        e["opens"],
-                    )
-                )
-        _table(out, ["SINK", "CONCURRENCY", "IN FLIGHT", "URL", "BREAKER", "OPENED"], rows)
-
-
-def _show_pause(result: Any, out: TextIO) -> None:
-    state = "paused" if result["paused"] else "resumed"
-    note = "" if result["changed"] else " (it already was)"
-    out.write(f"{result['kind']} {result['name']} {state}{note}\n")
-
-
-def _show_dlq_list(result: Any, out: TextIO) -> None:
-    items = result["items"]
-    _table(
-        out,
-        ["ID", "SINK", "ATTEMPTS", "STATUS", "DEAD AT", "ERROR"],
-        [
-            (
-                d["id"],
-                d["sink"],
-                d["attempts"],
-                d["last_status"],
-                _ago(d["finished_at"]),
-                _short(d["last_error"]),
-            )
-            for d in items
-        ],
-    )
-    out.write(f"{len(items)} of {result['total']} dead letter(s)\n")
-
-
-def _show_dlq_show(result: Any, out: TextIO) -> None:
-    d = result["delivery"]
-    for label, value in (
-        ("id", d["id"]),
-        ("sink", d["sink"]),
-        ("state", result["state"]),
-        ("event", d["event_id"]),
-        ("attempts", d["attempts"]),
-        ("created", _ago(d["created_at"])),
-        ("finished", _ago(d["finished_at"])),
-        ("last status", d["last_status"]),
-        ("last error", d["last_error"]),
-    ):
-        out.write(f"{label:<12} {value if value is not None else '-'}\n")
-    out.write("payload\n")
-    out.write(msgspec.json.format(msgspec.json.encode(d["payload"]), indent=2).decode() + "\n")
-
-
-def _show_retry(result: Any, out: TextIO) -> None:
-    per_sink = ", ".join(f"{name} {count}" for name, count in result["by_sink"].items())
-    out.write(f"{result['retried']} dead letter(s) pending again{f' ({per_sink})' if per_sink else ''}\n")
-    if result["skipped"]:
-        out.write(f"{result['skipped']} id(s) skipped: not dead letters of a configured sink\n")
-
-
-def _show_purge(result: Any, out: TextIO) -> None:
-    out.write(f"{result['purged']} dead letter(s) purged\n")
-
-
-def _show_stats(result: Any, out: TextIO) -> None:
-    stale = any("stale" in c for c in result["stages"].values())
-    _table(
-        out,
-        ["STAGE", "PENDING", "DELIVERED", "DEAD", *(["STALE"] if stale else [])],
-        [
-            (name, c["pending"], c["delivered"], c["dead"], *([c.get("stale", 0)] if stale else []))
-            for name, c in result["stages"].items()
-        ],
-    )
-    if result["failures"]:
-        out.write("\n")
-        _table(
-            out,
-            ["STAGE", "STATE", "ERROR TYPE", "COUNT"],
-            [(f["stage"], f["state"], f.get("error_type") or "-", f["count"]) for f in result["failures"]],
-        )
-    if result.get("latency"):
-        out.write("\nlatency, creation to delivery (most recent deliveries still stored):\n")
-        _table(
-            out,
-            ["SINK", "COUNT", "P50 MS", "P90 MS", "P99 MS", "MAX MS"],
-            [
-                (name, q["count"], q["p50_ms"], q["p90_ms"], q["p99_ms"], q["max_ms"])
-                for name, q in result["latency"].items()
-            ],
-        )
-    if result["since_start"]:
-        out.write("\nsince start:\n")
-        _table(
-            out,
-            ["SINK", "DELIVERED", "RETRIED", "DEAD", *(["STALE"] if stale else [])],
-            [
-                (name, c["delivered"], c["retried"], c["dead"], *([c.get("stale", 0)] if stale else []))
-                for name, c in result["since_start"].items()
-            ],
-        )
-    if result.get("polls"):
-        out.write("\npoll sources since start:\n")
-        _table(
-            out,
-            ["SOURCE", "ITEMS", "REPEATS", "REQUESTS", "304s", "LISTINGS", "ERRORS"],
-            [
-                (
-                    name,
-                    p["items"],
-                    p["duplicates"],
-                    p["requests"],
-                    p["not_modified"],
-                    p["cycles"],
-                    ", ".join(f"{kind} {count}" for kind, count in sorted(p["errors"].items())) or "-",
-                )
-                for name, p in result["polls"].items()
-            ],
-        )
-
-
-def _show_audit(result: Any, out: TextIO) -> None:
-    _table(
-        out,
-        ["TIME", "UID", "PID", "COMMAND", "ARGUMENTS", "OUTCOME"],
-        [
-            (_ago(r["at"]), r["uid"], r["pid"], r["command"], _short(r["arguments"], 50), r["outcome"])
-            for r in result["rows"]
-        ],
-    )
-
-
-def _show_reload(result: Any, out: TextIO) -> None:
-    out.write(f"reloaded {result['config_path']} (sha256:{result['config_sha256'][:12]})\n")
-    rows = [(label, name) for label in ("added", "changed", "removed") for name in result[label]]
-    if not rows:
-        out.write("nothing changed\n")
-    for label, name in rows:
-        out.write(f"  {label:<8} {name}\n")
-    out.write(f"  {result['unchanged']} component(s) unchanged, still running\n")
-    for name in result["not_started"]:
-        out.write(f"  {name} has not started yet; see `ferry ctl status`\n")

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from daemon.control.server import VERSION, Answer
+from daemon.control.protocol import VERSION, Answer
 
 _decode_answer = msgspec.json.Decoder(Answer).decode
 

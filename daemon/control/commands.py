@@ -59,11 +59,10 @@ from msgspec import Struct
 
 from daemon.config.kinds import WebhookSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
-from daemon.control.server import (
+from daemon.control.protocol import (
     MUTATING,
     AlertsRequest,
     AuditRequest,
-    Call,
     CommandError,
     DlqListRequest,
     DlqPurgeRequest,
@@ -72,7 +71,6 @@ from daemon.control.server import (
     DrainRequest,
     EventRequest,
     PauseRequest,
-    Peer,
     ReloadRequest,
     ReplayRequest,
     ResumeRequest,
@@ -80,6 +78,7 @@ from daemon.control.server import (
     StatusRequest,
     TapRequest,
 )
+from daemon.control.server import Call, Peer
 from daemon.errors import StoreUnavailable
 from daemon.limits.ratelimit import RateLimitStatus
 from daemon.registry import AlertView, PollStatus

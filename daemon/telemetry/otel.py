@@ -321,7 +321,8 @@ class Telemetry:
         return self._meter_provider is not None
 
     def collect(self) -> MetricsData | None:
-        """Every metric's current (cumulative) value, or None unless started with `collect`."""
+        """Every metric's current (cumulative) value, or None unless started with `collect`
+        (or `start_collecting()` was called since)."""
         return self._snapshot.get_metrics_data() if self._snapshot is not None else None
 
     def prometheus_text(self) -> bytes | None:
@@ -386,6 +387,31 @@ class Telemetry:
                 _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)
             )
         return telemetry
+
+    def start_collecting(self) -> None:
+        """Make `collect()` answer from now on (a reload added the first alert rules).
+
+        The in-memory reader joins the running meter provider; without one (metrics and the
+        Prometheus page off), a provider is built for it and its instruments installed, keeping
+        the gauges' values reported so far. Counters count from now on.
+        """
+        if self._snapshot is not None:
+            return
+        self._snapshot = InMemoryMetricReader()
+        if self._meter_provider is not None:
+            self._meter_provider.add_metric_reader(self._snapshot)
+            return
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME") or self._config.service_name}
+        )
+        self._meter_provider = MeterProvider(
+            metric_readers=[self._snapshot], resource=resource, shutdown_on_exit=False
+        )
+        live = _metrics.Metrics(self._meter_provider.get_meter("ferry"), lambda: self.spans_dropped)
+        before = _metrics.current()
+        for gauges in ("queue_depths", "breaker_states", "concurrency_limits", "poll_failures", "received"):
+            getattr(live, gauges).update(getattr(before, gauges))
+        _metrics.install(live)
 
     def shutdown(self) -> None:
         """Flush what is queued and stop exporting; returns within about 2 x `export_timeout`.

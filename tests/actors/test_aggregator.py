@@ -7,8 +7,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.transform.aggregator import Aggregator
 from actors.transform.config import AggregateConfig, RouteConfig, TransformConfig
@@ -248,3 +252,29 @@ async def test_the_emitted_event_is_routed(store: Store) -> None:
         nursery.cancel_scope.cancel()
     deliveries = await store.call(lambda conn: conn.execute("SELECT id FROM deliveries").fetchall())
     assert sorted(d for (d,) in deliveries) == sorted([f"{small}.totals.report", f"{big}.totals.alerts"])
+
+
+async def test_a_batch_whose_traces_are_all_unsampled_gets_no_span(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr("daemon.telemetry.otel.tracer", lambda: provider.get_tracer("test"))
+    aggregator = make(store, max_events=100)
+    traces = [UNSAMPLED, UNSAMPLED, UNSAMPLED, SAMPLED]  # batches of 3: unsampled only, then one sampled
+    payload = json.dumps({"category": "books", "amount": 1}).encode()
+    for trace in traces:  # stored before the aggregator reads, so its batches are as above
+        await store.call(partial(outbox.insert_event, stream="sales", payload=payload, trace=trace, sinks=[]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(aggregator.run)
+        await until(store, joined(4))
+        nursery.cancel_scope.cancel()
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["aggregator join"]  # the sampled event's batch only
+    assert spans[0].parent is not None
+    assert spans[0].parent.trace_id == int(SAMPLED.split("-")[1], 16)
+
+
+UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -15,6 +15,7 @@ import trio.testing
 
 from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
+from actors.webhook.verify import ApiKeyVerifier
 from daemon.config.units import Duration, Size
 from daemon.errors import StoreUnavailable
 
@@ -649,6 +650,40 @@ async def test_a_route_removed_while_the_body_arrives_answers_404_and_stores_not
     await client.send(body)
     assert (await client.response()).status == 404
     assert server.ingest.calls == []
+
+
+async def test_a_route_reloaded_while_the_body_arrives_verifies_with_the_new_routes_keys(
+    nursery: trio.Nursery,
+) -> None:
+    server = await serve(nursery)
+    old = ApiKeyVerifier(b"x-api-key", b"", [b"old-key"])
+    server.listener.reroute({"/hooks/demo": WebhookRoute("demo", None, old)})
+    request = post("/hooks/demo", b'{"a": 1}', "Content-Type: application/json", "X-Api-Key: old-key")
+    client = await server.connect()
+    await client.send(request[:-3])
+    await trio.testing.wait_all_tasks_blocked()  # the head passed the old key; the body is awaited
+    new = ApiKeyVerifier(b"x-api-key", b"", [b"new-key"])
+    server.listener.reroute({"/hooks/demo": WebhookRoute("demo", None, new)})  # the key was rotated
+    await client.send(request[-3:])
+    refused = await client.response()
+    assert (refused.status, refused.json()["reason"]) == (401, "credentials_mismatch")
+    assert server.ingest.calls == []
+
+
+async def test_a_route_reloaded_while_the_body_arrives_deduplicates_by_the_new_routes_header(
+    nursery: trio.Nursery,
+) -> None:
+    server = await serve(nursery)
+    request = post(
+        "/hooks/demo", b'{"a": 1}', "Content-Type: application/json", "Idempotency-Key: a", "X-Delivery: b"
+    )
+    client = await server.connect()
+    await client.send(request[:-3])
+    await trio.testing.wait_all_tasks_blocked()
+    server.listener.reroute({"/hooks/demo": WebhookRoute("demo", "X-Delivery")})
+    await client.send(request[-3:])
+    assert (await client.response()).status == 202
+    assert [call.dedup_key for call in server.ingest.calls] == ["b"]
 
 
 # --- at the door: nesting, framing, HEAD, protocol errors --------------------------------------

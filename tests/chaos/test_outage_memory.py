@@ -43,21 +43,21 @@ def pending(db: Path) -> dict[int, int]:
 
 
 async def test_rss_does_not_grow_with_the_backlog_of_a_sink_outage(tmp_path: Path, sock_dir: Path) -> None:
-    port, listen = free_port(), free_port()  # nothing listens on `port`: the sink is down
+    port = free_port()  # nothing listens on `port`: the sink is down
     config = write_config(
         tmp_path,
         PIPELINE.replace("{port}", str(port))
         .replace("{sock}", str(sock_dir / "ferry.sock"))
         .replace("{max_backoff}", "30")
         .replace("metrics = false", "metrics = false\nmax_queue = 256"),
-        port=listen,
     )
     db = tmp_path / "state" / "ferry.db"
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     try:
         assert daemon.proc is not None
         pid = daemon.proc.pid
-        address = ("127.0.0.1", listen)
+        host, _, bound = daemon.address.rpartition(":")
+        address = (host, int(bound))
         await post_until_acked(lambda: address, body, WARM, keyed=False, deadline_s=600)
         daemon.wait_log(lambda line: line.get("msg") == "delivery will be retried")
         warm_mb = status_mb(pid, "VmHWM")

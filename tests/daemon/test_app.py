@@ -6,18 +6,24 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from actors.sink import http as http_sink
-from daemon.app import _serving, serve
-from daemon.config.root import load
+from daemon.app import _maintain, _serving, serve
+from daemon.config.root import Config, load, parse
 from daemon.errors import TooManyRestarts
+from daemon.reload import reload
 from daemon.running import Running
-from daemon.store.outbox import Due
+from daemon.store.outbox import Due, Incoming, insert_events
+from daemon.store.sqlite import Store
+from daemon.telemetry import metrics
 
 CONFIG = """
 [store]
@@ -261,3 +267,92 @@ path = "out.jsonl"
     assert _serving(load(path).config) == "serving 1 poll source(s)"
     path.write_text(sources + sink.format(inputs='"a", "b"'))
     assert _serving(load(path).config) == "serving 2 webhook source(s)"
+
+
+PRUNED = """
+[store]
+retention = "1s"
+
+[sources.demo]
+type = "webhook"
+
+[sources.other]
+type = "webhook"
+
+[sinks.out]
+type = "file"
+inputs = ["demo", "other"]
+path = "out.jsonl"
+"""
+READ_BY_A_NEW_TRANSFORM = """
+[transforms.late]
+inputs = ["demo"]
+map = "."
+"""
+
+
+class _Reloadable:
+    """What `_maintain` reads of `Running`: the config, which a reload replaces."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
+async def test_pruning_reads_who_reads_what_after_its_sleep_so_a_reload_meanwhile_keeps_unread_events(
+    store: Store, tmp_path: Path
+) -> None:
+    before = parse(PRUNED, base_dir=tmp_path)
+    after = parse(PRUNED + READ_BY_A_NEW_TRANSFORM, base_dir=tmp_path)
+    incoming = [Incoming("demo", b"{}", None, []), Incoming("other", b"{}", None, [])]
+    await store.call(partial(insert_events, incoming=incoming))
+    await store.call(lambda conn: conn.execute("UPDATE events SET received_at = received_at - 60"))
+
+    def streams(conn: sqlite3.Connection) -> list[str]:
+        return [stream for (stream,) in conn.execute("SELECT stream FROM events ORDER BY seq")]
+
+    running = _Reloadable(before)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_maintain, store, cast(Running, running))
+        await trio.testing.wait_all_tasks_blocked()  # the loop sleeps until its first prune
+        running.config = after  # a reload adds a transform that has read nothing of `demo` yet
+        with trio.fail_after(10):  # `other` has no reader in either config: its event goes
+            while "other" in await store.call(streams):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert await store.call(streams) == ["demo"]
+
+
+QUIET = (
+    PLAIN.format(retention="1h", audit_retention="90d")
+    + """
+[telemetry]
+metrics = false
+"""
+)
+BACKLOG_RULE = """
+[channels.ops]
+type = "log"
+
+[alerts.backlog]
+expr = 'ferry.queue.depth{stage="out"} > 100'
+notify = [{ channel = "ops" }]
+"""
+
+
+async def test_metrics_are_collected_only_while_alert_rules_read_them(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text(QUIET)
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(
+            lambda task_status: serve(load(path), handle_signals=False, task_status=task_status)
+        )
+        assert running.telemetry is not None
+        assert running.telemetry.collect() is None
+        assert metrics.current() is metrics.NOOP  # instruments record nothing: nobody reads them
+        path.write_text(QUIET + BACKLOG_RULE)
+        assert (await reload(running)).applied
+        assert metrics.current() is not metrics.NOOP
+        data = running.telemetry.collect()
+        assert data is not None
+        assert data.resource_metrics
+        running.stop.set()

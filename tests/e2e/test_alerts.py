@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, free_port, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
 
 CONFIG = """
 [control]
@@ -63,9 +63,8 @@ def test_an_alert_fires_once_survives_kill_9_and_resolves(tmp_path: Path, sock_d
         return (200, {}, b"ok") if crm_up else (503, {}, b"down")
 
     ops, sink = FakeReceiver().start(), FakeReceiver(responder=crm).start()
-    port = free_port()
     body = CONFIG.format(socket=sock_dir / "ferry.sock", ops=ops.url, crm=sink.url, extra="")
-    config = write_config(tmp_path, body, port=port)
+    config = write_config(tmp_path, body)
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     try:
         assert httpx.post(f"{daemon.url}/hooks/demo", json={"n": 1}).status_code == 202

@@ -8,14 +8,14 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.fakes import ROOT, Daemon, free_port
+from tests.fakes import ROOT, Daemon
 
 
 async def test_shipped_config_delivers_every_event_once_to_the_file(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     text = (ROOT / "config.toml").read_text()
     assert 'address = "127.0.0.1:8080"' in text
-    config.write_text(text.replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}"))
+    config.write_text(text.replace("127.0.0.1:8080", "127.0.0.1:0"))
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     out = tmp_path / "var" / "demo-out.jsonl"
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, until, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, free_port, until, write_config
 
 PIPELINE = """
 [control]
@@ -72,7 +72,9 @@ def receiver(flaky: Flaky) -> FakeReceiver:
 
 @pytest.fixture
 def config(tmp_path: Path, sock_dir: Path, receiver: FakeReceiver) -> Path:
-    return write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ferry.sock", url=receiver.url))
+    # A fixed port: one test restarts the daemon and its client keeps the address.
+    body = PIPELINE.format(socket=sock_dir / "ferry.sock", url=receiver.url)
+    return write_config(tmp_path, body, port=free_port())
 
 
 def post(client: httpx.Client, email: str, v: int) -> None:

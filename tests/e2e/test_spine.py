@@ -307,8 +307,7 @@ async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(tmp_pat
         return ok(request)
 
     receiver.responder = slow
-    port = free_port()
-    config = write_config(tmp_path, pipeline(receiver.url), port=port)
+    config = write_config(tmp_path, pipeline(receiver.url))
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     await post_all(daemon.url, list(range(30)))
     wait_rows(tmp_path, "SELECT count(*) FROM deliveries WHERE stage = 'crm'", lambda rows: rows[0][0] == 30)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes import Daemon, ctl_json, free_port, until
+from tests.fakes import Daemon, ctl_json, until
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "crm-sync"
 
@@ -105,7 +105,7 @@ def test_a_short_scenario_ends_fully_consistent(tmp_path: Path) -> None:
 def example_config(folder: Path, hubspot: Any, crm: Any, salesforce: Any) -> Path:
     """examples/crm-sync/ferry.toml with this test's ports, store and socket (as scenario.py does)."""
     text = (EXAMPLE / "ferry.toml").read_text()
-    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    text = text.replace("127.0.0.1:8080", "127.0.0.1:0")  # the daemon's `ready` line names the port
     for default, api in (("9101", hubspot), ("9102", crm), ("9103", salesforce)):
         text = text.replace(f"127.0.0.1:{default}", f"127.0.0.1:{api.port}")
     text = text.replace('path = "var/crm-sync.db"', f'path = "{folder}/crm-sync.db"')
