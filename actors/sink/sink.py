@@ -239,6 +239,7 @@ class Sink:
         ahead = self._concurrency * chunk
         if self._ordering is None:  # before this incarnation sends anything (actors.sink.quarantine)
             await quarantine_head(store, name, self._quarantine_after)
+            await self._suspect_alone(channel)
         while not self._stopping.is_set():
             if not self._resumed.is_set():
                 await self._wait_resumed()
@@ -265,6 +266,24 @@ class Sink:
                 continue
             wake_at = await store.next_due_after(name, now)
             with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else 3600):
+                await self._signal.wait()
+
+    async def _suspect_alone(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
+        """When an incarnation before this one died with the same head delivery, send it alone and
+        wait for its outcome before any other: a delivery that kills the process is then the head
+        the next incarnation records, never an innocent one sent beside it whose outcome the death
+        lost (and which would otherwise be quarantined in its place)."""
+        recorded = await self._store.read_head(self.name)
+        if recorded is None or recorded.attempts < 2 or not self._resumed.is_set():
+            return
+        rows = await self._store.due_deliveries(self.name, self._clock(), 1)
+        if not rows or rows[0].rowid != recorded.head:
+            return
+        suspect = rows[0]
+        self._inflight.add(suspect.rowid)
+        await channel.send([suspect])
+        while suspect.rowid not in self._settled and not self._stopping.is_set():
+            with trio.move_on_after(0.2):
                 await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
