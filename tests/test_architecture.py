@@ -101,7 +101,7 @@ def test_the_store_is_reached_through_its_interface() -> None:
 
 def test_the_interface_check_is_not_blind() -> None:
     assert store_internals_in(ROOT / "daemon/store/sqlite_ops.py")
-    assert store_internals_in(ROOT / "tests/actors/test_sink_commit.py")
+    assert store_internals_in(ROOT / "tests/actors/sink/test_sink_commit.py")
 
 
 def test_the_sql_check_sees_the_store_sql() -> None:
@@ -202,3 +202,25 @@ def test_every_runtime_dependency_is_declared_once_and_imported() -> None:
     used = {dist.lower().replace("_", "-") for name in imported for dist in providers.get(name, [])}
     unused = sorted(name for name in declared if name not in used and name not in LOADED_BY_ANOTHER)
     assert unused == []
+
+
+def _unit_test_folders() -> list[Path]:
+    tests = ROOT / "tests"
+    return sorted(
+        path.parent.relative_to(tests)
+        for top in ("actors", "daemon")
+        for path in (tests / top).rglob("test_*.py")
+    )
+
+
+def test_unit_tests_mirror_the_tree() -> None:
+    """tests/actors/sink/ tests actors/sink/, and so on: a test is found in one guess (STYLE.md 11)."""
+    orphans = {str(folder) for folder in _unit_test_folders() if not (ROOT / folder).is_dir()}
+    assert not orphans, f"test folders with no package of that name: {sorted(orphans)}"
+    loose = sorted(p.name for p in (ROOT / "tests/actors").glob("test_*.py"))
+    assert not loose, f"actor tests outside their kind's folder: {loose}"
+
+
+def test_the_mirror_check_is_not_blind() -> None:
+    assert Path("actors/sink") in _unit_test_folders()
+    assert not (ROOT / "actors/nosuchkind").is_dir()

@@ -18,7 +18,7 @@ from daemon.app import serve
 from daemon.config.root import load, parse
 from daemon.reload import frozen_changes, plan, reload
 from daemon.running import Running
-from tests.daemon.test_control import connect
+from tests.daemon.control.test_control import connect
 from tests.fakes import FakeReceiver, Received, Reply
 
 HEAD = """

@@ -18,7 +18,7 @@ import pytest
 import stripe
 from cryptography import x509
 
-from tests.actors.test_webhook_tls import client_context, make_cert
+from tests.actors.webhook.test_webhook_tls import client_context, make_cert
 from tests.fakes import Daemon, ctl, write_config
 
 GITHUB_SECRET, ROTATED = "gh-secret-0123456789abcdef", "gh-rotated-fedcba9876543210"

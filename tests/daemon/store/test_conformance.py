@@ -3,7 +3,7 @@
 Written against the interface only: no SQL, no connection, no backend type. Each test runs
 once per backend of the `backend` fixture (SQLite today; a PostgreSQL backend plugs in there
 and must pass these unchanged). What a backend must do beyond these (group commit, outages,
-encryption at rest, migrations) is tested with the backend itself (tests/daemon/test_store.py…).
+encryption at rest, migrations) is tested with the backend itself (tests/daemon/store/test_store.py…).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from daemon.poison import bisect, reason
 from daemon.store import outbox
 from daemon.store.schema import DEAD, DELIVERED
 from daemon.store.sqlite import Connection, Store
-from tests.actors.test_sink import RETRY, FakeSender, settled
-from tests.actors.test_sink import ingest as ingest_for_sink
-from tests.actors.test_sink import until as until_sink
-from tests.actors.test_transformer import caught_up, ingest, make, outputs, until
+from tests.actors.sink.test_sink import RETRY, FakeSender, settled
+from tests.actors.sink.test_sink import ingest as ingest_for_sink
+from tests.actors.sink.test_sink import until as until_sink
+from tests.actors.transform.test_transformer import caught_up, ingest, make, outputs, until
 
 
 async def test_bisect_finds_each_bad_item_and_runs_the_rest() -> None:

@@ -14,7 +14,7 @@ import trio
 from actors.poll.config import PollSourceConfig
 from actors.poll.poller import Poller
 from daemon.store.sqlite import Store
-from tests.actors.test_poller import CURSOR, source, state_of, stored, until
+from tests.actors.poll.test_poller import CURSOR, source, state_of, stored, until
 from tests.fake_api import ApiRequest, FakeApi
 
 

@@ -22,7 +22,7 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.actors.test_webhook import FakeIngest, serve
+from tests.actors.webhook.test_webhook import FakeIngest, serve
 from tests.depth import examples
 
 REFUSALS = {400, 404, 405, 408, 413, 415, 431}

@@ -21,7 +21,7 @@ from daemon.store.api import Attempt
 from daemon.store.outbox import Connection, Due, Outcomes
 from daemon.store.schema import DELIVERED, PENDING
 from daemon.store.sqlite import Store
-from tests.actors.test_sink import RETRY, FakeSender, ingest
+from tests.actors.sink.test_sink import RETRY, FakeSender, ingest
 
 WORKERS = 8
 

@@ -9,7 +9,7 @@ from actors.webhook.config import ListenerConfig
 from daemon.cli.config_docs import render
 from daemon.config.sections import StoreConfig
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def test_configuration_reference_matches_the_config_structs() -> None:

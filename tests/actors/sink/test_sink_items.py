@@ -22,7 +22,7 @@ from daemon.store import outbox
 from daemon.store.outbox import Due
 from daemon.store.schema import DEAD, DELIVERED, PENDING
 from daemon.store.sqlite import Store
-from tests.actors.test_sink import NOW, RETRY, due
+from tests.actors.sink.test_sink import NOW, RETRY, due
 from tests.fakes import FakeReceiver, Received, Reply
 
 # -- judge --------------------------------------------------------------------------------------

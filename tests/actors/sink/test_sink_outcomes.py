@@ -17,7 +17,7 @@ from daemon.errors import PermanentDelivery
 from daemon.store.outbox import Due, Outcomes
 from daemon.store.schema import DEAD, DELIVERED
 from daemon.store.sqlite import Store
-from tests.actors.test_sink import RETRY, FakeSender, ingest
+from tests.actors.sink.test_sink import RETRY, FakeSender, ingest
 
 
 class AnsweringSender(FakeSender):
