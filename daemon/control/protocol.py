@@ -8,11 +8,15 @@ carries them, and who may use it, is `daemon.control.server`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, Final
+from collections.abc import Awaitable, Mapping
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
+
+from daemon.errors import StoreUnavailable
+
+T = TypeVar("T")
 
 VERSION: Final = 1
 MAX_LINE: Final = 64 * 1024
@@ -184,6 +188,14 @@ class Answer(Struct, frozen=True):
 
 class CommandError(Exception):
     """A command was refused or failed; its message is the error answer."""
+
+
+async def answered(operation: Awaitable[T]) -> T:
+    """Await a store operation for a command: a store outage becomes the command's error answer."""
+    try:
+        return await operation
+    except StoreUnavailable as exc:
+        raise CommandError(str(exc)) from None
 
 
 _encode = msgspec.json.Encoder().encode
