@@ -3,13 +3,12 @@
 A cycle submits the request (`Idempotency-Key: SOURCE-CYCLE`), stores the status URL, then polls
 it every `job.interval` until `until` holds — the answer is then read like a page — or `fail`
 holds, or `job.timeout` has passed since the submission (counted errors). A restart resumes
-watching the stored job instead of submitting again.
+watching the stored job instead of submitting again. The timeout is on the poller's wall `clock`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -45,6 +44,7 @@ class JobMode:
     _fail: Any
     _status_url: Any
     _fetch: Callable[..., Awaitable[Response]]
+    _clock: Callable[[], float]
 
     async def _commit(self, batch: list[Batch]) -> None:
         raise NotImplementedError
@@ -59,7 +59,7 @@ class JobMode:
         watched = json.loads(self._state.job or "{}")
         status_url, submitted_at = str(watched["status_url"]), float(watched["submitted_at"])
         while True:
-            if time.time() - submitted_at > job.timeout:
+            if self._clock() - submitted_at > job.timeout:
                 await self._forget_job()
                 raise PollError(
                     f"job {where(status_url)} not done within {job.timeout:g}s of its submission; given up",
@@ -97,7 +97,7 @@ class JobMode:
                 + excerpt(response.body),
                 kind="bad_shape",
             )
-        job = json.dumps({"status_url": urljoin(config.url, target), "submitted_at": time.time()})
+        job = json.dumps({"status_url": urljoin(config.url, target), "submitted_at": self._clock()})
         state = replace(self._state, job=job)
         await self._store.save_poll_state(self.name, state)
         self._state = state

@@ -21,6 +21,7 @@ def poller(name: str, config: PollSourceConfig, deps: Deps, wiring: Wiring) -> P
         limiter=deps.rate_limits.limiter(config.rate_limit),
         taps=deps.taps,
         redaction=deps.redaction,
+        clock=deps.clock,
     )
 
 

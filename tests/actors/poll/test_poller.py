@@ -10,16 +10,19 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from actors.poll.config import PollSourceConfig
-from actors.poll.poller import PIPELINE, Poller
+from actors.poll.listing import PIPELINE
+from actors.poll.poller import Poller
+from daemon.http.client import Response
 from daemon.store.poll import PollState, load_state, save_state
 from daemon.store.sqlite import Store
 from tests.fake_api import FakeApi
@@ -220,26 +223,93 @@ async def test_a_bad_answer_mid_listing_is_a_counted_error_then_the_listing_resu
     assert [item["id"] for item in await stored(store)] == list(range(1, 301))
 
 
-async def test_errors_back_off_exponentially_up_to_the_maximum_and_keep_trying(
-    store: Store, api: FakeApi
-) -> None:
-    api.add(10)
-    api.fault("500", times=6)
-    config = source(
-        f"{api.url}/page/items", items=".data", initial_backoff="20ms", max_backoff="80ms", interval="1s"
+class ScriptedApi:
+    """An in-process `HttpClient` for tests on a `MockClock`: answers each request with the next
+    of `answers` (the last one for ever after) and writes down when, on trio's clock, it came."""
+
+    def __init__(self, *answers: Response) -> None:
+        self._answers = list(answers)
+        self.times: list[float] = []
+        self.urls: list[str] = []
+
+    async def request(
+        self, method: str, url: str, *, headers: Sequence[tuple[str, str]], body: bytes, timeout: float
+    ) -> Response:
+        self.times.append(trio.current_time())
+        self.urls.append(url)
+        return self._answers.pop(0) if len(self._answers) > 1 else self._answers[0]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def page(*ids: int) -> Response:
+    return Response(
+        200, [("content-type", "application/json")], json.dumps({"data": [{"id": i} for i in ids]}).encode()
     )
-    async with polling(store, config) as poller:
 
-        async def through() -> bool:
-            return len(await stored(store)) == 10
 
-        await until(through, "the items after six failures")
-        assert poller.errors == {"http_500": 6}
-    times = [r.monotonic for r in api.snapshot()]
-    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    # half fixed, half jitter: 10-20 ms, 20-40, 40-80, then 40-80 ms for ever
-    assert 0.01 <= gaps[0] < 0.2
-    assert all(0.04 <= gap < 0.3 for gap in gaps[2:6]), gaps
+async def test_errors_back_off_exponentially_up_to_the_maximum_and_keep_trying(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """On a MockClock the backoff is exact: with the jitter's draw fixed at 0.5, each wait is 3/4 of
+    `initial_backoff` doubled per failure, capped at `max_backoff` (waits of minutes, run in no time)."""
+    failing = Response(500, [], b"down")
+    api = ScriptedApi(*[failing] * 6, page(1, 2, 3))
+    config = source(
+        "https://api.test/items", items=".data", initial_backoff="20s", max_backoff="80s", interval="1h"
+    )
+    poller = Poller(
+        "api",
+        config,
+        store,
+        sinks=["out"],
+        consumers=["out"],
+        dedup_window=86400,
+        rng=lambda: 0.5,
+        clock=lambda: 1.7e9 + trio.current_time(),
+        connect=lambda _: api,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poller.run)
+        while poller.items < 3:
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert poller.errors == {"http_500": 6}
+    gaps = [round(later - earlier, 6) for earlier, later in itertools.pairwise(api.times)]
+    assert gaps == [15.0, 30.0, 60.0, 60.0, 60.0, 60.0]
+    assert [item["id"] for item in await stored(store)] == [1, 2, 3]
+    assert poller.status().last_success_at == 1.7e9 + api.times[-1]
+
+
+async def test_the_next_cycle_waits_the_interval_on_the_injected_clock(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An hour's interval passes in no time on a MockClock; `next_poll_in_s` counts it down on the
+    poller's clock."""
+    api = ScriptedApi(page(1))
+    config = source("https://api.test/items", items=".data", interval="1h")
+    poller = Poller(
+        "api",
+        config,
+        store,
+        sinks=["out"],
+        consumers=["out"],
+        dedup_window=86400,
+        clock=lambda: 1.7e9 + trio.current_time(),
+        connect=lambda _: api,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poller.run)
+        while poller.cycles < 1:
+            await trio.sleep(1)
+        assert poller.status().next_poll_in_s == pytest.approx(
+            3600 - (trio.current_time() - api.times[0]), abs=1
+        )
+        while len(api.times) < 3:
+            await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert [round(later - earlier) for earlier, later in itertools.pairwise(api.times)] == [3600, 3600]
 
 
 async def test_an_item_without_a_key_fails_the_page_and_stores_none_of_it(store: Store, api: FakeApi) -> None:
