@@ -85,7 +85,7 @@ async def _sample_queue_depths(store: Store, running: Running, telemetry: Teleme
             await trio.sleep(interval)
             continue
         depths = await store.pending_by_stage(running.config.sinks)
-        gauges = metrics.current().queue_depths
+        gauges = running.metrics.queue_depths
         gauges.clear()  # a sink removed by a reload stops being reported
         gauges.update(depths)
         await trio.sleep(interval)
@@ -183,12 +183,17 @@ async def serve(
     )
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
-    # Only the alerter reads `collect()`; a reload that adds rules starts collecting then (reload.py).
-    telemetry = Telemetry.start(config.telemetry, collect=bool(config.alerts))
+    # The daemon's instruments, in this task's context and every task started from it (nothing
+    # process-wide). Only the alerter reads `collect()`; a reload that adds rules starts collecting
+    # then (reload.py).
+    instruments = metrics.install(metrics.Metrics())
+    telemetry = Telemetry.start(config.telemetry, collect=bool(config.alerts), metrics=instruments)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
-            running = Running([], store, supervisor, config, loaded=loaded, notifier=notifier)
+            running = Running(
+                [], store, supervisor, config, loaded=loaded, notifier=notifier, metrics=instruments
+            )
             running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
             outer.start_soon(_sample_queue_depths, store, running, telemetry)

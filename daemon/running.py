@@ -18,6 +18,7 @@ from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 from daemon.telemetry.masking import Masking
+from daemon.telemetry.metrics import Metrics
 from daemon.telemetry.otel import Telemetry
 from daemon.telemetry.tap import Taps
 from daemon.telemetry.throughput import Throughput
@@ -92,6 +93,8 @@ class Running:
     """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
     redaction: Masking = field(default_factory=Masking)
     """This daemon's redactor (`serve` builds it from the config, a reload swaps it); actors hold it."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """This daemon's instruments (`metrics.current()` in its tasks); telemetry binds them to a meter."""
 
     @property
     def sinks(self) -> list[Sink]:

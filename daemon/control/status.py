@@ -23,7 +23,6 @@ from daemon.limits.ratelimit import RateLimitStatus
 from daemon.registry import PollStatus
 from daemon.reload import config_sha256
 from daemon.store import ops
-from daemon.telemetry import metrics
 from daemon.telemetry.masking import Redactor
 
 if TYPE_CHECKING:
@@ -172,9 +171,7 @@ async def stats(running: Running) -> StatsResult:
         if samples:
             ms = [round(ops.percentile(samples, share) * 1000, 3) for share in (0.5, 0.9, 0.99, 1.0)]
             latency[name] = Latency(len(samples), *ms)
-    return StatsResult(
-        counts, failures, since_start, dict(metrics.current().received), latency, polls(running)
-    )
+    return StatsResult(counts, failures, since_start, dict(running.metrics.received), latency, polls(running))
 
 
 def polls(running: Running) -> dict[str, PollStatus]:

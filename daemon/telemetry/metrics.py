@@ -1,7 +1,8 @@
 """The daemon's metric instruments (OTel meter), shared by every actor.
 
-`current()` returns the live `Metrics`; until telemetry starts (and after it stops) that is
-`NOOP`, whose instruments do nothing, so actors record unconditionally. Attribute dicts are
+`current()` returns the daemon's `Metrics` (see there: no process-wide instruments); until
+telemetry binds it to a meter (and after it stops) its instruments do nothing, so actors record
+unconditionally. Attribute dicts are
 small and built once per actor where the values are fixed (source, sink).
 
 Names (all prefixed `ferry.`):
@@ -43,13 +44,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
 from daemon.telemetry import procstat
 
-__all__ = ["LATENCY_BUCKETS", "NOOP", "Metrics", "catalogue", "current", "install"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "catalogue", "current", "install"]
 
 LATENCY_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
@@ -58,9 +60,14 @@ LATENCY_BUCKETS = (
 
 
 class Metrics:
-    """Every instrument the daemon records, built on one meter."""
+    """Every instrument one daemon records, built on one meter (a no-op one until `bind`).
 
-    def __init__(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
+    One per daemon (`Running.metrics`): telemetry binds it to its meter when a reader wants
+    metrics and back to a no-op meter when it stops; the gauges' values and the counts held here
+    survive a rebind, and the object stays the same, so whoever holds it keeps recording.
+    """
+
+    def __init__(self, meter: Meter | None = None, spans_dropped: Callable[[], int] = lambda: 0) -> None:
         self.queue_depths: dict[str, int] = {}
         # Set by the sinks' guards on every change (daemon/config/limits.py, actors/sink/guard.py).
         self.breaker_states: dict[tuple[str, str], int] = {}
@@ -69,7 +76,13 @@ class Metrics:
         # Per-event counts are plain integers read at export time: an OTel `Counter.add`
         # costs ~4 us, a tenth of what storing the event costs (measured with make bench).
         self.received: Counter[str] = Counter()
+        self.bind(NoOpMeter("ferry") if meter is None else meter, spans_dropped)
+
+    def bind(self, meter: Meter, spans_dropped: Callable[[], int] = lambda: 0) -> None:
+        """(Re)create every instrument on `meter`: what is recorded from now on goes to it."""
         self._spans_dropped = spans_dropped
+        self.live = not isinstance(meter, NoOpMeter)
+        """Whether the instruments record (some reader reads them)."""
         meter.create_observable_counter(
             "ferry.events.received",
             callbacks=[self._observe_received],
@@ -251,16 +264,24 @@ def catalogue() -> dict[str, str]:
     return dict(meter.names)
 
 
-NOOP = Metrics(NoOpMeter("ferry"))
-_current = NOOP
+_installed: ContextVar[Metrics] = ContextVar("ferry.metrics")
 
 
 def current() -> Metrics:
-    """The live instruments (no-ops while telemetry is not running)."""
-    return _current
+    """The instruments of the daemon this task belongs to.
+
+    `serve` installs its daemon's `Metrics` (`Running.metrics`) in its own context, which every
+    task it starts inherits, so two daemons in one process (tests) never share instruments and
+    nothing is left for a test to reset: a context with none installed (an actor built outside a
+    daemon) gets fresh unbound instruments of its own on first use.
+    """
+    try:
+        return _installed.get()
+    except LookupError:
+        return install(Metrics())
 
 
-def install(metrics: Metrics) -> None:
-    """Make `metrics` the live instruments (telemetry's start and shutdown call this)."""
-    global _current
-    _current = metrics
+def install(metrics: Metrics) -> Metrics:
+    """Make `metrics` what `current()` answers in this context and the tasks it starts from now on."""
+    _installed.set(metrics)
+    return metrics

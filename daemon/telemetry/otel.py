@@ -25,6 +25,8 @@ import os
 import random
 import threading
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final, final
 
 from opentelemetry import trace
@@ -32,6 +34,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
@@ -67,15 +70,28 @@ __all__ = [
 ]
 
 log = logging.getLogger("ferry.telemetry")
-_tracer: Tracer | None = None
 _MAX_LINKS: Final = 1024  # a transform batch (1,000 events) links every event
 _ODD_HEX: Final = frozenset("13579bdfBDF")
 _LOW_64: Final = (1 << 64) - 1
 
 
+@dataclass(frozen=True)
+class _Tracing:
+    """One daemon's tracing: its tracer and the id generator its webhook chooses trace ids with."""
+
+    tracer: Tracer
+    ids: _ChosenIds
+
+
+_tracing: ContextVar[_Tracing | None] = ContextVar("ferry.tracing", default=None)
+"""The tracing of the daemon a task belongs to: `Telemetry.start` sets it in its caller's context
+(`serve`'s), which every task started from there inherits; nothing process-wide."""
+
+
 def tracer() -> Tracer | None:
     """The daemon's tracer, or None while tracing is off."""
-    return _tracer
+    tracing = _tracing.get()
+    return None if tracing is None else tracing.tracer
 
 
 # -- W3C trace context -------------------------------------------------------------------------
@@ -171,8 +187,9 @@ def unsampled_traceparent(incoming: str | None) -> str | None:
         trace_id = span_context.trace_id
     else:
         trace_id = random.getrandbits(128) or 1
-        if trace_id & _LOW_64 < _ids.bound:
-            _ids.chosen = trace_id
+        tracing = _tracing.get()
+        if tracing is not None and trace_id & _LOW_64 < tracing.ids.bound:
+            tracing.ids.chosen = trace_id
             return None
     return f"00-{trace_id:032x}-{random.getrandbits(64) or 1:016x}-00"
 
@@ -202,9 +219,6 @@ class _ChosenIds(RandomIdGenerator):
     def generate_trace_id(self) -> int:
         chosen, self.chosen = self.chosen, 0
         return chosen or super().generate_trace_id()
-
-
-_ids = _ChosenIds()
 
 
 @final
@@ -295,8 +309,11 @@ class Telemetry:
         processor: _BoundedSpanProcessor | None,
         exporter: _CountingExporter | None,
         meter_provider: MeterProvider | None,
+        metrics: _metrics.Metrics | None = None,
     ) -> None:
         self._config = config
+        self.metrics = _metrics.Metrics() if metrics is None else metrics
+        """The daemon's instruments, which this telemetry binds to its meter provider."""
         self._tracer_provider = tracer_provider
         self._processor = processor
         self._exporter = exporter
@@ -330,13 +347,16 @@ class Telemetry:
         return generate_latest(self._prometheus) if self._prometheus is not None else None
 
     @classmethod
-    def start(cls, config: TelemetryConfig, *, collect: bool = False) -> Telemetry:
-        """Build the exporters and make `tracer()` and `metrics.current()` live.
+    def start(
+        cls, config: TelemetryConfig, *, collect: bool = False, metrics: _metrics.Metrics | None = None
+    ) -> Telemetry:
+        """Build the exporters, make `tracer()` live in the caller's context (and the tasks it
+        starts from now on), and bind `metrics` (the daemon's; by default `metrics.current()`).
 
         Metrics are recorded when any reader wants them: OTLP export (`metrics`), the
         Prometheus page (`prometheus`), or `collect` (the alerter reads `collect()`).
         """
-        global _tracer
+        instruments = _metrics.current() if metrics is None else metrics
         disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         resource = Resource.create(
             {"service.name": os.environ.get("OTEL_SERVICE_NAME") or config.service_name}
@@ -351,17 +371,18 @@ class Telemetry:
             processor = _BoundedSpanProcessor(exporter, config.max_queue, config.export_timeout)
             links = int(os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT", _MAX_LINKS))
             ratio = TraceIdRatioBased(config.sample_ratio)
-            _ids.bound = ratio.bound
+            ids = _ChosenIds()
+            ids.bound = ratio.bound
             tracer_provider = TracerProvider(
                 sampler=ParentBased(ratio),
-                id_generator=_ids,
+                id_generator=ids,
                 resource=resource,
                 span_limits=SpanLimits(max_links=links),
                 shutdown_on_exit=False,  # shutdown() bounds the flush; the SDK's atexit would not
             )
             tracer_provider.add_span_processor(processor)
-            _tracer = tracer_provider.get_tracer("ferry")
-        telemetry = cls(config, tracer_provider, processor, exporter, None)
+            _tracing.set(_Tracing(tracer_provider.get_tracer("ferry"), ids))
+        telemetry = cls(config, tracer_provider, processor, exporter, None, instruments)
         readers: list[MetricReader] = []
         if config.metrics and not disabled:
             readers.append(
@@ -383,17 +404,15 @@ class Telemetry:
             # OTEL_SDK_DISABLED=true also makes this provider's meters no-ops (the SDK's rule)
             meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
             telemetry._meter_provider = meter_provider
-            _metrics.install(
-                _metrics.Metrics(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)
-            )
+            instruments.bind(meter_provider.get_meter("ferry"), lambda: telemetry.spans_dropped)
         return telemetry
 
     def start_collecting(self) -> None:
         """Make `collect()` answer from now on (a reload added the first alert rules).
 
         The in-memory reader joins the running meter provider; without one (metrics and the
-        Prometheus page off), a provider is built for it and its instruments installed, keeping
-        the gauges' values reported so far. Counters count from now on.
+        Prometheus page off), a provider is built for it and the daemon's instruments bound to it,
+        keeping the gauges' values reported so far. Counters count from now on.
         """
         if self._snapshot is not None:
             return
@@ -407,11 +426,7 @@ class Telemetry:
         self._meter_provider = MeterProvider(
             metric_readers=[self._snapshot], resource=resource, shutdown_on_exit=False
         )
-        live = _metrics.Metrics(self._meter_provider.get_meter("ferry"), lambda: self.spans_dropped)
-        before = _metrics.current()
-        for gauges in ("queue_depths", "breaker_states", "concurrency_limits", "poll_failures", "received"):
-            getattr(live, gauges).update(getattr(before, gauges))
-        _metrics.install(live)
+        self.metrics.bind(self._meter_provider.get_meter("ferry"), lambda: self.spans_dropped)
 
     def shutdown(self) -> None:
         """Flush what is queued and stop exporting; returns within about 2 x `export_timeout`.
@@ -421,8 +436,7 @@ class Telemetry:
         or none seen yet), the bound is one second: a collector that is there takes a batch in
         milliseconds, and waiting on one that is not would only delay the exit.
         """
-        global _tracer
-        _tracer = None
+        _tracing.set(None)
         timeout_ms = int(self._config.export_timeout * 1000)
 
         def flush() -> None:
@@ -435,6 +449,6 @@ class Telemetry:
         thread.start()
         down = self._exporter is not None and not self._exporter.reachable
         thread.join(min(1.0, self._config.export_timeout) if down else 2 * self._config.export_timeout + 0.5)
-        _metrics.install(_metrics.NOOP)
+        self.metrics.bind(NoOpMeter("ferry"))
         if self.spans_dropped:
             log.warning("spans dropped", extra={"fields": {"spans": self.spans_dropped}})

@@ -348,10 +348,11 @@ async def test_metrics_are_collected_only_while_alert_rules_read_them(tmp_path: 
         )
         assert running.telemetry is not None
         assert running.telemetry.collect() is None
-        assert metrics.current() is metrics.NOOP  # instruments record nothing: nobody reads them
+        assert not running.metrics.live  # instruments record nothing: nobody reads them
+        assert metrics.current() is not running.metrics  # the daemon's own, not this task's
         path.write_text(QUIET + BACKLOG_RULE)
         assert (await reload(running)).applied
-        assert metrics.current() is not metrics.NOOP
+        assert running.metrics.live
         data = running.telemetry.collect()
         assert data is not None
         assert data.resource_metrics

@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+import trio
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
@@ -99,7 +100,7 @@ def test_with_no_collector_spans_beyond_the_queue_are_dropped_and_counted() -> N
         running.shutdown()
     assert time.monotonic() - began < 2 * 0.5 + 1
     assert telemetry.tracer() is None
-    assert metrics.current() is metrics.NOOP
+    assert not running.metrics.live
 
 
 def test_with_traces_off_there_is_no_tracer() -> None:
@@ -131,13 +132,39 @@ def test_unsampled_traceparent_is_parent_based_and_agrees_with_the_sdk() -> None
         assert tracer is not None
         for _ in range(200):  # when ferry samples a new trace, the SDK records that very trace
             if telemetry.unsampled_traceparent(None) is None:
-                chosen = telemetry._ids.chosen
+                tracing = telemetry._tracing.get()
+                assert tracing is not None
+                chosen = tracing.ids.chosen
                 span = tracer.start_span("x")
                 assert span.get_span_context().trace_id == chosen
                 assert span.is_recording()
                 span.end()
     finally:
         running.shutdown()
+
+
+async def test_two_daemons_in_one_process_trace_and_count_apart() -> None:
+    """Tracing and instruments belong to the context that started them and the tasks it starts,
+    never to the process: a daemon without tracing next to one with it sees no tracer."""
+    seen: dict[str, object] = {}
+
+    async def daemon(name: str, traces: bool) -> None:
+        instruments = metrics.install(metrics.Metrics())  # as `serve` does
+        config = TelemetryConfig(traces=traces, metrics=False, prometheus=True)
+        running = Telemetry.start(config, metrics=instruments)
+        try:
+            metrics.current().received[name] += 1
+            await trio.sleep(0)  # the other one starts meanwhile
+            seen[name] = (telemetry.tracer() is not None, dict(metrics.current().received))
+        finally:
+            running.shutdown()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon, "traced", True)
+        nursery.start_soon(daemon, "quiet", False)
+    assert seen == {"traced": (True, {"traced": 1}), "quiet": (False, {"quiet": 1})}
+    assert telemetry.tracer() is None
+    assert "traced" not in metrics.current().received
 
 
 def test_links_and_batches_skip_traces_sampling_left_out() -> None:
