@@ -10,6 +10,7 @@ import time
 
 import pytest
 import trio
+import trio.lowlevel
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
@@ -154,7 +155,7 @@ async def test_two_daemons_in_one_process_trace_and_count_apart() -> None:
         running = Telemetry.start(config, metrics=instruments)
         try:
             metrics.current().received[name] += 1
-            await trio.sleep(0)  # the other one starts meanwhile
+            await trio.lowlevel.checkpoint()  # the other one starts meanwhile
             seen[name] = (telemetry.tracer() is not None, dict(metrics.current().received))
         finally:
             running.shutdown()
