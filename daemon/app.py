@@ -95,7 +95,7 @@ def _control_server(loaded: LoadedConfig, running: Running) -> ControlServer:
     """The control socket, answering through `Commands` (see `daemon.control`)."""
     group = loaded.config.control.group
     gid = group_id(group) if group is not None else None
-    commands = Commands(running, loaded)
+    commands = Commands(running, loaded, wall=running.clock)
     return ControlServer(
         socket_path(loaded), commands, access=Access(os.getuid(), gid), refused=commands.refused, group=gid
     )
@@ -232,6 +232,7 @@ async def serve(
                         consumers=consumers,
                         dedup_window=config.store.dedup_window,
                         taps=running.taps,
+                        clock=running.clock,
                     )
                     await intake.start(supervisor.supervise, "ingest", lambda: batcher)
                     listener = WebhookListener(
@@ -244,6 +245,7 @@ async def serve(
                         listeners=activated.listeners if activated else None,
                         metrics_page=telemetry.prometheus_text,
                         tls=server_context(config.listener.tls),
+                        clock=running.clock,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
                     log.info(

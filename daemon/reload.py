@@ -219,6 +219,7 @@ def deps(config: Config, running: Running) -> Deps:
         running.rate_limits,
         quarantine_after=config.supervisor.quarantine_after,
         dedup_window=config.store.dedup_window,
+        clock=running.clock,
         taps=running.taps,
         redaction=running.redaction,
     )
@@ -236,7 +237,11 @@ def build_alerter(config: Config, running: Running) -> Alerter:
     assert telemetry is not None
     telemetry.start_collecting()  # metrics are collected only while alert rules read them
     return Alerter(
-        config, running.store, lambda: flatten(telemetry.collect()), service=config.telemetry.service_name
+        config,
+        running.store,
+        lambda: flatten(telemetry.collect()),
+        clock=running.clock,
+        service=config.telemetry.service_name,
     )
 
 

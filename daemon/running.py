@@ -6,6 +6,8 @@ Its own module so that the control commands and reload can name it without impor
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -93,6 +95,8 @@ class Running:
     """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
     redaction: Masking = field(default_factory=Masking)
     """This daemon's redactor (`serve` builds it from the config, a reload swaps it); actors hold it."""
+    clock: Callable[[], float] = time.time
+    """This daemon's wall clock (epoch seconds), handed to every time-based component (`Deps.clock`)."""
     metrics: Metrics = field(default_factory=Metrics)
     """This daemon's instruments (`metrics.current()` in its tasks); telemetry binds them to a meter."""
 

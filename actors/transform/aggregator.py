@@ -10,8 +10,9 @@ Delivery:
 
 Time:
     Windows close by age on trio's clock (`trio.current_time()`), which is what tests drive
-    with `MockClock`; a window's opening is also stored on the wall clock, so after a restart
-    its remaining age is what is left of `max_age` since then.
+    with `MockClock`; a window's opening is also stored on the injected wall `clock` (`time.time`
+    in the daemon; in tests one the `MockClock` moves too), so after a restart its remaining age
+    is what is left of `max_age` since then.
 
 Bad input:
     An event that breaks the schema or on which jq fails (map, filter, key) is dead-lettered as
@@ -32,6 +33,7 @@ Tracing:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import final
 
 import trio
@@ -70,10 +72,12 @@ class Aggregator:
         sinks: list[str],
         transforms: list[str],
         batch_size: int = 1000,
+        clock: Callable[[], float] = time.time,
         taps: Taps | None = None,
         redaction: Masking | None = None,
     ) -> None:
         assert config.aggregate is not None
+        self._clock = clock
         self._taps = taps if taps is not None else Taps()
         self._redaction = redaction if redaction is not None else Masking()
         self.name = name
@@ -101,7 +105,7 @@ class Aggregator:
         store = self._store
         position = await store.cursor(self.name)
         stored = await store.stored_windows(self.name)
-        self._windows.restore(stored, trio.current_time(), time.time())
+        self._windows.restore(stored, trio.current_time(), self._clock())
         task_status.started()
         while True:
             self._windows.expire(trio.current_time())
@@ -136,7 +140,7 @@ class Aggregator:
         if len(results) < len(events):
             events = events[: len(results)]
             position = events[-1].seq
-        clock, wall = trio.current_time(), time.time()
+        clock, wall = trio.current_time(), self._clock()
         joined: list[Joined] = []
         touched: dict[int, Window] = {}
         failures: list[tuple[StoredEvent, str]] = []
@@ -189,7 +193,7 @@ class Aggregator:
         if failed:
             metrics.current().dead_letters.add(failed, {"stage": name})
         if name in self._taps.taps:
-            now = time.time()
+            now = self._clock()
             for item in emitted:
                 if item.payload is not None:
                     self._taps.publish(

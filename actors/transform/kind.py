@@ -22,6 +22,7 @@ def transform(name: str, config: TransformConfig, deps: Deps, wiring: Wiring) ->
             deps.store,
             transforms=transforms,
             sinks=sinks,
+            clock=deps.clock,
             taps=deps.taps,
             redaction=deps.redaction,
         )

@@ -29,7 +29,7 @@ Backpressure:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import final
 
 import trio
@@ -66,8 +66,10 @@ class IngestBatcher:
         consumers: Mapping[str, Sequence[str]],
         dedup_window: float,
         taps: Taps | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._sinks = sinks
         self._consumers = consumers
         self._dedup_window = dedup_window
@@ -168,7 +170,7 @@ class IngestBatcher:
                 waiter.result = result
             self.events += sum(1 for _, duplicate in results if not duplicate)
             if self._taps.taps:
-                _tap(self._taps, incoming, results)
+                _tap(self._taps, incoming, results, self._clock())
         except StoreUnavailable as exc:
             for _, waiter in batch:
                 waiter.error = exc
@@ -182,9 +184,8 @@ class IngestBatcher:
         self.writes += 1
 
 
-def _tap(taps: Taps, incoming: list[Incoming], results: list[tuple[str, bool]]) -> None:
-    """Hand committed events (not duplicates) to the taps on their source."""
-    now = time.time()
+def _tap(taps: Taps, incoming: list[Incoming], results: list[tuple[str, bool]], now: float) -> None:
+    """Hand committed events (not duplicates) to the taps on their source, stamped `now`."""
     for item, (event_id, duplicate) in zip(incoming, results, strict=True):
         if not duplicate and item.stream in taps.taps:
             taps.publish(item.stream, Record("source", event_id, item.payload, now))

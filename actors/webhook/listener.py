@@ -124,8 +124,10 @@ class WebhookListener:
         listeners: Callable[[], list[trio.SocketListener]] | None = None,
         metrics_page: Callable[[], bytes | None] | None = None,
         tls: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._routes = _compile(routes)
         self._ingest = ingest
         self._readiness = readiness
@@ -135,7 +137,7 @@ class WebhookListener:
         self._metrics_page = metrics_page
         self._table = ConnectionTable(config.max_connections)
         self._tls = tls
-        self._protocol = ProtocolErrors(log, _PROTOCOL_LOG_INTERVAL, time.monotonic)
+        self._protocol = ProtocolErrors(log, _PROTOCOL_LOG_INTERVAL, trio.current_time)
 
     def __repr__(self) -> str:
         return (
@@ -343,7 +345,7 @@ class WebhookListener:
         else:
             verifier = route.verifier
             if verifier is not None and not verifier.needs_body:  # the head decides: before the body
-                refusal, verified = _verify(route, request.headers, b"")
+                refusal, verified = _verify(route, request.headers, b"", self._clock())
             if refusal is None and not answers.is_json(content_type):
                 got = content_type.decode("latin-1") if content_type else "none"
                 refusal = 415, answers.error(f"content type must be application/json, got {got}"), ()
@@ -368,7 +370,9 @@ class WebhookListener:
                     verified = None
                 route = current
             if route.verifier is not None and verified is None:
-                refusal, verified = _verify(route, request.headers, body)  # signed: before the body is parsed
+                refusal, verified = _verify(
+                    route, request.headers, body, self._clock()
+                )  # signed: before the body is parsed
         if refusal is not None:
             if route is not None and refusal[0] != 401:  # a 401 was counted with its reason
                 answers.rejected(
@@ -450,16 +454,17 @@ class WebhookListener:
 
 
 def _verify(
-    route: _Route, headers: answers.Headers, body: bytes
+    route: _Route, headers: answers.Headers, body: bytes, now: float
 ) -> tuple[answers.Refusal | None, Verified | None]:
-    """Run the route's verifier: (None, verified) if the request passes, else (401 refusal, None).
+    """Run the route's verifier at wall time `now`: (None, verified) if the request passes, else
+    (401 refusal, None).
 
     A failure is counted (`ferry.events.rejected{reason}`) here; its answer names the check that
     failed, never a secret or an expected value.
     """
     assert route.verifier is not None
     try:
-        return None, route.verifier.check(headers, body, time.time())
+        return None, route.verifier.check(headers, body, now)
     except Unverified as failure:
         answers.rejected(route.source, failure.reason)
         challenge = route.verifier.challenge

@@ -27,7 +27,9 @@ Cancellation:
     `acquire` is cancellable at any point; a cancelled waiter leaves the queue, and one that
     was handing out permits (the "leader", see `_wait`) passes that job on first.
 
-Clock: trio's (`trio.current_time()`), so tests run on `trio.testing.MockClock`.
+Clock: buckets and waits run on trio's (`trio.current_time()`); the wall clock that HTTP dates and
+Unix-time resets are read against is injected (`wall`, `time.time` in the daemon). So tests run
+on `trio.testing.MockClock` with a wall clock it moves.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import math
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -197,9 +199,10 @@ class _Waiter:
 class RateLimiter:
     """One named budget: `acquire(user)` one permit, `feedback(status, headers)`; see the module docs."""
 
-    def __init__(self, name: str, config: RateLimitConfig) -> None:
+    def __init__(self, name: str, config: RateLimitConfig, wall: Callable[[], float] = time.time) -> None:
         self.name = name
         self.config = config
+        self._wall = wall
         self._bucket = TokenBucket(config.rate, config.per, config.burst)
         self._queues: dict[str, deque[_Waiter]] = {}
         self._turns: deque[str] = deque()  # users with waiters, next to be served first
@@ -294,7 +297,7 @@ class RateLimiter:
         """Learn from one answer: pause the whole budget if it says so (see `pause_from`)."""
         if status not in (429, 503) and not any(name in headers for name in _REMAINING):
             return
-        pause = pause_from(status, headers)
+        pause = pause_from(status, headers, self._wall())
         if pause is None:
             return
         now = trio.current_time()
@@ -333,10 +336,14 @@ class RateLimiter:
 
 @final
 class RateLimits(Mapping[str, RateLimiter]):
-    """Every configured budget by name; one per daemon, reachable from the actors."""
+    """Every configured budget by name; one per daemon, reachable from the actors. `wall`: the
+    daemon's wall clock, handed to every limiter."""
 
-    def __init__(self, configs: Mapping[str, RateLimitConfig] | None = None) -> None:
+    def __init__(
+        self, configs: Mapping[str, RateLimitConfig] | None = None, wall: Callable[[], float] = time.time
+    ) -> None:
         self._limiters: dict[str, RateLimiter] = {}
+        self._wall = wall
         self.update(configs or {})
 
     def __getitem__(self, name: str) -> RateLimiter:
@@ -358,7 +365,7 @@ class RateLimits(Mapping[str, RateLimiter]):
         for name, config in configs.items():
             limiter = self._limiters.get(name)
             if limiter is None:
-                self._limiters[name] = RateLimiter(name, config)
+                self._limiters[name] = RateLimiter(name, config, self._wall)
             else:
                 limiter.reconfigure(config)
         for name in [name for name in self._limiters if name not in configs]:

@@ -26,14 +26,17 @@ NAME = "totals"
 REDUCE = "{category: .[0].category, count: length, total: (map(.amount) | add)}"
 
 
-def make(store: Store, **aggregate: Any) -> Aggregator:
+def make(store: Store, clock: Callable[[], float] | None = None, **aggregate: Any) -> Aggregator:
     fields: dict[str, Any] = {"key": ".category", "reduce": REDUCE} | aggregate
     routes = fields.pop("routes", [])
     default_route = fields.pop("default_route", None)
     config = TransformConfig(
         inputs=["sales"], aggregate=AggregateConfig(**fields), routes=routes, default_route=default_route
     )
-    return Aggregator(NAME, config, store, sinks=["report", "alerts"], transforms=[], batch_size=3)
+    wall = clock if clock is not None else (lambda: 1.7e9 + trio.current_time())
+    return Aggregator(
+        NAME, config, store, sinks=["report", "alerts"], transforms=[], batch_size=3, clock=wall
+    )
 
 
 async def ingest(store: Store, *events: Any) -> list[str]:
@@ -157,6 +160,32 @@ async def test_a_restart_keeps_windows_and_their_age(
         (f"{ids[2]}.totals", {"category": "games", "count": 1, "total": 5}),
     ]
     assert await store.call(lambda conn: conn.execute("SELECT count(*) FROM windows").fetchone()[0]) == 0
+
+
+async def test_the_time_a_daemon_was_down_counts_toward_a_window_age(
+    store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """A window's opening is stored on the wall clock: after 50 s down (the wall clock moved, trio's
+    clock of the new process starts afresh), a 60 s window has 10 s left, not 60."""
+    wall = [1.7e9]
+    first = make(store, lambda: wall[0], max_age=Duration(60))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await ingest(store, *sales("books", 1))
+        await until(store, joined(1))
+        nursery.cancel_scope.cancel()
+
+    wall[0] += 50  # down for 50 s
+    second = make(store, lambda: wall[0] + trio.current_time() - started, max_age=Duration(60))
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        mock_clock.jump(9.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await store.call(emitted) == []
+        mock_clock.jump(0.1)  # 60 s after the window opened, 10 s into this incarnation
+        await until(store, lambda conn: len(emitted(conn)) == 1)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_window_closed_before_a_crash_is_emitted_once_at_start(store: Store) -> None:

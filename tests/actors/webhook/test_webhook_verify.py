@@ -227,7 +227,12 @@ async def harness(
 
 
 async def start(
-    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nursery: trio.Nursery, extra: str = ""
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    extra: str = "",
+    clock: Callable[[], float] = time.time,
 ) -> Harness:
     monkeypatch.setenv("T_OLD", OLD)
     monkeypatch.setenv("T_NEW", NEW)
@@ -236,7 +241,7 @@ async def start(
     config = parse(config_text(extra), base_dir=tmp_path)
     sinks, consumers = fan_out(config)
     batcher = IngestBatcher(store, sinks=sinks, consumers=consumers, dedup_window=3600)
-    listener = WebhookListener(config.listener, routes(config), batcher, lambda: True)
+    listener = WebhookListener(config.listener, routes(config), batcher, lambda: True, clock=clock)
     await nursery.start(batcher.run)
     bound = await nursery.start(listener.run)
     client = httpx.AsyncClient(timeout=10)
@@ -324,6 +329,24 @@ async def test_a_timestamp_outside_the_tolerance_is_401_and_stores_nothing(
     else:
         assert answer.json()["reason"] == ("timestamp_stale" if offset < 0 else "timestamp_future")
     assert await harness.stored() == 0
+
+
+SIGNED_AT = [s for s in TIMESTAMPED if s.name != "jwt"]
+
+
+@pytest.mark.parametrize("scheme", SIGNED_AT, ids=_ids(SIGNED_AT))
+async def test_timestamps_are_judged_on_the_listeners_clock(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nursery: trio.Nursery, scheme: Scheme
+) -> None:
+    """The listener reads its injected wall clock: on one set to November 2023, a request signed
+    then passes and one signed now is from the future."""
+    harness = await start(store, monkeypatch, tmp_path, nursery, clock=lambda: 1_700_000_030.0)
+    then = await harness.post(scheme.name, scheme.sign(scheme.new, at=1_700_000_000))
+    assert then.status_code == 202, then.text
+    now = await harness.post(scheme.name, scheme.sign(scheme.new, body=b'{"id": 2}', msg_id="msg_2"))
+    assert now.status_code == 401
+    assert now.json()["reason"] == "timestamp_future"
+    assert await harness.stored() == 1
 
 
 REPLAYABLE = [s for s in SCHEMES if s.replayable]

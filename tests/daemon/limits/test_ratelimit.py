@@ -184,6 +184,24 @@ def test_feedback_pauses_every_user_until_retry_after() -> None:
     run(main)
 
 
+def test_a_reset_at_a_unix_time_pauses_until_then_on_the_injected_wall_clock() -> None:
+    """GitHub's `X-RateLimit-Reset` is a Unix time: the pause is read against the limiter's wall
+    clock, which a MockClock moves, so the budget resumes exactly at the reset."""
+
+    async def main() -> None:
+        limits = RateLimits({"api": budget(100, burst=10)}, wall=lambda: WALL + trio.current_time())
+        limiter = limits["api"]
+        await limiter.acquire("a")
+        reset = WALL + trio.current_time() + 120
+        limiter.feedback(200, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": f"{reset:.0f}"})
+        assert limiter.status().paused_for_s == pytest.approx(120)
+        began = trio.current_time()
+        await limiter.acquire("b")
+        assert trio.current_time() - began == pytest.approx(120)
+
+    run(main)
+
+
 def test_a_cancelled_waiter_leaves_the_queue_and_a_cancelled_leader_passes_the_lead() -> None:
     async def main() -> None:
         limiter = RateLimiter("api", budget(1))
