@@ -40,8 +40,9 @@ import trio
 from opentelemetry import trace
 
 from actors.transform.config import TransformConfig
+from actors.transform.dead_letters import dead_lettered, error_text
 from actors.transform.program import Failure, TransformProgram
-from actors.transform.transformer import batch_trace, dead_letter
+from actors.transform.transformer import batch_trace
 from daemon.store.api import Outbox
 from daemon.store.outbox import StoredEvent, derived_id
 from daemon.store.windows import (
@@ -50,7 +51,6 @@ from daemon.store.windows import (
     Window,
     Windows,
 )
-from daemon.telemetry import metrics
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.masking import Masking
 from daemon.telemetry.tap import Record, Taps
@@ -146,7 +146,7 @@ class Aggregator:
         failures: list[tuple[StoredEvent, str]] = []
         for event, result in zip(events, results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(name, event, result, self._redaction.redactor)))
+                failures.append((event, error_text(event, result, self._redaction.redactor)))
                 continue
             if not result:
                 self.dropped += 1
@@ -158,8 +158,7 @@ class Aggregator:
         await self._store.commit_joined(name, position, joined, list(touched.values()), failures)
         self.transformed += len(events)
         self.failed += len(failures)
-        if failures:
-            metrics.current().dead_letters.add(len(failures), {"stage": name})
+        dead_lettered(name, [(event.id, error) for event, error in failures])
         return position
 
     async def _emit(self, closed: list[Window]) -> None:
@@ -177,7 +176,7 @@ class Aggregator:
             if isinstance(result, Failure):
                 array = b"[" + b",".join(payload for _, payload, _ in items) + b"]"
                 event = StoredEvent(0, first_id, name, array, first_trace)
-                error = dead_letter(name, event, result, self._redaction.redactor)
+                error = error_text(event, result, self._redaction.redactor)
                 emitted.append(Emitted(window.id, first_id, None, first_trace, (), error, array))
             elif not result:
                 emitted.append(Emitted(window.id, first_id, None, first_trace, ()))
@@ -190,8 +189,7 @@ class Aggregator:
         self.emitted += stored
         self.failed += failed
         self.dropped += len(emitted) - stored - failed
-        if failed:
-            metrics.current().dead_letters.add(failed, {"stage": name})
+        dead_lettered(name, [(item.id, item.error) for item in emitted if item.error is not None])
         if name in self._taps.taps:
             now = self._clock()
             for item in emitted:

@@ -64,6 +64,7 @@ import trio
 from opentelemetry import trace
 
 from actors.transform.config import TransformConfig
+from actors.transform.dead_letters import dead_lettered, error_text
 from actors.transform.enricher import Enricher
 from actors.transform.program import Failure, TransformProgram
 from daemon import poison
@@ -76,7 +77,7 @@ from daemon.store.outbox import (
 )
 from daemon.store.quarantine import careful_until, quarantine_reason
 from daemon.store.transform_retry import Revived
-from daemon.telemetry import masking, metrics
+from daemon.telemetry import masking
 from daemon.telemetry import otel as telemetry
 from daemon.telemetry.tap import Record, Taps
 
@@ -226,15 +227,9 @@ class Transformer:
 
     async def _dead(self, failures: list[Failed], position: int) -> None:
         """Commit dead letters alone, with the cursor moved to `position`."""
-        log.warning(
-            "event dead-lettered by transform",
-            extra={
-                "fields": {"transform": self.name, "event_id": failures[0][0].id, "error": failures[0][1]}
-            },
-        )
         await self._store.commit_transform(self.name, position, [], failures, self._sinks, wake=self._wake)
         self.failed += len(failures)
-        metrics.current().dead_letters.add(len(failures), {"stage": self.name})
+        dead_lettered(self.name, [(event.id, error) for event, error, _ in failures])
 
     async def _map_batch(self, events: list[StoredEvent], position: int) -> int:
         """Transform one batch and commit its outputs, deliveries, dead letters and cursor; the
@@ -248,7 +243,7 @@ class Transformer:
         if self._enricher is not None:
             events, looked_up = await self._enricher.enrich(events)
             failures = [
-                (event, dead_letter(self.name, event, Failure(why), self._redaction.redactor), attempts)
+                (event, error_text(event, Failure(why), self._redaction.redactor), attempts)
                 for event, why, attempts in looked_up
             ]
         outputs, failed, dropped, unrouted, done = self._transform(events)
@@ -265,8 +260,7 @@ class Transformer:
         self.failed += len(failures)
         self.dropped += dropped
         self.unrouted += unrouted
-        if failures:
-            metrics.current().dead_letters.add(len(failures), {"stage": self.name})
+        dead_lettered(self.name, [(event.id, error) for event, error, _ in failures])
         if self.name in self._taps.taps:
             self._tap(outputs, failures)
         span = trace.get_current_span()
@@ -291,9 +285,7 @@ class Transformer:
             if self._enricher is not None:
                 events, looked_up = await self._enricher.enrich(events)
                 if looked_up:
-                    error = dead_letter(
-                        self.name, row.event, Failure(looked_up[0][1]), self._redaction.redactor
-                    )
+                    error = error_text(row.event, Failure(looked_up[0][1]), self._redaction.redactor)
             if error is None:
                 outputs, failed, _, _, _ = self._transform(events)
                 if failed:
@@ -311,7 +303,7 @@ class Transformer:
             await self._store.commit_revived(self.name, row, [], error, self._sinks, wake=self._wake)
         if error is not None:
             self.failed += 1
-            metrics.current().dead_letters.add(1, {"stage": self.name})
+            dead_lettered(self.name, [(row.event.id, error)])
 
     def _tap(self, outputs: list[Derived], failures: list[Failed]) -> None:
         """Hand committed outputs (and jq's dead letters) to the taps on this transform."""
@@ -334,7 +326,7 @@ class Transformer:
         results = self._program.map([e.payload for e in events])
         for event, result in zip(events[: len(results)], results, strict=True):
             if isinstance(result, Failure):
-                failures.append((event, dead_letter(self.name, event, result, self._redaction.redactor), 1))
+                failures.append((event, error_text(event, result, self._redaction.redactor), 1))
                 continue
             if not result:
                 dropped += 1
@@ -343,18 +335,3 @@ class Transformer:
                     unrouted += 1
                 outputs.append(Derived(event, nth, payload, sinks))
         return outputs, failures, dropped, unrouted, len(results)
-
-
-def dead_letter(transform: str, event: StoredEvent, failure: Failure, redactor: masking.Redactor) -> str:
-    """Log an event a transform dead-letters; its error text, with masked values and secrets hidden.
-
-    A jq message may quote the event (`error(.)`), and a schema violation quotes the value.
-    """
-    message = failure.message
-    if redactor.rules or redactor.secrets:
-        message = redactor.scrub(message, masking.decode_payload(event.payload)) or message
-    log.warning(
-        "event dead-lettered by transform",
-        extra={"fields": {"transform": transform, "event_id": event.id, "error": message}},
-    )
-    return message
