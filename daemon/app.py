@@ -26,13 +26,25 @@ from typing import Protocol
 
 import trio
 
+from daemon.assembly import (
+    alerter_factory,
+    build_alerter,
+    deps,
+    fan_out,
+    poller,
+    poller_factory,
+    pollers,
+    routes,
+    transform_factory,
+    transformer,
+)
 from daemon.config.kinds import PollSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
 from daemon.registry import IngestBatcher, WebhookListener, build_sink, server_context
-from daemon.reload import build_alerter, deps, fan_out, poller, pollers, reload, routes, transformer
+from daemon.reload import reload
 from daemon.running import Running
 from daemon.store import at_rest
 from daemon.store.sqlite import Store
@@ -216,15 +228,25 @@ async def serve(
                     for name in config.transforms:
                         actor = transformer(config, name, running)
                         running.actors.transforms[name] = actor
-                        await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
+                        await intake.start(
+                            supervisor.supervise,
+                            f"transform.{name}",
+                            transform_factory(config, name, running, actor),
+                        )
                     for name in pollers(config):
                         source = poller(config, name, running)
                         running.actors.pollers[name] = source
-                        await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
+                        await intake.start(
+                            supervisor.supervise,
+                            f"poll.{name}",
+                            poller_factory(config, name, running, source),
+                        )
                     running.telemetry = telemetry
                     if config.alerts:
                         running.alerter = alerter = build_alerter(config, running)
-                        await intake.start(supervisor.supervise, "alerter", lambda: alerter)
+                        await intake.start(
+                            supervisor.supervise, "alerter", alerter_factory(config, running, alerter)
+                        )
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
                         store,

@@ -63,7 +63,7 @@ SINK_KINDS: Final[Mapping[str, SinkKind]] = {kind.tag: kind for kind in (HTTP_SI
 
 SOURCE_KINDS: Final[Mapping[str, Kind[PollSourceConfig, Poller]]] = {POLL_SOURCE.tag: POLL_SOURCE}
 """`[sources.NAME] type = …` → its registration, for the kinds that run an actor of their own
-(a webhook source is a route of the one listener, built by `daemon.reload.routes`)."""
+(a webhook source is a route of the one listener, built by `daemon.assembly.routes`)."""
 
 
 def _tag(config: Struct) -> str:

@@ -67,24 +67,22 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from daemon.component import Deps, Wiring
-from daemon.config.kinds import PollSourceConfig, WebhookSourceConfig, webhook_path
+from daemon.assembly import (
+    alerter_factory,
+    build_alerter,
+    deps,
+    fan_out,
+    poller,
+    poller_factory,
+    pollers,
+    routes,
+    same,
+    transform_factory,
+    transformer,
+)
 from daemon.config.root import Config, LoadedConfig, downstream, load
 from daemon.errors import ConfigError
-from daemon.registry import (
-    Aggregator,
-    Alerter,
-    Poller,
-    Transformer,
-    WebhookRoute,
-    build_poller,
-    build_sink,
-    build_transform,
-    build_verifier,
-    flatten,
-    server_context,
-)
-from daemon.supervisor import Actor
+from daemon.registry import build_sink, server_context
 from daemon.telemetry import masking
 from daemon.telemetry.logs import use_redactor
 
@@ -185,66 +183,6 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], rewired: Callable[[str
     )
 
 
-def routes(config: Config) -> dict[str, WebhookRoute]:
-    """The listener's routes: URL path → webhook source."""
-    return {
-        webhook_path(name, source): WebhookRoute(
-            name,
-            source.idempotency_header or None,
-            build_verifier(source.verify, f"$.sources.{name}.verify") if source.verify else None,
-        )
-        for name, source in config.sources.items()
-        if isinstance(source, WebhookSourceConfig)
-    }
-
-
-def fan_out(config: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """The ingest batcher's maps: producer → sinks it feeds, producer → consumers to wake."""
-    wiring = downstream(config)
-    sinks = {name: sinks for name, (_, sinks) in wiring.items()}
-    consumers = {name: [*transforms, *sinks] for name, (transforms, sinks) in wiring.items()}
-    return sinks, consumers
-
-
-def pollers(config: Config, names: list[str] | None = None) -> list[str]:
-    """The poll sources among `names` (default: every source)."""
-    chosen = config.sources if names is None else names
-    return [name for name in chosen if isinstance(config.sources.get(name), PollSourceConfig)]
-
-
-def deps(config: Config, running: Running) -> Deps:
-    """What every actor of `config` is built with in this running daemon."""
-    return Deps(
-        running.store,
-        running.rate_limits,
-        quarantine_after=config.supervisor.quarantine_after,
-        dedup_window=config.store.dedup_window,
-        clock=running.clock,
-        taps=running.taps,
-        redaction=running.redaction,
-    )
-
-
-def poller(config: Config, name: str, running: Running) -> Poller:
-    source = config.sources[name]
-    assert isinstance(source, PollSourceConfig)
-    return build_poller(name, source, deps(config, running), Wiring(*downstream(config)[name]))
-
-
-def build_alerter(config: Config, running: Running) -> Alerter:
-    """The alerter for `config`'s rules, reading the running daemon's metrics."""
-    telemetry = running.telemetry
-    assert telemetry is not None
-    telemetry.start_collecting()  # metrics are collected only while alert rules read them
-    return Alerter(
-        config,
-        running.store,
-        lambda: flatten(telemetry.collect()),
-        clock=running.clock,
-        service=config.telemetry.service_name,
-    )
-
-
 async def _realert(running: Running, old: Config, new: Config) -> bool:
     """Restart the alerter if its rules or channels changed (its state is in the store); whether it did."""
     if (old.alerts, old.channels, old.alerting) == (new.alerts, new.channels, new.alerting):
@@ -254,14 +192,8 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
     running.alerter = None
     if new.alerts and running.intake_nursery is not None:
         alerter = running.alerter = build_alerter(new, running)
-        running.supervisor.start(running.intake_nursery, "alerter", lambda: alerter)
+        running.supervisor.start(running.intake_nursery, "alerter", alerter_factory(new, running, alerter))
     return True
-
-
-def transformer(config: Config, name: str, running: Running) -> Transformer | Aggregator:
-    """The actor of one transform: an `Aggregator` when it has `aggregate`, else a `Transformer`."""
-    wiring = Wiring(*downstream(config)[name])
-    return build_transform(name, config.transforms[name], deps(config, running), wiring)
 
 
 async def reload(running: Running) -> ReloadResult:
@@ -288,11 +220,6 @@ async def reload(running: Running) -> ReloadResult:
     else:
         log.error("reload refused, nothing changed", extra={"fields": fields | {"errors": result.errors}})
     return result
-
-
-def _same(actor: Actor) -> Callable[[], Actor]:
-    """A supervisor factory that restarts the same object (it rebuilds its state from the store)."""
-    return lambda: actor
 
 
 def _refused(running: Running, errors: list[str]) -> ReloadResult:
@@ -375,20 +302,22 @@ async def _reload(running: Running) -> ReloadResult:
     for name in [*changes.transforms.removed, *changes.transforms.changed]:
         await supervisor.stop(f"transform.{name}")
     for name, actor in transforms.items():
-        supervisor.start(running.intake_nursery, f"transform.{name}", _same(actor))
+        supervisor.start(
+            running.intake_nursery, f"transform.{name}", transform_factory(new, name, running, actor)
+        )
 
     # 3b. Pollers: the old one ends (a commit in flight still lands) before the new one reads
     # its state back from the store.
     for name in pollers(old, [*changes.sources.removed, *changes.sources.changed]):
         await supervisor.stop(f"poll.{name}")
     for name, source in polls.items():
-        supervisor.start(running.intake_nursery, f"poll.{name}", _same(source))
+        supervisor.start(running.intake_nursery, f"poll.{name}", poller_factory(new, name, running, source))
 
     # 4. Sinks: each changed one finishes before its replacement starts; all of them at once.
     async def replace(name: str) -> None:
         await supervisor.stop(f"sink.{name}", grace=grace)
         assert running.sinks_nursery is not None
-        supervisor.start(running.sinks_nursery, f"sink.{name}", _same(sinks[name]))
+        supervisor.start(running.sinks_nursery, f"sink.{name}", same(sinks[name]))
 
     async with trio.open_nursery() as nursery:
         for name in changes.sinks.changed:
@@ -396,7 +325,7 @@ async def _reload(running: Running) -> ReloadResult:
         for name in changes.sinks.removed:
             nursery.start_soon(partial(supervisor.stop, f"sink.{name}", grace=grace))
         for name in changes.sinks.added:
-            supervisor.start(running.sinks_nursery, f"sink.{name}", _same(sinks[name]))
+            supervisor.start(running.sinks_nursery, f"sink.{name}", same(sinks[name]))
 
     alerts_changed = await _realert(running, old, new)
     not_started = []

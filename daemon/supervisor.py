@@ -12,13 +12,15 @@ Restart policy:
 
     An actor that returns normally has finished on purpose and is not restarted.
 
-    What an incarnation is: the supervisor hands an actor nothing (no channels, no clones of
-    them; actors meet through the store and its wake-up `Signal`s), and every factory the
-    daemon passes (`daemon.app`, `daemon.reload`) returns the same actor object. So a restart
-    is a new `run()` on that object: what `run` builds (its nursery and the memory channels
-    inside it, a sink's sender and HTTP client, its position and windows read back from the
-    store) is built afresh; what the object holds outside `run` (its counters, a sink's pause,
-    the rate limiters it was given) carries over.
+    What an incarnation is: each restart runs what `factory()` returns then. The supervisor
+    hands an actor nothing (no channels, no clones of them; actors meet through the store and
+    its wake-up `Signal`s). The daemon's factories (`daemon.assembly`) build a fresh transform,
+    poller or alerter for each restart, handed what outlives a crash (counters since start, a
+    poller's pause) and shown to `ferry ctl` in the old one's place; its position, windows and
+    states are read back from the store. Sinks, the listener and the ingest batcher restart as the
+    same object (`assembly.same`): a new `run()` rebuilds what `run` holds (nursery, channels,
+    HTTP client, position), while what the object holds (counters, a sink's pause and guard, the
+    listener's routes) carries over.
 
 Readiness:
     `await nursery.start(supervisor.supervise, name, factory)` returns once the

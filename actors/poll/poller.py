@@ -142,6 +142,19 @@ class Poller(Listing, JobMode):
         """Requests sent (each try of each page, submit or status check)."""
         return self._fetcher.requests
 
+    def inherit(self, previous: Poller) -> None:
+        """Take over what outlives a crash from the incarnation before this one: an operator's
+        pause and what `ferry ctl status` shows since start (a restart builds a fresh poller; its
+        position is read back from the store)."""
+        if previous.paused:
+            self._resumed = trio.Event()
+        self.failures, self.errors = previous.failures, previous.errors.copy()
+        self.last_error, self.last_error_kind = previous.last_error, previous.last_error_kind
+        self.last_success_at = previous.last_success_at
+        self.items, self.duplicates = previous.items, previous.duplicates
+        self.not_modified, self.cycles = previous.not_modified, previous.cycles
+        self._fetcher.requests = previous.requests
+
     def __repr__(self) -> str:
         return (
             f"<Poller {self.name} [{self.status_name}, items: {self.items}, "

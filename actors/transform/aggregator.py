@@ -94,6 +94,12 @@ class Aggregator:
         self.dropped = 0
         self.failed = 0
 
+    def inherit(self, previous: Aggregator) -> None:
+        """Take over the counters since start from the incarnation before this one (a restart
+        builds a fresh aggregator; its windows and cursor are read back from the store)."""
+        self.transformed, self.emitted = previous.transformed, previous.emitted
+        self.dropped, self.failed = previous.dropped, previous.failed
+
     def __repr__(self) -> str:
         counts = (
             f"in: {self.transformed}, open windows: {len(self._windows.open)}, emitted: {self.emitted}, "

@@ -141,6 +141,16 @@ class Transformer:
         self.poisoned = 0
         self._proven = False
 
+    def inherit(self, previous: Transformer) -> None:
+        """Take over the counters since start from the incarnation before this one (a restart
+        builds a fresh transformer: program, enricher and its cache; its cursor is in the store)."""
+        self.transformed, self.dropped, self.unrouted = (
+            previous.transformed,
+            previous.dropped,
+            previous.unrouted,
+        )
+        self.failed, self.poisoned = previous.failed, previous.poisoned
+
     def __repr__(self) -> str:
         counts = f"in: {self.transformed}, dropped: {self.dropped}, dead: {self.failed}"
         if self.unrouted:

@@ -721,3 +721,43 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
         await until(complete, "the next incarnation's listing")
     assert [item["id"] for item in await stored(store)] == list(range(1, 1001))
     assert api.snapshot()[served].query["cursor"] == api.snapshot()[1].query["cursor"]
+
+
+async def test_a_fresh_incarnation_inherits_the_pause_and_the_counters_since_start(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a crash the supervisor runs a new poller (daemon.assembly): an operator's pause and
+    what `ferry ctl status` shows since start carry over; the position is the store's."""
+    api = ScriptedApi(Response(503, [], b"down"), page(1, 2))
+    config = source("https://api.test/items", items=".data", interval="1h", initial_backoff="1s")
+
+    def make() -> Poller:
+        return Poller(
+            "api",
+            config,
+            store,
+            sinks=["out"],
+            consumers=["out"],
+            dedup_window=86400,
+            clock=lambda: 1.7e9 + trio.current_time(),
+            connect=lambda _: api,
+        )
+
+    first = make()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        while first.items < 2:
+            await trio.sleep(1)
+        first.pause()
+        nursery.cancel_scope.cancel()
+    second = make()
+    second.inherit(first)
+    assert second.paused
+    per_incarnation = {"state", "next_poll_in_s"}  # `starting`, not yet scheduled
+
+    def shown(poller: Poller) -> dict[str, Any]:
+        fields = msgspec.structs.asdict(poller.status())
+        return {key: value for key, value in fields.items() if key not in per_incarnation}
+
+    assert shown(second) == shown(first)
+    assert (second.items, second.errors, second.requests) == (2, {"http_503": 1}, 2)

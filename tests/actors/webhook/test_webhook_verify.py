@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from actors.webhook.ingest import IngestBatcher
 from actors.webhook.listener import WebhookListener
+from daemon.assembly import fan_out, routes
 from daemon.config.root import parse
-from daemon.reload import fan_out, routes
 from daemon.store.sqlite import Store
 from daemon.telemetry import metrics
 
