@@ -1,4 +1,4 @@
-"""The tree is the architecture: these tests keep it so (docs/architecture.md, "Layout").
+"""The tree is the architecture: these tests keep it so (docs/architecture.md, "The rules").
 
 - no import cycle between any two modules of daemon/ and actors/ (type-checking imports count);
 - the import contract in pyproject.toml (`[tool.importlinter]`) holds: the runtime imports actors
