@@ -243,6 +243,21 @@ class ScriptedApi:
         pass
 
 
+def on_mock_clock(store: Store, config: PollSourceConfig, api: ScriptedApi, **extra: Any) -> Poller:
+    """A poller of `api` whose wall clock is 1.7e9 plus trio's (a MockClock's) time."""
+    return Poller(
+        "api",
+        config,
+        store,
+        sinks=["out"],
+        consumers=["out"],
+        dedup_window=86400,
+        clock=lambda: 1.7e9 + trio.current_time(),
+        connect=lambda _: api,
+        **extra,
+    )
+
+
 def page(*ids: int) -> Response:
     return Response(
         200, [("content-type", "application/json")], json.dumps({"data": [{"id": i} for i in ids]}).encode()
@@ -259,17 +274,7 @@ async def test_errors_back_off_exponentially_up_to_the_maximum_and_keep_trying(
     config = source(
         "https://api.test/items", items=".data", initial_backoff="20s", max_backoff="80s", interval="1h"
     )
-    poller = Poller(
-        "api",
-        config,
-        store,
-        sinks=["out"],
-        consumers=["out"],
-        dedup_window=86400,
-        rng=lambda: 0.5,
-        clock=lambda: 1.7e9 + trio.current_time(),
-        connect=lambda _: api,
-    )
+    poller = on_mock_clock(store, config, api, rng=lambda: 0.5)
     async with trio.open_nursery() as nursery:
         await nursery.start(poller.run)
         while poller.items < 3:
@@ -292,16 +297,7 @@ async def test_the_next_cycle_waits_the_interval_on_the_injected_clock(
     the last success, both read from the poller's clock."""
     api = ScriptedApi(page(1))
     config = source("https://api.test/items", items=".data", interval="1h")
-    poller = Poller(
-        "api",
-        config,
-        store,
-        sinks=["out"],
-        consumers=["out"],
-        dedup_window=86400,
-        clock=lambda: 1.7e9 + trio.current_time(),
-        connect=lambda _: api,
-    )
+    poller = on_mock_clock(store, config, api)
     async with trio.open_nursery() as nursery:
         await nursery.start(poller.run)
         while poller.cycles < 1:
@@ -731,26 +727,14 @@ async def test_a_fresh_incarnation_inherits_the_pause_and_the_counters_since_sta
     api = ScriptedApi(Response(503, [], b"down"), page(1, 2))
     config = source("https://api.test/items", items=".data", interval="1h", initial_backoff="1s")
 
-    def make() -> Poller:
-        return Poller(
-            "api",
-            config,
-            store,
-            sinks=["out"],
-            consumers=["out"],
-            dedup_window=86400,
-            clock=lambda: 1.7e9 + trio.current_time(),
-            connect=lambda _: api,
-        )
-
-    first = make()
+    first = on_mock_clock(store, config, api)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
         while first.items < 2:
             await trio.sleep(1)
         first.pause()
         nursery.cancel_scope.cancel()
-    second = make()
+    second = on_mock_clock(store, config, api)
     second.inherit(first)
     assert second.paused
     per_incarnation = {"state", "next_poll_in_s"}  # `starting`, not yet scheduled
