@@ -24,9 +24,8 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, Final, final
 
 from opentelemetry import trace
@@ -75,23 +74,14 @@ _ODD_HEX: Final = frozenset("13579bdfBDF")
 _LOW_64: Final = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class _Tracing:
-    """One daemon's tracing: its tracer and the id generator its webhook chooses trace ids with."""
+_tracer: ContextVar[Tracer | None] = ContextVar("ferry.tracer", default=None)
+_ids: ContextVar[_ChosenIds | None] = ContextVar("ferry.trace_ids", default=None)
+# The tracing of the daemon a task belongs to: `Telemetry.start` sets both in its caller's context
+# (`serve`'s), which every task started from there inherits; nothing process-wide.
 
-    tracer: Tracer
-    ids: _ChosenIds
-
-
-_tracing: ContextVar[_Tracing | None] = ContextVar("ferry.tracing", default=None)
-"""The tracing of the daemon a task belongs to: `Telemetry.start` sets it in its caller's context
-(`serve`'s), which every task started from there inherits; nothing process-wide."""
-
-
-def tracer() -> Tracer | None:
-    """The daemon's tracer, or None while tracing is off."""
-    tracing = _tracing.get()
-    return None if tracing is None else tracing.tracer
+tracer: Final[Callable[[], Tracer | None]] = _tracer.get
+"""The daemon's tracer, or None while tracing is off (the context variable's own `get`: the
+cheapest call there is, as every hop asks)."""
 
 
 # -- W3C trace context -------------------------------------------------------------------------
@@ -187,9 +177,9 @@ def unsampled_traceparent(incoming: str | None) -> str | None:
         trace_id = span_context.trace_id
     else:
         trace_id = random.getrandbits(128) or 1
-        tracing = _tracing.get()
-        if tracing is not None and trace_id & _LOW_64 < tracing.ids.bound:
-            tracing.ids.chosen = trace_id
+        ids = _ids.get()
+        if ids is not None and trace_id & _LOW_64 < ids.bound:
+            ids.chosen = trace_id
             return None
     return f"00-{trace_id:032x}-{random.getrandbits(64) or 1:016x}-00"
 
@@ -381,7 +371,8 @@ class Telemetry:
                 shutdown_on_exit=False,  # shutdown() bounds the flush; the SDK's atexit would not
             )
             tracer_provider.add_span_processor(processor)
-            _tracing.set(_Tracing(tracer_provider.get_tracer("ferry"), ids))
+            _tracer.set(tracer_provider.get_tracer("ferry"))
+            _ids.set(ids)
         telemetry = cls(config, tracer_provider, processor, exporter, None, instruments)
         readers: list[MetricReader] = []
         if config.metrics and not disabled:
@@ -436,7 +427,8 @@ class Telemetry:
         or none seen yet), the bound is one second: a collector that is there takes a batch in
         milliseconds, and waiting on one that is not would only delay the exit.
         """
-        _tracing.set(None)
+        _tracer.set(None)
+        _ids.set(None)
         timeout_ms = int(self._config.export_timeout * 1000)
 
         def flush() -> None:

@@ -133,9 +133,9 @@ def test_unsampled_traceparent_is_parent_based_and_agrees_with_the_sdk() -> None
         assert tracer is not None
         for _ in range(200):  # when ferry samples a new trace, the SDK records that very trace
             if telemetry.unsampled_traceparent(None) is None:
-                tracing = telemetry._tracing.get()
-                assert tracing is not None
-                chosen = tracing.ids.chosen
+                ids = telemetry._ids.get()
+                assert ids is not None
+                chosen = ids.chosen
                 span = tracer.start_span("x")
                 assert span.get_span_context().trace_id == chosen
                 assert span.is_recording()
