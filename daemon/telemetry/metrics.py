@@ -2,8 +2,8 @@
 
 `current()` returns the daemon's `Metrics` (see there: no process-wide instruments); until
 telemetry binds it to a meter (and after it stops) its instruments do nothing, so actors record
-unconditionally. Attribute dicts are
-small and built once per actor where the values are fixed (source, sink).
+unconditionally. Attribute dicts are small and built once per actor where the values are fixed
+(source, sink).
 
 Names (all prefixed `ferry.`):
 
