@@ -20,12 +20,13 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import TypeVar, final
 
-from daemon.errors import StoreCorrupt, StoreUnavailable
+from daemon.errors import StoreCorrupt, StoreKeyMissing, StoreUnavailable
 from daemon.store.api import Outbox
-from daemon.store.at_rest import Cipher, CipherConnection, check_keys
+from daemon.store.at_rest import PREFIX, Cipher
 from daemon.store.engine import Failure, GroupCommit
 from daemon.store.schema import APPLICATION_ID, MIGRATIONS
 from daemon.store.sqlite_ops import SqliteOperations
@@ -254,3 +255,57 @@ def _migrate(conn: Connection, path: Path) -> None:
 def _implements_outbox(store: Store) -> Outbox:
     """mypy checks here that `Store` implements the whole interface."""
     return store
+
+
+# -- encryption at rest: the keys the file's rows need (daemon.store.at_rest) ---------------
+
+
+class CipherConnection(sqlite3.Connection):
+    """The store's connection: carries the `Cipher` its payload reads and writes use (or None)."""
+
+    cipher: Cipher | None = None
+
+
+def _in_use(conn: sqlite3.Connection, kid: str) -> bool:
+    head = PREFIX + kid.encode() + b"."
+    for table, column in (("events", "payload"), ("auth_tokens", "token"), ("window_events", "payload")):
+        row = conn.execute(
+            f"SELECT 1 FROM {table} WHERE substr({column}, 1, ?) = ? LIMIT 1", (len(head), head)
+        ).fetchone()
+        if row is not None:
+            return True
+    return False
+
+
+def check_keys(conn: sqlite3.Connection, cipher: Cipher | None, path: Path) -> None:
+    """Refuse to start (`StoreKeyMissing`, nothing written) when rows need a key that is not
+    configured; then record the current key and forget recorded keys no row uses any more."""
+    recorded = {kid for (kid,) in conn.execute("SELECT kid FROM store_keys")}
+    configured = cipher.kids if cipher is not None else frozenset()
+    unused = []
+    for kid in sorted(recorded - configured):
+        if _in_use(conn, kid):
+            hint = (
+                "set [store] encryption (key, or previous_keys during a rotation)"
+                if cipher is None
+                else "the configured key(s) are different: wrong key, or the old one is missing "
+                "from previous_keys"
+            )
+            raise StoreKeyMissing(
+                f"{path}: payloads in the store are encrypted with key {kid}, which is not configured; "
+                f"{hint}. Nothing was changed."
+            )
+        unused.append(kid)
+    if cipher is None and not unused:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("DELETE FROM store_keys WHERE kid = ?", [(kid,) for kid in unused])
+        if cipher is not None:
+            conn.execute(
+                "INSERT OR IGNORE INTO store_keys(kid, added_at) VALUES (?, ?)", (cipher.kid, time.time())
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
