@@ -16,22 +16,25 @@ Cost:
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from typing import Any
 
 import msgspec
 
 from daemon.store.at_rest import opened
-from daemon.store.schema import PENDING, STATE_NAMES
-from daemon.store.types import DeliveryOutcome, EventOutcome, EventReport, WindowWait
+from daemon.store.schema import PENDING
+from daemon.store.types import (
+    _ROOT_ID,
+    _STATES,
+    CLOCK_SLACK,
+    MAX_EVENTS,
+    DeliveryOutcome,
+    EventOutcome,
+    EventReport,
+    WindowWait,
+)
 
 Connection = sqlite3.Connection
-_ROOT_ID = re.compile(r"^([0-9a-f]{11})[0-9a-f]{16}")
-CLOCK_SLACK = 5.0
-"""Seconds the lookup starts before the id's time: clock steps may reorder `received_at` slightly."""
-MAX_EVENTS = 1000
-_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.store.ordering)
 
 
 def first_seq_since(conn: Connection, since: float) -> int:

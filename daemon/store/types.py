@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
+
+# -- delivery states (daemon.store.schema) -------------------------------------------------------
+
+PENDING, DELIVERED, DEAD, STALE = 0, 1, 2, 3
+STATE_NAMES = ("pending", "delivered", "dead", "stale")
 
 # -- events and deliveries (daemon.store.outbox) -------------------------------------------------
 
@@ -307,6 +313,18 @@ class AlertState(msgspec.Struct, kw_only=True):
 
 
 # -- confirmation (daemon.store.confirmations) ---------------------------------------------------
+
+_ROOT_ID = re.compile(r"^([0-9a-f]{11})[0-9a-f]{16}")
+
+
+CLOCK_SLACK = 5.0
+"""Seconds the lookup starts before the id's time: clock steps may reorder `received_at` slightly."""
+
+
+MAX_EVENTS = 1000
+
+
+_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.store.ordering)
 
 
 class DeliveryOutcome(msgspec.Struct, frozen=True, kw_only=True):

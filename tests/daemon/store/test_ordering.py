@@ -248,6 +248,7 @@ def test_jq_error_in_the_key_is_dead_lettered(conn: Connection) -> None:
     assert fetched.dead == 1
     assert len(fetched.rows) == 1
     (error,) = [row[2] for row in states(conn) if row[1] == 2]
+    assert error is not None
     assert error.startswith("ordering: jq: ")
 
 
