@@ -19,8 +19,8 @@ import trio
 from daemon.config.sync import OrderingConfig
 from daemon.store.alerts import AlertState
 from daemon.store.api import Outbox
-from daemon.store.ordering import Ordering
 from daemon.store.ops import DeadFilter
+from daemon.store.ordering import Ordering
 from daemon.store.outbox import Derived, Incoming, Outcomes, StoredEvent, delivery_id, derived_id
 from daemon.store.poll import PageCheck, PollState
 from daemon.store.postgres.store import PostgresStore
