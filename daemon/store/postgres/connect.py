@@ -55,16 +55,28 @@ class Db:
     """One connection as the store functions see it: the psycopg connection, the cipher of
     `[store] encryption` (or None), and this node's id and lease length for claims."""
 
-    __slots__ = ("cipher", "conn", "lease", "node")
+    __slots__ = ("cipher", "conn", "events_locked", "lease", "node", "pipeline")
 
     def __init__(self, conn: psycopg.Connection[Any], cipher: Cipher | None, node: str, lease: float) -> None:
         self.conn = conn
         self.cipher = cipher
         self.node = node
         self.lease = lease
+        self.pipeline: psycopg.Pipeline | None = None
+        """The group's pipeline: statements whose results are not read go out without waiting."""
+        self.events_locked = False
+        """Whether this transaction holds the events lock (`outbox.lock_events`)."""
 
     def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Queue a statement (sent at once, its result read when asked for: a round trip then)."""
         return self.conn.execute(sql, params)
+
+    def count(self, sql: str, params: Any = None) -> int:
+        """Run a statement and return how many rows it changed (a round trip: the count needs it)."""
+        cursor = self.conn.execute(sql, params)
+        if self.pipeline is not None:
+            self.pipeline.sync()
+        return cursor.rowcount
 
     def executemany(self, sql: str, rows: Any) -> None:
         with self.conn.cursor() as cursor:
@@ -231,6 +243,7 @@ class PostgresTransactions:
         self._db: Db | None = None if conn is None else Db(conn, cipher, node, lease)
         self._delay = 0.0
         self._next_try = 0.0
+        self._stack: contextlib.ExitStack | None = None
         self.reconnects = 0
 
     def connection(self) -> Db:
@@ -264,14 +277,33 @@ class PostgresTransactions:
         return self._db
 
     def begin(self, conn: Db) -> None:
-        """Nothing to send: psycopg opens the transaction with the first statement."""
+        """Open the group's pipeline; psycopg opens the transaction with the first statement.
+
+        In a pipeline a statement is sent without waiting for its result, so a group costs a
+        round trip only where a request reads a result (a lookup, a fetch) and at its commit.
+        An error then surfaces at the next read or at the commit, possibly in another request
+        of the group; the engine re-runs the group's requests one by one, so it still fails alone.
+        """
+        stack = contextlib.ExitStack()
+        conn.pipeline = stack.enter_context(conn.conn.pipeline())
+        self._stack = stack
 
     def commit(self, conn: Db) -> None:
         conn.conn.commit()
+        self._end(conn)
 
     def rollback(self, conn: Db) -> None:
+        self._end(conn)
         with contextlib.suppress(psycopg.Error):
             conn.conn.rollback()
+
+    def _end(self, conn: Db) -> None:
+        conn.pipeline = None
+        conn.events_locked = False
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with contextlib.suppress(psycopg.Error):
+                stack.close()
 
     def classify(self, exc: Exception) -> Failure:
         if not isinstance(exc, psycopg.Error):
