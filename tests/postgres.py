@@ -142,9 +142,12 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # shutdown, not just close: a close does not reach a socket another thread is reading,
+            # so the server would never see the client go (as it does when a real process dies).
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
-                    sock.close()
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
 
 @pytest.fixture

@@ -4,14 +4,20 @@ unreachable (a TCP relay the test cuts: the machine's server keeps running for e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 import trio
 
-from tests.fakes import Daemon, FakeReceiver, free_port, write_config
+from daemon.store.postgres.connect import open_database
+from daemon.store.postgres.schema import VERSION
+from tests.fakes import ROOT, Daemon, FakeReceiver, free_port, write_config
 from tests.postgres import TcpProxy, pg_proxy, postgres_url
 
 __all__ = ["pg_proxy", "postgres_url"]
@@ -46,6 +52,7 @@ def config_for(tmp_path: Path, receiver: FakeReceiver, port: int) -> Path:
     return path
 
 
+@pytest.mark.timeout(300)  # three daemon starts on a loaded machine
 async def test_postgres_daemon_acks_after_commit_survives_kill_9_and_answers_503_while_the_database_is_away(
     tmp_path: Path, postgres_url: str, pg_proxy: TcpProxy
 ) -> None:
@@ -54,7 +61,7 @@ async def test_postgres_daemon_acks_after_commit_survives_kill_9_and_answers_503
     config = config_for(tmp_path, receiver, port)
     env = {"FERRY_DATABASE_URL": pg_proxy.url(postgres_url)}
     daemon = Daemon(config, tmp_path / "ferry.log", env=env).start()
-    total, kills = 1500, 2
+    total, kills = 900, 2
     acked: dict[int, str] = {}
     todo = list(reversed(range(total)))
 
@@ -125,3 +132,28 @@ async def test_postgres_daemon_acks_after_commit_survives_kill_9_and_answers_503
     finally:
         daemon.stop()
         receiver.stop()
+
+
+def test_a_node_meeting_a_newer_schema_refuses_to_start_with_exit_2(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    receiver = FakeReceiver().start()
+    try:
+        config = config_for(tmp_path, receiver, free_port())
+        open_database(postgres_url, node="other", cipher=None).close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO ferry_schema VALUES (%s, 0)", (VERSION + 1,))
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "run", "-c", str(config)],
+            cwd=ROOT,
+            env={**os.environ, "FERRY_DATABASE_URL": postgres_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        receiver.stop()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"schema version {VERSION + 1} is newer than this ferry ({VERSION})" in done.stderr
+    assert "SchemaMismatch" in done.stderr

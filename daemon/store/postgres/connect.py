@@ -5,7 +5,9 @@ Timeouts (every external call has one):
     each statement on the server; `tcp_user_timeout` and TCP keepalives bound a write or a wait
     to a server that vanished without closing the connection (a cut network); the writer thread
     is never stuck longer than these. `synchronous_commit` is on: a commit returns once the
-    server has flushed it, so 202 means durable.
+    server has flushed it, so 202 means durable. `idle_in_transaction_session_timeout` (10 s)
+    ends the transaction of a node cut off mid-group, so the locks it held (the events lock:
+    every node's ingest) are free again within that bound.
 
 Outages:
     A connection that breaks (server restarted, `pg_terminate_backend`, network cut) is closed,
@@ -84,20 +86,21 @@ class Db:
 
 
 def describe(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The database as messages and logs name it: `database HOST:PORT/NAME`, no user, no password
+    (not the URL itself: the log redactor masks the configured URL, a secret, wherever it appears)."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
-        return "the configured database URL (unparseable)"
+        return "the configured database (its URL does not parse)"
     host, port, dbname = info.get("host", "localhost"), info.get("port", "5432"), info.get("dbname", "")
-    return f"postgresql://{host}:{port}/{dbname}"
+    return f"database {host}:{port}/{dbname}"
 
 
 def connect(url: str, *, node: str) -> psycopg.Connection[Any]:
     """A new connection with the store's timeouts and settings; `StoreUnavailable` if none."""
     options = (
         f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} "
-        "-c synchronous_commit=on -c idle_in_transaction_session_timeout=60000"
+        "-c synchronous_commit=on -c idle_in_transaction_session_timeout=10000"
     )
     try:
         return psycopg.connect(
