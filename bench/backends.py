@@ -13,7 +13,9 @@ backend in turn (same run, same machine, alternating so load drifts hit both):
 - round trips per event on PostgreSQL: statements + commits sent, per event ingested and per
   delivery recorded (counted on the store's connection).
 
-Prints a table with medians over the rounds and the PG/SQLite ratios. The PostgreSQL database is
+With `--daemon SECONDS`, also the whole daemon (webhook source only) under wrk on each backend:
+accepted events/s over the load. Prints a table with medians over the rounds and the PG/SQLite
+ratios. The PostgreSQL database is
 created and dropped by the bench (default server: `FERRY_TEST_POSTGRES` or 127.0.0.1:5432).
 """
 
@@ -176,11 +178,59 @@ async def run_postgres(events: int, concurrency: int, counter: Counting) -> tupl
     return rate, delivery, ingest_trips, delivery_trips
 
 
+async def daemon_ingest(folder: Path, duration: float, rounds: int) -> dict[str, list[float]]:
+    """The whole daemon (webhook source only, stored durably) under wrk on each backend, alternating:
+    accepted events/s, counted in the store (every one was answered 202 after its commit)."""
+    from bench.harness import Ferry, post_load, write_config, wrk_script
+
+    results: dict[str, list[float]] = {"sqlite": [], "postgres": []}
+    script = wrk_script(folder)
+    for round_ in range(rounds):
+        for backend in ("sqlite", "postgres"):
+            where = folder / f"{backend}-{round_}"
+            config = write_config(where, None)
+            name = f"ferry_bench_{secrets.token_hex(4)}"
+            url = ADMIN.rpartition("/")[0] + "/" + name
+            if backend == "postgres":
+                with psycopg.connect(ADMIN, autocommit=True) as admin:
+                    admin.execute(f'CREATE DATABASE "{name}"')
+                text = config.read_text().replace(
+                    "[store]\n", f'[store]\nbackend = "postgres"\nurl = "{url}"\n', 1
+                )
+                config.write_text(text.replace(f'path = "{where}/ferry.db"\n', ""))
+            running: list[Ferry] = []
+            try:
+                ferry = await trio.to_thread.run_sync(Ferry.start, where, config, running)
+                wrk = await post_load(ferry.url, script, duration=duration)
+                if backend == "postgres":
+                    with psycopg.connect(url) as conn:
+                        row = conn.execute("SELECT count(*) FROM events").fetchone()
+                    accepted = int(row[0]) if row else 0
+                else:
+                    accepted = ferry.accepted()
+                results[backend].append(accepted / duration)
+                print(
+                    f"daemon round {round_ + 1} {backend}: {accepted / duration:,.0f} events/s "
+                    f"(wrk {wrk.rps:,.0f} req/s, non-2xx {wrk.non_2xx})",
+                    flush=True,
+                )
+            finally:
+                for ferry in running:
+                    ferry.stop()
+                if backend == "postgres":
+                    with psycopg.connect(ADMIN, autocommit=True) as admin:
+                        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--daemon", type=float, default=0, metavar="SECONDS", help="also the whole daemon under wrk this long"
+    )
     args = parser.parse_args(argv)
     counter = Counting()
     results: dict[str, list[float]] = {
@@ -205,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<19} sqlite {med(sq):>8,.0f}/s  postgres {med(pg):>8,.0f}/s  ratio {ratio:.2f}")
     trips = f"ingest {med('rt_in'):.2f}, delivery {med('rt_out'):.2f}"
     print(f"postgres statements + commits per event (each at most a round trip): {trips}")
+    if args.daemon:
+        with tempfile.TemporaryDirectory() as folder:
+            daemon = trio.run(daemon_ingest, Path(folder), args.daemon, args.rounds)
+        lite, post = statistics.median(daemon["sqlite"]), statistics.median(daemon["postgres"])
+        ratio = post / lite
+        print(f"daemon ingest (wrk) sqlite {lite:>8,.0f}/s  postgres {post:>8,.0f}/s  ratio {ratio:.2f}")
     return 0
 
 
