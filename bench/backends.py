@@ -35,6 +35,9 @@ import psycopg
 import trio
 
 from actors.webhook.ingest import IngestBatcher
+from bench.context import Context
+from bench.harness import Ferry, post_load, write_config, wrk_script
+from bench.report import Row
 from daemon.store.api import Outbox
 from daemon.store.postgres import connect as pg_connect
 from daemon.store.postgres.store import PostgresStore
@@ -156,6 +159,9 @@ async def run_sqlite(folder: Path, events: int, concurrency: int) -> tuple[float
     return rate, delivery
 
 
+COUNTER = Counting()
+
+
 async def run_postgres(events: int, concurrency: int, counter: Counting) -> tuple[float, float, float, float]:
     name = f"ferry_bench_{secrets.token_hex(4)}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
@@ -181,9 +187,10 @@ async def run_postgres(events: int, concurrency: int, counter: Counting) -> tupl
 async def daemon_ingest(folder: Path, duration: float, rounds: int) -> dict[str, list[float]]:
     """The whole daemon (webhook source only, stored durably) under wrk on each backend, alternating:
     accepted events/s, counted in the store (every one was answered 202 after its commit)."""
-    from bench.harness import Ferry, post_load, write_config, wrk_script
+    from bench.harness import Ferry
 
     results: dict[str, list[float]] = {"sqlite": [], "postgres": []}
+    folder.mkdir(parents=True, exist_ok=True)
     script = wrk_script(folder)
     for round_ in range(rounds):
         for backend in ("sqlite", "postgres"):
@@ -223,6 +230,52 @@ async def daemon_ingest(folder: Path, duration: float, rounds: int) -> dict[str,
     return results
 
 
+async def measure(folder: Path, events: int, rounds: int, concurrency: int) -> dict[str, list[float]]:
+    """`rounds` alternating rounds of the store-level figures (see the module docstring)."""
+    results: dict[str, list[float]] = {
+        k: [] for k in ("sq_in", "sq_out", "pg_in", "pg_out", "rt_in", "rt_out")
+    }
+    for round_ in range(rounds):
+        sq_in, sq_out = await run_sqlite(folder, events, concurrency)
+        pg_in, pg_out, rt_in, rt_out = await run_postgres(events, concurrency, COUNTER)
+        for key, value in zip(results, (sq_in, sq_out, pg_in, pg_out, rt_in, rt_out), strict=True):
+            results[key].append(value)
+        print(
+            f"   round {round_ + 1}: ingest sqlite {sq_in:,.0f}/s postgres {pg_in:,.0f}/s; "
+            f"delivery sqlite {sq_out:,.0f}/s postgres {pg_out:,.0f}/s; "
+            f"pg statements/event ingest {rt_in:.2f} delivery {rt_out:.2f}",
+            flush=True,
+        )
+    return results
+
+
+async def store_backends(ctx: Context) -> None:
+    """Case 11 of `python -m bench`: one node on PostgreSQL against one on SQLite (the store, and
+    the whole daemon's ingest under wrk); skipped with a note when no PostgreSQL server answers."""
+    try:
+        with psycopg.connect(ADMIN, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        ctx.anomalies.append(f"11. PostgreSQL vs SQLite: skipped, no server at {ADMIN} ({exc})")
+        return
+    rounds = 1 if ctx.quick else 3
+    found = await measure(ctx.tmp, 1000 if ctx.quick else 5000, rounds, 50)
+    daemon = await daemon_ingest(ctx.tmp / "backends", ctx.duration, rounds)
+    med: Callable[[str], float] = lambda key: statistics.median(found[key])  # noqa: E731
+    lite, post = statistics.median(daemon["sqlite"]), statistics.median(daemon["postgres"])
+    for figure, pg, sq, goal in (
+        ("11. durable ingest, store, PostgreSQL vs SQLite", med("pg_in"), med("sq_in"), 0.5),
+        ("11. durable ingest, daemon (wrk), PostgreSQL vs SQLite", post, lite, 0.5),
+        ("11. per-event delivery, store, PostgreSQL vs SQLite", med("pg_out"), med("sq_out"), None),
+    ):
+        ratio = pg / sq
+        target = f">= {goal}x SQLite" if goal else ""
+        passed = None if goal is None else ratio >= goal
+        ctx.rows.append(Row(figure, pg, "/s", baseline=sq, ratio=ratio, target=target, passed=passed))
+    ctx.rows.append(Row("11. PostgreSQL statements per event ingested", med("rt_in"), "per event"))
+    ctx.rows.append(Row("11. PostgreSQL statements per delivery recorded", med("rt_out"), "per delivery"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
@@ -232,22 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "--daemon", type=float, default=0, metavar="SECONDS", help="also the whole daemon under wrk this long"
     )
     args = parser.parse_args(argv)
-    counter = Counting()
-    results: dict[str, list[float]] = {
-        k: [] for k in ("sq_in", "sq_out", "pg_in", "pg_out", "rt_in", "rt_out")
-    }
     with tempfile.TemporaryDirectory() as folder:
-        for round_ in range(args.rounds):
-            sq_in, sq_out = trio.run(run_sqlite, Path(folder), args.events, args.concurrency)
-            pg_in, pg_out, rt_in, rt_out = trio.run(run_postgres, args.events, args.concurrency, counter)
-            for key, value in zip(results, (sq_in, sq_out, pg_in, pg_out, rt_in, rt_out), strict=True):
-                results[key].append(value)
-            print(
-                f"round {round_ + 1}: ingest sqlite {sq_in:,.0f}/s postgres {pg_in:,.0f}/s; "
-                f"delivery sqlite {sq_out:,.0f}/s postgres {pg_out:,.0f}/s; "
-                f"pg round trips/event ingest {rt_in:.2f} delivery {rt_out:.2f}",
-                flush=True,
-            )
+        results = trio.run(measure, Path(folder), args.events, args.rounds, args.concurrency)
     med: Callable[[str], float] = lambda key: statistics.median(results[key])  # noqa: E731
     print(f"\nmedians over {args.rounds} rounds of {args.events} events (load: {os.getloadavg()[0]:.1f})")
     for label, sq, pg in (("durable ingest", "sq_in", "pg_in"), ("per-event delivery", "sq_out", "pg_out")):
