@@ -175,7 +175,8 @@ def record_outcomes(db: Db, attempts: Sequence[Attempt], ordering: Ordering | No
 
 def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
     """`daemon.store.quarantine.check_head` on PostgreSQL: the head is the first due row no other
-    node holds."""
+    node holds, and the incarnations counted are this node's (`stage@node` in `stage_heads`): a
+    sink runs on every node, and N nodes starting beside each other are not N crashes."""
     wall = time.time()
     rows = db.execute(
         "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM deliveries d "
@@ -186,7 +187,7 @@ def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | N
     if not rows:
         return None
     (due,) = _due(rows, db)
-    head = attempt_head(db, stage, due.rowid, due.rowid)
+    head = attempt_head(db, f"{stage}@{db.node}", due.rowid, due.rowid)
     if head.attempts <= quarantine_after:
         return None
     crashes = head.attempts - 1
