@@ -190,7 +190,7 @@ async def daemon_ingest(folder: Path, duration: float, rounds: int) -> dict[str,
     from bench.harness import Ferry
 
     results: dict[str, list[float]] = {"sqlite": [], "postgres": []}
-    folder.mkdir(parents=True, exist_ok=True)
+    await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
     script = wrk_script(folder)
     for round_ in range(rounds):
         for backend in ("sqlite", "postgres"):
