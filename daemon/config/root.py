@@ -25,6 +25,7 @@ import msgspec
 from daemon.config import secrets
 from daemon.config.auth import AuthConfig, TlsConfig, resolve_tls
 from daemon.config.base import NAME_RE, ComponentName, Section, default
+from daemon.config.cluster import ClusterConfig
 from daemon.config.kinds import (
     AlertingConfig,
     AlertRuleConfig,
@@ -64,6 +65,7 @@ class Config(Section, frozen=True):
     control: ControlConfig = default(ControlConfig())
     supervisor: SupervisorConfig = default(SupervisorConfig())
     telemetry: TelemetryConfig = default(TelemetryConfig())
+    cluster: ClusterConfig = default(ClusterConfig())
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
@@ -104,6 +106,7 @@ _SECTIONS: dict[str, Any] = {
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
     "telemetry": TelemetryConfig,
+    "cluster": ClusterConfig,
     "alerting": AlertingConfig,
 }
 _COLLECTIONS: dict[str, Any] = {
