@@ -30,6 +30,8 @@ Cancellation:
 
 from __future__ import annotations
 
+import contextlib
+import contextlib
 import logging
 import os
 import socket
@@ -135,10 +137,8 @@ class Node:
         """Let one lease go now if it is still held with `fence` (best effort, bounded)."""
         with trio.move_on_after(self.config.database_timeout * 2 + 1) as scope:
             scope.shield = True
-            try:
+            with contextlib.suppress(StoreUnavailable):  # it expires by itself
                 await self.coordination.release(self.info.id, fence.name, fence.token)
-            except StoreUnavailable:
-                pass  # it expires by itself
 
     @property
     def held(self) -> list[str]:
@@ -158,10 +158,8 @@ class Node:
         finally:
             with trio.move_on_after(self.config.database_timeout * 2 + 1) as scope:
                 scope.shield = True
-                try:
+                with contextlib.suppress(StoreUnavailable):
                     await self.coordination.leave(self.info.id)
-                except StoreUnavailable:
-                    pass
                 await self.coordination.close()
 
     async def beat(self) -> Beat | None:
@@ -191,13 +189,13 @@ class Node:
             else:
                 _lost(slot, "taken by another node or expired")
         for name, token in beat.granted.items():
-            slot = self.slots.get(name)
+            wanted_now = self.slots.get(name)
             fence = Fence(name, self.info.id, token)
-            if slot is None or slot is not slots.get(name):
+            if wanted_now is None or wanted_now is not slots.get(name):
                 await self.release(fence)  # no longer wanted while the beat was under way
                 continue
             log.info("lease acquired", extra={"fields": {"lease": name, "token": token}})
-            slot.grant(fence, deadline)
+            wanted_now.grant(fence, deadline)
         self.last_beat = beat
         if self.on_beat is not None:
             self.on_beat(beat)
@@ -209,7 +207,9 @@ class Node:
 
 def _lost(slot: LeaseSlot, why: str) -> None:
     if slot.fence is not None:
-        log.warning("lease lost", extra={"fields": {"lease": slot.name, "token": slot.fence.token, "why": why}})
+        log.warning(
+            "lease lost", extra={"fields": {"lease": slot.name, "token": slot.fence.token, "why": why}}
+        )
     slot.lose()
 
 

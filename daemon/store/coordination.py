@@ -87,9 +87,7 @@ class LeaseRow(NamedTuple):
 class Coordination(Protocol):
     """Nodes, leases and cluster-wide control in the shared database. Fails fast."""
 
-    async def beat(
-        self, node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str], ttl: float
-    ) -> Beat:
+    async def beat(self, node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str], ttl: float) -> Beat:
         """Heartbeat `node`; renew the `held` leases (name → token) still ours for `ttl` s; take each of
         `wanted` that is free, expired or already `node`'s (a new token each); read the pauses and
         the drain. One transaction."""

@@ -149,9 +149,7 @@ class PostgresCoordination:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise StoreUnavailable(f"database: {first}") from exc
 
-    async def beat(
-        self, node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str], ttl: float
-    ) -> Beat:
+    async def beat(self, node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str], ttl: float) -> Beat:
         names, tokens = list(held), [held[name] for name in held]
 
         def fn(conn: psycopg.Connection[Any]) -> Beat:
@@ -173,7 +171,10 @@ class PostgresCoordination:
         def fn(conn: psycopg.Connection[Any]) -> list[NodeRow]:
             conn.execute(_FORGET, (FORGET_AFTER,))
             rows = conn.execute(_NODES, (FORGET_AFTER,)).fetchall()
-            return [NodeRow(*row[:7], alive=row[6] <= dead_after, leases=list(row[7])) for row in rows]
+            return [
+                NodeRow(id_, host, address, pid, started, beat, age, age <= dead_after, list(held))
+                for id_, host, address, pid, started, beat, age, held in rows
+            ]
 
         return await self._run(fn)
 

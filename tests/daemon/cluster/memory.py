@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import trio
+import trio.lowlevel
 
 from daemon.errors import StoreUnavailable
 from daemon.store.coordination import Beat, Drain, LeaseRow, NodeInfo, NodeRow
@@ -31,7 +32,7 @@ class MemoryCoordination:
 
     async def beat(self, node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str], ttl: float) -> Beat:
         self._check(node.id)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         now = trio.current_time()
         self.beats[node.id] = now
         renewed = {}
@@ -52,7 +53,7 @@ class MemoryCoordination:
 
     async def release(self, node_id: str, name: str, token: int) -> None:
         self._check(node_id)
-        holder, current, expires = self.leases_.get(name, (None, 0, 0.0))
+        holder, current, _expires = self.leases_.get(name, (None, 0, 0.0))
         if holder == node_id and current == token:
             self.leases_[name] = (holder, token, trio.current_time())
 

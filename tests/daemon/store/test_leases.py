@@ -51,9 +51,11 @@ async def test_a_free_lease_goes_to_one_node_and_is_renewed_with_the_same_token(
     other = await coordination.beat(B, {}, ["transform.t"], ttl=5)
     assert other.granted == {}  # held by A and not expired
     again = await coordination.beat(A, {"transform.t": 1}, ["transform.t"], ttl=5)
-    assert again.renewed == {"transform.t": 1} and again.granted == {}
+    assert again.renewed == {"transform.t": 1}
+    assert again.granted == {}
     (row,) = await coordination.leases()
-    assert (row.holder, row.token) == ("node-a", 1) and 4 < row.remaining <= 5
+    assert (row.holder, row.token) == ("node-a", 1)
+    assert 4 < row.remaining <= 5
 
 
 async def test_an_expired_lease_goes_to_another_node_with_a_higher_token(
@@ -133,8 +135,10 @@ async def test_nodes_are_listed_with_their_leases_and_dead_after_the_timeout(
     await coordination.beat(A, {}, ["transform.t", "alerter"], ttl=5)
     await coordination.beat(B, {}, [], ttl=5)
     nodes = {node.id: node for node in await coordination.nodes(dead_after=10)}
-    assert nodes["node-a"].leases == ["alerter", "transform.t"] and nodes["node-a"].alive
-    assert nodes["node-b"].leases == [] and nodes["node-b"].address == "127.0.0.1:8002"
+    assert nodes["node-a"].leases == ["alerter", "transform.t"]
+    assert nodes["node-a"].alive
+    assert nodes["node-b"].leases == []
+    assert nodes["node-b"].address == "127.0.0.1:8002"
     with trio.fail_after(10):
         while any(node.alive for node in await coordination.nodes(dead_after=0.2)):
             await trio.sleep(0.05)
@@ -165,10 +169,12 @@ async def test_pauses_and_drains_are_seen_by_every_node(coordination: PostgresCo
     with pytest.raises(ValueError, match="already under way"):
         await coordination.start_drain("node-b", timeout=30)
     seen = (await coordination.beat(B, {}, [], ttl=5)).drain
-    assert seen is not None and (seen.number, seen.active, seen.done) == (drain.number, True, False)
+    assert seen is not None
+    assert (seen.number, seen.active, seen.done) == (drain.number, True, False)
     await coordination.finish_drain(drain.number)
     seen = (await coordination.beat(B, {}, [], ttl=5)).drain
-    assert seen is not None and (seen.active, seen.done) == (False, True)
+    assert seen is not None
+    assert (seen.active, seen.done) == (False, True)
     assert (await coordination.start_drain("node-b", timeout=30)).number == drain.number + 1
 
 
