@@ -31,7 +31,6 @@ Cancellation:
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import logging
 import os
 import socket
