@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from daemon.cluster.control import Follower
+from daemon.cluster.node import Node
 from daemon.config.root import Config, LoadedConfig
 from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
@@ -92,6 +94,10 @@ class Running:
     """This daemon's live taps (`ferry ctl tap`); every actor publishes to it."""
     redaction: Masking = field(default_factory=Masking)
     """This daemon's redactor (`serve` builds it from the config, a reload swaps it); actors hold it."""
+    cluster: Node | None = None
+    """This node of a cluster (PostgreSQL store), or None on one SQLite node (docs/cluster.md)."""
+    follower: Follower | None = None
+    """What applies the cluster's pauses and drain here (cluster mode only)."""
 
     @property
     def sinks(self) -> list[Sink]:

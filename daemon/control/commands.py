@@ -57,6 +57,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
+from daemon.cluster.control import NodeStatus, node_statuses
 from daemon.config.kinds import WebhookSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.protocol import (
@@ -143,6 +144,7 @@ class StatusResult(Struct, frozen=True):
     polls: dict[str, PollStatus] = {}  # per poll source (docs/polling.md)
     rate_limits: dict[str, RateLimitStatus] = {}
     guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/sink/guard.py)
+    nodes: list[NodeStatus] | None = None  # cluster mode: every node (docs/cluster.md); None on one node
 
 
 class PauseResult(Struct, frozen=True):
@@ -306,9 +308,9 @@ class Commands:
             case StatusRequest():
                 return await self.status()
             case PauseRequest(name=name):
-                return self._pause(name, pause=True)
+                return await self._cluster_pause(self._pause(name, pause=True))
             case ResumeRequest(name=name):
-                return self._pause(name, pause=False)
+                return await self._cluster_pause(self._pause(name, pause=False))
             case DlqListRequest():
                 total, items = await self._store_call(
                     self._running.store.list_dead(self._selection(request), request.limit)
@@ -496,6 +498,9 @@ class Commands:
             polls=self._polls(),
             rate_limits={name: limiter.status() for name, limiter in self._running.rate_limits.items()},
             guards=redactor.mask(msgspec.to_builtins(self._guards())),
+            nodes=await self._store_call(node_statuses(self._running.cluster))
+            if self._running.cluster
+            else None,
         )
 
     def _guards(self) -> dict[str, Any]:
@@ -567,6 +572,16 @@ class Commands:
             raise CommandError(f"{name!r} is a transform; pause its source or its sinks instead")
         raise CommandError(f"no source or sink named {name!r}")
 
+    async def _cluster_pause(self, result: PauseResult) -> PauseResult:
+        """In cluster mode, the pause applied here is stored for every node (docs/cluster.md)."""
+        node = self._running.cluster
+        if node is None:
+            return result
+        changed = await self._store_call(
+            node.coordination.set_paused(result.name, result.paused, node.info.id)
+        )
+        return msgspec.structs.replace(result, changed=changed)
+
     # -- dead letters ------------------------------------------------------------------------
 
     def _selection(self, request: DlqListRequest | DlqRetryRequest | DlqPurgeRequest) -> DeadFilter:
@@ -620,8 +635,9 @@ class Commands:
     async def _drain(self, timeout: float, call: Call) -> DrainResult:
         if self._draining:
             raise CommandError("already draining")
-        self._draining = True
         running = self._running
+        drain = await self._cluster_drain(timeout)
+        self._draining = True
         running.pauses.draining = True
         for name in self._config.sources:
             if name in running.actors:  # a poll source: no new cycle, or the backlog keeps growing
@@ -640,7 +656,22 @@ class Commands:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await call.progress(DrainProgress(elapsed, sum(by_stage.values()), by_stage))
             await trio.sleep(DRAIN_POLL)
+        if drain is not None and running.cluster is not None:  # every node that joined it stops
+            with contextlib.suppress(StoreUnavailable):  # its deadline ends it anyway
+                await running.cluster.coordination.finish_drain(drain)
         return DrainResult(not by_stage, elapsed, sum(by_stage.values()), by_stage)
+
+    async def _cluster_drain(self, timeout: float) -> int | None:
+        """In cluster mode, start the drain every node joins (docs/cluster.md); its number."""
+        node, follower = self._running.cluster, self._running.follower
+        if node is None or follower is None:
+            return None
+        try:
+            drain = await self._store_call(node.coordination.start_drain(node.info.id, timeout))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        follower.join(drain.number)
+        return drain.number
 
     # -- replay ------------------------------------------------------------------------------
 
