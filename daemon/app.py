@@ -26,6 +26,9 @@ from typing import Protocol
 
 import trio
 
+from daemon.cluster.control import Follower
+from daemon.cluster.node import open_node
+from daemon.cluster.singleton import under_lease
 from daemon.config.kinds import PollSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.commands import Commands
@@ -99,6 +102,25 @@ def _control_server(loaded: LoadedConfig, running: Running) -> ControlServer:
     return ControlServer(
         socket_path(loaded), commands, access=Access(os.getuid(), gid), refused=commands.refused, group=gid
     )
+
+
+async def _join_cluster(running: Running, nursery: trio.Nursery) -> None:
+    """Cluster mode (PostgreSQL store): start this node's heartbeat, which keeps its leases and
+    applies the cluster's pauses and drain (docs/cluster.md). Nothing on one SQLite node."""
+    node = open_node(running.config)
+    if node is None:
+        return
+    running.cluster = node
+    running.follower = node.on_beat = Follower(
+        sinks=lambda: running.actors.sinks,
+        pollers=lambda: running.actors.pollers,
+        webhooks=lambda: {
+            n for n, s in running.config.sources.items() if not isinstance(s, PollSourceConfig)
+        },
+        holds=running.pauses,
+        stop=running.stop,
+    )
+    await nursery.start(node.run)
 
 
 async def _watch_signals(running: Running, nursery: trio.Nursery) -> None:
@@ -193,6 +215,7 @@ async def serve(
             running.rate_limits.update(config.rate_limits)
             outer.start_soon(_sample_queue_depths, store, running, telemetry)
             outer.start_soon(_maintain, store, running)
+            await _join_cluster(running, outer)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)
             outer.start_soon(notifier.keep_alive)
@@ -208,18 +231,29 @@ async def serve(
                 running.control = _control_server(loaded, running)
                 await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
+                    node = running.cluster  # singletons run under their lease in a cluster
                     for name in config.transforms:
                         actor = transformer(config, name, running)
                         running.actors.transforms[name] = actor
-                        await intake.start(supervisor.supervise, f"transform.{name}", lambda a=actor: a)
+                        await intake.start(
+                            supervisor.supervise,
+                            f"transform.{name}",
+                            partial(under_lease, node, f"transform.{name}", actor),
+                        )
                     for name in pollers(config):
                         source = poller(config, name, running)
                         running.actors.pollers[name] = source
-                        await intake.start(supervisor.supervise, f"poll.{name}", lambda p=source: p)
+                        await intake.start(
+                            supervisor.supervise,
+                            f"poll.{name}",
+                            partial(under_lease, node, f"poll.{name}", source),
+                        )
                     running.telemetry = telemetry
                     if config.alerts:
                         running.alerter = alerter = build_alerter(config, running)
-                        await intake.start(supervisor.supervise, "alerter", lambda: alerter)
+                        await intake.start(
+                            supervisor.supervise, "alerter", partial(under_lease, node, "alerter", alerter)
+                        )
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
                         store,
@@ -241,6 +275,9 @@ async def serve(
                         tls=server_context(config.listener.tls),
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
+                    if node is not None and running.addresses:
+                        host, port = running.addresses[0]
+                        node.info = node.info._replace(address=f"{host}:{port}")
                     log.info(
                         "ready",
                         extra={

@@ -67,6 +67,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
+from daemon.cluster.singleton import under_lease
 from daemon.component import Deps, Wiring
 from daemon.config.kinds import PollSourceConfig, WebhookSourceConfig, webhook_path
 from daemon.config.root import Config, LoadedConfig, downstream, load
@@ -249,7 +250,9 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
     running.alerter = None
     if new.alerts and running.intake_nursery is not None:
         alerter = running.alerter = build_alerter(new, running)
-        running.supervisor.start(running.intake_nursery, "alerter", lambda: alerter)
+        running.supervisor.start(
+            running.intake_nursery, "alerter", partial(under_lease, running.cluster, "alerter", alerter)
+        )
     return True
 
 
@@ -370,14 +373,16 @@ async def _reload(running: Running) -> ReloadResult:
     for name in [*changes.transforms.removed, *changes.transforms.changed]:
         await supervisor.stop(f"transform.{name}")
     for name, actor in transforms.items():
-        supervisor.start(running.intake_nursery, f"transform.{name}", _same(actor))
+        lease = f"transform.{name}"
+        supervisor.start(running.intake_nursery, lease, partial(under_lease, running.cluster, lease, actor))
 
     # 3b. Pollers: the old one ends (a commit in flight still lands) before the new one reads
     # its state back from the store.
     for name in pollers(old, [*changes.sources.removed, *changes.sources.changed]):
         await supervisor.stop(f"poll.{name}")
     for name, source in polls.items():
-        supervisor.start(running.intake_nursery, f"poll.{name}", _same(source))
+        lease = f"poll.{name}"
+        supervisor.start(running.intake_nursery, lease, partial(under_lease, running.cluster, lease, source))
 
     # 4. Sinks: each changed one finishes before its replacement starts; all of them at once.
     async def replace(name: str) -> None:

@@ -40,6 +40,7 @@ from typing import Any, final
 import trio
 
 from daemon.config.cluster import ClusterConfig
+from daemon.config.root import Config
 from daemon.errors import StoreUnavailable
 from daemon.store.coordination import Beat, Coordination, NodeInfo
 from daemon.store.fencing import Fence
@@ -213,3 +214,15 @@ def _lost(slot: LeaseSlot, why: str) -> None:
 
 
 __all__ = ["LeaseSlot", "Node", "this_node"]
+
+
+def open_node(config: Config) -> Node | None:
+    """This process as a node of the cluster `config` describes, or None for one SQLite node."""
+    store = config.store
+    url = getattr(store, "url", None)
+    if getattr(store, "backend", "sqlite") != "postgres" or not url:
+        return None
+    from daemon.store.leases import PostgresCoordination  # psycopg: loaded only in a cluster
+
+    coordination = PostgresCoordination(url, timeout=config.cluster.database_timeout)
+    return Node(coordination, this_node(config.listener.address), config.cluster)

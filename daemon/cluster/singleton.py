@@ -117,4 +117,9 @@ class Singleton:
         scope.cancel()
 
 
-__all__ = ["Singleton", "only_lease_lost"]
+def under_lease(node: Node | None, lease: str, actor: Actor) -> Actor:
+    """`actor` as a singleton of the cluster `node` belongs to; `actor` itself on one SQLite node."""
+    return actor if node is None else Singleton(lease, actor, node)
+
+
+__all__ = ["Singleton", "only_lease_lost", "under_lease"]

@@ -377,6 +377,7 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
         "control",
         "supervisor",
         "telemetry",
+        "cluster",
         "sources",
         "transforms",
         "sinks",
