@@ -19,6 +19,7 @@ from actors.webhook import config as config_webhook
 from actors.webhook.config import DOCUMENTED as VERIFY_TABLES
 from daemon.config import auth as config_auth
 from daemon.config import limits, sections
+from daemon.config.cluster import ClusterConfig
 from daemon.config.secrets import SecretRef
 from daemon.config.sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from daemon.config.units import Duration, Size
@@ -41,6 +42,7 @@ _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[control]", sections.ControlConfig),
     ("[supervisor]", sections.SupervisorConfig),
     ("[telemetry]", sections.TelemetryConfig),
+    ("[cluster]", ClusterConfig),
     ('[sources.NAME] type = "webhook"', config_webhook.WebhookSourceConfig),
     *[
         (title if title.startswith("tls") else f"{title} (in a webhook source)", struct)
