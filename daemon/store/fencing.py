@@ -20,11 +20,13 @@ and nothing is paid.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from daemon.errors import LeaseLost
+
+T = TypeVar("T")
 
 
 class Fence(NamedTuple):
@@ -67,4 +69,22 @@ def check(cursor: Any, fence: Fence | None) -> None:
         raise LeaseLost(f"lease {fence.name!r} (token {fence.token}) is no longer held by {fence.holder}")
 
 
-__all__ = ["CHECK", "Fence", "check", "current", "fenced"]
+def guarded(fn: Callable[[Any], T]) -> Callable[[Any], T]:
+    """`fn(db)` preceded, in its own transaction, by the check of the calling task's fence.
+
+    Call it in the store's async method (the singleton's task, where the fence is set), not on
+    the writer thread: `await self.call_until_committed(fencing.guarded(fn))`. Without a fence it
+    returns `fn` itself. `db` is the PostgreSQL backend's `Db` (its psycopg connection in `.conn`).
+    """
+    fence = current()
+    if fence is None:
+        return fn
+
+    def fenced_fn(db: Any) -> T:
+        check(db.conn, fence)
+        return fn(db)
+
+    return fenced_fn
+
+
+__all__ = ["CHECK", "Fence", "check", "current", "fenced", "guarded"]
