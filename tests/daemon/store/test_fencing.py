@@ -62,7 +62,7 @@ async def test_a_transform_commit_under_a_stale_fence_is_refused_and_writes_noth
     )
     (stored,) = await store.read_events(["hooks"], 0, 10)
     stale, current = await _taken_over(coordination, "transform.shape")
-    with fenced(stale), pytest.raises(LeaseLost, match="transform.shape"):
+    with fenced(stale), pytest.raises(LeaseLost, match=r"transform\.shape"):
         await store.commit_transform("shape", stored.seq, [Derived(stored, 0, b'"x"')], [], ["crm"])
     assert await store.cursor("shape") == 0
     assert (await store.counts()).get("crm") is None, "no delivery was written"
