@@ -49,6 +49,15 @@ class ClusterConfig(Section, frozen=True):
         ),
     ] = default(Duration(2))
 
+    delivery_lease: Annotated[
+        Duration,
+        Meta(
+            description="How long a delivery a node's sink has claimed stays that node's without a new "
+            "fetch (database clock). A node that dies holds its claims this long; then any node resends "
+            "them under the same Idempotency-Key. Longer than the slowest request a sink may make."
+        ),
+    ] = default(Duration(60))
+
     def __post_init__(self) -> None:
         if self.heartbeat <= 0:
             raise ValueError("heartbeat must be more than 0s")
@@ -57,5 +66,7 @@ class ClusterConfig(Section, frozen=True):
                 f"lease_ttl ({self.lease_ttl:g}s) must be at least 3 heartbeats ({3 * self.heartbeat:g}s), "
                 "or one late heartbeat loses every lease"
             )
+        if self.delivery_lease <= 0:
+            raise ValueError("delivery_lease must be more than 0s")
         if self.database_timeout <= 0 or self.database_timeout >= self.lease_ttl:
             raise ValueError("database_timeout must be more than 0s and less than lease_ttl")
