@@ -19,7 +19,6 @@ from actors.webhook import config as config_webhook
 from actors.webhook.config import DOCUMENTED as VERIFY_TABLES
 from daemon.config import auth as config_auth
 from daemon.config import limits, sections
-from daemon.config.cluster import ClusterConfig
 from daemon.config.secrets import SecretRef
 from daemon.config.sync import EnrichConfig, LookupRetryConfig, OrderingConfig
 from daemon.config.units import Duration, Size
@@ -38,11 +37,11 @@ names are unique across all three kinds.
 
 _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[store]", sections.StoreConfig),
+    ("[cluster]", sections.ClusterConfig),
     ("[listener]", config_webhook.ListenerConfig),
     ("[control]", sections.ControlConfig),
     ("[supervisor]", sections.SupervisorConfig),
     ("[telemetry]", sections.TelemetryConfig),
-    ("[cluster]", ClusterConfig),
     ('[sources.NAME] type = "webhook"', config_webhook.WebhookSourceConfig),
     *[
         (title if title.startswith("tls") else f"{title} (in a webhook source)", struct)

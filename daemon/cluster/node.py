@@ -39,8 +39,8 @@ from typing import Any, final
 
 import trio
 
-from daemon.config.cluster import ClusterConfig
-from daemon.config.root import Config
+from daemon.config.root import Config, node_id
+from daemon.config.sections import ClusterConfig
 from daemon.errors import StoreUnavailable
 from daemon.store.coordination import Beat, Coordination, NodeInfo
 from daemon.store.fencing import Fence
@@ -217,12 +217,14 @@ __all__ = ["LeaseSlot", "Node", "this_node"]
 
 
 def open_node(config: Config) -> Node | None:
-    """This process as a node of the cluster `config` describes, or None for one SQLite node."""
+    """This process as a node of the cluster `config` describes, or None for one SQLite node.
+
+    Its id is the one the store claims deliveries under (`daemon.config.root.node_id`).
+    """
     store = config.store
-    url = getattr(store, "url", None)
-    if getattr(store, "backend", "sqlite") != "postgres" or not url:
+    if store.backend != "postgres" or store.url is None:
         return None
     from daemon.store.leases import PostgresCoordination  # psycopg: loaded only in a cluster
 
-    coordination = PostgresCoordination(url, timeout=config.cluster.database_timeout)
-    return Node(coordination, this_node(config.listener.address), config.cluster)
+    coordination = PostgresCoordination(store.url.value.reveal(), timeout=config.cluster.database_timeout)
+    return Node(coordination, this_node(config.listener.address, node_id(config)), config.cluster)

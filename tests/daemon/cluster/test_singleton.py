@@ -14,7 +14,7 @@ import trio.testing
 
 from daemon.cluster.node import Node
 from daemon.cluster.singleton import Singleton, only_lease_lost
-from daemon.config.cluster import ClusterConfig
+from daemon.config.sections import ClusterConfig
 from daemon.config.units import Duration
 from daemon.errors import LeaseLost
 from daemon.store import fencing
