@@ -122,8 +122,15 @@ async def _join_cluster(running: Running, nursery: trio.Nursery) -> None:
         },
         holds=running.pauses,
         stop=running.stop,
+        wake=partial(_wake_consumers, running),
     )
     await nursery.start(node.run)
+
+
+def _wake_consumers(running: Running) -> None:
+    """Wake every transform and sink here: they look for work other nodes committed."""
+    for name in (*running.config.transforms, *running.config.sinks):
+        running.store.signal(name).fire()
 
 
 async def _watch_signals(running: Running, nursery: trio.Nursery) -> None:

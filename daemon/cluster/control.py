@@ -18,7 +18,14 @@ Drain:
     marks the drain done, answers and stops; every node that joined stops once it sees the drain
     done, or past its deadline. A node started after the drain ended ignores it.
 
-`dlq retry`, `dlq purge` and `replay` need nothing here: they are store operations on the shared
+Work written by other nodes:
+    A store's wake-ups are in-process: a commit on one node wakes that node's consumers only.
+    So each beat also wakes every transform and sink here (`wake`), which then look for rows
+    other nodes wrote (events to transform, deliveries due, retried dead letters, replays): work
+    another node wrote waits at most one heartbeat here, and an idle node costs one indexed
+    query per consumer per heartbeat.
+
+`dlq retry`, `dlq purge` and `replay` need nothing else: they are store operations on the shared
 database, so their rows are every node's (each node's sinks find due rows in the database), and
 the audit trail is one table for the whole cluster.
 """
@@ -81,13 +88,15 @@ class Follower:
         webhooks: Callable[[], set[str]],
         holds: Holds,
         stop: trio.Event,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self._sinks, self._pollers, self._webhooks = sinks, pollers, webhooks
-        self._holds, self._stop = holds, stop
+        self._holds, self._stop, self._wake = holds, stop, wake
         self.joined: int | None = None
         """The drain this node joined, if any."""
 
     def __call__(self, beat: Beat) -> None:
+        self._wake()
         drain = beat.drain
         if drain is not None and drain.active and self.joined is None:
             self.join(drain.number)

@@ -73,3 +73,18 @@ async def test_a_drain_past_its_deadline_stops_the_nodes_that_joined_it() -> Non
     follower(_beat(drain=Drain(5, active=True, done=False)))
     follower(_beat(drain=Drain(5, active=False, done=False)))
     assert stop.is_set()
+
+
+async def test_every_beat_wakes_the_consumers_for_work_other_nodes_wrote() -> None:
+    woken: list[int] = []
+    follower = Follower(
+        sinks=dict,
+        pollers=dict,
+        webhooks=set,
+        holds=Pauses(),
+        stop=trio.Event(),
+        wake=lambda: woken.append(1),
+    )
+    for _ in range(3):
+        follower(_beat())
+    assert len(woken) == 3
