@@ -8,6 +8,7 @@ webhooks round-robin while nodes are killed and restarted) is tests/chaos/test_c
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster
+from tests.fake_api import ApiRequest, FakeApi
 from tests.fakes import FakeReceiver, ctl, until
 from tests.postgres import postgres_url
 
@@ -41,6 +43,50 @@ url = "RECEIVER/contacts"
 concurrency = 4
 retry = { max_attempts = 100, initial_backoff = "50ms", max_backoff = "300ms" }
 """
+
+
+POLLING = """
+[sources.items]
+type = "poll"
+url = "API/cursor/items?limit=50"
+items = ".data"
+key = ".id"
+interval = "100ms"
+jitter = 0
+timeout = "2s"
+initial_backoff = "50ms"
+max_backoff = "200ms"
+pagination = { style = "cursor", path = ".next_cursor" }
+since = { field = ".updated_at", param = "updated_since", overlap = "5s" }
+headers = { "X-Node" = "{node}" }
+
+[sinks.out]
+type = "http"
+inputs = ["items"]
+url = "RECEIVER/items"
+concurrency = 4
+"""
+
+
+def overlaps(requests: list[ApiRequest]) -> list[str]:
+    """Where two nodes' requests were in flight at once: the fake API saw overlapping listings.
+
+    Requests are taken in order of arrival and cut into runs by node; each run must be answered
+    in full before the next node's first request arrives."""
+    runs: list[list[ApiRequest]] = []
+    for request in sorted(requests, key=lambda r: r.monotonic):
+        if runs and runs[-1][0].headers["x-node"] == request.headers["x-node"]:
+            runs[-1].append(request)
+        else:
+            runs.append([request])
+    found = []
+    for before, after in itertools.pairwise(runs):
+        end = max(r.answered if r.answered is not None else float("inf") for r in before)
+        if end > after[0].monotonic:
+            found.append(
+                f"{before[0].headers['x-node']} still in flight when {after[0].headers['x-node']} asked"
+            )
+    return found
 
 
 @pytest.fixture
@@ -135,3 +181,63 @@ def test_a_pause_given_to_one_node_holds_on_every_node(cluster: Cluster, receive
     audit = ctl(a.config, "audit").stdout
     assert "pause" in audit
     assert "resume" in audit, "the audit trail is shared: b's resume shows on a"
+
+
+def test_a_poll_source_is_polled_by_one_node_at_a_time_and_resumes_where_it_was(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    api = FakeApi(records=3000).start()
+
+    def slow(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
+        time.sleep(0.01)  # a listing of 40+ pages takes a good half second: room for a kill inside it
+        return None
+
+    api.responder = slow
+    try:
+        cluster.pipeline = POLLING.replace("API", api.url).replace("RECEIVER", receiver.url)
+        nodes = [cluster.add(name).start() for name in ("a", "b", "c")]
+
+        def mark() -> str | None:
+            rows = cluster.query("SELECT mark FROM poll_state WHERE source = 'items'")
+            return str(rows[0][0]) if rows and rows[0][0] else None
+
+        until(mark, lambda value: value == api.record(3000)["updated_at"], timeout=60)
+        api.add(2000)
+        leader = until(lambda: cluster.holder("poll.items"), lambda held: held is not None)
+        seen = len(api.snapshot())
+        api.wait_for(lambda rs: sum(1 for r in rs[seen:] if r.query.get("cursor")) >= 8, timeout=30)
+        dead = next(node for node in nodes if node.name == leader)
+        dead.kill9()
+        killed = time.monotonic()
+        listing = [r for r in api.snapshot() if r.headers["x-node"] == leader][-1]
+        resumed = api.wait_for(
+            lambda rs: any(r.headers["x-node"] != leader and r.monotonic > killed for r in rs), timeout=30
+        )
+        first = next(r for r in resumed if r.headers["x-node"] != leader and r.monotonic > killed)
+        took = first.monotonic - killed
+        assert took <= FAILOVER + SLACK, f"the poll source resumed {took:.2f}s after the kill"
+        print(f"\npoll source resumed on {first.headers['x-node']} {took:.2f}s after kill -9 of {leader}")
+        assert first.query.get("updated_since") == listing.query.get("updated_since") is not None, (
+            "the new node resumed from the stored watermark, not from scratch"
+        )
+        until(
+            lambda: cluster.query("SELECT count(*) FROM events WHERE stream = 'items'")[0][0],
+            lambda count: count >= 5000,
+            timeout=60,
+        )
+        until(mark, lambda value: value == api.record(5000)["updated_at"], timeout=60)
+        assert cluster.query(
+            "SELECT count(DISTINCT payload), count(*) FROM events WHERE stream = 'items'"
+        ) == [(5000, 5000)], "each record stored exactly once across the failover"
+        assert overlaps(api.snapshot()) == []
+    finally:
+        api.stop()
+
+
+def test_the_overlap_check_is_not_blind() -> None:
+    def request(node: str, at: float, answered: float | None) -> ApiRequest:
+        return ApiRequest(0, at, "GET", "/", {}, {"x-node": node}, b"", 200, answered)
+
+    assert overlaps([request("a", 0, 1), request("a", 1, 2), request("b", 3, 4)]) == []
+    assert overlaps([request("a", 0, 1), request("b", 0.5, 2)]) != []
+    assert overlaps([request("a", 0, None), request("b", 5, 6)]) != []
