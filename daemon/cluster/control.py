@@ -12,11 +12,13 @@ Pauses:
     SQLite node they stay in memory as before.
 
 Drain:
-    A node that sees an active drain joins it: every webhook source answers 503 and its poll
-    sources stop after the cycle under way; transforms and sinks keep working. The node that took
-    the command waits until nothing is due cluster-wide (the counts are the shared database's),
-    marks the drain done, answers and stops; every node that joined stops once it sees the drain
-    done, or past its deadline. A node started after the drain ended ignores it.
+    A node that sees a drain begun since it started (or under way when it started) joins it:
+    every webhook source answers 503 and its poll sources stop after the cycle under way;
+    transforms and sinks keep working. The node that took the command waits until nothing is due
+    cluster-wide (the counts are the shared database's), marks the drain done, answers and stops;
+    every node that joined stops once it sees the drain done, or past its deadline — also a node
+    whose first sight of a short drain is already its end. A node started after a drain ended
+    ignores it.
 
 Work written by other nodes:
     A store's wake-ups are in-process: a commit on one node wakes that node's consumers only.
@@ -94,12 +96,17 @@ class Follower:
         self._holds, self._stop, self._wake = holds, stop, wake
         self.joined: int | None = None
         """The drain this node joined, if any."""
+        self._baseline: int | None = None
+        """The latest drain when this node first beat: older ones are not its business."""
 
     def __call__(self, beat: Beat) -> None:
         self._wake()
         drain = beat.drain
-        if drain is not None and drain.active and self.joined is None:
-            self.join(drain.number)
+        number = drain.number if drain is not None else 0
+        if self._baseline is None:  # first beat: a drain under way is joined, an ended one ignored
+            self._baseline = number - 1 if drain is not None and drain.active else number
+        if drain is not None and number > self._baseline and self.joined is None:
+            self.join(number)  # even one already over: it began after this node started
         self.apply_pauses(beat.paused)
         over = drain is not None and drain.number == self.joined and not drain.active
         if over and drain is not None and not self._stop.is_set():

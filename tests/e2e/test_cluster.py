@@ -241,3 +241,19 @@ def test_the_overlap_check_is_not_blind() -> None:
     assert overlaps([request("a", 0, 1), request("a", 1, 2), request("b", 3, 4)]) == []
     assert overlaps([request("a", 0, 1), request("b", 0.5, 2)]) != []
     assert overlaps([request("a", 0, None), request("b", 5, 6)]) != []
+
+
+def test_a_drain_given_to_one_node_drains_the_cluster_and_every_node_exits_0(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url)
+    a, b = (cluster.add(name).start() for name in ("a", "b"))
+    ids = {n: _post((a, b)[n % 2].daemon.url, n) for n in range(30)}
+    done = ctl(a.config, "drain", "--timeout", "30s")
+    assert done.returncode == 0, done.stderr
+    assert "drained" in done.stdout
+    assert {request.json()["id"] for request in receiver.snapshot()} >= set(ids), "the backlog went out first"
+    assert a.daemon.wait(30) == 0
+    assert b.daemon.wait(HEARTBEAT * 4 + 10) == 0, "the other node stops once the drain is done"
+    b.start()  # a node started after the drain ended runs normally
+    assert httpx.post(f"{b.daemon.url}/hooks/demo", json={"id": 99}, timeout=10).status_code == 202

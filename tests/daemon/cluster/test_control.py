@@ -62,10 +62,26 @@ async def test_a_drain_stops_intake_then_the_node() -> None:
 async def test_a_drain_that_ended_before_the_node_started_is_ignored() -> None:
     follower, _, pollers, pauses, stop = _node()
     follower(_beat(drain=Drain(3, active=False, done=True)))
-    follower(_beat(drain=Drain(3, active=False, done=False)))  # timed out
+    follower(_beat(drain=Drain(3, active=False, done=True)))
     assert not pauses.draining
     assert not pollers["orders"].paused
     assert not stop.is_set()
+
+
+async def test_a_drain_seen_only_once_it_was_over_still_stops_the_node() -> None:
+    follower, _, _, pauses, stop = _node()
+    follower(_beat())
+    follower(_beat(drain=Drain(1, active=False, done=True)))  # begun and done between two beats
+    assert pauses.draining
+    assert stop.is_set()
+
+
+async def test_a_node_started_during_a_drain_joins_it() -> None:
+    follower, _, _, pauses, stop = _node()
+    follower(_beat(drain=Drain(2, active=True, done=False)))
+    assert pauses.draining
+    follower(_beat(drain=Drain(2, active=False, done=True)))
+    assert stop.is_set()
 
 
 async def test_a_drain_past_its_deadline_stops_the_nodes_that_joined_it() -> None:
