@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
 from tests.chaos.load import FULL, post_until_acked
@@ -37,6 +38,7 @@ from tests.fakes import FakeReceiver, Received, Reply, ok
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
+pytestmark = pytest.mark.timeout(7200 if FULL else 300)  # three nodes starting, killed and restarted
 
 EVENTS = 10_000 if FULL else 1_500
 KILLS = 15 if FULL else 3
