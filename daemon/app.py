@@ -75,6 +75,17 @@ async def _maintain(store: Outbox, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
+class _Maintenance:
+    """`_maintain` as an actor, so that a cluster runs it under a lease."""
+
+    def __init__(self, store: Outbox, running: Running) -> None:
+        self._store, self._running = store, running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await _maintain(self._store, self._running)
+
+
 async def _sample_queue_depths(store: Outbox, running: Running, telemetry: Telemetry) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
 
@@ -247,8 +258,9 @@ async def serve(
             running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
             outer.start_soon(_sample_queue_depths, store, running, telemetry)
-            outer.start_soon(_maintain, store, running)
             await _join_cluster(running, outer)
+            # Pruning: one node of a cluster at a time (the others would repeat its deletes).
+            outer.start_soon(under_lease(running.cluster, "maintenance", _Maintenance(store, running)).run)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)
             outer.start_soon(notifier.keep_alive)
