@@ -380,7 +380,6 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
         "control",
         "supervisor",
         "telemetry",
-        "cluster",
         "sources",
         "transforms",
         "sinks",
