@@ -6,6 +6,8 @@ the real server in tests/daemon/store/test_leases.py, and end to end in tests/e2
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -91,6 +93,18 @@ class Cluster:
                 await trio.sleep(0.05)
 
 
+@asynccontextmanager
+async def cluster_of(*names: str) -> AsyncIterator[Cluster]:
+    """Nodes `names` running lease `L`, watched for overlap (a failure ends the test), until exit."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, MemoryCoordination())
+        nursery.start_soon(_watch_overlap, cluster)
+        for name in names:
+            await cluster.start(name)
+        yield cluster
+        nursery.cancel_scope.cancel()
+
+
 async def _watch_overlap(cluster: Cluster) -> None:
     while True:
         assert len(cluster.running()) <= 1, f"two nodes ran the singleton at once: {cluster.running()}"
@@ -98,30 +112,20 @@ async def _watch_overlap(cluster: Cluster) -> None:
 
 
 async def test_one_node_runs_the_singleton_under_its_fence(autojump_clock: trio.testing.MockClock) -> None:
-    coordination = MemoryCoordination()
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, coordination)
-        nursery.start_soon(_watch_overlap, cluster)
-        for name in ("a", "b", "c"):
-            await cluster.start(name)
+    async with cluster_of("a", "b", "c") as cluster:
         leader = await cluster.until_running()
         await trio.sleep(30)  # many renewals later, still the same single leader
         assert cluster.running() == [leader]
         (start,) = [entry for entry in cluster.log if entry[0] == "start"]
         assert start[3] == Fence("L", leader, 1)
         assert {s.role for n, s in cluster.singletons.items() if n != leader} == {"standby"}
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_dead_node_fails_over_within_lease_ttl_plus_a_heartbeat(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    coordination = MemoryCoordination()
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, coordination)
-        nursery.start_soon(_watch_overlap, cluster)
-        for name in ("a", "b"):
-            await cluster.start(name)
+    async with cluster_of("a", "b") as cluster:
+        coordination = cluster.coordination
         leader = await cluster.until_running()
         coordination.cut.add(leader)  # kill -9: no more heartbeats, no clean release
         cluster.scopes[leader].cancel()
@@ -130,18 +134,13 @@ async def test_a_dead_node_fails_over_within_lease_ttl_plus_a_heartbeat(
         assert trio.current_time() - died <= CONFIG.lease_ttl + CONFIG.heartbeat + 0.1
         starts = [entry for entry in cluster.log if entry[0] == "start"]
         assert starts[-1][3] == Fence("L", successor, 2)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_node_cut_off_stops_its_singleton_before_another_takes_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    coordination = MemoryCoordination()
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, coordination)
-        nursery.start_soon(_watch_overlap, cluster)  # fails the test on any overlap
-        for name in ("a", "b"):
-            await cluster.start(name)
+    async with cluster_of("a", "b") as cluster:
+        coordination = cluster.coordination
         leader = await cluster.until_running()
         coordination.cut.add(leader)  # alive, but cannot renew
         successor = await cluster.until_running(exclude=leader)
@@ -152,32 +151,23 @@ async def test_a_node_cut_off_stops_its_singleton_before_another_takes_it(
         coordination.cut.clear()  # back: the old leader stays standby, the new one keeps it
         await trio.sleep(20)
         assert cluster.running() == [successor]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_clean_stop_hands_the_lease_over_at_the_next_heartbeat(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    coordination = MemoryCoordination()
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, coordination)
-        for name in ("a", "b"):
-            await cluster.start(name)
+    async with cluster_of("a", "b") as cluster:
         leader = await cluster.until_running()
         cluster.scopes[leader].cancel()
         stopped = trio.current_time()
         await cluster.until_running(exclude=leader)
         assert trio.current_time() - stopped <= CONFIG.heartbeat + 0.1
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_refused_commit_stops_the_actor_and_the_lease_is_taken_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    coordination = MemoryCoordination()
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, coordination)
-        await cluster.start("a")
+    async with cluster_of("a") as cluster:
         await cluster.until_running()
         cluster.actors["a"].fail = LeaseLost("lease 'L' (token 1) is no longer held by a")
         with trio.fail_after(10):
@@ -185,7 +175,6 @@ async def test_a_refused_commit_stops_the_actor_and_the_lease_is_taken_again(
                 await trio.sleep(0.05)
         assert [e[3] for e in cluster.log if e[0] == "start"][-1] == Fence("L", "a", 2)
         assert cluster.singletons["a"].acquisitions == 2
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_actor_crash_is_the_supervisors_business(autojump_clock: trio.testing.MockClock) -> None:
