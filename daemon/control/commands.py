@@ -58,6 +58,7 @@ import trio
 from msgspec import Struct
 
 from daemon.cluster.control import NodeStatus, node_statuses
+from daemon.cluster.singleton import Singleton
 from daemon.config.kinds import WebhookSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream
 from daemon.control.protocol import (
@@ -86,6 +87,7 @@ from daemon.registry import AlertView, PollStatus
 from daemon.reload import ReloadResult, config_sha256, reload
 from daemon.store import confirmations, ops
 from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
+from daemon.supervisor import ActorState
 from daemon.telemetry import metrics
 from daemon.telemetry.masking import Redactor, config_redactor, decode_payload
 from daemon.telemetry.tap import Record
@@ -478,7 +480,7 @@ class Commands:
                 stages[name] = StageStatus("unconfigured", c["pending"], c["delivered"], c["dead"])
         redactor = self._redactor  # secrets (URL credentials too) never shown in a status
         actors = [
-            ActorStatus(a.name, a.state, a.restarts, redactor.scrub(a.last_error))
+            ActorStatus(a.name, _shown_state(a), a.restarts, redactor.scrub(a.last_error))
             for a in self._running.supervisor.actors.values()
         ]
         throughput = self._running.throughput
@@ -727,6 +729,17 @@ class Commands:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await call.progress(ReplayProgress(done, len(selected)))
         return ReplayResult(number, len(selected), sum(by_sink.values()), by_sink)
+
+
+def _shown_state(actor: ActorState) -> str:
+    """An actor's state; `standby` for a cluster singleton running while another node holds its lease."""
+    if (
+        actor.state == "running"
+        and isinstance(actor.incarnation, Singleton)
+        and actor.incarnation.role == "standby"
+    ):
+        return "standby"
+    return actor.state
 
 
 def _summary(result: Any) -> str:

@@ -132,6 +132,9 @@ def test_a_transform_runs_on_one_node_and_fails_over_when_it_is_killed(
     assert len(holders) == 1
     assert holders[0]["address"].endswith(f":{next(n.port for n in nodes if n.name == leader)}")
     assert sum(node["this"] for node in listed.values()) == 1
+    states = {actor["name"]: actor["state"] for actor in status["actors"]}
+    assert states["transform.shape"] == "standby", "a node without the lease shows its singleton waiting"
+    assert states["sink.crm"] == "running"
     shown = ctl(others[0].config, "status")
     assert "NODE" in shown.stdout
     assert "transform.shape" in shown.stdout
