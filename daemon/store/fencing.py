@@ -7,11 +7,13 @@ the fence of the acquisition it was started under. The backend's singleton commi
 transform's cursor, a poll page, a window, the alert states) read `current()` where they are
 called, in the actor's task, and run `check` first in the same transaction as their writes.
 
-`check` locks the lease row `FOR SHARE` and compares holder and token, with the expiry on the
-database's clock: if another node took the lease (its token is higher) or it expired, the commit
-raises `LeaseLost` and writes nothing. The row lock orders the commit against a concurrent
-takeover: either the commit lands first and the new holder reads it back, or the takeover lands
-first and the commit is refused.
+`check` locks the lease row `FOR KEY SHARE` and compares holder and token, with the expiry on
+the database's clock: if another node took the lease (its token is higher) or it expired, the
+commit raises `LeaseLost` and writes nothing. The row lock orders the commit against a
+concurrent takeover, which locks the row `FOR UPDATE` (`daemon.store.leases`): either the commit
+lands first and the new holder reads it back, or the takeover lands first and the commit is
+refused. The holder's own renewals (an `UPDATE` of the expiry only) do not conflict with it, so
+a node's commits never hold up its heartbeat.
 
 With no fence set (SQLite, a single node; or an actor that is not a singleton) nothing is checked
 and nothing is paid.
@@ -57,7 +59,7 @@ def fenced(fence: Fence) -> Iterator[None]:
 
 CHECK = (
     "SELECT 1 FROM ferry_leases WHERE name = %s AND holder = %s AND token = %s "
-    "AND expires_at > now() FOR SHARE"
+    "AND expires_at > now() FOR KEY SHARE"
 )
 
 

@@ -65,6 +65,10 @@ _ACQUIRE = """INSERT INTO ferry_leases AS l (name, holder, token, expires_at)
         expires_at = excluded.expires_at, acquired_at = now()
     WHERE l.expires_at <= now() OR l.holder IS NULL OR l.holder = excluded.holder
     RETURNING l.name, l.token"""
+_EXISTING = "SELECT name FROM ferry_leases WHERE name = ANY(%s)"
+_TAKEABLE = """SELECT name FROM ferry_leases
+    WHERE name = ANY(%s) AND (expires_at <= now() OR holder IS NULL OR holder = %s)
+    FOR UPDATE SKIP LOCKED"""
 _PAUSES = "SELECT name FROM ferry_pauses"
 _DRAIN = """SELECT number, done_at IS NULL AND until > now(), done_at IS NOT NULL
     FROM ferry_drains ORDER BY number DESC LIMIT 1"""
@@ -155,14 +159,30 @@ class PostgresCoordination:
         def fn(conn: psycopg.Connection[Any]) -> Beat:
             conn.execute(_HEARTBEAT, (node.id, node.host, node.address, node.pid))
             renewed = dict(conn.execute(_RENEW, (ttl, names, tokens, node.id)).fetchall()) if names else {}
-            want = [name for name in wanted if name not in held]
-            granted = dict(conn.execute(_ACQUIRE, (node.id, ttl, want)).fetchall()) if want else {}
+            take = self._takeable(conn, node, held, wanted)
+            granted = dict(conn.execute(_ACQUIRE, (node.id, ttl, take)).fetchall()) if take else {}
             paused = frozenset(row[0] for row in conn.execute(_PAUSES))
             row = conn.execute(_DRAIN).fetchone()
             drain = Drain(*row) if row is not None else None
             return Beat(granted, renewed, paused, drain)
 
         return await self._run(fn)
+
+    @staticmethod
+    def _takeable(
+        conn: psycopg.Connection[Any], node: NodeInfo, held: Mapping[str, int], wanted: Sequence[str]
+    ) -> list[str]:
+        """Which of `wanted` to take now: new names, and free ones locked `FOR UPDATE` here.
+
+        The lock is what orders a takeover against the old holder's commit in flight (which holds
+        the row `FOR KEY SHARE`, `daemon.store.fencing`); a row such a commit holds is skipped and
+        tried again at the next beat, so a heartbeat never waits on another node's commit."""
+        want = [name for name in wanted if name not in held]
+        if not want:
+            return []
+        existing = {row[0] for row in conn.execute(_EXISTING, (want,))}
+        lockable = {row[0] for row in conn.execute(_TAKEABLE, (want, node.id))}
+        return [name for name in want if name not in existing or name in lockable]
 
     async def release(self, node_id: str, name: str, token: int) -> None:
         await self._run(lambda conn: conn.execute(_RELEASE, (name, node_id, token)))

@@ -18,8 +18,8 @@ import psycopg
 
 from tests.fakes import Daemon, ctl_json, free_port
 
-HEARTBEAT = 0.25
-LEASE_TTL = 1.5
+HEARTBEAT = 0.5
+LEASE_TTL = 3.0
 FAILOVER = LEASE_TTL + HEARTBEAT
 """The bound docs/cluster.md states: a dead node's singleton resumes elsewhere within this (plus
 its start)."""
@@ -33,7 +33,7 @@ retention = "1h"
 [cluster]
 heartbeat = "{heartbeat}s"
 lease_ttl = "{lease_ttl}s"
-database_timeout = "1s"
+database_timeout = "2s"
 delivery_lease = "{delivery_lease}"
 
 [listener]

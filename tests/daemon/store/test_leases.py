@@ -108,25 +108,32 @@ async def test_a_refused_commit_writes_nothing(coordination: PostgresCoordinatio
 async def test_a_commit_in_flight_orders_itself_against_a_takeover(
     coordination: PostgresCoordination, postgres_url: str
 ) -> None:
-    """A holds the lease row FOR SHARE in an open commit; B's takeover waits for that commit to end."""
+    """A holds the lease row FOR KEY SHARE in an open commit: B's takeover skips the row (without
+    waiting) until that commit has ended, then takes it; A's commit landed first."""
     await coordination.beat(A, {}, ["transform.t"], ttl=0.5)
     with psycopg.connect(postgres_url) as conn:
         conn.execute("CREATE TABLE cursor_t (name text PRIMARY KEY, position int)")
         conn.commit()
         fencing.check(conn, Fence("transform.t", "node-a", 1))  # transaction open, row locked
         await _expired(coordination, "transform.t")
-        async with trio.open_nursery() as nursery:
-            taken: list[dict[str, int]] = []
+        with trio.fail_after(1.5):  # a heartbeat never waits on another node's commit
+            skipped = await coordination.beat(B, {}, ["transform.t"], ttl=5)
+        assert skipped.granted == {}, "the takeover must not pass a commit holding the lease row"
+        conn.execute("INSERT INTO cursor_t VALUES ('t', 1)")
+        conn.commit()
+    assert (await coordination.beat(B, {}, ["transform.t"], ttl=5)).granted == {"transform.t": 2}
 
-            async def take() -> None:
-                taken.append((await coordination.beat(B, {}, ["transform.t"], ttl=5)).granted)
 
-            nursery.start_soon(take)
-            await trio.sleep(0.3)
-            assert taken == [], "the takeover must wait for the commit holding the lease row"
-            conn.execute("INSERT INTO cursor_t VALUES ('t', 1)")
-            conn.commit()
-    assert taken == [{"transform.t": 2}]
+async def test_the_holders_commit_in_flight_does_not_hold_up_its_renewal(
+    coordination: PostgresCoordination, postgres_url: str
+) -> None:
+    await coordination.beat(A, {}, ["transform.t"], ttl=5)
+    with psycopg.connect(postgres_url) as conn:
+        fencing.check(conn, Fence("transform.t", "node-a", 1))  # a long group commit, still open
+        with trio.fail_after(1.5):
+            renewed = await coordination.beat(A, {"transform.t": 1}, ["transform.t"], ttl=5)
+        assert renewed.renewed == {"transform.t": 1}
+        conn.rollback()
 
 
 async def test_nodes_are_listed_with_their_leases_and_dead_after_the_timeout(
