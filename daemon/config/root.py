@@ -68,11 +68,11 @@ class Config(Section, frozen=True):
     """A whole ferry configuration file."""
 
     store: StoreConfig = default(StoreConfig())
+    cluster: ClusterConfig = default(ClusterConfig())
     listener: ListenerConfig = default(ListenerConfig())
     control: ControlConfig = default(ControlConfig())
     supervisor: SupervisorConfig = default(SupervisorConfig())
     telemetry: TelemetryConfig = default(TelemetryConfig())
-    cluster: ClusterConfig = default(ClusterConfig())
     sources: dict[ComponentName, SourceConfig] = {}
     transforms: dict[ComponentName, TransformConfig] = {}
     sinks: dict[ComponentName, SinkConfig] = {}
@@ -109,11 +109,11 @@ class LoadedConfig:
 
 _SECTIONS: dict[str, Any] = {
     "store": StoreConfig,
+    "cluster": ClusterConfig,
     "listener": ListenerConfig,
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
     "telemetry": TelemetryConfig,
-    "cluster": ClusterConfig,
     "alerting": AlertingConfig,
 }
 _COLLECTIONS: dict[str, Any] = {
