@@ -13,7 +13,9 @@ backend in turn (same run, same machine, alternating so load drifts hit both):
 - round trips per event on PostgreSQL: statements + commits sent, per event ingested and per
   delivery recorded (counted on the store's connection).
 
-Prints a table with medians over the rounds and the PG/SQLite ratios. The PostgreSQL database is
+With `--daemon SECONDS`, also the whole daemon (webhook source only) under wrk on each backend:
+accepted events/s over the load. Prints a table with medians over the rounds and the PG/SQLite
+ratios. The PostgreSQL database is
 created and dropped by the bench (default server: `FERRY_TEST_POSTGRES` or 127.0.0.1:5432).
 """
 
@@ -33,6 +35,9 @@ import psycopg
 import trio
 
 from actors.webhook.ingest import IngestBatcher
+from bench.context import Context
+from bench.harness import Ferry, post_load, write_config, wrk_script
+from bench.report import Row
 from daemon.store.api import Outbox
 from daemon.store.postgres import connect as pg_connect
 from daemon.store.postgres.store import PostgresStore
@@ -154,6 +159,9 @@ async def run_sqlite(folder: Path, events: int, concurrency: int) -> tuple[float
     return rate, delivery
 
 
+COUNTER = Counting()
+
+
 async def run_postgres(events: int, concurrency: int, counter: Counting) -> tuple[float, float, float, float]:
     name = f"ferry_bench_{secrets.token_hex(4)}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
@@ -176,28 +184,109 @@ async def run_postgres(events: int, concurrency: int, counter: Counting) -> tupl
     return rate, delivery, ingest_trips, delivery_trips
 
 
+async def daemon_ingest(folder: Path, duration: float, rounds: int) -> dict[str, list[float]]:
+    """The whole daemon (webhook source only, stored durably) under wrk on each backend, alternating:
+    accepted events/s, counted in the store (every one was answered 202 after its commit)."""
+    from bench.harness import Ferry
+
+    results: dict[str, list[float]] = {"sqlite": [], "postgres": []}
+    folder.mkdir(parents=True, exist_ok=True)
+    script = wrk_script(folder)
+    for round_ in range(rounds):
+        for backend in ("sqlite", "postgres"):
+            where = folder / f"{backend}-{round_}"
+            config = write_config(where, None)
+            name = f"ferry_bench_{secrets.token_hex(4)}"
+            url = ADMIN.rpartition("/")[0] + "/" + name
+            if backend == "postgres":
+                with psycopg.connect(ADMIN, autocommit=True) as admin:
+                    admin.execute(f'CREATE DATABASE "{name}"')
+                text = config.read_text().replace(
+                    "[store]\n", f'[store]\nbackend = "postgres"\nurl = "{url}"\n', 1
+                )
+                config.write_text(text.replace(f'path = "{where}/ferry.db"\n', ""))
+            running: list[Ferry] = []
+            try:
+                ferry = await trio.to_thread.run_sync(Ferry.start, where, config, running)
+                wrk = await post_load(ferry.url, script, duration=duration)
+                if backend == "postgres":
+                    with psycopg.connect(url) as conn:
+                        row = conn.execute("SELECT count(*) FROM events").fetchone()
+                    accepted = int(row[0]) if row else 0
+                else:
+                    accepted = ferry.accepted()
+                results[backend].append(accepted / duration)
+                print(
+                    f"daemon round {round_ + 1} {backend}: {accepted / duration:,.0f} events/s "
+                    f"(wrk {wrk.rps:,.0f} req/s, non-2xx {wrk.non_2xx})",
+                    flush=True,
+                )
+            finally:
+                for ferry in running:
+                    ferry.stop()
+                if backend == "postgres":
+                    with psycopg.connect(ADMIN, autocommit=True) as admin:
+                        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return results
+
+
+async def measure(folder: Path, events: int, rounds: int, concurrency: int) -> dict[str, list[float]]:
+    """`rounds` alternating rounds of the store-level figures (see the module docstring)."""
+    results: dict[str, list[float]] = {
+        k: [] for k in ("sq_in", "sq_out", "pg_in", "pg_out", "rt_in", "rt_out")
+    }
+    for round_ in range(rounds):
+        sq_in, sq_out = await run_sqlite(folder, events, concurrency)
+        pg_in, pg_out, rt_in, rt_out = await run_postgres(events, concurrency, COUNTER)
+        for key, value in zip(results, (sq_in, sq_out, pg_in, pg_out, rt_in, rt_out), strict=True):
+            results[key].append(value)
+        print(
+            f"   round {round_ + 1}: ingest sqlite {sq_in:,.0f}/s postgres {pg_in:,.0f}/s; "
+            f"delivery sqlite {sq_out:,.0f}/s postgres {pg_out:,.0f}/s; "
+            f"pg statements/event ingest {rt_in:.2f} delivery {rt_out:.2f}",
+            flush=True,
+        )
+    return results
+
+
+async def store_backends(ctx: Context) -> None:
+    """Case 11 of `python -m bench`: one node on PostgreSQL against one on SQLite (the store, and
+    the whole daemon's ingest under wrk); skipped with a note when no PostgreSQL server answers."""
+    try:
+        with psycopg.connect(ADMIN, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        ctx.anomalies.append(f"11. PostgreSQL vs SQLite: skipped, no server at {ADMIN} ({exc})")
+        return
+    rounds = 1 if ctx.quick else 3
+    found = await measure(ctx.tmp, 1000 if ctx.quick else 5000, rounds, 50)
+    daemon = await daemon_ingest(ctx.tmp / "backends", ctx.duration, rounds)
+    med: Callable[[str], float] = lambda key: statistics.median(found[key])  # noqa: E731
+    lite, post = statistics.median(daemon["sqlite"]), statistics.median(daemon["postgres"])
+    for figure, pg, sq, goal in (
+        ("11. durable ingest, store, PostgreSQL vs SQLite", med("pg_in"), med("sq_in"), 0.5),
+        ("11. durable ingest, daemon (wrk), PostgreSQL vs SQLite", post, lite, 0.5),
+        ("11. per-event delivery, store, PostgreSQL vs SQLite", med("pg_out"), med("sq_out"), None),
+    ):
+        ratio = pg / sq
+        target = f">= {goal}x SQLite" if goal else ""
+        passed = None if goal is None else ratio >= goal
+        ctx.rows.append(Row(figure, pg, "/s", baseline=sq, ratio=ratio, target=target, passed=passed))
+    ctx.rows.append(Row("11. PostgreSQL statements per event ingested", med("rt_in"), "per event"))
+    ctx.rows.append(Row("11. PostgreSQL statements per delivery recorded", med("rt_out"), "per delivery"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--daemon", type=float, default=0, metavar="SECONDS", help="also the whole daemon under wrk this long"
+    )
     args = parser.parse_args(argv)
-    counter = Counting()
-    results: dict[str, list[float]] = {
-        k: [] for k in ("sq_in", "sq_out", "pg_in", "pg_out", "rt_in", "rt_out")
-    }
     with tempfile.TemporaryDirectory() as folder:
-        for round_ in range(args.rounds):
-            sq_in, sq_out = trio.run(run_sqlite, Path(folder), args.events, args.concurrency)
-            pg_in, pg_out, rt_in, rt_out = trio.run(run_postgres, args.events, args.concurrency, counter)
-            for key, value in zip(results, (sq_in, sq_out, pg_in, pg_out, rt_in, rt_out), strict=True):
-                results[key].append(value)
-            print(
-                f"round {round_ + 1}: ingest sqlite {sq_in:,.0f}/s postgres {pg_in:,.0f}/s; "
-                f"delivery sqlite {sq_out:,.0f}/s postgres {pg_out:,.0f}/s; "
-                f"pg round trips/event ingest {rt_in:.2f} delivery {rt_out:.2f}",
-                flush=True,
-            )
+        results = trio.run(measure, Path(folder), args.events, args.rounds, args.concurrency)
     med: Callable[[str], float] = lambda key: statistics.median(results[key])  # noqa: E731
     print(f"\nmedians over {args.rounds} rounds of {args.events} events (load: {os.getloadavg()[0]:.1f})")
     for label, sq, pg in (("durable ingest", "sq_in", "pg_in"), ("per-event delivery", "sq_out", "pg_out")):
@@ -205,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<19} sqlite {med(sq):>8,.0f}/s  postgres {med(pg):>8,.0f}/s  ratio {ratio:.2f}")
     trips = f"ingest {med('rt_in'):.2f}, delivery {med('rt_out'):.2f}"
     print(f"postgres statements + commits per event (each at most a round trip): {trips}")
+    if args.daemon:
+        with tempfile.TemporaryDirectory() as folder:
+            daemon = trio.run(daemon_ingest, Path(folder), args.daemon, args.rounds)
+        lite, post = statistics.median(daemon["sqlite"]), statistics.median(daemon["postgres"])
+        ratio = post / lite
+        print(f"daemon ingest (wrk) sqlite {lite:>8,.0f}/s  postgres {post:>8,.0f}/s  ratio {ratio:.2f}")
     return 0
 
 

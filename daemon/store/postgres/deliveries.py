@@ -60,21 +60,26 @@ def _due(rows: list[Any], db: Db) -> list[Due]:
 def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
     """Pending deliveries of `stage` due at `now`, oldest schedule first, leased to this node.
 
-    Rows this node already holds are leased again only once half their lease has passed: a sink
-    fetches its held rows again at every fetch, and rewriting them each time costs the server a
-    new row version per held row.
+    Rows this node holds with more than half their lease left come back as they are, unlocked
+    (a sink fetches its held rows again at every fetch); only the others are locked and
+    (re-)leased. A fetch that claims nothing new therefore writes nothing, and its commit costs
+    the server no WAL flush.
     """
     wall = time.time()
+    due = "d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s"
+    order = "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s"
     rows = db.execute(
-        "WITH picked AS (SELECT d.rowid, d.lease_owner, d.lease_until FROM deliveries d "
-        "WHERE d.stage = %(stage)s AND d.state = 0 "
-        f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid "
-        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
-        "c AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM picked p "
-        "WHERE d.rowid = p.rowid AND (p.lease_owner IS DISTINCT FROM %(node)s OR p.lease_until < %(renew)s)) "
-        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM picked p "
+        f"WITH mine AS (SELECT d.rowid FROM deliveries d WHERE {due} AND d.lease_owner = %(node)s "
+        f"AND d.lease_until >= %(renew)s {order}), "
+        f"claimed AS (SELECT d.rowid FROM deliveries d WHERE {due} AND (d.lease_until IS NULL "
+        "OR d.lease_until < %(wall)s OR (d.lease_owner = %(node)s AND d.lease_until < %(renew)s)) "
+        f"{order} FOR UPDATE SKIP LOCKED), "
+        "leased AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM claimed p "
+        "WHERE d.rowid = p.rowid) "
+        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM "
+        "(SELECT rowid FROM mine UNION ALL SELECT rowid FROM claimed) p "
         "JOIN deliveries d ON d.rowid = p.rowid JOIN events e ON e.seq = d.event_seq "
-        "ORDER BY d.next_attempt_at, d.rowid",
+        f"ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s",
         {
             "stage": stage,
             "now": now,
@@ -170,7 +175,8 @@ def record_outcomes(db: Db, attempts: Sequence[Attempt], ordering: Ordering | No
 
 def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
     """`daemon.store.quarantine.check_head` on PostgreSQL: the head is the first due row no other
-    node holds."""
+    node holds, and the incarnations counted are this node's (`stage@node` in `stage_heads`): a
+    sink runs on every node, and N nodes starting beside each other are not N crashes."""
     wall = time.time()
     rows = db.execute(
         "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM deliveries d "
@@ -181,7 +187,7 @@ def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | N
     if not rows:
         return None
     (due,) = _due(rows, db)
-    head = attempt_head(db, stage, due.rowid, due.rowid)
+    head = attempt_head(db, f"{stage}@{db.node}", due.rowid, due.rowid)
     if head.attempts <= quarantine_after:
         return None
     crashes = head.attempts - 1

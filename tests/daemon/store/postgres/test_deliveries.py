@@ -150,3 +150,17 @@ async def test_events_from_several_nodes_commit_in_seq_order(
     # A cursor moving as events appear saw every one: none committed behind it.
     assert len(seen) == 80
     assert seen == sorted(seen)
+
+
+async def test_a_sink_head_counts_the_incarnations_of_each_node_alone(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    await ingest(a, 1)
+    # Two nodes starting their sinks twice each: four starts, but no node crashed on the head
+    # more than twice, so nothing is quarantined (quarantine_after = 2).
+    for store in (a, b, a, b):
+        assert await store.quarantine_head("crm", 2) is None
+    found = await a.quarantine_head("crm", 2)
+    assert found is not None
+    assert found[1] == 2
