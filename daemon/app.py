@@ -38,6 +38,9 @@ from daemon.assembly import (
     transform_factory,
     transformer,
 )
+from daemon.cluster.control import Follower
+from daemon.cluster.node import open_node
+from daemon.cluster.singleton import leased, under_lease
 from daemon.config.kinds import PollSourceConfig
 from daemon.config.root import Config, LoadedConfig, downstream, node_id
 from daemon.control.commands import Commands
@@ -84,6 +87,17 @@ async def _maintain(store: Outbox, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
+class _Maintenance:
+    """`_maintain` as an actor, so that a cluster runs it under a lease."""
+
+    def __init__(self, store: Outbox, running: Running) -> None:
+        self._store, self._running = store, running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await _maintain(self._store, self._running)
+
+
 async def _sample_queue_depths(store: Outbox, running: Running, telemetry: Telemetry) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
 
@@ -114,6 +128,32 @@ def _control_server(loaded: LoadedConfig, running: Running) -> ControlServer:
     return ControlServer(
         socket_path(loaded), commands, access=Access(os.getuid(), gid), refused=commands.refused, group=gid
     )
+
+
+async def _join_cluster(running: Running, nursery: trio.Nursery) -> None:
+    """Cluster mode (PostgreSQL store): start this node's heartbeat, which keeps its leases and
+    applies the cluster's pauses and drain (docs/cluster.md). Nothing on one SQLite node."""
+    node = open_node(running.config)
+    if node is None:
+        return
+    running.cluster = node
+    running.follower = node.on_beat = Follower(
+        sinks=lambda: running.actors.sinks,
+        pollers=lambda: running.actors.pollers,
+        webhooks=lambda: {
+            n for n, s in running.config.sources.items() if not isinstance(s, PollSourceConfig)
+        },
+        holds=running.pauses,
+        stop=running.stop,
+        wake=partial(_wake_consumers, running),
+    )
+    await nursery.start(node.run)
+
+
+def _wake_consumers(running: Running) -> None:
+    """Wake every transform and sink here: they look for work other nodes committed."""
+    for name in (*running.config.transforms, *running.config.sinks):
+        running.store.signal(name).fire()
 
 
 async def _watch_signals(running: Running, nursery: trio.Nursery) -> None:
@@ -235,7 +275,9 @@ async def serve(
             running.redaction.redactor = masking.config_redactor(config)
             running.rate_limits.update(config.rate_limits)
             outer.start_soon(_sample_queue_depths, store, running, telemetry)
-            outer.start_soon(_maintain, store, running)
+            await _join_cluster(running, outer)
+            # Pruning: one node of a cluster at a time (the others would repeat its deletes).
+            outer.start_soon(under_lease(running.cluster, "maintenance", _Maintenance(store, running)).run)
             running.throughput = Throughput(lambda: _totals(running))
             outer.start_soon(running.throughput.run)
             outer.start_soon(notifier.keep_alive)
@@ -251,13 +293,14 @@ async def serve(
                 running.control = _control_server(loaded, running)
                 await outer.start(running.control.run)
                 async with trio.open_nursery() as intake:
+                    node = running.cluster  # singletons run under their lease in a cluster
                     for name in config.transforms:
                         actor = transformer(config, name, running)
                         running.actors.transforms[name] = actor
                         await intake.start(
                             supervisor.supervise,
                             f"transform.{name}",
-                            transform_factory(config, name, running, actor),
+                            leased(node, f"transform.{name}", transform_factory(config, name, running, actor)),
                         )
                     for name in pollers(config):
                         source = poller(config, name, running)
@@ -265,13 +308,15 @@ async def serve(
                         await intake.start(
                             supervisor.supervise,
                             f"poll.{name}",
-                            poller_factory(config, name, running, source),
+                            leased(node, f"poll.{name}", poller_factory(config, name, running, source)),
                         )
                     running.telemetry = telemetry
                     if config.alerts:
                         running.alerter = alerter = build_alerter(config, running)
                         await intake.start(
-                            supervisor.supervise, "alerter", alerter_factory(config, running, alerter)
+                            supervisor.supervise,
+                            "alerter",
+                            leased(node, "alerter", alerter_factory(config, running, alerter)),
                         )
                     sink_map, consumers = fan_out(config)
                     batcher = IngestBatcher(
@@ -296,6 +341,9 @@ async def serve(
                         clock=running.clock,
                     )
                     running.addresses = await intake.start(supervisor.supervise, "listener", lambda: listener)
+                    if node is not None and running.addresses:
+                        host, port = running.addresses[0]
+                        node.info = node.info._replace(address=f"{host}:{port}")
                     log.info(
                         "ready",
                         extra={

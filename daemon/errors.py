@@ -7,7 +7,8 @@
     │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
     │   ├── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
     │   │   └── SchemaMismatch      PostgreSQL: the database's schema is another ferry version's; exit 2
-    │   └── StoreKeyMissing         rows are encrypted with a key that is not configured; startup refuses it
+    │   ├── StoreKeyMissing         rows are encrypted with a key that is not configured; startup refuses it
+    │   └── LeaseLost               a singleton's commit had a stale fencing token (cluster); nothing written
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
     ├── ControlUnavailable          the control socket cannot be created (path taken, live daemon, bad group)
@@ -64,6 +65,11 @@ class SchemaMismatch(StoreCorrupt):
 
 class StoreKeyMissing(StoreError):
     """Payloads in the store need an encryption key the config does not give; nothing was changed."""
+
+
+class LeaseLost(StoreError):
+    """A singleton's commit carried a fencing token that is no longer current (cluster mode): another
+    node took its lease, or it expired. Nothing was written; the actor stops (docs/cluster.md)."""
 
 
 class SupervisorError(FerryError):

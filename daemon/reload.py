@@ -80,6 +80,7 @@ from daemon.assembly import (
     transform_factory,
     transformer,
 )
+from daemon.cluster.singleton import leased
 from daemon.config.root import Config, LoadedConfig, downstream, load
 from daemon.errors import ConfigError
 from daemon.registry import build_sink, server_context
@@ -192,7 +193,8 @@ async def _realert(running: Running, old: Config, new: Config) -> bool:
     running.alerter = None
     if new.alerts and running.intake_nursery is not None:
         alerter = running.alerter = build_alerter(new, running)
-        running.supervisor.start(running.intake_nursery, "alerter", alerter_factory(new, running, alerter))
+        factory = leased(running.cluster, "alerter", alerter_factory(new, running, alerter))
+        running.supervisor.start(running.intake_nursery, "alerter", factory)
     return True
 
 
@@ -302,16 +304,18 @@ async def _reload(running: Running) -> ReloadResult:
     for name in [*changes.transforms.removed, *changes.transforms.changed]:
         await supervisor.stop(f"transform.{name}")
     for name, actor in transforms.items():
-        supervisor.start(
-            running.intake_nursery, f"transform.{name}", transform_factory(new, name, running, actor)
-        )
+        lease = f"transform.{name}"
+        factory = leased(running.cluster, lease, transform_factory(new, name, running, actor))
+        supervisor.start(running.intake_nursery, lease, factory)
 
     # 3b. Pollers: the old one ends (a commit in flight still lands) before the new one reads
     # its state back from the store.
     for name in pollers(old, [*changes.sources.removed, *changes.sources.changed]):
         await supervisor.stop(f"poll.{name}")
     for name, source in polls.items():
-        supervisor.start(running.intake_nursery, f"poll.{name}", poller_factory(new, name, running, source))
+        lease = f"poll.{name}"
+        factory = leased(running.cluster, lease, poller_factory(new, name, running, source))
+        supervisor.start(running.intake_nursery, lease, factory)
 
     # 4. Sinks: each changed one finishes before its replacement starts; all of them at once.
     async def replace(name: str) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from daemon.cluster.control import Follower
+from daemon.cluster.node import Node
 from daemon.config.root import Config, LoadedConfig
 from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
@@ -99,6 +101,10 @@ class Running:
     """This daemon's wall clock (epoch seconds), handed to every time-based component (`Deps.clock`)."""
     metrics: Metrics = field(default_factory=Metrics)
     """This daemon's instruments (`metrics.current()` in its tasks); telemetry binds them to a meter."""
+    cluster: Node | None = None
+    """This node of a cluster (PostgreSQL store), or None on one SQLite node (docs/cluster.md)."""
+    follower: Follower | None = None
+    """What applies the cluster's pauses and drain here (cluster mode only)."""
 
     @property
     def sinks(self) -> list[Sink]:

@@ -42,7 +42,8 @@ Faults, consumed first in, first out by the next matching request (`fault(kind, 
     "429"           429 with `Retry-After: fault_retry_after`
 
 Every request is recorded (`requests`, `snapshot()`), with its arrival time (wall and
-monotonic), its query and headers, and the status it was answered with (-1: none).
+monotonic), its query and headers, the status it was answered with (-1: none) and when the
+answer was written (`answered`, monotonic): what tells overlapping requests apart.
 
 Run standalone (`python -m tests.fake_api --records 100000 --port 0`) to serve from a
 process of its own; it prints its URL on the first line of stdout.
@@ -95,6 +96,8 @@ class ApiRequest:
     body: bytes
     status: int = -1
     """The status answered; -1 while unanswered or when the connection was dropped."""
+    answered: float | None = None
+    """`time.monotonic()` once the answer was written (None: not yet, or dropped)."""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -276,7 +279,10 @@ class FakeApi:
                     self.close_connection = True
                     return
                 request.status = reply[0]
-                self.reply(*reply)
+                try:
+                    self.reply(*reply)
+                finally:
+                    request.answered = time.monotonic()  # written, or the client went away
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

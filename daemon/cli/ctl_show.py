@@ -21,6 +21,7 @@ __all__ = [
     "show_dlq_list",
     "show_dlq_show",
     "show_limits",
+    "show_nodes",
     "show_pause",
     "show_purge",
     "show_reload",
@@ -48,6 +49,7 @@ def show_status(status: Any, out: TextIO) -> None:
     if status["draining"]:
         out.write("DRAINING: intake stopped, the daemon stops once the backlog is delivered\n")
     out.write("\n")
+    show_nodes(status, out)
     _table(
         out,
         ["ACTOR", "STATE", "RESTARTS", "LAST ERROR"],
@@ -84,6 +86,29 @@ def show_status(status: Any, out: TextIO) -> None:
             ],
         )
     show_limits(status, out)
+
+
+def show_nodes(status: Any, out: TextIO) -> None:
+    """Cluster mode: every node, its last heartbeat and the leases it holds (docs/cluster.md)."""
+    nodes = status.get("nodes")
+    if nodes is None:
+        return
+    _table(
+        out,
+        ["NODE", "HOST", "LISTENER", "HEARTBEAT", "STATE", "LEASES"],
+        [
+            (
+                n["id"] + (" *" if n["this"] else ""),
+                n["host"],
+                n["address"],
+                f"{n['heartbeat_age_s']:.1f}s ago",
+                "alive" if n["alive"] else "dead",
+                ", ".join(n["leases"]) or "-",
+            )
+            for n in nodes
+        ],
+    )
+    out.write("\n")
 
 
 def show_limits(status: Any, out: TextIO) -> None:

@@ -104,6 +104,47 @@ class ClusterConfig(Section, frozen=True):
             "`timeout`, so that a slow request is not sent twice at once."
         ),
     ] = default(Duration(60))
+    heartbeat: Annotated[
+        Duration,
+        Meta(
+            description="How often a node writes its heartbeat, renews the leases it holds, tries to take "
+            "the free ones it wants and reads the cluster-wide pauses and drain (one transaction)."
+        ),
+    ] = default(Duration(1))
+    lease_ttl: Annotated[
+        Duration,
+        Meta(
+            description="How long a singleton's lease (a transform's cursor, a poll source, the alerter) "
+            "lasts without renewal, on the database's clock. A node that dies loses its leases after at "
+            "most this long; another node takes them at its next heartbeat, so failover takes at most "
+            "`lease_ttl + heartbeat` (plus the actor's start). At least 3 heartbeats."
+        ),
+    ] = default(Duration(5))
+    dead_after: Annotated[
+        Duration,
+        Meta(
+            description="A node whose last heartbeat is older than this (database clock) is shown dead "
+            "by `ferry ctl status`; one dead for an hour is forgotten."
+        ),
+    ] = default(Duration(10))
+    database_timeout: Annotated[
+        Duration,
+        Meta(
+            description="Longest a heartbeat's connect or transaction may take; a node cut off from the "
+            "database stops its singletons once its leases run out, whatever this is."
+        ),
+    ] = default(Duration(2))
+
+    def __post_init__(self) -> None:
+        if self.heartbeat <= 0:
+            raise ValueError("heartbeat must be more than 0s")
+        if self.lease_ttl < 3 * self.heartbeat:
+            raise ValueError(
+                f"lease_ttl ({self.lease_ttl:g}s) must be at least 3 heartbeats ({3 * self.heartbeat:g}s), "
+                "or one late heartbeat loses every lease"
+            )
+        if self.database_timeout <= 0 or self.database_timeout >= self.lease_ttl:
+            raise ValueError("database_timeout must be more than 0s and less than lease_ttl")
 
 
 class ControlConfig(Section, frozen=True):

@@ -118,14 +118,19 @@ class Commands:
             case StatsRequest():
                 return await status.stats(running)
             case PauseRequest(name=name):
-                return pausing.pause_or_resume(running, name, pause=True)
+                return await pausing.for_the_cluster(
+                    running, pausing.pause_or_resume(running, name, pause=True)
+                )
             case ResumeRequest(name=name):
-                return pausing.pause_or_resume(running, name, pause=False)
+                return await pausing.for_the_cluster(
+                    running, pausing.pause_or_resume(running, name, pause=False)
+                )
             case DrainRequest(timeout=timeout):
                 if self._draining:
                     raise CommandError("already draining")
+                number = await pausing.start_cluster_drain(running, timeout)
                 self._draining = True
-                return await pausing.drain(running, timeout, call, self._wall)
+                return await pausing.drain(running, timeout, call, self._wall, number)
             case DlqListRequest():
                 return await dlq.list_dead(running, request, self._redactor())
             case DlqShowRequest(id=delivery_id):

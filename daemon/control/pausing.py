@@ -22,12 +22,14 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import trio
 from msgspec import Struct
 
 from daemon.config.kinds import WebhookSourceConfig
 from daemon.control.protocol import CommandError, answered
 from daemon.control.server import Call
+from daemon.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from daemon.running import Running
@@ -111,6 +113,28 @@ def pause_or_resume(running: Running, name: str, *, pause: bool) -> PauseResult:
     raise CommandError(f"no source or sink named {name!r}")
 
 
+async def for_the_cluster(running: Running, result: PauseResult) -> PauseResult:
+    """In cluster mode, the pause applied here is stored for every node (docs/cluster.md)."""
+    node = running.cluster
+    if node is None:
+        return result
+    changed = await answered(node.coordination.set_paused(result.name, result.paused, node.info.id))
+    return msgspec.structs.replace(result, changed=changed)
+
+
+async def start_cluster_drain(running: Running, timeout: float) -> int | None:
+    """In cluster mode, start the drain every node joins (docs/cluster.md); its number."""
+    node, follower = running.cluster, running.follower
+    if node is None or follower is None:
+        return None
+    try:
+        drain = await answered(node.coordination.start_drain(node.info.id, timeout))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    follower.join(drain.number)
+    return drain.number
+
+
 async def outstanding(running: Running, now: float) -> dict[str, int]:
     """What a drain waits for: each transform's backlog, each active sink's deliveries due at `now`."""
     config = running.config
@@ -122,9 +146,16 @@ async def outstanding(running: Running, now: float) -> dict[str, int]:
     return {name: count for name, count in {**backlog, **due}.items() if count}
 
 
-async def drain(running: Running, timeout: float, call: Call, wall: Callable[[], float]) -> DrainResult:
+async def drain(
+    running: Running,
+    timeout: float,
+    call: Call,
+    wall: Callable[[], float],
+    cluster_drain: int | None = None,
+) -> DrainResult:
     """`drain`: stop intake, wait up to `timeout` for what is due, then stop the daemon (after the
-    answer). `wall` is the wall clock deliveries are due by."""
+    answer). `wall` is the wall clock deliveries are due by; `cluster_drain` the cluster-wide drain
+    this node started (`start_cluster_drain`), ended here for every node that joined it."""
     running.pauses.draining = True
     for name in running.config.sources:
         if name in running.actors:  # a poll source: no new cycle, or the backlog keeps growing
@@ -143,4 +174,7 @@ async def drain(running: Running, timeout: float, call: Call, wall: Callable[[],
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await call.progress(DrainProgress(elapsed, sum(by_stage.values()), by_stage))
         await trio.sleep(DRAIN_POLL)
+    if cluster_drain is not None and running.cluster is not None:
+        with contextlib.suppress(StoreUnavailable):  # its deadline ends it anyway
+            await running.cluster.coordination.finish_drain(cluster_drain)
     return DrainResult(not by_stage, elapsed, sum(by_stage.values()), by_stage)

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from msgspec import Struct
 
+from daemon.cluster.control import NodeStatus, node_statuses
+from daemon.cluster.singleton import Singleton
 from daemon.control.pausing import pausable, paused_names
 from daemon.control.protocol import answered
 from daemon.limits.ratelimit import RateLimitStatus
 from daemon.registry import PollStatus
 from daemon.reload import config_sha256
 from daemon.store import ops
+from daemon.supervisor import ActorState
 from daemon.telemetry.masking import Redactor
 
 if TYPE_CHECKING:
@@ -59,6 +62,7 @@ class StatusResult(Struct, frozen=True):
     polls: dict[str, PollStatus] = {}  # per poll source (docs/polling.md)
     rate_limits: dict[str, RateLimitStatus] = {}
     guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/sink/guard.py)
+    nodes: list[NodeStatus] | None = None  # cluster mode: every node (docs/cluster.md); None on one node
 
 
 class Failure(Struct, frozen=True):
@@ -123,7 +127,7 @@ async def status(running: Running, redactor: Redactor, *, uptime_s: float) -> St
         if name not in stages:
             stages[name] = StageStatus("unconfigured", c["pending"], c["delivered"], c["dead"])
     actors = [
-        ActorStatus(a.name, a.state, a.restarts, redactor.scrub(a.last_error))
+        ActorStatus(a.name, _shown_state(a), a.restarts, redactor.scrub(a.last_error))
         for a in running.supervisor.actors.values()
     ]
     throughput = running.throughput
@@ -143,7 +147,19 @@ async def status(running: Running, redactor: Redactor, *, uptime_s: float) -> St
         polls=polls(running),
         rate_limits={name: limiter.status() for name, limiter in running.rate_limits.items()},
         guards=redactor.mask(msgspec.to_builtins(guards(running))),
+        nodes=await answered(node_statuses(running.cluster)) if running.cluster else None,
     )
+
+
+def _shown_state(actor: ActorState) -> str:
+    """An actor's state; `standby` for a cluster singleton running while another node holds its lease."""
+    if (
+        actor.state == "running"
+        and isinstance(actor.incarnation, Singleton)
+        and actor.incarnation.role == "standby"
+    ):
+        return "standby"
+    return actor.state
 
 
 def guards(running: Running) -> dict[str, Any]:

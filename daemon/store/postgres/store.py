@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import final
 
+from daemon.store import fencing
 from daemon.store.api import Attempt, Failed, Failure, Outbox
 from daemon.store.at_rest import Cipher
 from daemon.store.engine import GroupCommit
@@ -147,7 +148,7 @@ class PostgresStore(GroupCommit[Db]):
             failures=failures,
             sinks=sinks,
         )
-        return await self.call_until_committed(fn, wake=wake)
+        return await self.call_until_committed(fencing.guarded(fn), wake=wake)
 
     async def revived(self, stage: str, limit: int) -> list[Revived]:
         return await self.call_until_committed(partial(stages.revived, stage=stage, limit=limit))
@@ -163,14 +164,14 @@ class PostgresStore(GroupCommit[Db]):
         wake: Iterable[str] = (),
     ) -> None:
         fn = partial(stages.commit_revived, name=name, row=row, outputs=outputs, error=error, sinks=sinks)
-        await self.call_until_committed(fn, wake=wake)
+        await self.call_until_committed(fencing.guarded(fn), wake=wake)
 
     async def read_head(self, stage: str) -> Head | None:
         return await self.call_until_committed(partial(deliveries.read_head, stage=stage))
 
     async def attempt_head(self, stage: str, head: int, until: int) -> Head:
         return await self.call_until_committed(
-            partial(deliveries.attempt_head, stage=stage, head=head, until=until)
+            fencing.guarded(partial(deliveries.attempt_head, stage=stage, head=head, until=until))
         )
 
     # -- windows (wait) ------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class PostgresStore(GroupCommit[Db]):
             windows=windows,
             failures=failures,
         )
-        await self.call_until_committed(fn)
+        await self.call_until_committed(fencing.guarded(fn))
 
     async def window_contents(
         self, transform: str, window_ids: Sequence[int]
@@ -207,7 +208,7 @@ class PostgresStore(GroupCommit[Db]):
         self, transform: str, emitted: Sequence[Emitted], *, wake: Iterable[str] = ()
     ) -> int:
         return await self.call_until_committed(
-            partial(stages.commit_emitted, transform=transform, emitted=emitted), wake=wake
+            fencing.guarded(partial(stages.commit_emitted, transform=transform, emitted=emitted)), wake=wake
         )
 
     # -- deliveries (wait) ---------------------------------------------------------------------
@@ -248,7 +249,9 @@ class PostgresStore(GroupCommit[Db]):
         return await self.call_until_committed(partial(stages.load_state, source=source))
 
     async def save_poll_state(self, source: str, state: PollState) -> None:
-        await self.call_until_committed(partial(stages.save_state, source=source, state=state))
+        await self.call_until_committed(
+            fencing.guarded(partial(stages.save_state, source=source, state=state))
+        )
 
     async def load_page_checks(self, source: str) -> dict[int, PageCheck]:
         return await self.call_until_committed(partial(stages.load_checks, source=source))
@@ -273,7 +276,7 @@ class PostgresStore(GroupCommit[Db]):
             trace=trace,
             checks=checks,
         )
-        return await self.call_until_committed(fn, wake=wake)
+        return await self.call_until_committed(fencing.guarded(fn), wake=wake)
 
     # -- control (fail fast) -------------------------------------------------------------------
 
@@ -345,7 +348,7 @@ class PostgresStore(GroupCommit[Db]):
         return await self.call(stages.load_alert_states)
 
     async def save_alert_states(self, states: Mapping[str, AlertState], keep: frozenset[str]) -> None:
-        await self.call(partial(stages.save_alert_states, states=dict(states), keep=keep))
+        await self.call(fencing.guarded(partial(stages.save_alert_states, states=dict(states), keep=keep)))
 
     async def load_refresh_token(self, owner: str) -> tuple[str, str] | None:
         return await self.call(partial(stages.load_refresh_token, owner=owner))
