@@ -71,6 +71,7 @@ class SharedBucket:
         "_backoff_until",
         "_budgets",
         "_held",
+        "_held_from",
         "_held_until",
         "burst",
         "failures",
@@ -88,7 +89,7 @@ class SharedBucket:
         self.rate, self.per, self.burst = rate, per, burst
         self.interval = per / rate
         self._held = 0
-        self._held_until = -math.inf
+        self._held_from = self._held_until = -math.inf
         self._backoff_until = -math.inf
         self.paused_until = -math.inf
         self.failures = 0  # consecutive failed round trips
@@ -101,6 +102,8 @@ class SharedBucket:
         if now < self.paused_until:
             return self.paused_until - now
         if self._held and now < self._held_until:
+            if now < self._held_from:  # reserved: usable once the shared bucket has paid for it
+                return self._held_from - now
             self._held -= 1
             return 0.0
         self._held = 0
@@ -108,7 +111,7 @@ class SharedBucket:
 
     def available(self, now: float) -> float:
         """Permits held on this node now (0 while paused)."""
-        return float(self._held) if self.paused_until <= now < self._held_until else 0.0
+        return float(self._held) if max(self.paused_until, self._held_from) <= now < self._held_until else 0.0
 
     def pause_until(self, when: float, now: float) -> bool:
         """Grant nothing here before `when` and drop the permits held; False if it changes nothing."""
@@ -124,9 +127,9 @@ class SharedBucket:
         self.interval = per / rate
 
     async def refill(self, want: int) -> float:
-        """One round trip for up to `want` permits: 0.0 when some are held now, else the seconds
-        to wait before asking again (a pause learned from another node, the next token, or the
-        backoff after a failure)."""
+        """One round trip for up to `want` permits: 0.0 when some are usable now; else the seconds
+        until the permits granted may be used, or to wait before asking again (a pause learned
+        from another node, the next token, or the backoff after a failure)."""
         now = trio.current_time()
         if now < self._backoff_until:
             return self._backoff_until - now
@@ -152,8 +155,9 @@ class SharedBucket:
         if grant.blocked_for_s > 0:
             self.pause_until(now + grant.blocked_for_s, now)
         if grant.granted:
-            self._held, self._held_until = grant.granted, now + HOLD_S
-            return 0.0
+            start = now + grant.start_in_s
+            self._held, self._held_from, self._held_until = grant.granted, start, start + HOLD_S
+            return grant.start_in_s
         return max(grant.next_in_s, _MIN_WAIT_S)
 
     async def share_pause(self, pause_s: float) -> None:

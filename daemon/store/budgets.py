@@ -6,9 +6,9 @@ each budget's token bucket in memory. With several nodes on one PostgreSQL datab
 database's clock, from which every node takes permits in small batches.
 
 Guarantees a backend gives:
-    `take` grants at most `want` permits and never more than the shared bucket holds: over any
-    interval of length T the permits granted to all nodes together are at most
-    `burst + rate_per_s * T`. A budget under a server's `Retry-After` (`block`) grants nothing
+    `take` grants at most `want` permits, each usable from a moment the shared bucket holds it:
+    over any interval of length T the permits that become usable, for all nodes together, are at
+    most `burst + rate_per_s * T`. A budget under a server's `Retry-After` (`block`) grants nothing
     until then, to any node. Both are one round trip each, timed by the database's clock, so the
     nodes' clocks may disagree.
     A call that fails raises `StoreUnavailable` and granted nothing that the caller will use:
@@ -21,9 +21,13 @@ from typing import NamedTuple, Protocol
 
 
 class Grant(NamedTuple):
-    """What one `take` got: `granted` permits (0..want) and, when 0, how long until one may be had."""
+    """What one `take` got: `granted` permits (0..want), from when they may be used and, when 0,
+    how long until one may be had."""
 
     granted: int
+    start_in_s: float
+    """Seconds until the granted permits may be used: a grant may reserve permits the bucket has
+    not refilled yet (at most a fraction of a second ahead), so that callers queue, not race."""
     next_in_s: float
     """Seconds until the bucket holds a whole permit again (0 when it does now)."""
     blocked_for_s: float

@@ -3,8 +3,11 @@
 Each `[rate_limits.NAME]` budget is a row of `ferry_rate_budgets`: a token bucket (`tokens` as of
 `stamp`) refilled at the caller's `rate_per_s` up to its `burst`, and `blocked_until` (a server's
 `Retry-After` seen by any node). `take` is one `INSERT … ON CONFLICT DO UPDATE … RETURNING`: it
-creates the row full on first use, refills it up to now, takes up to `want` whole permits, and
-answers how many it took and how long until the next — in one round trip, under the row's lock,
+creates the row full on first use, refills it up to now, and takes up to `want` permits (at most
+`burst`) — those there now and those the refill pays within `AHEAD_S` (the bucket goes into debt;
+the grant says when its permits may start: the virtual schedule of GCRA, so nodes that ask
+together queue in the row instead of racing for each token and asking again) — and answers how
+many it took, when they may start, and how long until the next — in one round trip, under the row's lock,
 on the database's clock (`statement_timestamp()`, made monotonic per row by `greatest(stamp, …)`:
 a node whose statement waited for the lock counts no refill from before the last grant). The
 nodes' own clocks are never compared.
@@ -40,7 +43,7 @@ import trio
 from daemon.errors import StoreUnavailable
 from daemon.store.budgets import Grant
 
-__all__ = ["SCHEMA", "PgBudgets"]
+__all__ = ["AHEAD_S", "SCHEMA", "PgBudgets"]
 
 log = logging.getLogger("ferry.store.budgets")
 
@@ -57,15 +60,20 @@ CREATE TABLE IF NOT EXISTS ferry_rate_budgets (
 """
 """The table, created on first use (idempotent, under an advisory lock: nodes may start together)."""
 
+AHEAD_S: Final = 0.25
+"""How far ahead a grant may reserve permits: the bucket may go into debt by `rate * AHEAD_S`
+tokens, and the permits are usable once it is paid (`Grant.start_in_s`)."""
+
 _LOCK_KEY: Final = 0x66657272_79627564  # "ferrybud": the advisory lock that serialises creating the table
 
 # `now` below: greatest(b.stamp, statement_timestamp()) — never before the row's last update.
 _NOW = "greatest(b.stamp, statement_timestamp())"
 _AVAIL = f"least(%(burst)s, b.tokens + extract(epoch FROM {_NOW} - b.stamp) * %(rate)s)"
 _GRANT = (
-    f"CASE WHEN b.blocked_until > statement_timestamp() THEN 0 "
-    f"ELSE least(%(want)s, floor({_AVAIL} + 1e-9))::integer END"
+    f"CASE WHEN b.blocked_until > statement_timestamp() THEN 0 ELSE greatest(0, "
+    f"least(%(want)s, %(burst)s, floor({_AVAIL} + %(rate)s * %(ahead)s + 1e-9)))::integer END"
 )
+_LAG = "greatest(0, extract(epoch FROM b.stamp - statement_timestamp()))"  # the row is ahead of us
 _TAKE: Final = f"""
 INSERT INTO ferry_rate_budgets AS b (name, tokens, stamp, last_grant, rate_per_s, burst)
 VALUES (%(name)s, %(burst)s - least(%(want)s, %(burst)s), statement_timestamp(),
@@ -78,8 +86,8 @@ ON CONFLICT (name) DO UPDATE SET
     burst = %(burst)s
 RETURNING
     b.last_grant,
-    greatest(0, extract(epoch FROM b.stamp - statement_timestamp()))
-        + greatest(0, 1 - b.tokens) / %(rate)s,
+    {_LAG} + greatest(0, -b.tokens) / %(rate)s,
+    {_LAG} + greatest(0, (1 - b.tokens) / %(rate)s - %(ahead)s),
     extract(epoch FROM greatest(b.blocked_until, statement_timestamp()) - statement_timestamp())
 """
 
@@ -172,11 +180,14 @@ class PgBudgets:
     async def take(self, name: str, want: int, rate_per_s: float, burst: int) -> Grant:
         if want < 1 or rate_per_s <= 0 or burst < 1:
             raise ValueError(f"take({name!r}): want, rate and burst must be positive")
-        row = await self._call(_TAKE, {"name": name, "want": want, "rate": rate_per_s, "burst": burst})
+        params = {"name": name, "want": want, "rate": rate_per_s, "burst": burst, "ahead": AHEAD_S}
+        row = await self._call(_TAKE, params)
         if row is None:  # pragma: no cover - an upsert always returns its row
             raise StoreUnavailable(f"rate budget {name!r}: no row returned")
-        granted, next_in, blocked_for = int(row[0]), float(row[1]), float(row[2])
-        return Grant(granted, 0.0 if granted else max(next_in, blocked_for), blocked_for)
+        granted, start_in, next_in, blocked_for = int(row[0]), float(row[1]), float(row[2]), float(row[3])
+        if granted:
+            return Grant(granted, start_in, 0.0, blocked_for)
+        return Grant(0, 0.0, max(next_in, blocked_for), blocked_for)
 
     async def block(self, name: str, pause_s: float, rate_per_s: float, burst: int) -> None:
         if not pause_s > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import psycopg
@@ -9,34 +10,41 @@ import pytest
 import trio
 
 from daemon.errors import StoreUnavailable
-from daemon.store.pg_budgets import PgBudgets
+from daemon.store.pg_budgets import AHEAD_S, PgBudgets
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
 
 
-async def test_a_new_budget_starts_full_and_grants_only_whole_permits(postgres_url: str) -> None:
+async def test_a_new_budget_starts_full_then_reserves_at_most_ahead_s(postgres_url: str) -> None:
     budgets = PgBudgets(postgres_url)
     try:
         first = await budgets.take("api", 5, 10.0, 3)
-        assert (first.granted, first.blocked_for_s) == (3, 0.0)
-        empty = await budgets.take("api", 5, 10.0, 3)
+        assert first == (3, 0.0, 0.0, 0.0)  # the burst, usable now
+        ahead = await budgets.take("api", 5, 10.0, 3)  # one permit every 100 ms
+        assert ahead.granted == math.floor(10.0 * AHEAD_S)
+        assert ahead.granted / 10.0 - 0.01 <= ahead.start_in_s <= ahead.granted / 10.0
+        empty = await budgets.take("api", 5, 10.0, 3)  # the next one is due beyond AHEAD_S
         assert empty.granted == 0
-        assert 0 < empty.next_in_s <= 0.1 + 0.01  # one permit every 100 ms
-        assert budgets.round_trips == 2
+        assert 0 < empty.next_in_s <= 0.3 - AHEAD_S + 0.01
+        assert budgets.round_trips == 3
     finally:
         await budgets.aclose()
 
 
 async def test_two_connections_never_get_more_than_the_bucket_holds(postgres_url: str) -> None:
-    """20 per second, burst 5, two "nodes" asking as fast as they can for 1.5 s: at most 5 + 30."""
+    """20 per second, burst 5, two "nodes" asking as fast as they can for 1.5 s: at most 5 + 30
+    permits usable by the end (reserved ones count from when they may start)."""
     nodes = [PgBudgets(postgres_url), PgBudgets(postgres_url)]
     got = [0, 0]
     began = trio.current_time()
 
     async def ask(i: int) -> None:
-        while trio.current_time() - began < 1.5:
-            got[i] += (await nodes[i].take("api", 4, 20.0, 5)).granted
+        while (now := trio.current_time()) - began < 1.5:
+            grant = await nodes[i].take("api", 4, 20.0, 5)
+            if now + grant.start_in_s <= began + 1.5:
+                got[i] += grant.granted
+            await trio.sleep(grant.next_in_s)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -46,7 +54,7 @@ async def test_two_connections_never_get_more_than_the_bucket_holds(postgres_url
     finally:
         for node in nodes:
             await node.aclose()
-    assert sum(got) <= 5 + 20 * elapsed
+    assert sum(got) <= 5 + 20 * elapsed + 1  # the asker's clock read a little before the row's
     assert sum(got) >= 20  # it grants, and to both
     assert min(got) > 0
 
