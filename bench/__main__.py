@@ -21,7 +21,9 @@ Cases (docs/performance.md explains each figure):
    events (bench/transform.py), and what routes and schema validation cost;
 9. the peers, Node-RED and a Huey relay, each installed into a scratch folder and under the
    same loads as ferry (bench/peers.py), with ratios;
-10. the daemon's peak RSS in each case.
+10. the daemon's peak RSS in each case;
+11. cluster-wide rate budgets: the shared PostgreSQL row vs shares by live node count
+    (bench/budget.py; skipped with a row saying so when no PostgreSQL server answers).
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -40,6 +42,7 @@ from pathlib import Path
 import trio
 
 from bench.context import Context, bench_context, report
+from bench.budget import budget_mechanisms
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
 from bench.harness import ensure_wrk
@@ -71,6 +74,7 @@ async def run(ctx: Context) -> None:
             ("8. transform throughput vs jq", transform_throughput),
             ("9. peers: Node-RED, Huey relay", peers),
             ("10. tracing cost", tracing_cost),
+            ("11. cluster-wide rate budgets", budget_mechanisms),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)
