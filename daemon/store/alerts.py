@@ -11,36 +11,12 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping
-from typing import Literal
 
 import msgspec
 
+from daemon.store.types import AlertState
+
 __all__ = ["AlertState", "load_states", "save_states"]
-
-
-class AlertState(msgspec.Struct, kw_only=True):
-    """One rule's state; persisted as JSON, so every field has a default (older rows still load)."""
-
-    state: Literal["ok", "pending", "firing"] = "ok"
-    since: float | None = None
-    """When the current state began (pending: the condition first held; firing: it fired)."""
-    value: float | None = None
-    """The rule's value at the last evaluation (None: no data)."""
-    evaluated_at: float | None = None
-    notified: list[int] = []
-    """Escalation steps told about the current firing."""
-    resolving: dict[str, int] = {}
-    """Channels still owed a resolved notice -> tries so far."""
-    last_firing: float | None = None
-    """When the last firing began (kept after it resolves, for the resolved notice)."""
-    last_error: str | None = None
-    fired: int = 0
-    """How many times the rule has fired."""
-    # anomaly rules
-    mean: float | None = None
-    variance: float = 0.0
-    first_seen: float | None = None
-    z: float | None = None
 
 
 log = logging.getLogger("ferry.alerts")

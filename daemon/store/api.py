@@ -41,15 +41,25 @@ from typing import Protocol, final
 
 import trio
 
-from daemon.store.alerts import AlertState
-from daemon.store.confirmations import EventReport
-from daemon.store.ops import AuditRow, DeadFilter, DeadLetter
-from daemon.store.ordering import Fetched, Ordering
-from daemon.store.outbox import Derived, Due, Incoming, Outcomes, StoredEvent
-from daemon.store.poll import Committed, PageCheck, PollState
-from daemon.store.quarantine import Head
-from daemon.store.transform_retry import Revived
-from daemon.store.windows import Emitted, Joined, Window
+from daemon.store.keying import Fetched, Ordering
+from daemon.store.types import (
+    AlertState,
+    AuditRow,
+    Committed,
+    DeadFilter,
+    DeadLetter,
+    Derived,
+    Due,
+    EventReport,
+    Head,
+    Incoming,
+    Outcomes,
+    PageCheck,
+    PollState,
+    Revived,
+    StoredEvent,
+)
+from daemon.store.windowing import Emitted, Joined, Window
 
 Attempt = tuple[Outcomes, "float | None", "str | None"]
 """One attempt's outcomes, with its latency (s) and an excerpt of the receiver's answer."""

@@ -38,10 +38,7 @@ import binascii
 import hashlib
 import hmac
 import os
-import sqlite3
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final, final
 
 from cryptography.exceptions import InvalidTag
@@ -124,12 +121,6 @@ class Cipher:
             raise StoreCorrupt("an encrypted payload is damaged (authentication failed)") from None
 
 
-class CipherConnection(sqlite3.Connection):
-    """The store's connection: carries the `Cipher` its payload reads and writes use (or None)."""
-
-    cipher: Cipher | None = None
-
-
 def cipher_of(conn: Any) -> Cipher | None:
     """The cipher installed on `conn` (None: payloads are stored in clear)."""
     return getattr(conn, "cipher", None)
@@ -154,51 +145,6 @@ def open_text(conn: Any, stored: bytes | str, _what: str = "") -> str:
     if data.startswith(PREFIX) and cipher_of(conn) is None:
         raise StoreKeyMissing("a stored value is encrypted but no [store] encryption key is configured")
     return opened(conn, data).decode()
-
-
-def _in_use(conn: sqlite3.Connection, kid: str) -> bool:
-    head = PREFIX + kid.encode() + b"."
-    for table, column in (("events", "payload"), ("auth_tokens", "token"), ("window_events", "payload")):
-        row = conn.execute(
-            f"SELECT 1 FROM {table} WHERE substr({column}, 1, ?) = ? LIMIT 1", (len(head), head)
-        ).fetchone()
-        if row is not None:
-            return True
-    return False
-
-
-def check_keys(conn: sqlite3.Connection, cipher: Cipher | None, path: Path) -> None:
-    """Refuse to start (`StoreKeyMissing`, nothing written) when rows need a key that is not
-    configured; then record the current key and forget recorded keys no row uses any more."""
-    recorded = {kid for (kid,) in conn.execute("SELECT kid FROM store_keys")}
-    configured = cipher.kids if cipher is not None else frozenset()
-    unused = []
-    for kid in sorted(recorded - configured):
-        if _in_use(conn, kid):
-            hint = (
-                "set [store] encryption (key, or previous_keys during a rotation)"
-                if cipher is None
-                else "the configured key(s) are different: wrong key, or the old one is missing "
-                "from previous_keys"
-            )
-            raise StoreKeyMissing(
-                f"{path}: payloads in the store are encrypted with key {kid}, which is not configured; "
-                f"{hint}. Nothing was changed."
-            )
-        unused.append(kid)
-    if cipher is None and not unused:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany("DELETE FROM store_keys WHERE kid = ?", [(kid,) for kid in unused])
-        if cipher is not None:
-            conn.execute(
-                "INSERT OR IGNORE INTO store_keys(kid, added_at) VALUES (?, ?)", (cipher.kid, time.time())
-            )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def build_cipher(config: EncryptionConfig | None) -> Cipher | None:

@@ -16,66 +16,25 @@ Cost:
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from typing import Any
 
 import msgspec
 
 from daemon.store.at_rest import opened
-from daemon.store.schema import PENDING, STATE_NAMES
+from daemon.store.schema import PENDING
+from daemon.store.types import (
+    _ROOT_ID,
+    _STATES,
+    CLOCK_SLACK,
+    MAX_EVENTS,
+    DeliveryOutcome,
+    EventOutcome,
+    EventReport,
+    WindowWait,
+)
 
 Connection = sqlite3.Connection
-_ROOT_ID = re.compile(r"^([0-9a-f]{11})[0-9a-f]{16}")
-CLOCK_SLACK = 5.0
-"""Seconds the lookup starts before the id's time: clock steps may reorder `received_at` slightly."""
-MAX_EVENTS = 1000
-_STATES = dict(enumerate(STATE_NAMES))  # pending, delivered, dead, stale (daemon.store.ordering)
-
-
-class DeliveryOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    """One delivery of an event (or a transform's dead letter of it) as recorded so far."""
-
-    id: str
-    stage: str
-    state: str
-    attempts: int
-    created_at: float
-    finished_at: float | None
-    next_attempt_at: float | None
-    status: int | None
-    latency_s: float | None
-    """How long the last attempt took."""
-    response: str | None
-    """The start of the receiver's answer to the last attempt."""
-    error: str | None
-
-
-class EventOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    """One stored event with its deliveries."""
-
-    id: str
-    stream: str
-    received_at: float
-    payload: Any
-    deliveries: list[DeliveryOutcome]
-
-
-class WindowWait(msgspec.Struct, frozen=True, kw_only=True):
-    """An output of the event waiting in an aggregating transform's open window."""
-
-    id: str
-    transform: str
-    key: Any
-    opened_at: float
-    size: int
-
-
-class EventReport(msgspec.Struct, frozen=True, kw_only=True):
-    """`ferry ctl event ID`: the event, everything derived from it, and what is still in windows."""
-
-    events: list[EventOutcome]
-    windows: list[WindowWait]
 
 
 def first_seq_since(conn: Connection, since: float) -> int:
@@ -175,3 +134,15 @@ def _decoded(text: str | None) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         return text
+
+
+__all__ = [
+    "CLOCK_SLACK",
+    "MAX_EVENTS",
+    "DeliveryOutcome",
+    "EventOutcome",
+    "EventReport",
+    "WindowWait",
+    "event_outcomes",
+    "first_seq_since",
+]

@@ -8,42 +8,19 @@ case-insensitive substring of their last error.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
 from daemon.store.at_rest import cipher_of
 from daemon.store.outbox import delivery_id
 from daemon.store.schema import DEAD, DELIVERED, PENDING, STATE_NAMES
+from daemon.store.types import AuditRow, DeadFilter, DeadLetter, _letter, percentile
 
 Connection = sqlite3.Connection
-
-
-class DeadFilter(NamedTuple):
-    """Which dead letters a command is about; empty fields match everything."""
-
-    ids: Sequence[str] = ()
-    stages: Sequence[str] = ()
-    since: float | None = None  # seconds: dead-lettered at most this long ago
-    error: str | None = None  # substring of last_error, any case
-
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """One dead delivery as `ferry ctl dlq list/show` reports it."""
-
-    id: str
-    sink: str
-    attempts: int
-    created_at: float
-    finished_at: float | None
-    last_status: int | None
-    last_error: str | None
-    event_id: str | None = None
-    payload: Any = None
 
 
 def _where(selection: DeadFilter, now: float) -> tuple[str, list[Any]]:
@@ -75,31 +52,6 @@ def list_dead(conn: Connection, selection: DeadFilter, limit: int) -> tuple[int,
         [*params, limit],
     ).fetchall()
     return int(total), [_letter(*row) for row in rows]
-
-
-def _letter(
-    id_: str,
-    stage: str,
-    attempts: int,
-    created: float,
-    finished: float | None,
-    status: int | None,
-    error: str | None,
-    event_id: str | None = None,
-    payload: Any = None,
-) -> DeadLetter:
-    """A DeadLetter from a deliveries row in the column order both queries select."""
-    return DeadLetter(
-        id=id_,
-        sink=stage,
-        attempts=attempts,
-        created_at=created,
-        finished_at=finished,
-        last_status=status,
-        last_error=error,
-        event_id=event_id,
-        payload=payload,
-    )
 
 
 def show_delivery(conn: Connection, delivery_id: str) -> tuple[str, DeadLetter] | None:
@@ -202,12 +154,6 @@ def delivery_latencies(conn: Connection, stage: str, limit: int = LATENCY_SAMPLE
     return [float(row[0]) for row in rows]
 
 
-def percentile(sorted_values: list[float], share: float) -> float:
-    """Nearest-rank percentile (`share` in 0..1) of an ascending, non-empty list."""
-    rank = max(1, math.ceil(share * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 # The error type of a failed attempt: its HTTP status, else what the transport or jq said
 # (the messages come from daemon.http.client and actors.transform.transformer).
 _ERROR_TYPE = """CASE
@@ -231,17 +177,6 @@ def error_counts(conn: Connection) -> list[tuple[str, str, int | None, int, str]
         "GROUP BY stage, state, kind ORDER BY stage, state, kind"
     ).fetchall()
     return [(stage, names[state], status, count, kind) for stage, state, status, count, kind in rows]
-
-
-class AuditRow(msgspec.Struct, frozen=True, kw_only=True):
-    """One line of the control audit trail."""
-
-    at: float
-    uid: int | None
-    pid: int | None
-    command: str
-    arguments: str
-    outcome: str
 
 
 def record_audit(
@@ -363,3 +298,27 @@ def pending_by_stage(conn: Connection, stages: Iterable[str]) -> dict[str, int]:
         if stage in depths:
             depths[stage] = int(count)
     return depths
+
+
+__all__ = [
+    "LATENCY_SAMPLE",
+    "AuditRow",
+    "DeadFilter",
+    "DeadLetter",
+    "delivery_latencies",
+    "due_counts",
+    "error_counts",
+    "insert_replay",
+    "list_dead",
+    "pending_by_stage",
+    "percentile",
+    "prune_audit",
+    "purge_dead",
+    "read_audit",
+    "record_audit",
+    "replay_selection",
+    "retry_dead",
+    "show_delivery",
+    "start_replay",
+    "transform_backlog",
+]

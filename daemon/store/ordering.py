@@ -31,220 +31,93 @@ How:
 
 from __future__ import annotations
 
-import math
-import re
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, NamedTuple, final
 
-import jq
 import msgspec
 
-from daemon.config.sync import OrderingConfig
 from daemon.store.at_rest import cipher_of
+from daemon.store.keying import (
+    PARSERS,
+    Fetched,
+    Ordering,
+    OrderingError,
+    Version,
+    number_version,
+    rfc3339_version,
+    string_version,
+)
 from daemon.store.outbox import Due, Outcomes, record_outcomes
 from daemon.store.schema import DEAD, STALE
 
 Connection = sqlite3.Connection
-Version = float | str
-
-_encode = msgspec.json.Encoder().encode
 _rows = msgspec.json.Decoder(list[tuple[int, str, int, float, str, str | None, str, bool]]).decode
-_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 MAX_PASSES = 4
 """Keying and stale-marking rounds in one fetch; the fetcher comes back at once if more is left."""
 
 
-class OrderingError(ValueError):
-    """A delivery's key or version cannot be read; the message is its dead-letter reason."""
+def due(conn: Connection, ordering: Ordering, stage: str, now: float, limit: int) -> Fetched:
+    """Each key's next delivery among the due rows of `stage` (see the module docstring).
 
-
-def number_version(value: Any) -> float:
-    """A `number` version: a JSON number or a string holding one (finite)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise OrderingError(f"is not a number: {_show(value)}")
-    if isinstance(value, str) and not _NUMBER.match(value):
-        raise OrderingError(f"is not a number: {_show(value)}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise OrderingError(f"is not a finite number: {_show(value)}")
-    return number
-
-
-def rfc3339_version(value: Any) -> str:
-    """An `rfc3339` version as a fixed-width UTC string (`2026-11-25T15:20:38.000000Z`): ordered as text.
-
-    Takes what `datetime.fromisoformat` takes with a date, a time and a zone (`Z`, `+00:00`,
-    and Salesforce's `+0000`); digits past microseconds are dropped.
+    Keys rows seen for the first time, dead-letters those that cannot be keyed and marks
+    stale those older than their key's delivered version, re-reading until the window is
+    settled. After `MAX_PASSES` rounds it returns nothing and `more`: the sink comes back at
+    once, and only rows checked in the round that returns them are ever sent.
     """
-    if not isinstance(value, str):
-        raise OrderingError(f"is not an RFC 3339 timestamp: {_show(value)}")
-    try:
-        instant = datetime.fromisoformat(value)
-    except ValueError:
-        raise OrderingError(f"is not an RFC 3339 timestamp: {_show(value)}") from None
-    if len(value) <= 10:
-        raise OrderingError(f"is a date without a time: {_show(value)}")
-    if instant.tzinfo is None:
-        raise OrderingError(f"has no time zone (add Z or an offset): {_show(value)}")
-    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stale: list[str] = []
+    dead: list[tuple[str, str]] = []
+    for _ in range(MAX_PASSES):
+        rows = _candidates(conn, stage, now, limit)
+        fresh = [due for due, unkeyed in rows if unkeyed]
+        if fresh:
+            dead += _key_rows(conn, ordering, fresh)
+            continue
+        heads = [due for due, _ in rows]
+        marked = _mark_stale(conn, stage, [due.rowid for due in heads])
+        if ordering.config.coalesce:
+            marked += _mark_superseded(conn, stage, [due.rowid for due in heads])
+        if marked:
+            stale += marked
+            continue
+        return Fetched(_claim(conn, heads), False, stale, dead)
+    return Fetched([], True, stale, dead)  # not settled yet: nothing unchecked goes out
 
 
-def string_version(value: Any) -> str:
-    if not isinstance(value, str):
-        raise OrderingError(f"is not a string: {_show(value)}")
-    return value
+def _key_rows(conn: Connection, ordering: Ordering, rows: list[Due]) -> list[tuple[str, str]]:
+    """Store key and version of first-seen rows; dead-letter those without: (id, reason) each."""
+    results = ordering.identify_all([due.payload for due in rows])
+    keyed: list[tuple[str, Version, int]] = []
+    failed: list[tuple[Due, str]] = []
+    for due, result in zip(rows, results, strict=True):
+        if isinstance(result, OrderingError):
+            failed.append((due, str(result)))
+        else:
+            keyed.append((result[0], result[1], due.rowid))
+    conn.executemany("UPDATE deliveries SET order_key = ?, order_version = ? WHERE rowid = ?", keyed)
+    now = time.time()
+    conn.executemany(
+        f"UPDATE deliveries SET state = {DEAD}, finished_at = ?, last_error = ? WHERE rowid = ?",
+        [(now, reason, due.rowid) for due, reason in failed],
+    )
+    return [(due.id, reason) for due, reason in failed]
 
 
-PARSERS: dict[str, Callable[[Any], Version]] = {
-    "number": number_version,
-    "rfc3339": rfc3339_version,
-    "string": string_version,
-}
-
-
-def _show(value: Any) -> str:
-    text = _encode(value).decode()
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-class Fetched(NamedTuple):
-    """What one ordered fetch found: rows to send, and what it settled on the way."""
-
-    rows: list[Due]
-    more: bool  # rows were left unkeyed or unsettled: fetch again at once
-    stale_ids: list[str]  # delivery ids marked stale
-    dead_letters: list[tuple[str, str]]  # (delivery id, reason) of rows that could not be keyed
-
-    @property
-    def stale(self) -> int:
-        return len(self.stale_ids)
-
-    @property
-    def dead(self) -> int:
-        return len(self.dead_letters)
-
-
-@final
-class Ordering:
-    """One sink's ordering: reads keys and versions, and picks each key's next delivery."""
-
-    def __init__(self, config: OrderingConfig) -> None:
-        self.config = config
-        self._program = jq.compile(f"[[{config.key}], [{config.version}]]")
-        self._parse = PARSERS[config.compare]
-
-    def __repr__(self) -> str:
-        config = self.config
-        return f"<Ordering key={config.key} version={config.version} compare={config.compare}>"
-
-    def identify(self, payload: bytes) -> tuple[str, Version]:
-        """(key, version) of one payload; raises `OrderingError` with the dead-letter reason."""
-        try:
-            (result,) = self._program.input_text(payload.decode()).all()
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise OrderingError(f"ordering: jq: {' '.join(str(exc).split())}") from None
-        return self._check(result)
-
-    def _check(self, result: list[list[Any]]) -> tuple[str, Version]:
-        keys, versions = result
-        config = self.config
-        if len(keys) != 1:
-            raise OrderingError(f"ordering: key {config.key} gave {len(keys)} values, expected one")
-        key = keys[0]
-        if isinstance(key, bool) or not isinstance(key, str | int | float):
-            raise OrderingError(f"ordering: key {config.key} is {_show(key)}, expected a string or number")
-        if len(versions) != 1:
-            raise OrderingError(
-                f"ordering: version {config.version} gave {len(versions)} values, expected one"
-            )
-        try:
-            version = self._parse(versions[0])
-        except OrderingError as exc:
-            raise OrderingError(f"ordering: version {config.version} of key {_show(key)} {exc}") from None
-        return (key if isinstance(key, str) else _encode(key).decode()), version
-
-    def identify_all(self, payloads: Sequence[bytes]) -> list[tuple[str, Version] | OrderingError]:
-        """`identify` for many payloads, in one jq run when none fails."""
-        try:
-            results = self._program.input_text("\n".join(p.decode() for p in payloads)).all()
-        except (ValueError, UnicodeDecodeError):
-            results = None
-        if results is None or len(results) != len(payloads):
-            return [self._safely(self.identify, payload) for payload in payloads]
-        return [self._safely(self._check, result) for result in results]
-
-    @staticmethod
-    def _safely(fn: Callable[[Any], tuple[str, Version]], arg: Any) -> tuple[str, Version] | OrderingError:
-        try:
-            return fn(arg)
-        except OrderingError as exc:
-            return exc
-
-    # -- in the store's writer thread --------------------------------------------------------
-
-    def due(self, conn: Connection, stage: str, now: float, limit: int) -> Fetched:
-        """Each key's next delivery among the due rows of `stage` (see the module docstring).
-
-        Keys rows seen for the first time, dead-letters those that cannot be keyed and marks
-        stale those older than their key's delivered version, re-reading until the window is
-        settled. After `MAX_PASSES` rounds it returns nothing and `more`: the sink comes back at
-        once, and only rows checked in the round that returns them are ever sent.
-        """
-        stale: list[str] = []
-        dead: list[tuple[str, str]] = []
-        for _ in range(MAX_PASSES):
-            rows = _candidates(conn, stage, now, limit)
-            fresh = [due for due, unkeyed in rows if unkeyed]
-            if fresh:
-                dead += self._key_rows(conn, fresh)
-                continue
-            heads = [due for due, _ in rows]
-            marked = _mark_stale(conn, stage, [due.rowid for due in heads])
-            if self.config.coalesce:
-                marked += _mark_superseded(conn, stage, [due.rowid for due in heads])
-            if marked:
-                stale += marked
-                continue
-            return Fetched(_claim(conn, heads), False, stale, dead)
-        return Fetched([], True, stale, dead)  # not settled yet: nothing unchecked goes out
-
-    def _key_rows(self, conn: Connection, rows: list[Due]) -> list[tuple[str, str]]:
-        """Store key and version of first-seen rows; dead-letter those without: (id, reason) each."""
-        results = self.identify_all([due.payload for due in rows])
-        keyed: list[tuple[str, Version, int]] = []
-        failed: list[tuple[Due, str]] = []
-        for due, result in zip(rows, results, strict=True):
-            if isinstance(result, OrderingError):
-                failed.append((due, str(result)))
-            else:
-                keyed.append((result[0], result[1], due.rowid))
-        conn.executemany("UPDATE deliveries SET order_key = ?, order_version = ? WHERE rowid = ?", keyed)
-        now = time.time()
-        conn.executemany(
-            f"UPDATE deliveries SET state = {DEAD}, finished_at = ?, last_error = ? WHERE rowid = ?",
-            [(now, reason, due.rowid) for due, reason in failed],
+def record(
+    conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+) -> None:
+    """`record_outcomes`, and raise each delivered key's version in `key_versions`."""
+    record_outcomes(conn, outcomes, latency, response)
+    rowids = [rowid for rowid, _ in outcomes.delivered]
+    for start in range(0, len(rowids), 500):
+        chunk = rowids[start : start + 500]
+        conn.execute(
+            "INSERT INTO key_versions(stage, key, version, delivered_at) "
+            "SELECT stage, order_key, order_version, ? FROM deliveries "
+            f"WHERE rowid IN ({','.join('?' * len(chunk))}) AND order_key IS NOT NULL "
+            "ON CONFLICT(stage, key) DO UPDATE SET version = excluded.version, "
+            "delivered_at = excluded.delivered_at WHERE excluded.version > key_versions.version",
+            [time.time(), *chunk],
         )
-        return [(due.id, reason) for due, reason in failed]
-
-    def record(
-        self, conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
-    ) -> None:
-        """`record_outcomes`, and raise each delivered key's version in `key_versions`."""
-        record_outcomes(conn, outcomes, latency, response)
-        rowids = [rowid for rowid, _ in outcomes.delivered]
-        for start in range(0, len(rowids), 500):
-            chunk = rowids[start : start + 500]
-            conn.execute(
-                "INSERT INTO key_versions(stage, key, version, delivered_at) "
-                "SELECT stage, order_key, order_version, ? FROM deliveries "
-                f"WHERE rowid IN ({','.join('?' * len(chunk))}) AND order_key IS NOT NULL "
-                "ON CONFLICT(stage, key) DO UPDATE SET version = excluded.version, "
-                "delivered_at = excluded.delivered_at WHERE excluded.version > key_versions.version",
-                [time.time(), *chunk],
-            )
 
 
 def _candidates(conn: Connection, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
@@ -337,3 +210,18 @@ def _marking(conn: Connection, heads: list[int], template: str, stage: str) -> l
         sql = template.replace("{marks}", ",".join("?" * len(chunk)))
         marked += [id_ for (id_,) in conn.execute(sql, [time.time(), stage, *chunk]).fetchall()]
     return marked
+
+
+__all__ = [
+    "MAX_PASSES",
+    "PARSERS",
+    "Fetched",
+    "Ordering",
+    "OrderingError",
+    "Version",
+    "due",
+    "number_version",
+    "record",
+    "rfc3339_version",
+    "string_version",
+]

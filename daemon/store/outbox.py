@@ -7,73 +7,35 @@ take `now` from `time.time()` themselves so that timestamps follow commit order.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
 from daemon.store.at_rest import cipher_of
 from daemon.store.schema import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
+from daemon.store.types import (
+    Derived,
+    Due,
+    Incoming,
+    NewDeadLetter,
+    NewEvent,
+    Outcomes,
+    StoredEvent,
+    delivery_id,
+    derived_id,
+    new_event_id,
+)
 
 Connection = sqlite3.Connection
-
-
-class StoredEvent(NamedTuple):
-    seq: int
-    id: str
-    stream: str
-    payload: bytes
-    trace: str | None
-
-
-class Due(NamedTuple):
-    """A pending delivery that is due, with the payload of its event."""
-
-    rowid: int
-    id: str
-    attempts: int
-    created_at: float
-    payload: bytes
-    trace: str | None
-    event_id: str
-
-
-class Derived(NamedTuple):
-    """One output of a transform: the event it came from, which output it is, its JSON, and the
-    sinks it goes to (None: every sink reading the transform; fewer when the transform routes)."""
-
-    parent: StoredEvent
-    nth: int
-    payload: bytes
-    sinks: Sequence[str] | None = None
 
 
 # Reads come back as one JSON array built inside SQLite (one `sqlite3_step`, see `insert_rows`);
 # payloads travel as JSON strings, byte for byte as stored.
 _rows = msgspec.json.Decoder(list[tuple[int, str, str, str, str | None]]).decode
 _due_rows = msgspec.json.Decoder(list[tuple[int, str, int, float, str, str | None, str]]).decode
-
-
-def new_event_id(now: float) -> str:
-    """A time-ordered, globally unique event id: 11 hex digits of milliseconds + 16 random."""
-    return f"{int(now * 1000):011x}{os.urandom(8).hex()}"
-
-
-def delivery_id(event_id: str, stage: str) -> str:
-    """The stable id of an event's delivery to one sink; sent as its idempotency key.
-
-    The one place this formula is written (a dead letter of a transform is its delivery id
-    for the transform's stage; a replay's is this plus `.rN`, `ops.insert_replay`)."""
-    return f"{event_id}.{stage}"
-
-
-def derived_id(parent_id: str, transform: str, nth: int) -> str:
-    """The id of a transform's `nth` output of an event: `PARENT.TRANSFORM[.N]`, so a re-run after
-    a crash reproduces it (and the delivery ids, the idempotency keys, downstream)."""
-    return f"{parent_id}.{transform}" if nth == 0 else f"{parent_id}.{transform}.{nth}"
 
 
 _INSERT_EVENT = "INSERT INTO events(seq, id, stream, payload, trace, received_at) VALUES "
@@ -100,21 +62,6 @@ def insert_rows(conn: Connection, insert: str, rows: Sequence[tuple[Any, ...]]) 
             group = "(" + ",".join("?" * width) + ")"
             sql = _statements[key] = insert + ",".join([group] * len(chunk))
         conn.execute(sql, [value for row in chunk for value in row])
-
-
-NewEvent = tuple[str, str, bytes, "str | None", Sequence[str]]
-"""An event to store: (id, stream, payload in clear, trace, the sinks of its pending deliveries).
-A plain tuple, not a NamedTuple: building one per event is on the pipeline's hot paths."""
-
-
-class NewDeadLetter(NamedTuple):
-    """A stage's dead letter of a stored event (its delivery id is `delivery_id(event_id, stage)`)."""
-
-    event_id: str
-    seq: int
-    stage: str
-    error: str
-    attempts: int = 1
 
 
 def store_events(
@@ -169,18 +116,6 @@ def last_seq(conn: Connection) -> int:
     """
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
     return int(row[0]) if row else 0
-
-
-class Incoming(NamedTuple):
-    """One event a source received, waiting to be stored."""
-
-    stream: str
-    payload: bytes
-    trace: str | None
-    sinks: Sequence[str]
-    dedup_key: str | None = None
-    replay: tuple[str, float] | None = None
-    """(key, until) of a verified webhook: refused while the key is remembered (`insert_events`)."""
 
 
 def insert_events(
@@ -361,14 +296,6 @@ def unpark(conn: Connection, stage: str, now: float, horizon: float) -> int:
     ).rowcount
 
 
-class Outcomes(NamedTuple):
-    """What became of a set of attempts."""
-
-    delivered: list[tuple[int, int | None]]  # (rowid, status)
-    retry: list[tuple[int, float, int | None, str]]  # (rowid, next_attempt_at, status, error)
-    dead: list[tuple[int, int | None, str]]  # (rowid, status, error)
-
-
 def record_outcomes(
     conn: Connection, outcomes: Outcomes, latency: float | None = None, response: str | None = None
 ) -> None:
@@ -464,3 +391,32 @@ def counts(conn: Connection) -> dict[str, dict[str, int]]:
     ).fetchall():
         result.setdefault(stage, {"pending": 0, "delivered": 0, "dead": 0})[STATE_NAMES[state]] = count
     return result
+
+
+__all__ = [
+    "Derived",
+    "Due",
+    "Incoming",
+    "NewDeadLetter",
+    "NewEvent",
+    "Outcomes",
+    "StoredEvent",
+    "commit_transform",
+    "counts",
+    "cursor",
+    "delivery_id",
+    "derived_id",
+    "due_deliveries",
+    "insert_event",
+    "insert_events",
+    "insert_rows",
+    "last_seq",
+    "new_event_id",
+    "next_due_after",
+    "pending_total",
+    "prune",
+    "read_events",
+    "record_outcomes",
+    "store_events",
+    "unpark",
+]

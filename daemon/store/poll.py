@@ -27,12 +27,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple
 from itertools import chain
 from typing import Final
 
 from daemon.store.at_rest import cipher_of
 from daemon.store.outbox import delivery_id, insert_rows, last_seq
+from daemon.store.types import _CHECK_COLUMNS, _COLUMNS, Committed, PageCheck, PollState
 
 Connection = sqlite3.Connection
 
@@ -68,59 +69,6 @@ def _statement(kind: tuple[str, str, int], rows: int) -> str:
     return sql
 
 
-@dataclass
-class PollState:
-    """A poll source's durable state (one `poll_state` row).
-
-    `mark`, `etag`, `last_modified`, `validated_url` (the first page's URL and validators) and
-    `refreshed` belong to the last *complete* listing; the `cycle_*` fields, `pages` and
-    `next_url` to the listing in progress (`next_url` None: none). `refreshed` is the oldest
-    time at which a page of that listing was last read in full (its items' keys refreshed in
-    `dedup`). `job` is the submitted job being watched (JSON), in job mode.
-    """
-
-    mark: str | None = None
-    etag: str | None = None
-    last_modified: str | None = None
-    validated_url: str | None = None
-    next_url: str | None = None
-    cycle_mark: str | None = None
-    cycle_etag: str | None = None
-    cycle_last_modified: str | None = None
-    cycle_url: str | None = None
-    pages: int = 0
-    job: str | None = None
-    cycles: int = 0
-    refreshed: float | None = None
-    cycle_refreshed: float | None = None
-
-
-_COLUMNS: Final = [f.name for f in fields(PollState)]
-
-
-@dataclass(frozen=True, slots=True)
-class PageCheck:
-    """What ferry knows of the page at `position` of a listing, last read in full from `url`.
-
-    Its validators (`etag`, `last_modified`; None: the answer had none ferry trusts), the next
-    page's URL that answer led to (`next_url`, None: it ended the listing), the highest mark of
-    its items as the API wrote it, and when it was read (`refreshed_at`: its items' keys were
-    refreshed then). One `poll_pages` row per (source, position), positions 1 to
-    `actors.poll.checks.CHECKED_PAGES`: bounded whatever the listing's length.
-    """
-
-    position: int
-    url: str
-    etag: str | None
-    last_modified: str | None
-    next_url: str | None
-    mark: str | None
-    refreshed_at: float
-
-
-_CHECK_COLUMNS: Final = [f.name for f in fields(PageCheck)]
-
-
 def load_checks(conn: Connection, source: str) -> dict[int, PageCheck]:
     """`source`'s stored page checks by position."""
     rows = conn.execute(
@@ -152,14 +100,6 @@ def save_state(conn: Connection, source: str, state: PollState) -> None:
         f"VALUES (?, {', '.join('?' * len(_COLUMNS))}, ?)",
         (source, *astuple(state), time.time()),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Committed:
-    """What `commit_page` stored: the new events as (id, payload), and how many items were repeats."""
-
-    events: list[tuple[str, bytes]]
-    duplicates: int
 
 
 def commit_page(
@@ -277,3 +217,16 @@ def commit_pages(
         )
         position += count
     return committed
+
+
+__all__ = [
+    "Committed",
+    "PageCheck",
+    "PollState",
+    "commit_page",
+    "commit_pages",
+    "load_checks",
+    "load_state",
+    "save_checks",
+    "save_state",
+]

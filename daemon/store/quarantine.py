@@ -26,20 +26,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import NamedTuple
 
 from daemon.store.outbox import Due, due_deliveries
 from daemon.store.schema import DEAD
+from daemon.store.types import Head, careful_until, quarantine_reason
 
 Connection = sqlite3.Connection
-
-
-class Head(NamedTuple):
-    """A stage's recorded head: the event seq, the end of the batch begun there, the attempts."""
-
-    head: int
-    until: int
-    attempts: int
 
 
 def read_head(conn: Connection, stage: str) -> Head | None:
@@ -65,24 +57,6 @@ def attempt_head(conn: Connection, stage: str, head: int, until: int) -> Head:
     return new
 
 
-def careful_until(head: Head | None, position: int) -> int:
-    """The last seq to work on one event at a time, given the recorded head and the cursor.
-
-    0 (never careful) unless the cursor is still before the recorded head.
-    """
-    if head is None or position >= head.head:
-        return 0
-    return head.until
-
-
-def quarantine_reason(stage: str, attempts: int) -> str:
-    """The dead letter's error for an event quarantined at the head of `stage`."""
-    return (
-        f"poison: quarantined: {stage} was working on this event {attempts} times when it crashed "
-        "or was killed, without getting past it"
-    )
-
-
 def check_head(conn: Connection, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
     """Record the head delivery of `stage`; quarantine it (and return it with its count) when
     it was the head of more than `quarantine_after` incarnations (its attempts count those)."""
@@ -100,3 +74,6 @@ def check_head(conn: Connection, stage: str, quarantine_after: int) -> tuple[Due
         (crashes, time.time(), quarantine_reason(f"sink {stage}", crashes), due.rowid),
     )
     return due, crashes
+
+
+__all__ = ["Head", "attempt_head", "careful_until", "check_head", "quarantine_reason", "read_head"]

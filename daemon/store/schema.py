@@ -29,10 +29,10 @@ end in state 3, stale: never sent, because a newer version of its record was del
 
 from __future__ import annotations
 
+from daemon.store.types import DEAD, DELIVERED, PENDING, STALE, STATE_NAMES
+
 APPLICATION_ID = 0x46455259  # "FERY": marks the file as ferry's
 
-PENDING, DELIVERED, DEAD, STALE = 0, 1, 2, 3
-STATE_NAMES = ("pending", "delivered", "dead", "stale")
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -216,3 +216,5 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
     ],
 ]
+
+__all__ = ["APPLICATION_ID", "DEAD", "DELIVERED", "MIGRATIONS", "PENDING", "STALE", "STATE_NAMES"]

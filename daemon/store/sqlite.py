@@ -6,33 +6,12 @@ Durability:
     that acknowledges after `await store.call(...)` never acknowledges
     something a crash can take back.
 
-Group commit:
-    One thread owns the only connection. It takes every request waiting in its
-    queue (up to `max_batch`), runs them all in one transaction, commits once,
-    then answers each. If one request raises, the whole group is rolled back
-    and each request is re-run in a transaction of its own, so one bad request
-    fails alone. A failed commit (disk full, I/O error) fails every request in
-    the group with `StoreUnavailable`; nothing in it was acknowledged. On a full
-    disk the group's requests are then retried one by one, so reads (and writes
-    that fit) still succeed while writes that need space fail alone.
-
-Outages:
-    `call` fails fast (a webhook answers 503); `call_until_committed` waits the
-    outage out with capped backoff, for the stages that have nobody to answer
-    and must neither crash-loop nor forget an outcome while the disk is full.
-    Both recover by themselves once a commit succeeds again.
-
-Wake-ups:
-    Requests name the consumers their writes concern (`wake`). After the
-    commit the store fires those consumers' `Signal`s; consumers then read
-    their rows back from the store in order. Memory never holds the only copy
-    of anything, and a busy consumer costs no memory: its rows wait on disk.
-
-Cancellation:
-    A trio task cancelled while waiting for its request stops waiting, but the
-    request itself still runs and commits (a transaction cannot be half-sent).
-    Callers that acknowledge must therefore be idempotent on retry, which the
-    webhook's idempotency keys and the sinks' delivery ids provide.
+Group commit, outages, wake-ups, cancellation:
+    the engine both backends share (`daemon.store.engine.GroupCommit`): one writer thread
+    owns the only connection and commits the requests waiting in its queue as one
+    transaction. What is SQLite's here is `SqliteTransactions`: `BEGIN IMMEDIATE`, and which
+    errors are a request's own (integrity, programming) as opposed to the file failing; a full
+    disk retries the group's requests one by one, so reads and writes that fit still succeed.
 """
 
 from __future__ import annotations
@@ -40,19 +19,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Generic, TypeVar, final
+from typing import TypeVar, final
 
-import trio
-
-from daemon.errors import StoreCorrupt, StoreUnavailable
-from daemon.store.api import Outbox, Signal
-from daemon.store.at_rest import Cipher, CipherConnection, check_keys
+from daemon.errors import StoreCorrupt, StoreKeyMissing, StoreUnavailable
+from daemon.store.api import Outbox
+from daemon.store.at_rest import PREFIX, Cipher
+from daemon.store.engine import Failure, GroupCommit
 from daemon.store.schema import APPLICATION_ID, MIGRATIONS
 from daemon.store.sqlite_ops import SqliteOperations
 
@@ -61,55 +36,59 @@ T = TypeVar("T")
 Connection = sqlite3.Connection
 
 
-class _Request(Generic[T]):
-    __slots__ = ("done", "error", "fn", "result", "wake")
-
-    def __init__(self, fn: Callable[[Connection], T], wake: Iterable[str]) -> None:
-        self.fn = fn
-        self.wake = wake
-        self.done = trio.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
-
-
 PAGE_CACHE_KIB = 4096
 """SQLite's page cache, per connection. It fills as the database grows, so it is the daemon's
 resident memory that grows with a backlog; at 4 MiB it is full after ~20,000 events, and a bigger
 one measured no faster (ingest, drain: docs/reliability.md#memory-during-an-outage). The kernel's
 file cache holds the rest of the hot pages."""
 
-_STOP = object()
-READY_HOLD_SECONDS = 1.0
-"""How long after a failed commit the store still counts as not writable (see `Store.writable`)."""
+
+@final
+class SqliteTransactions:
+    """The engine's SQLite half: one connection, opened before the engine runs."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def connection(self) -> Connection:
+        return self.conn
+
+    def begin(self, conn: Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self, conn: Connection) -> None:
+        conn.execute("COMMIT")
+
+    def rollback(self, conn: Connection) -> None:
+        _rollback(conn)
+
+    def classify(self, exc: Exception) -> Failure:
+        if not isinstance(exc, sqlite3.Error) or _is_request_error(exc):
+            return Failure.REQUEST
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return Failure.EACH
+        return Failure.UNAVAILABLE
 
 
 @final
-class Store(SqliteOperations):
+class Store(GroupCommit[Connection], SqliteOperations):
     """The outbox. Open with `Store.open(path, ...)`, serve with `await nursery.start(store.run)`.
 
     Components use its domain operations (`daemon.store.api.Outbox`, implemented in
     `daemon.store.sqlite_ops`); each runs its store function `fn(conn)` through `call` (or
-    `call_until_committed`) on the writer thread, inside a group transaction. Tests may call
-    `store.call(fn)` directly; nothing outside `daemon/store/` does.
+    `call_until_committed`) on the writer thread, inside a group transaction
+    (`daemon.store.engine`). Tests may call `store.call(fn)` directly; nothing outside
+    `daemon/store/` does.
     """
 
     def __init__(
         self, path: Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
     ) -> None:
+        super().__init__(max_batch=max_batch)
         self.path = path
         self._durability = durability
         self._cipher = cipher
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._signals: dict[str, Signal] = {}
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
-        self._stopping = False
-        self.commits = 0
-        self.requests = 0
-        self._committing = False
-        self._failed_at = -READY_HOLD_SECONDS
 
     @classmethod
     def open(
@@ -130,176 +109,15 @@ class Store(SqliteOperations):
         """
         store = cls(Path(path), durability=durability, max_batch=max_batch, cipher=cipher)
         store._conn = open_connection(store.path, durability, verify=verify, cipher=cipher)
+        store._transactions = SqliteTransactions(store._conn)
         return store
-
-    def signal(self, consumer: str) -> Signal:
-        """The wake-up `Signal` of a consumer (created on first use)."""
-        signal = self._signals.get(consumer)
-        if signal is None:
-            signal = self._signals[consumer] = Signal()
-        return signal
-
-    async def call(self, fn: Callable[[Connection], T], *, wake: Iterable[str] = ()) -> T:
-        """Run `fn(conn)` in the next group transaction; return its result once committed.
-
-        Raises `StoreUnavailable` if the transaction did not commit (nothing of
-        it is durable), or whatever `fn` raised (its writes are rolled back).
-        """
-        if self._token is None or self._stopping:
-            raise StoreUnavailable("the store is not running")
-        request = _Request(fn, wake)
-        self._queue.put(request)
-        await request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result  # type: ignore[return-value]
-
-    async def call_until_committed(
-        self, fn: Callable[[Connection], T], *, wake: Iterable[str] = (), max_backoff: float = 5.0
-    ) -> T:
-        """`call(fn)`, retried while the store is unavailable (disk full, I/O error) until it commits.
-
-        Each try runs `fn` in a fresh transaction (a failed one left nothing behind). Waits
-        0.05 s after the first failure, doubling up to `max_backoff`. Raises `StoreUnavailable`
-        once the store is stopping, and whatever `fn` raised.
-        """
-        delay = 0.05
-        while True:
-            try:
-                return await self.call(fn, wake=wake)
-            except StoreUnavailable:
-                if self._token is None or self._stopping:
-                    raise
-            await trio.sleep(delay)
-            delay = min(delay * 2, max_backoff)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the writer thread until cancelled; requests already queued are still committed."""
-        if self._conn is None:
-            raise StoreUnavailable("Store.open() was not called")
-        self._token = trio.lowlevel.current_trio_token()
-        self._stopping = False
-        done = trio.Event()
-        token = self._token
-
-        def writer() -> None:
-            try:
-                self._write_loop()
-            finally:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(done.set)
-
-        self._thread = threading.Thread(target=writer, name="ferry-store-writer", daemon=True)
-        self._thread.start()
-        self._committing = True
-        task_status.started()
-        try:
-            await trio.sleep_forever()
-        finally:
-            # Refuse new calls from here on: a request queued behind _STOP would never be answered.
-            self._stopping = True
-            self._queue.put(_STOP)
-            with trio.CancelScope(shield=True):
-                await done.wait()
-            self._token = None
-
-    @property
-    def writable(self) -> bool:
-        """Whether the last commit succeeded and none has failed for `READY_HOLD_SECONDS`.
-
-        Readiness (`/readyz`, READY) follows this. On a nearly full disk a small commit (a sink's
-        bookkeeping) can succeed between failing event inserts; the hold keeps readiness from
-        flapping with them.
-        """
-        return self._committing and time.monotonic() - self._failed_at >= READY_HOLD_SECONDS
 
     def close(self) -> None:
         """Close the connection (after `run` has returned)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    # -- writer thread -------------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        get, get_nowait = self._queue.get, self._queue.get_nowait
-        stopping = False
-        while not stopping:
-            first = get()
-            if first is _STOP:
-                break
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    item = get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._run_group(conn, batch)
-            assert self._token is not None
-            try:
-                self._token.run_sync_soon(self._resolve, batch)
-            except trio.RunFinishedError:
-                return
-
-    def _run_group(self, conn: Connection, batch: list[_Request[Any]]) -> None:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for request in batch:
-                request.result = request.fn(conn)
-            conn.execute("COMMIT")
-        except Exception as exc:
-            _rollback(conn)
-            if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
-                if len(batch) > 1 and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    self._run_each(conn, batch)
-                else:
-                    self._fail(batch, exc)
-            elif len(batch) == 1:
-                batch[0].result, batch[0].error = None, exc
-            else:
-                self._run_each(conn, batch)
-        else:
-            self._committing = True
-        self.commits += 1
-        self.requests += len(batch)
-
-    def _run_each(self, conn: Connection, batch: list[_Request[Any]]) -> None:
-        for request in batch:
-            request.result = None
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                request.result = request.fn(conn)
-                conn.execute("COMMIT")
-            except Exception as exc:
-                _rollback(conn)
-                if isinstance(exc, sqlite3.Error) and not _is_request_error(exc):
-                    self._fail([request], exc)
-                else:
-                    request.error = exc
-
-    def _fail(self, batch: list[_Request[Any]], exc: sqlite3.Error) -> None:
-        self._committing = False
-        self._failed_at = time.monotonic()
-        log.error("store commit failed", extra={"fields": {"error": str(exc), "requests": len(batch)}})
-        for request in batch:
-            request.result = None
-            request.error = StoreUnavailable(f"store write failed: {exc}")
-
-    def _resolve(self, batch: list[_Request[Any]]) -> None:
-        signals = self._signals
-        for request in batch:
-            request.done.set()
-            if request.error is None:
-                for consumer in request.wake:
-                    signal = signals.get(consumer)
-                    if signal is not None:
-                        signal.fire()
+            self._transactions = None
 
 
 def _rollback(conn: Connection) -> None:
@@ -437,3 +255,57 @@ def _migrate(conn: Connection, path: Path) -> None:
 def _implements_outbox(store: Store) -> Outbox:
     """mypy checks here that `Store` implements the whole interface."""
     return store
+
+
+# -- encryption at rest: the keys the file's rows need (daemon.store.at_rest) ---------------
+
+
+class CipherConnection(sqlite3.Connection):
+    """The store's connection: carries the `Cipher` its payload reads and writes use (or None)."""
+
+    cipher: Cipher | None = None
+
+
+def _in_use(conn: sqlite3.Connection, kid: str) -> bool:
+    head = PREFIX + kid.encode() + b"."
+    for table, column in (("events", "payload"), ("auth_tokens", "token"), ("window_events", "payload")):
+        row = conn.execute(
+            f"SELECT 1 FROM {table} WHERE substr({column}, 1, ?) = ? LIMIT 1", (len(head), head)
+        ).fetchone()
+        if row is not None:
+            return True
+    return False
+
+
+def check_keys(conn: sqlite3.Connection, cipher: Cipher | None, path: Path) -> None:
+    """Refuse to start (`StoreKeyMissing`, nothing written) when rows need a key that is not
+    configured; then record the current key and forget recorded keys no row uses any more."""
+    recorded = {kid for (kid,) in conn.execute("SELECT kid FROM store_keys")}
+    configured = cipher.kids if cipher is not None else frozenset()
+    unused = []
+    for kid in sorted(recorded - configured):
+        if _in_use(conn, kid):
+            hint = (
+                "set [store] encryption (key, or previous_keys during a rotation)"
+                if cipher is None
+                else "the configured key(s) are different: wrong key, or the old one is missing "
+                "from previous_keys"
+            )
+            raise StoreKeyMissing(
+                f"{path}: payloads in the store are encrypted with key {kid}, which is not configured; "
+                f"{hint}. Nothing was changed."
+            )
+        unused.append(kid)
+    if cipher is None and not unused:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("DELETE FROM store_keys WHERE kid = ?", [(kid,) for kid in unused])
+        if cipher is not None:
+            conn.execute(
+                "INSERT OR IGNORE INTO store_keys(kid, added_at) VALUES (?, ?)", (cipher.kid, time.time())
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

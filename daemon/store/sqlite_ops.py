@@ -22,6 +22,7 @@ from daemon.store import (
     tokens,
     transform_retry,
 )
+from daemon.store import ordering as ordering_sql
 from daemon.store import windows as window_sql
 from daemon.store.alerts import AlertState
 from daemon.store.api import Attempt, Failed, Failure
@@ -38,7 +39,7 @@ T = TypeVar("T")
 
 
 def _record_all(conn: Connection, attempts: Sequence[Attempt], ordering: Ordering | None) -> None:
-    record = outbox.record_outcomes if ordering is None else ordering.record
+    record = outbox.record_outcomes if ordering is None else ordering_sql.record
     for outcomes, latency, response in attempts:
         record(conn, outcomes, latency, response)
 
@@ -185,7 +186,9 @@ class SqliteOperations:
         )
 
     async def due_ordered(self, ordering: Ordering, stage: str, now: float, limit: int) -> Fetched:
-        return await self.call_until_committed(partial(ordering.due, stage=stage, now=now, limit=limit))
+        return await self.call_until_committed(
+            partial(ordering_sql.due, ordering=ordering, stage=stage, now=now, limit=limit)
+        )
 
     async def next_due_after(self, stage: str, now: float) -> float | None:
         return await self.call_until_committed(partial(outbox.next_due_after, stage=stage, now=now))

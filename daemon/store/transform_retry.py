@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import msgspec
 
@@ -19,15 +18,7 @@ from daemon.poison import clean
 from daemon.store.at_rest import cipher_of
 from daemon.store.outbox import Connection, Derived, StoredEvent, commit_transform, cursor
 from daemon.store.schema import DEAD, DELIVERED, PENDING
-
-
-class Revived(NamedTuple):
-    """A retried dead letter of a transform: its row, its attempts so far, and its event."""
-
-    rowid: int
-    attempts: int
-    event: StoredEvent
-
+from daemon.store.types import Revived
 
 _rows = msgspec.json.Decoder(list[tuple[int, int, int, str, str, str, str | None]]).decode
 
@@ -71,3 +62,6 @@ def commit_revived(
         "WHERE rowid = ?",
         (DELIVERED if error is None else DEAD, now, None if error is None else clean(error), row.rowid),
     )
+
+
+__all__ = ["Revived", "commit_revived", "revived"]

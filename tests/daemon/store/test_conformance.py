@@ -21,17 +21,24 @@ from daemon.store.api import Outbox
 from daemon.store.ops import DeadFilter
 from daemon.store.outbox import Derived, Incoming, Outcomes, StoredEvent, delivery_id, derived_id
 from daemon.store.poll import PageCheck, PollState
+from daemon.store.postgres.store import PostgresStore
 from daemon.store.sqlite import Store
 from daemon.store.windows import Emitted, Joined, Window
+from tests.postgres import postgres_url
+
+__all__ = ["postgres_url"]
 
 FAR = 2e10  # "now" far enough ahead that every pending delivery is due
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    """A running, empty store of each backend. PostgreSQL (issue 15) is added here."""
-    assert request.param == "sqlite"
-    store = Store.open(tmp_path / "ferry.db", durability="normal")
+    """A running, empty store of each backend (PostgreSQL: a fresh database, `tests/postgres.py`)."""
+    store: Store | PostgresStore
+    if request.param == "sqlite":
+        store = Store.open(tmp_path / "ferry.db", durability="normal")
+    else:
+        store = PostgresStore.open(request.getfixturevalue("postgres_url"), node="test-node")
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         yield store

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from daemon.config.sync import OrderingConfig
+from daemon.store import ordering as ordering_sql
 from daemon.store import outbox
 from daemon.store.at_rest import Cipher
 from daemon.store.ordering import Ordering, OrderingError, number_version, rfc3339_version, string_version
@@ -41,16 +42,16 @@ def add(conn: Connection, email: Any, v: Any, **extra: Any) -> str:
 def fetch(
     conn: Connection, order: Ordering, now: float | None = None, limit: int = 100
 ) -> list[tuple[str, Any]]:
-    fetched = order.due(conn, "crm", time.time() + 1 if now is None else now, limit)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1 if now is None else now, limit)
     return [(body["email"], body["v"]) for body in (json.loads(due.payload) for due in fetched.rows)]
 
 
 def due_rows(conn: Connection, order: Ordering) -> list[Due]:
-    return order.due(conn, "crm", time.time() + 1, 100).rows
+    return ordering_sql.due(conn, order, "crm", time.time() + 1, 100).rows
 
 
 def deliver(conn: Connection, order: Ordering, rows: list[Due]) -> None:
-    order.record(conn, Outcomes([(due.rowid, 200) for due in rows], [], []))
+    ordering_sql.record(conn, Outcomes([(due.rowid, 200) for due in rows], [], []))
 
 
 def states(conn: Connection) -> list[tuple[str, int, str | None]]:
@@ -150,7 +151,7 @@ def test_older_version_than_the_delivered_one_is_stale_and_never_sent(conn: Conn
     add(conn, "a", 5)  # a replay of the same version: delivered again
     add(conn, "a", 6)
 
-    fetched = order.due(conn, "crm", time.time() + 1, 100)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 100)
 
     assert fetched.stale == 1
     assert [json.loads(due.payload)["v"] for due in fetched.rows] == [5]
@@ -182,7 +183,7 @@ def test_a_retrying_key_holds_back_only_itself(conn: Connection) -> None:
     a1 = next(due for due in first if json.loads(due.payload)["email"] == "a")
     b1 = next(due for due in first if json.loads(due.payload)["email"] == "b")
     later = time.time() + 3600
-    order.record(conn, Outcomes([(b1.rowid, 200)], [(a1.rowid, later, 503, "HTTP 503")], []))
+    ordering_sql.record(conn, Outcomes([(b1.rowid, 200)], [(a1.rowid, later, 503, "HTTP 503")], []))
 
     assert fetch(conn, order) == [("b", 2)]
     assert fetch(conn, order, now=later + 1) == [("b", 2), ("a", 1)]  # oldest schedule first
@@ -193,7 +194,7 @@ def test_a_dead_head_lets_its_key_move_on(conn: Connection) -> None:
     add(conn, "a", 1)
     add(conn, "a", 2)
     (a1,) = due_rows(conn, order)
-    order.record(conn, Outcomes([], [], [(a1.rowid, 422, "HTTP 422")]))
+    ordering_sql.record(conn, Outcomes([], [], [(a1.rowid, 422, "HTTP 422")]))
 
     assert fetch(conn, order) == [("a", 2)]
 
@@ -202,14 +203,14 @@ def test_many_blocked_rows_of_one_key_do_not_starve_other_keys(conn: Connection)
     order = ordering()
     add(conn, "a", 0)
     (head,) = due_rows(conn, order)
-    order.record(conn, Outcomes([], [(head.rowid, time.time() + 3600, 503, "HTTP 503")], []))
+    ordering_sql.record(conn, Outcomes([], [(head.rowid, time.time() + 3600, 503, "HTTP 503")], []))
     for v in range(1, 300):
         add(conn, "a", v)
     add(conn, "b", 1)
 
-    fetched = order.due(conn, "crm", time.time() + 1, 10)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 10)
     while fetched.more:
-        fetched = order.due(conn, "crm", time.time() + 1, 10)
+        fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 10)
 
     assert [json.loads(due.payload)["email"] for due in fetched.rows] == ["b"]
 
@@ -230,7 +231,7 @@ def test_unreadable_key_or_version_is_dead_lettered_with_the_reason(
     add(conn, email, v)
     add(conn, "b", 1)
 
-    fetched = order.due(conn, "crm", time.time() + 1, 100)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 100)
 
     assert fetched.dead == 1
     assert [json.loads(due.payload)["email"] for due in fetched.rows] == ["b"]
@@ -242,11 +243,12 @@ def test_jq_error_in_the_key_is_dead_lettered(conn: Connection) -> None:
     add(conn, 5, 1)
     add(conn, "B", 1)
 
-    fetched = order.due(conn, "crm", time.time() + 1, 100)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 100)
 
     assert fetched.dead == 1
     assert len(fetched.rows) == 1
     (error,) = [row[2] for row in states(conn) if row[1] == 2]
+    assert error is not None
     assert error.startswith("ordering: jq: ")
 
 
@@ -262,7 +264,7 @@ def test_stale_rows_are_pruned_like_delivered_ones(conn: Connection) -> None:
     add(conn, "a", 2)
     deliver(conn, order, due_rows(conn, order))
     add(conn, "a", 1)
-    order.due(conn, "crm", time.time() + 1, 100)
+    ordering_sql.due(conn, order, "crm", time.time() + 1, 100)
     conn.execute("UPDATE deliveries SET finished_at = finished_at - 7200")
 
     outbox.prune(conn, retention=3600, dedup_window=3600, readers={"demo": []})
@@ -330,7 +332,7 @@ def test_coalescing_sends_only_the_newest_pending_version(conn: Connection) -> N
         add(conn, "a", v)
     add(conn, "b", 1)
 
-    fetched = order.due(conn, "crm", time.time() + 1, 100)
+    fetched = ordering_sql.due(conn, order, "crm", time.time() + 1, 100)
 
     assert sorted((json.loads(d.payload)["email"], json.loads(d.payload)["v"]) for d in fetched.rows) == [
         ("a", 4),
@@ -359,13 +361,13 @@ def test_an_unsettled_window_returns_nothing_unchecked_and_asks_to_come_back(con
     order = ordering()
     for email in ("a", "b", "c"):
         add(conn, email, 5)
-    deliver(conn, order, order.due(conn, "crm", time.time() + 1, 100).rows)
+    deliver(conn, order, ordering_sql.due(conn, order, "crm", time.time() + 1, 100).rows)
     for email in ("a", "b", "c"):
         add(conn, email, 3)  # stale, one round each to key and to mark with a window of one
     add(conn, "d", 1)
 
-    first = order.due(conn, "crm", time.time() + 1, 1)
+    first = ordering_sql.due(conn, order, "crm", time.time() + 1, 1)
     assert (first.rows, first.more) == ([], True)
-    second = order.due(conn, "crm", time.time() + 1, 1)
+    second = ordering_sql.due(conn, order, "crm", time.time() + 1, 1)
     assert [json.loads(due.payload) for due in second.rows] == [{"email": "d", "v": 1}]
     assert first.stale + second.stale == 3

@@ -1,0 +1,318 @@
+"""A sink's deliveries on PostgreSQL: claims with leases, outcomes, quarantine, per-key ordering.
+
+Claims:
+    `due_deliveries` picks due pending rows with `FOR UPDATE SKIP LOCKED`, skipping rows whose
+    lease another node holds, and leases them to this node (`lease_owner` = the node id,
+    `lease_until` = now + the lease) in the same statement. So while a lease holds, no other node
+    is handed the row; a node's own rows come back to it at its next fetch (as on SQLite, the
+    sink keeps what it already holds) and their lease is renewed. A node that dies (`kill -9`)
+    keeps its leases until they expire; then any node claims the rows and resends them under the
+    same delivery id (the Idempotency-Key). Lease times are the nodes' wall clocks: a node whose
+    clock runs ahead claims early (docs: clock skew).
+
+Outcomes:
+    `record_outcomes` writes only rows this node holds the lease of, and ends the lease; an
+    outcome for a row whose lease another node took over changes nothing (that node sends it
+    again, under the same key). The count of such outcomes is logged.
+
+Per-key ordering:
+    `due_ordered` runs SQLite's algorithm (`daemon.store.ordering`) under a transaction-level
+    advisory lock per stage, so one node at a time picks heads; a head leased by another node is
+    not a candidate, and the rows behind it are not heads: each key's head is held by one node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from daemon.store.keying import Fetched, Ordering, OrderingError, Version
+from daemon.store.postgres.connect import Db
+from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, Outcomes, quarantine_reason
+
+log = logging.getLogger("ferry.store")
+MAX_PASSES = 4
+_ORDER_LOCK = 0x46455259 << 32
+_CLAIMABLE = "(d.lease_until IS NULL OR d.lease_until < %(wall)s OR d.lease_owner = %(node)s)"
+
+
+def _due(rows: list[Any], db: Db) -> list[Due]:
+    cipher = db.cipher
+    return [
+        Due(
+            rowid,
+            id_,
+            attempts,
+            created,
+            payload if cipher is None else cipher.open(payload),
+            trace,
+            event_id,
+        )
+        for rowid, id_, attempts, created, payload, trace, event_id in rows
+    ]
+
+
+def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
+    """Pending deliveries of `stage` due at `now`, oldest schedule first, leased to this node."""
+    wall = time.time()
+    rows = db.execute(
+        "WITH picked AS (SELECT d.rowid FROM deliveries d WHERE d.stage = %(stage)s AND d.state = 0 "
+        f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid "
+        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
+        "c AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM picked "
+        "WHERE d.rowid = picked.rowid RETURNING d.rowid, d.id, d.attempts, d.created_at, d.next_attempt_at, "
+        "d.event_seq) "
+        "SELECT c.rowid, c.id, c.attempts, c.created_at, e.payload, e.trace, e.id FROM c "
+        "JOIN events e ON e.seq = c.event_seq ORDER BY c.next_attempt_at, c.rowid",
+        {"stage": stage, "now": now, "wall": wall, "node": db.node, "until": wall + db.lease, "limit": limit},
+    ).fetchall()
+    return _due(rows, db)
+
+
+def next_due_after(db: Db, stage: str, now: float) -> float | None:
+    row = db.execute(
+        "SELECT min(next_attempt_at) FROM deliveries WHERE stage = %s AND state = 0 AND next_attempt_at > %s",
+        (stage, now),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def unpark(db: Db, stage: str, now: float, horizon: float) -> int:
+    return db.execute(
+        "UPDATE deliveries SET next_attempt_at = %s WHERE stage = %s AND state = 0 AND next_attempt_at > %s",
+        (now, stage, now + horizon),
+    ).rowcount
+
+
+def record_outcomes(
+    db: Db, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+) -> None:
+    """`daemon.store.outbox.record_outcomes` for rows whose lease this node holds; ends the leases."""
+    now = time.time()
+    rows: list[tuple[int, int, int | None, float | None, str | None]] = [
+        (rowid, DELIVERED, status, None, None) for rowid, status in outcomes.delivered
+    ]
+    rows += [(rowid, 0, status, at, error) for rowid, at, status, error in outcomes.retry]
+    rows += [(rowid, DEAD, status, None, error) for rowid, status, error in outcomes.dead]
+    ids = [row[0] for row in rows]
+    if not ids:
+        return
+    changed = db.execute(
+        "UPDATE deliveries d SET state = u.state, attempts = d.attempts + 1, "
+        "next_attempt_at = coalesce(u.next, d.next_attempt_at), "
+        "finished_at = CASE WHEN u.state = 0 THEN d.finished_at ELSE %(now)s END, "
+        "last_status = u.status, last_error = u.error, last_latency = %(latency)s, "
+        "last_response = %(response)s, "
+        "lease_owner = NULL, lease_until = NULL "
+        "FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(statuses)s::integer[], "
+        "%(nexts)s::float8[], "
+        "%(errors)s::text[]) AS u(rowid, state, status, next, error) "
+        "WHERE d.rowid = u.rowid AND d.state = 0 AND d.lease_owner = %(node)s",
+        {
+            "now": now,
+            "latency": latency,
+            "response": response,
+            "ids": ids,
+            "states": [row[1] for row in rows],
+            "statuses": [row[2] for row in rows],
+            "nexts": [row[3] for row in rows],
+            "errors": [row[4] for row in rows],
+            "node": db.node,
+        },
+    ).rowcount
+    if changed != len(ids):
+        log.warning(
+            "outcomes of deliveries whose lease this node no longer holds were not recorded",
+            extra={"fields": {"node": db.node, "outcomes": len(ids), "recorded": changed}},
+        )
+
+
+def record_ordered(
+    db: Db, outcomes: Outcomes, latency: float | None = None, response: str | None = None
+) -> None:
+    """`record_outcomes`, and raise each delivered key's version in `key_versions`."""
+    record_outcomes(db, outcomes, latency, response)
+    rowids = [rowid for rowid, _ in outcomes.delivered]
+    if rowids:
+        db.execute(
+            "INSERT INTO key_versions(stage, key, number, string, delivered_at) "
+            "SELECT stage, order_key, order_number, order_string, %s FROM deliveries "
+            "WHERE rowid = ANY(%s) AND order_key IS NOT NULL AND state = %s "
+            "ON CONFLICT (stage, key) DO UPDATE SET number = excluded.number, string = excluded.string, "
+            "delivered_at = excluded.delivered_at WHERE (coalesce(excluded.number, 0), "
+            "coalesce(excluded.string, '')) "
+            "> (coalesce(key_versions.number, 0), coalesce(key_versions.string, ''))",
+            (time.time(), rowids, DELIVERED),
+        )
+
+
+def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
+    """`daemon.store.quarantine.check_head` on PostgreSQL: the head is the first due row no other
+    node holds."""
+    wall = time.time()
+    rows = db.execute(
+        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM deliveries d "
+        "JOIN events e ON e.seq = d.event_seq WHERE d.stage = %(stage)s AND d.state = 0 "
+        f"AND d.next_attempt_at <= %(wall)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid LIMIT 1",
+        {"stage": stage, "wall": wall, "node": db.node},
+    ).fetchall()
+    if not rows:
+        return None
+    (due,) = _due(rows, db)
+    head = attempt_head(db, stage, due.rowid, due.rowid)
+    if head.attempts <= quarantine_after:
+        return None
+    crashes = head.attempts - 1
+    db.execute(
+        f"UPDATE deliveries SET state = {DEAD}, attempts = attempts + %s, finished_at = %s, last_error = %s, "
+        "lease_owner = NULL, lease_until = NULL WHERE rowid = %s",
+        (crashes, time.time(), quarantine_reason(f"sink {stage}", crashes), due.rowid),
+    )
+    return due, crashes
+
+
+def read_head(db: Db, stage: str) -> Head | None:
+    row = db.execute("SELECT head, until, attempts FROM stage_heads WHERE stage = %s", (stage,)).fetchone()
+    return Head(int(row[0]), int(row[1]), int(row[2])) if row else None
+
+
+def attempt_head(db: Db, stage: str, head: int, until: int) -> Head:
+    """`daemon.store.quarantine.attempt_head` on PostgreSQL."""
+    old = read_head(db, stage)
+    if old is not None and old.head == head:
+        new = Head(head, max(until, old.until), old.attempts + 1)
+    else:
+        new = Head(head, until, 1)
+    db.execute(
+        "INSERT INTO stage_heads(stage, head, until, attempts) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (stage) DO UPDATE SET head = excluded.head, until = excluded.until, "
+        "attempts = excluded.attempts",
+        (stage, *new),
+    )
+    return new
+
+
+# -- per-key ordering ----------------------------------------------------------------------------
+
+# A row's version as one comparable pair (a sink's versions are all numbers or all strings).
+_VERSION = "(coalesce({t}.order_number, 0), coalesce({t}.order_string, ''))"
+_EMPTY = "coalesce({t}, '')"
+
+
+def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) -> Fetched:
+    """`daemon.store.ordering.due` on PostgreSQL, one node at a time per stage (module docstring)."""
+    db.execute("SELECT pg_advisory_xact_lock(%s)", (_ORDER_LOCK | zlib.crc32(stage.encode()),))
+    stale: list[str] = []
+    dead: list[tuple[str, str]] = []
+    for _ in range(MAX_PASSES):
+        rows = _candidates(db, stage, now, limit)
+        fresh = [due for due, unkeyed in rows if unkeyed]
+        if fresh:
+            dead += _key_rows(db, ordering, fresh)
+            continue
+        heads = [due.rowid for due, _ in rows]
+        marked = _mark_stale(db, stage, heads)
+        if ordering.config.coalesce:
+            marked += _mark_superseded(db, stage, heads)
+        if marked:
+            stale += marked
+            continue
+        wall = time.time()
+        db.execute(
+            "UPDATE deliveries SET order_claimed = 1, lease_owner = %s, lease_until = %s "
+            "WHERE rowid = ANY(%s)",
+            (db.node, wall + db.lease, heads),
+        )
+        return Fetched([due for due, _ in rows], False, stale, dead)
+    return Fetched([], True, stale, dead)
+
+
+def _candidates(db: Db, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
+    """Due pending rows of `stage`, unkeyed or their key's head, that no other node holds."""
+    rows = db.execute(
+        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id, d.order_key IS NULL "
+        "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+        "WHERE d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s "
+        f"AND {_CLAIMABLE} "
+        "AND (d.order_key IS NULL OR NOT EXISTS ("
+        "SELECT 1 FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key IS NOT NULL "
+        "AND o.order_key = d.order_key AND ((o.order_claimed IS NOT NULL AND d.order_claimed IS NULL) "
+        f"OR ((o.order_claimed IS NULL) = (d.order_claimed IS NULL) AND ({_VERSION.format(t='o')} < "
+        f"{_VERSION.format(t='d')} OR ({_VERSION.format(t='o')} = {_VERSION.format(t='d')} "
+        "AND o.rowid < d.rowid)))))) "
+        "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s",
+        {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit},
+    ).fetchall()
+    return [(due, bool(row[7])) for due, row in zip(_due([row[:7] for row in rows], db), rows, strict=True)]
+
+
+def _key_rows(db: Db, ordering: Ordering, rows: Sequence[Due]) -> list[tuple[str, str]]:
+    results = ordering.identify_all([due.payload for due in rows])
+    keyed: list[tuple[str, Version, int]] = []
+    failed: list[tuple[Due, str]] = []
+    for due, result in zip(rows, results, strict=True):
+        if isinstance(result, OrderingError):
+            failed.append((due, str(result)))
+        else:
+            keyed.append((result[0], result[1], due.rowid))
+    if keyed:
+        db.execute(
+            "UPDATE deliveries d SET order_key = u.k, order_number = u.n, order_string = u.s "
+            "FROM unnest(%s::text[], %s::float8[], %s::text[], %s::bigint[]) AS u(k, n, s, "
+            "r) WHERE d.rowid = u.r",
+            (
+                [k for k, _, _ in keyed],
+                [v if isinstance(v, float) else None for _, v, _ in keyed],
+                [v if isinstance(v, str) else None for _, v, _ in keyed],
+                [r for _, _, r in keyed],
+            ),
+        )
+    if failed:
+        db.execute(
+            f"UPDATE deliveries d SET state = {DEAD}, finished_at = %s, last_error = u.e, "
+            "lease_owner = NULL, "
+            "lease_until = NULL FROM unnest(%s::text[], %s::bigint[]) AS u(e, r) WHERE d.rowid = u.r",
+            (time.time(), [reason for _, reason in failed], [due.rowid for due, _ in failed]),
+        )
+    return [(due.id, reason) for due, reason in failed]
+
+
+def _shown(table: str) -> str:
+    """A row's version as text, as SQLite shows it in the stale reason."""
+    return f"coalesce({table}.order_string, {table}.order_number::text)"
+
+
+def _mark_stale(db: Db, stage: str, heads: list[int]) -> list[str]:
+    delivered = "(SELECT {c} FROM key_versions k WHERE k.stage = d.stage AND k.key = d.order_key)"
+    kver = (
+        f"({delivered.format(c='coalesce(k.number, 0)')}, {delivered.format(c=_EMPTY.format(t='k.string'))})"
+    )
+    rows = db.execute(
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: version ' || "
+        f"{_shown('d')} || ' is older than ' || "
+        f"{delivered.format(c='coalesce(k.string, k.number::text)')} || ', already delivered' "
+        "WHERE d.stage = %s AND d.state = 0 AND d.order_key IN (SELECT order_key FROM deliveries "
+        f"WHERE rowid = ANY(%s)) AND {_VERSION.format(t='d')} < {kver} RETURNING d.id",
+        (time.time(), stage, heads),
+    ).fetchall()
+    return [id_ for (id_,) in rows]
+
+
+def _mark_superseded(db: Db, stage: str, heads: list[int]) -> list[str]:
+    newest = (
+        "(SELECT {c} FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key = d.order_key "
+        f"ORDER BY {_VERSION.format(t='o')} DESC LIMIT 1)"
+    )
+    rows = db.execute(
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: superseded by "
+        f"version ' || {newest.format(c=_shown('o'))} || ', pending' WHERE d.stage = %s AND d.state = 0 "
+        "AND d.order_claimed IS NULL AND d.order_key IN (SELECT order_key FROM "
+        "deliveries WHERE rowid = ANY(%s)) "
+        f"AND {_VERSION.format(t='d')} < ({newest.format(c='coalesce(o.order_number, 0)')}, "
+        f"{newest.format(c=_EMPTY.format(t='o.order_string'))}) RETURNING d.id",
+        (time.time(), stage, heads),
+    ).fetchall()
+    return [id_ for (id_,) in rows]
