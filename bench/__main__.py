@@ -41,8 +41,8 @@ from pathlib import Path
 
 import trio
 
-from bench.context import Context, bench_context, report
 from bench.budget import budget_mechanisms
+from bench.context import Context, bench_context, report
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
 from bench.harness import ensure_wrk

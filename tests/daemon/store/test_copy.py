@@ -7,10 +7,10 @@ others retrying), then copied with the real command line; what arrives is compar
 from __future__ import annotations
 
 import os
-from contextlib import closing
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -164,7 +164,8 @@ def test_an_encrypted_store_is_copied_sealed_and_needs_its_key(tmp_path: Path, p
     assert copy_store(db, postgres_url).rows["events"] == 20  # 10 received, 10 transformed
     with psycopg.connect(postgres_url) as pg:
         payloads = [bytes(p) for (p,) in pg.execute("SELECT payload FROM events").fetchall()]
-        assert payloads and all(p.startswith(PREFIX) for p in payloads)
+        assert payloads
+        assert all(p.startswith(PREFIX) for p in payloads)
     with pytest.raises(StoreKeyMissing):
         open_database(postgres_url, node="t", cipher=None).close()
     cipher = Cipher(bytes.fromhex(KEY), [])
