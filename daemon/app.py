@@ -27,7 +27,7 @@ from typing import Protocol
 import trio
 
 from daemon.config.kinds import PollSourceConfig
-from daemon.config.root import Config, LoadedConfig, downstream
+from daemon.config.root import Config, LoadedConfig, downstream, node_id
 from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
@@ -35,6 +35,9 @@ from daemon.registry import IngestBatcher, WebhookListener, build_sink, server_c
 from daemon.reload import build_alerter, deps, fan_out, poller, pollers, reload, routes, transformer
 from daemon.running import Running
 from daemon.store import at_rest
+from daemon.store.api import Outbox
+from daemon.store.postgres.connect import describe
+from daemon.store.postgres.store import PostgresStore
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import ActivatedSockets, Notifier
@@ -46,7 +49,7 @@ log = logging.getLogger("ferry.daemon")
 MAINTENANCE_INTERVAL = 60.0
 
 
-async def _maintain(store: Store, running: Running) -> None:
+async def _maintain(store: Outbox, running: Running) -> None:
     """Prune the store every `MAINTENANCE_INTERVAL` (or `retention / 4`, when shorter).
 
     Who reads which stream is taken from the config current when a prune starts, after the
@@ -69,7 +72,7 @@ async def _maintain(store: Store, running: Running) -> None:
             log.info("store pruned", extra={"fields": {"rows": removed}})
 
 
-async def _sample_queue_depths(store: Store, running: Running, telemetry: Telemetry) -> None:
+async def _sample_queue_depths(store: Outbox, running: Running, telemetry: Telemetry) -> None:
     """Keep `ferry.queue.depth` fresh: one indexed count per interval, read by the metric reader.
 
     The interval is the metrics interval, or the alert interval when rules are configured and it
@@ -144,7 +147,7 @@ def _serving(config: Config) -> str:
     )
 
 
-async def _status_line(running: Running, store: Store, sinks: Callable[[], Iterable[_Tally]]) -> str:
+async def _status_line(running: Running, store: Outbox, sinks: Callable[[], Iterable[_Tally]]) -> str:
     """systemd's `STATUS=`: counters since start plus one indexed count of pending deliveries.
 
     Events received count webhook requests stored and items poll sources stored.
@@ -158,6 +161,35 @@ async def _status_line(running: Running, store: Store, sinks: Callable[[], Itera
     except StoreUnavailable:
         pending = "store unavailable"
     return f"{received} events received, {delivered} delivered, {dead} dead-lettered since start; " + pending
+
+
+def open_store(config: Config) -> Store | PostgresStore:
+    """The outbox `[store]` names, opened (and migrated); raises `StoreError` if it cannot be used.
+
+    PostgreSQL: this node claims deliveries as `node_id(config)` for `[cluster] delivery_lease`.
+    """
+    cipher = at_rest.build_cipher(config.store.encryption)
+    if config.store.backend == "postgres":
+        assert config.store.url is not None  # checked by the config (required with postgres)
+        return PostgresStore.open(
+            config.store.url.value.reveal(),
+            node=node_id(config),
+            lease=config.cluster.delivery_lease,
+            max_batch=config.store.max_batch,
+            cipher=cipher,
+        )
+    return Store.open(
+        config.store.path,
+        durability=config.store.durability,
+        max_batch=config.store.max_batch,
+        cipher=cipher,
+        verify=config.store.verify_on_start,
+    )
+
+
+def _where(store: Store | PostgresStore) -> str:
+    """The store as a log line names it (never a password)."""
+    return str(store.path) if isinstance(store, Store) else f"{describe(store.url)} as {store.node}"
 
 
 async def serve(
@@ -174,13 +206,7 @@ async def serve(
     config = loaded.config
     started = time.monotonic()
     activated = ActivatedSockets.from_environment()
-    store = Store.open(
-        config.store.path,
-        durability=config.store.durability,
-        max_batch=config.store.max_batch,
-        cipher=at_rest.build_cipher(config.store.encryption),
-        verify=config.store.verify_on_start,
-    )
+    store = open_store(config)
     notifier = Notifier()
     supervisor = Supervisor(config.supervisor)
     # Only the alerter reads `collect()`; a reload that adds rules starts collecting then (reload.py).
@@ -246,7 +272,7 @@ async def serve(
                         extra={
                             "fields": {
                                 "listener": [f"{host}:{port}" for host, port in running.addresses],
-                                "store": str(store.path),
+                                "store": _where(store),
                                 "pid": os.getpid(),
                                 "startup_s": round(time.monotonic() - started, 3),
                             }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from daemon.limits.ratelimit import RateLimits
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 from daemon.telemetry.masking import Masking
 from daemon.telemetry.tap import Taps
 
@@ -26,7 +26,7 @@ A = TypeVar("A")
 class Deps:
     """What the runtime hands every constructor: the shared parts of one running daemon."""
 
-    store: Store
+    store: Outbox
     rate_limits: RateLimits
     """Every `[rate_limits.NAME]` budget; a component takes a limiter for the one it names."""
     quarantine_after: int = 3

@@ -6,6 +6,7 @@
     ├── StoreError                  the outbox cannot be used
     │   ├── StoreUnavailable        a write did not commit (disk full, I/O error, closed); webhooks answer 503
     │   ├── StoreCorrupt            the file is not a ferry database, or is damaged; startup refuses it
+    │   │   └── SchemaMismatch      PostgreSQL: the database's schema is another ferry version's; exit 2
     │   └── StoreKeyMissing         rows are encrypted with a key that is not configured; startup refuses it
     ├── SupervisorError
     │   └── TooManyRestarts         actors crashed more than `max_restarts` in `window`; the daemon exits 1
@@ -54,6 +55,11 @@ class StoreUnavailable(StoreError):
 
 class StoreCorrupt(StoreError):
     """The database file is not ferry's or is damaged; it is left untouched."""
+
+
+class SchemaMismatch(StoreCorrupt):
+    """The database's schema is not the one this code writes (PostgreSQL, shared by nodes of
+    several versions); the node refuses to start (exit 2) and changes nothing."""
 
 
 class StoreKeyMissing(StoreError):

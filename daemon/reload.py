@@ -93,7 +93,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ferry.reload")
 
-FROZEN_SECTIONS: Final = ("store", "listener", "control", "supervisor", "telemetry")
+FROZEN_SECTIONS: Final = ("store", "cluster", "listener", "control", "supervisor", "telemetry")
 START_TIMEOUT: Final = 10.0
 """How long a reload waits for its new actors to start before answering (they keep starting after)."""
 

@@ -14,7 +14,7 @@ from daemon.config.root import Config, LoadedConfig
 from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
 from daemon.registry import Aggregator, Alerter, IngestBatcher, Poller, Sink, Transformer, WebhookListener
-from daemon.store.sqlite import Store
+from daemon.store.api import Outbox
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 from daemon.telemetry.masking import Masking
@@ -67,7 +67,7 @@ class Running:
     """What `serve` hands back once every actor has started."""
 
     addresses: list[tuple[str, int]]
-    store: Store
+    store: Outbox
     supervisor: Supervisor
     config: Config
     stop: trio.Event = field(default_factory=trio.Event)

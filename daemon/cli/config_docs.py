@@ -37,6 +37,7 @@ names are unique across all three kinds.
 
 _TABLES: list[tuple[str, type[msgspec.Struct]]] = [
     ("[store]", sections.StoreConfig),
+    ("[cluster]", sections.ClusterConfig),
     ("[listener]", config_webhook.ListenerConfig),
     ("[control]", sections.ControlConfig),
     ("[supervisor]", sections.SupervisorConfig),

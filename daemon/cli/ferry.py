@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from daemon.config.root import LoadedConfig, json_schema, load
-from daemon.errors import ConfigError, FerryError
+from daemon.errors import ConfigError, FerryError, SchemaMismatch
 from daemon.telemetry import masking
 from daemon.telemetry.logs import setup_logging
 
@@ -85,14 +85,15 @@ def _run(path: str, level: str | None) -> int:
         matched, rest = group.split(FerryError)
         if rest is not None or matched is None:
             raise
-        for error in _leaves(matched):
+        leaves = _leaves(matched)
+        for error in leaves:
             log.critical(
                 "daemon failed", extra={"fields": {"error": str(error), "kind": type(error).__name__}}
             )
-        return 1
+        return 2 if any(isinstance(error, SchemaMismatch) for error in leaves) else 1
     except FerryError as error:
         log.critical("daemon failed", extra={"fields": {"error": str(error), "kind": type(error).__name__}})
-        return 1
+        return 2 if isinstance(error, SchemaMismatch) else 1
     except KeyboardInterrupt:
         return 130
     return 0

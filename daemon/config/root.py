@@ -12,7 +12,9 @@ from a file with any error.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +50,13 @@ from daemon.config.kinds import (
 )
 from daemon.config.limits import RateLimitConfig, limit_errors
 from daemon.config.sanity import MAX_DEPTH, depth_error, host_errors, shape_errors
-from daemon.config.sections import ControlConfig, StoreConfig, SupervisorConfig, TelemetryConfig
+from daemon.config.sections import (
+    ClusterConfig,
+    ControlConfig,
+    StoreConfig,
+    SupervisorConfig,
+    TelemetryConfig,
+)
 from daemon.config.sync import check_enrich
 from daemon.config.units import dec_hook, schema_hook
 from daemon.config.url_credentials import credential_paths
@@ -60,6 +68,7 @@ class Config(Section, frozen=True):
     """A whole ferry configuration file."""
 
     store: StoreConfig = default(StoreConfig())
+    cluster: ClusterConfig = default(ClusterConfig())
     listener: ListenerConfig = default(ListenerConfig())
     control: ControlConfig = default(ControlConfig())
     supervisor: SupervisorConfig = default(SupervisorConfig())
@@ -100,6 +109,7 @@ class LoadedConfig:
 
 _SECTIONS: dict[str, Any] = {
     "store": StoreConfig,
+    "cluster": ClusterConfig,
     "listener": ListenerConfig,
     "control": ControlConfig,
     "supervisor": SupervisorConfig,
@@ -284,6 +294,10 @@ def _semantic_errors(config: Config) -> Iterator[str]:
         yield "$.supervisor.initial_backoff: larger than max_backoff"
     if _split_address(config.listener.address) is None:
         yield f"$.listener.address: expected host:port, got {config.listener.address!r}"
+    if config.store.backend == "postgres" and config.store.url is None:
+        yield '$.store.url: required with backend = "postgres" (e.g. url = "env:FERRY_DATABASE_URL")'
+    if config.store.backend == "sqlite" and config.store.url is not None:
+        yield '$.store.url: only for backend = "postgres"; SQLite uses `path` (remove url or set the backend)'
 
 
 def _cycle_errors(config: Config) -> Iterator[str]:
@@ -318,6 +332,15 @@ def listen_address(config: Config) -> tuple[str, int]:
     address = _split_address(config.listener.address)
     assert address is not None
     return address
+
+
+def node_id(config: Config) -> str:
+    """This node's id in a shared store: `[cluster] node_id`, else `HOSTNAME:PORT` of the listener
+    (`HOSTNAME:pPID` when the port is 0, i.e. chosen at bind time: then not stable across restarts)."""
+    if config.cluster.node_id is not None:
+        return config.cluster.node_id
+    _, port = listen_address(config)
+    return f"{socket.gethostname()}:{port}" if port else f"{socket.gethostname()}:p{os.getpid()}"
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:

@@ -1,4 +1,5 @@
-"""The runtime's own sections of the config file: `[store]`, `[control]`, `[supervisor]`, `[telemetry]`.
+"""The runtime's own sections of the config file: `[store]`, `[cluster]`, `[control]`, `[supervisor]`,
+`[telemetry]`.
 
 Each is one frozen Struct whose field descriptions are the config reference (`ferry config-docs`);
 none of them can change in a running process (a reload that changes one is refused).
@@ -12,21 +13,39 @@ from msgspec import Meta
 
 from daemon.config.auth import EncryptionConfig
 from daemon.config.base import Section, default
+from daemon.config.secrets import SecretRef
 from daemon.config.units import Duration
 from daemon.telemetry.masking import RULE_PATTERN
 
 
 class StoreConfig(Section, frozen=True):
-    """The SQLite outbox that sits between every stage."""
+    """The outbox that sits between every stage: a SQLite file (one node) or a PostgreSQL database
+    that several nodes share (docs/architecture.md#the-store-interface)."""
 
+    backend: Annotated[
+        Literal["sqlite", "postgres"],
+        Meta(
+            description="`sqlite`: the file at `path` (one node). `postgres`: the database at `url`, "
+            "which several ferry nodes may share; `path`, `durability` and `verify_on_start` are "
+            "SQLite's and are ignored (PostgreSQL commits with synchronous_commit on)."
+        ),
+    ] = "sqlite"
+    url: Annotated[
+        SecretRef | None,
+        Meta(
+            description="PostgreSQL connection URL (`postgresql://user@host:5432/db`) as a secret "
+            "reference (`env:FERRY_DATABASE_URL`): it may hold a password. Required with "
+            '`backend = "postgres"`; an error with `sqlite`.'
+        ),
+    ] = None
     path: Annotated[
         str, Meta(description="SQLite file; relative paths resolve from the config's folder.")
     ] = "var/ferry.db"
     durability: Annotated[
         Literal["full", "normal"],
         Meta(
-            description="`full`: fsync every commit (synchronous=FULL). `normal`: may lose the last "
-            "commits on power loss, never on a process crash."
+            description="SQLite: `full`: fsync every commit (synchronous=FULL). `normal`: may lose the "
+            "last commits on power loss, never on a process crash."
         ),
     ] = "full"
     retention: Annotated[Duration, Meta(description="How long delivered rows are kept before pruning.")] = (
@@ -63,6 +82,28 @@ class StoreConfig(Section, frozen=True):
             "of database): a damaged file is refused with its name instead of failing write by write."
         ),
     ] = True
+
+
+class ClusterConfig(Section, frozen=True):
+    """This node among several sharing one PostgreSQL outbox (`[store] backend = "postgres"`)."""
+
+    node_id: Annotated[
+        Annotated[str, Meta(min_length=1, max_length=200)] | None,
+        Meta(
+            description="This node's stable name in the shared database: the owner of its delivery "
+            "claims. Default: `HOSTNAME:PORT` of the listener (`HOSTNAME:pPID` with port 0). Each "
+            "running node needs its own; a node restarted under the same id takes its own claims "
+            "back at once instead of after `delivery_lease`.",
+        ),
+    ] = None
+    delivery_lease: Annotated[
+        Duration,
+        Meta(
+            description="How long a claimed delivery stays this node's without being fetched again: a "
+            "killed node's deliveries are resent by the others after it. Longer than a sink's "
+            "`timeout`, so that a slow request is not sent twice at once."
+        ),
+    ] = default(Duration(60))
 
 
 class ControlConfig(Section, frozen=True):

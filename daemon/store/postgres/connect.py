@@ -31,7 +31,7 @@ from typing import Any, final
 import psycopg
 import psycopg.errors
 
-from daemon.errors import StoreCorrupt, StoreKeyMissing, StoreUnavailable
+from daemon.errors import SchemaMismatch, StoreCorrupt, StoreKeyMissing, StoreUnavailable
 from daemon.store.at_rest import PREFIX, Cipher
 from daemon.store.engine import Failure
 from daemon.store.postgres.schema import MIGRATIONS, SCHEMA_LOCK, VERSION
@@ -156,7 +156,7 @@ def _migrate(conn: psycopg.Connection[Any], where: str) -> None:
         conn.execute("CREATE TABLE ferry_schema (version integer PRIMARY KEY, applied_at double precision)")
         version = 0
     if version > VERSION:
-        raise StoreCorrupt(
+        raise SchemaMismatch(
             f"{where}: database schema version {version} is newer than this ferry ({VERSION}); "
             "the database was left untouched: run the newer ferry that wrote it on every node"
         )
@@ -173,7 +173,7 @@ def check_version(conn: psycopg.Connection[Any], where: str) -> None:
     version = schema_version(conn)
     conn.rollback()
     if version != VERSION:
-        raise StoreCorrupt(
+        raise SchemaMismatch(
             f"{where}: database schema version {version} does not match this ferry's ({VERSION}); "
             "run the same ferry version on every node"
         )

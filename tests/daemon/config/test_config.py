@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from actors.sink.config import FileSinkConfig, HttpSinkConfig
 from actors.webhook.config import webhook_path
 from daemon.cli.ferry import main
-from daemon.config.root import load, parse
+from daemon.config.root import load, node_id, parse
 from daemon.errors import ConfigError
 
 # The sample from DESIGN.md, verbatim.
@@ -373,6 +375,7 @@ def test_config_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]
     config = schema["$defs"]["Config"]
     assert set(config["properties"]) == {
         "store",
+        "cluster",
         "listener",
         "control",
         "supervisor",
@@ -412,3 +415,33 @@ def test_supervisor_backoff_bounds_are_checked() -> None:
     with pytest.raises(ConfigError) as caught:
         parse('[supervisor]\ninitial_backoff = "1m"\nmax_backoff = "1s"\n')
     assert caught.value.problems == ["$.supervisor.initial_backoff: larger than max_backoff"]
+
+
+def test_the_store_backend_and_its_url_go_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_TEST_DB", "postgresql://127.0.0.1:5432/ferry")
+    assert problems('[store]\nbackend = "postgres"\n') == [
+        '$.store.url: required with backend = "postgres" (e.g. url = "env:FERRY_DATABASE_URL")'
+    ]
+    assert problems('[store]\nurl = "env:FERRY_TEST_DB"\n') == [
+        '$.store.url: only for backend = "postgres"; SQLite uses `path` (remove url or set the backend)'
+    ]
+    assert problems('[store]\nbackend = "mysql"\n')[0].startswith("$.store.backend:")
+    config = parse('[store]\nbackend = "postgres"\nurl = "env:FERRY_TEST_DB"\n')
+    assert config.store.url is not None
+    assert config.store.url.value.reveal() == "postgresql://127.0.0.1:5432/ferry"
+    assert "127.0.0.1" not in repr(config.store)  # a secret reference: the URL never shows
+    assert parse("").store.backend == "sqlite"
+
+
+def test_a_missing_database_url_variable_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FERRY_TEST_DB", raising=False)
+    (problem,) = problems('[store]\nbackend = "postgres"\nurl = "env:FERRY_TEST_DB"\n')
+    assert problem.startswith("$.store.url:")
+    assert "FERRY_TEST_DB" in problem
+
+
+def test_the_node_id_is_configured_or_the_host_and_listener_port() -> None:
+    assert node_id(parse('[cluster]\nnode_id = "edge-1"\n')) == "edge-1"
+    assert node_id(parse('[listener]\naddress = "0.0.0.0:8443"\n')) == f"{socket.gethostname()}:8443"
+    assert node_id(parse('[listener]\naddress = "127.0.0.1:0"\n')) == f"{socket.gethostname()}:p{os.getpid()}"
+    assert problems('[cluster]\nnode_id = ""\n')[0].startswith("$.cluster.node_id:")
