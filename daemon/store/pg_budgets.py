@@ -194,6 +194,16 @@ class PgBudgets:
             return
         await self._call(_BLOCK, {"name": name, "pause": pause_s, "rate": rate_per_s, "burst": burst})
 
+    def close(self, timeout: float = 1.0) -> None:
+        """Close from the trio thread at exit; a statement still running on a worker thread (its
+        caller gave up on it) is left to its own timeout, and the connection to process exit."""
+        if self._lock.acquire(timeout=timeout):
+            try:
+                self._closed = True
+                self._drop()
+            finally:
+                self._lock.release()
+
     async def aclose(self) -> None:
         def close() -> None:
             with self._lock:
