@@ -50,7 +50,8 @@ def test_what_was_in_flight_goes_on_from_postgresql(tmp_path: Path, postgres_url
         folder.mkdir()
         config = write_config(folder, PIPELINE.format(url=receiver.url) + ON_POSTGRES)
         text = config.read_text().replace(
-            '[store]\npath = "state/ferry.db"', '[store]\nbackend = "postgres"\nurl = "env:FERRY_DATABASE_URL"'
+            '[store]\npath = "state/ferry.db"',
+            '[store]\nbackend = "postgres"\nurl = "env:FERRY_DATABASE_URL"',
         )
         config.write_text(text)
         daemon = Daemon(config, folder / "daemon.log", env={"FERRY_DATABASE_URL": postgres_url})
