@@ -276,10 +276,10 @@ async def _drain_round(ctx: Context, url: str | None, n: int, count: int) -> dic
         fill_config = write_config(
             folder, f"http://127.0.0.1:{hole.getsockname()[1]}/hole", concurrency=1, timeout="1h"
         )
-        fill = start(folder, on_postgres(fill_config, f"fill{n}") if url else fill_config, ctx, url)
+        fill = start(folder, on_postgres(fill_config, f"drain{n}") if url else fill_config, ctx, url)
         await post_count(fill.url, folder, count, limit_s=90)
         await trio.sleep(2.0)  # the transform turns the last events into deliveries
-        fill.stop()
+        fill.stop()  # the same node id below: a restarted node takes its own claims back at once
     stored = accepted(fill, url)
     await ctx.receiver.reset()
     config = write_config(folder, ctx.receiver.url + "/batch", batch=True, concurrency=8)
