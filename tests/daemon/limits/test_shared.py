@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import trio
 
+from bench.budget import most_in_window as most_in_any_window
 from daemon.config.limits import RateLimitConfig
 from daemon.config.units import Duration
 from daemon.limits.ratelimit import RateLimits
@@ -34,17 +35,6 @@ def blocked_in_database(url: str, name: str) -> bool:
             "SELECT blocked_until > now() FROM ferry_rate_budgets WHERE name = %s", (name,)
         ).fetchone()
     return bool(row and row[0])
-
-
-def most_in_any_window(times: list[float], window: float) -> int:
-    """The largest number of `times` within any closed interval of length `window`."""
-    times = sorted(times)
-    most, start = 0, 0
-    for end, at in enumerate(times):
-        while at - times[start] > window:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 async def run_nodes(url: str, receiver: FakeReceiver, *, seconds: float, callers: int) -> list[RateLimits]:
