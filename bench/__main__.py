@@ -22,9 +22,11 @@ Cases (docs/performance.md explains each figure):
 9. the peers, Node-RED and a Huey relay, each installed into a scratch folder and under the
    same loads as ferry (bench/peers.py), with ratios;
 10. the daemon's peak RSS in each case;
-11. cluster-wide rate budgets: the shared PostgreSQL row vs shares by live node count
+11. one node on PostgreSQL against one on SQLite: durable ingest and per-event delivery through
+    the store, the whole daemon's ingest under wrk, statements per event (bench/backends.py);
+12. cluster-wide rate budgets: the shared PostgreSQL row vs shares by live node count
     (bench/budget.py; skipped with a row saying so when no PostgreSQL server answers);
-12. cluster mode: one node on PostgreSQL vs one on SQLite (ingest, per-event delivery, drain),
+13. cluster mode: one node on PostgreSQL vs one on SQLite (ingest, per-event delivery, drain),
     two nodes vs one, CPU and round trips per event, and the projection to N machines
     (bench/cluster.py; skipped likewise).
 
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import trio
 
+from bench.backends import store_backends
 from bench.budget import budget_mechanisms
 from bench.cluster import cluster_figures
 from bench.context import Context, bench_context, report
@@ -60,7 +63,7 @@ from bench.report import Row, machine, write
 from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
-LIMIT_S = 1200  # the whole run, even if something hangs (the peers need minutes of it)
+LIMIT_S = 2400  # the whole run, even if something hangs (the peers and the cluster cases need minutes)
 
 
 async def run(ctx: Context) -> None:
@@ -78,8 +81,9 @@ async def run(ctx: Context) -> None:
             ("8. transform throughput vs jq", transform_throughput),
             ("9. peers: Node-RED, Huey relay", peers),
             ("10. tracing cost", tracing_cost),
-            ("11. cluster-wide rate budgets", budget_mechanisms),
-            ("12. cluster mode (PostgreSQL)", cluster_figures),
+            ("11. PostgreSQL vs SQLite", store_backends),
+            ("12. cluster-wide rate budgets", budget_mechanisms),
+            ("13. cluster mode (PostgreSQL)", cluster_figures),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)

@@ -11,8 +11,12 @@ a suite CI skips proves nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -64,3 +68,94 @@ def postgres_url() -> Iterator[str]:
     finally:
         with _admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 to the test server that a test can cut and restore, so the database
+    becomes unreachable (connections reset, new ones refused) without stopping the machine's
+    server, which others use. Threads, not trio: the store under test talks through it from its own
+    thread while the test's trio loop waits.
+    """
+
+    def __init__(self, target: str = ADMIN_URL) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(target)
+        self._target = (str(info.get("host", "127.0.0.1")), int(str(info.get("port", 5432))))
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self.restore()
+
+    def url(self, database_url: str) -> str:
+        """`database_url` through the proxy."""
+        name = database_url.rpartition("/")[2]
+        return f"postgresql://127.0.0.1:{self.port}/{name}"
+
+    def restore(self) -> None:
+        """Listen (again, on the same port) and relay new connections."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset every relayed one."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target, timeout=5)
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # shutdown, not just close: a close does not reach a socket another thread is reading,
+            # so the server would never see the client go (as it does when a real process dies).
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    """A `TcpProxy` to the test server, cut at the end."""
+    require_postgres()
+    proxy = TcpProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.cut()

@@ -5,7 +5,9 @@ Timeouts (every external call has one):
     each statement on the server; `tcp_user_timeout` and TCP keepalives bound a write or a wait
     to a server that vanished without closing the connection (a cut network); the writer thread
     is never stuck longer than these. `synchronous_commit` is on: a commit returns once the
-    server has flushed it, so 202 means durable.
+    server has flushed it, so 202 means durable. `idle_in_transaction_session_timeout` (10 s)
+    ends the transaction of a node cut off mid-group, so the locks it held (the events lock:
+    every node's ingest) are free again within that bound.
 
 Outages:
     A connection that breaks (server restarted, `pg_terminate_backend`, network cut) is closed,
@@ -55,16 +57,28 @@ class Db:
     """One connection as the store functions see it: the psycopg connection, the cipher of
     `[store] encryption` (or None), and this node's id and lease length for claims."""
 
-    __slots__ = ("cipher", "conn", "lease", "node")
+    __slots__ = ("cipher", "conn", "events_locked", "lease", "node", "pipeline")
 
     def __init__(self, conn: psycopg.Connection[Any], cipher: Cipher | None, node: str, lease: float) -> None:
         self.conn = conn
         self.cipher = cipher
         self.node = node
         self.lease = lease
+        self.pipeline: psycopg.Pipeline | None = None
+        """The group's pipeline: statements whose results are not read go out without waiting."""
+        self.events_locked = False
+        """Whether this transaction holds the events lock (`outbox.lock_events`)."""
 
     def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Queue a statement (sent at once, its result read when asked for: a round trip then)."""
         return self.conn.execute(sql, params)
+
+    def count(self, sql: str, params: Any = None) -> int:
+        """Run a statement and return how many rows it changed (a round trip: the count needs it)."""
+        cursor = self.conn.execute(sql, params)
+        if self.pipeline is not None:
+            self.pipeline.sync()
+        return cursor.rowcount
 
     def executemany(self, sql: str, rows: Any) -> None:
         with self.conn.cursor() as cursor:
@@ -72,20 +86,21 @@ class Db:
 
 
 def describe(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The database as messages and logs name it: `database HOST:PORT/NAME`, no user, no password
+    (not the URL itself: the log redactor masks the configured URL, a secret, wherever it appears)."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
-        return "the configured database URL (unparseable)"
+        return "the configured database (its URL does not parse)"
     host, port, dbname = info.get("host", "localhost"), info.get("port", "5432"), info.get("dbname", "")
-    return f"postgresql://{host}:{port}/{dbname}"
+    return f"database {host}:{port}/{dbname}"
 
 
 def connect(url: str, *, node: str) -> psycopg.Connection[Any]:
     """A new connection with the store's timeouts and settings; `StoreUnavailable` if none."""
     options = (
         f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} "
-        "-c synchronous_commit=on -c idle_in_transaction_session_timeout=60000"
+        "-c synchronous_commit=on -c idle_in_transaction_session_timeout=10000"
     )
     try:
         return psycopg.connect(
@@ -231,6 +246,7 @@ class PostgresTransactions:
         self._db: Db | None = None if conn is None else Db(conn, cipher, node, lease)
         self._delay = 0.0
         self._next_try = 0.0
+        self._stack: contextlib.ExitStack | None = None
         self.reconnects = 0
 
     def connection(self) -> Db:
@@ -264,14 +280,33 @@ class PostgresTransactions:
         return self._db
 
     def begin(self, conn: Db) -> None:
-        """Nothing to send: psycopg opens the transaction with the first statement."""
+        """Open the group's pipeline; psycopg opens the transaction with the first statement.
+
+        In a pipeline a statement is sent without waiting for its result, so a group costs a
+        round trip only where a request reads a result (a lookup, a fetch) and at its commit.
+        An error then surfaces at the next read or at the commit, possibly in another request
+        of the group; the engine re-runs the group's requests one by one, so it still fails alone.
+        """
+        stack = contextlib.ExitStack()
+        conn.pipeline = stack.enter_context(conn.conn.pipeline())
+        self._stack = stack
 
     def commit(self, conn: Db) -> None:
         conn.conn.commit()
+        self._end(conn)
 
     def rollback(self, conn: Db) -> None:
+        self._end(conn)
         with contextlib.suppress(psycopg.Error):
             conn.conn.rollback()
+
+    def _end(self, conn: Db) -> None:
+        conn.pipeline = None
+        conn.events_locked = False
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with contextlib.suppress(psycopg.Error):
+                stack.close()
 
     def classify(self, exc: Exception) -> Failure:
         if not isinstance(exc, psycopg.Error):

@@ -13,7 +13,8 @@ Claims:
 Outcomes:
     `record_outcomes` writes only rows this node holds the lease of, and ends the lease; an
     outcome for a row whose lease another node took over changes nothing (that node sends it
-    again, under the same key). The count of such outcomes is logged.
+    again, under the same key). It is not counted: counting would cost a round trip per call
+    (the statement's row count needs a pipeline sync), on the per-event delivery path.
 
 Per-key ordering:
     `due_ordered` runs SQLite's algorithm (`daemon.store.ordering`) under a transaction-level
@@ -29,9 +30,10 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+from daemon.store.api import Attempt
 from daemon.store.keying import Fetched, Ordering, OrderingError, Version
 from daemon.store.postgres.connect import Db
-from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, Outcomes, quarantine_reason
+from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, quarantine_reason
 
 log = logging.getLogger("ferry.store")
 MAX_PASSES = 4
@@ -56,18 +58,37 @@ def _due(rows: list[Any], db: Db) -> list[Due]:
 
 
 def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
-    """Pending deliveries of `stage` due at `now`, oldest schedule first, leased to this node."""
+    """Pending deliveries of `stage` due at `now`, oldest schedule first, leased to this node.
+
+    Rows this node holds with more than half their lease left come back as they are, unlocked
+    (a sink fetches its held rows again at every fetch); only the others are locked and
+    (re-)leased. A fetch that claims nothing new therefore writes nothing, and its commit costs
+    the server no WAL flush.
+    """
     wall = time.time()
+    due = "d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s"
+    order = "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s"
     rows = db.execute(
-        "WITH picked AS (SELECT d.rowid FROM deliveries d WHERE d.stage = %(stage)s AND d.state = 0 "
-        f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid "
-        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
-        "c AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM picked "
-        "WHERE d.rowid = picked.rowid RETURNING d.rowid, d.id, d.attempts, d.created_at, d.next_attempt_at, "
-        "d.event_seq) "
-        "SELECT c.rowid, c.id, c.attempts, c.created_at, e.payload, e.trace, e.id FROM c "
-        "JOIN events e ON e.seq = c.event_seq ORDER BY c.next_attempt_at, c.rowid",
-        {"stage": stage, "now": now, "wall": wall, "node": db.node, "until": wall + db.lease, "limit": limit},
+        f"WITH mine AS (SELECT d.rowid FROM deliveries d WHERE {due} AND d.lease_owner = %(node)s "
+        f"AND d.lease_until >= %(renew)s {order}), "
+        f"claimed AS (SELECT d.rowid FROM deliveries d WHERE {due} AND (d.lease_until IS NULL "
+        "OR d.lease_until < %(wall)s OR (d.lease_owner = %(node)s AND d.lease_until < %(renew)s)) "
+        f"{order} FOR UPDATE SKIP LOCKED), "
+        "leased AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM claimed p "
+        "WHERE d.rowid = p.rowid) "
+        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM "
+        "(SELECT rowid FROM mine UNION ALL SELECT rowid FROM claimed) p "
+        "JOIN deliveries d ON d.rowid = p.rowid JOIN events e ON e.seq = d.event_seq "
+        f"ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s",
+        {
+            "stage": stage,
+            "now": now,
+            "wall": wall,
+            "node": db.node,
+            "until": wall + db.lease,
+            "renew": wall + db.lease / 2,
+            "limit": limit,
+        },
     ).fetchall()
     return _due(rows, db)
 
@@ -81,77 +102,81 @@ def next_due_after(db: Db, stage: str, now: float) -> float | None:
 
 
 def unpark(db: Db, stage: str, now: float, horizon: float) -> int:
-    return db.execute(
+    return db.count(
         "UPDATE deliveries SET next_attempt_at = %s WHERE stage = %s AND state = 0 AND next_attempt_at > %s",
         (now, stage, now + horizon),
-    ).rowcount
+    )
 
 
-def record_outcomes(
-    db: Db, outcomes: Outcomes, latency: float | None = None, response: str | None = None
-) -> None:
-    """`daemon.store.outbox.record_outcomes` for rows whose lease this node holds; ends the leases."""
-    now = time.time()
-    rows: list[tuple[int, int, int | None, float | None, str | None]] = [
-        (rowid, DELIVERED, status, None, None) for rowid, status in outcomes.delivered
-    ]
-    rows += [(rowid, 0, status, at, error) for rowid, at, status, error in outcomes.retry]
-    rows += [(rowid, DEAD, status, None, error) for rowid, status, error in outcomes.dead]
-    ids = [row[0] for row in rows]
-    if not ids:
+Row = tuple[int, int, "int | None", "float | None", "str | None", "float | None", "str | None"]
+"""One outcome as `record_outcomes` writes it: rowid, state, status, next attempt, error,
+latency, response."""
+
+
+def outcome_rows(attempts: Sequence[Attempt]) -> list[Row]:
+    """Every attempt's outcomes as rows for one statement."""
+    rows: list[Row] = []
+    for outcomes, latency, response in attempts:
+        rows += [
+            (rowid, DELIVERED, status, None, None, latency, response) for rowid, status in outcomes.delivered
+        ]
+        rows += [
+            (rowid, 0, status, at, error, latency, response) for rowid, at, status, error in outcomes.retry
+        ]
+        rows += [
+            (rowid, DEAD, status, None, error, latency, response) for rowid, status, error in outcomes.dead
+        ]
+    return rows
+
+
+def record_outcomes(db: Db, attempts: Sequence[Attempt], ordering: Ordering | None = None) -> None:
+    """`daemon.store.outbox.record_outcomes` for every attempt, in one statement, for the rows
+    whose lease this node holds; ends their leases. With `ordering`, each delivered key's version
+    is raised in `key_versions` too."""
+    rows = outcome_rows(attempts)
+    if not rows:
         return
-    changed = db.execute(
+    ids = [row[0] for row in rows]
+    db.execute(
         "UPDATE deliveries d SET state = u.state, attempts = d.attempts + 1, "
         "next_attempt_at = coalesce(u.next, d.next_attempt_at), "
         "finished_at = CASE WHEN u.state = 0 THEN d.finished_at ELSE %(now)s END, "
-        "last_status = u.status, last_error = u.error, last_latency = %(latency)s, "
-        "last_response = %(response)s, "
-        "lease_owner = NULL, lease_until = NULL "
+        "last_status = u.status, last_error = u.error, last_latency = u.latency, "
+        "last_response = u.response, lease_owner = NULL, lease_until = NULL "
         "FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(statuses)s::integer[], "
-        "%(nexts)s::float8[], "
-        "%(errors)s::text[]) AS u(rowid, state, status, next, error) "
-        "WHERE d.rowid = u.rowid AND d.state = 0 AND d.lease_owner = %(node)s",
+        "%(nexts)s::float8[], %(errors)s::text[], %(latencies)s::float8[], %(responses)s::text[]) "
+        "AS u(rowid, state, status, next, error, latency, response) "
+        "WHERE d.rowid = ANY(%(ids)s) AND d.rowid = u.rowid AND d.state = 0 AND d.lease_owner = %(node)s",
         {
-            "now": now,
-            "latency": latency,
-            "response": response,
+            "now": time.time(),
             "ids": ids,
             "states": [row[1] for row in rows],
             "statuses": [row[2] for row in rows],
             "nexts": [row[3] for row in rows],
             "errors": [row[4] for row in rows],
+            "latencies": [row[5] for row in rows],
+            "responses": [row[6] for row in rows],
             "node": db.node,
         },
-    ).rowcount
-    if changed != len(ids):
-        log.warning(
-            "outcomes of deliveries whose lease this node no longer holds were not recorded",
-            extra={"fields": {"node": db.node, "outcomes": len(ids), "recorded": changed}},
-        )
-
-
-def record_ordered(
-    db: Db, outcomes: Outcomes, latency: float | None = None, response: str | None = None
-) -> None:
-    """`record_outcomes`, and raise each delivered key's version in `key_versions`."""
-    record_outcomes(db, outcomes, latency, response)
-    rowids = [rowid for rowid, _ in outcomes.delivered]
-    if rowids:
+    )
+    delivered = [row[0] for row in rows if row[1] == DELIVERED]
+    if ordering is not None and delivered:
         db.execute(
             "INSERT INTO key_versions(stage, key, number, string, delivered_at) "
             "SELECT stage, order_key, order_number, order_string, %s FROM deliveries "
             "WHERE rowid = ANY(%s) AND order_key IS NOT NULL AND state = %s "
             "ON CONFLICT (stage, key) DO UPDATE SET number = excluded.number, string = excluded.string, "
             "delivered_at = excluded.delivered_at WHERE (coalesce(excluded.number, 0), "
-            "coalesce(excluded.string, '')) "
-            "> (coalesce(key_versions.number, 0), coalesce(key_versions.string, ''))",
-            (time.time(), rowids, DELIVERED),
+            "coalesce(excluded.string, '')) > "
+            "(coalesce(key_versions.number, 0), coalesce(key_versions.string, ''))",
+            (time.time(), delivered, DELIVERED),
         )
 
 
 def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
     """`daemon.store.quarantine.check_head` on PostgreSQL: the head is the first due row no other
-    node holds."""
+    node holds, and the incarnations counted are this node's (`stage@node` in `stage_heads`): a
+    sink runs on every node, and N nodes starting beside each other are not N crashes."""
     wall = time.time()
     rows = db.execute(
         "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM deliveries d "
@@ -162,7 +187,7 @@ def check_head(db: Db, stage: str, quarantine_after: int) -> tuple[Due, int] | N
     if not rows:
         return None
     (due,) = _due(rows, db)
-    head = attempt_head(db, stage, due.rowid, due.rowid)
+    head = attempt_head(db, f"{stage}@{db.node}", due.rowid, due.rowid)
     if head.attempts <= quarantine_after:
         return None
     crashes = head.attempts - 1

@@ -110,9 +110,9 @@ def purge_dead(db: Db, selection: DeadFilter, *, dry_run: bool = False) -> int:
     if dry_run:
         row = db.execute(f"SELECT count(*) FROM deliveries d WHERE {where}", params).fetchone()
         return int(row[0]) if row else 0
-    return db.execute(
+    return db.count(
         f"DELETE FROM deliveries WHERE rowid IN (SELECT d.rowid FROM deliveries d WHERE {where})", params
-    ).rowcount
+    )
 
 
 def due_counts(db: Db, stages: Sequence[str], now: float) -> dict[str, int]:
@@ -177,10 +177,10 @@ def read_audit(db: Db, limit: int) -> list[AuditRow]:
 
 
 def prune_audit(db: Db, *, retention: float, limit: int = 20_000) -> int:
-    return db.execute(
+    return db.count(
         "DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE at < %s ORDER BY rowid LIMIT %s)",
         (time.time() - retention, limit),
-    ).rowcount
+    )
 
 
 def start_replay(
@@ -230,11 +230,11 @@ def insert_replay(db: Db, *, number: int, seqs_by_sink: Mapping[str, Sequence[in
     now = time.time()
     created: dict[str, int] = {}
     for sink, seqs in seqs_by_sink.items():
-        created[sink] = db.execute(
+        created[sink] = db.count(
             "INSERT INTO deliveries(id, event_seq, stage, created_at, next_attempt_at) "
             "SELECT id || %s, seq, %s, %s, %s FROM events WHERE seq = ANY(%s) ORDER BY seq",
             (delivery_id("", sink) + f".r{number}", sink, now, now, list(seqs)),
-        ).rowcount
+        )
     return created
 
 

@@ -53,14 +53,23 @@ SELECT base + 1 FROM s"""
 
 
 def lock_events(db: Db) -> None:
-    """Take the events lock for the rest of this transaction (see the module docstring)."""
-    db.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+    """Take the events lock for the rest of this transaction (see the module docstring); once."""
+    if not db.events_locked:
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+        db.events_locked = True
 
 
-def store_events(db: Db, events: Sequence[NewEvent], now: float, dead: Sequence[NewDeadLetter] = ()) -> int:
+def store_events(
+    db: Db,
+    events: Sequence[NewEvent],
+    now: float,
+    dead: Sequence[NewDeadLetter] = (),
+    *,
+    numbered: bool = False,
+) -> int:
     """`daemon.store.outbox.store_events` on PostgreSQL: number, seal and insert `events` with one
-    pending delivery per sink, then the `dead` letters. Returns the first new seq. The caller holds
-    the events lock (`lock_events`)."""
+    pending delivery per sink, then the `dead` letters. With `numbered`, returns the first new seq
+    (reading it costs a round trip; 0 without). The caller holds the events lock (`lock_events`)."""
     first = 0
     if events:
         cipher = db.cipher
@@ -77,7 +86,7 @@ def store_events(db: Db, events: Sequence[NewEvent], now: float, dead: Sequence[
                 dids.append(delivery_id(event_id, sink))
                 dindex.append(n)
                 dstages.append(sink)
-        row = db.execute(
+        cursor = db.execute(
             _STORE,
             {
                 "n": len(events),
@@ -90,9 +99,11 @@ def store_events(db: Db, events: Sequence[NewEvent], now: float, dead: Sequence[
                 "dindex": dindex,
                 "dstages": dstages,
             },
-        ).fetchone()
-        assert row is not None
-        first = int(row[0])
+        )
+        if numbered:
+            row = cursor.fetchone()
+            assert row is not None
+            first = int(row[0])
     if dead:
         db.execute(
             "INSERT INTO deliveries(id, event_seq, stage, state, attempts, created_at, next_attempt_at, "
@@ -258,28 +269,28 @@ def prune(
     cutoff = now - retention
     removed = 0
     for finished in (1, 3):  # delivered, stale
-        removed += db.execute(
+        removed += db.count(
             "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE state = %s "
             "AND finished_at < %s LIMIT %s)",
             (finished, cutoff, limit),
-        ).rowcount
+        )
     kept_since = now - max(retention, archive)
     positions = dict(db.execute("SELECT name, position FROM cursors").fetchall())
     for stream, names in readers.items():
         upto = min((positions.get(name, 0) for name in names), default=2**62)
-        removed += db.execute(
+        removed += db.count(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE stream = %s AND seq <= %s "
             "AND received_at < %s AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq) "
             "LIMIT %s)",
             (stream, upto, kept_since, limit),
-        ).rowcount
-    removed += db.execute("DELETE FROM dedup WHERE created_at < %s", (now - dedup_window,)).rowcount
-    removed += db.execute(
+        )
+    removed += db.count("DELETE FROM dedup WHERE created_at < %s", (now - dedup_window,))
+    removed += db.count(
         "DELETE FROM replay_keys WHERE (source, key) IN (SELECT source, key FROM "
         "replay_keys WHERE until < %s "
         "LIMIT %s)",
         (now, limit),
-    ).rowcount
+    )
     return removed
 
 

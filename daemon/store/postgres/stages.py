@@ -150,7 +150,7 @@ def commit_emitted(db: Db, transform: str, emitted: Sequence[Emitted]) -> int:
             events.append((item.id, transform, item.payload, item.trace, item.sinks))
     if events:
         lock_events(db)
-    first = store_events(db, events, time.time())
+    first = store_events(db, events, time.time(), numbered=bool(failed))
     if failed:
         dead = [NewDeadLetter(id_, first + index, transform, error) for index, id_, error in failed]
         store_events(db, (), time.time(), dead)

@@ -51,12 +51,6 @@ DEFAULT_LEASE = 60.0
 """Seconds a claimed delivery stays this node's without a new fetch (`[cluster] delivery_lease`)."""
 
 
-def _record_all(db: Db, attempts: Sequence[Attempt], ordering: Ordering | None) -> None:
-    record = deliveries.record_outcomes if ordering is None else deliveries.record_ordered
-    for outcomes, latency, response in attempts:
-        record(db, outcomes, latency, response)
-
-
 def _prune(
     db: Db,
     retention: float,
@@ -239,7 +233,9 @@ class PostgresStore(GroupCommit[Db]):
     async def record_outcomes(
         self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Iterable[str] = ()
     ) -> None:
-        await self.call_until_committed(partial(_record_all, attempts=attempts, ordering=ordering), wake=wake)
+        await self.call_until_committed(
+            partial(deliveries.record_outcomes, attempts=attempts, ordering=ordering), wake=wake
+        )
 
     async def quarantine_head(self, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
         return await self.call_until_committed(

@@ -16,9 +16,11 @@ import msgspec
 import pytest
 import trio
 
+from daemon.config.sync import OrderingConfig
 from daemon.store.alerts import AlertState
 from daemon.store.api import Outbox
 from daemon.store.ops import DeadFilter
+from daemon.store.ordering import Ordering
 from daemon.store.outbox import Derived, Incoming, Outcomes, StoredEvent, delivery_id, derived_id
 from daemon.store.poll import PageCheck, PollState
 from daemon.store.postgres.store import PostgresStore
@@ -398,3 +400,45 @@ async def test_prune_removes_what_nothing_needs(backend: Outbox) -> None:
     assert [e.payload for e in await backend.read_events(["hooks"], 0, 10)] == [b"2"]
     assert [d.id for d in await backend.due_deliveries("crm", FAR, 10)] == [second.id]
     assert await backend.read_audit(10) == []
+
+
+# -- per-key ordering ----------------------------------------------------------------------------
+
+
+def ordered(compare: str = "number", *, coalesce: bool = False) -> Ordering:
+    return Ordering(OrderingConfig(key=".k", version=".v", compare=compare, coalesce=coalesce))  # type: ignore[arg-type]
+
+
+async def test_ordered_fetches_give_each_keys_lowest_version_and_settle_stale_ones(backend: Outbox) -> None:
+    order = ordered()
+    await ingest(backend, {"k": "a", "v": 2}, {"k": "a", "v": 1}, {"k": "b", "v": 5}, {"k": 7, "v": "x"})
+    fetched = await backend.due_ordered(order, "crm", FAR, 10)
+    assert sorted(msgspec.json.decode(d.payload)["v"] for d in fetched.rows) == [1, 5]
+    assert fetched.dead == 1
+    assert "ordering: version .v of key 7 is not a number" in fetched.dead_letters[0][1]
+    a1 = next(d for d in fetched.rows if msgspec.json.decode(d.payload)["k"] == "a")
+    await backend.record_outcomes([(Outcomes([(a1.rowid, 200)], [], []), None, None)], ordering=order)
+    (a2,) = [d for d in (await backend.due_ordered(order, "crm", FAR, 10)).rows if b'"a"' in d.payload]
+    assert msgspec.json.decode(a2.payload)["v"] == 2
+    await backend.record_outcomes([(Outcomes([(a2.rowid, 200)], [], []), None, None)], ordering=order)
+    # A version older than the delivered one is never sent: it turns stale, with the reason.
+    await ingest(backend, {"k": "a", "v": 1.5})
+    fetched = await backend.due_ordered(order, "crm", FAR, 10)
+    assert [msgspec.json.decode(d.payload)["k"] for d in fetched.rows] == ["b"]
+    assert fetched.stale == 1
+    report = await backend.event_outcomes(fetched.stale_ids[0].rsplit(".", 1)[0])
+    assert report is not None
+    (delivery,) = report.events[0].deliveries
+    assert delivery.state == "stale"
+    assert delivery.error is not None
+    assert delivery.error.startswith("stale: version 1.5 is older than 2")
+
+
+async def test_coalescing_sends_only_the_newest_pending_version(backend: Outbox) -> None:
+    order = ordered("string", coalesce=True)
+    await ingest(
+        backend, {"k": "a", "v": "2026-01-02"}, {"k": "a", "v": "2026-01-03"}, {"k": "a", "v": "2026-01-01"}
+    )
+    fetched = await backend.due_ordered(order, "crm", FAR, 10)
+    assert [msgspec.json.decode(d.payload)["v"] for d in fetched.rows] == ["2026-01-03"]
+    assert fetched.stale == 2
