@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.daemon.limits.test_shared import blocked_in_database, most_in_any_window
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, until, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, until, write_config
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
@@ -67,6 +67,11 @@ def test_three_daemons_never_exceed_a_shared_budget_together(tmp_path: Path, pos
                 answer = client.post(f"{daemons[n % 3].url}/hooks/hooks", json={"n": n})
                 assert answer.status_code == 202, answer.text
         seen = receiver.wait_for(lambda seen: len({r.json()["n"] for r in seen}) >= EVENTS, timeout=60)
+        shown = ctl(daemons[0].config_path, "status")
+        assert f"{RATE}/1s cluster" in shown.stdout, shown.stdout
+        budget = ctl_json(daemons[1].config_path, "status")["rate_limits"]["api"]
+        assert budget["shared"] is True
+        assert budget["round_trips"] > 0
     finally:
         for daemon in daemons:
             daemon.stop()
