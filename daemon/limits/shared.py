@@ -7,9 +7,10 @@ the database's clock, and every node of the cluster takes its permits from that 
 
 Batches (why this and not "shares by live node count": docs/limits.md#cluster-wide-budgets):
     The limiter's leader asks for as many permits as callers are waiting for, at most
-    `MAX_BATCH`, in one round trip, and hands them out at once. Nothing is taken ahead of demand,
-    so permits do not sit on one node while another starves, and a permit is used within a round
-    trip of its grant. A permit still held `HOLD_S` after its grant (its waiter was cancelled) is
+    `MAX_BATCH`, in one round trip, and hands them out as soon as the shared bucket has paid for
+    them (a grant may reserve what the refill pays within `pg_budgets.AHEAD_S`, so that nodes
+    asking together queue in the row instead of racing for each token). Nothing is taken ahead
+    of demand, so permits do not sit on one node while another starves. A permit still held `HOLD_S` after its grant (its waiter was cancelled) is
     dropped, never used late. So the cluster starts at most `burst + rate * (T + HOLD_S)` requests
     over any interval T — the single process's bound plus at most `rate * HOLD_S` permits, and
     only if callers are cancelled while holding permits. Round trips: one per batch, so at most
