@@ -11,11 +11,11 @@ Batches (why this and not "shares by live node count": docs/limits.md#cluster-wi
     them (a grant may reserve what the refill pays within `pg_budgets.AHEAD_S`, so that nodes
     asking together queue in the row instead of racing for each token). Nothing is taken ahead
     of demand, so permits do not sit on one node while another starves. A permit still held
-    `HOLD_S` after it became usable (its waiter was cancelled) is dropped, never used late. So the cluster starts at most `burst + rate * (T + HOLD_S)` requests
-    over any interval T — the single process's bound plus at most `rate * HOLD_S` permits, and
-    only if callers are cancelled while holding permits. Round trips: one per batch, so at most
-    one per permit (a single sequential caller) and 1/`MAX_BATCH` per permit under heavy
-    concurrency.
+    `HOLD_S` after it became usable (its waiter was cancelled) is dropped, never used late. So
+    the cluster starts at most `burst + rate * (T + HOLD_S)` requests over any interval T — the
+    single process's bound plus at most `rate * HOLD_S` permits, and only if callers are
+    cancelled while holding permits. Round trips: one per batch, so at most one per permit (a
+    single sequential caller) and 1/`MAX_BATCH` per permit under heavy concurrency.
 
 Feedback:
     A `Retry-After` or exhausted quota seen by any node pauses its own bucket at once (as on one
