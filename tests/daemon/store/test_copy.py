@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def kind_of(request: Received) -> str:
     return str(body.get("kind") or body.get("event", {}).get("kind"))
 
 
+def retries(seen: list[Received]) -> Counter[str]:
+    """Attempts seen per idempotency key of the `kind: later` deliveries."""
+    return Counter(r.headers["idempotency-key"] for r in seen if kind_of(r) == "later")
+
+
 def refusing(request: Received) -> Reply:
     """Dead-letter `kind: dead` (400), keep `kind: later` retrying (503), accept the rest."""
     kind = kind_of(request)
@@ -82,7 +88,10 @@ def fill(tmp_path: Path, *, encrypted: bool = False) -> tuple[Path, Path, FakeRe
                 f"{daemon.url}/hooks/hooks", json={"n": n, "kind": kind}, headers={"Idempotency-Key": f"k{n}"}
             )
             assert answer.status_code == 202, answer.text
-        receiver.wait_for(lambda seen: sum(kind_of(r) == "later" for r in seen) >= 3 * 2)
+        # every retrying delivery has been refused at least twice (so it is pending with attempts)
+        receiver.wait_for(
+            lambda seen: min(retries(seen).values(), default=0) >= 2 and len(retries(seen)) == 3
+        )
         receiver.wait_for(lambda seen: sum(kind_of(r) in ("ok", "dead") for r in seen) >= 7)
     finally:
         daemon.stop()
