@@ -23,7 +23,12 @@ Cases (docs/performance.md explains each figure):
    same loads as ferry (bench/peers.py), with ratios;
 10. the daemon's peak RSS in each case;
 11. one node on PostgreSQL against one on SQLite: durable ingest and per-event delivery through
-    the store, the whole daemon's ingest under wrk, statements per event (bench/backends.py).
+    the store, the whole daemon's ingest under wrk, statements per event (bench/backends.py);
+12. cluster-wide rate budgets: the shared PostgreSQL row vs shares by live node count
+    (bench/budget.py; skipped with a row saying so when no PostgreSQL server answers);
+13. cluster mode: one node on PostgreSQL vs one on SQLite (ingest, per-event delivery, drain),
+    two nodes vs one, CPU and round trips per event, and the projection to N machines
+    (bench/cluster.py; skipped likewise).
 
 Everything binds 127.0.0.1; the sink's receiver is a separate process (`bench.receiver`).
 The table is printed and written to bench/out/latest.json. Exit status: 0 when every
@@ -42,6 +47,8 @@ from pathlib import Path
 import trio
 
 from bench.backends import store_backends
+from bench.budget import budget_mechanisms
+from bench.cluster import cluster_figures
 from bench.context import Context, bench_context, report
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
@@ -56,7 +63,7 @@ from bench.report import Row, machine, write
 from bench.tracing import tracing_cost
 from bench.transform import transform_throughput
 
-LIMIT_S = 1200  # the whole run, even if something hangs (the peers need minutes of it)
+LIMIT_S = 2400  # the whole run, even if something hangs (the peers and the cluster cases need minutes)
 
 
 async def run(ctx: Context) -> None:
@@ -75,6 +82,8 @@ async def run(ctx: Context) -> None:
             ("9. peers: Node-RED, Huey relay", peers),
             ("10. tracing cost", tracing_cost),
             ("11. PostgreSQL vs SQLite", store_backends),
+            ("12. cluster-wide rate budgets", budget_mechanisms),
+            ("13. cluster mode (PostgreSQL)", cluster_figures),
         ]
         for title, step in steps:
             print(f"{title} ...", flush=True)

@@ -46,11 +46,13 @@ from daemon.config.root import Config, LoadedConfig, downstream, node_id
 from daemon.control.commands import Commands
 from daemon.control.server import Access, ControlServer, group_id, socket_path
 from daemon.errors import StoreUnavailable
+from daemon.limits.ratelimit import RateLimits
 from daemon.registry import IngestBatcher, WebhookListener, build_sink, server_context
 from daemon.reload import reload
 from daemon.running import Running
 from daemon.store import at_rest
 from daemon.store.api import Outbox
+from daemon.store.pg_budgets import PgBudgets
 from daemon.store.postgres.connect import describe
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.sqlite import Store
@@ -239,6 +241,15 @@ def open_store(config: Config) -> Store | PostgresStore:
     )
 
 
+def shared_budgets(config: Config) -> PgBudgets | None:
+    """Where `[rate_limits]` budgets are kept: the PostgreSQL database every node shares (on a
+    connection of its own, docs/limits.md#cluster-wide-budgets), or None on SQLite (in memory)."""
+    if config.store.backend != "postgres":
+        return None
+    assert config.store.url is not None  # checked by the config (required with postgres)
+    return PgBudgets(config.store.url.value.reveal())
+
+
 def _where(store: Store | PostgresStore) -> str:
     """The store as a log line names it (never a password)."""
     return str(store.path) if isinstance(store, Store) else f"{describe(store.url)} as {store.node}"
@@ -266,6 +277,7 @@ async def serve(
     # then (reload.py).
     instruments = metrics.install(metrics.Metrics())
     telemetry = Telemetry.start(config.telemetry, collect=bool(config.alerts), metrics=instruments)
+    budgets = shared_budgets(config)
     try:
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
@@ -273,6 +285,7 @@ async def serve(
                 [], store, supervisor, config, loaded=loaded, notifier=notifier, metrics=instruments
             )
             running.redaction.redactor = masking.config_redactor(config)
+            running.rate_limits = RateLimits(wall=running.clock, budgets=budgets)
             running.rate_limits.update(config.rate_limits)
             outer.start_soon(_sample_queue_depths, store, running, telemetry)
             await _join_cluster(running, outer)
@@ -374,6 +387,8 @@ async def serve(
             outer.cancel_scope.cancel()
     finally:
         store.close()
+        if budgets is not None:
+            budgets.close()
         notifier.close()
         activated.close()
         telemetry.shutdown()

@@ -122,7 +122,7 @@ def show_limits(status: Any, out: TextIO) -> None:
             [
                 (
                     name,
-                    f"{b['rate']:g}/{b['per_s']:g}s",
+                    f"{b['rate']:g}/{b['per_s']:g}s" + (" cluster" if b.get("shared") else ""),
                     b["burst"],
                     f"{b['available']:g}",
                     b["waiting"],

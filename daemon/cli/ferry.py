@@ -1,4 +1,4 @@
-"""`ferry` command line: `run`, `check`, `ctl`, `config-schema`, `config-docs`.
+"""`ferry` command line: `run`, `check`, `ctl`, `store copy`, `config-schema`, `config-docs`.
 
 Exit codes: 0 success; 1 the daemon failed at run time (store unusable,
 too many actor restarts); 2 a usage or config error; `ferry ctl` adds
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     from daemon.cli.ctl import configure
 
     configure(commands.add_parser("ctl", help="steer a running daemon over its control socket"))
+    from daemon.cli.store import configure as configure_store
+
+    configure_store(
+        commands.add_parser("store", help="offline store operations: copy SQLite into PostgreSQL")
+    )
     docs = commands.add_parser("config-docs", help="print the config reference (Markdown)")
     docs.add_argument("-o", "--output", help="write to this file instead of stdout")
     return parser
@@ -131,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             # `ferry ctl status | head`: the reader is gone, which is not an error of ours.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+    if args.command == "store":
+        from daemon.cli import store
+
+        return store.main(args)
     if args.command == "config-schema":
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(json_schema())).decode() + "\n")
         return 0

@@ -27,6 +27,13 @@ Cancellation:
     `acquire` is cancellable at any point; a cancelled waiter leaves the queue, and one that
     was handing out permits (the "leader", see `_wait`) passes that job on first.
 
+Cluster-wide (`RateLimits(budgets=…)`, on PostgreSQL):
+    The bucket is shared by every node: the limiter keeps a `SharedBucket`
+    (`daemon.limits.shared`) that takes permits from the database in batches, one round trip
+    per batch, and a pause seen here is written there for the other nodes. Queues, fairness and
+    cancellation above are unchanged; the bound becomes the cluster's (see that module).
+    Breakers and adaptive concurrency (AIMD) stay per node.
+
 Clock: buckets and waits run on trio's (`trio.current_time()`); the wall clock that HTTP dates and
 Unix-time resets are read against is injected (`wall`, `time.time` in the daemon). So tests run
 on `trio.testing.MockClock` with a wall clock it moves.
@@ -48,6 +55,8 @@ from msgspec import Struct
 
 from daemon.config.limits import RateLimitConfig
 from daemon.http.client import parse_retry_after
+from daemon.limits.shared import SharedBucket
+from daemon.store.budgets import Budgets
 from daemon.telemetry import metrics
 
 __all__ = ["MAX_PAUSE", "RateLimitStatus", "RateLimiter", "RateLimits", "TokenBucket", "pause_from"]
@@ -186,6 +195,8 @@ class RateLimitStatus(Struct, frozen=True):
     granted: dict[str, int]  # permits per user since start
     waits: int  # acquires that had to queue
     pauses: int  # answers that paused the budget
+    shared: bool = False  # cluster-wide: permits come from the database
+    round_trips: int = 0  # grant requests that reached the database (shared only)
 
 
 @dataclass(eq=False, slots=True)
@@ -199,11 +210,22 @@ class _Waiter:
 class RateLimiter:
     """One named budget: `acquire(user)` one permit, `feedback(status, headers)`; see the module docs."""
 
-    def __init__(self, name: str, config: RateLimitConfig, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: RateLimitConfig,
+        wall: Callable[[], float] = time.time,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self._wall = wall
-        self._bucket = TokenBucket(config.rate, config.per, config.burst)
+        self._bucket: TokenBucket | SharedBucket = (
+            TokenBucket(config.rate, config.per, config.burst)
+            if budgets is None
+            else SharedBucket(name, config.rate, config.per, config.burst, budgets)
+        )
+        self._pause_to_share: float | None = None  # a pause (trio time) not yet written for the cluster
         self._queues: dict[str, deque[_Waiter]] = {}
         self._turns: deque[str] = deque()  # users with waiters, next to be served first
         self._leading = False
@@ -266,6 +288,10 @@ class RateLimiter:
         bucket = self._bucket
         while not me.granted:
             wait = bucket.take(trio.current_time())
+            if wait == math.inf and isinstance(bucket, SharedBucket):
+                wait = await bucket.refill(sum(len(queue) for queue in self._queues.values()))
+                if wait == 0.0:
+                    continue
             if wait > 0.0:
                 with trio.move_on_after(wait):
                     await self._changed.wait()  # a reconfiguration may shorten the wait
@@ -302,12 +328,34 @@ class RateLimiter:
             return
         now = trio.current_time()
         if self._bucket.pause_until(now + pause, now):
+            if isinstance(self._bucket, SharedBucket):
+                self._share_pause(now + pause)
             self.pauses += 1
             metrics.current().ratelimit_pauses.add(1, {"limit": self.name})
             log.info(
                 "rate limit paused by the server",
                 extra={"fields": {"limit": self.name, "status": status, "pause_s": round(pause, 3)}},
             )
+
+    def _share_pause(self, until: float) -> None:
+        """Write the pause for the other nodes from a task of its own (`feedback` is synchronous):
+        one writer at a time per budget, the latest pause winning."""
+        writing = self._pause_to_share is not None
+        self._pause_to_share = until
+        if not writing:
+            trio.lowlevel.spawn_system_task(self._write_pauses, name=f"ratelimit {self.name} share pause")
+
+    async def _write_pauses(self) -> None:
+        bucket = self._bucket
+        assert isinstance(bucket, SharedBucket)
+        try:
+            while (until := self._pause_to_share) is not None:
+                await bucket.share_pause(until - trio.current_time())
+                if self._pause_to_share == until:
+                    self._pause_to_share = None
+        except Exception:  # a system task must not raise: that would end the daemon
+            self._pause_to_share = None
+            log.exception("rate budget pause not shared", extra={"fields": {"limit": self.name}})
 
     def reconfigure(self, config: RateLimitConfig) -> None:
         """Apply a reloaded config; waiters, pauses and the permits in hand are kept."""
@@ -331,6 +379,8 @@ class RateLimiter:
             granted=dict(self.granted),
             waits=self.waits,
             pauses=self.pauses,
+            shared=isinstance(bucket, SharedBucket),
+            round_trips=bucket.round_trips if isinstance(bucket, SharedBucket) else 0,
         )
 
 
@@ -340,10 +390,16 @@ class RateLimits(Mapping[str, RateLimiter]):
     daemon's wall clock, handed to every limiter."""
 
     def __init__(
-        self, configs: Mapping[str, RateLimitConfig] | None = None, wall: Callable[[], float] = time.time
+        self,
+        configs: Mapping[str, RateLimitConfig] | None = None,
+        wall: Callable[[], float] = time.time,
+        *,
+        budgets: Budgets | None = None,
     ) -> None:
         self._limiters: dict[str, RateLimiter] = {}
         self._wall = wall
+        self.budgets = budgets
+        """Where cluster-wide budgets live (PostgreSQL), or None: each budget is this process's."""
         self.update(configs or {})
 
     def __getitem__(self, name: str) -> RateLimiter:
@@ -365,7 +421,7 @@ class RateLimits(Mapping[str, RateLimiter]):
         for name, config in configs.items():
             limiter = self._limiters.get(name)
             if limiter is None:
-                self._limiters[name] = RateLimiter(name, config, self._wall)
+                self._limiters[name] = RateLimiter(name, config, self._wall, self.budgets)
             else:
                 limiter.reconfigure(config)
         for name in [name for name in self._limiters if name not in configs]:
