@@ -1,6 +1,6 @@
 """Issue 16's CPU figures in one run: what ferry spends per event against a bare request.
 
-    .venv/bin/python -m bench.cpu [--quick] [--rounds N] [--profile DIR]
+    .venv/bin/python -m bench.cpu [--quick] [--rounds N] [--profile DIR] [--baseline TREE]
 
 Rounds alternate three loads, each CPU time of the process doing the work:
 
@@ -38,9 +38,11 @@ from pathlib import Path
 import trio
 
 from bench.context import Context, bench_context, report
+from bench.floor import measure as floor_measure
 from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
 from bench.listener_bench import measure, serve_bare
 from bench.report import Row
+from daemon.http.client import LeanClient
 
 PER_EVENT_TARGET = 3.0  # x the bare server's CPU per request
 PIPELINE_TARGET_US = 150.0  # on the quiet machine of issue 16, whose bare server took 87 us
@@ -51,6 +53,24 @@ CONCURRENCY = 16
 def _own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+async def client_cpu_us(ctx: Context) -> float:
+    """This process's CPU per request while ferry's `LeanClient` (CONCURRENCY tasks) posts the
+    bench body to the receiver (a process of its own) back to back: the sink's HTTP client alone."""
+    from bench.client_bench import ferry_post, rate
+
+    client = LeanClient()
+    try:
+        post = ferry_post(client, ctx.receiver.url + "/client")
+        await rate(post, CONCURRENCY, 0.2)  # warm up: connections
+        before = _own_cpu()
+        started = trio.current_time()
+        per_second = await rate(post, CONCURRENCY, 1.0 if ctx.quick else 2.0)
+        elapsed = trio.current_time() - started
+    finally:
+        await client.aclose()
+    return (_own_cpu() - before) / (per_second * elapsed) * 1e6
 
 
 async def bare_cpu_us(ctx: Context) -> float:
@@ -128,49 +148,103 @@ async def pipeline_cpu_us(ctx: Context, ferry: Ferry, profile: Path | None) -> f
     return used / stored * 1e6 if stored else None
 
 
-async def cpu_figures(ctx: Context, rounds: int | None = None, profile: Path | None = None) -> None:
-    """Appends issue 16's CPU rows to `ctx.rows`, their samples to `ctx.details["cpu"]`."""
-    rounds = rounds or ctx.rounds
-    count = 3000 if ctx.quick else 10_000
-    per_folder, pipe_folder = ctx.tmp / "cpu-per-event", ctx.tmp / "cpu-pipeline"
+def _daemons(ctx: Context, name: str, tree: Path | None) -> tuple[Ferry, Ferry]:
+    """(per-event daemon, pipeline daemon) of one tree."""
+    per_folder, pipe_folder = ctx.tmp / f"cpu-per-event{name}", ctx.tmp / f"cpu-pipeline{name}"
     per_event = Ferry.start(
         per_folder,
         write_config(per_folder, ctx.receiver.url + "/event", batch=False, concurrency=CONCURRENCY),
         ctx.running,
+        tree,
     )
     pipeline = Ferry.start(
-        pipe_folder, write_config(pipe_folder, ctx.receiver.url + "/batch", batch=True), ctx.running
+        pipe_folder, write_config(pipe_folder, ctx.receiver.url + "/batch", batch=True), ctx.running, tree
     )
-    samples: dict[str, list[float]] = {"bare": [], "per_event": [], "pipeline": []}
+    return per_event, pipeline
+
+
+BASELINE = " (baseline tree)"
+
+
+async def cpu_figures(
+    ctx: Context, rounds: int | None = None, profile: Path | None = None, baseline: Path | None = None
+) -> None:
+    """Appends issue 16's CPU rows to `ctx.rows`, their samples to `ctx.details["cpu"]`.
+
+    `baseline`: another source tree (e.g. `git archive main | tar -x -C /tmp/base`) whose daemons
+    run beside this tree's in every round, loads alternating: a before/after in one run.
+    """
+    rounds = rounds or ctx.rounds
+    count = 3000 if ctx.quick else 10_000
+    daemons = {"": _daemons(ctx, "", None)}
+    if baseline is not None:
+        daemons[BASELINE] = _daemons(ctx, "-baseline", baseline)
+    samples: dict[str, list[float]] = {"bare": [], "client": []}
+    for label in daemons:
+        samples[f"per_event{label}"], samples[f"pipeline{label}"] = [], []
     if profile is not None:
         await trio.Path(profile).mkdir(parents=True, exist_ok=True)
     for _ in range(rounds):
         samples["bare"].append(await bare_cpu_us(ctx))
-        value = await per_event_cpu_us(ctx, per_event, count, None)
-        if value is not None:
-            samples["per_event"].append(value)
-        value = await pipeline_cpu_us(ctx, pipeline, None)
-        if value is not None:
-            samples["pipeline"].append(value)
+        samples["client"].append(await client_cpu_us(ctx))
+        for label, (per_event, _) in daemons.items():
+            value = await per_event_cpu_us(ctx, per_event, count, None)
+            if value is not None:
+                samples[f"per_event{label}"].append(value)
+        for label, (_, pipeline) in daemons.items():
+            value = await pipeline_cpu_us(ctx, pipeline, None)
+            if value is not None:
+                samples[f"pipeline{label}"].append(value)
         print("  round: " + ", ".join(f"{k} {v[-1]:.0f} us" for k, v in samples.items() if v), flush=True)
     if profile is not None:  # a round of its own: the sampler's pauses are in no figure
-        await per_event_cpu_us(ctx, per_event, count, profile / "per_event.raw")
-        await pipeline_cpu_us(ctx, pipeline, profile / "pipeline.raw")
-    per_event.stop()
-    pipeline.stop()
+        for label, (per_event, pipeline) in daemons.items():
+            name = "-baseline" if label else ""
+            await per_event_cpu_us(ctx, per_event, count, profile / f"per_event{name}.raw")
+            await pipeline_cpu_us(ctx, pipeline, profile / f"pipeline{name}.raw")
+    for per_event, pipeline in daemons.values():
+        per_event.stop()
+        pipeline.stop()
+    floor = floor_measure(*((2_000, 3) if ctx.quick else (10_000, 3)))
+    samples["floor"] = [sum(floor.values())]
     ctx.details["cpu"] = samples
-    ctx.rows.extend(rows(samples))
+    ctx.details["cpu_floor"] = floor
+    for label in daemons:
+        ctx.rows.extend(rows(samples, label))
 
 
-def rows(samples: dict[str, list[float]]) -> list[Row]:
-    """The figures of issue 16 from the rounds' samples (medians)."""
+def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
+    """The figures of issue 16 from the rounds' samples (medians); `label` names a baseline tree."""
     bare = statistics.median(samples["bare"]) if samples["bare"] else None
-    per = statistics.median(samples["per_event"]) if samples["per_event"] else None
-    pipe = statistics.median(samples["pipeline"]) if samples["pipeline"] else None
-    return [
+    per_samples, pipe_samples = samples[f"per_event{label}"], samples[f"pipeline{label}"]
+    per = statistics.median(per_samples) if per_samples else None
+    pipe = statistics.median(pipe_samples) if pipe_samples else None
+    client = statistics.median(samples["client"]) if samples.get("client") else None
+    floor = samples["floor"][0] if samples.get("floor") else None
+    least = bare + client + floor if bare and client and floor else None
+    ours = [
         Row("bare trio+h11 server: CPU per request (median)", bare, "us"),
         Row(
-            f"per-event delivery (sink concurrency {CONCURRENCY}): daemon CPU per delivered event",
+            f"  LeanClient, {CONCURRENCY} tasks, alone: CPU per request (median)",
+            client,
+            "us",
+            bare,
+            client / bare if client and bare else None,
+            baseline_unit="us bare",
+        ),
+        Row("  pipeline floor per event (jq + store bookkeeping, bench/floor.py)", floor, "us"),
+        Row(
+            "  least a per-event delivery can cost: bare server + client + floor",
+            least,
+            "us",
+            bare,
+            least / bare if least and bare else None,
+            baseline_unit="us bare",
+        ),
+    ]
+    return [
+        *([] if label else ours),
+        Row(
+            f"per-event delivery (sink concurrency {CONCURRENCY}): daemon CPU per delivered event{label}",
             per,
             "us",
             bare,
@@ -180,7 +254,7 @@ def rows(samples: dict[str, list[float]]) -> list[Row]:
             baseline_unit="us bare",
         ),
         Row(
-            "pipeline ingest (batching sink): daemon CPU per stored event, bare / it",
+            f"pipeline ingest (batching sink): daemon CPU per stored event, bare / it{label}",
             pipe,
             "us",
             bare,
@@ -197,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer events, shorter loads")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the daemons into this folder")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another source tree to measure beside this one"
+    )
     args = parser.parse_args(argv)
     with bench_context(args.quick, prefix="ferry-bench-cpu-") as ctx:
-        trio.run(cpu_figures, ctx, args.rounds, args.profile)
+        trio.run(cpu_figures, ctx, args.rounds, args.profile, args.baseline)
     return report(ctx)
 
 

@@ -207,9 +207,14 @@ class Ferry:
     startup_s: float
 
     @classmethod
-    def start(cls, folder: Path, config: Path, running: list[Ferry]) -> Ferry:
-        """Start the daemon and wait for READY; it is appended to `running` (for cleanup) at once."""
+    def start(cls, folder: Path, config: Path, running: list[Ferry], tree: Path | None = None) -> Ferry:
+        """Start the daemon and wait for READY; it is appended to `running` (for cleanup) at once.
+
+        `tree`: run the ferry of that source tree instead (another checkout, to compare against).
+        """
         daemon = Daemon(config, folder / f"ferry-{len(running)}.log")
+        if tree is not None:  # `-m daemon.cli` imports from the working directory first
+            daemon.launcher = ["env", f"--chdir={tree}"]
         ferry = cls(folder, daemon, time.time(), 0.0, 0.0)
         running.append(ferry)
         daemon.start(timeout=60)
