@@ -10,6 +10,8 @@ Cases (docs/performance.md explains each figure):
    2b. webhook -> store with `[sources.NAME.verify]` off, signature only, signature + replay;
    2c. the CPU the pipeline must add per event at least, and the ingest ratio that leaves
        (bench/floor.py);
+   2d. CPU per delivered event (per-event sink) and per ingested event (batching sink) against
+       the bare server's CPU per request, rounds alternating (bench/cpu.py);
 3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
@@ -50,6 +52,7 @@ from bench.backends import store_backends
 from bench.budget import budget_mechanisms
 from bench.cluster import cluster_figures
 from bench.context import Context, bench_context, report
+from bench.cpu import cpu_figures
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
 from bench.harness import ensure_wrk
@@ -72,6 +75,7 @@ async def run(ctx: Context) -> None:
             ("1-2. bare h11 baseline vs durable ingest", durable_ingest),
             ("2b. webhook verification cost (off vs on)", verified_ingest),
             ("2c. the pipeline's floor and the one-process ceiling", pipeline_floor),
+            ("2d. CPU per event against a bare request (issue 16)", cpu_figures),
             ("3. per-event delivery", _delivery),
             ("4. backlog drain", backlog_drain),
             ("5. latency", latency),

@@ -25,6 +25,9 @@ from tests.fakes import Daemon
 
 TRACES = os.environ.get("FERRY_BENCH_TRACES", "0") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false
 SAMPLE_RATIO = float(os.environ.get("FERRY_BENCH_SAMPLE_RATIO", "1.0"))
+# Extra `[telemetry]` lines for every daemon, e.g. FERRY_BENCH_TELEMETRY='metrics = false' to
+# measure what the metric instruments cost.
+TELEMETRY = os.environ.get("FERRY_BENCH_TELEMETRY", "").replace(";", "\n")
 SOURCE = PATH.rsplit("/", 1)[1]  # the webhook source wrk posts to
 SINK = "out"
 RESHAPE = '{id, name: "\\(.first) \\(.last)", email}'
@@ -48,6 +51,7 @@ shutdown_grace = "1s"
 traces = {traces}
 sample_ratio = {sample_ratio}
 {endpoint}
+{telemetry}
 
 [sources.{source}]
 type = "webhook"
@@ -176,6 +180,7 @@ def write_config(
         traces=str(traces).lower(),
         sample_ratio=sample_ratio,
         endpoint=f'endpoint = "{otlp}"' if otlp else "",
+        telemetry=TELEMETRY,
     )
     if url is not None:
         text += PIPELINE.format(
@@ -202,9 +207,14 @@ class Ferry:
     startup_s: float
 
     @classmethod
-    def start(cls, folder: Path, config: Path, running: list[Ferry]) -> Ferry:
-        """Start the daemon and wait for READY; it is appended to `running` (for cleanup) at once."""
+    def start(cls, folder: Path, config: Path, running: list[Ferry], tree: Path | None = None) -> Ferry:
+        """Start the daemon and wait for READY; it is appended to `running` (for cleanup) at once.
+
+        `tree`: run the ferry of that source tree instead (another checkout, to compare against).
+        """
         daemon = Daemon(config, folder / f"ferry-{len(running)}.log")
+        if tree is not None:  # `-m daemon.cli` imports from the working directory first
+            daemon.launcher = ["env", f"--chdir={tree}"]
         ferry = cls(folder, daemon, time.time(), 0.0, 0.0)
         running.append(ferry)
         daemon.start(timeout=60)

@@ -26,11 +26,12 @@ Each gets the same loads, with the same receiver (`bench.receiver`) and the same
   delivered events/s from the first POST to the last delivery;
 - RSS: the peak resident set (VmHWM) of the peer's processes.
 
-Targets (issue #8): ferry's durable ingest ≥ 4x Node-RED's and ≥ 8x the Huey relay's, and its
-end-to-end rate ≥ Node-RED's. Every ratio is printed for both of ferry's configurations; the
-ingest targets are judged on the batching one (#2's "durable ingest"), the end-to-end target on
-the per-event one (like for like: the peers deliver per event). Beside them, for scale: the bare
-trio + h11 server that answers 202 and does nothing, against each peer (`bench.listener_bench`).
+Targets (issue #8): ferry's durable ingest ≥ 4x Node-RED's and ≥ 8x the Huey relay's; its end-
+to-end rate ≥ 2x Node-RED's (issue 16; #8 asked for 1x). Every ratio is printed for both of
+ferry's configurations; the ingest targets are judged on the batching one (#2's "durable
+ingest"), the end-to-end target on the per-event one (like for like: the peers deliver per
+event). Beside them, for scale: the bare trio + h11 server that answers 202 and does nothing,
+against each peer (`bench.listener_bench`).
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ BATCHING = "ferry (batching sink)"
 TARGETS = (  # (peer, figure, minimum, the ferry configuration the target is judged on)
     ("Node-RED", "ingest_rps", 4.0, BATCHING),
     ("Huey relay", "ingest_rps", 8.0, BATCHING),
-    ("Node-RED", "e2e_rps", 1.0, PER_EVENT),
+    ("Node-RED", "e2e_rps", 2.0, PER_EVENT),  # issue 16 (issue #8 asked for 1x)
 )
 
 

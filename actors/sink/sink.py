@@ -17,9 +17,9 @@ Retries:
     4xx, redirects and bad payloads are dead-lettered at once.
 
 Backpressure and memory:
-    One fetcher reads due rows (at most `concurrency` x batch size ahead) into a
-    bounded channel; `concurrency` workers send them. Rows beyond that stay on
-    disk, so a backlog of millions costs no memory.
+    One fetcher (`actors.sink.fetcher`) reads due rows (at most `concurrency` x batch
+    size ahead) into a bounded channel; `concurrency` workers send them. Rows beyond
+    that stay on disk, so a backlog of millions costs no memory.
 
 Tracing and metrics:
     Each attempt is a CLIENT span `sink deliver`, child of the event's stored trace
@@ -87,11 +87,11 @@ from actors.sink.bookkeeping import (
 )
 from actors.sink.commit import Finished, OutcomeCommitter, recorder
 from actors.sink.config import BatchConfig, RetryConfig
+from actors.sink.fetcher import Fetcher
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
 from actors.sink.judge import Answer, judge
 from actors.sink.outcomes import log_committed
-from actors.sink.quarantine import quarantine_head
 from actors.sink.retry_log import RetryLog
 from daemon import poison
 from daemon.errors import DeliveryError, PermanentDelivery
@@ -140,7 +140,6 @@ class Sink:
         self._clock = clock
         self._taps = taps if taps is not None else Taps()
         self._redaction = redaction if redaction is not None else masking.Masking()
-        self._quarantine_after = quarantine_after
         self._proven = False
         self.guard = guard
         self._admitting: set[trio.CancelScope] = set()  # workers waiting for the guard
@@ -152,13 +151,21 @@ class Sink:
         self._batch_items = batch.max_items if batch else 1
         self._ordering = ordering
         self._signal = store.signal(name)
-        self._inflight: set[int] = set()
-        # Rows whose outcome has committed but which a fetch issued *before* that commit may
-        # still return as pending; they leave `_inflight` only once a later fetch has begun.
-        self._settled: set[int] = set()
         self._stopping = trio.Event()
         self._resumed = trio.Event()
         self._resumed.set()
+        self._fetcher = Fetcher(
+            name,
+            store,
+            self._signal,
+            ordering=ordering,
+            quarantine_after=quarantine_after,
+            clock=clock,
+            running=lambda: not self._stopping.is_set(),
+            paused=lambda: not self._resumed.is_set(),
+            wait_resumed=self._wait_resumed,
+            dropped=self._settled_in_fetch,
+        )
         self.delivered = 0
         self.retried = 0
         self.dead = 0
@@ -166,7 +173,7 @@ class Sink:
         self._retries = RetryLog(name)  # one warning per interval (actors/sink/retry_log.py)
 
     def __repr__(self) -> str:
-        in_flight = len(self._inflight - self._settled)
+        in_flight = self._fetcher.in_flight
         counts = f"delivered: {self.delivered}, retried: {self.retried}, dead: {self.dead}"
         return f"<Sink {self.name} [in flight: {in_flight}, {counts}]>"
 
@@ -200,8 +207,7 @@ class Sink:
         sender = self._sender_factory()
         self._retries = retries = RetryLog(self.name)
         self._proven = False  # no send of this incarnation has worked yet (see `_isolate`)
-        self._inflight.clear()
-        self._settled.clear()
+        self._fetcher.reset()
         send_channel, receive_channel = trio.open_memory_channel[list[Due]](self._concurrency)
         committer = OutcomeCommitter(
             recorder(self._store, self._ordering),
@@ -223,7 +229,8 @@ class Sink:
                                 nursery.start_soon(self._worker, sender, committer, receive_channel.clone())
                         task_status.started()
                         async with send_channel:
-                            await self._fetch(send_channel)
+                            chunk = self._batch_items
+                            await self._fetcher.run(send_channel, chunk, self._concurrency * chunk)
                 finally:
                     committer.close()
                     retries.close()
@@ -233,58 +240,6 @@ class Sink:
                 self.guard.forget()  # a sink removed by a reload stops being reported
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await sender.aclose()
-
-    async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
-        store, name, chunk = self._store, self.name, self._batch_items
-        ahead = self._concurrency * chunk
-        if self._ordering is None:  # before this incarnation sends anything (actors.sink.quarantine)
-            await quarantine_head(store, name, self._quarantine_after)
-            await self._suspect_alone(channel)
-        while not self._stopping.is_set():
-            if not self._resumed.is_set():
-                await self._wait_resumed()
-                continue
-            now = self._clock()
-            settled, self._settled = self._settled, set()
-            self._inflight.difference_update(settled)
-            limit = len(self._inflight) + ahead
-            more = False
-            if self._ordering is None:
-                rows = await store.due_deliveries(name, now, limit)
-            else:
-                fetched = await store.due_ordered(self._ordering, name, now, limit)
-                rows, more = fetched.rows, fetched.more
-                if fetched.stale or fetched.dead:
-                    self._settled_in_fetch(fetched)
-            inflight = self._inflight
-            fresh = [row for row in rows if row.rowid not in inflight]
-            inflight.update(row.rowid for row in fresh)
-            # Chunks of one batch each: a channel op per batch, not per row.
-            for start in range(0, len(fresh), chunk):
-                await channel.send(fresh[start : start + chunk])
-            if more or len(fresh) >= ahead:
-                continue
-            wake_at = await store.next_due_after(name, now)
-            with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else 3600):
-                await self._signal.wait()
-
-    async def _suspect_alone(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
-        """When an incarnation before this one died with the same head delivery, send it alone and
-        wait for its outcome before any other: a delivery that kills the process is then the head
-        the next incarnation records, never an innocent one sent beside it whose outcome the death
-        lost (and which would otherwise be quarantined in its place)."""
-        recorded = await self._store.read_head(self.name)
-        if recorded is None or recorded.attempts < 2 or not self._resumed.is_set():
-            return
-        rows = await self._store.due_deliveries(self.name, self._clock(), 1)
-        if not rows or rows[0].rowid != recorded.head:
-            return
-        suspect = rows[0]
-        self._inflight.add(suspect.rowid)
-        await channel.send([suspect])
-        while suspect.rowid not in self._settled and not self._stopping.is_set():
-            with trio.move_on_after(0.2):
-                await self._signal.wait()
 
     def _settled_in_fetch(self, fetched: Fetched) -> None:
         """Count and log what an ordered fetch dropped as stale or dead-lettered as unkeyable.
@@ -324,7 +279,7 @@ class Sink:
                 if released or not self._resumed.is_set():  # stopping or paused: hand back unsent
                     if admission is not None:
                         admission.cancel()
-                    self._settled.update(due.rowid for due in (*batch, *leftover))
+                    self._fetcher.settle([due.rowid for due in (*batch, *leftover)])
                     leftover = []
                     continue
                 tracer = telemetry.tracer()
@@ -484,13 +439,16 @@ class Sink:
         return [self.name] if self._ordering or any(entry.outcomes.retry for entry in entries) else ()
 
     def _settle(self, entries: Sequence[Finished]) -> None:
-        """After a commit (or a failed one): the rows leave `_inflight` at the next fetch.
+        """After a commit (or a failed one): the rows leave the in-flight set at the next fetch.
 
         The attempts are counted here, committed or not: their requests were sent.
         """
         metrics.current().attempts.add(len(entries), {"sink": self.name})
+        fetcher = self._fetcher
         for entry in entries:
-            self._settled.update(due.rowid for due in entry.batch)
+            fetcher.settle([due.rowid for due in entry.batch])
+            for _, at, _, _ in entry.outcomes.retry:
+                fetcher.retry_at(at)
         if any(entry.outcomes.retry for entry in entries):
             # The commit's wake-up can reach the fetcher before these rows are settled; it
             # then skips them as in flight and, none being due later, sleeps for an hour.

@@ -1,0 +1,159 @@
+"""What a sink sends next: its fetcher reads due rows into the workers' channel, and tracks them.
+
+Part of `actors.sink.sink.Sink` (its "Backpressure and memory" and "Pausing" guarantees are
+kept here): one task reads the stage's due deliveries, at most `ahead` (concurrency x batch
+size) beyond those in flight, into the bounded channel the workers read.
+
+In flight:
+    A row handed to a worker stays in `inflight` until its outcome has committed (or the worker
+    handed it back unsent) *and* a later fetch has begun: a fetch issued before that commit may
+    still return it as pending, and it must not be sent twice by one incarnation.
+
+Sleeping:
+    With nothing more to fetch, the fetcher waits for the stage's `Signal` (fired after every
+    commit that adds or reschedules its rows) or for the earliest pending row scheduled later.
+    That time is asked of the store once (`next_due_after`) and then kept: a row of this stage is
+    only ever scheduled in the future by this sink's own retry outcomes, which `retry_at` folds
+    in, so the store is asked again only once the time kept has come (or at a restart). Rows
+    due now arrive with a signal. An idle round costs one store request (the fetch), not two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import final
+
+import trio
+
+from actors.sink.quarantine import quarantine_head
+from daemon.store.api import Outbox, Signal
+from daemon.store.ordering import Fetched, Ordering
+from daemon.store.outbox import Due
+
+IDLE_WAIT = 3600.0
+"""The longest sleep with nothing scheduled: every row due now comes with a signal."""
+
+
+@final
+class Fetcher:
+    """Reads stage `name`'s due rows into the workers' channel; see the module docstring.
+
+    `running()` is False once the sink stops; `paused()` while it is paused, and
+    `wait_resumed()` returns when it is resumed or stopped. `dropped(fetched)` counts what an
+    ordered fetch found stale or unkeyable.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: Outbox,
+        signal: Signal,
+        *,
+        ordering: Ordering | None,
+        quarantine_after: int,
+        clock: Callable[[], float],
+        running: Callable[[], bool],
+        paused: Callable[[], bool],
+        wait_resumed: Callable[[], Awaitable[None]],
+        dropped: Callable[[Fetched], None],
+    ) -> None:
+        self.name = name
+        self._store = store
+        self._signal = signal
+        self._ordering = ordering
+        self._quarantine_after = quarantine_after
+        self._clock = clock
+        self._running = running
+        self._paused = paused
+        self._wait_resumed = wait_resumed
+        self._dropped = dropped
+        self.inflight: set[int] = set()
+        # Rows whose outcome has committed but which a fetch issued *before* that commit may
+        # still return as pending; they leave `inflight` only once a later fetch has begun.
+        self.settled: set[int] = set()
+        self._later: float | None = None  # no later than the earliest row scheduled after now
+        self._known = False  # whether `_later` covers the rows scheduled before this incarnation
+
+    def reset(self) -> None:
+        """A new incarnation: nothing in flight, and the next sleep asks the store again."""
+        self.inflight.clear()
+        self.settled.clear()
+        self._later, self._known = None, False
+
+    def settle(self, rowids: set[int] | list[int]) -> None:
+        """These rows' outcomes committed (or they were handed back): they leave `inflight` at
+        the next fetch."""
+        self.settled.update(rowids)
+
+    def retry_at(self, at: float) -> None:
+        """A retry of this stage is scheduled at `at` (its outcome is committing or committed)."""
+        if self._later is None or at < self._later:
+            self._later = at
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.inflight - self.settled)
+
+    async def run(self, channel: trio.MemorySendChannel[list[Due]], chunk: int, ahead: int) -> None:
+        """Fetch until the sink stops; each `channel.send` carries one batch (`chunk` rows)."""
+        store, name = self._store, self.name
+        if self._ordering is None:  # before this incarnation sends anything (actors.sink.quarantine)
+            await quarantine_head(store, name, self._quarantine_after)
+            await self._suspect_alone(channel)
+        while self._running():
+            if self._paused():
+                await self._wait_resumed()
+                continue
+            now = self._clock()
+            settled, self.settled = self.settled, set()
+            self.inflight.difference_update(settled)
+            limit = len(self.inflight) + ahead
+            more = False
+            if self._ordering is None:
+                rows = await store.due_deliveries(name, now, limit)
+            else:
+                fetched = await store.due_ordered(self._ordering, name, now, limit)
+                rows, more = fetched.rows, fetched.more
+                if fetched.stale or fetched.dead:
+                    self._dropped(fetched)
+            inflight = self.inflight
+            fresh = [row for row in rows if row.rowid not in inflight]
+            inflight.update(row.rowid for row in fresh)
+            # Chunks of one batch each: a channel op per batch, not per row.
+            for start in range(0, len(fresh), chunk):
+                await channel.send(fresh[start : start + chunk])
+            if more or len(fresh) >= ahead:
+                continue
+            wake_at = await self._next_due(now)
+            with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else IDLE_WAIT):
+                await self._signal.wait()
+
+    async def _next_due(self, now: float) -> float | None:
+        """When the earliest row scheduled after `now` comes due (None: no such row), asking the
+        store only when what is kept does not say (module docstring, "Sleeping")."""
+        if self._known and (self._later is None or self._later > now):
+            return self._later
+        self._later = None  # retries scheduled while the store answers are folded in below
+        queried = await self._store.next_due_after(self.name, now)
+        later = self._later
+        self._later = queried if later is None or (queried is not None and queried < later) else later
+        self._known = True
+        return self._later
+
+    async def _suspect_alone(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
+        """When an incarnation before this one died with the same head delivery, send it alone and
+        wait for its outcome before any other: a delivery that kills the process is then the head
+        the next incarnation records, never an innocent one sent beside it whose outcome the death
+        lost (and which would otherwise be quarantined in its place)."""
+        recorded = await self._store.read_head(self.name)
+        if recorded is None or recorded.attempts < 2 or self._paused():
+            return
+        rows = await self._store.due_deliveries(self.name, self._clock(), 1)
+        if not rows or rows[0].rowid != recorded.head:
+            return
+        suspect = rows[0]
+        self.inflight.add(suspect.rowid)
+        await channel.send([suspect])
+        while suspect.rowid not in self.settled and self._running():
+            with trio.move_on_after(0.2):
+                await self._signal.wait()
