@@ -3,8 +3,9 @@
 A sink holds an `HttpClient`: `request(method, url, headers=…, body=…, timeout=…)`
 returns a `Response`; `aclose()` releases its connections.
 
-- `LeanClient` speaks HTTP/1.1 with h11 over trio streams (TLS via `trio.SSLStream`):
-  ~2.5x httpx's rate one request at a time, more with concurrency (`bench/client_bench.py`).
+- `LeanClient` speaks HTTP/1.1 over trio streams (TLS via `trio.SSLStream`), with its own
+  small codec (`daemon.http.wire`): ~1/4 to 1/10 of httpx's CPU per request, half of what it
+  cost with h11 (`python -m bench.client_bench`, docs/performance.md).
 - `HttpxClient` wraps `httpx.AsyncClient` for what the lean one leaves out:
   proxies and CA bundles from the environment (`trust_env`), content decoding.
 
@@ -50,14 +51,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, Final, Literal, Protocol, cast, final
+from typing import Any, Final, Literal, Protocol, final
 from urllib.parse import unquote, urlsplit
 
-import h11
 import httpx
 import trio
 
 from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
+from daemon.http.wire import BadResponse, InvalidRequest, ResponseParser, check_target, encode_head
 
 USER_AGENT: Final = "ferry/0.1"
 _CHUNK: Final = 64 * 1024
@@ -152,6 +153,10 @@ def _parse_url(url: str) -> _Target:
     if not parts.hostname:
         raise PermanentDelivery("invalid URL: no host")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        check_target(target)
+    except InvalidRequest as exc:
+        raise PermanentDelivery(f"invalid request: {exc}") from None
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -168,7 +173,7 @@ class _Stale(Exception):
     """A reused connection failed before any response byte: retry on a fresh one."""
 
 
-_TRANSPORT_ERRORS: Final = (OSError, trio.BrokenResourceError, h11.RemoteProtocolError, _PeerClosed)
+_TRANSPORT_ERRORS: Final = (OSError, trio.BrokenResourceError, BadResponse, _PeerClosed)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -202,7 +207,7 @@ def _describe(exc: BaseException, where: str) -> str:
             return f"cannot resolve {where.rpartition(':')[0]}: {cause.strerror}"
         if isinstance(cause, _PeerClosed):
             return f"connection closed by {where} before a response"
-        if isinstance(cause, h11.RemoteProtocolError):
+        if isinstance(cause, BadResponse):
             return f"bad HTTP response from {where}: {cause}"
     for cause in causes:
         if isinstance(cause, OSError) and cause.strerror:
@@ -212,17 +217,16 @@ def _describe(exc: BaseException, where: str) -> str:
 
 @final
 class _Connection:
-    __slots__ = ("h11", "reused", "stream")
+    __slots__ = ("reused", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
 
 
 @final
 class LeanClient:
-    """HTTP/1.1 over h11 and trio streams, with a keep-alive pool per host (see the module doc)."""
+    """HTTP/1.1 over trio streams, with a keep-alive pool per host (see the module doc)."""
 
     def __init__(
         self,
@@ -275,19 +279,20 @@ class LeanClient:
             fields.append(("User-Agent", USER_AGENT))
         fields.append(("Content-Length", str(len(body))))
         try:
-            request = h11.Request(method=method, target=target.target, headers=fields)
-        except h11.LocalProtocolError as exc:
+            data = encode_head(method, target.target, fields) + body
+        except InvalidRequest as exc:
             raise PermanentDelivery(f"invalid request: {exc}") from None
+        head_request = method == "HEAD"
         try:
             with trio.fail_after(timeout):
                 pool = self._idle.get(target.key)
                 if pool:
                     try:
-                        return await self._exchange(pool.pop(), target, request, body)
+                        return await self._exchange(pool.pop(), target, data, head_request)
                     except _Stale:
                         pass
                 connection = await self._connect(target)
-                return await self._exchange(connection, target, request, body)
+                return await self._exchange(connection, target, data, head_request)
         except trio.TooSlowError:
             raise DeliveryTimeout(f"timed out after {timeout:g}s") from None
 
@@ -305,53 +310,36 @@ class LeanClient:
         return _Connection(stream)
 
     async def _exchange(
-        self, connection: _Connection, target: _Target, request: h11.Request, body: bytes
+        self, connection: _Connection, target: _Target, data: bytes, head_request: bool
     ) -> Response:
-        """One request and its response on `connection`, which is pooled or closed after."""
-        protocol, stream = connection.h11, connection.stream
+        """One request (`data`: head and body) and its response on `connection`, pooled or closed after."""
+        stream = connection.stream
         self._active += 1
         received = keep = False
+        parser = ResponseParser(head_request=head_request, max_body=self._max_body)
         try:
-            data = protocol.send(request) or b""
-            data += protocol.send(h11.Data(data=body)) or b""
-            data += protocol.send(h11.EndOfMessage()) or b""
             try:
                 await stream.send_all(data)
-                status, kept = 0, 0
-                fields: list[tuple[str, str]] = []
-                chunks: list[bytes] = []
                 while True:
-                    event = protocol.next_event()
-                    if event is h11.NEED_DATA:
-                        incoming = await stream.receive_some(_CHUNK)
-                        if incoming:
-                            received = True
-                        elif not received:
+                    incoming = await stream.receive_some(_CHUNK)
+                    if not incoming:
+                        if not received:
                             raise _PeerClosed
-                        protocol.receive_data(cast(bytes, incoming))  # h11 takes bytearray too
-                    elif type(event) is h11.Response:
-                        status = event.status_code
-                        fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-                    elif type(event) is h11.Data:
-                        if kept < self._max_body:
-                            chunks.append(event.data)
-                            kept += len(event.data)
-                    elif type(event) is h11.EndOfMessage:
+                        parser.eof()
                         break
-                    elif type(event) is not h11.InformationalResponse:
-                        raise _PeerClosed
+                    received = True
+                    if parser.feed(incoming):
+                        break
             except _TRANSPORT_ERRORS as exc:
                 if connection.reused and not received:
                     raise _Stale from exc
                 raise RetryableDelivery(_describe(exc, target.where)) from exc
-            keep = protocol.our_state is h11.DONE and protocol.their_state is h11.DONE
-            content = b"".join(chunks)
-            return Response(status, fields, content if kept <= self._max_body else content[: self._max_body])
+            keep = parser.reusable
+            return Response(parser.status, parser.headers, parser.body)
         finally:
             self._active -= 1
             pool = self._idle.setdefault(target.key, []) if keep and not self._closed else None
             if pool is not None and len(pool) < self._max_idle:
-                protocol.start_next_cycle()
                 connection.reused = True
                 pool.append(connection)
             else:
