@@ -95,6 +95,7 @@ class ResponseParser:
     """One response, fed the bytes the connection receives; see the module docstring."""
 
     __slots__ = (
+        "_at",
         "_buffer",
         "_chunks",
         "_head_request",
@@ -111,6 +112,7 @@ class ResponseParser:
         self._head_request = head_request
         self._max_body = max_body
         self._buffer = b""
+        self._at = 0  # where the unread part of `_buffer` starts
         self._state = _HEAD
         self._left = 0  # bytes of the body (length framing) or of the chunk still to come
         self._chunks: list[bytes] = []
@@ -137,11 +139,14 @@ class ResponseParser:
             if data:
                 self.reusable = False
             return True
-        self._buffer = self._buffer + data if self._buffer else data
+        # What is left unread is at most a partial line or head (bodies are always taken whole),
+        # so this copy is bounded by MAX_HEAD.
+        rest = self._buffer[self._at :] if self._at < len(self._buffer) else b""
+        self._buffer, self._at = rest + data if rest else data, 0
         while self._state != _DONE:
             if not self._step():
                 return False
-        if self._buffer:
+        if self._at < len(self._buffer):
             self.reusable = False  # bytes after the response: never taken for the next one
         return True
 
@@ -156,55 +161,66 @@ class ResponseParser:
             raise BadResponse("connection closed before the end of the response body")
 
     def _step(self) -> bool:
-        """Advance by what the buffer holds; false when more bytes are needed."""
-        state, buffer = self._state, self._buffer
+        """Advance by what the buffer holds from `_at`; false when more bytes are needed.
+
+        Positions move forward in one buffer (no slicing of what follows), so a receiver
+        sending thousands of tiny chunks costs time linear in its bytes.
+        """
+        state, buffer, at = self._state, self._buffer, self._at
         if state == _HEAD:
             return self._head()
         if state in (_LENGTH_BODY, _CHUNK_DATA):
-            if not buffer:
+            if at >= len(buffer):
                 return False
-            piece, self._buffer = buffer[: self._left], buffer[self._left :]
+            piece = buffer[at : at + self._left] if at or self._left < len(buffer) else buffer
+            self._at = at + len(piece)
             self._keep(piece)
             self._left -= len(piece)
             if self._left == 0:
                 self._state = _DONE if state == _LENGTH_BODY else _CHUNK_END
             return True
         if state == _UNTIL_CLOSE:
-            self._keep(buffer)
-            self._buffer = b""
+            self._keep(buffer[at:] if at else buffer)
+            self._at = len(buffer)
             return False
         if state == _CHUNK_END:
-            if len(buffer) < 2:
+            if len(buffer) - at < 2:
                 return False
-            if buffer[:2] != b"\r\n":
+            if buffer[at : at + 2] != b"\r\n":
                 raise BadResponse("chunk not followed by CRLF")
-            self._buffer = buffer[2:]
+            self._at = at + 2
             self._state = _CHUNK_LINE
             return True
         if state == _CHUNK_LINE:
-            end = buffer.find(b"\r\n")
+            end = buffer.find(b"\r\n", at, at + MAX_CHUNK_LINE + 2)
             if end < 0:
-                if len(buffer) > MAX_CHUNK_LINE:
+                if len(buffer) - at > MAX_CHUNK_LINE:
                     raise BadResponse("chunk size line too long")
                 return False
-            match = _CHUNK_SIZE.fullmatch(buffer, 0, end)
+            match = _CHUNK_SIZE.fullmatch(buffer, at, end)
             if match is None:
-                raise BadResponse(f"bad chunk size line {buffer[: min(end, 40)]!r}")
-            self._buffer = buffer[end + 2 :]
+                raise BadResponse(f"bad chunk size line {buffer[at : min(end, at + 40)]!r}")
+            self._at = end + 2
             self._left = int(match[1], 16)
             self._state = _CHUNK_DATA if self._left else _TRAILERS
             return True
         return self._trailers()
 
+    def _section(self, what: str) -> list[bytes] | None:
+        """The lines of a head or trailer section from `_at`, past its empty line; None if incomplete."""
+        buffer, at = self._buffer, self._at
+        found = _HEAD_END.search(buffer, at, at + MAX_HEAD + 4)
+        if found is None or found.start() - at > MAX_HEAD:
+            if found is not None or len(buffer) - at > MAX_HEAD:
+                raise BadResponse(f"{what} over {MAX_HEAD} bytes")
+            return None
+        self._at = found.end()
+        return _EOL.split(buffer[at : found.start()])
+
     def _head(self) -> bool:
-        buffer = self._buffer
-        found = _HEAD_END.search(buffer)
-        if found is None or found.start() > MAX_HEAD:
-            if found is not None or len(buffer) > MAX_HEAD:
-                raise BadResponse(f"response head over {MAX_HEAD} bytes")
+        lines = self._section("response head")
+        if lines is None:
             return False
-        head, self._buffer = buffer[: found.start()], buffer[found.end() :]
-        lines = _EOL.split(head)
         status = _STATUS.fullmatch(lines[0])
         if status is None:
             raise BadResponse(f"bad status line {lines[0][:40]!r}")
@@ -254,18 +270,16 @@ class ResponseParser:
             self._state = _UNTIL_CLOSE
 
     def _trailers(self) -> bool:
-        buffer = self._buffer
-        if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":  # no trailer fields
-            self._buffer = buffer[1:] if buffer[:1] == b"\n" else buffer[2:]
-            self._state = _DONE
-            return True
-        found = _HEAD_END.search(buffer)
-        if found is None or found.start() > MAX_HEAD:
-            if found is not None or len(buffer) > MAX_HEAD:
-                raise BadResponse(f"trailer section over {MAX_HEAD} bytes")
+        buffer, at = self._buffer, self._at
+        for empty in (b"\r\n", b"\n"):  # no trailer fields
+            if buffer.startswith(empty, at):
+                self._at = at + len(empty)
+                self._state = _DONE
+                return True
+        lines = self._section("trailer section")
+        if lines is None:
             return False
-        _fields(_EOL.split(buffer[: found.start()]), 0)  # checked, then dropped
-        self._buffer = buffer[found.end() :]
+        _fields(lines, 0)  # checked, then dropped
         self._state = _DONE
         return True
 

@@ -291,3 +291,11 @@ def test_eof_after_a_complete_response_changes_nothing() -> None:
     assert parser.done
     assert parser.reusable
     assert parser.body == b'{"ok":true}'
+
+
+def test_thousands_of_tiny_chunks_in_one_read() -> None:
+    body = bytes(range(256)) * 80
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data += b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+    parser = parse(data, max_body=len(body))
+    assert (parser.done, parser.reusable, parser.body) == (True, True, body)
