@@ -82,11 +82,6 @@ async def serve() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def rate(post: Post, tasks: int, seconds: float) -> float:
-    """Requests completed per second by `tasks` tasks posting back to back for `seconds`."""
-    return (await measure(post, tasks, seconds))[0]
-
-
 async def measure(post: Post, tasks: int, seconds: float) -> tuple[float, float]:
     """(requests/s, CPU µs per request) of `tasks` tasks posting back to back for `seconds`."""
     done = 0

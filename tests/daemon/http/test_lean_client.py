@@ -11,7 +11,6 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import pytest
 import trio
@@ -19,6 +18,7 @@ import trio
 from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
 from daemon.http.client import LeanClient
 from daemon.http.wire import MAX_HEAD
+from tests.daemon.http.serving import serve
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -67,8 +67,7 @@ class Scripted:
 @pytest.fixture
 async def scripted(nursery: trio.Nursery) -> Scripted:
     fake = Scripted()
-    listeners = await nursery.start(partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1"))
-    fake.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/in"
+    fake.url = f"http://127.0.0.1:{await serve(nursery, fake.handle)}/in"
     return fake
 
 
