@@ -4,8 +4,9 @@ A sink holds an `HttpClient`: `request(method, url, headers=…, body=…, timeo
 returns a `Response`; `aclose()` releases its connections.
 
 - `LeanClient` speaks HTTP/1.1 over trio streams (TLS via `trio.SSLStream`), with its own
-  small codec (`daemon.http.wire`): ~1/4 to 1/10 of httpx's CPU per request, half of what it
-  cost with h11 (`python -m bench.client_bench`, docs/performance.md).
+  small codec (`daemon.http.wire`): ~0.15x of httpx's CPU per request one at a time,
+  ~0.08x with 16 tasks, and 1/1.75 of what it cost over h11 (`python -m bench.client_bench`,
+  docs/performance.md).
 - `HttpxClient` wraps `httpx.AsyncClient` for what the lean one leaves out:
   proxies and CA bundles from the environment (`trust_env`), content decoding.
 
@@ -31,9 +32,9 @@ Connection reuse (LeanClient): idle keep-alive connections are pooled per
 first; a connection is pooled only after a complete exchange both sides agreed
 to keep alive, with no byte after the response (`daemon.http.wire` says how a
 response is framed and what it refuses). Connections in use are not capped
-here: the caller's concurrency bounds them. A reused connection that fails before any response byte (the
-server closed it while idle) is retried once on a fresh connection, within the
-same deadline; a server that read the request and closed without answering
+here: the caller's concurrency bounds them. A reused connection that fails
+before any response byte (the server closed it while idle) is retried once on a
+fresh connection, within the same deadline; a server that read the request and closed without answering
 thus gets it twice, which the `Idempotency-Key` header makes safe. The lean
 client ignores proxy environment variables.
 
