@@ -12,7 +12,9 @@ Cases (docs/performance.md explains each figure):
        (bench/floor.py);
    2d. CPU per delivered event (per-event sink) and per ingested event (batching sink) against
        the bare server's CPU per request, rounds alternating (bench/cpu.py);
-3. per-event delivery end to end (no batching, concurrency 16), beside the bare client ceilings;
+3. the HTTP clients' CPU per request against httpx's (httpcore, the h11 path, `LeanClient`; 1 and
+   16 tasks, bench/client_bench.py), then per-event delivery end to end (no batching,
+   concurrency 16) against the lean client's ceiling;
 4. a stored backlog drained after a restart, and the restart's time to READY;
 5. webhook → sink latency at a steady 500 events/s;
 6. the rate limiter's overhead per permit (bench/ratelimit.py), against an empty checkpoint;

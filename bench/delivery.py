@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import sys
 
 import trio
@@ -27,7 +26,6 @@ import trio
 from bench.context import Context, bench_context, report
 from bench.harness import Ferry, post_count, write_config
 from bench.report import Row
-from daemon.http.client import HttpClient, HttpxClient, LeanClient
 from daemon.store.schema import PENDING
 
 PER_EVENT_TARGET = 1500.0
@@ -36,29 +34,29 @@ CONCURRENCY = 16
 
 
 async def client_ceilings(ctx: Context) -> dict[str, float]:
-    """Requests/s of ferry's clients posting to the receiver with nothing in between."""
-    try:
-        from bench.client_bench import ferry_post, rate
-    except ImportError as exc:
-        print(f"  client ceilings skipped: bench.client_bench has no usable rate()/ferry_post(): {exc}")
-        return {}
-    seconds = 0.3 if ctx.quick else 1.0
+    """CPU per request and requests/s of the HTTP clients posting to the receiver, nothing in between.
+
+    `bench.client_bench.bench`: httpx (the baseline), httpcore, the h11 path and `LeanClient`,
+    1 and 16 tasks, round-robin; rows give each client's CPU per request against httpx's.
+    Returns the requests/s by case, e.g. `"LeanClient, 16 tasks"` (case 3's baseline).
+    """
+    from bench.client_bench import BASELINE, NAMES, bench
+
+    seconds, runs = (0.3, 3) if ctx.quick else (1.0, 5)
+    figures = await bench(ctx.receiver.url + "/ceiling", seconds, runs, list(NAMES))
     results: dict[str, float] = {}
-    cases: list[tuple[str, type[LeanClient] | type[HttpxClient], int]] = [
-        ("LeanClient, 1 task", LeanClient, 1),
-        (f"LeanClient, {CONCURRENCY} tasks", LeanClient, CONCURRENCY),
-        ("HttpxClient, 1 task", HttpxClient, 1),
-    ]
-    for name, kind, tasks in cases:
-        client: HttpClient = kind()
-        try:
-            post = ferry_post(client, ctx.receiver.url + "/ceiling")
-            await rate(post, tasks, 0.2)  # warm up
-            results[name] = statistics.median([await rate(post, tasks, seconds) for _ in range(3)])
-        finally:
-            await client.aclose()
-    for name, value in results.items():
-        ctx.rows.append(Row(f"bare client ceiling: {name}", value, "req/s"))
+    for figure in figures:
+        tasks = f"{figure.tasks} task" + ("s" if figure.tasks > 1 else "")
+        results[f"{NAMES[figure.client]}, {tasks}"] = figure.rate
+        ctx.rows.append(
+            Row(
+                f"HTTP client CPU per request: {figure.client}, {tasks} ({figure.rate:,.0f} req/s)",
+                figure.cpu_us,
+                "us",
+                figure.baseline_us if figure.client != BASELINE else None,
+                figure.ratio if figure.client != BASELINE else None,
+            )
+        )
     return results
 
 

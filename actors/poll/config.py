@@ -180,7 +180,10 @@ class PollSourceConfig(Section, frozen=True, tag="poll", tag_field="type"):
     ] = default(Duration(300))
     client: Annotated[
         Literal["lean", "httpx"],
-        Meta(description="`lean`: ferry's h11 client. `httpx`: proxies and CA bundles from the environment."),
+        Meta(
+            description="`lean`: ferry's own HTTP/1.1 client. "
+            "`httpx`: proxies and CA bundles from the environment."
+        ),
     ] = "lean"
     rate_limit: Annotated[
         str | None, Meta(description="Name of a `[rate_limits.NAME]` budget every request takes a permit of.")

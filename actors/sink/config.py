@@ -104,7 +104,7 @@ class HttpSinkConfig(Section, frozen=True, tag="http", tag_field="type"):
     client: Annotated[
         Literal["lean", "httpx"],
         Meta(
-            description="`lean`: ferry's h11 client for plain JSON requests (fastest). "
+            description="`lean`: ferry's own HTTP/1.1 client for plain JSON requests (fastest). "
             "`httpx`: full-featured "
             "client (proxies from the environment)."
         ),

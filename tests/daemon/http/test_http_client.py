@@ -20,6 +20,7 @@ import trio
 
 from daemon.errors import PermanentDelivery, RetryableDelivery
 from daemon.http.client import HttpClient, LeanClient, make_client, parse_retry_after
+from tests.daemon.http.serving import serve
 
 KINDS = ["lean", "httpx"]
 
@@ -152,8 +153,7 @@ class FakeReceiver:
 @pytest.fixture
 async def receiver(nursery: trio.Nursery) -> FakeReceiver:
     fake = FakeReceiver()
-    listeners = await nursery.start(partial(trio.serve_tcp, fake.handle, 0, host="127.0.0.1"))
-    fake.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    fake.url = f"http://127.0.0.1:{await serve(nursery, fake.handle)}"
     return fake
 
 
