@@ -313,7 +313,9 @@ async def serve(
                         await intake.start(
                             supervisor.supervise,
                             f"transform.{name}",
-                            leased(node, f"transform.{name}", transform_factory(config, name, running, actor)),
+                            leased(
+                                node, f"transform.{name}", transform_factory(config, name, running, actor)
+                            ),
                         )
                     for name in pollers(config):
                         source = poller(config, name, running)
