@@ -65,7 +65,10 @@ async def test_three_nodes_never_exceed_the_budget_together(postgres_url: str) -
     """10 per second, burst 3, 3 nodes x 6 callers: every window counts at most burst + rate * T.
 
     One permit of slack is allowed for the time between a grant and its request's arrival (100 ms
-    at this rate); three separate budgets would count three times as many.
+    at this rate); three separate budgets would count three times as many. Windows are 1 s and
+    longer: the three nodes share this one test process, so a stall of it (a loaded CI machine)
+    lets requests granted apart arrive together, which a sub-second window would count as a
+    burst the budget never granted.
     """
     receiver = FakeReceiver().start()
     try:
@@ -73,7 +76,7 @@ async def test_three_nodes_never_exceed_the_budget_together(postgres_url: str) -
     finally:
         receiver.stop()
     times = [request.at for request in receiver.snapshot()]
-    for window in (0.0, 0.25, 0.5, 1.0, 2.0, max(times) - min(times)):
+    for window in (1.0, 2.0, max(times) - min(times)):
         bound = BURST + RATE * window + 1
         assert most_in_any_window(times, window) <= math.floor(bound), f"window {window}s"
     assert len(times) >= RATE * 3 * 0.5  # the budget is used, not starved
