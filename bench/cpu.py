@@ -58,19 +58,17 @@ def _own_cpu() -> float:
 async def client_cpu_us(ctx: Context) -> float:
     """This process's CPU per request while ferry's `LeanClient` (CONCURRENCY tasks) posts the
     bench body to the receiver (a process of its own) back to back: the sink's HTTP client alone."""
-    from bench.client_bench import ferry_post, rate
+    from bench.client_bench import ferry_post
+    from bench.client_bench import measure as posting
 
     client = LeanClient()
     try:
         post = ferry_post(client, ctx.receiver.url + "/client")
-        await rate(post, CONCURRENCY, 0.2)  # warm up: connections
-        before = _own_cpu()
-        started = trio.current_time()
-        per_second = await rate(post, CONCURRENCY, 1.0 if ctx.quick else 2.0)
-        elapsed = trio.current_time() - started
+        await posting(post, CONCURRENCY, 0.2)  # warm up: connections
+        _, cpu_us = await posting(post, CONCURRENCY, 1.0 if ctx.quick else 2.0)
     finally:
         await client.aclose()
-    return (_own_cpu() - before) / (per_second * elapsed) * 1e6
+    return cpu_us
 
 
 async def bare_cpu_us(ctx: Context) -> float:
