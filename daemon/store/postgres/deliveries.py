@@ -20,6 +20,20 @@ Per-key ordering:
     `due_ordered` runs SQLite's algorithm (`daemon.store.ordering`) under a transaction-level
     advisory lock per stage, so one node at a time picks heads; a head leased by another node is
     not a candidate, and the rows behind it are not heads: each key's head is held by one node.
+    A key's head is the first entry of its range in the index `deliveries_heads` (head order:
+    claimed first, then version, then rowid), so a fetch costs two index probes per key with
+    pending rows (a skip scan over the keys, then each key's first entry) plus the rows it
+    returns, not a scan of the backlog; rows not keyed yet come from `deliveries_unkeyed`.
+
+Lock order (no deadlock between nodes):
+    Advisory locks are taken in one order in every transaction: the events lock
+    (`schema.EVENTS_LOCK`, `outbox.lock_events`) first, then a stage's ordering lock. A group
+    transaction may hold an ordered fetch and an ingest in either order, so `due_ordered` takes
+    the events lock itself before its stage lock (a no-op when the group already inserted
+    events): a transaction holding a stage lock never waits for the events lock. The price is
+    that an ordered fetch and the cluster's ingest run one after the other, for the few
+    milliseconds the fetch takes. Row locks come after both, and an ordered fetch only writes
+    rows of the heads it picks (which no other node holds) and of their keys.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from typing import Any
 from daemon.store.api import Attempt
 from daemon.store.keying import Fetched, Ordering, OrderingError, Version
 from daemon.store.postgres.connect import Db
+from daemon.store.postgres.outbox import lock_events
 from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, quarantine_reason
 
 log = logging.getLogger("ferry.store")
@@ -229,6 +244,7 @@ _EMPTY = "coalesce({t}, '')"
 
 def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) -> Fetched:
     """`daemon.store.ordering.due` on PostgreSQL, one node at a time per stage (module docstring)."""
+    lock_events(db)  # first: the lock order of the module docstring
     db.execute("SELECT pg_advisory_xact_lock(%s)", (_ORDER_LOCK | zlib.crc32(stage.encode()),))
     stale: list[str] = []
     dead: list[tuple[str, str]] = []
@@ -255,21 +271,38 @@ def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) 
     return Fetched([], True, stale, dead)
 
 
+_HEAD_ORDER = "(d.order_claimed IS NULL), coalesce(d.order_number, 0), coalesce(d.order_string, ''), d.rowid"
+"""The head order of a key's pending rows (claimed first, then version, then rowid): the order of
+the index `deliveries_heads`, so a key's head is the first entry of its range."""
+_PENDING = "stage = %(stage)s AND state = 0"
+CANDIDATES = (
+    # The stage's keys with pending rows, one index probe each (a skip scan over `deliveries_heads`).
+    "WITH RECURSIVE keys(k) AS ("
+    f"(SELECT order_key FROM deliveries WHERE {_PENDING} AND order_key IS NOT NULL ORDER BY order_key LIMIT 1) "
+    f"UNION ALL SELECT (SELECT o.order_key FROM deliveries o WHERE o.{_PENDING} AND o.order_key IS NOT NULL "
+    "AND o.order_key > keys.k ORDER BY o.order_key LIMIT 1) FROM keys WHERE keys.k IS NOT NULL), "
+    # Each key's head (one more probe), kept when it is due and no other node holds it.
+    "heads AS (SELECT d.rowid FROM keys CROSS JOIN LATERAL (SELECT d.rowid, d.next_attempt_at, "
+    f"d.lease_owner, d.lease_until FROM deliveries d WHERE d.{_PENDING} AND d.order_key IS NOT NULL "
+    f"AND d.order_key = keys.k ORDER BY {_HEAD_ORDER} LIMIT 1) d WHERE keys.k IS NOT NULL "
+    f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE}), "
+    # Rows not keyed yet (`deliveries_unkeyed`).
+    f"unkeyed AS (SELECT d.rowid FROM deliveries d WHERE d.{_PENDING} AND d.order_key IS NULL "
+    f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid "
+    "LIMIT %(limit)s) "
+    "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id, d.order_key IS NULL "
+    "FROM (SELECT rowid FROM heads UNION ALL SELECT rowid FROM unkeyed) p "
+    "JOIN deliveries d ON d.rowid = p.rowid JOIN events e ON e.seq = d.event_seq "
+    "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s"
+)
+"""Due pending rows of a stage, unkeyed or their key's head, that no other node holds. Its cost
+is two index probes per key with pending rows plus the rows returned, whatever the backlog."""
+
+
 def _candidates(db: Db, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
     """Due pending rows of `stage`, unkeyed or their key's head, that no other node holds."""
     rows = db.execute(
-        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id, d.order_key IS NULL "
-        "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-        "WHERE d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s "
-        f"AND {_CLAIMABLE} "
-        "AND (d.order_key IS NULL OR NOT EXISTS ("
-        "SELECT 1 FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key IS NOT NULL "
-        "AND o.order_key = d.order_key AND ((o.order_claimed IS NOT NULL AND d.order_claimed IS NULL) "
-        f"OR ((o.order_claimed IS NULL) = (d.order_claimed IS NULL) AND ({_VERSION.format(t='o')} < "
-        f"{_VERSION.format(t='d')} OR ({_VERSION.format(t='o')} = {_VERSION.format(t='d')} "
-        "AND o.rowid < d.rowid)))))) "
-        "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s",
-        {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit},
+        CANDIDATES, {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit}
     ).fetchall()
     return [(due, bool(row[7])) for due, row in zip(_due([row[:7] for row in rows], db), rows, strict=True)]
 
