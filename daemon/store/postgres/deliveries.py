@@ -343,34 +343,58 @@ def _shown(table: str) -> str:
     return f"coalesce({table}.order_string, {table}.order_number::text)"
 
 
+# The heads' keys, each with both head groups (claimed rows, then the others: `_HEAD_ORDER`).
+_HEAD_KEYS = (
+    "heads AS (SELECT DISTINCT h.order_key AS key FROM deliveries h WHERE h.rowid = ANY(%(heads)s) "
+    "AND h.order_key IS NOT NULL), groups AS (SELECT heads.key, g.unclaimed FROM heads "
+    "CROSS JOIN (VALUES (false), (true)) g(unclaimed))"
+)
+# A key's pending rows of one head group, as an index range of `deliveries_heads`. `OFFSET 0`
+# keeps a range subquery a per-key index scan: flattened into a join, the planner (without
+# statistics on a young table) joins every pending row of the stage instead.
+_RANGE = (
+    "o.stage = %(stage)s AND o.state = 0 AND o.order_key IS NOT NULL AND o.order_key = {key} "
+    "AND (o.order_claimed IS NULL) = {unclaimed}"
+)
+_O_VERSION = _VERSION.format(t="o")
+
+
 def _mark_stale(db: Db, stage: str, heads: list[int]) -> list[str]:
-    delivered = "(SELECT {c} FROM key_versions k WHERE k.stage = d.stage AND k.key = d.order_key)"
-    kver = (
-        f"({delivered.format(c='coalesce(k.number, 0)')}, {delivered.format(c=_EMPTY.format(t='k.string'))})"
-    )
+    """Mark stale the pending rows of the heads' keys older than the key's delivered version:
+    the front of each head group's index range, read up to the first row not older."""
     rows = db.execute(
-        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: version ' || "
-        f"{_shown('d')} || ' is older than ' || "
-        f"{delivered.format(c='coalesce(k.string, k.number::text)')} || ', already delivered' "
-        "WHERE d.stage = %s AND d.state = 0 AND d.order_key IN (SELECT order_key FROM deliveries "
-        f"WHERE rowid = ANY(%s)) AND {_VERSION.format(t='d')} < {kver} RETURNING d.id",
-        (time.time(), stage, heads),
+        f"WITH {_HEAD_KEYS}, old AS (SELECT o.rowid, {_shown('o')} AS shown, "
+        "coalesce(k.string, k.number::text) AS delivered FROM groups JOIN key_versions k "
+        "ON k.stage = %(stage)s AND k.key = groups.key CROSS JOIN LATERAL (SELECT o.* FROM deliveries o "
+        f"WHERE {_RANGE.format(key='groups.key', unclaimed='groups.unclaimed')} AND {_O_VERSION} < "
+        f"(coalesce(k.number, 0), {_EMPTY.format(t='k.string')}) OFFSET 0) o) "
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %(now)s, last_error = 'stale: version ' "
+        "|| old.shown || ' is older than ' || old.delivered || ', already delivered' "
+        "FROM old WHERE d.rowid = old.rowid AND d.state = 0 RETURNING d.id",
+        {"now": time.time(), "stage": stage, "heads": heads},
     ).fetchall()
     return [id_ for (id_,) in rows]
 
 
 def _mark_superseded(db: Db, stage: str, heads: list[int]) -> list[str]:
-    newest = (
-        "(SELECT {c} FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key = d.order_key "
-        f"ORDER BY {_VERSION.format(t='o')} DESC LIMIT 1)"
-    )
+    """With `coalesce`: mark stale the rows of the heads' keys not yet handed out that a newer
+    pending version supersedes. The newest version of a key is the last entry of one of its two
+    head groups (two backward probes); the rows it supersedes are the front of the unclaimed
+    group's range, each of which this marks."""
     rows = db.execute(
-        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: superseded by "
-        f"version ' || {newest.format(c=_shown('o'))} || ', pending' WHERE d.stage = %s AND d.state = 0 "
-        "AND d.order_claimed IS NULL AND d.order_key IN (SELECT order_key FROM "
-        "deliveries WHERE rowid = ANY(%s)) "
-        f"AND {_VERSION.format(t='d')} < ({newest.format(c='coalesce(o.order_number, 0)')}, "
-        f"{newest.format(c=_EMPTY.format(t='o.order_string'))}) RETURNING d.id",
-        (time.time(), stage, heads),
+        f"WITH {_HEAD_KEYS}, last AS (SELECT groups.key, o.shown, o.v1, o.v2 FROM groups "
+        f"CROSS JOIN LATERAL (SELECT {_shown('o')} AS shown, coalesce(o.order_number, 0) AS v1, "
+        f"{_EMPTY.format(t='o.order_string')} AS v2 FROM deliveries o "
+        f"WHERE {_RANGE.format(key='groups.key', unclaimed='groups.unclaimed')} "
+        "ORDER BY (o.order_claimed IS NULL) DESC, coalesce(o.order_number, 0) DESC, "
+        f"{_EMPTY.format(t='o.order_string')} DESC, o.rowid DESC LIMIT 1) o), "
+        "newest AS (SELECT DISTINCT ON (key) key, shown, v1, v2 FROM last ORDER BY key, v1 DESC, v2 DESC), "
+        "old AS (SELECT o.rowid, newest.shown FROM newest CROSS JOIN LATERAL (SELECT o.rowid FROM "
+        f"deliveries o WHERE {_RANGE.format(key='newest.key', unclaimed='true')} "
+        f"AND {_O_VERSION} < (newest.v1, newest.v2) OFFSET 0) o) "
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %(now)s, last_error = 'stale: "
+        "superseded by version ' || old.shown || ', pending' FROM old WHERE d.rowid = old.rowid "
+        "AND d.state = 0 RETURNING d.id",
+        {"now": time.time(), "stage": stage, "heads": heads},
     ).fetchall()
     return [id_ for (id_,) in rows]

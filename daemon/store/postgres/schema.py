@@ -13,7 +13,7 @@ and these differences:
     events      `seq` comes from the sequence `events_seq` (never reused, like AUTOINCREMENT)
 
 Migration 2 adds `deliveries_heads` (each key's head of an ordered sink is the first entry of its
-key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`.
+key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`, and drops `deliveries_by_key` (the heads index leads with its columns).
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ MIGRATIONS: Final[list[list[str]]] = [
         "CREATE INDEX deliveries_heads ON deliveries(stage, order_key, (order_claimed IS NULL), "
         "(coalesce(order_number, 0)), (coalesce(order_string, '')), rowid) "
         "WHERE state = 0 AND order_key IS NOT NULL",
+        # Its leading columns are `deliveries_by_key`'s: one index to write, and the planner
+        # never picks the narrower one to filter a whole key where a range would do.
+        "DROP INDEX deliveries_by_key",
         # An ordered sink's rows not yet keyed, without walking its keyed backlog.
         "CREATE INDEX deliveries_unkeyed ON deliveries(stage, next_attempt_at, rowid) "
         "WHERE state = 0 AND order_key IS NULL",
