@@ -278,7 +278,8 @@ _PENDING = "stage = %(stage)s AND state = 0"
 CANDIDATES = (
     # The stage's keys with pending rows, one index probe each (a skip scan over `deliveries_heads`).
     "WITH RECURSIVE keys(k) AS ("
-    f"(SELECT order_key FROM deliveries WHERE {_PENDING} AND order_key IS NOT NULL ORDER BY order_key LIMIT 1) "
+    f"(SELECT order_key FROM deliveries WHERE {_PENDING} AND order_key IS NOT NULL "
+    "ORDER BY order_key LIMIT 1) "
     f"UNION ALL SELECT (SELECT o.order_key FROM deliveries o WHERE o.{_PENDING} AND o.order_key IS NOT NULL "
     "AND o.order_key > keys.k ORDER BY o.order_key LIMIT 1) FROM keys WHERE keys.k IS NOT NULL), "
     # Each key's head (one more probe), kept when it is due and no other node holds it.

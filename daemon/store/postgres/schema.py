@@ -13,7 +13,8 @@ and these differences:
     events      `seq` comes from the sequence `events_seq` (never reused, like AUTOINCREMENT)
 
 Migration 2 adds `deliveries_heads` (each key's head of an ordered sink is the first entry of its
-key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`, and drops `deliveries_by_key` (the heads index leads with its columns).
+key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`, and
+drops `deliveries_by_key` (the heads index leads with its columns).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ async def test_the_ordered_fetch_reads_each_keys_head_not_the_backlog(
     params = {"stage": "crm", "now": FAR, "wall": time.time(), "node": "node-b", "limit": 100}
     with psycopg.connect(postgres_url) as conn:
         ((explained,),) = conn.execute(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) {CANDIDATES}",  # noqa: S608 - our constant
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {CANDIDATES}",
             params,
         ).fetchall()
         assert conn.execute(CANDIDATES, params).fetchall() == []
