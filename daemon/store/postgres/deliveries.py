@@ -20,6 +20,20 @@ Per-key ordering:
     `due_ordered` runs SQLite's algorithm (`daemon.store.ordering`) under a transaction-level
     advisory lock per stage, so one node at a time picks heads; a head leased by another node is
     not a candidate, and the rows behind it are not heads: each key's head is held by one node.
+    A key's head is the first entry of its range in the index `deliveries_heads` (head order:
+    claimed first, then version, then rowid), so a fetch costs two index probes per key with
+    pending rows (a skip scan over the keys, then each key's first entry) plus the rows it
+    returns, not a scan of the backlog; rows not keyed yet come from `deliveries_unkeyed`.
+
+Lock order (no deadlock between nodes):
+    Advisory locks are taken in one order in every transaction: the events lock
+    (`schema.EVENTS_LOCK`, `outbox.lock_events`) first, then a stage's ordering lock. A group
+    transaction may hold an ordered fetch and an ingest in either order, so `due_ordered` takes
+    the events lock itself before its stage lock (a no-op when the group already inserted
+    events): a transaction holding a stage lock never waits for the events lock. The price is
+    that an ordered fetch and the cluster's ingest run one after the other, for the few
+    milliseconds the fetch takes. Row locks come after both, and an ordered fetch only writes
+    rows of the heads it picks (which no other node holds) and of their keys.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from typing import Any
 from daemon.store.api import Attempt
 from daemon.store.keying import Fetched, Ordering, OrderingError, Version
 from daemon.store.postgres.connect import Db
+from daemon.store.postgres.outbox import lock_events
 from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, quarantine_reason
 
 log = logging.getLogger("ferry.store")
@@ -229,6 +244,7 @@ _EMPTY = "coalesce({t}, '')"
 
 def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) -> Fetched:
     """`daemon.store.ordering.due` on PostgreSQL, one node at a time per stage (module docstring)."""
+    lock_events(db)  # first: the lock order of the module docstring
     db.execute("SELECT pg_advisory_xact_lock(%s)", (_ORDER_LOCK | zlib.crc32(stage.encode()),))
     stale: list[str] = []
     dead: list[tuple[str, str]] = []
@@ -255,21 +271,39 @@ def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) 
     return Fetched([], True, stale, dead)
 
 
+_HEAD_ORDER = "(d.order_claimed IS NULL), coalesce(d.order_number, 0), coalesce(d.order_string, ''), d.rowid"
+"""The head order of a key's pending rows (claimed first, then version, then rowid): the order of
+the index `deliveries_heads`, so a key's head is the first entry of its range."""
+_PENDING = "stage = %(stage)s AND state = 0"
+CANDIDATES = (
+    # The stage's keys with pending rows, one index probe each (a skip scan over `deliveries_heads`).
+    "WITH RECURSIVE keys(k) AS ("
+    f"(SELECT order_key FROM deliveries WHERE {_PENDING} AND order_key IS NOT NULL "
+    "ORDER BY order_key LIMIT 1) "
+    f"UNION ALL SELECT (SELECT o.order_key FROM deliveries o WHERE o.{_PENDING} AND o.order_key IS NOT NULL "
+    "AND o.order_key > keys.k ORDER BY o.order_key LIMIT 1) FROM keys WHERE keys.k IS NOT NULL), "
+    # Each key's head (one more probe), kept when it is due and no other node holds it.
+    "heads AS (SELECT d.rowid FROM keys CROSS JOIN LATERAL (SELECT d.rowid, d.next_attempt_at, "
+    f"d.lease_owner, d.lease_until FROM deliveries d WHERE d.{_PENDING} AND d.order_key IS NOT NULL "
+    f"AND d.order_key = keys.k ORDER BY {_HEAD_ORDER} LIMIT 1) d WHERE keys.k IS NOT NULL "
+    f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE}), "
+    # Rows not keyed yet (`deliveries_unkeyed`).
+    f"unkeyed AS (SELECT d.rowid FROM deliveries d WHERE d.{_PENDING} AND d.order_key IS NULL "
+    f"AND d.next_attempt_at <= %(now)s AND {_CLAIMABLE} ORDER BY d.next_attempt_at, d.rowid "
+    "LIMIT %(limit)s) "
+    "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id, d.order_key IS NULL "
+    "FROM (SELECT rowid FROM heads UNION ALL SELECT rowid FROM unkeyed) p "
+    "JOIN deliveries d ON d.rowid = p.rowid JOIN events e ON e.seq = d.event_seq "
+    "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s"
+)
+"""Due pending rows of a stage, unkeyed or their key's head, that no other node holds. Its cost
+is two index probes per key with pending rows plus the rows returned, whatever the backlog."""
+
+
 def _candidates(db: Db, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
     """Due pending rows of `stage`, unkeyed or their key's head, that no other node holds."""
     rows = db.execute(
-        "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id, d.order_key IS NULL "
-        "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-        "WHERE d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s "
-        f"AND {_CLAIMABLE} "
-        "AND (d.order_key IS NULL OR NOT EXISTS ("
-        "SELECT 1 FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key IS NOT NULL "
-        "AND o.order_key = d.order_key AND ((o.order_claimed IS NOT NULL AND d.order_claimed IS NULL) "
-        f"OR ((o.order_claimed IS NULL) = (d.order_claimed IS NULL) AND ({_VERSION.format(t='o')} < "
-        f"{_VERSION.format(t='d')} OR ({_VERSION.format(t='o')} = {_VERSION.format(t='d')} "
-        "AND o.rowid < d.rowid)))))) "
-        "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s",
-        {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit},
+        CANDIDATES, {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit}
     ).fetchall()
     return [(due, bool(row[7])) for due, row in zip(_due([row[:7] for row in rows], db), rows, strict=True)]
 
@@ -310,34 +344,58 @@ def _shown(table: str) -> str:
     return f"coalesce({table}.order_string, {table}.order_number::text)"
 
 
+# The heads' keys, each with both head groups (claimed rows, then the others: `_HEAD_ORDER`).
+_HEAD_KEYS = (
+    "heads AS (SELECT DISTINCT h.order_key AS key FROM deliveries h WHERE h.rowid = ANY(%(heads)s) "
+    "AND h.order_key IS NOT NULL), groups AS (SELECT heads.key, g.unclaimed FROM heads "
+    "CROSS JOIN (VALUES (false), (true)) g(unclaimed))"
+)
+# A key's pending rows of one head group, as an index range of `deliveries_heads`. `OFFSET 0`
+# keeps a range subquery a per-key index scan: flattened into a join, the planner (without
+# statistics on a young table) joins every pending row of the stage instead.
+_RANGE = (
+    "o.stage = %(stage)s AND o.state = 0 AND o.order_key IS NOT NULL AND o.order_key = {key} "
+    "AND (o.order_claimed IS NULL) = {unclaimed}"
+)
+_O_VERSION = _VERSION.format(t="o")
+
+
 def _mark_stale(db: Db, stage: str, heads: list[int]) -> list[str]:
-    delivered = "(SELECT {c} FROM key_versions k WHERE k.stage = d.stage AND k.key = d.order_key)"
-    kver = (
-        f"({delivered.format(c='coalesce(k.number, 0)')}, {delivered.format(c=_EMPTY.format(t='k.string'))})"
-    )
+    """Mark stale the pending rows of the heads' keys older than the key's delivered version:
+    the front of each head group's index range, read up to the first row not older."""
     rows = db.execute(
-        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: version ' || "
-        f"{_shown('d')} || ' is older than ' || "
-        f"{delivered.format(c='coalesce(k.string, k.number::text)')} || ', already delivered' "
-        "WHERE d.stage = %s AND d.state = 0 AND d.order_key IN (SELECT order_key FROM deliveries "
-        f"WHERE rowid = ANY(%s)) AND {_VERSION.format(t='d')} < {kver} RETURNING d.id",
-        (time.time(), stage, heads),
+        f"WITH {_HEAD_KEYS}, old AS (SELECT o.rowid, {_shown('o')} AS shown, "
+        "coalesce(k.string, k.number::text) AS delivered FROM groups JOIN key_versions k "
+        "ON k.stage = %(stage)s AND k.key = groups.key CROSS JOIN LATERAL (SELECT o.* FROM deliveries o "
+        f"WHERE {_RANGE.format(key='groups.key', unclaimed='groups.unclaimed')} AND {_O_VERSION} < "
+        f"(coalesce(k.number, 0), {_EMPTY.format(t='k.string')}) OFFSET 0) o) "
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %(now)s, last_error = 'stale: version ' "
+        "|| old.shown || ' is older than ' || old.delivered || ', already delivered' "
+        "FROM old WHERE d.rowid = old.rowid AND d.state = 0 RETURNING d.id",
+        {"now": time.time(), "stage": stage, "heads": heads},
     ).fetchall()
     return [id_ for (id_,) in rows]
 
 
 def _mark_superseded(db: Db, stage: str, heads: list[int]) -> list[str]:
-    newest = (
-        "(SELECT {c} FROM deliveries o WHERE o.stage = d.stage AND o.state = 0 AND o.order_key = d.order_key "
-        f"ORDER BY {_VERSION.format(t='o')} DESC LIMIT 1)"
-    )
+    """With `coalesce`: mark stale the rows of the heads' keys not yet handed out that a newer
+    pending version supersedes. The newest version of a key is the last entry of one of its two
+    head groups (two backward probes); the rows it supersedes are the front of the unclaimed
+    group's range, each of which this marks."""
     rows = db.execute(
-        f"UPDATE deliveries d SET state = {STALE}, finished_at = %s, last_error = 'stale: superseded by "
-        f"version ' || {newest.format(c=_shown('o'))} || ', pending' WHERE d.stage = %s AND d.state = 0 "
-        "AND d.order_claimed IS NULL AND d.order_key IN (SELECT order_key FROM "
-        "deliveries WHERE rowid = ANY(%s)) "
-        f"AND {_VERSION.format(t='d')} < ({newest.format(c='coalesce(o.order_number, 0)')}, "
-        f"{newest.format(c=_EMPTY.format(t='o.order_string'))}) RETURNING d.id",
-        (time.time(), stage, heads),
+        f"WITH {_HEAD_KEYS}, last AS (SELECT groups.key, o.shown, o.v1, o.v2 FROM groups "
+        f"CROSS JOIN LATERAL (SELECT {_shown('o')} AS shown, coalesce(o.order_number, 0) AS v1, "
+        f"{_EMPTY.format(t='o.order_string')} AS v2 FROM deliveries o "
+        f"WHERE {_RANGE.format(key='groups.key', unclaimed='groups.unclaimed')} "
+        "ORDER BY (o.order_claimed IS NULL) DESC, coalesce(o.order_number, 0) DESC, "
+        f"{_EMPTY.format(t='o.order_string')} DESC, o.rowid DESC LIMIT 1) o), "
+        "newest AS (SELECT DISTINCT ON (key) key, shown, v1, v2 FROM last ORDER BY key, v1 DESC, v2 DESC), "
+        "old AS (SELECT o.rowid, newest.shown FROM newest CROSS JOIN LATERAL (SELECT o.rowid FROM "
+        f"deliveries o WHERE {_RANGE.format(key='newest.key', unclaimed='true')} "
+        f"AND {_O_VERSION} < (newest.v1, newest.v2) OFFSET 0) o) "
+        f"UPDATE deliveries d SET state = {STALE}, finished_at = %(now)s, last_error = 'stale: "
+        "superseded by version ' || old.shown || ', pending' FROM old WHERE d.rowid = old.rowid "
+        "AND d.state = 0 RETURNING d.id",
+        {"now": time.time(), "stage": stage, "heads": heads},
     ).fetchall()
     return [id_ for (id_,) in rows]

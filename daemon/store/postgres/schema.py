@@ -11,6 +11,10 @@ and these differences:
                 sink's version (SQLite keeps either in one column without affinity)
     key_versions  the same split of `version` into `number`/`string`
     events      `seq` comes from the sequence `events_seq` (never reused, like AUTOINCREMENT)
+
+Migration 2 adds `deliveries_heads` (each key's head of an ordered sink is the first entry of its
+key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`, and
+drops `deliveries_by_key` (the heads index leads with its columns).
 """
 
 from __future__ import annotations
@@ -168,6 +172,19 @@ MIGRATIONS: Final[list[list[str]]] = [
             until bigint NOT NULL,
             attempts integer NOT NULL
         )""",
+    ],
+    [
+        # Each key's head as the first entry of its index range (`deliveries.due_ordered`): the
+        # order is the head order (claimed rows first, then version, then rowid).
+        "CREATE INDEX deliveries_heads ON deliveries(stage, order_key, (order_claimed IS NULL), "
+        "(coalesce(order_number, 0)), (coalesce(order_string, '')), rowid) "
+        "WHERE state = 0 AND order_key IS NOT NULL",
+        # Its leading columns are `deliveries_by_key`'s: one index to write, and the planner
+        # never picks the narrower one to filter a whole key where a range would do.
+        "DROP INDEX deliveries_by_key",
+        # An ordered sink's rows not yet keyed, without walking its keyed backlog.
+        "CREATE INDEX deliveries_unkeyed ON deliveries(stage, next_attempt_at, rowid) "
+        "WHERE state = 0 AND order_key IS NULL",
     ],
 ]
 
