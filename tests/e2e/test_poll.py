@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -159,6 +160,15 @@ def test_a_kill_9_with_pages_read_ahead_and_their_commit_in_flight_loses_and_rep
     tmp_path: Path, api: FakeApi
 ) -> None:
     api.add(6_000)
+    # The 11th page waits until the test holds the write lock: without that gate a fast daemon
+    # commits most of the listing before the lock is taken, and nothing is left to read ahead.
+    gate = threading.Event()
+
+    def eleventh_page_waits(request: ApiRequest) -> None:
+        if len(api.snapshot()) > 10:
+            gate.wait(10)
+
+    api.responder = eleventh_page_waits
     config = write_config(tmp_path, AHEAD.format(url=api.url))
     db = tmp_path / "state" / "ferry.db"
     daemon = Daemon(config, tmp_path / "ferry.log").start()
@@ -169,6 +179,8 @@ def test_a_kill_9_with_pages_read_ahead_and_their_commit_in_flight_loses_and_rep
     try:
         blocker.execute("BEGIN IMMEDIATE")
         committed = len(stored_ids(db))
+        assert committed == 500, "the gate holds the listing at ten pages"
+        gate.set()
         api.wait_for(lambda requests: len(requests) * 50 >= committed + 1_000, timeout=10)
         daemon.kill9()
         served = len(api.snapshot())
