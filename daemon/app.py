@@ -54,6 +54,7 @@ from daemon.store import at_rest
 from daemon.store.api import Outbox
 from daemon.store.pg_budgets import PgBudgets
 from daemon.store.postgres.connect import describe
+from daemon.store.postgres.listener import WakeListener
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.sqlite import Store
 from daemon.supervisor import Supervisor
@@ -150,12 +151,21 @@ async def _join_cluster(running: Running, nursery: trio.Nursery) -> None:
         wake=partial(_wake_consumers, running),
     )
     await nursery.start(node.run)
+    # Other nodes' commits wake this node's consumers at once; the heartbeat's wake-up stays as
+    # the fallback for a notification missed (docs/cluster.md#work-written-by-other-nodes).
+    url = running.config.store.url
+    if url is not None:
+        listener = WakeListener(url.value.reveal(), node=node.info.id, wake=partial(_wake_consumers, running))
+        running.wake_listener = listener
+        await nursery.start(listener.run)
 
 
-def _wake_consumers(running: Running) -> None:
-    """Wake every transform and sink here: they look for work other nodes committed."""
+def _wake_consumers(running: Running, names: frozenset[str] | None = None) -> None:
+    """Wake the transforms and sinks here named in `names` (all of them when None): they look
+    for work other nodes committed."""
     for name in (*running.config.transforms, *running.config.sinks):
-        running.store.signal(name).fire()
+        if names is None or name in names:
+            running.store.signal(name).fire()
 
 
 async def _watch_signals(running: Running, nursery: trio.Nursery) -> None:

@@ -19,6 +19,7 @@ from daemon.control.server import ControlServer
 from daemon.limits.ratelimit import RateLimits
 from daemon.registry import Aggregator, Alerter, IngestBatcher, Poller, Sink, Transformer, WebhookListener
 from daemon.store.api import Outbox
+from daemon.store.postgres.listener import WakeListener
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 from daemon.telemetry.masking import Masking
@@ -105,6 +106,8 @@ class Running:
     """This node of a cluster (PostgreSQL store), or None on one SQLite node (docs/cluster.md)."""
     follower: Follower | None = None
     """What applies the cluster's pauses and drain here (cluster mode only)."""
+    wake_listener: WakeListener | None = None
+    """What wakes this node's consumers when another node commits work for them (cluster mode)."""
 
     @property
     def sinks(self) -> list[Sink]:

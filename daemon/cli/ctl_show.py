@@ -108,6 +108,15 @@ def show_nodes(status: Any, out: TextIO) -> None:
             for n in nodes
         ],
     )
+    wake = status.get("wake")
+    if wake is not None:
+        heard = f"heard {wake['heard']} commit(s) of other nodes"
+        if wake["listening"]:
+            out.write(f"other nodes' commits wake this node at once ({heard})\n")
+        else:
+            out.write(
+                f"not listening for other nodes' commits: their work waits up to one heartbeat ({heard})\n"
+            )
     out.write("\n")
 
 

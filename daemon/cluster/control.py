@@ -22,10 +22,11 @@ Drain:
 
 Work written by other nodes:
     A store's wake-ups are in-process: a commit on one node wakes that node's consumers only.
-    So each beat also wakes every transform and sink here (`wake`), which then look for rows
-    other nodes wrote (events to transform, deliveries due, retried dead letters, replays): work
-    another node wrote waits at most one heartbeat here, and an idle node costs one indexed
-    query per consumer per heartbeat.
+    Other nodes hear of it at once by notification (`daemon.store.postgres.wake`, `.listener`);
+    as the fallback for a missed one, each beat also wakes every transform and sink here
+    (`wake`), which then look for rows other nodes wrote (events to transform, deliveries due,
+    retried dead letters, replays): work another node wrote waits at most one heartbeat here even
+    then, and an idle node costs one indexed query per consumer per heartbeat.
 
 `dlq retry`, `dlq purge` and `replay` need nothing else: they are store operations on the shared
 database, so their rows are every node's (each node's sinks find due rows in the database), and

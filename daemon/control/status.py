@@ -25,6 +25,7 @@ from daemon.limits.ratelimit import RateLimitStatus
 from daemon.registry import PollStatus
 from daemon.reload import config_sha256
 from daemon.store import ops
+from daemon.store.postgres.listener import WakeListener
 from daemon.supervisor import ActorState
 from daemon.telemetry.masking import Redactor
 
@@ -47,6 +48,14 @@ class StageStatus(Struct, frozen=True):
     paused: bool = False
 
 
+class WakeStatus(Struct, frozen=True):
+    """Whether this node hears the other nodes' commits at once (docs/cluster.md)."""
+
+    listening: bool
+    heard: int  # notifications from other nodes since the start
+    connections: int  # times its connection was opened: more than 1 means it was lost and re-opened
+
+
 class StatusResult(Struct, frozen=True):
     version: str
     pid: int
@@ -63,6 +72,7 @@ class StatusResult(Struct, frozen=True):
     rate_limits: dict[str, RateLimitStatus] = {}
     guards: dict[str, Any] = {}  # per http sink: concurrency limit, breaker per URL (actors/sink/guard.py)
     nodes: list[NodeStatus] | None = None  # cluster mode: every node (docs/cluster.md); None on one node
+    wake: WakeStatus | None = None  # cluster mode: this node's ear for the other nodes' commits
 
 
 class Failure(Struct, frozen=True):
@@ -148,7 +158,12 @@ async def status(running: Running, redactor: Redactor, *, uptime_s: float) -> St
         rate_limits={name: limiter.status() for name, limiter in running.rate_limits.items()},
         guards=redactor.mask(msgspec.to_builtins(guards(running))),
         nodes=await answered(node_statuses(running.cluster)) if running.cluster else None,
+        wake=_wake_status(running.wake_listener),
     )
+
+
+def _wake_status(listener: WakeListener | None) -> WakeStatus | None:
+    return None if listener is None else WakeStatus(listener.connected, listener.heard, listener.connections)
 
 
 def _shown_state(actor: ActorState) -> str:

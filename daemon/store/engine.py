@@ -17,7 +17,9 @@ Outages:
 
 Wake-ups:
     Requests name the consumers their writes concern (`wake`). After the commit the engine fires
-    those consumers' `Signal`s, only for requests that committed.
+    those consumers' `Signal`s, only for requests that committed. A backend shared by several
+    processes (PostgreSQL) also `announce`s the names inside the transaction, so the other nodes
+    hear of the commit when it happens (`daemon.store.postgres.notify`).
 
 Cancellation:
     A trio task cancelled while waiting for its request stops waiting, but the request itself
@@ -36,7 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -82,13 +84,22 @@ class Transactions(Protocol[C]):
 
     def classify(self, exc: Exception) -> Failure: ...
 
+    @property
+    def announces(self) -> bool:
+        """Whether other processes share this store and hear of commits (`announce`)."""
+        ...
+
+    def announce(self, conn: C, consumers: set[str]) -> None:
+        """Inside the transaction: tell the other processes, on its commit, whom it concerns."""
+        ...
+
 
 class _Request(Generic[C, T]):
     __slots__ = ("done", "error", "fn", "result", "wake")
 
     def __init__(self, fn: Callable[[C], T], wake: Iterable[str]) -> None:
         self.fn = fn
-        self.wake = wake
+        self.wake = wake if isinstance(wake, Collection) else tuple(wake)  # read twice: announce, resolve
         self.done = trio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -235,6 +246,8 @@ class GroupCommit(Generic[C]):
             tx.begin(conn)
             for request in batch:
                 request.result = request.fn(conn)
+            if tx.announces:
+                _announce(tx, conn, batch)
             tx.commit(conn)
         except Exception as exc:
             tx.rollback(conn)
@@ -263,6 +276,8 @@ class GroupCommit(Generic[C]):
             try:
                 tx.begin(conn)
                 request.result = request.fn(conn)
+                if tx.announces:
+                    _announce(tx, conn, [request])
                 tx.commit(conn)
             except Exception as exc:
                 tx.rollback(conn)
@@ -289,3 +304,9 @@ class GroupCommit(Generic[C]):
                     signal = signals.get(consumer)
                     if signal is not None:
                         signal.fire()
+
+
+def _announce(tx: Transactions[C], conn: C, batch: list[_Request[C, Any]]) -> None:
+    consumers = {consumer for request in batch for consumer in request.wake}
+    if consumers:
+        tx.announce(conn, consumers)

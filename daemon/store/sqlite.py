@@ -69,6 +69,12 @@ class SqliteTransactions:
             return Failure.EACH
         return Failure.UNAVAILABLE
 
+    announces = False
+    """One process owns the file: its in-process wake-ups reach every consumer."""
+
+    def announce(self, conn: Connection, consumers: set[str]) -> None:
+        pass
+
 
 @final
 class Store(GroupCommit[Connection], SqliteOperations):

@@ -86,6 +86,8 @@ class Cluster:
     sock_dir: Path
     pipeline: str
     delivery_lease: str = "3s"
+    heartbeat: float = HEARTBEAT
+    lease_ttl: float = LEASE_TTL
     nodes: list[Node] = field(default_factory=list)
 
     def add(self, name: str) -> Node:
@@ -95,8 +97,8 @@ class Cluster:
         config = folder / "ferry.toml"
         config.write_text(
             NODE.format(
-                heartbeat=HEARTBEAT,
-                lease_ttl=LEASE_TTL,
+                heartbeat=self.heartbeat,
+                lease_ttl=self.lease_ttl,
                 delivery_lease=self.delivery_lease,
                 port=port,
                 socket=self.sock_dir / f"{name}.sock",

@@ -260,3 +260,60 @@ def test_a_drain_given_to_one_node_drains_the_cluster_and_every_node_exits_0(
     assert b.daemon.wait(HEARTBEAT * 4 + 10) == 0, "the other node stops once the drain is done"
     b.start()  # a node started after the drain ended runs normally
     assert httpx.post(f"{b.daemon.url}/hooks/demo", json={"id": 99}, timeout=10).status_code == 202
+
+
+def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_heartbeat(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    # A heartbeat of a minute: no beat's wake-up moves these events; the commit's notification
+    # does (daemon/store/postgres/wake.py), and the leader's status counts what it heard.
+    cluster.heartbeat, cluster.lease_ttl = 60.0, 180.0
+    cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url)
+    nodes = [cluster.add(name).start() for name in ("a", "b")]
+    leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
+    leader = next(node for node in nodes if node.name == leader_name)
+    standby = next(node for node in nodes if node.name != leader_name)
+    took = []
+    for first in (0, 10, 20):  # each round after the last one is delivered: a wake-up each time
+        started = time.monotonic()
+        for n in range(first, first + 10):
+            _post(standby.daemon.url, n)
+        expected = set(range(first + 10))
+        receiver.wait_for(lambda _, expected=expected: _delivered(receiver) >= expected, timeout=10)
+        took.append(time.monotonic() - started)
+    print(f"\ningested on the standby, delivered by the leader's transform: {[f'{t:.2f}s' for t in took]}")
+    assert cluster.query("SELECT count(*) FROM events WHERE stream = 'shape'") == [(30,)]
+    heard = leader.status()["wake"]
+    assert heard["listening"] is True
+    assert heard["heard"] >= 3, "each round's ingest on the standby was heard by the leader"
+    shown = ctl(standby.config, "status").stdout
+    assert "other nodes' commits wake this node at once" in shown
+
+
+def test_a_node_whose_listener_connection_is_cut_reconnects_and_still_hears(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    cluster.heartbeat, cluster.lease_ttl = 60.0, 180.0
+    cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url)
+    nodes = [cluster.add(name).start() for name in ("a", "b")]
+    leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
+    leader = next(node for node in nodes if node.name == leader_name)
+    standby = next(node for node in nodes if node.name != leader_name)
+    until(lambda: leader.status()["wake"], lambda wake: wake["listening"], timeout=10)
+    # The server ends every listening session (as a restart or a proxy's idle timeout would).
+    cut = cluster.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE %s",
+        "% wake",
+    )
+    assert len(cut) == 2
+    until(
+        lambda: leader.status()["wake"],
+        lambda wake: wake["listening"] and wake["connections"] == 2,
+        timeout=15,
+    )
+    before = leader.status()["wake"]["heard"]
+    for n in range(5):
+        _post(standby.daemon.url, n)
+    receiver.wait_for(lambda _: _delivered(receiver) >= set(range(5)), timeout=10)
+    assert leader.status()["wake"]["heard"] > before

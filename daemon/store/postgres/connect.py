@@ -36,6 +36,7 @@ import psycopg.errors
 from daemon.errors import SchemaMismatch, StoreCorrupt, StoreKeyMissing, StoreUnavailable
 from daemon.store.at_rest import PREFIX, Cipher
 from daemon.store.engine import Failure
+from daemon.store.postgres import wake
 from daemon.store.postgres.schema import MIGRATIONS, SCHEMA_LOCK, VERSION
 
 log = logging.getLogger("ferry.store")
@@ -307,6 +308,12 @@ class PostgresTransactions:
         if stack is not None:
             with contextlib.suppress(psycopg.Error):
                 stack.close()
+
+    announces = True
+    """Other nodes share the database: commits that wake someone tell them (`wake.announce`)."""
+
+    def announce(self, conn: Db, consumers: set[str]) -> None:
+        wake.announce(conn.conn, self._node, consumers)
 
     def classify(self, exc: Exception) -> Failure:
         if not isinstance(exc, psycopg.Error):
