@@ -273,6 +273,8 @@ def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_h
     leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
     leader = next(node for node in nodes if node.name == leader_name)
     standby = next(node for node in nodes if node.name != leader_name)
+    for node in nodes:  # the listener connects after the node starts: posts before it are not heard
+        until(node.status, lambda status: status["wake"]["listening"], timeout=15)
     took = []
     for first in (0, 10, 20):  # each round after the last one is delivered: a wake-up each time
         started = time.monotonic()
