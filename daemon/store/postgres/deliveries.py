@@ -7,8 +7,9 @@ Claims:
     is handed the row; a node's own rows come back to it at its next fetch (as on SQLite, the
     sink keeps what it already holds) and their lease is renewed. A node that dies (`kill -9`)
     keeps its leases until they expire; then any node claims the rows and resends them under the
-    same delivery id (the Idempotency-Key). Lease times are the nodes' wall clocks: a node whose
-    clock runs ahead claims early (docs: clock skew).
+    same delivery id (the Idempotency-Key). Lease times are the database's clock
+    (`statement_timestamp()`), never a node's: a node whose clock runs ahead does not take
+    another's claims early (docs/cluster.md, clock skew).
 
 Outcomes:
     `record_outcomes` writes only rows this node holds the lease of, and ends the lease; an
@@ -53,7 +54,9 @@ from daemon.store.types import DEAD, DELIVERED, STALE, Due, Head, quarantine_rea
 log = logging.getLogger("ferry.store")
 MAX_PASSES = 4
 _ORDER_LOCK = 0x46455259 << 32
-_CLAIMABLE = "(d.lease_until IS NULL OR d.lease_until < %(wall)s OR d.lease_owner = %(node)s)"
+_WALL = "extract(epoch FROM statement_timestamp())"
+"""The database's clock, in epoch seconds: lease times are written and compared with it only."""
+_CLAIMABLE = f"(d.lease_until IS NULL OR d.lease_until < {_WALL} OR d.lease_owner = %(node)s)"
 
 
 def _due(rows: list[Any], db: Db) -> list[Due]:
@@ -80,16 +83,16 @@ def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
     (re-)leased. A fetch that claims nothing new therefore writes nothing, and its commit costs
     the server no WAL flush.
     """
-    wall = time.time()
     due = "d.stage = %(stage)s AND d.state = 0 AND d.next_attempt_at <= %(now)s"
     order = "ORDER BY d.next_attempt_at, d.rowid LIMIT %(limit)s"
     rows = db.execute(
         f"WITH mine AS (SELECT d.rowid FROM deliveries d WHERE {due} AND d.lease_owner = %(node)s "
-        f"AND d.lease_until >= %(renew)s {order}), "
+        f"AND d.lease_until >= {_WALL} + %(half)s {order}), "
         f"claimed AS (SELECT d.rowid FROM deliveries d WHERE {due} AND (d.lease_until IS NULL "
-        "OR d.lease_until < %(wall)s OR (d.lease_owner = %(node)s AND d.lease_until < %(renew)s)) "
+        f"OR d.lease_until < {_WALL} OR (d.lease_owner = %(node)s AND d.lease_until < {_WALL} + %(half)s)) "
         f"{order} FOR UPDATE SKIP LOCKED), "
-        "leased AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = %(until)s FROM claimed p "
+        f"leased AS (UPDATE deliveries d SET lease_owner = %(node)s, lease_until = {_WALL} + %(lease)s "
+        "FROM claimed p "
         "WHERE d.rowid = p.rowid) "
         "SELECT d.rowid, d.id, d.attempts, d.created_at, e.payload, e.trace, e.id FROM "
         "(SELECT rowid FROM mine UNION ALL SELECT rowid FROM claimed) p "
@@ -98,10 +101,9 @@ def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
         {
             "stage": stage,
             "now": now,
-            "wall": wall,
             "node": db.node,
-            "until": wall + db.lease,
-            "renew": wall + db.lease / 2,
+            "lease": db.lease,
+            "half": db.lease / 2,
             "limit": limit,
         },
     ).fetchall()
@@ -261,11 +263,10 @@ def due_ordered(db: Db, ordering: Ordering, stage: str, now: float, limit: int) 
         if marked:
             stale += marked
             continue
-        wall = time.time()
         db.execute(
-            "UPDATE deliveries SET order_claimed = 1, lease_owner = %s, lease_until = %s "
+            f"UPDATE deliveries SET order_claimed = 1, lease_owner = %s, lease_until = {_WALL} + %s "
             "WHERE rowid = ANY(%s)",
-            (db.node, wall + db.lease, heads),
+            (db.node, db.lease, heads),
         )
         return Fetched([due for due, _ in rows], False, stale, dead)
     return Fetched([], True, stale, dead)
@@ -302,9 +303,7 @@ is two index probes per key with pending rows plus the rows returned, whatever t
 
 def _candidates(db: Db, stage: str, now: float, limit: int) -> list[tuple[Due, bool]]:
     """Due pending rows of `stage`, unkeyed or their key's head, that no other node holds."""
-    rows = db.execute(
-        CANDIDATES, {"stage": stage, "now": now, "wall": time.time(), "node": db.node, "limit": limit}
-    ).fetchall()
+    rows = db.execute(CANDIDATES, {"stage": stage, "now": now, "node": db.node, "limit": limit}).fetchall()
     return [(due, bool(row[7])) for due, row in zip(_due([row[:7] for row in rows], db), rows, strict=True)]
 
 

@@ -75,6 +75,29 @@ async def test_an_expired_lease_is_claimable_and_only_the_holder_records_an_outc
     assert (await a.counts())["crm"] == {"pending": 0, "delivered": 1, "dead": 0}
 
 
+async def test_a_node_whose_clock_runs_ahead_does_not_take_another_nodes_claims_early(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = PostgresStore.open(postgres_url, node="node-a", lease=60.0)
+    b = PostgresStore.open(postgres_url, node="node-b", lease=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await ingest(a, 1, 2)
+        held = await a.due_deliveries("crm", FAR, 10)
+        assert len(held) == 2
+        # Every node clock in this process now reads two minutes ahead (node-b's, as if skewed):
+        # lease expiry is the database's clock, so node-a's one-minute claims still hold.
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 120)
+        assert await b.due_deliveries("crm", FAR, 10) == []
+        # node-a fetching with its clock ahead keeps what it holds.
+        assert [d.rowid for d in await a.due_deliveries("crm", FAR, 10)] == [d.rowid for d in held]
+        nursery.cancel_scope.cancel()
+    a.close()
+    b.close()
+
+
 async def test_a_retried_delivery_is_free_for_any_node_once_due(
     nodes: tuple[PostgresStore, PostgresStore],
 ) -> None:
