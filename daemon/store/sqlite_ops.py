@@ -1,6 +1,9 @@
 """The SQLite backend's store functions (`daemon.store.functions.Functions`): which function of
 which area module serves each domain operation. `daemon.store.operations.Operations` runs them on
 the writer thread, inside the group commit (`daemon.store.sqlite.Store`).
+
+The table holds the functions themselves: a test that makes one fail patches the table
+(`monkeypatch.setattr(SqliteFunctions, "commit_pages", staticmethod(fn))`), not the area module.
 """
 
 from __future__ import annotations
