@@ -38,6 +38,7 @@ from daemon.config.limits import RateLimitConfig
 from daemon.config.units import Duration
 from daemon.limits.ratelimit import RateLimits, TokenBucket
 from daemon.store.pg_budgets import PgBudgets
+from daemon.store.postgres.connect import open_database
 
 RATE, BURST, NODES = 200.0, 20, 3
 WINDOWS = (0.1, 0.5, 1.0)
@@ -163,6 +164,7 @@ def measure(url: str, seconds: float) -> dict[str, dict[str, Any]]:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         scratch = f"{base}/{name}"
+        open_database(scratch, node="bench", cipher=None).close()  # the schema, as a node's store makes it
         out = {
             "shared, saturated": trio.run(_shared, scratch, seconds, [16] * NODES),
             "shared, sequential": trio.run(_shared, scratch, seconds, [1] * NODES),

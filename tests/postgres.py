@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from daemon.store.postgres.connect import open_database
+
 ADMIN_URL = os.environ.get("FERRY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/postgres")
 HOW = f"start PostgreSQL ≥ 13 on {ADMIN_URL} (trust auth) or point FERRY_TEST_POSTGRES at a server"
 
@@ -68,6 +70,14 @@ def postgres_url() -> Iterator[str]:
     finally:
         with _admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def ferry_database(postgres_url: str) -> str:
+    """`postgres_url` migrated to this code's schema, as the first node's store leaves it: what the
+    cluster's coordination and shared budgets (tables of the outbox's migrations) run on."""
+    open_database(postgres_url, node="test", cipher=None).close()
+    return postgres_url
 
 
 class TcpProxy:

@@ -101,7 +101,7 @@ def test_the_store_is_reached_through_its_interface() -> None:
 
 
 def test_the_interface_check_is_not_blind() -> None:
-    assert store_internals_in(ROOT / "daemon/store/sqlite_ops.py")
+    assert store_internals_in(ROOT / "daemon/store/operations.py")
     assert store_internals_in(ROOT / "tests/actors/sink/test_sink_commit.py")
 
 

@@ -7,44 +7,26 @@ can cost at most one repeated notification, never the alerter.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import time
 from collections.abc import Mapping
 
-import msgspec
-
-from daemon.store.types import AlertState
+from daemon.store.types import AlertState, alert_rows, alert_states
 
 __all__ = ["AlertState", "load_states", "save_states"]
 
 
-log = logging.getLogger("ferry.alerts")
-_decode = msgspec.json.Decoder(AlertState).decode
-_encode = msgspec.json.Encoder().encode
-
-
 def load_states(conn: sqlite3.Connection) -> dict[str, AlertState]:
-    """Every stored rule's state."""
-    states = {}
-    for rule, text in conn.execute("SELECT rule, state FROM alerts").fetchall():
-        try:
-            states[rule] = _decode(text)
-        except msgspec.DecodeError as exc:
-            log.warning(
-                "stored alert state unreadable; the rule starts afresh",
-                extra={"fields": {"rule": rule, "error": str(exc)}},
-            )
-    return states
+    """Every stored rule's state (`daemon.store.types.alert_states`: unreadable rows start afresh)."""
+    return alert_states(conn.execute("SELECT rule, state FROM alerts").fetchall())
 
 
 def save_states(conn: sqlite3.Connection, states: Mapping[str, AlertState], keep: frozenset[str]) -> None:
     """Write `states` and delete the rows of rules not in `keep` (rules no longer configured)."""
-    now = time.time()
     conn.executemany(
         "INSERT INTO alerts(rule, state, updated_at) VALUES (?, ?, ?) "
         "ON CONFLICT(rule) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-        [(rule, _encode(state).decode(), now) for rule, state in states.items()],
+        alert_rows(states, time.time()),
     )
     stored = [row[0] for row in conn.execute("SELECT rule FROM alerts").fetchall()]
     conn.executemany("DELETE FROM alerts WHERE rule = ?", [(rule,) for rule in stored if rule not in keep])

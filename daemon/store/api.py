@@ -2,9 +2,10 @@
 
 Every component reaches the outbox through `Outbox` (composed of the protocols below, one per
 area); nothing outside `daemon/store/` writes SQL, holds a connection, or passes a function to
-run inside a transaction. SQLite (`daemon.store.sqlite.Store`, its operations in
-`daemon.store.sqlite_ops`) is the backend today; a PostgreSQL backend (issue 15) implements the
-same protocols, and `tests/daemon/store/test_conformance.py` runs against either.
+run inside a transaction. Two backends implement it — SQLite (`daemon.store.sqlite.Store`) and
+PostgreSQL (`daemon.store.postgres.store.PostgresStore`) — with the operations written once
+(`daemon.store.operations`) over each backend's store functions (`daemon.store.functions`), and
+`tests/daemon/store/test_conformance.py` runs against either.
 
 Guarantees every backend gives:
     An operation returns only after the transaction holding its writes has committed (one

@@ -16,16 +16,14 @@ Cost:
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import msgspec
-
 from daemon.store.at_rest import opened
-from daemon.store.schema import PENDING
+from daemon.store.event_report import DELIVERY_COLUMNS, bisect_seq, lookup_start, report, window_waits
 from daemon.store.types import (
-    _ROOT_ID,
-    _STATES,
     CLOCK_SLACK,
     MAX_EVENTS,
     DeliveryOutcome,
@@ -43,97 +41,51 @@ def first_seq_since(conn: Connection, since: float) -> int:
     row = conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
     if row[0] is None:
         return 0
-    low, high = int(row[0]), int(row[1]) + 1
-    while low < high:
-        middle = (low + high) // 2
-        found = conn.execute(
-            "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (middle,)
-        ).fetchone()
-        if found is None or found[1] >= since:
-            high = middle
-        else:
-            low = int(found[0]) + 1
-    return low
+
+    def probe(seq: int) -> Sequence[Any] | None:
+        query = "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1"
+        found: Sequence[Any] | None = conn.execute(query, (seq,)).fetchone()
+        return found
+
+    return bisect_seq(int(row[0]), int(row[1]) + 1, since, probe)
 
 
 def event_outcomes(conn: Connection, event_id: str) -> EventReport | None:
     """The report for `event_id` (a source's event or a derived one); None if nothing is stored."""
-    match = _ROOT_ID.match(event_id)
-    start = first_seq_since(conn, int(match.group(1), 16) / 1000 - CLOCK_SLACK) if match else 0
+    since = lookup_start(event_id)
+    start = first_seq_since(conn, since) if since is not None else 0
     rows = conn.execute(
         "SELECT seq, id, stream, CAST(payload AS TEXT), received_at FROM events "
         "WHERE seq >= ? AND (id = ? OR (id > ? AND id < ?)) ORDER BY seq LIMIT ?",
         (start, event_id, event_id + ".", event_id + "/", MAX_EVENTS),
     ).fetchall()
-    windows = [
-        WindowWait(id=id_, transform=transform, key=_decoded(key), opened_at=opened, size=size)
-        for id_, transform, key, opened, size in conn.execute(
+    windows = window_waits(
+        conn.execute(
             "SELECT e.id, w.transform, w.key, w.opened_at, w.size FROM window_events e "
             "JOIN windows w ON w.transform = e.transform AND w.id = e.window "
             "WHERE e.id = ? OR (e.id > ? AND e.id < ?) ORDER BY w.opened_at",
             (event_id, event_id + ".", event_id + "/"),
         ).fetchall()
-    ]
+    )
     if not rows and not windows:
         return None
-    by_seq: dict[int, list[DeliveryOutcome]] = {seq: [] for seq, *_ in rows}
-    seqs = list(by_seq)
-    for chunk_start in range(0, len(seqs), 500):
-        chunk = seqs[chunk_start : chunk_start + 500]
-        for (
-            seq,
-            id_,
-            stage,
-            state,
-            attempts,
-            created,
-            finished,
-            due,
-            status,
-            latency,
-            response,
-            error,
-        ) in conn.execute(
-            "SELECT event_seq, id, stage, state, attempts, created_at, finished_at, next_attempt_at, "
-            "last_status, last_latency, last_response, last_error FROM deliveries "
+    deliveries = _deliveries(conn, [row[0] for row in rows])
+    return report(
+        rows, deliveries, windows, lambda payload: opened(conn, payload.encode()).decode("utf-8", "replace")
+    )
+
+
+def _deliveries(conn: Connection, seqs: list[int]) -> Iterator[Any]:
+    """The deliveries of the events `seqs`, in rowid order per chunk of 500 (SQLite's bound parameters)."""
+    chunks = (seqs[start : start + 500] for start in range(0, len(seqs), 500))
+    return itertools.chain.from_iterable(
+        conn.execute(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries "
             f"WHERE event_seq IN ({','.join('?' * len(chunk))}) ORDER BY rowid",
             chunk,
-        ).fetchall():
-            by_seq[seq].append(
-                DeliveryOutcome(
-                    id=id_,
-                    stage=stage,
-                    state=_STATES.get(state, str(state)),
-                    attempts=attempts,
-                    created_at=created,
-                    finished_at=finished,
-                    next_attempt_at=due if state == PENDING else None,
-                    status=status,
-                    latency_s=latency,
-                    response=response,
-                    error=error,
-                )
-            )
-    events = [
-        EventOutcome(
-            id=id_,
-            stream=stream,
-            received_at=received,
-            payload=_decoded(opened(conn, payload.encode()).decode("utf-8", "replace")),
-            deliveries=by_seq[seq],
-        )
-        for seq, id_, stream, payload, received in rows
-    ]
-    return EventReport(events=events, windows=windows)
-
-
-def _decoded(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        return text
+        ).fetchall()
+        for chunk in chunks
+    )
 
 
 __all__ = [

@@ -24,6 +24,10 @@ Encrypted stores (`[store] encryption`): sealed payloads and tokens are copied b
 with the same `encryption` keys; a node without them refuses to start (`StoreKeyMissing`), as the
 SQLite daemon would.
 
+Not copied: the cluster's own tables (nodes, leases, pauses, drains, rate budgets:
+`daemon.store.postgres.schema.CLUSTER_TABLES`), which a SQLite store has none of; the target's
+migrations create them empty.
+
 What differs on PostgreSQL: a delivery's ordering version (one untyped SQLite column) is split into
 `order_number`/`order_string`; copied deliveries carry no lease, so any node may claim them.
 """

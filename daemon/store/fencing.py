@@ -75,7 +75,8 @@ def guarded(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     """`fn(db)` preceded, in its own transaction, by the check of the calling task's fence.
 
     Call it in the store's async method (the singleton's task, where the fence is set), not on
-    the writer thread: `await self.call_until_committed(fencing.guarded(fn))`. Without a fence it
+    the writer thread: `daemon.store.operations` does, as PostgreSQL's `Functions.guarded`
+    (`call_until_committed(functions.guarded(fn))`). Without a fence it
     returns `fn` itself. `db` is the PostgreSQL backend's `Db` (its psycopg connection in `.conn`).
     """
     fence = current()

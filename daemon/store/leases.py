@@ -5,7 +5,8 @@ connection of its own, used from one worker thread at a time: coordination is a 
 statements per heartbeat, and it must not wait behind a backlog of group commits (a lease that
 cannot be renewed because ingest is busy would fail over a healthy node).
 
-Tables (created once, under an advisory lock, by the first node to start):
+Tables (the outbox's migration 3, `daemon.store.postgres.schema`: a node that opened its store
+has them; on a database no node has migrated, every call fails with `StoreUnavailable`):
     ferry_nodes   (id, host, address, pid, started_at, heartbeat_at)
     ferry_leases  (name, holder, token, expires_at, acquired_at): token only ever grows
     ferry_pauses  (name, paused_at, by_node): sources and sinks paused cluster-wide
@@ -33,23 +34,8 @@ from daemon.store.coordination import Beat, Drain, LeaseRow, NodeInfo, NodeRow
 log = logging.getLogger("ferry.cluster")
 T = TypeVar("T")
 
-SCHEMA_LOCK: Final = 0x66657272  # pg_advisory_xact_lock key ("ferr") while the tables are created
 FORGET_AFTER: Final = 3600.0
 """A node dead for this long is removed from `ferry_nodes`."""
-
-SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS ferry_nodes (
-        id text PRIMARY KEY, host text NOT NULL, address text NOT NULL, pid integer NOT NULL,
-        started_at timestamptz NOT NULL DEFAULT now(), heartbeat_at timestamptz NOT NULL DEFAULT now())""",
-    """CREATE TABLE IF NOT EXISTS ferry_leases (
-        name text PRIMARY KEY, holder text, token bigint NOT NULL,
-        expires_at timestamptz NOT NULL, acquired_at timestamptz NOT NULL DEFAULT now())""",
-    """CREATE TABLE IF NOT EXISTS ferry_pauses (
-        name text PRIMARY KEY, paused_at timestamptz NOT NULL DEFAULT now(), by_node text NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS ferry_drains (
-        number bigserial PRIMARY KEY, by_node text NOT NULL, started_at timestamptz NOT NULL DEFAULT now(),
-        until timestamptz NOT NULL, done_at timestamptz)""",
-)
 
 _HEARTBEAT = """INSERT INTO ferry_nodes AS n (id, host, address, pid) VALUES (%s, %s, %s, %s)
     ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), host = excluded.host,
@@ -93,14 +79,6 @@ _START_DRAIN = """INSERT INTO ferry_drains (by_node, until) VALUES (%s, now() + 
 _FINISH_DRAIN = "UPDATE ferry_drains SET done_at = now() WHERE number = %s AND done_at IS NULL"
 
 
-def create_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the coordination tables if they are missing, one node at a time."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        for statement in SCHEMA:
-            conn.execute(statement)
-
-
 @final
 class PostgresCoordination:
     """`Coordination` on its own PostgreSQL connection; see the module docstring."""
@@ -117,15 +95,13 @@ class PostgresCoordination:
 
     def _connect(self) -> psycopg.Connection[Any]:
         ms = max(1, int(self._timeout * 1000))
-        conn = psycopg.connect(
+        return psycopg.connect(
             self._url,
             connect_timeout=max(1, round(self._timeout)),
             tcp_user_timeout=ms,
             options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
             application_name="ferry-cluster",
         )
-        create_schema(conn)
-        return conn
 
     async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`fn(conn)` in one transaction on the worker thread, within the timeout."""
@@ -237,4 +213,4 @@ class PostgresCoordination:
                 await trio.to_thread.run_sync(conn.close)
 
 
-__all__ = ["SCHEMA", "PostgresCoordination", "create_schema"]
+__all__ = ["PostgresCoordination"]

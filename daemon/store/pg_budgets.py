@@ -1,6 +1,7 @@
 """Cluster-wide rate budgets in PostgreSQL: one row per budget, one statement per batch of permits.
 
-Each `[rate_limits.NAME]` budget is a row of `ferry_rate_budgets`: a token bucket (`tokens` as of
+Each `[rate_limits.NAME]` budget is a row of `ferry_rate_budgets` (the outbox's migration 3,
+`daemon.store.postgres.schema`; a node has it once its store is open): a token bucket (`tokens` as of
 `stamp`) refilled at the caller's `rate_per_s` up to its `burst`, and `blocked_until` (a server's
 `Retry-After` seen by any node). `take` is one `INSERT … ON CONFLICT DO UPDATE … RETURNING`: it
 creates the row full on first use, refills it up to now, and takes up to `want` permits (at most
@@ -43,28 +44,13 @@ import trio
 from daemon.errors import StoreUnavailable
 from daemon.store.budgets import Grant
 
-__all__ = ["AHEAD_S", "SCHEMA", "PgBudgets"]
+__all__ = ["AHEAD_S", "PgBudgets"]
 
 log = logging.getLogger("ferry.store.budgets")
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS ferry_rate_budgets (
-    name          text PRIMARY KEY,
-    tokens        double precision NOT NULL,
-    stamp         timestamptz NOT NULL,
-    blocked_until timestamptz NOT NULL DEFAULT '-infinity',
-    last_grant    integer NOT NULL DEFAULT 0,
-    rate_per_s    double precision NOT NULL,
-    burst         integer NOT NULL
-)
-"""
-"""The table, created on first use (idempotent, under an advisory lock: nodes may start together)."""
 
 AHEAD_S: Final = 0.25
 """How far ahead a grant may reserve permits: the bucket may go into debt by `rate * AHEAD_S`
 tokens, and the permits are usable once it is paid (`Grant.start_in_s`)."""
-
-_LOCK_KEY: Final = 0x66657272_79627564  # "ferrybud": the advisory lock that serialises creating the table
 
 # `now` below: greatest(b.stamp, statement_timestamp()) — never before the row's last update.
 _NOW = "greatest(b.stamp, statement_timestamp())"
@@ -128,7 +114,7 @@ class PgBudgets:
 
     def _connect(self) -> psycopg.Connection[Any]:
         ms = int(self._timeout * 1000)
-        conn = psycopg.connect(
+        return psycopg.connect(
             self._url,
             autocommit=True,
             connect_timeout=max(1, int(self._timeout + 0.999)),
@@ -136,14 +122,6 @@ class PgBudgets:
             application_name="ferry budgets",
             options=f"-c statement_timeout={ms} -c lock_timeout={ms // 2} -c synchronous_commit=off",
         )
-        try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                conn.execute(SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     def _execute(self, query: str, params: dict[str, object]) -> tuple[Any, ...] | None:
         with self._lock:

@@ -27,9 +27,10 @@ from typing import TypeVar, final
 from daemon.errors import StoreCorrupt, StoreKeyMissing, StoreUnavailable
 from daemon.store.api import Outbox
 from daemon.store.at_rest import PREFIX, Cipher
-from daemon.store.engine import Failure, GroupCommit
+from daemon.store.engine import Failure
+from daemon.store.operations import Operations
 from daemon.store.schema import APPLICATION_ID, MIGRATIONS
-from daemon.store.sqlite_ops import SqliteOperations
+from daemon.store.sqlite_ops import FUNCTIONS
 
 log = logging.getLogger("ferry.store")
 T = TypeVar("T")
@@ -77,11 +78,12 @@ class SqliteTransactions:
 
 
 @final
-class Store(GroupCommit[Connection], SqliteOperations):
+class Store(Operations[Connection]):
     """The outbox. Open with `Store.open(path, ...)`, serve with `await nursery.start(store.run)`.
 
-    Components use its domain operations (`daemon.store.api.Outbox`, implemented in
-    `daemon.store.sqlite_ops`); each runs its store function `fn(conn)` through `call` (or
+    Components use its domain operations (`daemon.store.api.Outbox`, declared once for both
+    backends in `daemon.store.operations` over SQLite's store functions, `daemon.store.sqlite_ops`);
+    each runs its store function `fn(conn)` through `call` (or
     `call_until_committed`) on the writer thread, inside a group transaction
     (`daemon.store.engine`). Tests may call `store.call(fn)` directly; nothing outside
     `daemon/store/` does.
@@ -90,7 +92,7 @@ class Store(GroupCommit[Connection], SqliteOperations):
     def __init__(
         self, path: Path, *, durability: str = "full", max_batch: int = 4096, cipher: Cipher | None = None
     ) -> None:
-        super().__init__(max_batch=max_batch)
+        super().__init__(FUNCTIONS, max_batch=max_batch)
         self.path = path
         self._durability = durability
         self._cipher = cipher

@@ -11,10 +11,11 @@ written here once, so both backends make the same ids for the same rows.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Literal, NamedTuple
 
@@ -310,6 +311,31 @@ class AlertState(msgspec.Struct, kw_only=True):
     variance: float = 0.0
     first_seen: float | None = None
     z: float | None = None
+
+
+_decode_alert = msgspec.json.Decoder(AlertState).decode
+_encode_alert = msgspec.json.Encoder().encode
+
+
+def alert_states(rows: Iterable[Sequence[Any]]) -> dict[str, AlertState]:
+    """Stored (rule, JSON) rows as states. A row that no longer decodes (a newer ferry's, or
+    damaged) is left out with a warning: its rule starts from `ok`, costing at most one repeated
+    notification, never the alerter."""
+    states = {}
+    for rule, text in rows:
+        try:
+            states[rule] = _decode_alert(text)
+        except msgspec.DecodeError as exc:
+            logging.getLogger("ferry.alerts").warning(
+                "stored alert state unreadable; the rule starts afresh",
+                extra={"fields": {"rule": rule, "error": str(exc)}},
+            )
+    return states
+
+
+def alert_rows(states: Mapping[str, AlertState], now: float) -> list[tuple[str, str, float]]:
+    """`states` as (rule, JSON, updated_at) rows."""
+    return [(rule, _encode_alert(state).decode(), now) for rule, state in states.items()]
 
 
 # -- confirmation (daemon.store.confirmations) ---------------------------------------------------

@@ -19,6 +19,7 @@ from daemon.poison import bisect, reason
 from daemon.store import outbox
 from daemon.store.schema import DEAD, DELIVERED
 from daemon.store.sqlite import Connection, Store
+from daemon.store.sqlite_ops import SqliteFunctions
 from tests.actors.sink.test_sink import RETRY, FakeSender, settled
 from tests.actors.sink.test_sink import ingest as ingest_for_sink
 from tests.actors.sink.test_sink import until as until_sink
@@ -82,7 +83,7 @@ async def test_a_commit_that_fails_on_one_events_data_is_bisected(
 ) -> None:
     """Old code: the error ended the actor, and its restart met the same batch again."""
     bad = sqlite3.IntegrityError("one event's data")
-    monkeypatch.setattr(outbox, "commit_transform", failing_commit(b'"BAD"', bad))
+    monkeypatch.setattr(SqliteFunctions, "commit_transform", staticmethod(failing_commit(b'"BAD"', bad)))
     transformer = make(store)
     transformer._batch_size = 10
     await ingest(store, *({"n": n, "v": "BAD" if n == 2 else "ok"} for n in range(5)))
@@ -102,7 +103,9 @@ async def test_an_unavailable_store_is_waited_out_and_no_event_is_dead_lettered(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unavailable = StoreUnavailable("store write failed: database or disk is full")
-    monkeypatch.setattr(outbox, "commit_transform", failing_commit(b'"n"', unavailable, times=3))
+    monkeypatch.setattr(
+        SqliteFunctions, "commit_transform", staticmethod(failing_commit(b'"n"', unavailable, times=3))
+    )
     transformer = make(store)
     await ingest(store, *({"n": n} for n in range(4)))
     async with trio.open_nursery() as nursery:

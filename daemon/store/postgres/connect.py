@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, final
 
 import psycopg
@@ -146,7 +147,7 @@ def open_database(url: str, *, node: str, cipher: Cipher | None) -> psycopg.Conn
         conn.autocommit = True
         conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
         try:
-            _migrate(conn, where)
+            migrate(conn, where)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
         conn.autocommit = False
@@ -160,7 +161,13 @@ def open_database(url: str, *, node: str, cipher: Cipher | None) -> psycopg.Conn
     return conn
 
 
-def _migrate(conn: psycopg.Connection[Any], where: str) -> None:
+def migrate(
+    conn: psycopg.Connection[Any], where: str, migrations: Sequence[Sequence[str]] = MIGRATIONS
+) -> None:
+    """Run the missing ones of `migrations` (this code's; a test passes fewer to make the database
+    an older version leaves), each in a transaction of its own with its version row. The caller
+    holds the schema lock, in autocommit mode. Refuses a newer or a foreign database."""
+    latest = len(migrations)
     version = schema_version(conn)
     if version is None:
         tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()").fetchone()
@@ -171,12 +178,12 @@ def _migrate(conn: psycopg.Connection[Any], where: str) -> None:
             )
         conn.execute("CREATE TABLE ferry_schema (version integer PRIMARY KEY, applied_at double precision)")
         version = 0
-    if version > VERSION:
+    if version > latest:
         raise SchemaMismatch(
-            f"{where}: database schema version {version} is newer than this ferry ({VERSION}); "
+            f"{where}: database schema version {version} is newer than this ferry ({latest}); "
             "the database was left untouched: run the newer ferry that wrote it on every node"
         )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+    for number, script in enumerate(migrations[version:], start=version + 1):
         with conn.transaction():
             for statement in script:
                 conn.execute(statement)

@@ -15,6 +15,13 @@ and these differences:
 Migration 2 adds `deliveries_heads` (each key's head of an ordered sink is the first entry of its
 key's range, so the ordered fetch walks keys, not the backlog) and `deliveries_unkeyed`, and
 drops `deliveries_by_key` (the heads index leads with its columns).
+
+Migration 3 holds the cluster's own tables, which are not the outbox's (SQLite has none of them, and
+`ferry store copy` leaves them out: `CLUSTER_TABLES`): `ferry_nodes`, `ferry_leases`,
+`ferry_pauses`, `ferry_drains` (`daemon.store.leases`) and `ferry_rate_budgets`
+(`daemon.store.pg_budgets`). Before it, those modules created them on first use; the migration
+creates them `IF NOT EXISTS`, under the advisory locks those modules took, so a database where a
+node of the previous version already made them is upgraded in place, rows and all.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ SCHEMA_LOCK: Final = 0x46455259_0001
 EVENTS_LOCK: Final = 0x46455259_0002
 """The advisory lock every transaction that inserts events holds until it commits: events commit in
 seq order, so a transform's cursor (`seq > position`) never passes an event still uncommitted."""
+
+_LEGACY_CLUSTER_LOCK: Final = 0x66657272
+_LEGACY_BUDGETS_LOCK: Final = 0x66657272_79627564
 
 MIGRATIONS: Final[list[list[str]]] = [
     [
@@ -186,7 +196,52 @@ MIGRATIONS: Final[list[list[str]]] = [
         "CREATE INDEX deliveries_unkeyed ON deliveries(stage, next_attempt_at, rowid) "
         "WHERE state = 0 AND order_key IS NULL",
     ],
+    [
+        # The locks under which the previous version created these tables on first use: a node of
+        # that version still running cannot create one while this creates it.
+        f"SELECT pg_advisory_xact_lock({_LEGACY_CLUSTER_LOCK})",
+        f"SELECT pg_advisory_xact_lock({_LEGACY_BUDGETS_LOCK})",
+        """CREATE TABLE IF NOT EXISTS ferry_nodes (
+            id text PRIMARY KEY,
+            host text NOT NULL,
+            address text NOT NULL,
+            pid integer NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE IF NOT EXISTS ferry_leases (
+            name text PRIMARY KEY,
+            holder text,
+            token bigint NOT NULL,
+            expires_at timestamptz NOT NULL,
+            acquired_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE IF NOT EXISTS ferry_pauses (
+            name text PRIMARY KEY,
+            paused_at timestamptz NOT NULL DEFAULT now(),
+            by_node text NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS ferry_drains (
+            number bigserial PRIMARY KEY,
+            by_node text NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            until timestamptz NOT NULL,
+            done_at timestamptz
+        )""",
+        """CREATE TABLE IF NOT EXISTS ferry_rate_budgets (
+            name text PRIMARY KEY,
+            tokens double precision NOT NULL,
+            stamp timestamptz NOT NULL,
+            blocked_until timestamptz NOT NULL DEFAULT '-infinity',
+            last_grant integer NOT NULL DEFAULT 0,
+            rate_per_s double precision NOT NULL,
+            burst integer NOT NULL
+        )""",
+    ],
 ]
 
 VERSION: Final = len(MIGRATIONS)
 """The schema version this code writes and reads."""
+
+CLUSTER_TABLES: Final = ("ferry_nodes", "ferry_leases", "ferry_pauses", "ferry_drains", "ferry_rate_budgets")
+"""Migration 3's tables: the cluster's state, not the outbox's (`ferry store copy` has nothing for them)."""

@@ -8,14 +8,11 @@ like every other event write. Which node runs a transform or a poll source is no
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple
 from typing import Any
-
-import msgspec
 
 from daemon.errors import StoreKeyMissing
 from daemon.poison import clean
@@ -37,10 +34,10 @@ from daemon.store.types import (
     PollState,
     Revived,
     StoredEvent,
+    alert_rows,
+    alert_states,
 )
 from daemon.store.windowing import Emitted, Joined, Window
-
-log = logging.getLogger("ferry.alerts")
 
 # -- retried transform dead letters (daemon.store.transform_retry) -------------------------------
 
@@ -261,30 +258,17 @@ def commit_pages(
 
 # -- alert states, refresh tokens (daemon.store.alerts, daemon.store.tokens) ----------------------
 
-_decode_alert = msgspec.json.Decoder(AlertState).decode
-_encode = msgspec.json.Encoder().encode
-
 
 def load_alert_states(db: Db) -> dict[str, AlertState]:
-    states = {}
-    for rule, text in db.execute("SELECT rule, state FROM alerts").fetchall():
-        try:
-            states[rule] = _decode_alert(text)
-        except msgspec.DecodeError as exc:
-            log.warning(
-                "stored alert state unreadable; the rule starts afresh",
-                extra={"fields": {"rule": rule, "error": str(exc)}},
-            )
-    return states
+    return alert_states(db.execute("SELECT rule, state FROM alerts").fetchall())
 
 
 def save_alert_states(db: Db, states: Mapping[str, AlertState], keep: frozenset[str]) -> None:
-    now = time.time()
     if states:
         db.executemany(
             "INSERT INTO alerts(rule, state, updated_at) VALUES (%s, %s, %s) "
             "ON CONFLICT (rule) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-            [(rule, _encode(state).decode(), now) for rule, state in states.items()],
+            alert_rows(states, time.time()),
         )
     db.execute("DELETE FROM alerts WHERE NOT (rule = ANY(%s))", (sorted(keep),))
 

@@ -679,6 +679,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
     import sqlite3
 
     from daemon.store import poll as poll_store
+    from daemon.store.sqlite_ops import SqliteFunctions
 
     api.add(1000)
     config = source(f"{api.url}/cursor/items?limit=100", **CURSOR, since=SINCE, interval="1h")
@@ -694,7 +695,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
             )
         return real(conn, **kwargs)
 
-    monkeypatch.setattr(poll_store, "commit_pages", second_call_fails)
+    monkeypatch.setattr(SqliteFunctions, "commit_pages", staticmethod(second_call_fails))
     go = first_request_waits(api)
     poller = Poller("api", config, store, sinks=["out"], consumers=["out"], dedup_window=86400)
     with pytest.RaisesGroup(sqlite3.IntegrityError, flatten_subgroups=True):
@@ -707,7 +708,7 @@ async def test_a_commit_that_fails_ends_the_listing_and_the_next_incarnation_goe
     first = await stored(store)
     assert [item["id"] for item in first] == list(range(1, 101))
     assert (await state_of(store)).pages == 1
-    monkeypatch.setattr(poll_store, "commit_pages", real)
+    monkeypatch.setattr(SqliteFunctions, "commit_pages", staticmethod(real))
     served = len(api.snapshot())
     async with polling(store, config) as again:
 

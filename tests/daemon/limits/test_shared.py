@@ -21,9 +21,9 @@ from daemon.limits.ratelimit import RateLimits
 from daemon.limits.shared import MAX_BATCH, SharedBucket
 from daemon.store.pg_budgets import PgBudgets
 from tests.fakes import FakeReceiver
-from tests.postgres import postgres_url
+from tests.postgres import ferry_database, postgres_url
 
-__all__ = ["postgres_url"]
+__all__ = ["ferry_database", "postgres_url"]
 
 RATE, BURST = 10.0, 3
 BUDGET = RateLimitConfig(rate=RATE, per=Duration(1), burst=BURST)
@@ -61,7 +61,7 @@ async def run_nodes(url: str, receiver: FakeReceiver, *, seconds: float, callers
     return nodes
 
 
-async def test_three_nodes_never_exceed_the_budget_together(postgres_url: str) -> None:
+async def test_three_nodes_never_exceed_the_budget_together(ferry_database: str) -> None:
     """10 per second, burst 3, 3 nodes x 6 callers: every window counts at most burst + rate * T.
 
     One permit of slack is allowed for the time between a grant and its request's arrival (100 ms
@@ -72,7 +72,7 @@ async def test_three_nodes_never_exceed_the_budget_together(postgres_url: str) -
     """
     receiver = FakeReceiver().start()
     try:
-        nodes = await run_nodes(postgres_url, receiver, seconds=3.0, callers=6)
+        nodes = await run_nodes(ferry_database, receiver, seconds=3.0, callers=6)
     finally:
         receiver.stop()
     times = [request.at for request in receiver.snapshot()]
@@ -86,16 +86,16 @@ async def test_three_nodes_never_exceed_the_budget_together(postgres_url: str) -
     assert round_trips >= len(times) / MAX_BATCH
 
 
-async def test_a_retry_after_seen_by_one_node_holds_back_the_others(postgres_url: str) -> None:
+async def test_a_retry_after_seen_by_one_node_holds_back_the_others(ferry_database: str) -> None:
     fast = RateLimitConfig(rate=1000, per=Duration(1), burst=10)
-    one, other = (RateLimits({"api": fast}, budgets=PgBudgets(postgres_url)) for _ in range(2))
+    one, other = (RateLimits({"api": fast}, budgets=PgBudgets(ferry_database)) for _ in range(2))
     try:
         await other["api"].acquire("sink")  # the row exists; permits flow
         one["api"].feedback(429, {"retry-after": "1"})
         told = time.monotonic()
         assert one["api"].status().paused_for_s > 0.9  # its own pause is immediate
         with trio.fail_after(5):  # written for the others by a task of its own
-            while not await trio.to_thread.run_sync(blocked_in_database, postgres_url, "api"):
+            while not await trio.to_thread.run_sync(blocked_in_database, ferry_database, "api"):
                 await trio.sleep(0.01)
         with trio.fail_after(10):
             await other["api"].acquire("sink")
@@ -111,11 +111,11 @@ async def test_a_retry_after_seen_by_one_node_holds_back_the_others(postgres_url
 
 
 async def test_a_renamed_budget_is_a_new_row_and_the_old_pause_stays_with_the_old_name(
-    postgres_url: str,
+    ferry_database: str,
 ) -> None:
     """A reload that renames `api` to `api2` on one node: its users start from a full bucket of the
     new name; a node still on the old config keeps honouring the old name's pause."""
-    renamed, old = (RateLimits({"api": BUDGET}, budgets=PgBudgets(postgres_url)) for _ in range(2))
+    renamed, old = (RateLimits({"api": BUDGET}, budgets=PgBudgets(ferry_database)) for _ in range(2))
     try:
         old["api"].feedback(429, {"retry-after": "30"})
         with trio.fail_after(10):
@@ -136,10 +136,10 @@ async def test_a_renamed_budget_is_a_new_row_and_the_old_pause_stays_with_the_ol
             await limits.budgets.aclose()
 
 
-async def test_a_database_that_does_not_answer_grants_nothing_then_recovers(postgres_url: str) -> None:
+async def test_a_database_that_does_not_answer_grants_nothing_then_recovers(ferry_database: str) -> None:
     """Fails closed: while the budget row is locked (a stuck database) no caller gets a permit;
     once it is released they do, without a restart."""
-    limits = RateLimits({"api": BUDGET}, budgets=PgBudgets(postgres_url, timeout=0.2))
+    limits = RateLimits({"api": BUDGET}, budgets=PgBudgets(ferry_database, timeout=0.2))
     limiter = limits["api"]
     granted = 0
 
@@ -151,7 +151,7 @@ async def test_a_database_that_does_not_answer_grants_nothing_then_recovers(post
 
     try:
         await limiter.acquire("sink")  # creates the table and the row
-        with psycopg.connect(postgres_url) as locker:
+        with psycopg.connect(ferry_database) as locker:
             locker.execute("LOCK TABLE ferry_rate_budgets IN ACCESS EXCLUSIVE MODE")
             limiter_bucket = limiter._bucket
             assert isinstance(limiter_bucket, SharedBucket)

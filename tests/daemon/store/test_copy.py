@@ -21,6 +21,7 @@ from daemon.errors import StoreKeyMissing
 from daemon.store.at_rest import PREFIX, Cipher
 from daemon.store.copy import TABLES, CopyRefused, copy_store
 from daemon.store.postgres.connect import open_database
+from daemon.store.postgres.schema import CLUSTER_TABLES
 from daemon.store.sqlite import Store
 from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, write_config
 from tests.postgres import postgres_url
@@ -234,6 +235,12 @@ def test_the_copy_names_every_table_and_column_of_both_schemas(tmp_path: Path, p
     assert lite_tables == set(TABLES)
     open_database(postgres_url, node="t", cipher=None).close()
     with psycopg.connect(postgres_url) as pg:
+        pg_tables = {
+            name
+            for (name,) in pg.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        }
+        # The rest is the cluster's own state (migration 3), which a SQLite store has none of.
+        assert pg_tables == set(TABLES) | set(CLUSTER_TABLES) | {"ferry_schema"}
         for table, (_, write) in TABLES.items():
             columns = {
                 name

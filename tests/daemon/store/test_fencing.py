@@ -20,9 +20,9 @@ from daemon.store.fencing import Fence, fenced
 from daemon.store.leases import PostgresCoordination
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.types import AlertState, Derived, Incoming, PollState
-from tests.postgres import postgres_url
+from tests.postgres import ferry_database, postgres_url
 
-__all__ = ["postgres_url"]
+__all__ = ["ferry_database", "postgres_url"]
 
 A = NodeInfo("node-a", "host-a", "127.0.0.1:8001", 1)
 B = NodeInfo("node-b", "host-b", "127.0.0.1:8002", 2)
@@ -39,8 +39,8 @@ async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
 
 
 @pytest.fixture
-async def coordination(postgres_url: str) -> AsyncIterator[PostgresCoordination]:
-    coordination = PostgresCoordination(postgres_url, timeout=2.0)
+async def coordination(ferry_database: str) -> AsyncIterator[PostgresCoordination]:
+    coordination = PostgresCoordination(ferry_database, timeout=2.0)
     yield coordination
     await coordination.close()
 

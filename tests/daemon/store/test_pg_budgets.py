@@ -10,15 +10,15 @@ import trio
 
 from daemon.errors import StoreUnavailable
 from daemon.store.pg_budgets import AHEAD_S, PgBudgets
-from tests.postgres import postgres_url
+from tests.postgres import ferry_database, postgres_url
 
-__all__ = ["postgres_url"]
+__all__ = ["ferry_database", "postgres_url"]
 
 
-async def test_a_new_budget_starts_full_then_reserves_at_most_ahead_s(postgres_url: str) -> None:
+async def test_a_new_budget_starts_full_then_reserves_at_most_ahead_s(ferry_database: str) -> None:
     """4 per second, burst 3: the burst now, then the one permit the next AHEAD_S (0.25 s) pays."""
     assert AHEAD_S == 0.25
-    budgets = PgBudgets(postgres_url)
+    budgets = PgBudgets(ferry_database)
     try:
         first = await budgets.take("api", 5, 4.0, 3)
         assert first == (3, 0.0, 0.0, 0.0)  # the burst, usable now
@@ -33,10 +33,10 @@ async def test_a_new_budget_starts_full_then_reserves_at_most_ahead_s(postgres_u
         await budgets.aclose()
 
 
-async def test_two_connections_never_get_more_than_the_bucket_holds(postgres_url: str) -> None:
+async def test_two_connections_never_get_more_than_the_bucket_holds(ferry_database: str) -> None:
     """20 per second, burst 5, two "nodes" asking as fast as they can for 1.5 s: at most 5 + 30
     permits usable by the end (reserved ones count from when they may start)."""
-    nodes = [PgBudgets(postgres_url), PgBudgets(postgres_url)]
+    nodes = [PgBudgets(ferry_database), PgBudgets(ferry_database)]
     got = [0, 0]
     began = trio.current_time()
 
@@ -60,8 +60,8 @@ async def test_two_connections_never_get_more_than_the_bucket_holds(postgres_url
     assert min(got) > 0
 
 
-async def test_a_block_holds_back_every_connection_and_is_never_shortened(postgres_url: str) -> None:
-    one, other = PgBudgets(postgres_url), PgBudgets(postgres_url)
+async def test_a_block_holds_back_every_connection_and_is_never_shortened(ferry_database: str) -> None:
+    one, other = PgBudgets(ferry_database), PgBudgets(ferry_database)
     try:
         await one.take("api", 1, 100.0, 10)
         await one.block("api", 30.0, 100.0, 10)
@@ -78,8 +78,8 @@ async def test_a_block_holds_back_every_connection_and_is_never_shortened(postgr
         await other.aclose()
 
 
-async def test_after_a_block_the_bucket_starts_from_one_permit(postgres_url: str) -> None:
-    budgets = PgBudgets(postgres_url)
+async def test_after_a_block_the_bucket_starts_from_one_permit(ferry_database: str) -> None:
+    budgets = PgBudgets(ferry_database)
     try:
         await budgets.block("api", 0.2, 1.0, 10)
         with trio.fail_after(5):
@@ -90,8 +90,8 @@ async def test_after_a_block_the_bucket_starts_from_one_permit(postgres_url: str
         await budgets.aclose()
 
 
-async def test_a_smaller_burst_after_a_reload_caps_what_is_there(postgres_url: str) -> None:
-    budgets = PgBudgets(postgres_url)
+async def test_a_smaller_burst_after_a_reload_caps_what_is_there(ferry_database: str) -> None:
+    budgets = PgBudgets(ferry_database)
     try:
         assert (await budgets.take("api", 1, 1.0, 100)).granted == 1  # 99 left
         assert (await budgets.take("api", 50, 1.0, 2)).granted == 2  # capped to the new burst
@@ -99,11 +99,11 @@ async def test_a_smaller_burst_after_a_reload_caps_what_is_there(postgres_url: s
         await budgets.aclose()
 
 
-async def test_a_locked_table_times_out_as_unavailable_and_recovers(postgres_url: str) -> None:
-    budgets = PgBudgets(postgres_url, timeout=0.3)
+async def test_a_locked_table_times_out_as_unavailable_and_recovers(ferry_database: str) -> None:
+    budgets = PgBudgets(ferry_database, timeout=0.3)
     try:
         await budgets.take("api", 1, 10.0, 1)
-        with psycopg.connect(postgres_url) as locker:
+        with psycopg.connect(ferry_database) as locker:
             locker.execute("LOCK TABLE ferry_rate_budgets IN ACCESS EXCLUSIVE MODE")
             with pytest.raises(StoreUnavailable, match="timeout"):
                 await budgets.take("api", 1, 10.0, 1)
@@ -122,10 +122,10 @@ async def test_an_unreachable_server_is_unavailable_not_a_crash() -> None:
     assert (budgets.errors, budgets.round_trips) == (1, 0)
 
 
-async def test_bad_arguments_and_a_closed_connection_are_refused(postgres_url: str) -> None:
+async def test_bad_arguments_and_a_closed_connection_are_refused(ferry_database: str) -> None:
     with pytest.raises(ValueError, match="timeout"):
-        PgBudgets(postgres_url, timeout=0)
-    budgets = PgBudgets(postgres_url)
+        PgBudgets(ferry_database, timeout=0)
+    budgets = PgBudgets(ferry_database)
     for want, rate, burst in [(0, 1.0, 1), (1, 0.0, 1), (1, -1.0, 1), (1, 1.0, 0)]:
         with pytest.raises(ValueError, match="positive"):
             await budgets.take("api", want, rate, burst)

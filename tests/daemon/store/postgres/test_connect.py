@@ -13,8 +13,11 @@ import pytest
 import trio
 
 from daemon.errors import SchemaMismatch, StoreCorrupt, StoreUnavailable
-from daemon.store.postgres.connect import open_database, schema_version
-from daemon.store.postgres.schema import VERSION
+from daemon.store.coordination import NodeInfo
+from daemon.store.leases import PostgresCoordination
+from daemon.store.pg_budgets import PgBudgets
+from daemon.store.postgres.connect import migrate, open_database, schema_version
+from daemon.store.postgres.schema import CLUSTER_TABLES, MIGRATIONS, VERSION
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.types import Incoming
 from tests.postgres import TcpProxy, pg_proxy, postgres_url
@@ -60,6 +63,107 @@ def test_nodes_starting_together_migrate_once(postgres_url: str) -> None:
             (n,) for n in range(1, VERSION + 1)
         ]
         assert schema_version(conn) == VERSION
+
+
+# What the previous version (schema 2) left: its migrations, and the cluster's tables as its nodes
+# created them on first use (daemon/store/leases.py and pg_budgets.py of that version).
+_CREATED_ON_FIRST_USE = (
+    """CREATE TABLE IF NOT EXISTS ferry_nodes (
+        id text PRIMARY KEY, host text NOT NULL, address text NOT NULL, pid integer NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(), heartbeat_at timestamptz NOT NULL DEFAULT now())""",
+    """CREATE TABLE IF NOT EXISTS ferry_leases (
+        name text PRIMARY KEY, holder text, token bigint NOT NULL,
+        expires_at timestamptz NOT NULL, acquired_at timestamptz NOT NULL DEFAULT now())""",
+    """CREATE TABLE IF NOT EXISTS ferry_pauses (
+        name text PRIMARY KEY, paused_at timestamptz NOT NULL DEFAULT now(), by_node text NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ferry_drains (
+        number bigserial PRIMARY KEY, by_node text NOT NULL, started_at timestamptz NOT NULL DEFAULT now(),
+        until timestamptz NOT NULL, done_at timestamptz)""",
+    """CREATE TABLE IF NOT EXISTS ferry_rate_budgets (
+        name text PRIMARY KEY, tokens double precision NOT NULL, stamp timestamptz NOT NULL,
+        blocked_until timestamptz NOT NULL DEFAULT '-infinity', last_grant integer NOT NULL DEFAULT 0,
+        rate_per_s double precision NOT NULL, burst integer NOT NULL)""",
+)
+
+
+def _previous_version(url: str, *, cluster_ran: bool) -> None:
+    """A database as schema 2's ferry left it, with rows: a cursor, and (`cluster_ran`) a lease
+    taken seven times, a pause and a blocked budget."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn, "test", MIGRATIONS[:2])
+        conn.execute("INSERT INTO cursors VALUES ('shape', 41)")
+        if cluster_ran:
+            for statement in _CREATED_ON_FIRST_USE:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO ferry_leases (name, holder, token, expires_at) VALUES ('poll', 'a', 7, now())"
+            )
+            conn.execute("INSERT INTO ferry_pauses (name, by_node) VALUES ('crm', 'a')")
+            conn.execute(
+                "INSERT INTO ferry_rate_budgets (name, tokens, stamp, blocked_until, rate_per_s, burst) "
+                "VALUES ('api', 1, now(), now() + interval '1 hour', 10, 1)"
+            )
+        assert schema_version(conn) == 2
+
+
+@pytest.mark.parametrize("cluster_ran", [False, True], ids=["one-node", "cluster-ran"])
+async def test_a_database_of_the_previous_version_is_upgraded_in_place(
+    postgres_url: str, cluster_ran: bool
+) -> None:
+    _previous_version(postgres_url, cluster_ran=cluster_ran)
+    store = PostgresStore.open(postgres_url, node="b")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert await store.cursor("shape") == 41
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url) as conn:
+        assert schema_version(conn) == VERSION == 3
+        assert [row[0] for row in conn.execute("SELECT version FROM ferry_schema ORDER BY version")] == [
+            1,
+            2,
+            3,
+        ]
+    # The cluster's tables are there (and what the previous version's nodes wrote in them kept).
+    coordination = PostgresCoordination(postgres_url, timeout=2.0)
+    budgets = PgBudgets(postgres_url)
+    try:
+        beat = await coordination.beat(NodeInfo("b", "host-b", "127.0.0.1:8002", 2), {}, ["poll"], ttl=5)
+        assert beat.granted == {"poll": 8 if cluster_ran else 1}
+        assert beat.paused == (frozenset({"crm"}) if cluster_ran else frozenset())
+        grant = await budgets.take("api", 1, 10.0, 1)
+        assert grant.granted == (0 if cluster_ran else 1)
+    finally:
+        await coordination.close()
+        await budgets.aclose()
+
+
+async def test_the_cluster_needs_the_migrated_schema_and_creates_nothing(postgres_url: str) -> None:
+    """Coordination and budgets on a database no node's store has migrated: unavailable (the node
+    opens its store first, which migrates), and no table appears behind the migrations' back."""
+    coordination = PostgresCoordination(postgres_url, timeout=2.0)
+    budgets = PgBudgets(postgres_url)
+    try:
+        with pytest.raises(StoreUnavailable, match="ferry_nodes"):
+            await coordination.beat(NodeInfo("a", "host-a", "127.0.0.1:8001", 1), {}, ["poll"], ttl=5)
+        with pytest.raises(StoreUnavailable, match="ferry_rate_budgets"):
+            await budgets.take("api", 1, 10.0, 1)
+    finally:
+        await coordination.close()
+        await budgets.aclose()
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+        ).fetchone() == (0,)
+    open_database(postgres_url, node="a", cipher=None).close()
+    with psycopg.connect(postgres_url) as conn:
+        tables = {
+            row[0]
+            for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        }
+    assert set(CLUSTER_TABLES) <= tables
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(postgres_url: str) -> None:
