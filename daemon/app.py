@@ -34,6 +34,7 @@ from daemon.assembly import (
     poller,
     poller_factory,
     pollers,
+    publish_metrics,
     routes,
     transform_factory,
     transformer,
@@ -336,6 +337,8 @@ async def serve(
                             leased(node, f"poll.{name}", poller_factory(config, name, running, source)),
                         )
                     running.telemetry = telemetry
+                    if node is not None:  # the alerter evaluates rules on every node's metrics
+                        intake.start_soon(publish_metrics, running)
                     if config.alerts:
                         running.alerter = alerter = build_alerter(config, running)
                         await intake.start(

@@ -28,12 +28,15 @@ from daemon.registry import (
     Aggregator,
     Alerter,
     Poller,
+    Snapshot,
     Transformer,
     WebhookRoute,
     build_poller,
     build_transform,
     build_verifier,
+    cluster_view,
     flatten,
+    publish_forever,
 )
 from daemon.supervisor import Actor
 
@@ -94,12 +97,36 @@ def build_alerter(config: Config, running: Running) -> Alerter:
     telemetry = running.telemetry
     assert telemetry is not None
     telemetry.start_collecting()  # metrics are collected only while alert rules read them
+    node = running.cluster
     return Alerter(
         config,
         running.store,
         lambda: flatten(telemetry.collect()),
         clock=running.clock,
         service=config.telemetry.service_name,
+        cluster=None
+        if node is None
+        else cluster_view(node.coordination.cluster_metrics, node.info.id, config.alerting.interval),
+    )
+
+
+async def publish_metrics(running: Running) -> None:
+    """Cluster mode: this node's metrics to the shared database every `[alerting] interval` while
+    alert rules exist, so the alerter, wherever it runs, evaluates them on the whole cluster's."""
+    node, telemetry = running.cluster, running.telemetry
+    if node is None or telemetry is None:
+        return
+
+    def collect() -> Snapshot | None:
+        if not running.config.alerts:
+            return None
+        telemetry.start_collecting()
+        return flatten(telemetry.collect())
+
+    await publish_forever(
+        partial(node.coordination.publish_metrics, node.info.id),
+        collect,
+        lambda: running.config.alerting.interval,
     )
 
 

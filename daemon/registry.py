@@ -16,7 +16,8 @@ from typing import Final
 from msgspec import Struct
 
 from actors.alerting.alerter import Alerter
-from actors.alerting.expr import flatten
+from actors.alerting.cluster import cluster_view, publish_forever
+from actors.alerting.expr import Snapshot, flatten
 from actors.alerting.rules import AlertView
 from actors.poll.config import PollSourceConfig
 from actors.poll.kind import POLL_SOURCE
@@ -45,6 +46,7 @@ __all__ = [
     "PollStatus",
     "Poller",
     "Sink",
+    "Snapshot",
     "Transformer",
     "WebhookListener",
     "WebhookRoute",
@@ -52,7 +54,9 @@ __all__ = [
     "build_sink",
     "build_transform",
     "build_verifier",
+    "cluster_view",
     "flatten",
+    "publish_forever",
     "server_context",
 ]
 

@@ -1,7 +1,8 @@
 """The alerter: evaluates the alert rules on the daemon's own metrics and sends notifications.
 
 Every `[alerting] interval` it reads every metric at once (`collect`, the in-memory metric
-reader: the same instruments OTLP and `/metrics` see, whoever registered them), computes each
+reader: the same instruments OTLP and `/metrics` see, whoever registered them; in cluster mode
+merged with every other node's, `cluster`, so rules see the whole cluster), computes each
 rule's value (`actors.alerting.expr`), advances the rule's state machine (`actors.alerting.rules`), sends
 the notifications now due, concurrently, each bounded by its channel's timeout, and then
 stores every rule's state in one transaction.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, final
 
 import httpx
@@ -56,6 +57,7 @@ class Alerter:
         *,
         clock: Callable[[], float] = time.time,
         service: str = "ferry",
+        cluster: Callable[[Snapshot], Awaitable[Snapshot]] | None = None,
     ) -> None:
         known = metrics.catalogue()
         self.rules: dict[str, Rule] = {
@@ -64,6 +66,7 @@ class Alerter:
         self._config = config
         self._store = store
         self._collect = collect
+        self._cluster = cluster
         self._clock = clock
         self._service = service
         self._trackers = {name: Tracker(rule.expr) for name, rule in self.rules.items()}
@@ -96,6 +99,8 @@ class Alerter:
         """One evaluation of every rule; see the module docstring."""
         now = self._clock()
         snapshot = self._collect()
+        if self._cluster is not None:
+            snapshot = await self._cluster(snapshot)
         due: list[tuple[Rule, AlertState, Notice]] = []
         for name, rule in self.rules.items():
             state = self.states.setdefault(name, AlertState())

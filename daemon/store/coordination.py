@@ -119,6 +119,14 @@ class Coordination(Protocol):
         """A node stopping cleanly: its leases expire now and its heartbeat row goes."""
         ...
 
+    async def publish_metrics(self, node_id: str, snapshot: bytes) -> None:
+        """Store `node_id`'s metrics (an encoded snapshot), replacing what it published before."""
+        ...
+
+    async def cluster_metrics(self, max_age: float) -> dict[str, bytes]:
+        """Every node's metrics published within the last `max_age` s (database clock): node id → snapshot."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -62,6 +62,14 @@ _RELEASE = """UPDATE ferry_leases SET expires_at = now()
     WHERE name = %s AND holder = %s AND token = %s AND expires_at > now()"""
 _LEAVE_LEASES = "UPDATE ferry_leases SET expires_at = now() WHERE holder = %s AND expires_at > now()"
 _LEAVE_NODE = "DELETE FROM ferry_nodes WHERE id = %s"
+_PUBLISH = (
+    "INSERT INTO ferry_node_metrics (node, published_at, snapshot) VALUES (%s, now(), %s) "
+    "ON CONFLICT (node) DO UPDATE SET published_at = now(), snapshot = EXCLUDED.snapshot"
+)
+_FORGET_METRICS = "DELETE FROM ferry_node_metrics WHERE published_at < now() - make_interval(secs => %s)"
+_METRICS = (
+    "SELECT node, snapshot FROM ferry_node_metrics WHERE published_at >= now() - make_interval(secs => %s)"
+)
 _NODES = """SELECT n.id, n.host, n.address, n.pid, extract(epoch FROM n.started_at)::float8,
         extract(epoch FROM n.heartbeat_at)::float8, extract(epoch FROM now() - n.heartbeat_at)::float8,
         coalesce(array_agg(l.name ORDER BY l.name) FILTER (WHERE l.name IS NOT NULL), '{}')
@@ -205,6 +213,17 @@ class PostgresCoordination:
             conn.execute(_LEAVE_NODE, (node_id,))
 
         await self._run(fn)
+
+    async def publish_metrics(self, node_id: str, snapshot: bytes) -> None:
+        def fn(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(_PUBLISH, (node_id, snapshot))
+            conn.execute(_FORGET_METRICS, (FORGET_AFTER,))
+
+        await self._run(fn)
+
+    async def cluster_metrics(self, max_age: float) -> dict[str, bytes]:
+        rows = await self._run(lambda conn: conn.execute(_METRICS, (max_age,)).fetchall())
+        return {str(node): bytes(snapshot) for node, snapshot in rows}
 
     async def close(self) -> None:
         async with self._lock:

@@ -319,3 +319,40 @@ def test_a_node_whose_listener_connection_is_cut_reconnects_and_still_hears(
         _post(standby.daemon.url, n)
     receiver.wait_for(lambda _: _delivered(receiver) >= set(range(5)), timeout=10)
     assert leader.status()["wake"]["heard"] > before
+
+
+ALERTING = """
+[alerting]
+interval = "200ms"
+
+[channels.ops]
+type = "webhook"
+url = "OPS/alerts"
+
+[alerts.busy]
+expr = 'increase(events_received{source="demo"}, 1m) >= 12'
+severity = "warning"
+notify = [{ channel = "ops" }]
+"""
+
+
+def test_an_alert_rule_counts_what_every_node_received_wherever_the_alerter_runs(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    ops = FakeReceiver().start()
+    try:
+        cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url) + ALERTING.replace("OPS", ops.url)
+        nodes = [cluster.add(name).start() for name in ("a", "b", "c")]
+        holder = until(lambda: cluster.holder("alerter"), lambda held: held is not None, timeout=20)
+        others = [node for node in nodes if node.name != holder]
+        # 8 events on each node without the alerter: no node alone reaches 12, the cluster does.
+        for n in range(16):
+            _post(others[n % 2].daemon.url, n)
+        receiver.wait_for(lambda _: _delivered(receiver) >= set(range(16)), timeout=30)
+        fired = ops.wait_for(lambda seen: len(seen) >= 1, timeout=20)[0].json()
+        assert (fired["alert"], fired["status"]) == ("busy", "firing")
+        assert fired["value"] >= 12
+        published = {row[0] for row in cluster.query("SELECT node FROM ferry_node_metrics")}
+        assert len(published) == 3, "every node publishes its metrics"
+    finally:
+        ops.stop()

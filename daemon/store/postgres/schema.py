@@ -22,6 +22,9 @@ Migration 3 holds the cluster's own tables, which are not the outbox's (SQLite h
 (`daemon.store.pg_budgets`). Before it, those modules created them on first use; the migration
 creates them `IF NOT EXISTS`, under the advisory locks those modules took, so a database where a
 node of the previous version already made them is upgraded in place, rows and all.
+
+Migration 4 adds `ferry_node_metrics`: each node's metrics as it last published them, so the
+alerter (one node's singleton) evaluates rules on the whole cluster's.
 """
 
 from __future__ import annotations
@@ -238,10 +241,27 @@ MIGRATIONS: Final[list[list[str]]] = [
             burst integer NOT NULL
         )""",
     ],
+    [
+        # Each node's metrics as it last published them, read by the alerter on whichever node holds
+        # its lease (`actors.alerting.cluster`).
+        """CREATE TABLE ferry_node_metrics (
+            node text PRIMARY KEY,
+            published_at timestamptz NOT NULL DEFAULT now(),
+            snapshot bytea NOT NULL
+        )""",
+    ],
 ]
 
 VERSION: Final = len(MIGRATIONS)
 """The schema version this code writes and reads."""
 
-CLUSTER_TABLES: Final = ("ferry_nodes", "ferry_leases", "ferry_pauses", "ferry_drains", "ferry_rate_budgets")
-"""Migration 3's tables: the cluster's state, not the outbox's (`ferry store copy` has nothing for them)."""
+CLUSTER_TABLES: Final = (
+    "ferry_nodes",
+    "ferry_leases",
+    "ferry_pauses",
+    "ferry_drains",
+    "ferry_rate_budgets",
+    "ferry_node_metrics",
+)
+"""Migrations 3 and 4's tables: the cluster's state, not the outbox's (`ferry store copy` has
+nothing for them)."""

@@ -25,6 +25,7 @@ class MemoryCoordination:
         self.drain: Drain | None = None
         self.cut: set[str] = set()
         """Nodes that cannot reach the database."""
+        self.metrics: dict[str, tuple[float, bytes]] = {}
 
     def _check(self, node_id: str) -> None:
         if node_id in self.cut:
@@ -84,6 +85,16 @@ class MemoryCoordination:
         for name, (holder, token, expires) in list(self.leases_.items()):
             if holder == node_id and expires > now:
                 self.leases_[name] = (holder, token, now)
+
+    async def publish_metrics(self, node_id: str, snapshot: bytes) -> None:
+        self._check(node_id)
+        await trio.lowlevel.checkpoint()
+        self.metrics[node_id] = (trio.current_time(), snapshot)
+
+    async def cluster_metrics(self, max_age: float) -> dict[str, bytes]:
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        return {node: blob for node, (at, blob) in self.metrics.items() if at >= now - max_age}
 
     async def close(self) -> None:
         pass

@@ -189,3 +189,18 @@ async def test_an_unreachable_database_is_unavailable_within_the_timeout() -> No
     coordination = PostgresCoordination("postgresql://127.0.0.1:1/nothing", timeout=0.5)
     with trio.fail_after(5), pytest.raises(StoreUnavailable, match="database"):
         await coordination.beat(A, {}, ["x"], ttl=5)
+
+
+async def test_each_node_publishes_its_metrics_and_only_recent_ones_are_read(
+    coordination: PostgresCoordination, ferry_database: str
+) -> None:
+    await coordination.publish_metrics("a:1", b'{"x":[]}')
+    await coordination.publish_metrics("b:1", b"first")
+    await coordination.publish_metrics("b:1", b"second")  # replaces its own row
+    assert await coordination.cluster_metrics(60) == {"a:1": b'{"x":[]}', "b:1": b"second"}
+    with psycopg.connect(ferry_database, autocommit=True) as conn:  # a:1 last published 2 min ago
+        conn.execute(
+            "UPDATE ferry_node_metrics SET published_at = now() - interval '2 minutes' WHERE node = 'a:1'"
+        )
+    assert await coordination.cluster_metrics(60) == {"b:1": b"second"}
+    assert set(await coordination.cluster_metrics(600)) == {"a:1", "b:1"}

@@ -120,12 +120,9 @@ async def test_a_database_of_the_previous_version_is_upgraded_in_place(
     finally:
         store.close()
     with psycopg.connect(postgres_url) as conn:
-        assert schema_version(conn) == VERSION == 3
-        assert [row[0] for row in conn.execute("SELECT version FROM ferry_schema ORDER BY version")] == [
-            1,
-            2,
-            3,
-        ]
+        assert schema_version(conn) == VERSION
+        versions = [row[0] for row in conn.execute("SELECT version FROM ferry_schema ORDER BY version")]
+        assert versions == list(range(1, VERSION + 1))
     # The cluster's tables are there (and what the previous version's nodes wrote in them kept).
     coordination = PostgresCoordination(postgres_url, timeout=2.0)
     budgets = PgBudgets(postgres_url)
