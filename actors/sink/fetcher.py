@@ -9,6 +9,14 @@ In flight:
     handed it back unsent) *and* a later fetch has begun: a fetch issued before that commit may
     still return it as pending, and it must not be sent twice by one incarnation.
 
+Claims (a store shared by several nodes):
+    A row a fetch returned stays this node's for `store.claim_lease` seconds from the fetch's
+    start; every fetch returns (and so renews) the rows this node holds, and stamps them.
+    `reclaim` is what a worker calls before it sends: the rows whose stamp is too old to
+    outlast the request (`within` s) have their claim renewed first, and those another node
+    claimed meanwhile (the lease ran out while they waited, e.g. for a rate-limit permit) are
+    dropped unsent: that node sends them. So no two nodes send a delivery at once.
+
 Sleeping:
     With nothing more to fetch, the fetcher waits for the stage's `Signal` (fired after every
     commit that adds or reschedules its rows) or for the earliest pending row scheduled later.
@@ -20,6 +28,8 @@ Sleeping:
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import final
 
@@ -29,6 +39,8 @@ from actors.sink.quarantine import quarantine_head
 from daemon.store.api import Outbox, Signal
 from daemon.store.ordering import Fetched, Ordering
 from daemon.store.outbox import Due
+
+log = logging.getLogger("ferry.sink")
 
 IDLE_WAIT = 3600.0
 """The longest sleep with nothing scheduled: every row due now comes with a signal."""
@@ -73,11 +85,16 @@ class Fetcher:
         self.settled: set[int] = set()
         self._later: float | None = None  # no later than the earliest row scheduled after now
         self._known = False  # whether `_later` covers the rows scheduled before this incarnation
+        self._claim_lease = store.claim_lease
+        self._fetched_at: dict[int, float] = {}  # rowid -> start of the last fetch returning it
+        self.lost = 0
+        """Rows dropped unsent because another node had claimed them (`reclaim`)."""
 
     def reset(self) -> None:
         """A new incarnation: nothing in flight, and the next sleep asks the store again."""
         self.inflight.clear()
         self.settled.clear()
+        self._fetched_at.clear()
         self._later, self._known = None, False
 
     def settle(self, rowids: set[int] | list[int]) -> None:
@@ -105,6 +122,7 @@ class Fetcher:
                 await self._wait_resumed()
                 continue
             now = self._clock()
+            started = trio.current_time()
             settled, self.settled = self.settled, set()
             self.inflight.difference_update(settled)
             limit = len(self.inflight) + ahead
@@ -117,6 +135,8 @@ class Fetcher:
                 if fetched.stale or fetched.dead:
                     self._dropped(fetched)
             inflight = self.inflight
+            if self._claim_lease is not None:
+                self._stamp(rows, settled, started)
             fresh = [row for row in rows if row.rowid not in inflight]
             inflight.update(row.rowid for row in fresh)
             # Chunks of one batch each: a channel op per batch, not per row.
@@ -127,6 +147,38 @@ class Fetcher:
             wake_at = await self._next_due(now)
             with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else IDLE_WAIT):
                 await self._signal.wait()
+
+    def _stamp(self, rows: list[Due], settled: set[int], started: float) -> None:
+        fetched_at = self._fetched_at
+        for rowid in settled:
+            fetched_at.pop(rowid, None)
+        for row in rows:
+            fetched_at[row.rowid] = started
+
+    async def reclaim(self, batch: list[Due], within: float) -> list[Due]:
+        """The rows of `batch` this node may send now; see "Claims" in the module docstring."""
+        lease = self._claim_lease
+        if lease is None:
+            return batch
+        oldest = trio.current_time() - lease + within
+        stale = [row.rowid for row in batch if self._fetched_at.get(row.rowid, -math.inf) < oldest]
+        if not stale:
+            return batch
+        renewed_at = trio.current_time()
+        held = await self._store.renew_claims(self.name, stale)
+        for rowid in held:
+            self._fetched_at[rowid] = renewed_at  # as if fetched now (the renewal gives more)
+        lost = [rowid for rowid in stale if rowid not in held]
+        if not lost:
+            return batch
+        self.lost += len(lost)
+        self.settle(lost)
+        log.info(
+            "deliveries claimed by another node meanwhile; left to it",
+            extra={"fields": {"sink": self.name, "count": len(lost)}},
+        )
+        gone = set(lost)
+        return [row for row in batch if row.rowid not in gone]
 
     async def _next_due(self, now: float) -> float | None:
         """When the earliest row scheduled after `now` comes due (None: no such row), asking the

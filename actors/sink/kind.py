@@ -40,6 +40,7 @@ def http_sink(name: str, config: HttpSinkConfig, deps: Deps, _: Wiring) -> Sink:
         clock=deps.clock,
         taps=deps.taps,
         redaction=deps.redaction,
+        send_timeout=config.timeout,
     )
 
 

@@ -135,8 +135,10 @@ class Sink:
         clock: Callable[[], float] = time.time,
         taps: Taps | None = None,
         redaction: masking.Masking | None = None,
+        send_timeout: float = 0.0,
     ) -> None:
         self.name = name
+        self._send_timeout = send_timeout  # the longest one request takes (claims must outlast it)
         self._clock = clock
         self._taps = taps if taps is not None else Taps()
         self._redaction = redaction if redaction is not None else masking.Masking()
@@ -281,6 +283,11 @@ class Sink:
                         admission.cancel()
                     self._fetcher.settle([due.rowid for due in (*batch, *leftover)])
                     leftover = []
+                    continue
+                batch = await self._fetcher.reclaim(batch, self._send_timeout)
+                if not batch:  # every row of it was claimed by another node while it waited
+                    if admission is not None:
+                        admission.cancel()
                     continue
                 tracer = telemetry.tracer()
                 if tracer is None or not telemetry.any_sampled(due.trace for due in batch):

@@ -296,6 +296,14 @@ def _semantic_errors(config: Config) -> Iterator[str]:
         yield f"$.listener.address: expected host:port, got {config.listener.address!r}"
     if config.store.backend == "postgres" and config.store.url is None:
         yield '$.store.url: required with backend = "postgres" (e.g. url = "env:FERRY_DATABASE_URL")'
+    if config.store.backend == "postgres":
+        lease = config.cluster.delivery_lease
+        for name, sink in config.sinks.items():
+            if isinstance(sink, HttpSinkConfig) and sink.timeout >= lease:
+                yield (
+                    f"$.sinks.{name}.timeout: {sink.timeout:g}s is not less than [cluster] "
+                    f"delivery_lease ({lease:g}s): a claim must outlast the request it is sent in"
+                )
     if config.store.backend == "sqlite" and config.store.url is not None:
         yield '$.store.url: only for backend = "postgres"; SQLite uses `path` (remove url or set the backend)'
 

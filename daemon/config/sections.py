@@ -100,8 +100,8 @@ class ClusterConfig(Section, frozen=True):
         Duration,
         Meta(
             description="How long a claimed delivery stays this node's without being fetched again: a "
-            "killed node's deliveries are resent by the others after it. Longer than a sink's "
-            "`timeout`, so that a slow request is not sent twice at once."
+            "killed node's deliveries are resent by the others after it. Must be longer than every "
+            "http sink's `timeout` (a claim is renewed before a send when it might not outlast it)."
         ),
     ] = default(Duration(60))
     heartbeat: Annotated[

@@ -217,6 +217,17 @@ class Deliveries(Protocol):
         """When the next pending delivery of `stage` not due at `now` becomes due, or None."""
         ...
 
+    @property
+    def claim_lease(self) -> float | None:
+        """Seconds a delivery a fetch returned stays this node's, counted from the fetch's start;
+        None when no other process shares the store (nothing can take it)."""
+        ...
+
+    async def renew_claims(self, stage: str, rowids: Sequence[int]) -> set[int]:
+        """Extend this node's claim on these pending deliveries by a whole lease; the ones it
+        still holds (another node may have claimed the others since, or they are finished)."""
+        ...
+
     async def unpark(self, stage: str, now: float, horizon: float) -> int:
         """Make due now the pending deliveries scheduled more than `horizon` s ahead; how many."""
         ...

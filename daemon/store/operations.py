@@ -192,6 +192,14 @@ class Operations(GroupCommit[C]):
         fn = partial(self._functions.record_outcomes, attempts=attempts, ordering=ordering)
         await self.call_until_committed(fn, wake=wake)
 
+    claim_lease: float | None = None
+    """One process by default (SQLite); a shared backend sets it (`daemon.store.api.Deliveries`)."""
+
+    async def renew_claims(self, stage: str, rowids: Sequence[int]) -> set[int]:
+        return await self.call_until_committed(
+            partial(self._functions.renew_claims, stage=stage, rowids=rowids)
+        )
+
     async def quarantine_head(self, stage: str, quarantine_after: int) -> tuple[Due, int] | None:
         fn = partial(self._functions.quarantine_head, stage=stage, quarantine_after=quarantine_after)
         return await self.call_until_committed(fn)

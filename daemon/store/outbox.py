@@ -275,6 +275,22 @@ def due_deliveries(conn: Connection, stage: str, now: float, limit: int) -> list
     ]
 
 
+def renew_claims(conn: Connection, stage: str, rowids: Sequence[int]) -> set[int]:
+    """One process owns the file, so a claim never lapses: the rows still pending."""
+    found: set[int] = set()
+    for start in range(0, len(rowids), 500):
+        chunk = list(rowids[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT rowid FROM deliveries WHERE stage = ? AND state = 0 AND rowid IN ({marks})",
+                (stage, *chunk),
+            )
+        )
+    return found
+
+
 def next_due_after(conn: Connection, stage: str, now: float) -> float | None:
     """When the next pending delivery of `stage` not yet due at `now` becomes due, or None."""
     row = conn.execute(

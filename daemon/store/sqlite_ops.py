@@ -64,6 +64,7 @@ class SqliteFunctions:
     next_due_after = staticmethod(outbox.next_due_after)
     unpark = staticmethod(outbox.unpark)
     record_outcomes = staticmethod(_record_all)
+    renew_claims = staticmethod(outbox.renew_claims)
     quarantine_head = staticmethod(quarantine.check_head)
     load_poll_state = staticmethod(poll.load_state)
     save_poll_state = staticmethod(poll.save_state)

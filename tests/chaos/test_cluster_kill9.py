@@ -57,6 +57,7 @@ map = '{n: .n, key: .key, v: .v}'
 type = "http"
 inputs = ["shape"]
 url = "RECEIVER/contacts"
+timeout = "2s"
 concurrency = 8
 retry = { max_attempts = 1000, initial_backoff = "20ms", max_backoff = "300ms" }
 ordering = { key = ".key", version = ".v", compare = "number" }

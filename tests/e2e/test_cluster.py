@@ -40,6 +40,7 @@ map = '{id: .id, by: "transform"}'
 type = "http"
 inputs = ["shape"]
 url = "RECEIVER/contacts"
+timeout = "2s"
 concurrency = 4
 retry = { max_attempts = 100, initial_backoff = "50ms", max_backoff = "300ms" }
 """
@@ -64,6 +65,7 @@ headers = { "X-Node" = "{node}" }
 type = "http"
 inputs = ["items"]
 url = "RECEIVER/items"
+timeout = "2s"
 concurrency = 4
 """
 

@@ -36,6 +36,7 @@ type = "http"
 inputs = ["hooks"]
 url = "{url}"
 concurrency = 8
+timeout = "2s"
 rate_limit = "api"
 retry = {{ max_attempts = 100, initial_backoff = "50ms", max_backoff = "200ms" }}
 """

@@ -110,6 +110,17 @@ def due_deliveries(db: Db, stage: str, now: float, limit: int) -> list[Due]:
     return _due(rows, db)
 
 
+def renew_claims(db: Db, stage: str, rowids: Sequence[int]) -> set[int]:
+    """A whole lease more on the pending rows this node still holds (none another node claimed
+    since, even after this node's lease ran out); those rows."""
+    rows = db.execute(
+        f"UPDATE deliveries SET lease_until = {_WALL} + %(lease)s WHERE rowid = ANY(%(ids)s) "
+        "AND stage = %(stage)s AND state = 0 AND lease_owner = %(node)s RETURNING rowid",
+        {"lease": db.lease, "ids": list(rowids), "stage": stage, "node": db.node},
+    ).fetchall()
+    return {int(row[0]) for row in rows}
+
+
 def next_due_after(db: Db, stage: str, now: float) -> float | None:
     row = db.execute(
         "SELECT min(next_attempt_at) FROM deliveries WHERE stage = %s AND state = 0 AND next_attempt_at > %s",

@@ -55,6 +55,7 @@ class PostgresFunctions:
     next_due_after = staticmethod(deliveries.next_due_after)
     unpark = staticmethod(deliveries.unpark)
     record_outcomes = staticmethod(deliveries.record_outcomes)
+    renew_claims = staticmethod(deliveries.renew_claims)
     quarantine_head = staticmethod(deliveries.check_head)
     load_poll_state = staticmethod(stages.load_state)
     save_poll_state = staticmethod(stages.save_state)
@@ -99,6 +100,7 @@ class PostgresStore(Operations[Db]):
         self.url = url
         self.node = node
         self.lease = lease
+        self.claim_lease = lease / 2  # a fetch returns rows with at least half their lease left
         self._cipher = cipher
 
     def __repr__(self) -> str:

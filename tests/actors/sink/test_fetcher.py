@@ -3,6 +3,7 @@ row scheduled for later is still sent once its time comes (a real store, a fake 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -94,3 +95,64 @@ async def test_a_row_scheduled_later_by_an_earlier_incarnation_is_sent_when_due(
         await real_time_until(lambda: sink.delivered == 1)
         sink.stop()
     assert (await store.call(rows))["a"][0] == DELIVERED
+
+
+class Shared:
+    """The store as a node of a cluster sees it: claims last `claim_lease` s after a fetch, and
+    `taken` rows were claimed by another node meanwhile (renewing them fails)."""
+
+    claim_lease = 10.0
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.taken: set[str] = set()
+        self.renewed: list[list[int]] = []
+        self.names: dict[int, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def due_deliveries(self, stage: str, now: float, limit: int) -> list[Any]:
+        rows = await self._store.due_deliveries(stage, now, limit)
+        self.names.update((row.rowid, json.loads(row.payload)) for row in rows)
+        return [row for row in rows if self.names[row.rowid] not in self.taken]  # another node's now
+
+    async def renew_claims(self, stage: str, rowids: list[int]) -> set[int]:
+        self.renewed.append(list(rowids))
+        return {rowid for rowid in rowids if self.names[rowid] not in self.taken}
+
+
+async def test_a_row_whose_claim_may_have_lapsed_is_renewed_before_sending_and_dropped_if_taken(
+    store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """A row that waited longer than its claim can be trusted (here: behind a slow send) is
+    renewed first; one another node claimed meanwhile is not sent here at all."""
+    shared = Shared(store)
+    release = trio.Event()
+
+    class Slow(FakeSender):
+        async def send(self, batch: Any) -> int | None:
+            if json.loads(batch[0].payload) == "a":
+                await release.wait()
+            return await super().send(batch)
+
+    sender = Slow()
+    sink = Sink("crm", shared, lambda: sender, retry=RETRY, send_timeout=2.0)
+    await ingest(store, "a", "b", "c")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await real_time_until(lambda: len(sender.batches) == 0 and len(shared.names) == 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert shared.renewed == [], "fresh claims are sent as they are"
+        mock_clock.jump(9)  # b and c waited 9 s: less than the 10 s claim, more than 10 - 2
+        shared.taken = {"b"}
+        release.set()
+        await real_time_until(lambda: sink.delivered == 2)
+        await trio.testing.wait_all_tasks_blocked()
+        sink.stop()
+    sent = [json.loads(row.payload) for batch in sender.batches for row in batch]
+    assert sent == ["a", "c"]
+    assert sorted(shared.names[rowid] for renewal in shared.renewed for rowid in renewal) == ["b", "c"]
+    assert sink._fetcher.lost == 1
+    # The row left to the other node is still pending, neither dead nor delivered here.
+    assert (await store.counts())["crm"] == {"pending": 1, "delivered": 2, "dead": 0}

@@ -34,3 +34,33 @@ def test_bad_timings_are_refused_with_their_path(table: str, problem: str) -> No
     (message,) = caught.value.problems
     assert message.startswith("$.cluster")
     assert problem in message
+
+
+CLUSTER_SINK = """
+[store]
+backend = "{backend}"
+{url}
+
+[cluster]
+delivery_lease = "{lease}"
+
+[sources.hooks]
+type = "webhook"
+
+[sinks.crm]
+type = "http"
+inputs = ["hooks"]
+url = "https://crm.example.com/contacts"
+timeout = "{timeout}"
+"""
+
+
+def test_a_sink_timeout_as_long_as_the_delivery_lease_is_refused_in_a_cluster() -> None:
+    url = 'url = "postgresql://127.0.0.1/ferry"'
+    with pytest.raises(ConfigError) as caught:
+        parse(CLUSTER_SINK.format(backend="postgres", url=url, lease="60s", timeout="60s"))
+    (message,) = caught.value.problems
+    assert message.startswith("$.sinks.crm.timeout: 60s is not less than [cluster] delivery_lease (60s)")
+    assert parse(CLUSTER_SINK.format(backend="postgres", url=url, lease="60s", timeout="59s"))
+    # One SQLite node claims nothing: no lease to outlast.
+    assert parse(CLUSTER_SINK.format(backend="sqlite", url="", lease="60s", timeout="90s"))

@@ -242,6 +242,19 @@ async def test_outcomes_deliver_reschedule_and_dead_letter(backend: Outbox) -> N
     assert {(f[0], f[1], f[2]) for f in failures} == {("crm", "retrying", 503), ("crm", "dead", 400)}
 
 
+async def test_renewing_claims_keeps_the_pending_rows_and_lets_finished_ones_go(backend: Outbox) -> None:
+    await ingest(backend, 1, 2, 3)
+    due = await backend.due_deliveries("crm", FAR, 100)
+    await backend.record_outcomes([(Outcomes([(due[0].rowid, 200)], [], []), 0.01, "ok")])
+    rowids = [d.rowid for d in due]
+    assert await backend.renew_claims("crm", rowids) == set(rowids[1:])
+    assert await backend.renew_claims("erp", rowids) == set(), "another stage's rows are not its"
+    assert await backend.renew_claims("crm", []) == set()
+    # SQLite: one process, claims never lapse; PostgreSQL: a fetched row has half a lease left.
+    expected = None if isinstance(backend, Store) else 30.0
+    assert backend.claim_lease == expected
+
+
 async def test_parked_deliveries_are_made_due(backend: Outbox) -> None:
     await ingest(backend, 1)
     (due,) = await backend.due_deliveries("crm", FAR, 10)

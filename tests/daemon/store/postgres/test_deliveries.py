@@ -98,6 +98,25 @@ async def test_a_node_whose_clock_runs_ahead_does_not_take_another_nodes_claims_
     b.close()
 
 
+async def test_a_node_renews_only_the_claims_no_other_node_took_even_after_they_ran_out(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    await ingest(a, 1, 2)
+    first, second = await a.due_deliveries("crm", FAR, 10)
+    assert await a.renew_claims("crm", [first.rowid]) == {first.rowid}
+    with trio.fail_after(10):  # both of node-a's leases (1 s) run out; node-b claims what is free
+        while not (taken := await b.due_deliveries("crm", FAR, 10)):
+            await trio.sleep(0.05)
+    assert {d.rowid for d in taken} == {first.rowid, second.rowid}
+    assert await a.renew_claims("crm", [first.rowid, second.rowid]) == set(), "node-b's now"
+    assert await b.renew_claims("crm", [first.rowid, second.rowid]) == {first.rowid, second.rowid}
+    # Run out with nobody taking it: the claim is still node-b's to renew (no other node has it).
+    await trio.sleep(1.2)
+    assert await b.renew_claims("crm", [first.rowid]) == {first.rowid}
+    assert [d.rowid for d in await a.due_deliveries("crm", FAR, 10)] == [second.rowid], "only the lapsed one"
+
+
 async def test_a_retried_delivery_is_free_for_any_node_once_due(
     nodes: tuple[PostgresStore, PostgresStore],
 ) -> None:
