@@ -39,7 +39,7 @@ import trio
 
 from bench.context import Context, bench_context, report
 from bench.floor import measure as floor_measure
-from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_count, post_load, write_config, wrk_missing, wrk_script
 from bench.listener_bench import measure, serve_bare
 from bench.report import Row
 from daemon.http.client import LeanClient
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, default=None, help="another source tree to measure beside this one"
     )
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick, prefix="ferry-bench-cpu-") as ctx:
         trio.run(cpu_figures, ctx, args.rounds, args.profile, args.baseline)
     return report(ctx)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,18 @@ def ensure_wrk() -> str | None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, timeout=300)
         if shutil.which("wrk"):
             return None
-    return "wrk is not installed and could not be installed: run `apt-get install -y wrk`, then `make bench`"
+    return "wrk is not installed and could not be installed: run `apt-get install -y wrk`, then try again"
+
+
+def wrk_missing() -> int | None:
+    """For a benchmark's `main`: None if wrk is usable (`ensure_wrk`), else 2 (its exit status: the
+    benchmark cannot run) after saying why on stderr. Every module that drives wrk calls it first,
+    so that run alone it stops with the reason instead of a `FileNotFoundError` half-way."""
+    problem = ensure_wrk()
+    if problem is None:
+        return None
+    print(problem, file=sys.stderr)
+    return 2
 
 
 def wrk_script(folder: Path) -> Path:
