@@ -254,6 +254,26 @@ class Ferry:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu(self) -> tuple[float, float, int]:
+        """(CPU seconds of the event loop's thread, CPU seconds of every other thread — the store's
+        writer thread, mostly —, context switches of all threads, voluntary and not) so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        loop = others = 0.0
+        switches = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat, status = (task / "stat").read_text(), (task / "status").read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            fields = stat.rpartition(")")[2].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            if task.name == str(self.pid):
+                loop += seconds
+            else:
+                others += seconds
+            switches += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+        return loop, others, switches
+
     def peak_rss_mib(self) -> float | None:
         """The process's peak resident set (VmHWM), while it still runs."""
         try:
