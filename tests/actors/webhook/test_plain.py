@@ -97,3 +97,43 @@ async def test_writes_and_half_close_are_the_socket_streams(
     while chunk := await client.receive_some(1024):
         received += chunk
     assert received == b"HTTP/1.1 202 Accepted\r\n\r\n"
+
+
+async def test_an_answer_larger_than_the_socket_buffer_arrives_whole_after_a_waited_read(
+    pair: tuple[PlainStream, trio.SocketStream],
+) -> None:
+    server, client = pair
+    answer = bytes(range(256)) * (128 * 1024)  # 32 MiB: the first write cannot take it all
+    received = bytearray()
+
+    async def read_request_then_answer() -> None:
+        assert await server.receive_some() == b"GET / HTTP/1.1\r\n\r\n"  # waited: nothing was there
+        await server.send_all(answer)
+
+    with trio.fail_after(20):  # a lost remainder fails here instead of hanging
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_request_then_answer)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(b"GET / HTTP/1.1\r\n\r\n")
+            while len(received) < len(answer):
+                received += await client.receive_some(1 << 20)
+    assert received == answer
+
+
+async def test_a_write_to_a_reset_connection_is_a_broken_stream(
+    pair: tuple[PlainStream, trio.SocketStream],
+) -> None:
+    server, client = pair
+
+    async def read() -> None:
+        await server.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_all(b"x")
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()  # RST
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.BrokenResourceError, match=r"reset|broken pipe"):
+        await server.send_all(b"HTTP/1.1 202 Accepted\r\n\r\n")
