@@ -8,7 +8,9 @@ Rounds alternate three loads, each CPU time of the process doing the work:
   `wrk -t2 -c50`; this process's user + system CPU per request (wrk is a child, not counted);
 - **per-event delivery**: a daemon with the jq transform and a per-event HTTP sink
   (concurrency 16) takes N events from wrk and delivers each in its own request to the
-  receiver; its CPU from the first POST to the last delivery, per delivered event;
+  receiver; its CPU from the first POST to the last delivery, per delivered event; beside it,
+  the CPU of its threads other than the event loop's (the store's writer, mostly) and its
+  context switches, per delivered event (`/proc/PID/task`);
 - **pipeline ingest**: a daemon with the transform and a batching sink (500 items, 20 ms,
   concurrency 8) under the same timed wrk load as the bare server; its CPU over the load,
   per stored event (case 2's "daemon CPU per stored event").
