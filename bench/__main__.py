@@ -57,7 +57,7 @@ from bench.context import Context, bench_context, report
 from bench.cpu import cpu_figures
 from bench.delivery import backlog_drain, client_ceilings, per_event_delivery
 from bench.floor import pipeline_floor
-from bench.harness import ensure_wrk
+from bench.harness import wrk_missing
 from bench.ingest import durable_ingest, verified_ingest
 from bench.latency import latency
 from bench.peers import peers
@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
     args = parser.parse_args(argv)
-    problem = ensure_wrk()
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
+    if (missing := wrk_missing()) is not None:
+        return missing
     info = machine()
     print(f"machine: {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, Python {info['python']}")
     print(f"date: {info['date']}")

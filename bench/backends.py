@@ -36,7 +36,7 @@ import trio
 
 from actors.webhook.ingest import IngestBatcher
 from bench.context import Context
-from bench.harness import Ferry, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_load, write_config, wrk_missing, wrk_script
 from bench.report import Row
 from daemon.store.api import Outbox
 from daemon.store.postgres import connect as pg_connect
@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "--daemon", type=float, default=0, metavar="SECONDS", help="also the whole daemon under wrk this long"
     )
     args = parser.parse_args(argv)
+    if args.daemon and (missing := wrk_missing()) is not None:  # only the daemon's load needs wrk
+        return missing
     with tempfile.TemporaryDirectory() as folder:
         results = trio.run(measure, Path(folder), args.events, args.rounds, args.concurrency)
     med: Callable[[str], float] = lambda key: statistics.median(results[key])  # noqa: E731

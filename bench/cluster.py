@@ -48,7 +48,16 @@ import psycopg
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import SOURCE, Ferry, log_time, post_count, post_load, write_config, wrk_script
+from bench.harness import (
+    SOURCE,
+    Ferry,
+    log_time,
+    post_count,
+    post_load,
+    write_config,
+    wrk_missing,
+    wrk_script,
+)
 from bench.listener_bench import WrkResult
 from bench.report import Row
 from tests.fakes import Daemon
@@ -353,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round, shorter loads")
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick) as ctx:
         trio.run(cluster_figures, ctx)
     return report(ctx)

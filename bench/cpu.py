@@ -8,7 +8,9 @@ Rounds alternate three loads, each CPU time of the process doing the work:
   `wrk -t2 -c50`; this process's user + system CPU per request (wrk is a child, not counted);
 - **per-event delivery**: a daemon with the jq transform and a per-event HTTP sink
   (concurrency 16) takes N events from wrk and delivers each in its own request to the
-  receiver; its CPU from the first POST to the last delivery, per delivered event;
+  receiver; its CPU from the first POST to the last delivery, per delivered event; beside it,
+  the CPU of its threads other than the event loop's (the store's writer, mostly) and its
+  context switches, per delivered event (`/proc/PID/task`);
 - **pipeline ingest**: a daemon with the transform and a batching sink (500 items, 20 ms,
   concurrency 8) under the same timed wrk load as the bare server; its CPU over the load,
   per stored event (case 2's "daemon CPU per stored event").
@@ -39,7 +41,7 @@ import trio
 
 from bench.context import Context, bench_context, report
 from bench.floor import measure as floor_measure
-from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_count, post_load, write_config, wrk_missing, wrk_script
 from bench.listener_bench import measure, serve_bare
 from bench.report import Row
 from daemon.http.client import LeanClient
@@ -110,9 +112,15 @@ def _unspy(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
-async def per_event_cpu_us(ctx: Context, ferry: Ferry, count: int, profile: Path | None) -> float | None:
-    """The per-event daemon's CPU per delivered event, over `count` more events."""
+async def per_event_cpu_us(
+    ctx: Context, ferry: Ferry, count: int, profile: Path | None, detail: dict[str, list[float]] | None = None
+) -> float | None:
+    """The per-event daemon's CPU per delivered event, over `count` more events.
+
+    `detail`: where to append, per delivered event, the CPU of the threads other than the event
+    loop's (`others`: the store's writer thread, mostly) and the context switches (`switches`)."""
     await ctx.receiver.reset()
+    threads_before = ferry.thread_cpu()
     before = ferry.cpu_seconds()
     spy = _spy(ferry.pid, profile)
     try:
@@ -122,9 +130,14 @@ async def per_event_cpu_us(ctx: Context, ferry: Ferry, count: int, profile: Path
         accepted = ferry.accepted() - accepted_before
         await ctx.receiver.wait_items(accepted, max(20.0, accepted / 400))
         used = ferry.cpu_seconds() - before
+        threads_after = ferry.thread_cpu()
     finally:
         _unspy(spy)
     stats = await ctx.receiver.stats()
+    if detail is not None and stats["items"]:
+        items = stats["items"]
+        detail.setdefault("others", []).append((threads_after[1] - threads_before[1]) / items * 1e6)
+        detail.setdefault("switches", []).append((threads_after[2] - threads_before[2]) / items)
     if stats["items"] < accepted:  # a slow round: let its backlog drain, or it counts in the next one's
         await ctx.receiver.wait_items(accepted, 120)
         late = await ctx.receiver.stats()
@@ -191,14 +204,17 @@ async def cpu_figures(
         samples["bare"].append(await bare_cpu_us(ctx))
         samples["client"].append(await client_cpu_us(ctx))
         for label, (per_event, _) in daemons.items():
-            value = await per_event_cpu_us(ctx, per_event, count, None)
+            detail: dict[str, list[float]] = {}
+            value = await per_event_cpu_us(ctx, per_event, count, None, detail)
             if value is not None:
                 samples[f"per_event{label}"].append(value)
+                for key, values in detail.items():
+                    samples.setdefault(f"per_event_{key}{label}", []).extend(values)
         for label, (_, pipeline) in daemons.items():
             value = await pipeline_cpu_us(ctx, pipeline, None)
             if value is not None:
                 samples[f"pipeline{label}"].append(value)
-        print("  round: " + ", ".join(f"{k} {v[-1]:.0f} us" for k, v in samples.items() if v), flush=True)
+        print("  round: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items() if v), flush=True)
     if profile is not None:  # a round of its own: the sampler's pauses are in no figure
         for label, (per_event, pipeline) in daemons.items():
             name = "-baseline" if label else ""
@@ -224,6 +240,10 @@ def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
     client = statistics.median(samples["client"]) if samples.get("client") else None
     floor = samples["floor"][0] if samples.get("floor") else None
     least = bare + client + floor if bare and client and floor else None
+    others_samples = samples.get(f"per_event_others{label}", [])
+    others = statistics.median(others_samples) if others_samples else None
+    switch_samples = samples.get(f"per_event_switches{label}", [])
+    switches = statistics.median(switch_samples) if switch_samples else None
     ours = [
         Row("bare trio+h11 server: CPU per request (median)", bare, "us"),
         Row(
@@ -257,6 +277,15 @@ def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
             baseline_unit="us bare",
         ),
         Row(
+            f"  of which threads beside the event loop (the store's writer, mostly){label}",
+            others,
+            "us",
+            bare,
+            others / bare if others and bare else None,
+            baseline_unit="us bare",
+        ),
+        Row(f"  context switches per delivered event, all threads{label}", switches, ""),
+        Row(
             f"pipeline ingest (batching sink): daemon CPU per stored event, bare / it{label}",
             pipe,
             "us",
@@ -278,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, default=None, help="another source tree to measure beside this one"
     )
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick, prefix="ferry-bench-cpu-") as ctx:
         trio.run(cpu_figures, ctx, args.rounds, args.profile, args.baseline)
     return report(ctx)

@@ -24,7 +24,7 @@ import sys
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_count, write_config
+from bench.harness import Ferry, post_count, write_config, wrk_missing
 from bench.report import Row
 from daemon.store.schema import PENDING
 
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer events (a smoke run)")
     parser.add_argument("--per-event-only", action="store_true", help="skip the backlog drain (case 4)")
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick) as ctx:
         trio.run(_cases, ctx, args.per_event_only)
     return report(ctx)

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_count, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_count, post_load, write_config, wrk_missing, wrk_script
 from bench.report import Row, machine, write
 from daemon.store.at_rest import Cipher
 
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.encryption", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     info = machine()
     print(f"machine: {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, Python {info['python']}")
     started = time.monotonic()

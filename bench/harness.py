@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,18 @@ def ensure_wrk() -> str | None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, timeout=300)
         if shutil.which("wrk"):
             return None
-    return "wrk is not installed and could not be installed: run `apt-get install -y wrk`, then `make bench`"
+    return "wrk is not installed and could not be installed: run `apt-get install -y wrk`, then try again"
+
+
+def wrk_missing() -> int | None:
+    """For a benchmark's `main`: None if wrk is usable (`ensure_wrk`), else 2 (its exit status: the
+    benchmark cannot run) after saying why on stderr. Every module that drives wrk calls it first,
+    so that run alone it stops with the reason instead of a `FileNotFoundError` half-way."""
+    problem = ensure_wrk()
+    if problem is None:
+        return None
+    print(problem, file=sys.stderr)
+    return 2
 
 
 def wrk_script(folder: Path) -> Path:
@@ -241,6 +253,26 @@ class Ferry:
         """User + system CPU time the process has used so far."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu(self) -> tuple[float, float, int]:
+        """(CPU seconds of the event loop's thread, CPU seconds of every other thread — the store's
+        writer thread, mostly —, context switches of all threads, voluntary and not) so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        loop = others = 0.0
+        switches = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat, status = (task / "stat").read_text(), (task / "status").read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            fields = stat.rpartition(")")[2].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            if task.name == str(self.pid):
+                loop += seconds
+            else:
+                others += seconds
+            switches += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+        return loop, others, switches
 
     def peak_rss_mib(self) -> float | None:
         """The process's peak resident set (VmHWM), while it still runs."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_load, write_config, wrk_missing, wrk_script
 from bench.listener_bench import PATH, measure, serve_bare
 from bench.report import Row
 
@@ -311,8 +311,15 @@ async def verified_ingest(ctx: Context) -> None:
         ctx.rows.append(Row(f"  the same, verify = {name} (median)", value, "req/s", off, value / off))
 
 
-if __name__ == "__main__":
-    # `python -m bench.ingest [--quick]`: only the verification cost comparison (no sink, no receiver).
-    with bench_context("--quick" in sys.argv, prefix="ferry-bench-verify-", receiver=False) as context:
+def main(argv: list[str]) -> int:
+    """`python -m bench.ingest [--quick]`: only the verification cost comparison (no sink, no receiver)."""
+    if (missing := wrk_missing()) is not None:
+        return missing
+    with bench_context("--quick" in argv, prefix="ferry-bench-verify-", receiver=False) as context:
         trio.run(verified_ingest, context)
     report(context)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -54,7 +54,7 @@ import httpx
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_count, write_config, wrk_script
+from bench.harness import Ferry, post_count, write_config, wrk_missing, wrk_script
 from bench.listener_bench import PATH, serve_bare
 from bench.listener_bench import measure as measure_bare
 from bench.receiver import Receiver
@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter loads and fewer events (a smoke run)")
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick) as ctx:
         trio.run(peers, ctx)
     return report(ctx)

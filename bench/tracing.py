@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_load, write_config, wrk_script
+from bench.harness import Ferry, post_load, write_config, wrk_missing, wrk_script
 from bench.report import Row
 from daemon.config.sections import TelemetryConfig
 
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s loads, 1 round")
     args = parser.parse_args(argv)
+    if (missing := wrk_missing()) is not None:
+        return missing
     with bench_context(args.quick, prefix="ferry-bench-tracing-") as ctx:
         trio.run(tracing_cost, ctx)
     return report(ctx)

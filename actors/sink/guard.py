@@ -185,27 +185,50 @@ class SinkGuard:
             raise
         return Admission(self, index, self.urls[index], probe=probe, epoch=aimd.epoch if aimd else 0)
 
+    def admit_now(self) -> Admission | None:
+        """What `admit()` would give at once, taken without a checkpoint (a trip through trio's
+        scheduler per attempt, for a sink whose guard never makes it wait); None when `admit()`
+        might have to wait — a full adaptive window, a rate limit, no breaker letting an attempt
+        through — and is to be called instead. The caller's request is its checkpoint."""
+        aimd = self._aimd
+        if self.limiter is not None or (aimd is not None and self._in_flight >= aimd.current):
+            return None
+        picked = self._pick(trio.current_time()) if self._breakers else (0, False)
+        if picked is None:
+            return None
+        self._in_flight += 1
+        index, probe = picked
+        return Admission(self, index, self.urls[index], probe=probe, epoch=aimd.epoch if aimd else 0)
+
     async def _endpoint(self) -> tuple[int, bool]:
         """(index of the URL to use, whether this is its probe), waiting while no breaker allows one."""
-        breakers = self._breakers
-        if not breakers:
+        if not self._breakers:
             await trio.lowlevel.checkpoint()
             return 0, False
         while True:
-            now, soonest = trio.current_time(), math.inf
-            for index, breaker in enumerate(breakers):
-                was = breaker.state
-                verdict = breaker.allow(now)
-                if breaker.state is not was:
-                    self._publish(index)
-                if verdict is not Admit.NO:
-                    await trio.lowlevel.checkpoint()
-                    return index, verdict is Admit.PROBE
-                if breaker.state is State.OPEN:
-                    soonest = min(soonest, breaker.retry_at)
+            now = trio.current_time()
+            picked = self._pick(now)
+            if picked is not None:
+                await trio.lowlevel.checkpoint()
+                return picked
+            soonest = min(
+                (breaker.retry_at for breaker in self._breakers if breaker.state is State.OPEN),
+                default=math.inf,
+            )
             changed = self._changed
             with trio.move_on_at(soonest):
                 await changed.wait()
+
+    def _pick(self, now: float) -> tuple[int, bool] | None:
+        """(index, probe) of the first URL whose breaker lets an attempt through at `now`, or None."""
+        for index, breaker in enumerate(self._breakers):
+            was = breaker.state
+            verdict = breaker.allow(now)
+            if breaker.state is not was:
+                self._publish(index)
+            if verdict is not Admit.NO:
+                return index, verdict is Admit.PROBE
+        return None
 
     def publish(self) -> None:
         """Report every gauge (`ferry.breaker.state`, `ferry.sink.concurrency`): the sink started."""

@@ -272,7 +272,10 @@ class Sink:
                     rows, leftover = leftover, []
                 else:
                     try:
-                        rows = await channel.receive()
+                        try:  # rows waiting: no trip through the scheduler (the attempt's commit waits)
+                            rows = channel.receive_nowait()
+                        except trio.WouldBlock:
+                            rows = await channel.receive()
                     except trio.EndOfChannel:
                         return
                 batch, leftover = await self._fill(rows, channel)
@@ -318,6 +321,9 @@ class Sink:
         assert self.guard is not None
         if self._stopping.is_set() or not self._resumed.is_set():
             return None
+        admission = self.guard.admit_now()  # no wait, no checkpoint: the common case
+        if admission is not None:
+            return admission
         with trio.CancelScope() as scope:
             self._admitting.add(scope)
             try:

@@ -46,6 +46,7 @@ from actors.webhook.accept import Ingest, IngestResult, accept
 from actors.webhook.config import ListenerConfig
 from actors.webhook.connections import ConnectionTable, Slot
 from actors.webhook.door import ProtocolErrors, framing_error
+from actors.webhook.plain import PlainStream
 from actors.webhook.verify import Unverified, Verified, Verifier
 
 __all__ = ["Ingest", "IngestResult", "WebhookListener", "WebhookRoute"]
@@ -186,7 +187,7 @@ class WebhookListener:
             if slot is None:
                 await self._refuse(stream, tls)
                 return
-            served: trio.abc.Stream = stream
+            served: trio.abc.Stream = stream if tls is not None else PlainStream(stream)
             try:
                 with slot.scope:
                     if tls is not None:

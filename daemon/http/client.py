@@ -45,8 +45,10 @@ call is cancelled or times out is closed, never pooled: its state is unknown.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import math
+import os
 import re
 import socket
 import ssl
@@ -320,19 +322,20 @@ class LeanClient:
         self._active += 1
         received = keep = False
         parser = ResponseParser(head_request=head_request, max_body=self._max_body)
-        # Plain TCP goes to the socket itself: SocketStream's wrappers (an error-translating
-        # context manager and a conflict detector per call) cost ~5 % of a request's CPU, and a
-        # pooled connection is never shared between tasks. OSError is handled like the
-        # stream's BrokenResourceError.
-        sock = stream.socket if type(stream) is trio.SocketStream else None
+        # Plain TCP is written and read on the socket's descriptor (`_send_all`, `_receive`):
+        # SocketStream's wrappers (an error-translating context manager and a conflict detector
+        # per call) cost ~5 % of a request's CPU, and trio's socket methods add a trip through the
+        # scheduler after every call that did not block; a pooled connection is never shared
+        # between tasks. OSError is handled like the stream's BrokenResourceError.
+        fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         try:
             try:
-                if sock is None:
+                if fd < 0:
                     await stream.send_all(data)
                 else:
-                    await _send_all(sock, data)
+                    await _send_all(fd, data)
                 while True:
-                    incoming = await (stream.receive_some(_CHUNK) if sock is None else sock.recv(_CHUNK))
+                    incoming = await (stream.receive_some(_CHUNK) if fd < 0 else _receive(fd, received))
                     if not incoming:
                         if not received:
                             raise _PeerClosed
@@ -417,12 +420,40 @@ class HttpxClient:
         await self._client.aclose()
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    sent = await sock.send(data)
+async def _send_all(fd: int, data: bytes) -> None:
+    """Write `data` to the non-blocking socket `fd`, waiting only while the kernel's buffer is full.
+
+    No checkpoint when it all fits at once: the request's `_receive` waits next, and that wait
+    is the request's checkpoint (cancellation, a turn for other tasks)."""
+    try:
+        sent = os.write(fd, data)
+    except BlockingIOError:  # the buffer is full before a byte fits
+        sent = 0
     if sent < len(data):
         with memoryview(data) as view:
             while sent < len(data):
-                sent += await sock.send(view[sent:])
+                await trio.lowlevel.wait_writable(fd)
+                with contextlib.suppress(BlockingIOError):  # woken, yet no room after all
+                    sent += os.write(fd, view[sent:])
+
+
+async def _receive(fd: int, more: bool) -> bytes:
+    """The next bytes of the answer on the non-blocking socket `fd` (b"" at its end).
+
+    The first read of an answer waits for the socket first (right after the request the answer
+    cannot be there yet, and the wait is the request's checkpoint); a later one (`more`) reads
+    at once and waits only if nothing is there."""
+    if more:
+        try:
+            return os.read(fd, _CHUNK)
+        except BlockingIOError:
+            pass
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, _CHUNK)
+        except BlockingIOError:
+            pass
 
 
 def _plural(count: int, noun: str) -> str:

@@ -171,3 +171,43 @@ def test_the_gauges_follow_the_sink_from_start_to_stop() -> None:
         assert not [key for key in gauges.breaker_states if key[0] == "gauged"]
 
     run(main)
+
+
+def test_admit_now_gives_what_admit_would_without_waiting_and_nothing_when_it_might_wait() -> None:
+    async def main() -> None:
+        guard = SinkGuard("crm", [PRIMARY, SECONDARY], concurrency=4, breaker=BREAKER)
+        admission = guard.admit_now()
+        assert admission is not None
+        assert (admission.url, admission.probe) == (PRIMARY, False)
+        assert current_url() == PRIMARY
+        assert guard.status().in_flight == 1
+        admission.done(DOWN, 0.01)
+        await fail(guard)  # the primary opens: failover, still at once
+        admission = guard.admit_now()
+        assert admission is not None
+        assert admission.url == SECONDARY
+        admission.done(DOWN, 0.01)
+        await fail(guard)  # both open: admit() would wait for a cool-down
+        assert guard.admit_now() is None
+        assert guard.status().in_flight == 0
+        await trio.sleep(10)
+        probe = guard.admit_now()
+        assert probe is not None
+        assert (probe.url, probe.probe) == (PRIMARY, True)
+        assert [e.state for e in guard.status().endpoints] == ["half-open", "open"]
+        probe.cancel()
+
+        adaptive = AdaptiveConfig(floor=1, ceiling=8, initial=1)
+        full = SinkGuard("crm", [PRIMARY], concurrency=8, adaptive=adaptive)
+        held = full.admit_now()
+        assert held is not None
+        assert full.admit_now() is None, "the adaptive window is full"
+        held.done(None, 0.01)
+        assert full.admit_now() is not None
+
+        limiter = RateLimiter("api", RateLimitConfig(rate=1, per=Duration(5)))
+        limited = SinkGuard("crm", [PRIMARY], concurrency=4, limiter=limiter)
+        assert limited.admit_now() is None, "a permit may have to wait: admit() takes it"
+        assert limited.status().in_flight == 0
+
+    run(main)

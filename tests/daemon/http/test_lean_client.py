@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.errors import DeliveryTimeout, PermanentDelivery, RetryableDelivery
 from daemon.http.client import LeanClient
@@ -218,4 +219,43 @@ async def test_concurrent_requests_each_get_their_own_answer_and_idle_stays_capp
     assert len(answers) == 400
     assert 16 <= scripted.connections < 400  # reused, and only 4 kept between bursts
     assert repr(client) == "<LeanClient [active: 0 | idle: 4 connections to 1 host]>"
+    await client.aclose()
+
+
+async def test_a_body_larger_than_the_socket_buffers_waits_for_room_and_arrives_whole(
+    nursery: trio.Nursery,
+) -> None:
+    body = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's send and receive buffers
+    release, received = trio.Event(), []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await release.wait()  # nothing is read until the client waits for room to write
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive_some(65536)
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+        assert length is not None
+        parts = [buffer]
+        size = len(buffer)
+        while size < int(length[1]):
+            parts.append(await stream.receive_some(1 << 20))
+            size += len(parts[-1])
+        received.append(b"".join(parts))
+        await stream.send_all(OK)
+
+    url = f"http://127.0.0.1:{await serve(nursery, handle)}/in"
+    client = LeanClient()
+    answers = []
+
+    async def send() -> None:
+        answers.append(await client.request("POST", url, headers=[], body=body, timeout=30))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(send)
+        await trio.testing.wait_all_tasks_blocked()  # the client is waiting for a full buffer to drain
+        assert not answers
+        release.set()
+    assert [answer.status for answer in answers] == [200]
+    assert received == [body]
     await client.aclose()
