@@ -22,6 +22,7 @@ import re
 import sys
 import timeit
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -80,7 +81,7 @@ def measure(runs: int) -> list[tuple[str, int, dict[str, float]]]:
     for name, body in bodies().items():
         number = 20_000 if len(body) < 5000 else 200
         figures = {
-            way: min(timeit.repeat(lambda f=fn, b=body: f(b), number=number, repeat=runs)) / number * 1e6
+            way: min(timeit.repeat(partial(fn, body), number=number, repeat=runs)) / number * 1e6
             for way, fn in ways.items()
         }
         results.append((name, len(body), figures))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import h11
 import trio
+from opentelemetry.trace import Span
 
 from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
@@ -76,6 +77,8 @@ async def noop_ingest(
     dedup_key: str | None,
     traceparent: str | None,
     replay: tuple[str, float] | None = None,
+    *,
+    parent: Span | None = None,
 ) -> IngestResult:
     return "evt", False
 

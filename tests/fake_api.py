@@ -463,8 +463,8 @@ class FakeApi:
             with self.lock:
                 job_id = f"job-{len(self._jobs) + 1}"
                 self._jobs[job_id] = _Job(body)
-            answer = {"id": job_id, "state": "queued", "status_url": f"{self.url}/jobs/{job_id}"}
-            return 202, headers | {"Location": f"/jobs/{job_id}"}, json.dumps(answer).encode()
+            queued = {"id": job_id, "state": "queued", "status_url": f"{self.url}/jobs/{job_id}"}
+            return 202, headers | {"Location": f"/jobs/{job_id}"}, json.dumps(queued).encode()
         job_id = request.path.removeprefix("/jobs/")
         with self.lock:
             job = self._jobs.get(job_id)
