@@ -303,7 +303,8 @@ def test_a_node_whose_listener_connection_is_cut_reconnects_and_still_hears(
     leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
     leader = next(node for node in nodes if node.name == leader_name)
     standby = next(node for node in nodes if node.name != leader_name)
-    until(lambda: leader.status()["wake"], lambda wake: wake["listening"], timeout=10)
+    for node in nodes:
+        until(node.status, lambda status: status["wake"]["listening"], timeout=15)
     # The server ends every listening session (as a restart or a proxy's idle timeout would).
     cut = cluster.query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
