@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster
 from tests.fake_api import ApiRequest, FakeApi
-from tests.fakes import FakeReceiver, ctl, until
+from tests.fakes import FakeReceiver, ctl, ctl_json, until
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
@@ -348,6 +348,11 @@ def test_an_alert_rule_counts_what_every_node_received_wherever_the_alerter_runs
         nodes = [cluster.add(name).start() for name in ("a", "b", "c")]
         holder = until(lambda: cluster.holder("alerter"), lambda held: held is not None, timeout=20)
         others = [node for node in nodes if node.name != holder]
+        alerter = next(node for node in nodes if node.name == holder)
+        # The rule's window has its first readings (0 so far) before anything is posted.
+        until(
+            lambda: ctl_json(alerter.config, "alerts")["alerts"][0]["value"], lambda v: v == 0.0, timeout=20
+        )
         # 8 events on each node without the alerter: no node alone reaches 12, the cluster does.
         for n in range(16):
             _post(others[n % 2].daemon.url, n)
