@@ -58,7 +58,6 @@ import bisect
 import email.utils
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -273,9 +272,7 @@ class FakeApi:
 
         class Handler(QuietHandler):
             def setup(self) -> None:
-                super().setup()
-                # Head and body go out in two writes; Nagle + delayed ACK would add 40 ms to each.
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                super().setup()  # TCP_NODELAY (QuietHandler)
                 with api.lock:
                     api.connections += 1
 

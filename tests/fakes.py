@@ -136,9 +136,15 @@ def wait_requests(
 
 
 class QuietHandler(BaseHTTPRequestHandler):
-    """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log."""
+    """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log, no Nagle."""
 
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Head and body go out in two writes; Nagle + delayed ACK would add 40 ms to each answer
+        # (a fake receiver that took 40 ms a request made the suite's delivery tests that slow).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
         """Send one whole answer (a 304 without length or body)."""
