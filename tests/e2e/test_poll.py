@@ -80,10 +80,16 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
     tmp_path: Path, sock_dir: Path, api: FakeApi
 ) -> None:
     api.add(10_000)
+    # While set, pages beyond this many answered wait for the kill: however fast the daemon is
+    # and however late the test notices, the listing cannot end before the kill lands in it.
+    hold_after: list[int] = []
+    killed = threading.Event()
 
     def slow_and_keyed(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
         if request.query.get("api_key") != API_KEY:
             return 401, {"Content-Type": "application/json"}, b'{"error":"bad key"}'
+        if hold_after and sum(r.status == 200 for r in api.snapshot()) >= hold_after[0]:
+            killed.wait(30)
         time.sleep(0.004)  # ~100 pages take a good half second: room to land a kill inside a listing
         return None
 
@@ -94,13 +100,17 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
 
     # Two kills in the middle of the first listing.
     for pages in (20, 60):
+        hold_after[:] = [pages + 10]  # the kill lands anywhere in the next ten pages, not past them
+        killed.clear()
         daemon.start()
         api.wait_for(lambda requests, n=pages: sum(r.status == 200 for r in requests) >= n)
         daemon.kill9()
+        killed.set()
         state = poll_state(db)
         assert state["next_url"], "the kill was meant to land inside a listing"
         assert "api_key" not in str(state["next_url"])  # the key is added when sending, never stored
         assert 0 < len(stored_ids(db)) < 10_000
+    hold_after.clear()
 
     # The listing completes, then the overlap is asked again (one page) and then answered 304.
     daemon.start()
