@@ -88,7 +88,8 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
     def slow_and_keyed(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
         if request.query.get("api_key") != API_KEY:
             return 401, {"Content-Type": "application/json"}, b'{"error":"bad key"}'
-        if hold_after and sum(r.status == 200 for r in api.snapshot()) >= hold_after[0]:
+        limit = hold_after[:1]
+        if limit and sum(r.status == 200 for r in api.snapshot()) >= limit[0]:
             killed.wait(30)
         time.sleep(0.004)  # ~100 pages take a good half second: room to land a kill inside a listing
         return None
