@@ -288,8 +288,8 @@ class FakeApi:
                 body = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
                 request = ApiRequest(
-                    time.time(),
-                    time.monotonic(),
+                    self.arrived,
+                    time.monotonic() - (time.time() - self.arrived),
                     self.command,
                     parts.path,
                     dict(parse_qsl(parts.query, keep_blank_values=True)),
