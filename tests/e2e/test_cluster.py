@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster
 from tests.fake_api import ApiRequest, FakeApi
-from tests.fakes import FakeReceiver, ctl, until
+from tests.fakes import HTTP, FakeReceiver, ctl, until
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
@@ -105,9 +105,7 @@ def cluster(tmp_path: Path, postgres_url: str, sock_dir: Path) -> Iterator[Clust
 
 
 def _post(url: str, n: int) -> str:
-    answer = httpx.post(
-        f"{url}/hooks/demo", json={"id": n}, headers={"Idempotency-Key": f"e-{n}"}, timeout=10
-    )
+    answer = HTTP.post(f"{url}/hooks/demo", json={"id": n}, headers={"Idempotency-Key": f"e-{n}"}, timeout=10)
     assert answer.status_code in (200, 202), answer.text
     event_id: str = answer.json()["id"]
     return event_id

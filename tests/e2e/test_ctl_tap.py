@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_ctl import wait_status
-from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
+from tests.fakes import HTTP, ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
 
 EMAIL, SSN, CARD = "ann.secret@example.com", "123-45-6789", "4111111111111111"
 TOKEN, TENANT = "Bearer SECRET-TOKEN-42", "TENANT-SECRET-7"
@@ -99,7 +99,7 @@ def daemon(config: Path, tmp_path: Path) -> Iterator[Daemon]:
 
 
 def post(daemon: Daemon, n: int, pad: int = 0) -> None:
-    answer = httpx.post(f"{daemon.url}/hooks/demo", json=person(n, pad), timeout=10)
+    answer = HTTP.post(f"{daemon.url}/hooks/demo", json=person(n, pad))
     assert answer.status_code == 202, answer.text
 
 
