@@ -164,7 +164,10 @@ class QuietHandler(BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stamped = not isinstance(self.request, ssl.SSLSocket)
         if self._stamped:
-            self.request.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            try:
+                self.request.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:  # another architecture's number: the time it is read, as before
+                self._stamped = False
 
     def handle_one_request(self) -> None:
         self.arrived = self._arrival()
