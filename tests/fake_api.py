@@ -43,7 +43,9 @@ Faults, consumed first in, first out by the next matching request (`fault(kind, 
 
 Every request is recorded (`requests`, `snapshot()`), with its arrival time (wall and
 monotonic), its query and headers, the status it was answered with (-1: none) and when the
-answer was written (`answered`, monotonic): what tells overlapping requests apart.
+answer was written (`answered`, monotonic): what tells overlapping requests apart. A request is
+recorded when its handler thread has read it, which can be after its client died: after a kill,
+`wait_disconnected()` before counting what the dead client asked for.
 
 Run standalone (`python -m tests.fake_api --records 100000 --port 0`) to serve from a
 process of its own; it prints its URL on the first line of stdout.
@@ -56,7 +58,6 @@ import bisect
 import email.utils
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -147,6 +148,8 @@ class FakeApi:
     not_modified: int = 0  # 304 answers (free, as on GitHub)
     requests: list[ApiRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    connections: int = 0
+    """Client connections open now (their handler threads not finished)."""
 
     def __post_init__(self) -> None:
         self._order: list[tuple[str, int]] = []  # (updated_at, id), sorted
@@ -248,6 +251,20 @@ class FakeApi:
         """Wait until `predicate(requests)` holds; fail with what was seen at the deadline."""
         return wait_requests(self.snapshot, predicate, timeout)
 
+    def wait_disconnected(self, timeout: float = 30.0) -> list[ApiRequest]:
+        """Wait until no client connection is open, then the requests: after a client was killed,
+        every request it sent before dying is recorded (a handler thread may not have read the
+        last one yet when the kill returns; it reads it, then the end of the connection)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if self.connections == 0:
+                    return list(self.requests)
+                open_now = self.connections
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{open_now} connection(s) still open after {timeout}s")
+            time.sleep(0.02)
+
     # -- serving -----------------------------------------------------------------------------
 
     def start(self, port: int = 0) -> FakeApi:
@@ -255,17 +272,24 @@ class FakeApi:
 
         class Handler(QuietHandler):
             def setup(self) -> None:
-                super().setup()
-                # Head and body go out in two writes; Nagle + delayed ACK would add 40 ms to each.
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                super().setup()  # TCP_NODELAY (QuietHandler)
+                with api.lock:
+                    api.connections += 1
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                finally:
+                    with api.lock:
+                        api.connections -= 1
 
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
                 request = ApiRequest(
-                    time.time(),
-                    time.monotonic(),
+                    self.arrived,
+                    time.monotonic() - (time.time() - self.arrived),
                     self.command,
                     parts.path,
                     dict(parse_qsl(parts.query, keep_blank_values=True)),

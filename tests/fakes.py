@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -20,7 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
+
+HTTP = httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
+"""For the tests' one-off requests to a daemon: a new connection for each, as `httpx.post` makes,
+without `httpx.post`'s new client each time, whose set-up (its TLS context) costs ~45 ms of CPU."""
 
 
 @dataclass
@@ -69,7 +76,7 @@ class FakeReceiver:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 request = Received(
-                    time.time(),
+                    self.arrived,
                     self.command,
                     self.path,
                     {k.lower(): v for k, v in self.headers.items()},
@@ -135,10 +142,64 @@ def wait_requests(
         time.sleep(0.02)
 
 
+SO_TIMESTAMPNS = 35  # Linux (asm-generic and x86); also the type of its ancillary data
+_TIMESPEC = struct.Struct("@qq")
+
+
 class QuietHandler(BaseHTTPRequestHandler):
-    """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log."""
+    """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log, no Nagle.
+
+    `arrived` is when the request being handled reached this host (`time.time()` scale): the
+    kernel's timestamp of its first bytes, so a stall of the test process (a loaded machine, the
+    GIL) does not bunch requests that came apart; the time it was read when the kernel's is not
+    to be had (TLS, or a pipelined request already read ahead)."""
 
     protocol_version = "HTTP/1.1"
+    arrived: float = 0.0
+
+    def setup(self) -> None:
+        super().setup()
+        # Head and body go out in two writes; Nagle + delayed ACK would add 40 ms to each answer
+        # (a fake receiver that took 40 ms a request made the suite's delivery tests that slow).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._stamped = not isinstance(self.request, ssl.SSLSocket)
+        if self._stamped:
+            try:
+                self.request.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:  # another architecture's number: the time it is read, as before
+                self._stamped = False
+
+    def handle_one_request(self) -> None:
+        self.arrived = self._arrival()
+        super().handle_one_request()
+
+    def _arrival(self) -> float:
+        """Wait for the next request's first byte without taking it; the kernel's time of it."""
+        sock: socket.socket = self.request
+        space = socket.CMSG_SPACE(_TIMESPEC.size)
+        if not self._stamped:
+            return time.time()
+        try:
+            try:
+                _, ancillary, _, _ = sock.recvmsg(1, space, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # Nothing in the socket: wait for it, unless the next request was read ahead
+                # with the last one (pipelined): then it is already here, and its time is now.
+                sock.setblocking(False)
+                try:
+                    buffered = self.rfile.peek(1)  # type: ignore[attr-defined]
+                finally:
+                    sock.setblocking(True)
+                if buffered:
+                    return time.time()
+                _, ancillary, _, _ = sock.recvmsg(1, space, socket.MSG_PEEK)
+        except OSError:
+            return time.time()  # the connection broke: reading the request says so
+        for level, kind, data in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
+                seconds, nanoseconds = _TIMESPEC.unpack(data[: _TIMESPEC.size])
+                return seconds + nanoseconds / 1e9
+        return time.time()  # the end of the connection, or no stamp
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
         """Send one whole answer (a 304 without length or body)."""

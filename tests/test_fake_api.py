@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.fake_api import FakeApi
+from tests.fake_api import ApiRequest, FakeApi
 
 
 @pytest.fixture
@@ -101,6 +103,28 @@ def test_faults_are_served_in_order_then_normal_answers_resume(api: FakeApi) -> 
         api.release()
         assert len(client.get(f"{api.url}/page/items").json()["data"]) == 100
     assert api.snapshot()[4].status == -1
+
+
+def test_wait_disconnected_counts_a_request_sent_just_before_its_client_died(api: FakeApi) -> None:
+    held = threading.Event()
+
+    def first_is_held(request: ApiRequest) -> None:
+        if request.query.get("n") == "1":
+            held.wait(10)
+
+    api.responder = first_is_held
+    with socket.create_connection(("127.0.0.1", api.port)) as client:
+        client.sendall(b"".join(b"GET /page/items?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in (1, 2)))
+        client.shutdown(socket.SHUT_WR)  # the client has said all it will say
+        api.wait_for(lambda requests: len(requests) == 1)
+        # The second request is sent and not yet read (as a kill -9 can leave the last request of
+        # the dead process): the connection counts as open until the handler has read everything.
+        with pytest.raises(AssertionError, match="1 connection"):
+            api.wait_disconnected(timeout=0.1)
+        assert len(api.snapshot()) == 1
+        held.set()
+        assert [r.query["n"] for r in api.wait_disconnected()] == ["1", "2"]
+    assert api.connections == 0
 
 
 def test_a_repeating_cursor_names_the_same_page_again(api: FakeApi) -> None:

@@ -110,6 +110,14 @@ async def post_until_acked(
     return acked
 
 
+def cpu_s(pid: int) -> float:
+    """The CPU time (user + system) process `pid` has used so far, in seconds: unlike a wall-clock
+    time, it does not grow when other processes take the cores."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:

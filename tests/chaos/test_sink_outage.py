@@ -10,7 +10,10 @@
    tests/chaos/test_outage_memory.py checks the same at a short size in make test.
 2. Nothing is dead-lettered: the retry policy (1000 attempts, a day) has not run out.
 3. The daemon is restarted with the whole backlog pending: SIGTERM, then start to READY (target:
-   at most 2 s, measured from the spawn to the `ready` log line).
+   at most 2 s, measured from the spawn to the `ready` log line). At full size (`make chaos`, run
+   on a quiet machine) the wall-clock time is held to it; the short version in `make test` holds
+   the CPU time the new process used until ready to it, which other processes on a busy machine
+   do not inflate (wall-clock took 7.5 s there under a 2x-overloaded suite).
 4. The receiver comes back: the backlog drains. The drain is compared with a baseline measured
    in the same run: a backlog of the same size built while the sink is paused (`ferry ctl
    pause`), which drains on `resume` with no retry schedule to wait for. A retried delivery
@@ -36,7 +39,7 @@ import msgspec
 import trio
 
 from daemon.store.schema import DEAD, PENDING
-from tests.chaos.load import FULL, RssSampler, post_until_acked
+from tests.chaos.load import FULL, RssSampler, cpu_s, post_until_acked
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, free_port, ok, write_config
 
 EVENTS = int(os.environ.get("FERRY_CHAOS_EVENTS") or (1_000_000 if FULL else 5_000))
@@ -158,6 +161,8 @@ async def test_a_long_sink_outage_keeps_memory_flat_and_drains_at_full_speed(
             began = time.monotonic()
             daemon = Daemon(config, log).start()
             ready_s = time.monotonic() - began
+            assert daemon.proc is not None
+            ready_cpu_s = cpu_s(daemon.proc.pid)  # read once ready: at least what getting ready cost
 
             back = time.monotonic()
             receiver = FakeReceiver(items).start(port)
@@ -187,12 +192,13 @@ async def test_a_long_sink_outage_keeps_memory_flat_and_drains_at_full_speed(
     print(
         f"\nsink outage, {EVENTS} events (ingest {ingest_rate:.0f}/s): RSS peak {peak:.0f} MB "
         f"({warm_peak:.0f} MB with {warm} pending, {backlog_peak:.0f} MB with {EVENTS}); 0 dead; "
-        f"restart to ready {ready_s:.2f}s with the backlog; drained in {outage_s:.1f}s "
+        f"restart to ready {ready_s:.2f}s ({ready_cpu_s:.2f}s of CPU) with the backlog; "
+        f"drained in {outage_s:.1f}s "
         f"({EVENTS / outage_s:.0f}/s) after the outage vs {paused_s:.1f}s ({EVENTS / paused_s:.0f}/s) "
         f"after a pause (max_backoff {MAX_BACKOFF_S:g}s)"
     )
     assert peak <= RSS_LIMIT_MB
     if warm >= FLAT_FROM:  # flat: the backlog quadrupled after the warm-up
         assert backlog_peak - warm_peak <= FLAT_MARGIN_MB, "RSS grows with the backlog"
-    assert ready_s <= (READY_LIMIT_S if FULL else 3 * READY_LIMIT_S)
+    assert (ready_s if FULL else ready_cpu_s) <= READY_LIMIT_S
     assert outage_s <= MAX_BACKOFF_S + 1.5 * paused_s + 1.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,13 @@ def alert(config: Path) -> dict[str, Any]:
     return found
 
 
+def stored_steps(db: Path) -> list[int]:
+    """The escalation steps the store has as notified for the rule (what a restart resumes from)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT state FROM alerts WHERE rule = 'crm_backlog'").fetchone()
+    return list(json.loads(row[0])["notified"]) if row else []
+
+
 def test_an_alert_fires_once_survives_kill_9_and_resolves(tmp_path: Path, sock_dir: Path) -> None:
     crm_up = False
 
@@ -75,6 +85,10 @@ def test_an_alert_fires_once_survives_kill_9_and_resolves(tmp_path: Path, sock_d
             "critical",
             1.0,
         )
+        # The fake records the notification before it answers; the alerter marks the step
+        # notified once the answer is in and stores that after the sends: a kill before the
+        # commit would rightly notify again (at least once), so the kill waits for the commit.
+        wait(lambda: stored_steps(tmp_path / "state" / "ferry.db") == [0], "the notified step stored")
         shown = alert(config)
         assert (shown["state"], shown["since"], shown["notified"]) == ("firing", fired["since"], ["ops"])
         assert shown["next_step"] == "log after 3600s"

@@ -9,6 +9,7 @@ webhooks round-robin while nodes are killed and restarted) is tests/chaos/test_c
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster
 from tests.fake_api import ApiRequest, FakeApi
-from tests.fakes import FakeReceiver, ctl, ctl_json, until
+from tests.fakes import HTTP, FakeReceiver, ctl, ctl_json, until
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
@@ -106,9 +107,7 @@ def cluster(tmp_path: Path, postgres_url: str, sock_dir: Path) -> Iterator[Clust
 
 
 def _post(url: str, n: int) -> str:
-    answer = httpx.post(
-        f"{url}/hooks/demo", json={"id": n}, headers={"Idempotency-Key": f"e-{n}"}, timeout=10
-    )
+    answer = HTTP.post(f"{url}/hooks/demo", json={"id": n}, headers={"Idempotency-Key": f"e-{n}"}, timeout=10)
     assert answer.status_code in (200, 202), answer.text
     event_id: str = answer.json()["id"]
     return event_id
@@ -192,8 +191,15 @@ def test_a_poll_source_is_polled_by_one_node_at_a_time_and_resumes_where_it_was(
     cluster: Cluster, receiver: FakeReceiver
 ) -> None:
     api = FakeApi(records=3000).start()
+    # Once set (the index of the first request of the listing to kill), its pages past the
+    # eighteenth wait for the kill: it lands inside that listing however late the test is.
+    hold_from: list[int] = []
+    killed = threading.Event()
 
     def slow(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
+        start = hold_from[:1]
+        if start and sum(1 for r in api.snapshot()[start[0] :] if r.query.get("cursor")) > 18:
+            killed.wait(30)
         time.sleep(0.01)  # a listing of 40+ pages takes a good half second: room for a kill inside it
         return None
 
@@ -210,16 +216,19 @@ def test_a_poll_source_is_polled_by_one_node_at_a_time_and_resumes_where_it_was(
         api.add(2000)
         leader = until(lambda: cluster.holder("poll.items"), lambda held: held is not None)
         seen = len(api.snapshot())
+        hold_from.append(seen)
         api.wait_for(lambda rs: sum(1 for r in rs[seen:] if r.query.get("cursor")) >= 8, timeout=30)
         dead = next(node for node in nodes if node.name == leader)
         dead.kill9()
-        killed = time.monotonic()
+        hold_from.clear()
+        killed.set()
+        killed_at = time.monotonic()
         listing = [r for r in api.snapshot() if r.headers["x-node"] == leader][-1]
         resumed = api.wait_for(
-            lambda rs: any(r.headers["x-node"] != leader and r.monotonic > killed for r in rs), timeout=30
+            lambda rs: any(r.headers["x-node"] != leader and r.monotonic > killed_at for r in rs), timeout=30
         )
-        first = next(r for r in resumed if r.headers["x-node"] != leader and r.monotonic > killed)
-        took = first.monotonic - killed
+        first = next(r for r in resumed if r.headers["x-node"] != leader and r.monotonic > killed_at)
+        took = first.monotonic - killed_at
         assert took <= FAILOVER + SLACK, f"the poll source resumed {took:.2f}s after the kill"
         print(f"\npoll source resumed on {first.headers['x-node']} {took:.2f}s after kill -9 of {leader}")
         assert first.query.get("updated_since") == listing.query.get("updated_since") is not None, (

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes import ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
+from tests.fakes import HTTP, ROOT, Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, write_config
 
 PIPELINE = """
 [telemetry]
@@ -86,7 +86,7 @@ def daemon(config: Path, tmp_path: Path) -> Iterator[Daemon]:
 
 
 def post(daemon: Daemon, n: int) -> httpx.Response:
-    return httpx.post(f"{daemon.url}/hooks/demo", json={"id": n}, timeout=10)
+    return HTTP.post(f"{daemon.url}/hooks/demo", json={"id": n})
 
 
 def wait_status(config: Path, predicate: Any, timeout: float = 20.0) -> dict[str, Any]:

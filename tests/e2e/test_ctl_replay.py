@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.fakes import ROOT, Daemon, FakeReceiver, ctl, ctl_json, write_config
+from tests.fakes import HTTP, ROOT, Daemon, FakeReceiver, ctl, ctl_json, write_config
 
 PIPELINE = """
 [telemetry]
@@ -86,7 +85,7 @@ def start(tmp_path: Path, sock_dir: Path, receiver: FakeReceiver) -> Iterator[St
 
 
 def post(daemon: Daemon, n: int, source: str = "demo") -> str:
-    response = httpx.post(f"{daemon.url}/hooks/{source}", json={"id": n}, timeout=10)
+    response = HTTP.post(f"{daemon.url}/hooks/{source}", json={"id": n})
     assert response.status_code == 202
     event_id: str = response.json()["id"]
     return event_id

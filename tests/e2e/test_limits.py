@@ -284,19 +284,26 @@ def test_failover_sends_to_the_secondary_while_the_primary_is_down_and_back_afte
 
 
 class Crowded:
-    """A receiver that takes 30 ms per request and answers 503 to more than `capacity` at once."""
+    """A receiver that takes 30 ms per request and answers 503 to more than `capacity` at once.
+
+    Until it has turned one away, the requests it took wait for that (at most 30 s): the sink's
+    concurrency, not the pace of the test's posts, overloads it. With only the 30 ms a loaded
+    machine posted slower than four a service time, and nothing was ever refused."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.now, self.refused = capacity, 0, 0
         self.lock = threading.Lock()
+        self.overloaded = threading.Event()
 
     def __call__(self, request: Received) -> Reply:
         with self.lock:
             if self.now >= self.capacity:
                 self.refused += 1
+                self.overloaded.set()
                 return 503, {}, b'{"error":"busy"}'
             self.now += 1
         try:
+            self.overloaded.wait(30)
             time.sleep(0.03)  # the receiver's service time, not a wait in the test
             return ok(request)
         finally:

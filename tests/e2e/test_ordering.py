@@ -141,12 +141,17 @@ def test_a_failing_key_holds_back_only_itself(config: Path, receiver: FakeReceiv
     receiver.responder = slow_until_the_rest_is_in
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     try:
+        # Everything is in the store before the sink starts: the slow key's 50 attempts (about
+        # 5 s of full-jitter backoff below 200 ms) must outlast the delivery of the other twenty,
+        # not the test's posting of them one by one, which a loaded machine can make longer.
+        assert ctl(config, "pause", "crm").returncode == 0
         with httpx.Client(base_url=daemon.url, timeout=10) as client:
             post(client, "slow@example.com", 1)
             post(client, "slow@example.com", 2)
             for email in fast:
                 post(client, email, 1)
-            until(lambda: list(accepted), lambda got: ("slow@example.com", 2) in got)
+        assert ctl(config, "resume", "crm").returncode == 0
+        until(lambda: list(accepted), lambda got: ("slow@example.com", 2) in got)
     finally:
         daemon.stop()
 

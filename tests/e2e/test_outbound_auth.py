@@ -8,12 +8,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.certs import Pki
 from tests.fake_oauth import TokenServer
-from tests.fakes import Daemon, FakeReceiver, ctl, ctl_json, write_config
+from tests.fakes import HTTP, Daemon, FakeReceiver, ctl, ctl_json, write_config
 
 CLIENT_SECRET = "s3cret-client-value"
 QUIET = "[telemetry]\nmetrics = false\n"  # no exporter to wait for at shutdown
@@ -49,7 +48,7 @@ def run(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 def post(daemon: Daemon, n: int) -> None:
-    response = httpx.post(f"{daemon.url}/hooks/in", json={"n": n}, timeout=10)
+    response = HTTP.post(f"{daemon.url}/hooks/in", json={"n": n})
     assert response.status_code == 202, response.text
 
 

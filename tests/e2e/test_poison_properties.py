@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.depth import examples
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
+from tests.fakes import HTTP, Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
 
 PIPELINE = """
 [telemetry]
@@ -99,7 +99,7 @@ def test_random_json_never_stops_the_pipeline(tmp_path: Path, sock_dir: Path) ->
         )
         @given(bodies)
         def post(text: str) -> None:
-            answer = httpx.post(
+            answer = HTTP.post(
                 f"{daemon.url}/hooks/in",
                 content=text.encode("utf-8", "surrogatepass"),
                 headers={"content-type": "application/json"},

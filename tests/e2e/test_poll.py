@@ -80,10 +80,17 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
     tmp_path: Path, sock_dir: Path, api: FakeApi
 ) -> None:
     api.add(10_000)
+    # While set, pages beyond this many answered wait for the kill: however fast the daemon is
+    # and however late the test notices, the listing cannot end before the kill lands in it.
+    hold_after: list[int] = []
+    killed = threading.Event()
 
     def slow_and_keyed(request: ApiRequest) -> tuple[int, dict[str, str], bytes] | None:
         if request.query.get("api_key") != API_KEY:
             return 401, {"Content-Type": "application/json"}, b'{"error":"bad key"}'
+        limit = hold_after[:1]
+        if limit and sum(r.status == 200 for r in api.snapshot()) >= limit[0]:
+            killed.wait(30)
         time.sleep(0.004)  # ~100 pages take a good half second: room to land a kill inside a listing
         return None
 
@@ -94,13 +101,17 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
 
     # Two kills in the middle of the first listing.
     for pages in (20, 60):
+        hold_after[:] = [pages + 10]  # the kill lands anywhere in the next ten pages, not past them
+        killed.clear()
         daemon.start()
         api.wait_for(lambda requests, n=pages: sum(r.status == 200 for r in requests) >= n)
         daemon.kill9()
+        killed.set()
         state = poll_state(db)
         assert state["next_url"], "the kill was meant to land inside a listing"
         assert "api_key" not in str(state["next_url"])  # the key is added when sending, never stored
         assert 0 < len(stored_ids(db)) < 10_000
+    hold_after.clear()
 
     # The listing completes, then the overlap is asked again (one page) and then answered 304.
     daemon.start()
@@ -112,7 +123,7 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
     assert mark == api.record(10_000)["updated_at"]
 
     # After the restart the stored ETag is sent again and answered 304: the validators survived.
-    seen = len(api.snapshot())
+    seen = len(api.wait_disconnected())  # the killed process's last request counted as its own
     daemon.start()
     api.wait_for(lambda requests: len(requests) > seen)
     first = api.snapshot()[seen]
@@ -183,7 +194,9 @@ def test_a_kill_9_with_pages_read_ahead_and_their_commit_in_flight_loses_and_rep
         gate.set()
         api.wait_for(lambda requests: len(requests) * 50 >= committed + 1_000, timeout=10)
         daemon.kill9()
-        served = len(api.snapshot())
+        # Every request the killed process sent, also one its handler thread had not read yet
+        # when the kill returned: else that one would be taken for the restart's first.
+        served = len(api.wait_disconnected())
     finally:
         blocker.rollback()
         blocker.close()
@@ -402,7 +415,7 @@ def test_a_12_page_listing_polled_5_times_spends_the_quota_of_one_and_a_change_o
 
         # The validators are durable: after a kill -9 the next listing is 304s again.
         daemon.kill9()
-        restarted = len(api.snapshot())
+        restarted = len(api.wait_disconnected())  # else a last page 1 of the killed one begins `again`
         daemon.start()
         api.wait_for(lambda requests: len(cycles_of(requests[restarted:])) >= 2)
         again = cycles_of(api.snapshot()[restarted:])[0]

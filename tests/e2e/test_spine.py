@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, until, write_config
 
 PIPELINE = """
 [sources.demo]
@@ -145,7 +145,10 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_event(tmp_path, recei
     port = free_port()
     config = write_config(tmp_path, pipeline(receiver.url), port=port)
     daemon = Daemon(config, tmp_path / "ferry.log").start()
-    total, kills = 5000, 4
+    # Each kill lands with the 40 posters' requests in flight and deliveries under way, whatever
+    # the total: 500 events between kills (about a second of posting) put it in the middle of
+    # the burst as surely as 1,000 did, for half the posting time.
+    total, kills = 2500, 4
     acked: dict[int, str] = {}
     todo = list(reversed(range(total)))
 
@@ -301,9 +304,11 @@ async def test_repeated_idempotency_key_is_stored_and_delivered_once(daemon_for,
 
 async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(tmp_path, receiver) -> None:
     gate = threading.Event()
+    arrived: list[int] = []  # requests held at the gate (appended by the handler threads)
 
     def slow(request: Received) -> Reply:
-        gate.wait(10)
+        arrived.append(request.json()["id"])
+        gate.wait(30)
         return ok(request)
 
     receiver.responder = slow
@@ -311,6 +316,9 @@ async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(tmp_pat
     daemon = Daemon(config, tmp_path / "ferry.log").start()
     await post_all(daemon.url, list(range(30)))
     wait_rows(tmp_path, "SELECT count(*) FROM deliveries WHERE stage = 'crm'", lambda rows: rows[0][0] == 30)
+    # The sink's eight workers each have a request in flight before the signal: stored rows alone
+    # did not mean that on a loaded machine (SIGTERM came first; nothing was in flight, 0 sent).
+    until(lambda: len(arrived), lambda held: held == 8)
     daemon.signal(signal.SIGTERM)
     daemon.wait_log(lambda line: line.get("msg") == "stopping")
     gate.set()  # the in-flight requests may now complete within the grace period

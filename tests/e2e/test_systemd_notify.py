@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -39,14 +40,30 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+SO_TIMESTAMPNS = 35  # Linux (asm-generic and x86); also the SCM type of its ancillary data
+TIMESPEC = struct.Struct("@qq")
+
+
 class NotifySocket:
-    """A receiving sd_notify socket in the abstract namespace, recording every datagram with its time."""
+    """A receiving sd_notify socket in the abstract namespace, recording every datagram with its time.
+
+    The time is the kernel's, taken when the datagram was queued (`SO_TIMESTAMPNS`, wall clock):
+    a test that reads a while later (it was busy, or not scheduled) still sees when it was sent."""
 
     def __init__(self) -> None:
         self.address = f"@ferry-e2e-{uuid.uuid4().hex}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.bind("\0" + self.address[1:])
         self.seen: list[tuple[float, str]] = []
+
+    def receive(self) -> tuple[float, str]:
+        """The next datagram (blocking, within the socket's timeout) and when it was queued."""
+        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(TIMESPEC.size))
+        stamps = [d for level, kind, d in ancillary if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS)]
+        assert stamps, "no kernel timestamp on the datagram"
+        seconds, nanoseconds = TIMESPEC.unpack(stamps[0][: TIMESPEC.size])
+        return seconds + nanoseconds / 1e9, data.decode()
 
     def until(self, predicate: str, timeout: float = 20.0) -> list[tuple[float, str]]:
         """Receive until a datagram starts with `predicate`'s line; everything received so far."""
@@ -56,10 +73,10 @@ class NotifySocket:
             assert left > 0, f"{predicate} not received within {timeout}s; got {[t for _, t in self.seen]}"
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(4096)
+                received = self.receive()
             except TimeoutError:
                 continue
-            self.seen.append((time.monotonic(), data.decode()))
+            self.seen.append(received)
         return self.seen
 
     def index(self, line: str) -> int:
@@ -92,7 +109,7 @@ def test_systemd_sees_ready_status_watchdog_then_stopping(tmp_path: Path, notify
         while sum(t > ready_at and text == "WATCHDOG=1" for t, text in notify.seen) < 10:
             assert time.monotonic() < deadline, "fewer than 10 watchdog pings in 10s at a 0.1s interval"
             notify.sock.settimeout(1)
-            notify.seen.append((time.monotonic(), notify.sock.recv(4096).decode()))
+            notify.seen.append(notify.receive())
         pings = [t for t, text in notify.seen if text == "WATCHDOG=1" and t > ready_at]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert 0.05 < sorted(gaps)[len(gaps) // 2] < 0.2, gaps  # median gap: half WATCHDOG_USEC

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from daemon.telemetry import otel as telemetry
-from tests.fakes import Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
+from tests.fakes import HTTP, Daemon, FakeReceiver, Received, Reply, free_port, ok, write_config
 from tests.otlp import CLIENT, SERVER, OtlpReceiver, Span
 
 PIPELINE = """
@@ -70,7 +70,7 @@ def start(
 
 
 def post(daemon: Daemon, n: int, headers: dict[str, str] | None = None) -> str:
-    response = httpx.post(f"{daemon.url}/hooks/demo", json={"id": n, "name": f"n{n}"}, headers=headers or {})
+    response = HTTP.post(f"{daemon.url}/hooks/demo", json={"id": n, "name": f"n{n}"}, headers=headers or {})
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
