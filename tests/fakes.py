@@ -198,7 +198,7 @@ class QuietHandler(BaseHTTPRequestHandler):
         for level, kind, data in ancillary:
             if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
                 seconds, nanoseconds = _TIMESPEC.unpack(data[: _TIMESPEC.size])
-                return seconds + nanoseconds / 1e9
+                return float(seconds + nanoseconds / 1e9)
         return time.time()  # the end of the connection, or no stamp
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
