@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster
+from tests.e2e.cluster import FAILOVER, HEARTBEAT, Cluster, Node
 from tests.fake_api import ApiRequest, FakeApi
 from tests.fakes import HTTP, FakeReceiver, ctl, ctl_json, until
 from tests.postgres import postgres_url
@@ -273,19 +273,25 @@ def test_a_drain_given_to_one_node_drains_the_cluster_and_every_node_exits_0(
     assert httpx.post(f"{b.daemon.url}/hooks/demo", json={"id": 99}, timeout=10).status_code == 202
 
 
-def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_heartbeat(
-    cluster: Cluster, receiver: FakeReceiver
-) -> None:
-    # A heartbeat of a minute: no beat's wake-up moves these events; the commit's notification
-    # does (daemon/store/postgres/wake.py), and the leader's status counts what it heard.
+def _listening_pair(cluster: Cluster, receiver: FakeReceiver) -> tuple[Node, Node]:
+    """Two nodes with a heartbeat of a minute, both listening for the other's commits: (the
+    transform's lease holder, the other)."""
     cluster.heartbeat, cluster.lease_ttl = 60.0, 180.0
     cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url)
     nodes = [cluster.add(name).start() for name in ("a", "b")]
     leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
-    leader = next(node for node in nodes if node.name == leader_name)
-    standby = next(node for node in nodes if node.name != leader_name)
-    for node in nodes:  # the listener connects after the node starts: posts before it are not heard
+    for node in nodes:  # the listener connects after the node starts: commits before it are not heard
         until(node.status, lambda status: status["wake"]["listening"], timeout=15)
+    leader = next(node for node in nodes if node.name == leader_name)
+    return leader, next(node for node in nodes if node is not leader)
+
+
+def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_heartbeat(
+    cluster: Cluster, receiver: FakeReceiver
+) -> None:
+    # No beat's wake-up moves these events; the commit's notification does
+    # (daemon/store/postgres/wake.py), and the leader's status counts what it heard.
+    leader, standby = _listening_pair(cluster, receiver)
     took = []
     for first in (0, 10, 20):  # each round after the last one is delivered: a wake-up each time
         started = time.monotonic()
@@ -306,14 +312,7 @@ def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_h
 def test_a_node_whose_listener_connection_is_cut_reconnects_and_still_hears(
     cluster: Cluster, receiver: FakeReceiver
 ) -> None:
-    cluster.heartbeat, cluster.lease_ttl = 60.0, 180.0
-    cluster.pipeline = TRANSFORMING.replace("RECEIVER", receiver.url)
-    nodes = [cluster.add(name).start() for name in ("a", "b")]
-    leader_name = until(lambda: cluster.holder("transform.shape"), lambda held: held is not None, timeout=20)
-    leader = next(node for node in nodes if node.name == leader_name)
-    standby = next(node for node in nodes if node.name != leader_name)
-    for node in nodes:
-        until(node.status, lambda status: status["wake"]["listening"], timeout=15)
+    leader, standby = _listening_pair(cluster, receiver)
     # The server ends every listening session (as a restart or a proxy's idle timeout would).
     cut = cluster.query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
