@@ -214,4 +214,6 @@ def test_fan_out_past_max_outputs_is_dead_lettered_and_memory_stays_bounded(
         "map produced more than 10000 outputs for one event (max_outputs)"
     }
     until(lambda: delivered(tmp_path), lambda events: len(events) == 10_000, timeout=120, interval=0.5)
-    assert vm_hwm(daemon) < 200 * 1024**2
+    # Measured 187-212 MB peak with the bound (how many of the four bodies one transform batch
+    # holds varies with timing); 1.05 GB without it.
+    assert vm_hwm(daemon) < 300 * 1024**2
