@@ -86,6 +86,10 @@ class Fetcher:
         self._later: float | None = None  # no later than the earliest row scheduled after now
         self._known = False  # whether `_later` covers the rows scheduled before this incarnation
         self._claim_lease = store.claim_lease
+        self._head_lock = trio.Lock()
+        self.head_checked = ordering is not None  # sinks with ordering have no crash quarantine
+        self.quarantined: set[int] = set()
+        """Rows this incarnation's head check dead-lettered: a worker holding one drops it."""
         self._fetched_at: dict[int, float] = {}  # rowid -> start of the last fetch returning it
         self.lost = 0
         """Rows dropped unsent because another node had claimed them (`reclaim`)."""
@@ -95,6 +99,8 @@ class Fetcher:
         self.inflight.clear()
         self.settled.clear()
         self._fetched_at.clear()
+        self.head_checked = self._ordering is not None
+        self.quarantined.clear()
         self._later, self._known = None, False
 
     def settle(self, rowids: set[int] | list[int]) -> None:
@@ -114,8 +120,7 @@ class Fetcher:
     async def run(self, channel: trio.MemorySendChannel[list[Due]], chunk: int, ahead: int) -> None:
         """Fetch until the sink stops; each `channel.send` carries one batch (`chunk` rows)."""
         store, name = self._store, self.name
-        if self._ordering is None:  # before this incarnation sends anything (actors.sink.quarantine)
-            await quarantine_head(store, name, self._quarantine_after)
+        if self._ordering is None:  # the crash quarantine (actors.sink.quarantine)
             await self._suspect_alone(channel)
         while self._running():
             if self._paused():
@@ -147,6 +152,19 @@ class Fetcher:
             wake_at = await self._next_due(now)
             with trio.move_on_after(max(0.0, wake_at - self._clock()) if wake_at is not None else IDLE_WAIT):
                 await self._signal.wait()
+
+    async def check_head(self) -> None:
+        """Before this incarnation's first send: record the stage's head, and dead-letter it if
+        too many incarnations died with it (`actors.sink.quarantine`). Once per incarnation; the
+        other workers wait for it."""
+        async with self._head_lock:
+            if self.head_checked:
+                return
+            found = await quarantine_head(self._store, self.name, self._quarantine_after)
+            if found is not None:
+                self.quarantined.add(found)
+                self.settle([found])
+            self.head_checked = True
 
     def _stamp(self, rows: list[Due], settled: set[int], started: float) -> None:
         fetched_at = self._fetched_at

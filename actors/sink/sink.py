@@ -288,7 +288,11 @@ class Sink:
                     leftover = []
                     continue
                 batch = await self._fetcher.reclaim(batch, self._send_timeout)
-                if not batch:  # every row of it was claimed by another node while it waited
+                if not self._fetcher.head_checked:
+                    await self._fetcher.check_head()
+                if self._fetcher.quarantined:
+                    batch = [due for due in batch if due.rowid not in self._fetcher.quarantined]
+                if not batch:  # claimed by another node while it waited, or quarantined
                     if admission is not None:
                         admission.cancel()
                     continue

@@ -6,6 +6,7 @@ deep JSON is made by the transform's jq, or the crash is injected into the daemo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from daemon.store.outbox import Incoming, insert_events
-from tests.fakes import HTTP, ROOT, Daemon, FakeReceiver, Received, Reply, ctl_json, write_config
+from tests.fakes import HTTP, ROOT, Daemon, FakeReceiver, Received, Reply, ctl_json, until, write_config
 
 PIPELINE = """
 [telemetry]
@@ -256,5 +257,78 @@ def test_an_event_that_kills_the_process_is_quarantined_across_restarts(
         shown = ctl_json(config, "dlq", "show", letter["id"])
         assert "KILLME" in json.dumps(shown)
         assert deaths >= 3
+    finally:
+        daemon.stop()
+
+
+WAITER = """
+import asyncio, os, signal, sys
+sys.path.insert(0, {root!r})
+import trio
+from actors.sink import guard
+from actors.transform import program as transform
+
+_map = transform.TransformProgram.map
+
+def map(self, payloads):
+    if any(b"KILLME" in payload for payload in payloads):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _map(self, payloads)
+
+async def admit(self):  # the sink is never let through: it sends nothing, in any incarnation
+    await trio.sleep_forever()
+
+transform.TransformProgram.map = map
+guard.SinkGuard.admit_now = lambda self: None
+guard.SinkGuard.admit = admit
+"""
+
+
+def test_a_delivery_its_sink_never_sent_is_not_quarantined_for_another_stages_poison(
+    tmp_path: Path, sock_dir: Path, receiver: FakeReceiver
+) -> None:
+    """Event 0 waits at the head of the sink (never admitted, never sent) while event 1's
+    transform kills the process at every start. Only event 1 is quarantined: old code counted each
+    death against the sink's head too, and dead-lettered the innocent event 0 beside the poison."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WAITER.format(root=str(ROOT)), encoding="utf-8")
+    config = write_config(tmp_path, PIPELINE.format(socket=sock_dir / "ctl.sock", map=".", url=receiver.url))
+    env = {"PYTHONPATH": str(hook)}
+    daemon = Daemon(config, tmp_path / "log.jsonl", env=env).start()
+    post(daemon, {"n": 0, "text": "ok"})
+    until(lambda: ctl_json(config, "status")["stages"]["out"]["pending"], lambda pending: pending == 1)
+    with contextlib.suppress(httpx.TransportError):  # it may die before answering: stored all the same
+        post(daemon, {"n": 1, "text": "KILLME"})
+    deaths = 0
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, deaths
+        assert daemon.proc is not None
+        if daemon.proc.poll() is None:
+            try:
+                listing = ctl_json(config, "dlq", "list")
+            except AssertionError:
+                time.sleep(0.05)  # killed again meanwhile
+                continue
+            if listing["total"] >= 1:
+                break
+            time.sleep(0.05)
+            continue
+        deaths += 1
+        assert deaths <= 6, "the poison event was never quarantined"
+        daemon = Daemon(config, tmp_path / "log.jsonl", env=env)
+        try:
+            daemon.start()
+        except AssertionError:  # killed again before it logged "ready"
+            assert daemon.proc is not None
+    try:
+        assert deaths >= 3
+        until(lambda: ctl_json(config, "status")["stages"]["shape"]["dead"], lambda dead: dead == 1)
+        listing = ctl_json(config, "dlq", "list")
+        assert [letter["id"].count(".") for letter in listing["items"]] == [1], listing  # the transform's
+        assert listing["items"][0]["last_error"].startswith("poison: quarantined")
+        stages = ctl_json(config, "status")["stages"]
+        assert stages["out"] == stages["out"] | {"pending": 1, "dead": 0}, "event 0 still waits, not dead"
     finally:
         daemon.stop()
