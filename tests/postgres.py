@@ -17,12 +17,14 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
+import trio
 
 from daemon.store.postgres.connect import open_database
+from daemon.store.postgres.store import PostgresStore
 
 ADMIN_URL = os.environ.get("FERRY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/postgres")
 HOW = f"start PostgreSQL ≥ 13 on {ADMIN_URL} (trust auth) or point FERRY_TEST_POSTGRES at a server"
@@ -169,3 +171,20 @@ def pg_proxy() -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.cut()
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(url: str, *, lease: float) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two running stores on database `url`, as nodes `node-a` and `node-b` whose delivery claims
+    last `lease` seconds; stopped and closed afterwards."""
+    a = PostgresStore.open(url, node="node-a", lease=lease)
+    b = PostgresStore.open(url, node="node-b", lease=lease)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            yield a, b
+            nursery.cancel_scope.cancel()
+    finally:
+        a.close()
+        b.close()

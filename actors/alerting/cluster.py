@@ -1,8 +1,9 @@
 """The cluster's metrics as one snapshot, for an alerter that runs on one node of several.
 
 In cluster mode each node publishes its own metrics (`Snapshot`, the same readings its alerter
-would see) to the shared database every `[alerting] interval` (`daemon.cluster.metrics`); the
-alerter, a singleton on one node, reads the live nodes' snapshots and evaluates every rule on
+would see) to the shared database every `[alerting] interval` (`publish_forever`, started by
+`daemon.assembly.publish_metrics`); the alerter, a singleton on one node, reads the live nodes'
+snapshots (`cluster_view`) and evaluates every rule on
 their merge (`ClusterMetrics.merge`), so `rate(deliveries{outcome="dead"}, 5m)` counts the dead
 letters of every node, not one node's share.
 

@@ -86,6 +86,8 @@ class Fetcher:
         self._later: float | None = None  # no later than the earliest row scheduled after now
         self._known = False  # whether `_later` covers the rows scheduled before this incarnation
         self._claim_lease = store.claim_lease
+        self.claims_lapse = self._claim_lease is not None
+        """Whether another node can take a row this one fetched (`reclaim` before sending)."""
         self._head_lock = trio.Lock()
         self.head_checked = ordering is not None  # sinks with ordering have no crash quarantine
         self.quarantined: set[int] = set()

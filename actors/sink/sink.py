@@ -287,7 +287,8 @@ class Sink:
                     self._fetcher.settle([due.rowid for due in (*batch, *leftover)])
                     leftover = []
                     continue
-                batch = await self._fetcher.reclaim(batch, self._send_timeout)
+                if self._fetcher.claims_lapse:  # a store shared with other nodes
+                    batch = await self._fetcher.reclaim(batch, self._send_timeout)
                 if not self._fetcher.head_checked:
                     await self._fetcher.check_head()
                 if self._fetcher.quarantined:

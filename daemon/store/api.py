@@ -37,7 +37,7 @@ an event id is `outbox.new_event_id`, a derived one `PARENT.TRANSFORM[.N]`, a de
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Protocol, final
 
 import trio
@@ -109,7 +109,7 @@ class Ingest(Protocol):
     """Events from sources. Fails fast (the webhook answers 503)."""
 
     async def insert_events(
-        self, incoming: Sequence[Incoming], *, dedup_window: float, wake: Iterable[str] = ()
+        self, incoming: Sequence[Incoming], *, dedup_window: float, wake: Collection[str] = ()
     ) -> list[tuple[str, bool]]:
         """Store events and their deliveries; (event id, duplicate) for each, in order.
 
@@ -139,7 +139,7 @@ class Transforms(Protocol):
         failures: Sequence[Failed],
         sinks: Sequence[str],
         *,
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> int:
         """Outputs (ids `PARENT.NAME[.N]`) with their deliveries, dead letters (stage `name`) and
         the cursor at `position`, all or nothing. Returns how many events were stored."""
@@ -157,7 +157,7 @@ class Transforms(Protocol):
         error: str | None,
         sinks: Sequence[str],
         *,
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> None:
         """A retried event's outputs with its row marked delivered, or its row dead again with `error`."""
         ...
@@ -196,7 +196,7 @@ class Windows(Protocol):
         ...
 
     async def commit_emitted(
-        self, transform: str, emitted: Sequence[Emitted], *, wake: Iterable[str] = ()
+        self, transform: str, emitted: Sequence[Emitted], *, wake: Collection[str] = ()
     ) -> int:
         """Each closed window's event and deliveries (or dead letter), and its removal."""
         ...
@@ -233,7 +233,7 @@ class Deliveries(Protocol):
         ...
 
     async def record_outcomes(
-        self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Iterable[str] = ()
+        self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Collection[str] = ()
     ) -> None:
         """Each attempt's rows delivered, scheduled again, or dead (one attempt counted each);
         with `ordering`, the record keys' delivered versions too. All attempts or none."""
@@ -267,7 +267,7 @@ class Polling(Protocol):
         dedup_window: float,
         trace: str | None = None,
         checks: Sequence[PageCheck] = (),
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> list[Committed]:
         """Each page's new items (by key, within `dedup_window`) with their deliveries, the last
         page's state and `checks`, in one transaction."""
@@ -281,7 +281,7 @@ class Control(Protocol):
 
     async def show_delivery(self, delivery_id: str) -> tuple[str, DeadLetter] | None: ...
 
-    async def retry_dead(self, selection: DeadFilter, *, wake: Iterable[str] = ()) -> dict[str, int]:
+    async def retry_dead(self, selection: DeadFilter, *, wake: Collection[str] = ()) -> dict[str, int]:
         """Matching dead letters pending again (same ids), due now; how many per stage."""
         ...
 
@@ -320,7 +320,7 @@ class Control(Protocol):
     ) -> int: ...
 
     async def insert_replay(
-        self, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]], wake: Iterable[str] = ()
+        self, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]], wake: Collection[str] = ()
     ) -> dict[str, int]: ...
 
 

@@ -19,7 +19,7 @@ Wake-ups:
     Requests name the consumers their writes concern (`wake`). After the commit the engine fires
     those consumers' `Signal`s, only for requests that committed. A backend shared by several
     processes (PostgreSQL) also `announce`s the names inside the transaction, so the other nodes
-    hear of the commit when it happens (`daemon.store.postgres.notify`).
+    hear of the commit when it happens (`daemon.store.postgres.wake`, `.listener`).
 
 Cancellation:
     A trio task cancelled while waiting for its request stops waiting, but the request itself
@@ -38,7 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -97,9 +97,9 @@ class Transactions(Protocol[C]):
 class _Request(Generic[C, T]):
     __slots__ = ("done", "error", "fn", "result", "wake")
 
-    def __init__(self, fn: Callable[[C], T], wake: Iterable[str]) -> None:
+    def __init__(self, fn: Callable[[C], T], wake: Collection[str]) -> None:
         self.fn = fn
-        self.wake = wake if isinstance(wake, Collection) else tuple(wake)  # read twice: announce, resolve
+        self.wake = wake
         self.done = trio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -135,7 +135,7 @@ class GroupCommit(Generic[C]):
             signal = self._signals[consumer] = Signal()
         return signal
 
-    async def call(self, fn: Callable[[C], T], *, wake: Iterable[str] = ()) -> T:
+    async def call(self, fn: Callable[[C], T], *, wake: Collection[str] = ()) -> T:
         """Run `fn(conn)` in the next group transaction; return its result once committed.
 
         Raises `StoreUnavailable` if the transaction did not commit (nothing of
@@ -151,7 +151,7 @@ class GroupCommit(Generic[C]):
         return request.result  # type: ignore[return-value]
 
     async def call_until_committed(
-        self, fn: Callable[[C], T], *, wake: Iterable[str] = (), max_backoff: float = 5.0
+        self, fn: Callable[[C], T], *, wake: Collection[str] = (), max_backoff: float = 5.0
     ) -> T:
         """`call(fn)`, retried while the store is unavailable until it commits.
 

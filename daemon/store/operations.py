@@ -14,7 +14,7 @@ A backend is `Operations` with its connection type, its store functions and its 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -74,7 +74,7 @@ class Operations(GroupCommit[C]):
     # -- ingest (fail fast) --------------------------------------------------------------------
 
     async def insert_events(
-        self, incoming: Sequence[Incoming], *, dedup_window: float, wake: Iterable[str] = ()
+        self, incoming: Sequence[Incoming], *, dedup_window: float, wake: Collection[str] = ()
     ) -> list[tuple[str, bool]]:
         fn = partial(self._functions.insert_events, incoming=incoming, dedup_window=dedup_window)
         return await self.call(fn, wake=wake)
@@ -96,7 +96,7 @@ class Operations(GroupCommit[C]):
         failures: Sequence[Failed],
         sinks: Sequence[str],
         *,
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> int:
         functions = self._functions
         fn = partial(
@@ -120,7 +120,7 @@ class Operations(GroupCommit[C]):
         error: str | None,
         sinks: Sequence[str],
         *,
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> None:
         functions = self._functions
         fn = partial(functions.commit_revived, name=name, row=row, outputs=outputs, error=error, sinks=sinks)
@@ -163,7 +163,7 @@ class Operations(GroupCommit[C]):
         return await self.call_until_committed(fn)
 
     async def commit_emitted(
-        self, transform: str, emitted: Sequence[Emitted], *, wake: Iterable[str] = ()
+        self, transform: str, emitted: Sequence[Emitted], *, wake: Collection[str] = ()
     ) -> int:
         functions = self._functions
         fn = partial(functions.commit_emitted, transform=transform, emitted=emitted)
@@ -187,7 +187,7 @@ class Operations(GroupCommit[C]):
         return await self.call_until_committed(fn)
 
     async def record_outcomes(
-        self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Iterable[str] = ()
+        self, attempts: Sequence[Attempt], *, ordering: Ordering | None = None, wake: Collection[str] = ()
     ) -> None:
         fn = partial(self._functions.record_outcomes, attempts=attempts, ordering=ordering)
         await self.call_until_committed(fn, wake=wake)
@@ -226,7 +226,7 @@ class Operations(GroupCommit[C]):
         dedup_window: float,
         trace: str | None = None,
         checks: Sequence[PageCheck] = (),
-        wake: Iterable[str] = (),
+        wake: Collection[str] = (),
     ) -> list[Committed]:
         functions = self._functions
         fn = partial(
@@ -248,7 +248,7 @@ class Operations(GroupCommit[C]):
     async def show_delivery(self, delivery_id: str) -> tuple[str, DeadLetter] | None:
         return await self.call(partial(self._functions.show_delivery, delivery_id=delivery_id))
 
-    async def retry_dead(self, selection: DeadFilter, *, wake: Iterable[str] = ()) -> dict[str, int]:
+    async def retry_dead(self, selection: DeadFilter, *, wake: Collection[str] = ()) -> dict[str, int]:
         return await self.call(partial(self._functions.retry_dead, selection=selection), wake=wake)
 
     async def purge_dead(self, selection: DeadFilter, *, dry_run: bool = False) -> int:
@@ -306,7 +306,7 @@ class Operations(GroupCommit[C]):
         return await self.call(fn)
 
     async def insert_replay(
-        self, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]], wake: Iterable[str] = ()
+        self, *, number: int, seqs_by_sink: Mapping[str, Sequence[int]], wake: Collection[str] = ()
     ) -> dict[str, int]:
         fn = partial(self._functions.insert_replay, number=number, seqs_by_sink=seqs_by_sink)
         return await self.call(fn, wake=wake)

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
+import psycopg
 import pytest
 import trio
 import trio.lowlevel
@@ -14,7 +15,7 @@ from daemon.config.sync import OrderingConfig
 from daemon.store.keying import Ordering
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.types import Incoming, Outcomes
-from tests.postgres import postgres_url
+from tests.postgres import postgres_url, two_nodes
 
 __all__ = ["postgres_url"]
 
@@ -24,15 +25,8 @@ FAR = 2e10
 @pytest.fixture
 async def nodes(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
     """Two nodes on one database; their leases last 1 s."""
-    a = PostgresStore.open(postgres_url, node="node-a", lease=1.0)
-    b = PostgresStore.open(postgres_url, node="node-b", lease=1.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-        yield a, b
-        nursery.cancel_scope.cancel()
-    a.close()
-    b.close()
+    async with two_nodes(postgres_url, lease=1.0) as pair:
+        yield pair
 
 
 async def ingest(store: PostgresStore, *bodies: object) -> list[str]:
@@ -78,11 +72,7 @@ async def test_an_expired_lease_is_claimable_and_only_the_holder_records_an_outc
 async def test_a_node_whose_clock_runs_ahead_does_not_take_another_nodes_claims_early(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a = PostgresStore.open(postgres_url, node="node-a", lease=60.0)
-    b = PostgresStore.open(postgres_url, node="node-b", lease=60.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
+    async with two_nodes(postgres_url, lease=60.0) as (a, b):
         await ingest(a, 1, 2)
         held = await a.due_deliveries("crm", FAR, 10)
         assert len(held) == 2
@@ -93,28 +83,43 @@ async def test_a_node_whose_clock_runs_ahead_does_not_take_another_nodes_claims_
         assert await b.due_deliveries("crm", FAR, 10) == []
         # node-a fetching with its clock ahead keeps what it holds.
         assert [d.rowid for d in await a.due_deliveries("crm", FAR, 10)] == [d.rowid for d in held]
-        nursery.cancel_scope.cancel()
-    a.close()
-    b.close()
 
 
 async def test_a_node_renews_only_the_claims_no_other_node_took_even_after_they_ran_out(
-    nodes: tuple[PostgresStore, PostgresStore],
+    nodes: tuple[PostgresStore, PostgresStore], postgres_url: str
 ) -> None:
     a, b = nodes
     await ingest(a, 1, 2)
     first, second = await a.due_deliveries("crm", FAR, 10)
     assert await a.renew_claims("crm", [first.rowid]) == {first.rowid}
-    with trio.fail_after(10):  # both of node-a's leases (1 s) run out; node-b claims what is free
-        while not (taken := await b.due_deliveries("crm", FAR, 10)):
+    both = {first.rowid, second.rowid}
+    taken: set[int] = set()
+    with trio.fail_after(10):  # node-a's leases (1 s) run out; node-b claims each once it is free
+        while taken != both:
+            taken |= {d.rowid for d in await b.due_deliveries("crm", FAR, 10)}
             await trio.sleep(0.05)
-    assert {d.rowid for d in taken} == {first.rowid, second.rowid}
-    assert await a.renew_claims("crm", [first.rowid, second.rowid]) == set(), "node-b's now"
-    assert await b.renew_claims("crm", [first.rowid, second.rowid]) == {first.rowid, second.rowid}
+    assert await a.renew_claims("crm", list(both)) == set(), "node-b's now"
+    assert await b.renew_claims("crm", list(both)) == both
+
+    def leases() -> dict[int, tuple[str, float, bool]]:
+        """Each row's lease: (owner, until, whether it holds now), on the database's clock."""
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT rowid, lease_owner, lease_until, lease_until >= extract(epoch FROM now()) "
+                "FROM deliveries"
+            ).fetchall()
+        return {rowid: (owner, until, live) for rowid, owner, until, live in rows}
+
     # Run out with nobody taking it: the claim is still node-b's to renew (no other node has it).
-    await trio.sleep(1.2)
+    with trio.fail_after(10):
+        while any(live for _, _, live in leases().values()):
+            await trio.sleep(0.05)
+    lapsed = leases()
     assert await b.renew_claims("crm", [first.rowid]) == {first.rowid}
-    assert [d.rowid for d in await a.due_deliveries("crm", FAR, 10)] == [second.rowid], "only the lapsed one"
+    renewed = leases()
+    assert renewed[first.rowid][0] == "node-b"
+    assert renewed[first.rowid][1] > lapsed[first.rowid][1], "a new lease from the renewal"
+    assert renewed[second.rowid] == lapsed[second.rowid], "the other row untouched"
 
 
 async def test_a_retried_delivery_is_free_for_any_node_once_due(

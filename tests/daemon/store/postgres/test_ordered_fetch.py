@@ -17,7 +17,7 @@ from daemon.store.keying import Ordering
 from daemon.store.postgres.deliveries import CANDIDATES
 from daemon.store.postgres.store import PostgresStore
 from daemon.store.types import Incoming, Outcomes
-from tests.postgres import postgres_url
+from tests.postgres import postgres_url, two_nodes
 
 __all__ = ["postgres_url"]
 
@@ -27,15 +27,8 @@ ORDERING = Ordering(OrderingConfig(key=".k", version=".v", compare="number"))
 
 @pytest.fixture
 async def nodes(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    a = PostgresStore.open(postgres_url, node="node-a", lease=30.0)
-    b = PostgresStore.open(postgres_url, node="node-b", lease=30.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-        yield a, b
-        nursery.cancel_scope.cancel()
-    a.close()
-    b.close()
+    async with two_nodes(postgres_url, lease=30.0) as pair:
+        yield pair
 
 
 async def ingest(store: PostgresStore, bodies: list[dict[str, Any]]) -> None:
