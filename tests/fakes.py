@@ -146,6 +146,23 @@ SO_TIMESTAMPNS = 35  # Linux (asm-generic and x86); also the type of its ancilla
 _TIMESPEC = struct.Struct("@qq")
 
 
+def _keep_stamping() -> socket.socket | None:
+    """A socket holding SO_TIMESTAMPNS for the life of the process. Linux turns receive
+    timestamps on lazily (a deferred static key) when the first socket asks, and off when the last
+    one closes; a packet that arrives while they are off is stamped when it is read. Held from
+    import, every fake server's first request carries its real arrival time."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        held.close()
+        return None
+    return held
+
+
+_STAMPING = _keep_stamping()
+
+
 class QuietHandler(BaseHTTPRequestHandler):
     """The base of the fake servers' handlers: HTTP/1.1 keep-alive, no access log, no Nagle.
 
