@@ -36,12 +36,13 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from bench.context import Context, bench_context, report
 from bench.floor import measure as floor_measure
-from bench.harness import Ferry, post_count, post_load, write_config, wrk_missing, wrk_script
+from bench.harness import Ferry, Skeleton, post_count, post_load, write_config, wrk_missing, wrk_script
 from bench.listener_bench import measure, serve_bare
 from bench.report import Row
 from daemon.http.client import LeanClient
@@ -112,13 +113,38 @@ def _unspy(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
+class Pipeline(Protocol):
+    """A process taking the bench's webhooks and delivering them: the daemon (`Ferry`) or the
+    design's floor (`bench.skeleton.Skeleton`)."""
+
+    folder: Path
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    def thread_cpu(self) -> tuple[float, float, int]: ...
+
+    def accepted(self) -> int: ...
+
+
 async def per_event_cpu_us(
-    ctx: Context, ferry: Ferry, count: int, profile: Path | None, detail: dict[str, list[float]] | None = None
+    ctx: Context,
+    ferry: Pipeline,
+    count: int,
+    profile: Path | None,
+    detail: dict[str, list[float]] | None = None,
+    name: str = "per-event",
 ) -> float | None:
-    """The per-event daemon's CPU per delivered event, over `count` more events.
+    """The per-event pipeline's CPU per delivered event, over `count` more events.
 
     `detail`: where to append, per delivered event, the CPU of the threads other than the event
-    loop's (`others`: the store's writer thread, mostly) and the context switches (`switches`)."""
+    loop's (`others`: the store's writer thread, mostly) and the context switches (`switches`).
+    `name`: the pipeline's, in an anomaly (events stored but not received once, or received more)."""
     await ctx.receiver.reset()
     threads_before = ferry.thread_cpu()
     before = ferry.cpu_seconds()
@@ -142,9 +168,13 @@ async def per_event_cpu_us(
         await ctx.receiver.wait_items(accepted, 120)
         late = await ctx.receiver.stats()
         if late["items"] < accepted:
-            ctx.anomalies.append(f"per-event: stored {accepted}, received {late['items']}")
+            ctx.anomalies.append(f"{name}: stored {accepted}, received {late['items']}")
     elif stats["items"] > accepted:
-        ctx.anomalies.append(f"per-event: stored {accepted}, received {stats['items']}")
+        ctx.anomalies.append(f"{name}: stored {accepted}, received {stats['items']}")
+    if stats["distinct_keys"] < stats["requests"]:
+        ctx.anomalies.append(
+            f"{name}: {stats['requests']} requests, {stats['distinct_keys']} idempotency keys"
+        )
     return used / stats["items"] * 1e6 if stats["items"] else None
 
 
@@ -195,31 +225,18 @@ async def cpu_figures(
     daemons = {"": _daemons(ctx, "", None)}
     if baseline is not None:
         daemons[BASELINE] = _daemons(ctx, "-baseline", baseline)
-    samples: dict[str, list[float]] = {"bare": [], "client": []}
-    for label in daemons:
-        samples[f"per_event{label}"], samples[f"pipeline{label}"] = [], []
-    if profile is not None:
-        await trio.Path(profile).mkdir(parents=True, exist_ok=True)
-    for _ in range(rounds):
-        samples["bare"].append(await bare_cpu_us(ctx))
-        samples["client"].append(await client_cpu_us(ctx))
-        for label, (per_event, _) in daemons.items():
-            detail: dict[str, list[float]] = {}
-            value = await per_event_cpu_us(ctx, per_event, count, None, detail)
-            if value is not None:
-                samples[f"per_event{label}"].append(value)
-                for key, values in detail.items():
-                    samples.setdefault(f"per_event_{key}{label}", []).extend(values)
-        for label, (_, pipeline) in daemons.items():
-            value = await pipeline_cpu_us(ctx, pipeline, None)
-            if value is not None:
-                samples[f"pipeline{label}"].append(value)
-        print("  round: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items() if v), flush=True)
-    if profile is not None:  # a round of its own: the sampler's pauses are in no figure
-        for label, (per_event, pipeline) in daemons.items():
-            name = "-baseline" if label else ""
-            await per_event_cpu_us(ctx, per_event, count, profile / f"per_event{name}.raw")
-            await pipeline_cpu_us(ctx, pipeline, profile / f"pipeline{name}.raw")
+    skeleton = Skeleton(ctx.tmp / "cpu-skeleton", ctx.receiver.url + "/skeleton")
+    try:
+        samples = await _rounds(ctx, rounds, count, daemons, skeleton)
+        if profile is not None:  # a round of its own: the sampler's pauses are in no figure
+            await trio.Path(profile).mkdir(parents=True, exist_ok=True)
+            for label, (per_event, pipeline) in daemons.items():
+                name = "-baseline" if label else ""
+                await per_event_cpu_us(ctx, per_event, count, profile / f"per_event{name}.raw")
+                await pipeline_cpu_us(ctx, pipeline, profile / f"pipeline{name}.raw")
+            await per_event_cpu_us(ctx, skeleton, count, profile / "skeleton.raw", name="skeleton")
+    finally:
+        skeleton.stop()
     for per_event, pipeline in daemons.values():
         per_event.stop()
         pipeline.stop()
@@ -231,60 +248,102 @@ async def cpu_figures(
         ctx.rows.extend(rows(samples, label))
 
 
+async def _rounds(
+    ctx: Context, rounds: int, count: int, daemons: dict[str, tuple[Ferry, Ferry]], skeleton: Skeleton
+) -> dict[str, list[float]]:
+    """The samples of `rounds` rounds, each running every load once (module docstring)."""
+    samples: dict[str, list[float]] = {"bare": [], "client": [], "skeleton": []}
+    for label in daemons:
+        samples[f"per_event{label}"], samples[f"pipeline{label}"] = [], []
+    for _ in range(rounds):
+        samples["bare"].append(await bare_cpu_us(ctx))
+        samples["client"].append(await client_cpu_us(ctx))
+        for label, (per_event, _) in daemons.items():
+            detail: dict[str, list[float]] = {}
+            value = await per_event_cpu_us(ctx, per_event, count, None, detail)
+            if value is not None:
+                samples[f"per_event{label}"].append(value)
+                for key, values in detail.items():
+                    samples.setdefault(f"per_event_{key}{label}", []).extend(values)
+        detail = {}
+        value = await per_event_cpu_us(ctx, skeleton, count, None, detail, name="skeleton")
+        if value is not None:
+            samples["skeleton"].append(value)
+            for key, values in detail.items():
+                samples.setdefault(f"skeleton_{key}", []).extend(values)
+        for label, (_, pipeline) in daemons.items():
+            value = await pipeline_cpu_us(ctx, pipeline, None)
+            if value is not None:
+                samples[f"pipeline{label}"].append(value)
+        print("  round: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items() if v), flush=True)
+    return samples
+
+
+def _median(samples: dict[str, list[float]], key: str) -> float | None:
+    values = samples.get(key)
+    return statistics.median(values) if values else None
+
+
+def _x_bare(
+    figure: str, value: float | None, bare: float | None, target: str = "", passed: bool | None = None
+) -> Row:
+    """A row in us with its ratio to the bare server's CPU per request."""
+    ratio = value / bare if value and bare else None
+    return Row(figure, value, "us", bare, ratio, target, passed, baseline_unit="us bare")
+
+
 def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
     """The figures of issue 16 from the rounds' samples (medians); `label` names a baseline tree."""
-    bare = statistics.median(samples["bare"]) if samples["bare"] else None
-    per_samples, pipe_samples = samples[f"per_event{label}"], samples[f"pipeline{label}"]
-    per = statistics.median(per_samples) if per_samples else None
-    pipe = statistics.median(pipe_samples) if pipe_samples else None
-    client = statistics.median(samples["client"]) if samples.get("client") else None
+    bare, client = _median(samples, "bare"), _median(samples, "client")
+    per, pipe = _median(samples, f"per_event{label}"), _median(samples, f"pipeline{label}")
     floor = samples["floor"][0] if samples.get("floor") else None
     least = bare + client + floor if bare and client and floor else None
-    others_samples = samples.get(f"per_event_others{label}", [])
-    others = statistics.median(others_samples) if others_samples else None
-    switch_samples = samples.get(f"per_event_switches{label}", [])
-    switches = statistics.median(switch_samples) if switch_samples else None
+    skeleton = _median(samples, "skeleton")
     ours = [
         Row("bare trio+h11 server: CPU per request (median)", bare, "us"),
-        Row(
-            f"  LeanClient, {CONCURRENCY} tasks, alone: CPU per request (median)",
-            client,
-            "us",
-            bare,
-            client / bare if client and bare else None,
-            baseline_unit="us bare",
-        ),
+        _x_bare(f"  LeanClient, {CONCURRENCY} tasks, alone: CPU per request (median)", client, bare),
         Row("  pipeline floor per event (jq + store bookkeeping, bench/floor.py)", floor, "us"),
-        Row(
-            "  least a per-event delivery can cost: bare server + client + floor",
-            least,
-            "us",
+        _x_bare("  least a per-event delivery can cost: bare server + client + floor", least, bare),
+    ]
+    design = [
+        _x_bare(
+            "the design's floor: listener + store + transform + sink as bare trio tasks "
+            "(bench/skeleton.py): CPU per delivered event",
+            skeleton,
             bare,
-            least / bare if least and bare else None,
-            baseline_unit="us bare",
+        ),
+        _x_bare(
+            "  of which threads beside the event loop (the store's writer, mostly)",
+            _median(samples, "skeleton_others"),
+            bare,
+        ),
+        Row("  context switches per delivered event, all threads", _median(samples, "skeleton_switches"), ""),
+        Row(
+            "  the daemon's per-event CPU over the design's floor's",
+            per / skeleton if per and skeleton else None,
+            "x",
         ),
     ]
     return [
         *([] if label else ours),
-        Row(
+        _x_bare(
             f"per-event delivery (sink concurrency {CONCURRENCY}): daemon CPU per delivered event{label}",
             per,
-            "us",
             bare,
-            per / bare if per and bare else None,
-            f"<= {PER_EVENT_TARGET:g}x bare",
-            per is not None and bare is not None and per / bare <= PER_EVENT_TARGET,
-            baseline_unit="us bare",
+            target=f"<= {PER_EVENT_TARGET:g}x bare",
+            passed=per is not None and bare is not None and per / bare <= PER_EVENT_TARGET,
+        ),
+        _x_bare(
+            f"  of which threads beside the event loop (the store's writer, mostly){label}",
+            _median(samples, f"per_event_others{label}"),
+            bare,
         ),
         Row(
-            f"  of which threads beside the event loop (the store's writer, mostly){label}",
-            others,
-            "us",
-            bare,
-            others / bare if others and bare else None,
-            baseline_unit="us bare",
+            f"  context switches per delivered event, all threads{label}",
+            _median(samples, f"per_event_switches{label}"),
+            "",
         ),
-        Row(f"  context switches per delivered event, all threads{label}", switches, ""),
+        *([] if label else design),
         Row(
             f"pipeline ingest (batching sink): daemon CPU per stored event, bare / it{label}",
             pipe,

@@ -2,7 +2,8 @@
 
 The daemon runs as `ferry run -c FILE` in its own process (through `tests.fakes.Daemon`,
 the same harness the end-to-end tests use), on a config written to a temporary folder,
-with its listener on 127.0.0.1 and a free port.
+with its listener on 127.0.0.1 and a free port. `Skeleton` runs the design's floor
+(`bench.skeleton`) the same way, for the same readings.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import trio
 
 from bench.listener_bench import PATH, WRK_SCRIPT, WrkResult, parse_wrk, run_wrk
 from daemon.store.schema import DEAD, DELIVERED, PENDING
-from tests.fakes import Daemon
+from tests.fakes import ROOT, Daemon
 
 TRACES = os.environ.get("FERRY_BENCH_TRACES", "0") != "0"  # FERRY_BENCH_TRACES=0: [telemetry] traces = false
 SAMPLE_RATIO = float(os.environ.get("FERRY_BENCH_SAMPLE_RATIO", "1.0"))
@@ -251,28 +252,11 @@ class Ferry:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.pid)
 
     def thread_cpu(self) -> tuple[float, float, int]:
-        """(CPU seconds of the event loop's thread, CPU seconds of every other thread — the store's
-        writer thread, mostly —, context switches of all threads, voluntary and not) so far."""
-        tick = os.sysconf("SC_CLK_TCK")
-        loop = others = 0.0
-        switches = 0
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                stat, status = (task / "stat").read_text(), (task / "status").read_text()
-            except OSError:  # a thread that ended meanwhile
-                continue
-            fields = stat.rpartition(")")[2].split()
-            seconds = (int(fields[11]) + int(fields[12])) / tick
-            if task.name == str(self.pid):
-                loop += seconds
-            else:
-                others += seconds
-            switches += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-        return loop, others, switches
+        """`threads_cpu` of the process."""
+        return threads_cpu(self.pid)
 
     def peak_rss_mib(self) -> float | None:
         """The process's peak resident set (VmHWM), while it still runs."""
@@ -287,15 +271,11 @@ class Ferry:
 
     def query(self, sql: str, *params: object) -> int:
         """One integer from the store, through a read-only connection of our own."""
-        db = sqlite3.connect(f"file:{self.folder / 'ferry.db'}?mode=ro", uri=True, timeout=10)
-        try:
-            return int(db.execute(sql, params).fetchone()[0] or 0)
-        finally:
-            db.close()
+        return query(self.folder / "ferry.db", sql, *params)
 
     def accepted(self) -> int:
         """Events stored by the webhook source (every one of them was, or was about to be, answered 202)."""
-        return self.query("SELECT count(*) FROM events WHERE stream = ?", SOURCE)
+        return accepted(self.folder / "ferry.db")
 
     def deliveries(self, state: int | None = None) -> int:
         """The sink's deliveries in `state` (all when None)."""
@@ -320,6 +300,96 @@ class Ferry:
     def stop(self) -> int | None:
         self.daemon.stop()
         return None if self.daemon.proc is None else self.daemon.proc.returncode
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def threads_cpu(pid: int) -> tuple[float, float, int]:
+    """(CPU seconds of process `pid`'s main thread — the event loop's —, CPU seconds of every other
+    thread — the store's writer thread, mostly —, context switches of all threads, voluntary and
+    not) so far (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    loop = others = 0.0
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat, status = (task / "stat").read_text(), (task / "status").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            loop += seconds
+        else:
+            others += seconds
+        switches += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+    return loop, others, switches
+
+
+def query(db: Path, sql: str, *params: object) -> int:
+    """One integer from the SQLite outbox `db`, through a read-only connection of our own."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0] or 0)
+    finally:
+        conn.close()
+
+
+def accepted(db: Path) -> int:
+    """Events the webhook source `SOURCE` stored in the outbox `db` (each was, or was about to be,
+    answered 202)."""
+    return query(db, "SELECT count(*) FROM events WHERE stream = ?", SOURCE)
+
+
+class Skeleton:
+    """`python -m bench.skeleton` (the design's floor) as a child process, read like `Ferry`: its CPU from
+    /proc, its stored events from its SQLite file (`folder/ferry.db`)."""
+
+    def __init__(self, folder: Path, url: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.db = folder / "ferry.db"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.skeleton", "--db", str(self.db), "--url", url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # its port, once serving; "" if it died first
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"bench.skeleton exited with {self.proc.returncode} before serving")
+        self.url = f"http://127.0.0.1:{int(line)}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return process_cpu(self.pid)
+
+    def thread_cpu(self) -> tuple[float, float, int]:
+        return threads_cpu(self.pid)
+
+    def accepted(self) -> int:
+        return accepted(self.db)
+
+    def stop(self) -> None:
+        """Close its stdin (it stops), killing it if it has not within 10 s."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def log_time(ts: str) -> float:
