@@ -5,7 +5,8 @@
 What it is: the least a process can do and still keep DESIGN.md's contract for a webhook source,
 one jq transform and a per-event HTTP sink, built from ferry's own parts where they are the floor:
 
-- **listener**: h11 on trio, one task per connection (as `bench.listener_bench.bare_handler`);
+- **listener**: h11 on trio, one task per connection (as `bench.listener_bench.bare_handler`,
+  but reading and writing on the socket's descriptor with ferry's `PlainStream`, which is cheaper);
   each POST body goes over a bounded memory channel to the ingest tasks, and is answered 202
   only once the commit holding it has returned (503 if the store refused it);
 - **ingest**: `FLUSHERS` tasks (as ferry's `IngestBatcher`), each taking everything waiting in
@@ -45,6 +46,7 @@ import trio
 from actors.sink.commit import Finished, OutcomeCommitter
 from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
+from actors.webhook.plain import PlainStream
 from bench.harness import RESHAPE, SINK, SOURCE
 from daemon.errors import DeliveryError, PermanentDelivery, StoreUnavailable
 from daemon.http.client import LeanClient
@@ -77,12 +79,13 @@ class Request:
 async def handle(stream: trio.SocketStream, inbox: trio.MemorySendChannel[Request]) -> None:
     """One connection: each request's body is stored, then answered 202 (503 if it was not)."""
     conn = h11.Connection(h11.SERVER)
+    plain = PlainStream(stream)  # ferry's listener's reads and writes on the descriptor
     body: list[bytes] = []
     try:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                conn.receive_data(await plain.receive_some(65536))
             elif type(event) is h11.Data:
                 body.append(bytes(event.data))
             elif type(event) is h11.EndOfMessage:
@@ -96,7 +99,7 @@ async def handle(stream: trio.SocketStream, inbox: trio.MemorySendChannel[Reques
                     else (503, b'{"error":"store unavailable"}')
                 )
                 headers = [*HEADERS, (b"content-length", b"%d" % len(answer))]
-                await stream.send_all(
+                await plain.send_all(
                     conn.send(h11.Response(status_code=status, headers=headers))
                     + conn.send(h11.Data(data=answer))
                     + conn.send(h11.EndOfMessage())
