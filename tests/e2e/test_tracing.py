@@ -251,11 +251,12 @@ def test_sampling_leaves_out_whole_traces_and_an_incoming_sampled_traceparent_is
         post(daemon, 5, {"traceparent": unsampled})
         post(daemon, 6, {"traceparent": INCOMING})
         receiver.wait_for(lambda seen: len(seen) >= 7)
-        spans = otlp.wait_spans(lambda spans: {s.name for s in spans} >= {"webhook receive", "sink deliver"})
-        time.sleep(0.5)  # a span of the left-out traces would have been exported by now too
-        spans = otlp.wait_spans(lambda spans: True)
+        otlp.wait_spans(lambda spans: {s.name for s in spans} >= {"webhook receive", "sink deliver"})
     finally:
-        daemon.stop()
+        daemon.stop()  # its exit flushes every span it recorded: a left-out trace's would be here
+    assert daemon.proc is not None
+    assert daemon.proc.returncode == 0
+    spans = otlp.wait_spans(lambda spans: True)
     assert {span.trace_id for span in spans} == {INCOMING.split("-")[1]}
     sent = {r.json()["id"]: r.headers.get("traceparent") for r in receiver.snapshot()}
     assert sent[6] is not None
