@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BufferedIOBase
 from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -60,6 +62,13 @@ class OtlpReceiver:
     raw: list[bytes] = field(default_factory=list)
     """Every request body as received (to search for what must never be exported)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hang_after: int | None = None
+    """A collector that hangs: answer this many trace exports, then no request whole (each later
+    one, and every metrics export, gets its reply head a byte per 0.2 s until `stop`, so no
+    read timeout of the exporter's ever fires)."""
+    hanging: Counter[str] = field(default_factory=Counter)
+    """Requests held that way so far, by path."""
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> OtlpReceiver:
         receiver = self
@@ -69,6 +78,15 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with receiver.lock:
                     receiver.raw.append(body)
+                    hang = receiver.hang_after is not None and (
+                        self.path != "/v1/traces" or receiver.hang_after <= 0
+                    )
+                    if receiver.hang_after is not None and not hang:
+                        receiver.hang_after -= 1
+                    receiver.hanging[self.path] += hang
+                if hang:
+                    receiver._trickle(self.wfile)
+                    return
                 if self.path == "/v1/traces":
                     receiver._traces(ExportTraceServiceRequest.FromString(body))
                     reply = ExportTraceServiceResponse().SerializeToString()
@@ -89,8 +107,18 @@ class OtlpReceiver:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        self._stopping.set()
         self.server.shutdown()
         self.server.server_close()
+
+    def _trickle(self, out: BufferedIOBase) -> None:
+        try:
+            out.write(b"HTTP/1.1 200 OK\r\nX-Hanging: ")
+            while not self._stopping.wait(0.2):
+                out.write(b"a")
+                out.flush()
+        except OSError:
+            return  # the exporter gave up (or its process exited)
 
     def _traces(self, request: ExportTraceServiceRequest) -> None:
         found = []

@@ -128,6 +128,22 @@ class Cluster:
         port = int(str(rows[0][0]).rpartition(":")[2])
         return next((node.name for node in self.nodes if node.port == port), None)
 
+    def taken_after_beat(self, lease: str, dead: Node) -> float:
+        """Seconds from `dead`'s last heartbeat to `lease`'s acquisition by another node, both on
+        the database's clock.
+
+        A beat renews the node's leases in its own transaction, so at one `now()`: the dead node's
+        lease expired `lease_ttl` after its last beat, and the failover bound is about this span,
+        free of the test's own polling and of where between two beats the kill fell."""
+        rows = self.query(
+            "SELECT extract(epoch FROM l.acquired_at - n.heartbeat_at)::float8"
+            " FROM ferry_leases AS l, ferry_nodes AS n WHERE l.name = %s AND n.id LIKE %s",
+            lease,
+            f"%:{dead.port}",
+        )
+        assert len(rows) == 1, rows
+        return float(rows[0][0])
+
 
 def lines(path: Path) -> Iterator[dict[str, Any]]:
     with contextlib.suppress(FileNotFoundError), path.open(encoding="utf-8") as file:

@@ -266,16 +266,16 @@ async def test_retry_is_a_rescheduled_row_not_resent_before_it_is_due(store: Sto
     sink = make(store, sender)
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
+        sent = time.time()  # the sink's clock: the attempt, and so its failure, comes after this
         await ingest(store, "flaky")
         found = await until(store, lambda found: found.get("flaky", (0, 0))[1] == 1)
-        failed_at = time.time()
         await ingest(store, "later")  # the sink fetches again; the retry is not due yet
         found = await until(store, settled("later"))
         nursery.cancel_scope.cancel()
 
     state, attempts, next_attempt_at, status, error = found["flaky"]
     assert (state, attempts, status, error) == (PENDING, 1, 503, "HTTP 503")
-    assert next_attempt_at >= failed_at + 29
+    assert next_attempt_at >= sent + 30  # Retry-After, counted from the failure
     assert sender.sends_of("flaky") == 1
     assert sink.retried == 1
 

@@ -16,19 +16,30 @@ __all__ = ["ferry_database", "postgres_url"]
 
 
 async def test_a_new_budget_starts_full_then_reserves_at_most_ahead_s(ferry_database: str) -> None:
-    """4 per second, burst 3: the burst now, then the one permit the next AHEAD_S (0.25 s) pays."""
+    """4 per second, burst 3: the burst now, then the one permit the next AHEAD_S (0.25 s) pays.
+
+    That holds for three takes within AHEAD_S (a later one finds that permit paid, and the next
+    one reservable): a run the machine stalled for longer is not evidence either way, so it is
+    tried again on a fresh budget. The assertions judge only a run that was quick enough."""
     assert AHEAD_S == 0.25
     budgets = PgBudgets(ferry_database)
     try:
-        first = await budgets.take("api", 5, 4.0, 3)
+        for tries in range(1, 21):
+            name = f"api-{tries}"
+            began = trio.current_time()
+            first = await budgets.take(name, 5, 4.0, 3)
+            ahead = await budgets.take(name, 5, 4.0, 3)
+            empty = await budgets.take(name, 5, 4.0, 3)  # the next one is due beyond AHEAD_S
+            if trio.current_time() - began < AHEAD_S:
+                break
+        else:
+            pytest.fail("no three takes within AHEAD_S in 20 tries")
         assert first == (3, 0.0, 0.0, 0.0)  # the burst, usable now
-        ahead = await budgets.take("api", 5, 4.0, 3)
         assert ahead.granted == 1
         assert 0 < ahead.start_in_s <= 0.25  # when the refill has paid for it
-        empty = await budgets.take("api", 5, 4.0, 3)  # the next one is due beyond AHEAD_S
         assert empty.granted == 0
         assert 0 < empty.next_in_s <= 0.25
-        assert budgets.round_trips == 3
+        assert budgets.round_trips == 3 * tries
     finally:
         await budgets.aclose()
 
