@@ -260,14 +260,7 @@ class Ferry:
 
     def peak_rss_mib(self) -> float | None:
         """The process's peak resident set (VmHWM), while it still runs."""
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
+        return peak_rss_mib(self.pid)
 
     def query(self, sql: str, *params: object) -> int:
         """One integer from the store, through a read-only connection of our own."""
@@ -300,6 +293,18 @@ class Ferry:
     def stop(self) -> int | None:
         self.daemon.stop()
         return None if self.daemon.proc is None else self.daemon.proc.returncode
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """A running process's peak resident set (VmHWM) in MiB; None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 def process_cpu(pid: int) -> float:

@@ -17,6 +17,12 @@ stopped afterwards:
   (concurrency 16), as every peer delivers per event; and the same with a batching sink
   (`max_items = 500`, `max_wait = "20ms"`, concurrency 8), the configuration issue #2 calls
   "durable ingest" and the one docs/performance.md recommends for throughput.
+- **the design's floor** (`bench/skeleton.py`): DESIGN.md's per-event pipeline as bare trio tasks
+  on ferry's store, jq and client, with nothing of ferry's own around it (no config, metrics,
+  logs, guard...), under the same end-to-end load: the most any daemon that keeps ferry's
+  contract with these parts could do per event on this machine, and so the ceiling of the
+  end-to-end target (issue 16, docs/performance.md "Session 7"). Only its end-to-end ratio is
+  printed; it is not judged.
 
 Each gets the same loads, with the same receiver (`bench.receiver`) and the same wrk script:
 
@@ -54,7 +60,7 @@ import httpx
 import trio
 
 from bench.context import Context, bench_context, report
-from bench.harness import Ferry, post_count, write_config, wrk_missing, wrk_script
+from bench.harness import Ferry, Skeleton, peak_rss_mib, post_count, write_config, wrk_missing, wrk_script
 from bench.listener_bench import PATH, serve_bare
 from bench.listener_bench import measure as measure_bare
 from bench.receiver import Receiver
@@ -389,6 +395,14 @@ async def _measure_all(ctx: Context, folder: Path, events: int) -> None:
             results[name] = await measure(ferry.url, ctx, ferry_folder, events, ferry.peak_rss_mib)
         finally:
             ferry.stop()
+    floor_folder = ctx.tmp / "peers-floor"
+    skeleton = Skeleton(floor_folder, ctx.receiver.url + "/")
+    try:
+        results[FLOOR] = await measure(
+            skeleton.url, ctx, floor_folder, events, lambda: peak_rss_mib(skeleton.pid)
+        )
+    finally:
+        skeleton.stop()
     wrk_args = argparse.Namespace(threads=2, connections=50, duration=ctx.duration)
     bare = await measure_bare(serve_bare, wrk_script(ctx.tmp), wrk_args)
     for name, spawn in (("Node-RED", spawn_node_red), ("Huey relay", spawn_huey)):
@@ -410,6 +424,7 @@ async def _measure_all(ctx: Context, folder: Path, events: int) -> None:
 
 PER_EVENT = "ferry (per-event sink)"
 BATCHING = "ferry (batching sink)"
+FLOOR = "design's floor (bench/skeleton.py, per-event)"
 TARGETS = (  # (peer, figure, minimum, the ferry configuration the target is judged on)
     ("Node-RED", "ingest_rps", 4.0, BATCHING),
     ("Huey relay", "ingest_rps", 8.0, BATCHING),
@@ -445,8 +460,8 @@ def rows(results: dict[str, Figures], bare: float | None = None) -> list[Row]:
         what = "durable ingest" if key == "ingest_rps" else "end to end"
         unit = "req/s" if key == "ingest_rps" else "events/s"
         baseline = getattr(peer, key)
-        for ours in (PER_EVENT, BATCHING):
-            if ours not in results:
+        for ours in (PER_EVENT, BATCHING, FLOOR):
+            if ours not in results or (ours == FLOOR and key != "e2e_rps"):
                 continue
             value = getattr(results[ours], key)
             ratio = value / baseline if baseline else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.peers import BATCHING, PER_EVENT, Figures, rows
+from bench.peers import BATCHING, FLOOR, PER_EVENT, Figures, rows
 
 
 def _figures(ingest: float, e2e: float) -> Figures:
@@ -40,3 +40,15 @@ def test_a_missed_target_fails_and_a_missing_peer_is_left_out() -> None:
     assert verdicts[f"peers: {PER_EVENT} end to end vs Node-RED"] is False  # 1.8x < 2x
     assert not any("Huey" in figure for figure in verdicts)
     assert not any("bare" in figure for figure in verdicts)  # no bare figure measured
+
+
+def test_the_designs_floor_is_shown_end_to_end_only_and_never_judged() -> None:
+    results = {
+        PER_EVENT: _figures(ingest=2_000, e2e=2_000),
+        FLOOR: _figures(ingest=2_500, e2e=2_600),
+        "Node-RED": _figures(ingest=2_000, e2e=2_500),
+    }
+    verdicts = _verdicts(results)
+    assert verdicts[f"peers: {FLOOR} end to end vs Node-RED"] is None  # the ceiling, for scale
+    assert f"peers: {FLOOR} durable ingest vs Node-RED" not in verdicts
+    assert verdicts[f"peers: {PER_EVENT} end to end vs Node-RED"] is False  # 0.8x: still judged
