@@ -36,7 +36,7 @@ What it is not: no config, routing, paths, limits or timeouts on the listener, n
 traces or taps, no supervisor or restarts, no quarantine, no guard, breaker or rate limit, no
 backoff schedule, no attempt latency or answer excerpt stored, no pruning. Every one of those is
 something ferry adds to the design; what this process spends per event is what the design costs.
-Nor, batching, a byte limit per batch, per-item outcomes, envelopes or bisecting a poison batch.
+Nor, batching: a byte limit per batch, per-item outcomes, an envelope, bisecting a poison batch.
 `bench.cpu` measures it beside the daemons (its "design's floor" rows: per-event, and `--batch`
 under the pipeline daemon's load), run by `bench.harness.Skeleton`.
 """
