@@ -11,7 +11,8 @@ Cases (docs/performance.md explains each figure):
    2c. the CPU the pipeline must add per event at least, and the ingest ratio that leaves
        (bench/floor.py);
    2d. CPU per delivered event (per-event sink) and per ingested event (batching sink) against
-       the bare server's CPU per request, rounds alternating (bench/cpu.py);
+       the bare server's CPU per request, rounds alternating (bench/cpu.py), each beside the
+       design's floor for it (bench/skeleton.py, per-event and --batch);
 3. the HTTP clients' CPU per request against httpx's (httpcore, the h11 path, `LeanClient`; 1 and
    16 tasks, bench/client_bench.py), then per-event delivery end to end (no batching,
    concurrency 16) against the lean client's ceiling;

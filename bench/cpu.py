@@ -19,10 +19,18 @@ Rounds alternate these loads, each CPU time of the process doing the work:
   bare, so is every daemon that keeps the contract. Beside it, the daemon's CPU over it;
 - **pipeline ingest**: a daemon with the transform and a batching sink (500 items, 20 ms,
   concurrency 8) under the same timed wrk load as the bare server; its CPU over the load,
-  per stored event (case 2's "daemon CPU per stored event").
+  per stored event (case 2's "daemon CPU per stored event"); beside it, the CPU of its threads
+  other than the event loop's over the load, per stored event;
+- **the design's floor for pipeline ingest**: `bench.skeleton --batch` (the skeleton above with
+  a batching sink of the same shape: groups of up to 500 due deliveries, 20 ms to fill, 8
+  workers, one JSON array per request, the batch's outcomes in one `record_outcomes`) under the
+  same timed load, in the same rounds, measured exactly like the pipeline daemon (its stored
+  events counted in its own SQLite file). If bare / it is under 0.55, so is every daemon that
+  keeps the contract with these parts. Beside it, the pipeline daemon's CPU over it.
 
 Every per-event load checks that each stored event reached the receiver once under its own
-idempotency key; an ANOMALY line says when not (stored vs received, requests vs distinct keys).
+idempotency key, every pipeline load that the receiver got as many items as were stored; an
+ANOMALY line says when not (stored vs received, requests vs distinct keys).
 
 Goals (issue 16): per-event delivery <= 3x the bare CPU per request; pipeline ingest <= 150 us
 per event, i.e. bare / pipeline >= 0.55 (the issue's quiet machine: 87 us bare); the ratio is
@@ -31,9 +39,9 @@ worked). CPU per event moves far less than req/s when other work shares the mach
 are the figures to compare changes by; medians of the rounds.
 
 `--profile DIR`: also runs `py-spy record` (when installed) on each daemon during its load in
-an extra round that no figure counts, into DIR/per_event.raw, DIR/pipeline.raw and
-DIR/skeleton.raw (py-spy's
-collapsed stacks; `python -m bench.profile FILE` sums them per function).
+an extra round that no figure counts, into DIR/per_event.raw, DIR/pipeline.raw,
+DIR/skeleton.raw and DIR/skeleton_pipeline.raw (py-spy's collapsed stacks; `python -m
+bench.profile FILE` sums them per function; FERRY_BENCH_SPY_ARGS=--threads keeps threads apart).
 """
 
 from __future__ import annotations
@@ -194,19 +202,34 @@ async def per_event_cpu_us(
     return used / stats["items"] * 1e6 if stats["items"] else None
 
 
-async def pipeline_cpu_us(ctx: Context, ferry: Ferry, profile: Path | None) -> float | None:
-    """The batching daemon's CPU over a timed wrk load, per event stored during it."""
+async def pipeline_cpu_us(
+    ctx: Context,
+    ferry: Pipeline,
+    profile: Path | None,
+    detail: dict[str, list[float]] | None = None,
+    name: str = "pipeline",
+) -> float | None:
+    """The batching pipeline's CPU over a timed wrk load, per event stored during it.
+
+    `detail`: where to append the CPU of the threads other than the event loop's over the load,
+    per stored event (`others`). `name`: the pipeline's, in an anomaly (events stored but not
+    received, or received more)."""
     await ctx.receiver.reset()
-    before_events, before = ferry.accepted(), ferry.cpu_seconds()
+    before_events, before, threads_before = ferry.accepted(), ferry.cpu_seconds(), ferry.thread_cpu()
     spy = _spy(ferry.pid, profile)
     try:
         await post_load(ferry.url, wrk_script(ctx.tmp), duration=ctx.duration)
         used = ferry.cpu_seconds() - before
+        threads_after = ferry.thread_cpu()
     finally:
         _unspy(spy)
     await trio.sleep(0.2)
     stored = ferry.accepted() - before_events
-    await ctx.receiver.wait_items(stored, 30)
+    if detail is not None and stored:
+        detail.setdefault("others", []).append((threads_after[1] - threads_before[1]) / stored * 1e6)
+    stats = await ctx.receiver.wait_items(stored, 30)
+    if stats["items"] != stored:
+        ctx.anomalies.append(f"{name}: stored {stored}, received {stats['items']}")
     return used / stored * 1e6 if stored else None
 
 
@@ -242,8 +265,9 @@ async def cpu_figures(
     if baseline is not None:
         daemons[BASELINE] = _daemons(ctx, "-baseline", baseline)
     skeleton = Skeleton(ctx.tmp / "cpu-skeleton", ctx.receiver.url + "/skeleton")
+    batching = Skeleton(ctx.tmp / "cpu-skeleton-batch", ctx.receiver.url + "/batch", batch=True)
     try:
-        samples = await _rounds(ctx, rounds, count, daemons, skeleton)
+        samples = await _rounds(ctx, rounds, count, daemons, skeleton, batching)
         if profile is not None:  # a round of its own: the sampler's pauses are in no figure
             await trio.Path(profile).mkdir(parents=True, exist_ok=True)
             for label, (per_event, pipeline) in daemons.items():
@@ -251,8 +275,10 @@ async def cpu_figures(
                 await per_event_cpu_us(ctx, per_event, count, profile / f"per_event{name}.raw")
                 await pipeline_cpu_us(ctx, pipeline, profile / f"pipeline{name}.raw")
             await per_event_cpu_us(ctx, skeleton, count, profile / "skeleton.raw", name="skeleton")
+            await pipeline_cpu_us(ctx, batching, profile / "skeleton_pipeline.raw", name="skeleton --batch")
     finally:
         skeleton.stop()
+        batching.stop()
     for per_event, pipeline in daemons.values():
         per_event.stop()
         pipeline.stop()
@@ -265,12 +291,18 @@ async def cpu_figures(
 
 
 async def _rounds(
-    ctx: Context, rounds: int, count: int, daemons: dict[str, tuple[Ferry, Ferry]], skeleton: Skeleton
+    ctx: Context,
+    rounds: int,
+    count: int,
+    daemons: dict[str, tuple[Ferry, Ferry]],
+    skeleton: Skeleton,
+    batching: Skeleton,
 ) -> dict[str, list[float]]:
     """The samples of `rounds` rounds, each running every load once (module docstring)."""
     samples: dict[str, list[float]] = {"bare": [], "client": [], "skeleton": []}
     for label in daemons:
         samples[f"per_event{label}"], samples[f"pipeline{label}"] = [], []
+    samples["skeleton_pipeline"] = []
     for _ in range(rounds):
         samples["bare"].append(await bare_cpu_us(ctx))
         samples["client"].append(await client_cpu_us(ctx))
@@ -288,9 +320,16 @@ async def _rounds(
             for key, values in detail.items():
                 samples.setdefault(f"skeleton_{key}", []).extend(values)
         for label, (_, pipeline) in daemons.items():
-            value = await pipeline_cpu_us(ctx, pipeline, None)
+            detail = {}
+            value = await pipeline_cpu_us(ctx, pipeline, None, detail)
             if value is not None:
                 samples[f"pipeline{label}"].append(value)
+                samples.setdefault(f"pipeline_others{label}", []).extend(detail.get("others", []))
+        detail = {}
+        value = await pipeline_cpu_us(ctx, batching, None, detail, name="skeleton --batch")
+        if value is not None:
+            samples["skeleton_pipeline"].append(value)
+            samples.setdefault("skeleton_pipeline_others", []).extend(detail.get("others", []))
         print("  round: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items() if v), flush=True)
     return samples
 
@@ -314,7 +353,7 @@ def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
     per, pipe = _median(samples, f"per_event{label}"), _median(samples, f"pipeline{label}")
     floor = samples["floor"][0] if samples.get("floor") else None
     least = bare + client + floor if bare and client and floor else None
-    skeleton = _median(samples, "skeleton")
+    skeleton, skeleton_pipe = _median(samples, "skeleton"), _median(samples, "skeleton_pipeline")
     ours = [
         Row("bare trio+h11 server: CPU per request (median)", bare, "us"),
         _x_bare(f"  LeanClient, {CONCURRENCY} tasks, alone: CPU per request (median)", client, bare),
@@ -337,6 +376,27 @@ def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
         Row(
             "  the daemon's per-event CPU over the design's floor's",
             per / skeleton if per and skeleton else None,
+            "x",
+        ),
+    ]
+    pipeline_design = [
+        Row(
+            "the design's floor for pipeline ingest (bench/skeleton.py --batch): CPU per stored event, "
+            "bare / it",
+            skeleton_pipe,
+            "us",
+            bare,
+            bare / skeleton_pipe if skeleton_pipe and bare else None,
+            baseline_unit="us bare",
+        ),
+        _x_bare(
+            "  of which threads beside the event loop (the store's writer, mostly)",
+            _median(samples, "skeleton_pipeline_others"),
+            bare,
+        ),
+        Row(
+            "  pipeline daemon over the design's floor",
+            pipe / skeleton_pipe if pipe and skeleton_pipe else None,
             "x",
         ),
     ]
@@ -370,6 +430,12 @@ def rows(samples: dict[str, list[float]], label: str = "") -> list[Row]:
             pipe is not None and bare is not None and bare / pipe >= PIPELINE_TARGET_RATIO,
             baseline_unit="us bare",
         ),
+        _x_bare(
+            f"  of which threads beside the event loop (the store's writer, mostly){label}",
+            _median(samples, f"pipeline_others{label}"),
+            bare,
+        ),
+        *([] if label else pipeline_design),
     ]
 
 

@@ -352,14 +352,16 @@ def accepted(db: Path) -> int:
 
 class Skeleton:
     """`python -m bench.skeleton` (the design's floor) as a child process, read like `Ferry`: its CPU from
-    /proc, its stored events from its SQLite file (`folder/ferry.db`)."""
+    /proc, its stored events from its SQLite file (`folder/ferry.db`). `batch`: its batching sink
+    (`--batch`)."""
 
-    def __init__(self, folder: Path, url: str) -> None:
+    def __init__(self, folder: Path, url: str, *, batch: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.db = folder / "ferry.db"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.skeleton", "--db", str(self.db), "--url", url],
+            [sys.executable, "-m", "bench.skeleton", "--db", str(self.db), "--url", url]
+            + (["--batch"] if batch else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=ROOT,

@@ -1,9 +1,10 @@
-"""The design's floor for per-event delivery: DESIGN.md's pipeline as bare trio tasks, nothing more.
+"""The design's floor for per-event delivery and pipeline ingest: DESIGN.md's pipeline as bare trio tasks.
 
-    .venv/bin/python -m bench.skeleton --db PATH --url URL   # prints its port; serves until stdin closes
+    .venv/bin/python -m bench.skeleton --db PATH --url URL [--batch]  # prints its port, runs till stdin ends
 
 What it is: the least a process can do and still keep DESIGN.md's contract for a webhook source,
-one jq transform and a per-event HTTP sink, built from ferry's own parts where they are the floor:
+one jq transform and an HTTP sink (per-event, or batching with `--batch`), built from ferry's own
+parts where they are the floor:
 
 - **listener**: h11 on trio, one task per connection (as `bench.listener_bench.bare_handler`,
   but reading and writing on the socket's descriptor with ferry's `PlainStream`, which is cheaper);
@@ -21,14 +22,23 @@ one jq transform and a per-event HTTP sink, built from ferry's own parts where t
   `OutcomeCommitter` groups the outcomes that finish together, merged into one `record_outcomes`.
   2xx is delivered, other 4xx dead, anything else retried 1 s later. A row stays in flight until
   its outcome has committed and a later fetch has begun (as ferry's `Fetcher`), so one process
-  never sends a delivery twice.
+  never sends a delivery twice;
+- **batching sink** (`--batch`, as bench.cpu's pipeline daemon: `batch = { max_items = 500,
+  max_wait = "20ms" }`, concurrency 8): the fetcher reads up to 8 x 500 due deliveries beyond
+  those in flight and hands them on in chunks of up to `BATCH_ITEMS`; `BATCH_CONCURRENCY`
+  workers each top a chunk up to `BATCH_ITEMS` with what arrives within `BATCH_WAIT_S` (as
+  ferry's `Sink._fill`) and post the payloads as one JSON array (`[p1,p2,...]`, the body of
+  ferry's batching http sink) under the batch's key (ferry's `batch_key`); the status judges
+  every delivery of the batch alike, and its outcomes go to the committer as one entry (one
+  `record_outcomes`, merged with whatever finished beside it).
 
 What it is not: no config, routing, paths, limits or timeouts on the listener, no metrics, logs,
 traces or taps, no supervisor or restarts, no quarantine, no guard, breaker or rate limit, no
 backoff schedule, no attempt latency or answer excerpt stored, no pruning. Every one of those is
 something ferry adds to the design; what this process spends per event is what the design costs.
-`bench.cpu` measures it beside the daemon (its "design's floor" row), run by
-`bench.harness.Skeleton`.
+Nor, batching: a byte limit per batch, per-item outcomes, an envelope, bisecting a poison batch.
+`bench.cpu` measures it beside the daemons (its "design's floor" rows: per-event, and `--batch`
+under the pipeline daemon's load), run by `bench.harness.Skeleton`.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -44,6 +55,7 @@ import msgspec
 import trio
 
 from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.http import batch_key
 from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
 from actors.webhook.plain import PlainStream
@@ -56,6 +68,9 @@ from daemon.store.sqlite import Store
 
 TRANSFORM = "shape"
 CONCURRENCY = 16  # the sink's workers, as bench.cpu's per-event daemon
+BATCH_CONCURRENCY = 8  # with --batch: the workers, items per request and wait to fill one,
+BATCH_ITEMS = 500  # as bench.cpu's pipeline daemon
+BATCH_WAIT_S = 0.020
 FLUSHERS = 2  # ingest writes in the store at once, as ferry's IngestBatcher
 PENDING = 1024  # requests waiting for an ingest task, at most
 BATCH = 1000  # events a transform reads at a time, as ferry's Transformer
@@ -161,12 +176,16 @@ async def transform(store: Store, program: TransformProgram) -> None:
 
 
 class Sink:
-    """A fetcher and `CONCURRENCY` workers sending one delivery per request (module docstring)."""
+    """A fetcher and workers sending what it fetched: one delivery per request, or with `batch`
+    up to `BATCH_ITEMS` per request as one JSON array (module docstring)."""
 
-    def __init__(self, store: Store, url: str) -> None:
+    def __init__(self, store: Store, url: str, *, batch: bool = False) -> None:
         self._store = store
         self._url = url
-        self._client = LeanClient(max_idle_per_host=CONCURRENCY)
+        self._batch = batch
+        self._workers = BATCH_CONCURRENCY if batch else CONCURRENCY
+        self._chunk = BATCH_ITEMS if batch else 1
+        self._client = LeanClient(max_idle_per_host=self._workers)
         self._inflight: set[int] = set()
         self._settled: set[int] = set()
         self._committer = OutcomeCommitter(
@@ -174,45 +193,60 @@ class Sink:
         )
 
     async def run(self) -> None:
-        send, receive = trio.open_memory_channel[Due](CONCURRENCY)
+        send, receive = trio.open_memory_channel[list[Due]](self._workers)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer.run)
-                for _ in range(CONCURRENCY):
+                for _ in range(self._workers):
                     nursery.start_soon(self._worker, receive.clone())
                 await self._fetch(send)
         finally:
             with trio.CancelScope(shield=True):
                 await self._client.aclose()
 
-    async def _fetch(self, channel: trio.MemorySendChannel[Due]) -> None:
-        signal, inflight = self._store.signal(SINK), self._inflight
+    async def _fetch(self, channel: trio.MemorySendChannel[list[Due]]) -> None:
+        signal, inflight, chunk = self._store.signal(SINK), self._inflight, self._chunk
+        ahead = self._workers * chunk
         while True:
             settled, self._settled = self._settled, set()
             inflight.difference_update(settled)
-            rows = await self._store.due_deliveries(SINK, time.time(), len(inflight) + CONCURRENCY)
+            rows = await self._store.due_deliveries(SINK, time.time(), len(inflight) + ahead)
             fresh = [row for row in rows if row.rowid not in inflight]
             inflight.update(row.rowid for row in fresh)
-            for row in fresh:
-                await channel.send(row)
-            if len(fresh) < CONCURRENCY:
+            for start in range(0, len(fresh), chunk):  # a channel op per batch, not per row
+                await channel.send(fresh[start : start + chunk])
+            if len(fresh) < ahead:
                 with trio.move_on_after(RETRY_S):  # retries come due without a signal
                     await signal.wait()
 
-    async def _worker(self, channel: trio.MemoryReceiveChannel[Due]) -> None:
+    async def _worker(self, channel: trio.MemoryReceiveChannel[list[Due]]) -> None:
         headers = [("content-type", "application/json"), ("Idempotency-Key", "")]
-        async for due in channel:
-            headers[1] = ("Idempotency-Key", due.id)
+        leftover: list[Due] = []
+        while True:
+            if leftover:
+                rows, leftover = leftover, []
+            else:
+                try:
+                    rows = await channel.receive()
+                except trio.EndOfChannel:
+                    return
+            if self._batch:
+                batch, leftover = await fill(rows, channel)
+                headers[1] = ("Idempotency-Key", batch_key(batch))
+                body = b"[" + b",".join(due.payload for due in batch) + b"]"
+            else:
+                batch = rows
+                headers[1] = ("Idempotency-Key", batch[0].id)
+                body = batch[0].payload
+            rowids = [due.rowid for due in batch]
             try:
                 response = await self._client.request(
-                    "POST", self._url, headers=headers, body=due.payload, timeout=TIMEOUT_S
+                    "POST", self._url, headers=headers, body=body, timeout=TIMEOUT_S
                 )
-                outcomes = judge(due.rowid, response.status)
+                outcomes = judge(rowids, response.status)
             except DeliveryError as exc:
-                outcomes = judge(
-                    due.rowid, exc.status, str(exc), permanent=isinstance(exc, PermanentDelivery)
-                )
-            await self._committer.commit(Finished([due], outcomes, None, 0.0, None))
+                outcomes = judge(rowids, exc.status, str(exc), permanent=isinstance(exc, PermanentDelivery))
+            await self._committer.commit(Finished(batch, outcomes, None, 0.0, None))
 
     async def _record(self, attempts: Sequence[Attempt], wake: Sequence[str]) -> None:
         merged = Outcomes([], [], [])
@@ -226,19 +260,43 @@ class Sink:
         self._settled.update(due.rowid for entry in entries for due in entry.batch)
 
 
-def judge(rowid: int, status: int | None, error: str | None = None, *, permanent: bool = False) -> Outcomes:
-    """2xx delivered; other 4xx (but 408, 425, 429) or a `permanent` error dead; anything else
-    (other statuses, transport errors) retried `RETRY_S` later."""
+async def fill(rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]) -> tuple[list[Due], list[Due]]:
+    """Top `rows` up to `BATCH_ITEMS` with what the fetcher hands in within `BATCH_WAIT_S` (as
+    ferry's `Sink._fill`, without its byte limit); return (the batch to send, rows left over)."""
+    with trio.move_on_after(BATCH_WAIT_S):
+        while len(rows) < BATCH_ITEMS:
+            try:
+                rows = rows + channel.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    rows = rows + await channel.receive()
+                except trio.EndOfChannel:
+                    break
+            except trio.EndOfChannel:
+                break
+    return rows[:BATCH_ITEMS], rows[BATCH_ITEMS:]
+
+
+def judge(
+    rowids: Sequence[int], status: int | None, error: str | None = None, *, permanent: bool = False
+) -> Outcomes:
+    """The outcome of one request for every delivery it carried: 2xx delivered; other 4xx (but
+    408, 425, 429) or a `permanent` error dead; anything else (other statuses, transport errors)
+    retried `RETRY_S` later."""
     if status is not None and 200 <= status < 300:
-        return Outcomes([(rowid, status)], [], [])
+        return Outcomes([(rowid, status) for rowid in rowids], [], [])
     why = error or f"HTTP {status}"
     if permanent or (status is not None and 400 <= status < 500 and status not in (408, 425, 429)):
-        return Outcomes([], [], [(rowid, status, why)])
-    return Outcomes([], [(rowid, time.time() + RETRY_S, status, why)], [])
+        return Outcomes([], [], [(rowid, status, why) for rowid in rowids])
+    at = time.time() + RETRY_S
+    return Outcomes([], [(rowid, at, status, why) for rowid in rowids], [])
 
 
-async def serve(db: Path, url: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the pipeline on 127.0.0.1 (a free port, handed to `task_status`) until cancelled."""
+async def serve(
+    db: Path, url: str, *, batch: bool = False, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the pipeline on 127.0.0.1 (a free port, handed to `task_status`) until cancelled;
+    `batch`: the sink sends batches (module docstring)."""
     program = TransformProgram(msgspec.convert({"inputs": [SOURCE], "map": RESHAPE}, TransformConfig))
     store = Store.open(db, durability="full")
     try:
@@ -249,7 +307,7 @@ async def serve(db: Path, url: str, *, task_status: trio.TaskStatus[int] = trio.
                 for _ in range(FLUSHERS):
                     nursery.start_soon(ingest, store, receive.clone())
                 nursery.start_soon(transform, store, program)
-                nursery.start_soon(Sink(store, url).run)
+                nursery.start_soon(Sink(store, url, batch=batch).run)
                 listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=1024)
                 await nursery.start(trio.serve_listeners, lambda stream: handle(stream, send), listeners)
                 task_status.started(listeners[0].socket.getsockname()[1])
@@ -258,9 +316,9 @@ async def serve(db: Path, url: str, *, task_status: trio.TaskStatus[int] = trio.
         store.close()
 
 
-async def main_async(db: Path, url: str) -> None:
+async def main_async(db: Path, url: str, batch: bool) -> None:
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve, db, url)
+        port = await nursery.start(partial(serve, batch=batch), db, url)
         print(port, flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)  # until the parent goes
         nursery.cancel_scope.cancel()
@@ -270,8 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.skeleton", description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, required=True, help="the SQLite outbox (created if missing)")
     parser.add_argument("--url", required=True, help="where the sink posts each delivery")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help=f"batches of up to {BATCH_ITEMS} deliveries ({BATCH_WAIT_S * 1000:g} ms to fill), "
+        f"{BATCH_CONCURRENCY} workers",
+    )
     args = parser.parse_args(argv)
-    trio.run(main_async, args.db, args.url)
+    trio.run(main_async, args.db, args.url, args.batch)
     return 0
 
 
