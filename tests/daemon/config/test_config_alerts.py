@@ -49,10 +49,14 @@ def test_a_complete_alerting_config_loads(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("FERRY_TEST_SLACK", "https://hooks.slack.example/T/B/X")
     config = parse(GOOD)
     rule = config.alerts["crm_backlog"]
-    assert (rule.for_, rule.severity, [s.after for s in rule.notify]) == (300, "critical", [0, 600, 1800])
+    assert (rule.for_, rule.severity, [s.after for s in rule.notify]) == (
+        300.0,
+        "critical",
+        [0.0, 600.0, 1800.0],
+    )
     assert config.alerts["ingest_drop"].anomaly is not None
     assert config.channels["chat"].url.value.reveal() == "https://hooks.slack.example/T/B/X"  # type: ignore[union-attr]
-    assert config.alerting.interval == 10
+    assert config.alerting.interval == 10.0
 
 
 @pytest.mark.parametrize(
