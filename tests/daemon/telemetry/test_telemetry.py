@@ -52,7 +52,9 @@ def test_a_traceparent_round_trips() -> None:
     assert context.is_remote
     assert context.trace_flags.sampled
     assert format_traceparent(context) == VALID
-    assert format_traceparent(parse_traceparent(VALID[:-2] + "00")) == VALID[:-2] + "00"  # type: ignore[arg-type]
+    unsampled = parse_traceparent(VALID[:-2] + "00")
+    assert unsampled is not None
+    assert format_traceparent(unsampled) == VALID[:-2] + "00"
 
 
 def test_a_later_version_is_read_by_its_version_00_prefix() -> None:
