@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 
@@ -62,7 +62,7 @@ class FakeReceiver:
     lock: threading.Lock = field(default_factory=threading.Lock)
     connections: int = 0
 
-    def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeReceiver:
+    def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> Self:
         """Serve on 127.0.0.1:`port` (0: any free port); with `ssl_context`, over TLS."""
         receiver = self
 

@@ -31,8 +31,9 @@ def _no_wrk(monkeypatch: pytest.MonkeyPatch) -> None:
     def which(name: str, *args: object, **kwargs: object) -> str | None:
         return None if name == "wrk" else WHICH(name)
 
-    monkeypatch.setattr(bench.harness.shutil, "which", which)
-    monkeypatch.setattr(bench.harness.os, "geteuid", lambda: 1000)  # not root: no apt-get here
+    # by dotted path: the harness imports these modules without re-exporting them
+    monkeypatch.setattr("bench.harness.shutil.which", which)
+    monkeypatch.setattr("bench.harness.os.geteuid", lambda: 1000)  # not root: no apt-get here
 
 
 @pytest.mark.parametrize(("module", "argv"), MAINS, ids=[module for module, _ in MAINS])
@@ -46,5 +47,5 @@ def test_a_benchmark_run_alone_without_wrk_says_so_and_exits_2(
 
 
 def test_wrk_missing_is_none_when_wrk_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench.harness.shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    monkeypatch.setattr("bench.harness.shutil.which", lambda name, *a, **k: f"/usr/bin/{name}")
     assert bench.harness.wrk_missing() is None

@@ -56,5 +56,7 @@ async def test_a_changed_budget_applies_in_place_without_restarting_its_users(
         result = await reload(running)
         assert result.applied, result.errors
         assert result.changed == ["sinks.crm"]
-        assert running.actors.sinks["crm"].guard.limiter is None
+        guard = running.actors.sinks["crm"].guard
+        assert guard is not None
+        assert guard.limiter is None
         running.stop.set()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.fakes import Daemon, FakeReceiver, free_port, write_config
+from tests.fakes import Daemon, FakeReceiver, Received, free_port, write_config
 
 PIPELINE = """
 [telemetry]
@@ -71,7 +72,7 @@ def test_windows_survive_kill_9_without_loss_or_double_emission(
             for n in range(31, total):
                 post(daemon, client, n)
 
-            def complete(seen: list) -> bool:  # type: ignore[type-arg]
+            def complete(seen: list[Received]) -> bool:
                 unique = {r.headers["idempotency-key"]: r.json() for r in seen}
                 return sum(len(body["ns"]) for body in unique.values()) >= total
 
@@ -81,7 +82,7 @@ def test_windows_survive_kill_9_without_loss_or_double_emission(
 
     # Several requests with one key are at-least-once retries of one emitted event; distinct
     # events must never share an input.
-    by_key: dict[str, dict] = {}  # type: ignore[type-arg]
+    by_key: dict[str, dict[str, Any]] = {}
     for request in seen:
         body = request.json()
         key = request.headers["idempotency-key"]

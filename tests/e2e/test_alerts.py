@@ -55,7 +55,8 @@ def wait(predicate: Any, what: str, timeout: float = 20.0) -> Any:
 
 
 def alert(config: Path) -> dict[str, Any]:
-    (found,) = [a for a in ctl_json(config, "alerts")["alerts"] if a["name"] == "crm_backlog"]
+    alerts: list[dict[str, Any]] = ctl_json(config, "alerts")["alerts"]
+    (found,) = [a for a in alerts if a["name"] == "crm_backlog"]
     return found
 
 

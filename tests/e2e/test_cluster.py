@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.cluster import FAILOVER, HEARTBEAT, LEASE_TTL, Cluster, Node
 from tests.fake_api import ApiRequest, FakeApi
-from tests.fakes import HTTP, FakeReceiver, ctl, ctl_json, until
+from tests.fakes import HTTP, FakeReceiver, Received, ctl, ctl_json, until
 from tests.postgres import postgres_url
 
 __all__ = ["postgres_url"]
@@ -298,7 +298,11 @@ def test_work_committed_on_one_node_wakes_the_others_at_once_not_at_their_next_h
         for n in range(first, first + 10):
             _post(standby.daemon.url, n)
         expected = set(range(first + 10))
-        receiver.wait_for(lambda _, expected=expected: _delivered(receiver) >= expected, timeout=10)
+
+        def all_delivered(_: list[Received], expected: set[int] = expected) -> bool:
+            return _delivered(receiver) >= expected
+
+        receiver.wait_for(all_delivered, timeout=10)
         took.append(time.monotonic() - started)
     print(f"\ningested on the standby, delivered by the leader's transform: {[f'{t:.2f}s' for t in took]}")
     assert cluster.query("SELECT count(*) FROM events WHERE stream = 'shape'") == [(30,)]

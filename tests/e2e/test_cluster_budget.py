@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.daemon.limits.test_shared import blocked_in_database, most_in_any_window
+from bench.budget import most_in_window as most_in_any_window
+from tests.daemon.limits.test_shared import blocked_in_database
 from tests.fakes import Daemon, FakeReceiver, Received, Reply, ctl, ctl_json, until, write_config
 from tests.postgres import postgres_url
 

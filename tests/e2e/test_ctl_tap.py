@@ -195,8 +195,9 @@ def test_a_slow_tap_client_loses_events_not_the_pipeline(
         assert tap.poll() is None
 
         lines: list[bytes] = []
-        assert tap.stdout is not None
-        reader = threading.Thread(target=lambda: lines.extend(tap.stdout), daemon=True)  # type: ignore[arg-type]
+        stdout = tap.stdout
+        assert stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(stdout), daemon=True)
         reader.start()
 
         def dropped() -> int:

@@ -268,7 +268,7 @@ def test_failover_sends_to_the_secondary_while_the_primary_is_down_and_back_afte
 
         def probe_due() -> bool:
             first = ctl_json(daemon.config_path, "status")["guards"]["out"]["endpoints"][0]
-            return first["state"] != "open" or first["retry_in_s"] == 0
+            return bool(first["state"] != "open" or first["retry_in_s"] == 0)  # JSON: Any to bool
 
         wait_until(probe_due, "the primary's cool-down over", timeout=10)
         post(daemon, 1)  # the primary's probe

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
@@ -18,6 +19,9 @@ from hypothesis import HealthCheck, settings
 
 from tests.depth import examples
 from tests.fakes import ROOT, Daemon, write_config
+
+if TYPE_CHECKING:  # schemathesis defines its OpenAPI case type for type checkers only
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 SCHEMA = schemathesis.openapi.from_path(ROOT / "docs" / "openapi.yaml")
 
@@ -48,9 +52,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @SCHEMA.parametrize()
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_listener_answers_as_its_openapi_description_says(
-    case: schemathesis.Case, daemon_url: str
-) -> None:
+def test_the_listener_answers_as_its_openapi_description_says(case: OpenApiCase, daemon_url: str) -> None:
     # Half the generated events go to the real source, so 202/200 are exercised, not only 404.
     if case.path == "/hooks/{source}" and case.path_parameters and zlib.crc32(repr(case.body).encode()) % 2:
         case.path_parameters["source"] = "demo"

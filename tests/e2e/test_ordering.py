@@ -6,6 +6,7 @@ import json
 import random
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -64,7 +65,7 @@ def flaky() -> Flaky:
 
 
 @pytest.fixture
-def receiver(flaky: Flaky) -> FakeReceiver:
+def receiver(flaky: Flaky) -> Iterator[FakeReceiver]:
     fake = FakeReceiver(flaky).start()
     yield fake
     fake.stop()

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -68,9 +68,9 @@ def poll_state(db: Path) -> dict[str, object]:
     return dict(row) if row else {}
 
 
-def wait(condition: object, what: str, timeout: float = 60.0) -> None:
+def wait(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(0.02)
@@ -104,7 +104,11 @@ def test_10k_records_over_100_pages_are_stored_exactly_once_across_kill_9s(
         hold_after[:] = [pages + 10]  # the kill lands anywhere in the next ten pages, not past them
         killed.clear()
         daemon.start()
-        api.wait_for(lambda requests, n=pages: sum(r.status == 200 for r in requests) >= n)
+
+        def served(requests: list[ApiRequest], n: int = pages) -> bool:
+            return sum(r.status == 200 for r in requests) >= n
+
+        api.wait_for(served)
         daemon.kill9()
         killed.set()
         state = poll_state(db)
@@ -248,7 +252,7 @@ def test_bad_upstream_answers_are_counted_errors_and_nothing_is_lost_or_invented
 
         def counted() -> bool:
             errors = ctl_json(config, "status")["polls"]["items"]
-            return errors["cycles"] >= 1 and errors["failures"] == 0
+            return bool(errors["cycles"] >= 1 and errors["failures"] == 0)  # JSON: Any to bool
 
         wait(counted, "a complete listing after the faults")
         status = ctl_json(config, "status")

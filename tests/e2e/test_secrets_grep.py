@@ -219,8 +219,8 @@ def test_no_secret_reaches_logs_spans_ctl_or_errors(
                 timeout=10,
             )
             assert response.status_code == expected, response.text
-        for key, expected in ((SECRETS["FT_WEBHOOK_KEY"], 202), ("inbound-key-wrong", 401)):
-            headers = {"x-api-key": key}
+        for api_key, expected in ((SECRETS["FT_WEBHOOK_KEY"], 202), ("inbound-key-wrong", 401)):
+            headers = {"x-api-key": api_key}
             response = httpx.post(f"{daemon.url}/hooks/keyed", json={}, headers=headers, timeout=10)
             assert response.status_code == expected, response.text
         # Wait until every failing sink has dead-lettered all three (two attempts each), and the

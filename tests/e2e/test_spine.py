@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -37,15 +38,19 @@ def pipeline(url: str, *, timeout: str = "5s", attempts: int = 50) -> str:
     return PIPELINE.format(url=url, timeout=timeout, attempts=attempts)
 
 
+Make = Callable[[str], Daemon]
+Rows = list[tuple[object, ...]]
+
+
 @pytest.fixture
-def receiver() -> FakeReceiver:
+def receiver() -> Iterator[FakeReceiver]:
     fake = FakeReceiver().start()
     yield fake
     fake.stop()
 
 
 @pytest.fixture
-def daemon_for(tmp_path: Path):
+def daemon_for(tmp_path: Path) -> Iterator[Make]:
     started: list[Daemon] = []
 
     def make(body: str, port: int | None = None) -> Daemon:
@@ -97,7 +102,9 @@ def db_rows(tmp_path: Path, query: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
-def wait_rows(tmp_path: Path, query: str, predicate, timeout: float = 30.0) -> list[tuple[object, ...]]:
+def wait_rows(
+    tmp_path: Path, query: str, predicate: Callable[[Rows], object], timeout: float = 30.0
+) -> list[tuple[object, ...]]:
     deadline = time.monotonic() + timeout
     while True:
         rows = db_rows(tmp_path, query)
@@ -107,7 +114,9 @@ def wait_rows(tmp_path: Path, query: str, predicate, timeout: float = 30.0) -> l
         time.sleep(0.05)
 
 
-async def test_thousand_concurrent_events_are_each_delivered_exactly_once(daemon_for, receiver) -> None:
+async def test_thousand_concurrent_events_are_each_delivered_exactly_once(
+    daemon_for: Make, receiver: FakeReceiver
+) -> None:
     daemon = daemon_for(pipeline(receiver.url))
     acked = await post_all(daemon.url, list(range(1000)))
     assert len(acked) == 1000
@@ -141,7 +150,9 @@ def wait_outcome_lines(daemon: Daemon, count: int, timeout: float = 30.0) -> lis
         time.sleep(0.05)
 
 
-async def test_kill_9_during_a_burst_loses_no_acknowledged_event(tmp_path, receiver) -> None:
+async def test_kill_9_during_a_burst_loses_no_acknowledged_event(
+    tmp_path: Path, receiver: FakeReceiver
+) -> None:
     port = free_port()
     config = write_config(tmp_path, pipeline(receiver.url), port=port)
     daemon = Daemon(config, tmp_path / "ferry.log").start()
@@ -198,7 +209,7 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_event(tmp_path, recei
     print(f"\nkill -9 x{kills} during {total} events: {duplicates} duplicate deliveries, 0 lost")
 
 
-async def test_retry_after_is_honoured_and_never_early(daemon_for, receiver) -> None:
+async def test_retry_after_is_honoured_and_never_early(daemon_for: Make, receiver: FakeReceiver) -> None:
     first_seen: dict[str, float] = {}
     lock = threading.Lock()
 
@@ -221,7 +232,9 @@ async def test_retry_after_is_honoured_and_never_early(daemon_for, receiver) -> 
     assert set(delivered_ids(requests)) == set(range(20))
 
 
-async def test_a_400_is_dead_lettered_at_once_with_status_and_body(daemon_for, receiver, tmp_path) -> None:
+async def test_a_400_is_dead_lettered_at_once_with_status_and_body(
+    daemon_for: Make, receiver: FakeReceiver, tmp_path: Path
+) -> None:
     receiver.responder = lambda request: (400, {}, b'{"error":"email is required"}')
     daemon = daemon_for(pipeline(receiver.url))
     await post_all(daemon.url, list(range(5)))
@@ -234,7 +247,9 @@ async def test_a_400_is_dead_lettered_at_once_with_status_and_body(daemon_for, r
     assert len(receiver.snapshot()) == 5, "a permanent failure was retried"
 
 
-async def test_429_storms_timeouts_and_hangups_are_retried_until_delivered(daemon_for, receiver) -> None:
+async def test_429_storms_timeouts_and_hangups_are_retried_until_delivered(
+    daemon_for: Make, receiver: FakeReceiver
+) -> None:
     attempts: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -261,7 +276,9 @@ async def test_429_storms_timeouts_and_hangups_are_retried_until_delivered(daemo
     assert set(delivered_ids(seen)) == set(range(10))
 
 
-async def test_a_sink_that_refuses_connections_gets_everything_once_it_is_back(tmp_path, daemon_for) -> None:
+async def test_a_sink_that_refuses_connections_gets_everything_once_it_is_back(
+    tmp_path: Path, daemon_for: Make
+) -> None:
     port = free_port()
     daemon = daemon_for(pipeline(f"http://127.0.0.1:{port}"))
     await post_all(daemon.url, list(range(50)))
@@ -276,7 +293,9 @@ async def test_a_sink_that_refuses_connections_gets_everything_once_it_is_back(t
     assert set(delivered_ids(requests)) == set(range(50))
 
 
-async def test_exhausted_attempts_dead_letter_with_the_last_error(daemon_for, receiver, tmp_path) -> None:
+async def test_exhausted_attempts_dead_letter_with_the_last_error(
+    daemon_for: Make, receiver: FakeReceiver, tmp_path: Path
+) -> None:
     receiver.responder = lambda request: (503, {}, b"down for maintenance")
     daemon = daemon_for(pipeline(receiver.url, attempts=3))
     await post_all(daemon.url, [1])
@@ -289,7 +308,9 @@ async def test_exhausted_attempts_dead_letter_with_the_last_error(daemon_for, re
     assert len(receiver.snapshot()) == 3
 
 
-async def test_repeated_idempotency_key_is_stored_and_delivered_once(daemon_for, receiver, tmp_path) -> None:
+async def test_repeated_idempotency_key_is_stored_and_delivered_once(
+    daemon_for: Make, receiver: FakeReceiver, tmp_path: Path
+) -> None:
     daemon = daemon_for(pipeline(receiver.url))
     async with httpx.AsyncClient(base_url=daemon.url) as client:
         answers = [
@@ -302,7 +323,9 @@ async def test_repeated_idempotency_key_is_stored_and_delivered_once(daemon_for,
     assert db_rows(tmp_path, "SELECT count(*) FROM events WHERE stream = 'demo'") == [(1,)]
 
 
-async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(tmp_path, receiver) -> None:
+async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(
+    tmp_path: Path, receiver: FakeReceiver
+) -> None:
     gate = threading.Event()
     arrived: list[int] = []  # requests held at the gate (appended by the handler threads)
 
@@ -335,7 +358,9 @@ async def test_sigterm_finishes_in_flight_deliveries_and_the_rest_resume(tmp_pat
     assert max(delivered_ids(requests).values()) == 1, "a delivery finished before shutdown was sent again"
 
 
-async def test_a_batching_sink_sends_json_arrays_and_delivers_everything_once(daemon_for, receiver) -> None:
+async def test_a_batching_sink_sends_json_arrays_and_delivers_everything_once(
+    daemon_for: Make, receiver: FakeReceiver
+) -> None:
     body = pipeline(receiver.url) + 'batch = { max_items = 50, max_wait = "20ms" }\n'
     daemon = daemon_for(body)
     await post_all(daemon.url, list(range(500)))
@@ -350,7 +375,7 @@ async def test_a_batching_sink_sends_json_arrays_and_delivers_everything_once(da
 
 
 async def test_bad_requests_get_specific_json_errors_and_store_nothing(
-    daemon_for, receiver, tmp_path
+    daemon_for: Make, receiver: FakeReceiver, tmp_path: Path
 ) -> None:
     daemon = daemon_for(pipeline(receiver.url))
     json_type = {"content-type": "application/json"}

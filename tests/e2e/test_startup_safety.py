@@ -102,7 +102,9 @@ def start_refused(folder: Path, *, as_nobody: bool = False) -> dict[str, object]
         check=False,
     )
     assert done.returncode == 1, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    lines: list[dict[str, object]] = [
+        json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")
+    ]
     failed = [line for line in lines if line.get("msg") == "daemon failed"]
     assert len(failed) == 1, lines
     assert not any(line.get("msg") == "ready" for line in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,14 +39,14 @@ INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @pytest.fixture
-def otlp() -> OtlpReceiver:
+def otlp() -> Iterator[OtlpReceiver]:
     receiver = OtlpReceiver().start()
     yield receiver
     receiver.stop()
 
 
 @pytest.fixture
-def receiver() -> FakeReceiver:
+def receiver() -> Iterator[FakeReceiver]:
     fake = FakeReceiver().start()
     yield fake
     fake.stop()
@@ -88,7 +89,7 @@ def in_trace(spans: list[Span], trace_id: str) -> dict[str, list[Span]]:
 
 
 def test_a_webhook_transform_sink_run_is_one_trace_continuing_the_incoming_traceparent(
-    tmp_path, otlp, receiver
+    tmp_path: Path, otlp: OtlpReceiver, receiver: FakeReceiver
 ) -> None:
     daemon = start(tmp_path, otlp.url, receiver.url)
     try:
@@ -131,7 +132,9 @@ def test_a_webhook_transform_sink_run_is_one_trace_continuing_the_incoming_trace
     assert request.headers["traceparent"] == f"00-{trace_id}-{deliver.span_id}-01"
 
 
-def test_a_delivery_retried_after_kill_9_and_a_restart_joins_the_events_trace(tmp_path, otlp) -> None:
+def test_a_delivery_retried_after_kill_9_and_a_restart_joins_the_events_trace(
+    tmp_path: Path, otlp: OtlpReceiver
+) -> None:
     failing = True
 
     def respond(_: Received) -> Reply:
@@ -163,7 +166,9 @@ def test_a_delivery_retried_after_kill_9_and_a_restart_joins_the_events_trace(tm
     assert sink.snapshot()[-1].headers["traceparent"] == f"00-{trace_id}-{final.span_id}-01"
 
 
-def test_with_no_collector_the_daemon_delivers_normally_and_stops_cleanly(tmp_path, receiver) -> None:
+def test_with_no_collector_the_daemon_delivers_normally_and_stops_cleanly(
+    tmp_path: Path, receiver: FakeReceiver
+) -> None:
     daemon = start(tmp_path, f"http://127.0.0.1:{free_port()}", receiver.url)
     try:
         for n in range(30):
@@ -204,7 +209,7 @@ def test_a_hanging_collector_holds_the_stop_no_longer_than_the_flush_bound(
     print(f"\nstopped in {took:.2f}s with exports hanging")
 
 
-def test_metric_values_match_a_scripted_run(tmp_path, otlp) -> None:
+def test_metric_values_match_a_scripted_run(tmp_path: Path, otlp: OtlpReceiver) -> None:
     received, dead = 6, {2, 5}
 
     def respond(request: Received) -> Reply:
@@ -241,7 +246,7 @@ def test_metric_values_match_a_scripted_run(tmp_path, otlp) -> None:
 
 
 def test_sampling_leaves_out_whole_traces_and_an_incoming_sampled_traceparent_is_recorded(
-    tmp_path, otlp, receiver
+    tmp_path: Path, otlp: OtlpReceiver, receiver: FakeReceiver
 ) -> None:
     daemon = start(tmp_path, otlp.url, receiver.url, ratio=0.0)
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import pytest
 
-from actors.alerting.expr import EMPTY_HIST, ExprError, HistPoint, Snapshot, Tracker, parse_expr
+from actors.alerting.expr import EMPTY_HIST, ExprError, HistPoint, Reading, Snapshot, Tracker, parse_expr
 from daemon.telemetry.metrics import catalogue
 
 KNOWN = catalogue()
@@ -78,8 +80,8 @@ def test_threshold_and_anomaly_rules_differ_in_the_comparison() -> None:
         parse_expr("ferry.deliveries > 1", KNOWN, comparison=False)
 
 
-def snap(**series: list[tuple[dict[str, str], float | HistPoint]]) -> Snapshot:
-    return {f"ferry.{name.replace('__', '.')}": values for name, values in series.items()}
+def snap(**series: Sequence[tuple[Mapping[str, str], Reading]]) -> Snapshot:
+    return {f"ferry.{name.replace('__', '.')}": list(values) for name, values in series.items()}
 
 
 def test_a_selector_sums_matching_series_and_a_missing_counter_reads_zero() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import pytest
 
@@ -24,7 +26,7 @@ notify = [{channel = "log"}, {channel = "hook", after = "10m"}]
 """
 
 
-def run(r: Rule, state: AlertState, readings: list[tuple[float, float | None]]) -> list[list[Notice]]:
+def run(r: Rule, state: AlertState, readings: Sequence[tuple[float, float | None]]) -> list[list[Notice]]:
     """Evaluate at each (time, value), marking every notice as taken by its channel."""
     batches = []
     for now, value in readings:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
 
 from actors.alerting.cluster import ClusterMetrics, cluster_view, decode, encode, publish_forever
-from actors.alerting.expr import HistPoint, Snapshot, Tracker, parse_expr
+from actors.alerting.expr import HistPoint, Reading, Snapshot, Tracker, parse_expr
 from daemon.errors import StoreUnavailable
 from daemon.telemetry import metrics
 
 KINDS = metrics.catalogue()
+# A `Snapshot` that is a dict, so that tests can join two with `|` (a Mapping has no `|`).
+SnapshotDict = dict[str, list[tuple[Mapping[str, Any], Reading]]]
 
 
-def dead(count: float, stage: str = "crm") -> Snapshot:
+def dead(count: float, stage: str = "crm") -> SnapshotDict:
     return {"ferry.dead_letters": [({"stage": stage}, count)]}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -117,7 +118,7 @@ class Shared:
         self.names.update((row.rowid, json.loads(row.payload)) for row in rows)
         return [row for row in rows if self.names[row.rowid] not in self.taken]  # another node's now
 
-    async def renew_claims(self, stage: str, rowids: list[int]) -> set[int]:
+    async def renew_claims(self, stage: str, rowids: Sequence[int]) -> set[int]:
         self.renewed.append(list(rowids))
         return {rowid for rowid in rowids if self.names[rowid] not in self.taken}
 

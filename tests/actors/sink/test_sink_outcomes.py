@@ -101,7 +101,7 @@ def test_a_batch_logs_one_line_per_outcome_naming_every_delivery(
     caplog.set_level(logging.INFO, logger="ferry.sink")
     names = [f"n{i}" for i in range(IDS_PER_LINE + 5)]
     batch = dues(*names, "retry", "dead")
-    delivered = [(n, 200) for n in range(len(names))]
+    delivered: list[tuple[int, int | None]] = [(n, 200) for n in range(len(names))]
     outcomes = Outcomes(delivered, [(len(names), 99.0, 503, "x")], [(len(names) + 1, 422, "HTTP 422: no")])
     log_final_outcomes("crm", batch, outcomes, 0.05, '{"ok":true}')
     lines = fields_of(caplog)

@@ -10,9 +10,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext
 
+from actors.webhook.config import ListenerConfig
 from actors.webhook.ingest import IngestBatcher
 from actors.webhook.listener import WebhookListener, WebhookRoute
-from daemon.config.root import ListenerConfig
 from daemon.store.sqlite import Store
 from daemon.telemetry import otel
 

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from opentelemetry.trace import Span
 
 from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import IngestResult, WebhookListener, WebhookRoute
@@ -46,7 +47,14 @@ class FakeIngest:
         self._seen: dict[str, str] = {}
 
     async def __call__(
-        self, source: str, body: bytes, dedup_key: str | None, traceparent: str | None
+        self,
+        source: str,
+        body: bytes,
+        dedup_key: str | None,
+        traceparent: str | None,
+        replay: tuple[str, float] | None = None,
+        *,
+        parent: Span | None = None,
     ) -> IngestResult:
         self.calls.append(Call(source, body, dedup_key, traceparent))
         self.entered.set()

@@ -14,7 +14,6 @@ stored exactly when the answer was 202.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import h11
 import trio
@@ -120,7 +119,7 @@ def build(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-async def first_answer(port: int, data: bytes) -> h11.Response | tuple[h11.Response, bytes] | None:
+async def first_answer(port: int, data: bytes) -> tuple[h11.Response, bytes] | None:
     """Send `data`, half-close, read until EOF; the first response and its body (None: no answer)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     received = b""
@@ -160,7 +159,7 @@ async def first_answer(port: int, data: bytes) -> h11.Response | tuple[h11.Respo
     return response, b"".join(parts)
 
 
-def check(answer: Any, ingest: FakeIngest, calls_before: int) -> None:
+def check(answer: tuple[h11.Response, bytes] | None, ingest: FakeIngest, calls_before: int) -> None:
     if answer is None:
         assert len(ingest.calls) == calls_before
         return

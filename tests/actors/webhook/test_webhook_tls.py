@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from opentelemetry.trace import Span
 
 from actors.webhook.config import ListenerConfig
 from actors.webhook.listener import WebhookListener, WebhookRoute
@@ -68,7 +69,13 @@ def tls_config(cert: Path, key: str, extra: str = "") -> ListenerConfig:
 
 
 async def _ingest(
-    source: str, body: bytes, dedup_key: str | None, traceparent: str | None, replay: object = None
+    source: str,
+    body: bytes,
+    dedup_key: str | None,
+    traceparent: str | None,
+    replay: object = None,
+    *,
+    parent: Span | None = None,
 ) -> tuple[str, bool]:
     return "evt-1", False
 

@@ -499,7 +499,8 @@ verify = { scheme = "jwt", algorithms = ["RS256"], jwks_file = "jwks.json", audi
     no_exp = await harness.post("pem", _jwt({"sub": "x"}, RSA_KEY, "RS256"))
     assert no_exp.json() == {"error": "token lacks the 'exp' claim", "reason": "token_invalid"}
     # "alg": "none" and an HS256 token signed with the public key as secret are both refused
-    unsigned = jwt.encode({"exp": exp}, None, algorithm="none")
+    # PyJWT annotates `key` without None, yet "none" requires None (NoneAlgorithm.prepare_key)
+    unsigned = jwt.encode({"exp": exp}, None, algorithm="none")  # type: ignore[arg-type]
     assert (await harness.post("pem", Request({"Authorization": f"Bearer {unsigned}"}))).status_code == 401
     confused = jwt.api_jws.PyJWS()
     header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")

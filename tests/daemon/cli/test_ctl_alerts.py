@@ -9,7 +9,7 @@ from daemon.cli.ctl_alerts import show
 
 
 def view(**fields: Any) -> dict[str, Any]:
-    base = {
+    base: dict[str, Any] = {
         "name": "r",
         "state": "ok",
         "since": None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from actors.sink.config import FileSinkConfig, HttpSinkConfig
-from actors.webhook.config import webhook_path
+from actors.webhook.config import WebhookSourceConfig, webhook_path
 from daemon.cli.ferry import main
 from daemon.config.root import load, node_id, parse
 from daemon.errors import ConfigError
@@ -68,7 +68,9 @@ def test_design_sample_parses_with_typed_units() -> None:
     config = parse(DESIGN_SAMPLE)
 
     assert config.listener.max_body == 1024**2
-    assert webhook_path("demo", config.sources["demo"]) == "/hooks/demo"
+    demo = config.sources["demo"]
+    assert isinstance(demo, WebhookSourceConfig)
+    assert webhook_path("demo", demo) == "/hooks/demo"
     assert config.transforms["shape"].inputs == ["demo"]
     crm = config.sinks["crm"]
     assert isinstance(crm, HttpSinkConfig)

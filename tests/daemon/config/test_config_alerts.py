@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from actors.alerting.config import SlackChannelConfig
 from daemon.config.root import parse
 from daemon.errors import ConfigError
 
@@ -49,10 +50,16 @@ def test_a_complete_alerting_config_loads(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("FERRY_TEST_SLACK", "https://hooks.slack.example/T/B/X")
     config = parse(GOOD)
     rule = config.alerts["crm_backlog"]
-    assert (rule.for_, rule.severity, [s.after for s in rule.notify]) == (300, "critical", [0, 600, 1800])
+    assert (rule.for_, rule.severity, [s.after for s in rule.notify]) == (
+        300.0,
+        "critical",
+        [0.0, 600.0, 1800.0],
+    )
     assert config.alerts["ingest_drop"].anomaly is not None
-    assert config.channels["chat"].url.value.reveal() == "https://hooks.slack.example/T/B/X"  # type: ignore[union-attr]
-    assert config.alerting.interval == 10
+    chat = config.channels["chat"]
+    assert isinstance(chat, SlackChannelConfig)
+    assert chat.url.value.reveal() == "https://hooks.slack.example/T/B/X"
+    assert config.alerting.interval == 10.0
 
 
 @pytest.mark.parametrize(

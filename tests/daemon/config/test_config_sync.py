@@ -52,7 +52,7 @@ def test_ordering_and_enrich_load() -> None:
     assert sink.ordering.compare == "rfc3339"
     enrich = loaded.transforms["contact"].enrich
     assert enrich is not None
-    assert enrich.cache_ttl == 300
+    assert enrich.cache_ttl == 300.0
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.webhook.config import WebhookSourceConfig
 from daemon.cli.ferry import main
 from daemon.config.root import load, parse
 from daemon.errors import ConfigError
@@ -144,7 +145,9 @@ def test_ctl_reads_the_config_without_reading_secrets(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load(path)
     loaded = load(path, read_secrets=False)
-    assert loaded.config.sources["hook"].verify is not None
+    source = loaded.config.sources["hook"]
+    assert isinstance(source, WebhookSourceConfig)
+    assert source.verify is not None
 
 
 def test_a_relative_jwks_file_resolves_from_the_config_folder(tmp_path: Path) -> None:
@@ -156,6 +159,8 @@ def test_a_relative_jwks_file_resolves_from_the_config_folder(tmp_path: Path) ->
         base_dir=tmp_path,
         read_secrets=False,
     )
-    verify = config.sources["hook"].verify
+    source = config.sources["hook"]
+    assert isinstance(source, WebhookSourceConfig)
+    verify = source.verify
     assert verify is not None
     assert getattr(verify, "jwks_file", None) == str(tmp_path / "keys" / "jwks.json")

@@ -27,7 +27,8 @@ SECRET = "s3cret-client-value"
 
 
 def auth_config(**fields: Any) -> AuthConfig:
-    return msgspec.convert(fields, AuthConfig, dec_hook=dec_hook)  # type: ignore[arg-type]
+    config: AuthConfig = msgspec.convert(fields, AuthConfig, dec_hook=dec_hook)
+    return config
 
 
 @pytest.fixture
@@ -270,7 +271,7 @@ async def test_rotated_refresh_token_is_kept_in_the_store_until_the_config_chang
 # -- jwt_bearer -----------------------------------------------------------------------------------
 
 
-def _pem(key: Any) -> str:
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()

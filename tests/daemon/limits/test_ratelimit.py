@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import itertools
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -118,8 +119,8 @@ def budget(rate: float, per: float = 1.0, burst: int = 1) -> RateLimitConfig:
     return RateLimitConfig(rate=rate, per=Duration(per), burst=burst)
 
 
-def run(fn: object) -> None:
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
+def run(fn: Callable[[], Awaitable[object]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_users_take_turns_whatever_their_number_of_waiters() -> None:

@@ -52,7 +52,9 @@ def test_a_traceparent_round_trips() -> None:
     assert context.is_remote
     assert context.trace_flags.sampled
     assert format_traceparent(context) == VALID
-    assert format_traceparent(parse_traceparent(VALID[:-2] + "00")) == VALID[:-2] + "00"  # type: ignore[arg-type]
+    unsampled = parse_traceparent(VALID[:-2] + "00")
+    assert unsampled is not None
+    assert format_traceparent(unsampled) == VALID[:-2] + "00"
 
 
 def test_a_later_version_is_read_by_its_version_00_prefix() -> None:
@@ -64,11 +66,14 @@ def test_a_later_version_is_read_by_its_version_00_prefix() -> None:
 def _line(record_span: bool) -> dict[str, object]:
     record = logging.LogRecord("ferry.test", logging.INFO, __file__, 1, "hello", None, None)
     record.fields = {"k": 1}
+    line: dict[str, object]
     if not record_span:
-        return json.loads(JsonFormatter().format(record))
+        line = json.loads(JsonFormatter().format(record))
+        return line
     parent = telemetry.parent_context(VALID)
     with trace.use_span(trace.get_current_span(parent)):
-        return json.loads(JsonFormatter().format(record))
+        line = json.loads(JsonFormatter().format(record))
+        return line
 
 
 def test_log_lines_inside_a_span_carry_its_trace_and_span_ids() -> None:
