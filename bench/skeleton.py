@@ -55,6 +55,7 @@ import msgspec
 import trio
 
 from actors.sink.commit import Finished, OutcomeCommitter
+from actors.sink.fetcher import top_up
 from actors.sink.http import batch_key
 from actors.transform.config import TransformConfig
 from actors.transform.program import Failure, TransformProgram
@@ -261,19 +262,9 @@ class Sink:
 
 
 async def fill(rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]]) -> tuple[list[Due], list[Due]]:
-    """Top `rows` up to `BATCH_ITEMS` with what the fetcher hands in within `BATCH_WAIT_S` (as
-    ferry's `Sink._fill`, without its byte limit); return (the batch to send, rows left over)."""
-    with trio.move_on_after(BATCH_WAIT_S):
-        while len(rows) < BATCH_ITEMS:
-            try:
-                rows = rows + channel.receive_nowait()
-            except trio.WouldBlock:
-                try:
-                    rows = rows + await channel.receive()
-                except trio.EndOfChannel:
-                    break
-            except trio.EndOfChannel:
-                break
+    """Top `rows` up to `BATCH_ITEMS` with what the fetcher hands in within `BATCH_WAIT_S` (ferry's
+    `top_up`, as `Sink._fill`, without its byte limit); return (the batch to send, rows left over)."""
+    rows = await top_up(rows, channel, BATCH_ITEMS, BATCH_WAIT_S)
     return rows[:BATCH_ITEMS], rows[BATCH_ITEMS:]
 
 

@@ -229,3 +229,23 @@ class Fetcher:
         while suspect.rowid not in self.settled and self._running():
             with trio.move_on_after(0.2):
                 await self._signal.wait()
+
+
+async def top_up(
+    rows: list[Due], channel: trio.MemoryReceiveChannel[list[Due]], max_items: int, max_wait: float
+) -> list[Due]:
+    """`rows` and what the fetcher hands in on `channel` within `max_wait` (seconds), until there
+    are `max_items` or the channel ends: a batching worker's fill. Rows beyond `max_items` may be
+    among those returned (a hand-in is taken whole); the caller cuts the batch."""
+    with trio.move_on_after(max_wait):
+        while len(rows) < max_items:
+            try:
+                rows = rows + channel.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    rows = rows + await channel.receive()
+                except trio.EndOfChannel:
+                    break
+            except trio.EndOfChannel:
+                break
+    return rows

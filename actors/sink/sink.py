@@ -87,7 +87,7 @@ from actors.sink.bookkeeping import (
 )
 from actors.sink.commit import Finished, OutcomeCommitter, recorder
 from actors.sink.config import BatchConfig, RetryConfig
-from actors.sink.fetcher import Fetcher
+from actors.sink.fetcher import Fetcher, top_up
 from actors.sink.guard import Admission, SinkGuard
 from actors.sink.items import scrubbed_items
 from actors.sink.judge import Answer, judge
@@ -434,17 +434,7 @@ class Sink:
         config = self._batch
         if config is None:
             return rows[:1], rows[1:]
-        with trio.move_on_after(config.max_wait):
-            while len(rows) < config.max_items:
-                try:
-                    rows = rows + channel.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        rows = rows + await channel.receive()
-                    except trio.EndOfChannel:
-                        break
-                except trio.EndOfChannel:
-                    break
+        rows = await top_up(rows, channel, config.max_items, config.max_wait)
         size, cut = 0, 0
         for row in rows[: config.max_items]:
             size += len(row.payload) + 1
